@@ -1,0 +1,5 @@
+"""``python -m wsiseg`` runs the CLI."""
+
+from wsiseg.cli import main
+
+main()
