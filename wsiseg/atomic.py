@@ -1,0 +1,71 @@
+"""Atomic outputs: write under a temporary sibling name, rename when complete.
+
+Nothing half-written is ever presented under a final name: a crash, Ctrl-C or
+full disk leaves at most a ``.NAME.tmp-PID`` sibling, which is removed on the
+way out when possible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from wsiseg.errors import WsisegError
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; rename it to ``path`` on success.
+
+    Parameters
+    ----------
+    path : path-like
+        Final file or directory name.
+    overwrite : bool
+        Replace an existing ``path``. Without it an existing output is refused
+        before any work starts.
+
+    Raises
+    ------
+    WsisegError
+        If ``path`` exists and ``overwrite`` is false, or its folder is not
+        writable.
+    """
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise WsisegError("output exists (use --overwrite to replace it)", final)
+    parent = final.parent if str(final.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WsisegError(f"cannot create output folder: {exc.strerror or exc}", parent) from exc
+    if not os.access(parent, os.W_OK):
+        raise WsisegError("output folder is not writable", parent)
+    tmp = parent / f".{final.name}.tmp-{os.getpid()}"
+    _remove(tmp)
+    try:
+        yield tmp
+        if final.exists():
+            # Directories cannot be replaced by rename; move the old one aside first
+            # so the final name is never missing for long and never half-written.
+            old = parent / f".{final.name}.old-{os.getpid()}"
+            _remove(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _remove(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
