@@ -1,0 +1,82 @@
+"""Model files: round trip, and every kind of bad file refused with a clear error."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+from wsiseg.models.io import FORMAT_VERSION, ModelFileError, file_hash, load_model_file, read_metadata, save_model
+
+
+@pytest.fixture()
+def model_file(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    path = tmp_path / "m.safetensors"
+    save_model(path, net.state_dict(), {"classes": [{"value": 0, "name": "background"}]})
+    return path, net
+
+
+def test_round_trip(model_file):
+    path, net = model_file
+    state, meta = load_model_file(path)
+    assert meta["classes"][0]["name"] == "background"
+    assert meta["format_version"] == FORMAT_VERSION
+    for k, v in net.state_dict().items():
+        assert torch.equal(state[k], v)
+    assert len(file_hash(path)) == 16
+
+
+def test_missing_and_directory(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        read_metadata(tmp_path / "nope.safetensors")
+    with pytest.raises(ModelFileError, match="not a file"):
+        read_metadata(tmp_path)
+
+
+def test_truncated(model_file):
+    path, _ = model_file
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError) as err:
+        load_model_file(path)
+    assert str(path) in str(err.value)
+
+
+def test_random_bytes_and_pickle(tmp_path):
+    p = tmp_path / "junk.safetensors"
+    p.write_bytes(b"\x80\x04" + bytes(range(256)) * 4)
+    with pytest.raises(ModelFileError, match="not a readable"):
+        read_metadata(p)
+    pt = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, pt)  # a pickle: must never be loaded
+    with pytest.raises(ModelFileError):
+        load_model_file(pt)
+
+
+def _rewrite_header(path, mutate):
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    mutate(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n :])
+
+
+def test_not_ours_and_future_version(model_file, tmp_path):
+    path, _ = model_file
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(path.read_bytes())
+    _rewrite_header(foreign, lambda h: h.pop("__metadata__"))
+    with pytest.raises(ModelFileError, match="not a wsiseg model"):
+        read_metadata(foreign)
+
+    def bump(h):
+        meta = json.loads(h["__metadata__"]["wsiseg"])
+        meta["format_version"] = FORMAT_VERSION + 1
+        h["__metadata__"]["wsiseg"] = json.dumps(meta)
+
+    _rewrite_header(path, bump)
+    with pytest.raises(ModelFileError, match="newer than this wsiseg"):
+        read_metadata(path)

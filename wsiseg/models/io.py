@@ -1,0 +1,129 @@
+"""Model files: safetensors weights with wsiseg's JSON metadata in the header.
+
+A model is one ``.safetensors`` file. Its header ``__metadata__`` holds a
+single key, ``wsiseg``, whose value is a JSON document: format version,
+classes and colours, sizes, sampler settings, normalisation, training config
+and data hash, package versions. Weights are plain tensors; nothing is ever
+unpickled, so a hostile file cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from wsiseg.atomic import atomic_output
+from wsiseg.errors import WsisegError
+
+FORMAT = "wsiseg-model"
+FORMAT_VERSION = 1
+_KEY = "wsiseg"
+
+
+class ModelFileError(WsisegError):
+    """A model file is missing, not ours, damaged or from a newer wsiseg."""
+
+
+def file_hash(path: str | os.PathLike, *, length: int = 16) -> str:
+    """Short SHA-256 of a file's bytes (model identity for resume and reports)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def save_model(path: str | os.PathLike, state_dict: dict, metadata: dict, *, overwrite: bool = True) -> Path:
+    """Write weights and metadata to one safetensors file, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Output file (``.safetensors``).
+    state_dict : dict of str -> torch.Tensor
+        Weights (and buffers) to store; tensors are made contiguous on CPU.
+    metadata : dict
+        JSON-serialisable description; ``format`` and ``format_version`` are
+        added.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+    """
+    from safetensors.torch import save_file
+
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
+    try:
+        text = json.dumps(meta, sort_keys=True)
+    except TypeError as exc:
+        raise ModelFileError(f"model metadata is not JSON-serialisable: {exc}", path) from exc
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        save_file(tensors, tmp, metadata={_KEY: text})
+    return Path(path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """Read and check a model file's metadata without loading its weights.
+
+    Raises
+    ------
+    ModelFileError
+        Missing file, not a safetensors file, not a wsiseg model, or a format
+        version newer than this wsiseg understands.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError("model file not found" if not p.exists() else "model path is not a file", p)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"not a readable safetensors model file ({_first_line(exc)})", p) from exc
+    if _KEY not in header:
+        raise ModelFileError("safetensors file without wsiseg metadata: not a wsiseg model", p)
+    try:
+        meta = json.loads(header[_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"damaged wsiseg metadata ({exc.msg})", p) from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError("not a wsiseg model (unknown metadata format)", p)
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"model format version {version!r} is newer than this wsiseg understands ({FORMAT_VERSION}); "
+            "upgrade wsiseg",
+            p,
+        )
+    return meta
+
+
+def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """Load ``(state_dict, metadata)`` from a wsiseg model file.
+
+    Raises
+    ------
+    ModelFileError
+        As :func:`read_metadata`, or when the weights are truncated/damaged.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"damaged model weights ({_first_line(exc)})", path) from exc
+    return state, meta
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
