@@ -57,12 +57,18 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     try:
         yield tmp
         if final.exists():
+            if not overwrite:  # appeared while we were writing
+                raise WsisegError("output exists (use --overwrite to replace it)", final)
             # Directories cannot be replaced by rename; move the old one aside first
             # so the final name is never missing for long and never half-written.
             old = parent / f".{final.name}.old-{os.getpid()}"
             _remove(old)
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # put the previous output back
+                raise
             _remove(old)
         else:
             os.replace(tmp, final)

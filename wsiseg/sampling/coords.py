@@ -5,9 +5,13 @@ Continuous pixel coordinates
 An image of ``W x H`` pixels covers the continuous rectangle
 ``[0, W) x [0, H)``. Pixel ``(row i, column j)`` is the half-open square
 ``[j, j + 1) x [i, i + 1)``; its *centre* is ``(j + 0.5, i + 0.5)``. This is
-the NGFF/OME-Zarr convention (the continuous origin is the outer corner of
-the first pixel, scales map pixel edges to pixel edges) and the one of
-``torch.nn.functional.grid_sample(..., align_corners=False)``.
+the convention of ``torch.nn.functional.grid_sample(..., align_corners=False)``
+and of OpenSlide's ``read_region`` (level pixels map edge to edge).
+
+NGFF/OME-Zarr instead puts the origin at the *centre* of the first level-0
+pixel; :mod:`wsiseg.slide.convert` writes the matching translation for
+reduced levels (``(s - 1) / 2`` level-0 pixels for downsample ``s``) so both
+describe the same geometry.
 
 Slide space is the continuous level-0 space. A pyramid level with downsample
 ``s`` maps level-``k`` continuous coordinate ``x_k`` to level 0 as
@@ -102,3 +106,36 @@ def nearest_index(coord, size: int):
     if isinstance(coord, torch.Tensor):
         return torch.clamp(torch.floor(coord), 0, size - 1).long()
     return np.clip(np.floor(coord), 0, size - 1).astype(np.int64)
+
+
+def normalised_nearest_index(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Nearest-read pixel index of normalised coordinates on a ``size`` raster.
+
+    This is the nearest rule above, ``floor(x * size)`` clamped to
+    ``[0, size - 1]``, made robust to floating-point representation: a
+    product that lies within a few ulps of an integer (a pixel edge) is
+    snapped onto it first. Uniform grids at integer factor ``k`` put even-``k``
+    samples exactly on pixel edges, where ``(j + 0.5) / w`` rounded to the
+    grid's dtype and multiplied back can land an ulp short of the edge;
+    snapping keeps the documented tie rule (the lower-right pixel) instead of
+    depending on rounding.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Normalised coordinates along one axis (any shape, floating point).
+    size : int
+        Raster size along that axis.
+
+    Returns
+    -------
+    torch.Tensor
+        ``int64`` indices, same shape as ``x``.
+    """
+    p = x * size
+    # Representation error of x (half an ulp, relative) times size, plus the
+    # rounding of the product itself: 2 eps * size bounds both.
+    tol = 2.0 * torch.finfo(x.dtype).eps * max(size, 1)
+    r = torch.round(p)
+    p = torch.where((p - r).abs() <= tol, r, p)
+    return torch.clamp(torch.floor(p), 0, size - 1).long()

@@ -1,0 +1,98 @@
+"""`wsiseg info` and `wsiseg convert` through Click: output, JSON, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from wsiseg.cli import main
+from wsiseg.slide import open_slide
+
+from test_slide_open import BAD_NAMES, bad_inputs
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def test_info_text(slides_dir):
+    res = _run("info", slides_dir / "boxes.tiff")
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "generic-tiff" in out and "tifffile" in out
+    assert "352.778 um/px (openslide)" in out
+    for size in ("300x250", "150x125", "75x62", "37x31"):
+        assert size in out
+    assert "64x64" in out
+    assert "4 x 4.032" in out  # non-isotropic downsample shown per axis
+
+
+def test_info_json_several(slides_dir):
+    paths = [slides_dir / "CMU-1-Small-Region.svs", slides_dir / "dicom-sm", slides_dir / "rgba_geotiff.tiff"]
+    res = _run("info", "--json", *paths)
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [d["path"] for d in data] == [str(p) for p in paths]
+    cmu, dcm, rgba = data
+    assert cmu["vendor"] == "aperio" and cmu["mpp"] == [0.499, 0.499] and cmu["mpp_source"] == "openslide"
+    assert cmu["associated"] == ["label", "macro", "thumbnail"]
+    assert cmu["levels"] == [{"index": 0, "width": 2220, "height": 2967, "downsample": [1.0, 1.0], "chunk": [240, 240]}]
+    assert dcm["reader"] == "openslide" and dcm["vendor"] == "dicom"
+    assert rgba["mpp"] is None and rgba["mpp_source"] == "missing" and len(rgba["levels"]) == 2
+
+
+def test_info_mpp_override(slides_dir):
+    res = _run("info", "--json", "--mpp", "0.25", slides_dir / "boxes.tiff")
+    assert res.exit_code == 0
+    (d,) = json.loads(res.stdout)
+    assert d["mpp"] == [0.25, 0.25] and d["mpp_source"] == "override"
+    res = _run("info", "--mpp", "-1", slides_dir / "boxes.tiff")
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_info_reports_good_slides_then_fails(slides_dir):
+    bad = slides_dir / "dicom-sm-grayscale"
+    res = _run("info", slides_dir / "small.svs", bad, slides_dir / "boxes.tiff")
+    assert res.exit_code == 2
+    assert "small.svs" in res.stdout and "boxes.tiff" in res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("wsiseg: error: ") and "sm_image_grayscale.dcm" in lines[0] and "16-bit" in lines[0]
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_info_bad_input_one_line(tmp_path, slides_dir, name):
+    path, _ = bad_inputs(tmp_path, slides_dir)[name]
+    res = _run("info", path)
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("wsiseg: error: ") and str(path) in lines[0]
+    assert "Traceback" not in res.output
+
+
+def test_info_json_with_bad_input(tmp_path, slides_dir):
+    res = _run("info", "--json", slides_dir / "boxes.tiff", tmp_path / "missing.svs")
+    assert res.exit_code == 2
+    assert [d["path"] for d in json.loads(res.stdout)] == [str(slides_dir / "boxes.tiff")]
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_convert_cli(slides_dir, tmp_path):
+    out = tmp_path / "boxes.zarr"
+    res = _run("convert", slides_dir / "boxes.tiff", out, "--chunk", "128")
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.stdout and open_slide(out).levels[0].chunk_shape == (128, 128)
+    res = _run("convert", slides_dir / "boxes.tiff", out)
+    assert res.exit_code == 2
+    (line,) = res.stderr.strip().splitlines()
+    assert "already exists" in line and "--overwrite" in line
+    res = _run("convert", slides_dir / "boxes.tiff", out, "--overwrite")
+    assert res.exit_code == 0
+    res = _run("convert", tmp_path / "missing.svs", tmp_path / "m.zarr")
+    assert res.exit_code == 2 and "no such file" in res.stderr and "Traceback" not in res.output
+    assert not (tmp_path / "m.zarr").exists()

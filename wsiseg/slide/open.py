@@ -1,0 +1,979 @@
+"""Open any slide as a :class:`~wsiseg.slide.multiscale.Multiscale` of lazy RGB levels.
+
+Three backends, tried in this order:
+
+``tifffile``
+    TIFF, BigTIFF, Aperio SVS, generic tiled pyramids, OME-TIFF. Each level
+    is tifffile's zarr store over the TIFF pages, opened with zarr and wrapped
+    as a dask array with one chunk per TIFF tile, so only touched tiles are
+    ever decoded.
+``openslide``
+    Formats tifffile cannot read as RGB, or which OpenSlide assembles better
+    (DICOM, MIRAX, NDPI, Ventana, Philips, Leica): each dask chunk calls
+    ``OpenSlide.read_region`` lazily.
+``zarr``
+    OME-Zarr (NGFF 0.4 and 0.5 ``multiscales``) directories.
+
+Every level is ``(H, W, 3)`` uint8: alpha is composited on white and
+grayscale is expanded to RGB, lazily and chunk by chunk. Data that is not
+8-bit brightfield (16-bit, more than three colour channels, fluorescence) is
+refused with :class:`~wsiseg.errors.SlideError`, as is every broken file;
+no raw library exception escapes :func:`open_slide`.
+
+Like OpenSlide, the TIFF ``Orientation`` tag is ignored: pixels are returned
+in stored order so that coordinates agree with OpenSlide-based tools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import threading
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from wsiseg.errors import ConfigError, SlideError
+from wsiseg.slide.multiscale import Level, Multiscale
+
+__all__ = ["open_slide", "MAX_PIXELS"]
+
+#: Refuse levels claiming more pixels than this (a 1,000,000 x 1,000,000
+#: slide); real WSIs are below 1e11, so larger claims are broken headers.
+MAX_PIXELS = 10**12
+
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_ASSOCIATED_NAMES = {"label", "macro", "thumbnail", "overview", "barcode", "map"}
+# TIFF-based vendor formats whose pyramids OpenSlide assembles and tifffile
+# does not (NDPI: huge JPEG strips; Ventana: overlapping tiles; Philips:
+# sparse tiles; Leica: several images per file; Trestle: overlaps).
+_OPENSLIDE_FIRST = {"hamamatsu", "ventana", "philips", "leica", "trestle"}
+_OPENSLIDE_MIN_CHUNK = 256
+_OPENSLIDE_DEFAULT_TILE = 512
+# Missing (sparse) TIFF tiles read as white, like OpenSlide's transparent background.
+_FILL = 255
+# tifffile logs (rather than raises) when an IFD chain or a tag value points
+# past the end of the file: those messages mean a truncated or corrupt file.
+_TIFF_CORRUPT_PATTERNS = ("invalid page offset", "invalid offset to first page", "invalid value offset", "corrupt")
+_UNIT_TO_UM = {
+    "angstrom": 1e-4,
+    "nanometer": 1e-3,
+    "micrometer": 1.0,
+    "micron": 1.0,
+    "µm": 1.0,
+    "um": 1.0,
+    "millimeter": 1e3,
+    "centimeter": 1e4,
+    "meter": 1e6,
+    "inch": 25400.0,
+}
+
+logger = logging.getLogger(__name__)
+
+
+class _NotReadable(Exception):
+    """The TIFF is valid but not RGB-readable by the tifffile path (try OpenSlide)."""
+
+
+# ---------------------------------------------------------------------------
+# public entry point
+
+
+def open_slide(path: str | os.PathLike, mpp: float | tuple[float, float] | None = None) -> Multiscale:
+    """Open a whole-slide image as a pyramid of lazy ``(H, W, 3)`` uint8 levels.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A slide file (TIFF/SVS/OME-TIFF/BigTIFF, or anything OpenSlide reads:
+        DICOM, MIRAX, NDPI, ...), a DICOM series folder (OpenSlide reads the
+        folder's other instances itself), or an OME-Zarr directory.
+    mpp : float or (float, float), optional
+        Micrometres per level-0 pixel ``(x, y)``; overrides the file's value.
+
+    Returns
+    -------
+    Multiscale
+        Levels as dask arrays, one chunk per stored tile; nothing is decoded
+        until a slice is computed.
+
+    Raises
+    ------
+    SlideError
+        The path is missing, not a slide, empty, truncated, corrupt, claims an
+        absurd size, is in an unsupported format, or is not 8-bit brightfield.
+        The message is one line and names the file.
+    ConfigError
+        ``mpp`` is not a positive finite number.
+    """
+    override = _check_mpp_override(mpp)
+    p = Path(path)
+    try:
+        return _open_any(p, override)
+    except (SlideError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # last resort: a bad file must never leak a library traceback
+        raise SlideError(f"cannot open slide ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+
+
+def _open_any(p: Path, override) -> Multiscale:
+    if not p.exists():
+        raise SlideError("no such file or directory", p)
+    if p.is_dir():
+        return _open_directory(p, override)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise SlideError(f"cannot read file: {exc.strerror or exc}", p) from exc
+    if size == 0:
+        raise SlideError("empty file (0 bytes), not a slide", p)
+    if head[:4] in _TIFF_MAGICS:
+        return _open_tiff_family(p, override)
+    return _open_openslide(p, override, display_path=p)
+
+
+# ---------------------------------------------------------------------------
+# helpers shared by the backends
+
+
+def _check_mpp_override(mpp) -> tuple[float, float] | None:
+    if mpp is None:
+        return None
+    values = (mpp, mpp) if np.isscalar(mpp) else tuple(mpp)
+    try:
+        mx, my = (float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--mpp must be a positive number or an (x, y) pair, got {mpp!r}") from exc
+    if not (math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0):
+        raise ConfigError(f"--mpp must be positive and finite, got {mpp!r}")
+    return mx, my
+
+
+def _valid_mpp(mx, my) -> tuple[float, float] | None:
+    """``(mx, my)`` as floats when both are positive and finite, else None."""
+    try:
+        mx, my = float(mx), float(my)
+    except (TypeError, ValueError):
+        return None
+    if math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0:
+        return mx, my
+    return None
+
+
+def _check_dimensions(dims: list[tuple[int, int]], path: Path) -> None:
+    """Refuse absurd or inconsistent pyramids before anything is allocated.
+
+    Parameters
+    ----------
+    dims : list of (width, height)
+        Level sizes, level 0 first, as the file claims them.
+    """
+    if not dims:
+        raise SlideError("no image levels found", path)
+    for i, (w, h) in enumerate(dims):
+        if w < 1 or h < 1:
+            raise SlideError(f"level {i} has an empty size {w}x{h}", path)
+        if w * h > MAX_PIXELS:
+            raise SlideError(
+                f"level {i} claims an absurd size {w}x{h} (> {MAX_PIXELS:.0e} pixels); the header is corrupt", path
+            )
+    for i in range(1, len(dims)):
+        (pw, ph), (w, h) = dims[i - 1], dims[i]
+        if w > pw or h > ph:
+            raise SlideError(
+                f"inconsistent pyramid: level {i} ({w}x{h}) is larger than level {i - 1} ({pw}x{ph})", path
+            )
+
+
+def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """Composite 8-bit colour over a white background.
+
+    Parameters
+    ----------
+    rgb : ndarray, uint8, ``(..., C)``
+    alpha : ndarray, uint8, ``(...)``
+    premultiplied : bool
+        True for associated (premultiplied) alpha.
+    """
+    a = alpha[..., None].astype(np.uint16)
+    if premultiplied:
+        out = rgb.astype(np.uint16) + (255 - a)
+    else:
+        # Rounded rgb * a / 255 + 255 * (1 - a / 255), in integers.
+        out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return np.minimum(out, 255).astype(np.uint8)
+
+
+def _block_to_rgb(block: np.ndarray, *, gray: bool, alpha: str | None) -> np.ndarray:
+    """One chunk ``(h, w[, S])`` -> ``(h, w, 3)`` uint8 RGB (pure, for map_blocks).
+
+    ``alpha`` is None (no alpha), ``"unassociated"``, ``"associated"`` or
+    ``"ignore"`` (an unspecified extra sample, dropped as libtiff does).
+    """
+    if block.ndim == 2:
+        block = block[..., None]
+    ncolour = 1 if gray else 3
+    colour = block[..., :ncolour]
+    if alpha in ("unassociated", "associated"):
+        colour = _composite_on_white(colour, block[..., ncolour], premultiplied=alpha == "associated")
+    if gray:
+        colour = np.repeat(colour, 3, axis=-1)
+    return np.ascontiguousarray(colour, dtype=np.uint8)
+
+
+def _as_rgb(arr: da.Array, *, gray: bool, alpha: str | None) -> da.Array:
+    """Lazily turn a ``(H, W[, S])`` uint8 dask array into ``(H, W, 3)`` RGB."""
+    if arr.ndim == 3 and len(arr.chunks[2]) > 1:
+        arr = arr.rechunk({2: -1})  # planar TIFF / NGFF: one chunk per tile holds all channels
+    if arr.ndim == 3 and not gray and alpha is None and arr.shape[2] == 3:
+        return arr
+    chunks = (arr.chunks[0], arr.chunks[1], (3,))
+    meta = np.empty((0, 0, 3), dtype=np.uint8)
+    if arr.ndim == 2:
+        return arr.map_blocks(_block_to_rgb, gray=gray, alpha=alpha, dtype=np.uint8, chunks=chunks, new_axis=2, meta=meta)
+    return arr.map_blocks(_block_to_rgb, gray=gray, alpha=alpha, dtype=np.uint8, chunks=chunks, meta=meta)
+
+
+def _file_token(path: Path) -> str:
+    st = path.stat()
+    return tokenize(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@contextlib.contextmanager
+def _capture_tifffile_log():
+    """Collect tifffile's log records (it logs, not raises, on broken IFD chains).
+
+    Records are kept from the console while a slide is opened; harmless
+    ones (e.g. an out-of-range Orientation value) are re-logged at DEBUG.
+    """
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    tlog = logging.getLogger("tifffile")
+    handler = _Keep(logging.WARNING)
+    old_propagate = tlog.propagate
+    tlog.addHandler(handler)
+    tlog.propagate = False
+    try:
+        yield records
+    finally:
+        tlog.removeHandler(handler)
+        tlog.propagate = old_propagate
+        for r in records:
+            logger.debug("tifffile: %s", r.getMessage())
+
+
+# ---------------------------------------------------------------------------
+# directories: OME-Zarr or a DICOM series folder
+
+
+def _open_directory(p: Path, override) -> Multiscale:
+    if any((p / name).exists() for name in (".zattrs", ".zgroup", "zarr.json")):
+        return _open_ngff(p, override)
+    dicom = _find_dicom_file(p)
+    if dicom is not None:
+        return _open_openslide(dicom, override, display_path=p)
+    raise SlideError("is a directory but not a slide (no OME-Zarr metadata and no DICOM files inside)", p)
+
+
+def _find_dicom_file(folder: Path) -> Path | None:
+    """First DICOM file of a folder: ``*.dcm`` first, else files with the DICM magic."""
+    try:
+        files = sorted(f for f in folder.iterdir() if f.is_file())
+    except OSError:
+        return None
+    for f in files:
+        if f.suffix.lower() == ".dcm" and f.stat().st_size > 0:
+            return f
+    for f in files[:1000]:  # DICOM files often have no extension
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(128)
+                if fh.read(4) == b"DICM":
+                    return f
+        except OSError:
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------
+# TIFF family through tifffile's zarr store
+
+
+class _TiffLevelSource:
+    """Array-like view of one pyramid level of a TIFF series, for ``da.from_array``.
+
+    Reads go through tifffile's zarr store opened with zarr, which decodes
+    only the tiles a slice touches. The object pickles as ``(path, series,
+    level)`` and reopens the file on first use, so levels can be shipped to
+    dask.distributed workers (tifffile's store holds an open file handle and
+    cannot be pickled itself).
+    """
+
+    def __init__(self, path: str, series: int, level: int, shape, dtype, zarray=None):
+        self.path = path
+        self.series = series
+        self.level = level
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._zarray = zarray
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_zarray"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _array(self):
+        if self._zarray is None:
+            with self._lock:
+                if self._zarray is None:
+                    import tifffile
+                    import zarr
+
+                    tif = tifffile.TiffFile(self.path)
+                    store = tif.series[self.series].aszarr(level=self.level, fillvalue=_FILL)
+                    self._zarray = zarr.open_array(store, mode="r")
+        return self._zarray
+
+    def __getitem__(self, key):
+        try:
+            return np.asarray(self._array()[key])
+        except Exception as exc:
+            raise SlideError(
+                f"cannot decode level {self.level} region {_fmt_key(key)}: {type(exc).__name__}: {exc}", self.path
+            ) from exc
+
+
+def _fmt_key(key) -> str:
+    if not isinstance(key, tuple):
+        key = (key,)
+    parts = []
+    for k in key[:2]:
+        if isinstance(k, slice):
+            parts.append(f"{k.start or 0}:{'' if k.stop is None else k.stop}")
+        else:
+            parts.append(str(k))
+    return "[" + ", ".join(parts) + "]"
+
+
+def _open_tiff_family(p: Path, override) -> Multiscale:
+    os_vendor = _openslide_detect(p)
+    if os_vendor in _OPENSLIDE_FIRST:
+        return _open_openslide(p, override, display_path=p)
+    try:
+        return _open_tiff(p, override, os_vendor)
+    except _NotReadable as exc:
+        if os_vendor is not None:
+            logger.debug("%s: tifffile path refused (%s); using OpenSlide", p, exc)
+            return _open_openslide(p, override, display_path=p)
+        raise SlideError(f"TIFF is not readable as an RGB slide: {exc}", p) from None
+
+
+def _openslide_detect(p: Path) -> str | None:
+    try:
+        import openslide
+
+        return openslide.OpenSlide.detect_format(str(p))
+    except Exception:  # detection is only a hint; never fail on it
+        return None
+
+
+@dataclass(frozen=True)
+class _TiffLayout:
+    """How a TIFF series maps to RGB: which axes, whether gray, which alpha."""
+
+    transpose: tuple[int, ...] | None
+    gray: bool
+    alpha: str | None
+
+
+def _tiff_layout(series, page, ome_xml: str | None) -> _TiffLayout:
+    """Validate a series' axes/photometric and say how to turn it into RGB.
+
+    Raises SlideError (via the caller) for non-brightfield data, and
+    _NotReadable for valid TIFFs this path cannot decode as RGB.
+    """
+    from tifffile import PHOTOMETRIC
+
+    axes = series.axes
+    shape = series.shape
+    dtype = np.dtype(series.dtype)
+    if dtype != np.uint8:
+        bits = dtype.itemsize * 8
+        raise _Refused(
+            f"{bits}-bit {dtype.name} samples; only 8-bit brightfield RGB slides are supported"
+            if dtype.kind in "uif"
+            else f"unsupported sample type {dtype}"
+        )
+    if ome_xml and re.search(
+        r'(IlluminationType="Epifluorescence"|ContrastMethod="Fluorescence"|AcquisitionMode="[^"]*Fluorescence)',
+        ome_xml,
+    ):
+        raise _Refused("OME metadata describes a fluorescence image; only brightfield slides are supported")
+    has_samples = "S" in axes and shape[axes.index("S")] > 1
+    # With interleaved samples, a C axis > 1 is a stack of RGB planes.
+    extra = {a: n for a, n in zip(axes, shape) if (a not in "YXSC" or (a == "C" and has_samples)) and n > 1}
+    if extra:
+        desc = ", ".join(f"{a}={n}" for a, n in extra.items())
+        raise _Refused(f"image has more than one plane ({desc}, axes {axes}); only single-plane 2-D slides are supported")
+    photometric = page.photometric
+    nchan = 1
+    chan_axis = None
+    for ax in ("S", "C"):
+        if ax in axes and shape[axes.index(ax)] > 1:
+            if chan_axis is not None:
+                raise _Refused(f"image has both sample and channel axes (axes {axes}, shape {shape})")
+            chan_axis = ax
+            nchan = shape[axes.index(ax)]
+    if photometric in (PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR):
+        gray = False
+        ncolour = 3
+    elif photometric == PHOTOMETRIC.MINISBLACK:
+        gray = True
+        ncolour = 1
+    else:
+        raise _NotReadable(f"photometric {photometric.name} is not handled by the tifffile reader")
+    if chan_axis == "C" and gray:
+        raise _Refused(
+            f"{nchan} separate grayscale channels (axes {axes}) look like fluorescence; "
+            "only brightfield RGB or single-channel grayscale slides are supported"
+        )
+    nextra = nchan - ncolour
+    if nextra < 0:
+        raise _NotReadable(f"{photometric.name} image with only {nchan} samples")
+    if nextra > 1:
+        raise _Refused(
+            f"{nchan} channels ({ncolour} colour + {nextra} extra); more than one extra channel is not brightfield"
+        )
+    alpha = None
+    if nextra == 1:
+        kinds = tuple(int(e) for e in (page.extrasamples or ()))
+        kind = kinds[0] if kinds else 0
+        alpha = {1: "associated", 2: "unassociated"}.get(kind, "ignore")
+    # Put Y, X (and the channel axis) in that order; singleton axes are squeezed by the caller.
+    keep = [a for a in axes if a in "YX" or a == chan_axis]
+    order = [keep.index(a) for a in ("Y", "X") + ((chan_axis,) if chan_axis else ())]
+    transpose = None if order == list(range(len(order))) else tuple(order)
+    return _TiffLayout(transpose=transpose, gray=gray, alpha=alpha)
+
+
+class _Refused(Exception):
+    """Data the project refuses (not 8-bit brightfield): becomes SlideError, no fallback."""
+
+
+def _pick_pyramid_series(tif) -> tuple[int, list[str]]:
+    """Index of the main pyramid series and the names of the associated ones."""
+    series = list(tif.series)
+    if not series:
+        raise _NotReadable("no image series")
+
+    def area(s):
+        try:
+            return int(s.shape[s.axes.index("Y")]) * int(s.shape[s.axes.index("X")])
+        except ValueError:
+            return 0
+
+    named = [(i, (s.name or "").strip().lower()) for i, s in enumerate(series)]
+    candidates = [i for i, name in named if name not in _ASSOCIATED_NAMES]
+    if not candidates:
+        raise _NotReadable("only associated images (label/macro/thumbnail), no main image")
+    if tif.is_svs:
+        main = 0  # Aperio: the first series is the baseline pyramid
+    else:
+        main = max(candidates, key=lambda i: (area(series[i]), -i))
+    associated = sorted({name or f"series{i}" for i, name in named if i != main})
+    return main, associated
+
+
+def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
+    import tifffile
+    import zarr
+
+    spath = str(p)
+    records: list[logging.LogRecord] = []
+    try:
+        with _capture_tifffile_log() as records:
+            tif = tifffile.TiffFile(spath)
+            try:
+                main, associated = _pick_pyramid_series(tif)
+                series = tif.series[main]
+                levels = list(series.levels)
+                keyframes = [lv.keyframe for lv in levels]
+            except BaseException:
+                tif.close()
+                raise
+    except Exception as exc:
+        _raise_if_corrupt(records, p)  # the logged cause says more than the exception
+        if isinstance(exc, (SlideError, _NotReadable)):
+            raise
+        raise SlideError(f"cannot read TIFF ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+    try:
+        _raise_if_corrupt(records, p)
+    except SlideError:
+        tif.close()
+        raise
+
+    try:
+        dims = [(int(kf.imagewidth), int(kf.imagelength)) for kf in keyframes]
+        _check_dimensions(dims, p)
+        ome_xml = tif.ome_metadata if tif.is_ome else None
+        try:
+            layout = _tiff_layout(series, keyframes[0], ome_xml)
+        except _Refused as exc:
+            raise SlideError(f"refused: {exc}", p) from None
+        _check_tiff_extent(p, tif, levels)
+        if int(keyframes[0].compression) == 33003:
+            # Aperio YCbCr JPEG 2000: the codestream does not flag the colour
+            # transform; OpenSlide applies it, tifffile would return YCbCr.
+            raise _NotReadable("Aperio YCbCr JPEG 2000 tiles need OpenSlide's colour conversion")
+
+        token = _file_token(p)
+        arrays = []
+        for i, lv in enumerate(levels):
+            zarr_level = zarr.open_array(series.aszarr(level=i, fillvalue=_FILL), mode="r")
+            if i == len(levels) - 1:
+                _probe_decode(zarr_level)
+            src = _TiffLevelSource(spath, main, i, zarr_level.shape, zarr_level.dtype, zarray=zarr_level)
+            arr = da.from_array(
+                src,
+                chunks=zarr_level.chunks,
+                name=f"wsiseg-tiff-{token}-{main}-{i}",
+                asarray=False,
+                fancy=False,
+                lock=False,
+                meta=np.empty((0,) * len(zarr_level.shape), dtype=zarr_level.dtype),
+            )
+            arrays.append(_squeeze_to_layout(arr, lv.axes, layout))
+    except BaseException as exc:
+        tif.close()
+        if isinstance(exc, (SlideError, _NotReadable)) or not isinstance(exc, Exception):
+            raise
+        raise SlideError(f"cannot read TIFF ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+
+    props: dict = {}
+    os_props = _openslide_properties(p) if os_vendor else None
+    if os_props:
+        props.update(os_props)
+    props["wsiseg.series"] = main
+    props["wsiseg.series-name"] = series.name or ""
+
+    mpp, source = _resolve_tiff_mpp(override, os_props, keyframes[0], ome_xml, main)
+    if os_props and os_props.get("openslide.vendor"):
+        vendor = os_props["openslide.vendor"]
+    elif tif.is_svs:
+        vendor = "aperio"
+    elif tif.is_ome:
+        vendor = "ome-tiff"
+    else:
+        vendor = "generic-tiff"
+    if tif.is_ome and vendor == "generic-tiff":
+        vendor = "ome-tiff"  # OpenSlide reads OME-TIFF as generic; the OME name says more
+    return _build(p, arrays, mpp, source, vendor, "tifffile", tuple(associated), props)
+
+
+def _squeeze_to_layout(arr: da.Array, axes: str, layout: _TiffLayout) -> da.Array:
+    """Drop singleton axes other than Y/X/S/C, order as (Y, X[, S]), convert to RGB."""
+    index = [slice(None) if a in "YX" or (a in "SC" and n > 1) else 0 for a, n in zip(axes, arr.shape)]
+    arr = arr[tuple(index)]
+    if layout.transpose is not None:
+        arr = arr.transpose(layout.transpose)
+    return _as_rgb(arr, gray=layout.gray, alpha=layout.alpha)
+
+
+def _raise_if_corrupt(records, p: Path) -> None:
+    for r in records:
+        msg = r.getMessage()
+        if any(pat in msg for pat in _TIFF_CORRUPT_PATTERNS):
+            raise SlideError(f"truncated or corrupt TIFF ({_one_line(msg)})", p)
+
+
+def _check_tiff_extent(p: Path, tif, levels) -> None:
+    """Refuse files whose tile/strip data lies past the end of the file (truncated)."""
+    size = tif.filehandle.size
+    for i, lv in enumerate(levels):
+        for page in lv.pages:
+            if page is None:
+                continue
+            offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+            counts = np.asarray(page.databytecounts, dtype=np.int64)
+            if offsets.size == 0:
+                continue
+            used = counts > 0  # sparse (missing) tiles have offset 0 and count 0
+            if not used.any():
+                continue
+            end = int((offsets[used] + counts[used]).max())
+            if end > size:
+                raise SlideError(
+                    f"truncated file: level {i} image data ends at byte {end} but the file has {size} bytes", p
+                )
+
+
+def _probe_decode(zarr_level) -> None:
+    """Decode the first chunk of a level; raise _NotReadable when that fails.
+
+    Catches codecs that imagecodecs lacks (then OpenSlide may still read the
+    file) for the price of one tile of the coarsest level.
+    """
+    try:
+        zarr_level[tuple(slice(0, min(c, n)) for c, n in zip(zarr_level.chunks, zarr_level.shape))]
+    except Exception as exc:
+        raise _NotReadable(f"tiles cannot be decoded ({type(exc).__name__}: {_one_line(exc)})") from None
+
+
+def _openslide_properties(p: Path) -> dict | None:
+    try:
+        import openslide
+
+        with openslide.OpenSlide(str(p)) as osr:
+            return dict(osr.properties)
+    except Exception:
+        return None
+
+
+def _resolve_tiff_mpp(override, os_props, page, ome_xml, series_index):
+    if override is not None:
+        return override, "override"
+    if os_props:
+        mpp = _valid_mpp(os_props.get("openslide.mpp-x"), os_props.get("openslide.mpp-y"))
+        if mpp:
+            return mpp, "openslide"
+    mpp = _tiff_resolution_mpp(page)
+    if mpp:
+        return mpp, "tiff-resolution"
+    if ome_xml:
+        mpp = _ome_mpp(ome_xml, series_index)
+        if mpp:
+            return mpp, "ome"
+    return None, "missing"
+
+
+def _tiff_resolution_mpp(page) -> tuple[float, float] | None:
+    """MPP from XResolution/YResolution/ResolutionUnit (cm or inch; unit NONE ignored)."""
+    tags = page.tags
+    unit_tag = tags.get("ResolutionUnit")
+    unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF default: inch
+    um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)
+    if um_per_unit is None:
+        return None
+    values = []
+    for name in ("XResolution", "YResolution"):
+        tag = tags.get(name)
+        if tag is None:
+            return None
+        v = tag.value
+        try:
+            px_per_unit = v[0] / v[1] if isinstance(v, tuple) else float(v)
+        except (ZeroDivisionError, TypeError, IndexError):
+            return None
+        if not px_per_unit or not math.isfinite(px_per_unit) or px_per_unit <= 0:
+            return None
+        values.append(um_per_unit / px_per_unit)
+    return _valid_mpp(*values)
+
+
+def _ome_mpp(ome_xml: str, series_index: int) -> tuple[float, float] | None:
+    """PhysicalSizeX/Y of the OME Image matching the series (default unit µm)."""
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return None
+    pixels = [el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"]
+    if not pixels:
+        return None
+    px = pixels[series_index] if series_index < len(pixels) else pixels[0]
+    out = []
+    for ax in ("X", "Y"):
+        value = px.get(f"PhysicalSize{ax}")
+        unit = px.get(f"PhysicalSize{ax}Unit", "µm")
+        factor = _UNIT_TO_UM.get(unit.strip().lower() if unit else "µm")
+        if value is None or factor is None:
+            return None
+        try:
+            out.append(float(value) * factor)
+        except ValueError:
+            return None
+    return _valid_mpp(*out)
+
+
+# ---------------------------------------------------------------------------
+# OpenSlide-backed levels
+
+
+class _OpenSlideLevelSource:
+    """Array-like view of one OpenSlide level, for ``da.from_array``.
+
+    ``__getitem__`` calls ``read_region`` for exactly the requested window
+    and composites the premultiplied-then-unpremultiplied RGBA on white.
+    Pickles as ``(path, level)`` and reopens lazily.
+    """
+
+    def __init__(self, path: str, level: int, shape, downsample: float, osr=None):
+        self.path = path
+        self.level = level
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+        self.downsample = float(downsample)
+        self._osr = osr
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_osr"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _slide(self):
+        if self._osr is None:
+            with self._lock:
+                if self._osr is None:
+                    import openslide
+
+                    self._osr = openslide.OpenSlide(self.path)
+        return self._osr
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        (y0, y1, _), (x0, x1, _) = (k.indices(n) for k, n in zip(key[:2], self.shape[:2]))
+        h, w = max(y1 - y0, 0), max(x1 - x0, 0)
+        if h == 0 or w == 0:
+            return np.empty((h, w, 3), dtype=np.uint8)[:, :, key[2]]
+        # OpenSlide takes level-0 coordinates; with non-integer downsamples it
+        # resamples by the rounding error (an OpenSlide limitation).
+        loc = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))
+        try:
+            rgba = np.asarray(self._slide().read_region(loc, self.level, (w, h)))
+        except Exception as exc:
+            raise SlideError(
+                f"OpenSlide cannot read level {self.level} region {_fmt_key(key)}: {type(exc).__name__}: {exc}",
+                self.path,
+            ) from exc
+        rgb = _composite_on_white(rgba[..., :3], rgba[..., 3])
+        return rgb[:, :, key[2]]
+
+
+def _openslide_chunk(props: dict, level: int) -> tuple[int, int]:
+    """(rows, cols) of one dask chunk: OpenSlide's tile, grown to >= 256 px."""
+    out = []
+    for name in ("height", "width"):
+        try:
+            t = int(props.get(f"openslide.level[{level}].tile-{name}", 0))
+        except ValueError:
+            t = 0
+        if t <= 0:
+            t = _OPENSLIDE_DEFAULT_TILE
+        # Tiny tiles (DICOM can use 10 px) would make millions of dask tasks:
+        # group whole tiles into chunks of at least 256 px.
+        out.append(t * max(1, -(-_OPENSLIDE_MIN_CHUNK // t)))
+    return out[0], out[1]
+
+
+def _open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
+    try:
+        import openslide
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise SlideError(f"OpenSlide is not available ({exc})", display_path) from exc
+    fmt = _openslide_detect(file)
+    if fmt is None:
+        raise SlideError(
+            "unsupported or unrecognised format (not a TIFF, not an OME-Zarr directory, and OpenSlide does not "
+            "recognise it)",
+            file,
+        )
+    try:
+        osr = openslide.OpenSlide(str(file))
+    except Exception as exc:
+        raise SlideError(_openslide_refusal(fmt, file, exc), file) from exc
+    try:
+        dims = [tuple(int(v) for v in d) for d in osr.level_dimensions]
+        _check_dimensions(dims, file)
+        props = dict(osr.properties)
+        token = _file_token(file)
+        arrays = []
+        for lv, (w, h) in enumerate(dims):
+            src = _OpenSlideLevelSource(str(file), lv, (h, w, 3), osr.level_downsamples[lv], osr=osr)
+            arrays.append(
+                da.from_array(
+                    src,
+                    chunks=_openslide_chunk(props, lv) + (3,),
+                    name=f"wsiseg-openslide-{token}-{lv}",
+                    asarray=False,
+                    fancy=False,
+                    lock=False,
+                    meta=np.empty((0, 0, 3), dtype=np.uint8),
+                )
+            )
+        associated = tuple(sorted(osr.associated_images))
+        # Decode one pixel of the coarsest level now, so that unreadable
+        # tiles fail here rather than in the middle of a run.
+        osr.read_region((0, 0), len(dims) - 1, (1, 1))
+    except SlideError:
+        raise
+    except Exception as exc:
+        raise SlideError(f"cannot read slide with OpenSlide ({type(exc).__name__}: {_one_line(exc)})", file) from exc
+    if override is not None:
+        mpp, source = override, "override"
+    else:
+        mpp = _valid_mpp(props.get("openslide.mpp-x"), props.get("openslide.mpp-y"))
+        source = "openslide" if mpp else "missing"
+    if file != display_path:
+        props["wsiseg.file"] = str(file)
+    vendor = props.get("openslide.vendor") or fmt
+    return _build(display_path, arrays, mpp, source, vendor, "openslide", associated, props)
+
+
+def _openslide_refusal(fmt: str, file: Path, exc: Exception) -> str:
+    # OpenSlide prefixes "Reading <path>: "; the path is already named once.
+    msg = _one_line(exc).replace(f"Reading {file}: ", "")
+    m = re.search(r"BitsAllocated value (\d+)", msg)
+    if m:
+        return (
+            f"refused: {m.group(1)}-bit {fmt.upper() if fmt == 'dicom' else fmt} image (BitsAllocated {m.group(1)}); "
+            f"only 8-bit brightfield RGB slides are supported (OpenSlide: {msg})"
+        )
+    return f"OpenSlide cannot open this {fmt} slide: {msg}"
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# OME-Zarr
+
+
+def _open_ngff(p: Path, override) -> Multiscale:
+    import zarr
+
+    try:
+        group = zarr.open_group(str(p), mode="r")
+        attrs = dict(group.attrs)
+    except Exception as exc:
+        raise SlideError(f"cannot open zarr store ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+    ms_list = _ngff_multiscales(attrs)
+    if not ms_list and ("bioformats2raw.layout" in attrs or "bioformats2raw.layout" in (attrs.get("ome") or {})):
+        # bioformats2raw puts the first image in the child group "0".
+        try:
+            group = group["0"]
+            attrs = dict(group.attrs)
+        except Exception as exc:
+            raise SlideError(f"bioformats2raw layout without image '0' ({_one_line(exc)})", p) from exc
+        ms_list = _ngff_multiscales(attrs)
+    if not ms_list:
+        raise SlideError("zarr store has no OME-NGFF 'multiscales' metadata", p)
+    ms = ms_list[0]
+    try:
+        axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes", [])]
+        datasets = ms["datasets"]
+        zarrays = [group[d["path"]] for d in datasets]
+    except Exception as exc:
+        raise SlideError(f"invalid OME-NGFF multiscales metadata ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+    if not axes:  # NGFF < 0.4 wrote no axes: assume the 5-D default
+        axes = list("tczyx")[-zarrays[0].ndim :]
+    if len(axes) != zarrays[0].ndim or "y" not in axes or "x" not in axes:
+        raise SlideError(f"unsupported NGFF axes {axes} for arrays of {zarrays[0].ndim} dimensions", p)
+    for za in zarrays:
+        if np.dtype(za.dtype) != np.uint8:
+            raise SlideError(
+                f"refused: {np.dtype(za.dtype).name} data; only 8-bit brightfield RGB slides are supported", p
+            )
+    cidx = axes.index("c") if "c" in axes else None
+    nchan = int(zarrays[0].shape[cidx]) if cidx is not None else 1
+    extra = {a: int(n) for a, n in zip(axes, zarrays[0].shape) if a not in ("y", "x", "c") and n > 1}
+    if extra:
+        raise SlideError(f"refused: image has more than one plane ({extra}); only single-plane 2-D slides are supported", p)
+    if nchan not in (1, 2, 3, 4):
+        raise SlideError(f"refused: {nchan} channels; only brightfield RGB(A) or grayscale slides are supported", p)
+    gray = nchan in (1, 2)
+    alpha = "unassociated" if nchan in (2, 4) else None
+    dims = [(int(za.shape[axes.index("x")]), int(za.shape[axes.index("y")])) for za in zarrays]
+    _check_dimensions(dims, p)
+    arrays = []
+    try:
+        for za in zarrays:
+            arr = da.from_zarr(za)
+            index = tuple(slice(None) if a in ("y", "x", "c") else 0 for a in axes)
+            arr = arr[index]
+            kept = [a for a in axes if a in ("y", "x", "c")]
+            order = [kept.index(a) for a in ("y", "x", "c") if a in kept]
+            arr = arr.transpose(order)
+            if cidx is not None and nchan == 1:
+                arr = arr[..., 0]
+            arrays.append(_as_rgb(arr, gray=gray, alpha=alpha))
+    except Exception as exc:
+        raise SlideError(f"cannot read OME-Zarr arrays ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+    if override is not None:
+        mpp, source = override, "override"
+    else:
+        mpp = _ngff_mpp(ms, axes)
+        source = "ngff" if mpp else "missing"
+    props = {"ngff.version": str(ms.get("version", "")), "ngff.name": str(ms.get("name", ""))}
+    return _build(p, arrays, mpp, source, "ome-zarr", "zarr", (), props)
+
+
+def _ngff_multiscales(attrs: dict) -> list:
+    """``multiscales`` of NGFF <= 0.4 (top level) or 0.5 (under ``ome``)."""
+    return attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales") or []
+
+
+def _ngff_mpp(ms: dict, axes: list[str]) -> tuple[float, float] | None:
+    """Level-0 pixel size in µm from NGFF scale transforms and axis units."""
+    units = {}
+    for a in ms.get("axes", []):
+        if isinstance(a, dict):
+            units[a.get("name")] = a.get("unit")
+    scale = np.ones(len(axes))
+    for transforms in (ms["datasets"][0].get("coordinateTransformations", []), ms.get("coordinateTransformations", [])):
+        for t in transforms or []:
+            if t.get("type") == "scale" and "scale" in t:
+                scale = scale * np.asarray(t["scale"], dtype=float)
+    out = []
+    for ax in ("x", "y"):
+        factor = _UNIT_TO_UM.get(str(units.get(ax) or "").lower())
+        if factor is None:
+            return None  # unitless scales are not physical sizes
+        out.append(float(scale[axes.index(ax)]) * factor)
+    return _valid_mpp(*out)
+
+
+# ---------------------------------------------------------------------------
+
+
+def _build(path, arrays, mpp, source, vendor, reader, associated, props) -> Multiscale:
+    h0, w0 = arrays[0].shape[:2]
+    levels = tuple(Level(a, (w0 / a.shape[1], h0 / a.shape[0])) for a in arrays)
+    return Multiscale(
+        path=str(path),
+        levels=levels,
+        mpp=mpp,
+        mpp_source=source if mpp is not None else "missing",
+        vendor=vendor,
+        reader=reader,
+        associated=tuple(associated),
+        properties=props,
+    )
