@@ -1,0 +1,369 @@
+"""QuPath GeoJSON: label rasters to polygons and back.
+
+:func:`write_qupath_geojson` vectorises a label raster (usually a reduced
+level of the output mask) into a GeoJSON ``FeatureCollection`` that QuPath
+imports as classified annotations: one feature per connected region of each
+class, in level-0 pixel coordinates.
+
+Vectorisation is exact: every polygon follows pixel edges, so at
+``simplify_tolerance=0`` its area is its pixel count and rasterising it back
+by pixel centres gives the raster again. Coordinates follow
+:mod:`wsiseg.sampling.coords`: raster pixel ``(i, j)`` is the square
+``[j, j + 1) x [i, i + 1)``, scaled by the raster's downsample to level 0.
+
+The output is streamed feature by feature and components are traced on their
+bounding-box crops, so memory stays of the order of the raster itself.
+"""
+
+from __future__ import annotations
+
+import gzip as _gzip
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import dask.array as da
+import numpy as np
+import shapely
+from scipy import ndimage as ndi
+from shapely.geometry import MultiPolygon, Polygon, shape
+from shapely.geometry.base import BaseGeometry
+from shapely.geometry.polygon import orient
+from skimage import measure
+
+from wsiseg.atomic import atomic_output
+from wsiseg.errors import WsisegError
+from wsiseg.output.classes import ClassInfo, validate_classes
+
+__all__ = ["write_qupath_geojson", "read_qupath_geojson", "label_polygons"]
+
+_FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
+_COORD_DECIMALS = 3  # a thousandth of a level-0 pixel
+
+
+def _as_raster(label_source) -> tuple[np.ndarray, tuple[float, float]]:
+    """``(labels, downsample)`` from a tuple or a Level-like object."""
+    if isinstance(label_source, tuple) and len(label_source) == 2:
+        labels, ds = label_source
+    elif hasattr(label_source, "array") and hasattr(label_source, "downsample"):
+        labels, ds = label_source.array, label_source.downsample
+    else:
+        raise WsisegError("label_source must be (labels, downsample) or have .array and .downsample")
+    if isinstance(labels, da.Array):
+        labels = labels.compute()
+    labels = np.asarray(labels)
+    if labels.ndim == 3 and labels.shape[2] == 1:
+        labels = labels[..., 0]
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise WsisegError(f"labels must be a 2-D integer raster, got {labels.dtype} {labels.shape}")
+    dx, dy = (ds, ds) if np.isscalar(ds) else ds
+    if not (float(dx) > 0 and float(dy) > 0):
+        raise WsisegError(f"downsample must be positive, got {ds!r}")
+    return labels, (float(dx), float(dy))
+
+
+def _ring_corners(contour: np.ndarray) -> np.ndarray:
+    """Pixel-edge corners of a closed marching-squares contour.
+
+    On a binary image contoured at 0.5, every contour vertex is the midpoint
+    of a pixel edge, and two consecutive vertices lie in the same 2x2 block
+    of pixel centres. When one is on a horizontal edge and the other on a
+    vertical one, the contour cuts a pixel corner, and that corner is the
+    block's centre: the x of the vertical-edge midpoint and the y of the
+    horizontal-edge one. Keeping only these corners gives the exact outline.
+
+    Parameters
+    ----------
+    contour : numpy.ndarray
+        ``(N, 2)`` closed ``(row, col)`` contour of a 1-padded binary image.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(K, 2)`` integer ``(x, y)`` corners in continuous pixel coordinates
+        of the unpadded image (ring not repeated at the end).
+    """
+    # Doubled continuous coordinates are exact integers: x = col - 1 + 0.5.
+    q = np.rint(contour[:-1, ::-1] * 2.0).astype(np.int64) - 1
+    nxt = np.roll(q, -1, axis=0)
+    horizontal = q[:, 1] % 2 == 0  # y on a pixel edge: midpoint of a horizontal edge
+    turn = horizontal != np.roll(horizontal, -1)
+    cx = np.where(horizontal, nxt[:, 0], q[:, 0])
+    cy = np.where(horizontal, q[:, 1], nxt[:, 1])
+    return np.stack([cx[turn], cy[turn]], axis=1) // 2
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def _polygonal(geom: BaseGeometry) -> Polygon | MultiPolygon | None:
+    """The polygonal part of a geometry (``make_valid`` can add lines/points)."""
+    if geom.is_empty:
+        return None
+    if isinstance(geom, (Polygon, MultiPolygon)):
+        return geom
+    parts = [g for g in getattr(geom, "geoms", []) if isinstance(g, (Polygon, MultiPolygon))]
+    polys = [p for g in parts for p in (g.geoms if isinstance(g, MultiPolygon) else [g])]
+    if not polys:
+        return None
+    return polys[0] if len(polys) == 1 else MultiPolygon(polys)
+
+
+def _valid(geom: BaseGeometry) -> Polygon | MultiPolygon | None:
+    if not geom.is_valid:
+        geom = shapely.make_valid(geom)
+    return _polygonal(geom)
+
+
+def _trace_component(crop: np.ndarray, min_hole: int) -> Polygon | MultiPolygon | None:
+    """Exact outline of one 4-connected component given as a bool crop.
+
+    Returns the polygon in the crop's continuous pixel coordinates, with
+    holes of at least ``min_hole`` pixels.
+    """
+    contours = measure.find_contours(np.pad(crop, 1).astype(np.float32), 0.5, fully_connected="low")
+    rings = [_ring_corners(c) for c in contours if len(c) > 3]
+    rings = [r for r in rings if len(r) >= 4]
+    if not rings:
+        return None
+    areas = np.array([_signed_area(r) for r in rings])
+    outer = int(np.argmax(np.abs(areas)))
+    sign = np.sign(areas[outer])
+    holes = [r for k, r in enumerate(rings) if k != outer and np.sign(areas[k]) != sign and abs(areas[k]) >= min_hole]
+    others = [r for k, r in enumerate(rings) if k != outer and np.sign(areas[k]) == sign]
+    geom: BaseGeometry = Polygon(rings[outer], holes)
+    if others:
+        # Not expected for a 4-connected component; let shapely sort it out.
+        geom = shapely.union_all([shapely.make_valid(geom)] + [shapely.make_valid(Polygon(r)) for r in others])
+    return _valid(geom)
+
+
+def label_polygons(
+    labels: np.ndarray, value: int, *, min_area: int = 1
+) -> Iterator[Polygon | MultiPolygon]:
+    """Exact pixel-edge polygons of the connected regions of one label value.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        ``(h, w)`` integer raster.
+    value : int
+        Label value to vectorise.
+    min_area : int
+        Regions, and holes, of fewer pixels are dropped (holes are filled).
+
+    Yields
+    ------
+    shapely Polygon or MultiPolygon
+        One per 4-connected region, in raster pixel coordinates (pixel
+        ``(i, j)`` is ``[j, j + 1) x [i, i + 1)``), in raster order of the
+        regions' first pixels. Unsimplified, its area is the pixel count.
+    """
+    comp, n = ndi.label(labels == value, structure=_FOUR_CONNECTED, output=np.int32)
+    for k, sl in enumerate(ndi.find_objects(comp), start=1):
+        if sl is None:
+            continue
+        crop = comp[sl] == k
+        if int(crop.sum()) < min_area:
+            continue
+        geom = _trace_component(crop, max(1, min_area))
+        if geom is not None:
+            offset = np.array([sl[1].start, sl[0].start], dtype=np.float64)
+            yield shapely.transform(geom, lambda xy: xy + offset)
+
+
+def _coords(arr: np.ndarray) -> list:
+    arr = np.round(np.asarray(arr, dtype=np.float64), _COORD_DECIMALS)
+    if np.all(arr == np.round(arr)):
+        return arr.astype(np.int64).tolist()
+    return arr.tolist()
+
+
+def _geometry_json(geom: Polygon | MultiPolygon) -> dict:
+    def poly(p: Polygon) -> list:
+        p = orient(p, sign=1.0)  # RFC 7946: exterior counter-clockwise, holes clockwise
+        return [_coords(p.exterior.coords)] + [_coords(r.coords) for r in p.interiors]
+
+    if isinstance(geom, Polygon):
+        return {"type": "Polygon", "coordinates": poly(geom)}
+    return {"type": "MultiPolygon", "coordinates": [poly(p) for p in geom.geoms]}
+
+
+def _check_mpp(mpp) -> tuple[float, float] | None:
+    if mpp is None:
+        return None
+    mx, my = (mpp, mpp) if np.isscalar(mpp) else mpp
+    if not (float(mx) > 0 and float(my) > 0):
+        raise WsisegError(f"mpp must be positive, got {mpp!r}")
+    return float(mx), float(my)
+
+
+def write_qupath_geojson(
+    path: str | os.PathLike,
+    label_source,
+    classes: Iterable[ClassInfo],
+    *,
+    mpp: float | tuple[float, float] | None = None,
+    simplify_tolerance: float = 1.0,
+    min_area: int = 1,
+    gzip: bool | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Write a label raster as a QuPath GeoJSON FeatureCollection.
+
+    Each 4-connected region of each listed class (value 0, background, is
+    never written) becomes one ``Feature`` with a ``Polygon`` (holes kept)
+    or, if validation splits it, a ``MultiPolygon``, in level-0 pixel
+    coordinates. Properties::
+
+        {"objectType": "annotation",
+         "classification": {"name": ..., "color": [r, g, b]},
+         "measurements": {"Area px^2": ..., "Area µm^2": ...}}
+
+    (areas of the written geometry at level 0; µm² only with ``mpp``).
+
+    Parameters
+    ----------
+    path : path-like
+        Output file, written atomically; ``.gz`` suffix means gzip.
+    label_source : tuple or Level-like
+        ``(labels, downsample)`` with ``labels`` a ``(h, w)`` integer numpy
+        or dask array and ``downsample`` the level-0 pixels per raster pixel,
+        a number or ``(x, y)``; or any object with ``.array`` and
+        ``.downsample`` (a :class:`~wsiseg.slide.multiscale.Level`).
+    classes : iterable of ClassInfo
+        Classes to write; raster values not listed are skipped.
+    mpp : float or (float, float), optional
+        Level-0 micrometres per pixel, for areas in µm².
+    simplify_tolerance : float
+        Douglas-Peucker tolerance in raster pixels (topology preserving);
+        0 keeps the exact pixel outlines.
+    min_area : int
+        Regions, and holes, smaller than this many raster pixels are dropped
+        (holes are filled).
+    gzip : bool, optional
+        Compress; default: when ``path`` ends with ``.gz``.
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    int
+        Number of features written.
+    """
+    labels, (dx, dy) = _as_raster(label_source)
+    classes = [c for c in validate_classes(classes) if c.value != 0]
+    mpp = _check_mpp(mpp)
+    if simplify_tolerance < 0:
+        raise WsisegError(f"simplify_tolerance must be >= 0, got {simplify_tolerance}")
+    if gzip is None:
+        gzip = str(path).endswith(".gz")
+
+    n = 0
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        raw = open(tmp, "wb")
+        try:
+            # No name (it would be the temporary one) and mtime=0 in the gzip
+            # header: identical inputs give byte-identical files.
+            binary = _gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if gzip else raw
+            with io.TextIOWrapper(binary, encoding="utf-8") as out:
+                out.write('{"type": "FeatureCollection", "features": [')
+                for c in classes:
+                    for feature in _class_features(labels, c, (dx, dy), mpp, simplify_tolerance, min_area):
+                        out.write(",\n" if n else "\n")
+                        out.write(json.dumps(feature, separators=(",", ":")))
+                        n += 1
+                out.write("\n]}\n")
+        finally:
+            raw.close()
+    return n
+
+
+def _class_features(labels, c: ClassInfo, ds, mpp, tolerance: float, min_area: int) -> Iterator[dict]:
+    dx, dy = ds
+    for geom in label_polygons(labels, c.value, min_area=min_area):
+        if tolerance > 0:
+            geom = _valid(geom.simplify(tolerance, preserve_topology=True))
+            if geom is None:
+                continue
+        geom = shapely.transform(geom, lambda xy: xy * np.array([dx, dy]))
+        area = float(geom.area)
+        measurements = {"Area px^2": round(area, 3)}
+        if mpp is not None:
+            measurements["Area µm^2"] = round(area * mpp[0] * mpp[1], 3)
+        yield {
+            "type": "Feature",
+            "geometry": _geometry_json(geom),
+            "properties": {
+                "objectType": "annotation",
+                "classification": {"name": c.name, "color": list(c.color)},
+                "measurements": measurements,
+            },
+        }
+
+
+def _features(doc) -> list:
+    if isinstance(doc, list):
+        return doc
+    if isinstance(doc, dict):
+        kind = doc.get("type")
+        if kind == "FeatureCollection":
+            return list(doc.get("features") or [])
+        if kind == "Feature":
+            return [doc]
+        if kind in {"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
+                    "GeometryCollection"}:
+            return [{"type": "Feature", "geometry": doc, "properties": {}}]
+    raise ValueError("not a GeoJSON Feature, FeatureCollection or list of features")
+
+
+def _class_name(props: dict) -> str:
+    cls = props.get("classification")
+    if isinstance(cls, dict) and cls.get("name"):
+        return str(cls["name"])
+    if isinstance(cls, str) and cls:  # older QuPath versions
+        return cls
+    return "Unclassified"
+
+
+def read_qupath_geojson(path: str | os.PathLike) -> list[tuple[str, BaseGeometry]]:
+    """Read QuPath GeoJSON annotations.
+
+    Accepts a ``FeatureCollection``, a single ``Feature``, a bare list of
+    features (as QuPath exports them) or a bare geometry; gzip-compressed
+    files are detected by content. Features without geometry are skipped.
+
+    Parameters
+    ----------
+    path : path-like
+
+    Returns
+    -------
+    list of (str, shapely geometry)
+        Class name (``properties.classification.name``, or
+        ``"Unclassified"``) and geometry, in file order, as stored (not
+        repaired).
+
+    Raises
+    ------
+    WsisegError
+        Unreadable file or not GeoJSON.
+    """
+    try:
+        data = Path(path).read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = _gzip.decompress(data)
+        doc = json.loads(data.decode("utf-8-sig"))
+        out = []
+        for f in _features(doc):
+            if not isinstance(f, dict) or not f.get("geometry"):
+                continue
+            out.append((_class_name(f.get("properties") or {}), shape(f["geometry"])))
+    except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            shapely.errors.ShapelyError) as exc:
+        raise WsisegError(f"not QuPath GeoJSON: {exc}", path) from exc
+    return out
