@@ -1,0 +1,1373 @@
+"""Batch semantics around a per-slide function: inputs, status, resume, locks, progress.
+
+The per-slide work (open, sample, segment, write) is a *process* function
+supplied by the caller (see :class:`ProcessFn`); this module decides which
+slides to run, runs every one of them even after failures, and records the
+truth about each in the output folder.
+
+Inputs (:func:`expand_inputs`)
+------------------------------
+Each input is, in this order of precedence:
+
+* a ``.csv`` file: a **manifest**. Its header must have a ``path`` column;
+  ``mpp`` (micrometres per level-0 pixel) and ``name`` (output stem) are
+  optional; any other column is kept, as text, in :attr:`SlideJob.overrides`.
+  Relative paths resolve against the manifest's folder. Every row is one
+  slide and must exist; a bad row stops everything with an error naming the
+  manifest and line (better than failing hours into a batch).
+* an existing **file**: one slide, whatever its extension.
+* an existing **directory** that is itself a slide: an OME-Zarr store (name
+  ending ``.zarr`` or NGFF metadata inside) or a DICOM series folder (it holds
+  ``.dcm`` files or files with the DICOM ``DICM`` magic, and no files with a
+  slide extension).
+* any other existing **directory**: scanned *one level deep* (not recursed,
+  so an output folder or an MRXS data folder inside is never mistaken for
+  slides) for files with a slide extension (:data:`SLIDE_EXTENSIONS`) and for
+  slide directories (OME-Zarr, DICOM series). Loose ``.dcm`` files beside
+  other slides count as one more slide, the directory itself. Hidden entries
+  are ignored. For deeper trees use a glob such as ``'data/**/*.svs'``.
+* a **glob** pattern (``*``, ``?``, ``[...]``; ``**`` recurses): every match
+  is treated exactly as if it had been typed as an input, as a shell would
+  expand it.
+
+A DICOM instance file (``.dcm``) stands for its series folder, so the
+several files of one slide become one job. Anything under ``exclude`` (the
+output folder) is never taken from a directory scan or glob. Inputs that
+match nothing are an error naming them; the same slide reached twice (same
+real path) is kept once. Output names (:attr:`SlideJob.name`) are the file
+stem (``.ome.tiff`` and ``.zarr`` stripped); stems that collide (two
+``slide.svs`` in different folders, compared case-insensitively) get the
+shortest run of parent folder names that tells them apart
+(``site-a_slide``), then the extension (``slide_svs`` beside
+``slide_tiff``), deterministically. Names therefore depend on which slides
+are in the batch; give a ``name`` column in a manifest to pin them.
+
+Output folder
+-------------
+``status.csv``
+    One row per slide: ``slide, name, status, seconds, error, finished_at``.
+    ``status`` is ``ok``, ``failed`` or ``skipped`` (``error`` then holds the
+    error or the reason for the skip), or ``pending`` for slides not reached
+    yet. Rewritten atomically after every slide, so a crash leaves a truthful
+    file. It describes the latest run only.
+``<name>.done.json``
+    The completion certificate, written last and atomically after the process
+    function returned ``ok`` and all its outputs exist: slide fingerprint,
+    source file name and size, output files, time. Outputs without it are
+    never treated as complete (Ctrl-C, a crash or a full disk leave none).
+``<name>.lock``
+    Held while a slide is processed (see Locking).
+
+Resume
+------
+Without ``overwrite`` a slide is skipped when its done marker exists, records
+the same fingerprint (:func:`make_fingerprint` of the model hash and the
+resolved config, combined with the slide's manifest overrides), the same
+source slide (file name and, for files, size: folders may move between
+mounts), and every listed output file still exists. Otherwise it is redone:
+its old marker is removed first and the process function is told to replace
+existing outputs. ``overwrite`` redoes every slide.
+
+Locking
+-------
+Two runs may share an output folder. A slide is processed only under
+``<name>.lock``, created with ``O_CREAT | O_EXCL`` and holding the owner's
+pid, host name, boot id and process start time; it is removed afterwards. A
+run that finds a lock whose owner is alive skips the slide ("being processed
+by another run"). A lock from this host whose process is gone (or was
+rebooted away, or whose pid now belongs to another process) is stale and
+taken over. A lock from **another host** (shared storage; containers count as
+hosts) cannot be checked, so it is respected until it is older than
+``lock_timeout`` (default 6 h). Its age counts from the last heartbeat: the
+owner touches the lock whenever it reports progress, at most once a minute.
+If you know such a run is dead, delete its ``.lock`` file. ``O_EXCL`` is
+atomic on local disks and NFSv3+; taking over a stale lock renames it aside
+and checks that what was moved is what was judged stale.
+
+Interruption, errors, full disks
+--------------------------------
+A :class:`~wsiseg.errors.WsisegError` fails the slide with its one-line
+message; an ``OSError`` with its reason (``disk full: No space left on
+device ...``); anything else with ``internal error: Type: message``. The
+batch goes on. ``KeyboardInterrupt`` marks the current slide ``failed`` with
+``interrupted``, writes the status, releases the lock and propagates (the CLI
+exits 130). Writes go through :func:`wsiseg.atomic.atomic_output`, so no
+partial file is ever left under a final name; if even ``status.csv`` cannot be
+written, a warning is reported and the batch goes on.
+
+Progress
+--------
+``"tty"``: tqdm bars on ``stream``, one for slides (with ETA) and one for the
+current slide's stage. ``"jsonl"``: one JSON object per line with ``event``
+(``batch_start``, ``slide_start``, ``stage``, ``slide_done``, ``warning``,
+``batch_done``), ``time`` (ISO 8601) and the event's fields. ``"auto"`` picks
+``tty`` when ``stream`` is a terminal, else ``jsonl``. ``"none"`` is silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import enum
+import errno
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol
+
+from wsiseg.atomic import atomic_output
+from wsiseg.errors import ConfigError, WsisegError
+
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT",
+    "DONE_REASON",
+    "SLIDE_EXTENSIONS",
+    "STATUS_FILE",
+    "BatchResult",
+    "ProcessFn",
+    "ProgressFn",
+    "SlideJob",
+    "SlideOutcome",
+    "SlideResult",
+    "expand_inputs",
+    "is_done",
+    "make_fingerprint",
+    "run_batch",
+    "slide_fingerprint",
+]
+
+#: File extensions taken as slides when a directory is scanned (lower case).
+SLIDE_EXTENSIONS = frozenset(
+    {".svs", ".tif", ".tiff", ".btf", ".tf8", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide"}
+)
+#: Seconds after which a lock from another host (not checkable) is taken over.
+DEFAULT_LOCK_TIMEOUT = 6 * 3600.0
+STATUS_FILE = "status.csv"
+STATUS_COLUMNS = ("slide", "name", "status", "seconds", "error", "finished_at")
+DONE_REASON = "done with the same model and config"
+INTERRUPTED = "interrupted"
+
+_DONE_SUFFIX = ".done.json"
+_LOCK_SUFFIX = ".lock"
+_MARKER_FORMAT = "wsiseg-done"
+_MARKER_VERSION = 1
+_ZARR_META = (".zattrs", ".zgroup", "zarr.json")
+_DICOM_MAGIC_PROBE = 20  # files checked for the DICM magic when none ends in .dcm
+_RESERVED_NAMES = frozenset({"status"})  # would collide with status.csv's stem
+_HEARTBEAT_S = 60.0
+_UNREADABLE_LOCK_GRACE_S = 60.0  # an empty lock may be one being written right now
+_JSON_STAGE_INTERVAL_S = 1.0
+
+Status = Literal["ok", "failed", "skipped"]
+_STATUSES = ("ok", "failed", "skipped")
+
+
+# ---------------------------------------------------------------------------
+# data types
+
+
+def _name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be an output stem, or None when it can."""
+    if not isinstance(name, str) or not name.strip():
+        return "output name is empty"
+    if name != name.strip():
+        return f"output name {name!r} has leading or trailing spaces"
+    if "/" in name or "\\" in name or "\x00" in name:
+        return f"output name {name!r} contains a path separator"
+    if name.startswith("."):
+        return f"output name {name!r} starts with '.' (hidden or relative)"
+    if any(ord(c) < 32 for c in name):
+        return f"output name {name!r} contains control characters"
+    return None
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to process.
+
+    Attributes
+    ----------
+    path : str
+        Absolute path of the slide file or slide directory (OME-Zarr, DICOM
+        series folder).
+    name : str
+        Output stem, unique (case-insensitively) within a batch; every output
+        of the slide is named from it.
+    overrides : dict
+        Per-slide settings from a manifest: ``mpp`` as a float, other columns
+        as text. Part of the slide's fingerprint.
+    """
+
+    path: str
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problem = _name_problem(self.name)
+        if problem:
+            raise ConfigError(problem, self.path)
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    """What the process function reports for one slide.
+
+    Attributes
+    ----------
+    status : {"ok", "failed", "skipped"}
+    seconds : float
+        Wall time; :func:`run_batch` replaces it with its own measurement.
+    error : str or None
+        One-line error for ``failed``, reason for ``skipped``.
+    outputs : dict of str -> str
+        Kind (e.g. ``"mask"``) -> file written, absolute or relative to the
+        output folder. Recorded in the done marker and checked on resume.
+    """
+
+    status: Status
+    seconds: float = 0.0
+    error: str | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in _STATUSES:
+            raise ValueError(f"SlideOutcome.status must be one of {_STATUSES}, got {self.status!r}")
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    """One row of ``status.csv``: a job, its outcome and when it finished."""
+
+    job: SlideJob
+    outcome: SlideOutcome
+    finished_at: str
+
+    @property
+    def status(self) -> str:
+        return self.outcome.status
+
+    @property
+    def error(self) -> str | None:
+        return self.outcome.error
+
+    @property
+    def seconds(self) -> float:
+        return self.outcome.seconds
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Everything a batch did.
+
+    Attributes
+    ----------
+    results : list of SlideResult
+        One per job, in job order.
+    status_path : pathlib.Path
+        The ``status.csv`` written.
+    seconds : float
+        Wall time of the batch.
+    """
+
+    results: list[SlideResult]
+    status_path: Path
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of slides per status (``ok``, ``failed``, ``skipped``)."""
+        out = dict.fromkeys(_STATUSES, 0)
+        for r in self.results:
+            out[r.status] += 1
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every slide is ``ok`` or ``skipped``, else 1."""
+        return 0 if all(r.status != "failed" for r in self.results) else 1
+
+
+class ProgressFn(Protocol):
+    """Progress reporter handed to the process function.
+
+    ``stage`` names the current step (``"read"``, ``"segment"``, ...);
+    ``fraction`` is its completion in [0, 1]. Calls are cheap and never raise.
+    """
+
+    def __call__(self, stage: str, fraction: float) -> None: ...
+
+
+class ProcessFn(Protocol):
+    """The per-slide function :func:`run_batch` calls (written by the segmenter).
+
+    Parameters
+    ----------
+    job : SlideJob
+    out_dir : pathlib.Path
+        The batch output folder (exists, writable). Outputs are named from
+        ``job.name``; write each through :func:`wsiseg.atomic.atomic_output`.
+    fingerprint : str
+        The slide's fingerprint (:func:`slide_fingerprint`), for reports.
+    overwrite : bool
+        True: replace existing outputs of this slide. :func:`run_batch` calls
+        the function only for slides it has decided to (re)do, and under the
+        slide's lock, so it always passes True.
+    progress : ProgressFn
+        Report ``progress(stage, fraction)``.
+
+    Returns
+    -------
+    SlideOutcome
+        Raising is fine too: :class:`~wsiseg.errors.WsisegError` and other
+        exceptions fail the slide with their message.
+    """
+
+    def __call__(
+        self, job: SlideJob, out_dir: Path, *, fingerprint: str, overwrite: bool, progress: ProgressFn
+    ) -> SlideOutcome: ...
+
+
+# ---------------------------------------------------------------------------
+# input expansion
+
+
+def _is_zarr_dir(p: Path) -> bool:
+    return p.suffix.lower() == ".zarr" or any((p / m).exists() for m in _ZARR_META)
+
+
+def _dicom_files(p: Path) -> bool:
+    """True when a folder holds DICOM instances (``*.dcm`` or the ``DICM`` magic)."""
+    try:
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    except OSError:
+        return False
+    if any(f.suffix.lower() == ".dcm" for f in files):
+        return True
+    for f in files[:_DICOM_MAGIC_PROBE]:  # DICOM files often have no extension
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(128)
+                if fh.read(4) == b"DICM":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _has_slide_files(p: Path) -> bool:
+    try:
+        return any(f.suffix.lower() in SLIDE_EXTENSIONS for f in p.iterdir())
+    except OSError:
+        return False
+
+
+def _is_dicom_dir(p: Path) -> bool:
+    """A DICOM series folder: DICOM files and no other slide files (those win)."""
+    return _dicom_files(p) and not _has_slide_files(p)
+
+
+def _is_slide_dir(p: Path) -> bool:
+    return _is_zarr_dir(p) or _is_dicom_dir(p)
+
+
+def _slide_path(p: Path) -> Path:
+    """The slide a path stands for: a DICOM instance stands for its series folder."""
+    if p.is_file() and p.suffix.lower() == ".dcm":
+        return p.parent
+    return p
+
+
+def _scan_dir(d: Path) -> list[Path]:
+    """Slide-like entries of a plain directory, one level deep, sorted.
+
+    Loose DICOM files beside other slides form one more slide: the folder.
+    """
+    try:
+        entries = sorted(d.iterdir())
+    except OSError as exc:
+        raise WsisegError(f"cannot list directory: {exc.strerror or exc}", d) from exc
+    found: list[Path] = []
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        if e.is_dir():
+            if _is_slide_dir(e):
+                found.append(e)
+        elif e.suffix.lower() in SLIDE_EXTENSIONS:
+            found.append(e)
+    if found and any(e.suffix.lower() == ".dcm" and e.is_file() for e in entries):
+        found.append(d)
+    return found
+
+
+def _under(p: Path, roots: Sequence[Path]) -> bool:
+    rp = Path(os.path.realpath(p))
+    return any(rp == r or r in rp.parents for r in roots)
+
+
+def _expand_path(p: Path, roots: Sequence[Path], *, explicit: bool) -> list[Path]:
+    """Slides an existing path stands for (explicit: typed by the user, not a glob match)."""
+    if not explicit and _under(p, roots):
+        return []
+    if p.is_dir():
+        if _is_slide_dir(p):
+            return [p]
+        return [s for s in _scan_dir(p) if not _under(s, roots)]
+    if not explicit and p.name.startswith("."):
+        return []
+    return [_slide_path(p)]
+
+
+def _strip_ext(name: str, is_dir: bool) -> str:
+    base, ext = os.path.splitext(name)
+    if ext.lower() in SLIDE_EXTENSIONS or ext.lower() in (".zarr", ".dcm") or (not is_dir and ext):
+        name = base
+        if name.lower().endswith(".ome"):
+            name = name[:-4]
+    return name
+
+
+def _sanitise(text: str) -> str:
+    # Keep names portable: characters that are awkward in file names become '_'.
+    return re.sub(r"[^\w.+-]", "_", text).lstrip(".")
+
+
+def _auto_stem(path: str, *, with_ext: bool = False) -> str:
+    p = Path(path)
+    stem = _strip_ext(p.name, p.is_dir())
+    if with_ext and stem != p.name:  # 'slide.svs' -> 'slide_svs', for slide.svs beside slide.tiff
+        stem = f"{stem}_{p.name[len(stem) :].lstrip('.').replace('.', '_')}"
+    return _sanitise(stem) or "slide"
+
+
+def _parent_names(path: str) -> list[str]:
+    """Parent folder names, nearest first, sanitised like stems."""
+    return [_sanitise(part) or "_" for part in reversed(Path(path).parent.parts[1:])]
+
+
+def _candidate(path: str, depth: int, with_ext: bool) -> str:
+    parents = list(reversed(_parent_names(path)[:depth]))
+    return "_".join([*parents, _auto_stem(path, with_ext=with_ext)])
+
+
+def _assign_names(paths: list[str], explicit: list[str | None]) -> list[str]:
+    """Unique output stems: explicit names kept, colliding stems prefixed by parent folders.
+
+    Colliding stems try, in order: 1, 2, ... nearest parent folders; then the
+    extension kept (``slide_svs``) with 0, 1, ... parents; then a short hash
+    of the path. The first rule that makes the whole group unique wins, so the
+    result depends only on the set of paths.
+    """
+    names: list[str | None] = list(explicit)
+    taken = {n.casefold() for n in explicit if n} | set(_RESERVED_NAMES)
+    groups: dict[str, list[int]] = {}
+    for i, (p, n) in enumerate(zip(paths, explicit)):
+        if n is None:
+            groups.setdefault(_auto_stem(p).casefold(), []).append(i)
+    # Unique stems first, so that a plain stem is never displaced by a
+    # disambiguated one from another group.
+    for key, idx in sorted(groups.items()):
+        if len(idx) == 1 and key not in taken:
+            names[idx[0]] = _auto_stem(paths[idx[0]])
+            taken.add(key)
+    for _key, idx in sorted(groups.items()):
+        if names[idx[0]] is not None:
+            continue
+        idx = sorted(idx, key=lambda i: paths[i])
+        depth = max(len(_parent_names(paths[i])) for i in idx)
+        rules = [(k, False) for k in range(1, depth + 1)] + [(k, True) for k in range(depth + 1)]
+        chosen = None
+        for k, with_ext in rules:
+            cand = [_candidate(paths[i], k, with_ext) for i in idx]
+            folded = {c.casefold() for c in cand}
+            if len(folded) == len(cand) and not (folded & taken):
+                chosen = cand
+                break
+        if chosen is None:  # e.g. 'a.b.svs' vs 'a_b.svs' in one folder
+            chosen = [f"{_auto_stem(paths[i])}-{hashlib.sha256(paths[i].encode()).hexdigest()[:8]}" for i in idx]
+        for i, c in zip(idx, chosen):
+            names[i] = c
+            taken.add(c.casefold())
+    return [n for n in names if n is not None]
+
+
+def _read_manifest(csv_path: Path) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """Rows of a manifest as ``(absolute path, name or None, overrides)``."""
+
+    def bad(line: int | None, msg: str) -> WsisegError:
+        return WsisegError(f"line {line}: {msg}" if line else msg, csv_path)
+
+    try:
+        # utf-8-sig: Excel writes a byte-order mark. newline="": quoted cells may hold newlines.
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise bad(None, f"cannot read manifest: {getattr(exc, 'strerror', None) or exc}") from exc
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    rows: list[tuple[str, str | None, dict[str, Any]]] = []
+    try:
+        for cells in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in cells) or cells[0].lstrip().startswith("#"):
+                continue  # blank lines and comments
+            if header is None:
+                header = [c.strip().lower() for c in cells]
+                if "path" not in header:
+                    raise bad(line, f"manifest header has no 'path' column (found: {', '.join(header) or 'nothing'})")
+                dup = sorted({h for h in header if header.count(h) > 1 and h})
+                if dup:
+                    raise bad(line, f"manifest header repeats column(s) {', '.join(dup)}")
+                continue
+            if len(cells) > len(header):
+                raise bad(line, f"{len(cells)} cells but the header has {len(header)} columns")
+            row = {h: c.strip() for h, c in zip(header, cells) if h}
+            raw = row.pop("path", "")
+            if not raw:
+                raise bad(line, "empty 'path'")
+            p = Path(os.path.expanduser(raw))
+            if not p.is_absolute():
+                p = csv_path.parent / p
+            if not p.exists():
+                raise bad(line, f"slide not found: {p}")
+            name = row.pop("name", "") or None
+            if name is not None and _name_problem(name):
+                raise bad(line, _name_problem(name) or "")
+            overrides: dict[str, Any] = {}
+            mpp = row.pop("mpp", "")
+            if mpp:
+                try:
+                    value = float(mpp)
+                except ValueError:
+                    value = math.nan
+                if not (math.isfinite(value) and value > 0):
+                    raise bad(line, f"mpp must be a positive number, got {mpp!r}")
+                overrides["mpp"] = value
+            overrides.update({k: v for k, v in row.items() if v})
+            rows.append((os.path.abspath(_slide_path(p)), name, overrides))
+    except csv.Error as exc:
+        raise bad(reader.line_num, f"malformed CSV ({exc})") from exc
+    if header is None:
+        raise bad(None, "manifest is empty (a header with a 'path' column is required)")
+    if not rows:
+        raise bad(None, "manifest lists no slides")
+    return rows
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike], *, exclude: Sequence[str | os.PathLike] = ()) -> list[SlideJob]:
+    """Turn files, directories, globs and CSV manifests into slide jobs.
+
+    See the module docstring for the rules.
+
+    Parameters
+    ----------
+    inputs : sequence of str or path-like
+        As typed on the command line.
+    exclude : sequence of path-like
+        Folders (typically the output folder) whose contents are never taken
+        from a directory scan or glob.
+
+    Returns
+    -------
+    list of SlideJob
+        In input order (sorted within a directory or glob), duplicates removed,
+        with unique output names.
+
+    Raises
+    ------
+    WsisegError
+        No inputs; an input that does not exist, a glob or directory that
+        matches no slide; a bad manifest (file and line named); the same slide
+        given twice with different overrides; a manifest name used twice.
+    """
+    if not inputs:
+        raise WsisegError("no slides given")
+    roots = [Path(os.path.realpath(os.path.expanduser(os.fspath(e)))) for e in exclude]
+    entries: list[tuple[str, str | None, dict[str, Any], str]] = []  # path, name, overrides, origin
+    for item in inputs:
+        text = os.path.expanduser(os.fspath(item))
+        p = Path(text)
+        if p.suffix.lower() == ".csv" and p.is_file():
+            entries.extend((path, name, ov, f"{p}") for path, name, ov in _read_manifest(p))
+            continue
+        if p.exists():
+            found = _expand_path(p, roots, explicit=True)
+            if not found:
+                raise WsisegError(
+                    "no slides found in directory (looked for slide files "
+                    f"{', '.join(sorted(SLIDE_EXTENSIONS))}, OME-Zarr and DICOM folders, one level deep)",
+                    p,
+                )
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            found = []
+            for m in matches:
+                found.extend(_expand_path(Path(m), roots, explicit=False))
+            if not found:
+                raise WsisegError("pattern matches no slide" if matches else "pattern matches nothing", text)
+        else:
+            raise WsisegError("no such file or directory", text)
+        entries.extend((os.path.abspath(f), None, {}, text) for f in found)
+
+    # The same slide twice: one without settings (a directory scan) defers
+    # to one with settings (a manifest row), in either order; two different
+    # settings are ambiguous.
+    seen: dict[str, int] = {}
+    unique: list[tuple[str, str | None, dict[str, Any], str]] = []
+    for entry in entries:
+        path, name, ov, origin = entry
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen[key] = len(unique)
+            unique.append(entry)
+            continue
+        kept = unique[seen[key]]
+        if (kept[1], kept[2]) == (name, ov) or not (name or ov):
+            continue
+        if not (kept[1] or kept[2]):
+            unique[seen[key]] = (kept[0], name, ov, origin)
+            continue
+        raise WsisegError(f"slide given twice with different settings (from {kept[3]} and from {origin})", path)
+
+    explicit = [u[1] for u in unique]
+    folded = [n.casefold() for n in explicit if n]
+    dup = sorted({n for n in folded if folded.count(n) > 1})
+    if dup:
+        raise WsisegError(f"output name(s) used for more than one slide: {', '.join(dup)}")
+    if set(folded) & _RESERVED_NAMES:
+        raise WsisegError(f"output name(s) reserved for wsiseg's own files: {', '.join(sorted(_RESERVED_NAMES))}")
+    names = _assign_names([u[0] for u in unique], explicit)
+    return [SlideJob(path=u[0], name=n, overrides=dict(u[2])) for u, n in zip(unique, names)]
+
+
+# ---------------------------------------------------------------------------
+# fingerprints and done markers
+
+
+def _canonical(obj: Any) -> Any:
+    """A JSON-ready copy of ``obj`` whose serialisation does not depend on spelling.
+
+    Dict keys become strings, tuples and sets lists, integral floats ints
+    (``1`` and ``1.0`` in a YAML file mean the same config).
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return int(obj) if math.isfinite(obj) and obj.is_integer() else obj
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        items = [_canonical(v) for v in obj]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, enum.Enum):
+        return _canonical(obj.value)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _canonical(dataclasses.asdict(obj))
+    if hasattr(obj, "model_dump"):  # pydantic models
+        return _canonical(obj.model_dump(mode="json"))
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return _canonical(obj.tolist())
+    raise ConfigError(f"config value of type {type(obj).__name__} cannot be fingerprinted: {obj!r}")
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def make_fingerprint(model_hash: str, config: dict) -> str:
+    """SHA-256 (hex) of the model hash and resolved config as canonical JSON.
+
+    Stable across dict key order, tuples vs lists and ``1`` vs ``1.0``.
+
+    Parameters
+    ----------
+    model_hash : str
+        E.g. :func:`wsiseg.models.io.file_hash` of the model file.
+    config : dict
+        The resolved configuration that affects outputs.
+
+    Raises
+    ------
+    ConfigError
+        A config value is not JSON-like.
+    """
+    return _digest({"model": str(model_hash), "config": config})
+
+
+def slide_fingerprint(fingerprint: str, job: SlideJob) -> str:
+    """The batch fingerprint combined with the slide's manifest overrides.
+
+    Equal to ``fingerprint`` when the job has no overrides, so changing a
+    slide's ``mpp`` in a manifest redoes that slide only.
+    """
+    if not job.overrides:
+        return fingerprint
+    return _digest({"batch": fingerprint, "overrides": job.overrides})
+
+
+def _marker_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}{_DONE_SUFFIX}"
+
+
+def _source_size(path: str) -> int | None:
+    with contextlib.suppress(OSError):
+        if os.path.isfile(path):
+            return os.path.getsize(path)
+    return None
+
+
+def _done_state(job: SlideJob, out_dir: Path, fingerprint: str) -> tuple[bool, str]:
+    """``(done, why)``: whether a slide can be skipped, and why it cannot."""
+    marker = _marker_path(out_dir, job.name)
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False, "not done yet"
+    except (OSError, ValueError):
+        return False, "done marker unreadable"
+    if not isinstance(data, dict) or data.get("format") != _MARKER_FORMAT:
+        return False, "done marker unreadable"
+    if data.get("fingerprint") != slide_fingerprint(fingerprint, job):
+        return False, "model or config changed"
+    if data.get("slide_name") != Path(job.path).name or data.get("slide_size") != _source_size(job.path):
+        return False, "source slide changed"
+    outputs = data.get("outputs")
+    if not isinstance(outputs, dict):
+        return False, "done marker unreadable"
+    for rel in outputs.values():
+        if not (out_dir / str(rel)).exists():
+            return False, f"output missing: {rel}"
+    return True, DONE_REASON
+
+
+def is_done(job: SlideJob, out_dir: str | os.PathLike, fingerprint: str) -> bool:
+    """True when ``job`` was completed in ``out_dir`` with the same fingerprint.
+
+    The done marker must exist and match the slide fingerprint (see
+    :func:`slide_fingerprint`) and source slide, and every output it lists
+    must still exist.
+    """
+    return _done_state(job, Path(out_dir), fingerprint)[0]
+
+
+def _write_marker(job: SlideJob, out_dir: Path, fingerprint: str, outputs: dict[str, str]) -> None:
+    rel: dict[str, str] = {}
+    for kind, value in outputs.items():
+        p = Path(value)
+        full = p if p.is_absolute() else out_dir / p
+        if not full.exists():
+            raise WsisegError(f"the process function reported output {kind!r} = {value}, which does not exist")
+        try:
+            rel[str(kind)] = full.resolve().relative_to(out_dir.resolve()).as_posix()
+        except ValueError:  # outside the output folder: keep it absolute
+            rel[str(kind)] = str(full.resolve())
+    data = {
+        "format": _MARKER_FORMAT,
+        "version": _MARKER_VERSION,
+        "fingerprint": fingerprint,
+        "slide": job.path,
+        "slide_name": Path(job.path).name,
+        "slide_size": _source_size(job.path),
+        "overrides": _canonical(job.overrides),
+        "outputs": rel,
+        "finished_at": _now(),
+    }
+    with atomic_output(_marker_path(out_dir, job.name), overwrite=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# locks
+
+_HOST = socket.gethostname()
+_HELD: set[str] = set()  # lock files this process holds
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """``(state, start time in clock ticks)`` of a Linux process, or None if unknown."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()  # the command name may contain spaces
+    if len(fields) < 20:
+        return None
+    return fields[0], fields[19]
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    """Whether ``pid`` on this host is still the process that wrote a lock."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill would terminate it on Windows: assume alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    except OSError:
+        return False
+    stat = _proc_stat(pid)
+    if stat is not None:
+        state, now_start = stat
+        if state in ("Z", "X"):  # exited, not yet reaped
+            return False
+        if start is not None and now_start != start:  # pid reused by another process
+            return False
+    return True
+
+
+@dataclass
+class _Lock:
+    path: Path
+    token: str
+    last_touch: float = 0.0
+
+    def touch(self) -> None:
+        now = time.monotonic()
+        if now - self.last_touch >= _HEARTBEAT_S:
+            self.last_touch = now
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        _HELD.discard(str(self.path))
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(self.path.read_text(encoding="utf-8")).get("token") == self.token:
+                self.path.unlink()  # only our own: a timed-out lock may have been taken over
+
+
+@dataclass(frozen=True)
+class _HeldBy:
+    owner: dict
+
+    def describe(self) -> str:
+        pid, host = self.owner.get("pid", "?"), self.owner.get("host")
+        where = "" if host in (None, _HOST) else f" on {host}"
+        return f"being processed by another run (pid {pid}{where})"
+
+
+def _lock_live(owner: dict | None, age: float, timeout: float, path: Path) -> bool:
+    if owner is None:  # empty/garbled: maybe being written right now
+        return age < min(_UNREADABLE_LOCK_GRACE_S, timeout)
+    if owner.get("host") != _HOST:
+        return age < timeout
+    boot = owner.get("boot_id")
+    if boot is not None and _boot_id() is not None and boot != _boot_id():
+        return False  # written before a reboot
+    try:
+        pid = int(owner.get("pid", -1))
+    except (TypeError, ValueError):
+        return age < timeout
+    if pid == os.getpid():
+        return str(path) in _HELD
+    start = owner.get("start")
+    return _pid_alive(pid, None if start is None else str(start))
+
+
+def _read_lock(path: Path) -> tuple[bytes, dict | None, float] | None:
+    """``(raw bytes, parsed owner or None, age in seconds)``; None when the lock is gone."""
+    try:
+        raw = path.read_bytes()
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        owner = json.loads(raw.decode("utf-8"))
+        if not isinstance(owner, dict):
+            owner = None
+    except (UnicodeDecodeError, ValueError):
+        owner = None
+    return raw, owner, age
+
+
+def _break_stale(path: Path, seen: bytes) -> None:
+    """Remove a stale lock, unless it changed since it was judged stale."""
+    aside = path.with_name(f".{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # another run took it over first
+    try:
+        if aside.read_bytes() != seen:
+            # We moved a lock another run had just created: put it back.
+            with contextlib.suppress(OSError):
+                os.link(aside, path)
+    finally:
+        with contextlib.suppress(OSError):
+            aside.unlink()
+
+
+def _acquire_lock(path: Path, timeout: float) -> _Lock | _HeldBy:
+    """Create ``path`` exclusively, taking over a stale lock; or say who holds it.
+
+    Raises
+    ------
+    OSError
+        The lock file cannot be created or written (e.g. disk full).
+    """
+    token = uuid.uuid4().hex
+    stat = _proc_stat(os.getpid())
+    owner = {
+        "pid": os.getpid(),
+        "host": _HOST,
+        "boot_id": _boot_id(),
+        "start": stat[1] if stat else None,
+        "time": _now(),
+        "token": token,
+    }
+    last: dict = {}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            seen = _read_lock(path)
+            if seen is None:
+                continue  # released meanwhile
+            raw, holder, age = seen
+            last = holder or {}
+            if _lock_live(holder, age, timeout, path):
+                return _HeldBy(last)
+            _break_stale(path, raw)
+            continue
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(owner) + "\n")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        _HELD.add(str(path))
+        return _Lock(path, token, time.monotonic())
+    return _HeldBy(last)  # lost every race: someone else is busy with it
+
+
+# ---------------------------------------------------------------------------
+# progress reporters
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class _Reporter:
+    """Silent reporter; the base of the others. Methods never raise."""
+
+    def batch_start(self, total: int, out_dir: Path) -> None: ...
+    def slide_start(self, index: int, total: int, job: SlideJob, action: str, reason: str) -> None: ...
+    def stage(self, job: SlideJob, stage: str, fraction: float) -> None: ...
+    def slide_done(self, index: int, total: int, result: SlideResult) -> None: ...
+    def warning(self, message: str) -> None: ...
+    def batch_done(self, result: BatchResult) -> None: ...
+    def close(self) -> None: ...
+
+
+class _JsonReporter(_Reporter):
+    """JSON-lines events, one object per line, for logs and machines."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self._last_stage: tuple[str, str, float] | None = None  # (slide, stage, monotonic time)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        try:
+            self.stream.write(json.dumps({"event": event, "time": _now(), **fields}) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed log must not stop the batch
+
+    def batch_start(self, total, out_dir):
+        self._emit("batch_start", total=total, out_dir=str(out_dir))
+
+    def slide_start(self, index, total, job, action, reason):
+        self._emit("slide_start", slide=job.path, name=job.name, index=index, total=total, action=action, reason=reason)
+
+    def stage(self, job, stage, fraction):
+        now = time.monotonic()
+        last = self._last_stage
+        # Throttled: a new stage, a finished one, or once a second.
+        if last is None or last[:2] != (job.path, stage) or fraction >= 1.0 or now - last[2] >= _JSON_STAGE_INTERVAL_S:
+            self._last_stage = (job.path, stage, now)
+            self._emit("stage", slide=job.path, name=job.name, stage=stage, fraction=round(fraction, 4))
+
+    def slide_done(self, index, total, result):
+        self._emit(
+            "slide_done",
+            slide=result.job.path,
+            name=result.job.name,
+            index=index,
+            total=total,
+            status=result.status,
+            seconds=round(result.seconds, 3),
+            error=result.error,
+        )
+
+    def warning(self, message):
+        self._emit("warning", message=message)
+
+    def batch_done(self, result):
+        self._emit(
+            "batch_done",
+            **result.counts,
+            exit_code=result.exit_code,
+            seconds=round(result.seconds, 3),
+            status_csv=str(result.status_path),
+        )
+
+
+class _TqdmReporter(_Reporter):
+    """Two tqdm bars: slides (with ETA) and the current slide's stage."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self.overall: Any = None
+        self.stage_bar: Any = None
+        self._stage: str | None = None
+
+    def _safe(self, fn, *args, **kwargs) -> None:
+        with contextlib.suppress(Exception):
+            fn(*args, **kwargs)
+
+    def batch_start(self, total, out_dir):
+        from tqdm import tqdm
+
+        self.overall = tqdm(total=total, unit="slide", desc="slides", file=self.stream, position=0, dynamic_ncols=True)
+        self.stage_bar = tqdm(
+            total=100,
+            desc="",
+            file=self.stream,
+            position=1,
+            leave=False,
+            dynamic_ncols=True,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
+        )
+
+    def slide_start(self, index, total, job, action, reason):
+        if self.overall is not None:
+            self._safe(self.overall.set_postfix_str, job.name)
+
+    def stage(self, job, stage, fraction):
+        bar = self.stage_bar
+        if bar is None:
+            return
+        if stage != self._stage:
+            self._stage = stage
+            self._safe(bar.reset, total=100)
+            self._safe(bar.set_description_str, f"{job.name}: {stage}")
+        self._safe(setattr, bar, "n", round(100 * fraction))
+        self._safe(bar.refresh)
+
+    def slide_done(self, index, total, result):
+        if result.status == "failed" and self.overall is not None:
+            self._safe(self.overall.write, f"{result.job.name}: failed: {result.error}", file=self.stream)
+        if self.overall is not None:
+            self._safe(self.overall.update, 1)
+        self._stage = None
+
+    def warning(self, message):
+        if self.overall is not None:
+            self._safe(self.overall.write, f"warning: {message}", file=self.stream)
+
+    def batch_done(self, result):
+        c = result.counts
+        self.close()
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write(
+                f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped; status: {result.status_path}\n"
+            )
+
+    def close(self):
+        for bar in (self.stage_bar, self.overall):
+            if bar is not None:
+                self._safe(bar.close)
+        self.stage_bar = self.overall = None
+
+
+def _make_reporter(progress: str, stream: IO[str]) -> _Reporter:
+    if progress == "auto":
+        try:
+            progress = "tty" if stream.isatty() else "jsonl"
+        except (AttributeError, ValueError):
+            progress = "jsonl"
+    if progress == "tty":
+        return _TqdmReporter(stream)
+    if progress == "jsonl":
+        return _JsonReporter(stream)
+    if progress == "none":
+        return _Reporter()
+    raise ConfigError(f"progress must be 'auto', 'tty', 'jsonl' or 'none', got {progress!r}")
+
+
+def _progress_fn(reporter: _Reporter, job: SlideJob, lock: _Lock) -> ProgressFn:
+    guard = threading.Lock()  # the process function may report from worker threads
+
+    def progress(stage: str, fraction: float) -> None:
+        try:
+            f = float(fraction)
+            f = 0.0 if not math.isfinite(f) else min(max(f, 0.0), 1.0)
+            with guard:
+                lock.touch()
+                reporter.stage(job, str(stage), f)
+        except Exception:  # noqa: BLE001, S110 - reporting must never break the work
+            pass
+
+    return progress
+
+
+# ---------------------------------------------------------------------------
+# the batch
+
+
+class _StatusFile:
+    """``status.csv``, rewritten atomically; failures become warnings."""
+
+    def __init__(self, path: Path, jobs: list[SlideJob], reporter: _Reporter):
+        self.path = path
+        self.jobs = jobs
+        self.reporter = reporter
+        self._warned = False
+
+    def write(self, results: Sequence[SlideResult | None]) -> None:
+        rows = []
+        for job, r in zip(self.jobs, results):
+            if r is None:
+                rows.append((job.path, job.name, "pending", "", "", ""))
+            else:
+                rows.append((job.path, job.name, r.status, f"{r.seconds:.3f}", _one_line(r.error or ""), r.finished_at))
+        try:
+            with atomic_output(self.path, overwrite=True) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+                w = csv.writer(fh)
+                w.writerow(STATUS_COLUMNS)
+                w.writerows(rows)
+        except (OSError, WsisegError) as exc:
+            # A full disk must not stop the batch: say so (once) and go on.
+            if not self._warned:
+                self._warned = True
+                self.reporter.warning(f"cannot write {self.path}: {_describe_error(exc)}")
+
+
+def _describe_oserror(exc: OSError) -> str:
+    reason = exc.strerror or _one_line(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        reason = f"disk full: {reason}"
+    if exc.filename:
+        reason += f" ({os.fspath(exc.filename)})"
+    return reason
+
+
+def _describe_error(exc: BaseException) -> str:
+    """One line for a status row: user errors as they are, bugs as bugs."""
+    if isinstance(exc, WsisegError):
+        return _one_line(exc)
+    if isinstance(exc, OSError):
+        return _describe_oserror(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory (MemoryError)"
+    return f"internal error: {type(exc).__name__}: {_one_line(exc)}"
+
+
+def _check_jobs(jobs: list[SlideJob]) -> None:
+    seen: dict[str, str] = {}
+    for job in jobs:
+        if not isinstance(job, SlideJob):
+            raise ConfigError(f"run_batch needs SlideJob items, got {type(job).__name__}")
+        key = job.name.casefold()
+        if key in seen:
+            raise ConfigError(f"output name {job.name!r} is used by two slides: {seen[key]} and {job.path}")
+        if key in _RESERVED_NAMES:
+            raise ConfigError(f"output name {job.name!r} is reserved for wsiseg's own files", job.path)
+        seen[key] = job.path
+
+
+def _prepare_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WsisegError(f"cannot create output folder: {exc.strerror or exc}", out) from exc
+    if not out.is_dir():
+        raise WsisegError("output path exists and is not a folder", out)
+    if not os.access(out, os.W_OK):
+        raise WsisegError("output folder is not writable", out)
+
+
+def _run_one(
+    job: SlideJob,
+    index: int,
+    total: int,
+    out: Path,
+    process: ProcessFn,
+    reporter: _Reporter,
+    *,
+    fingerprint: str,
+    overwrite: bool,
+    lock_timeout: float,
+) -> SlideOutcome:
+    """Decide, lock, process and certify one slide. Only BaseExceptions escape."""
+    sfp = slide_fingerprint(fingerprint, job)
+    if overwrite:
+        done, why = False, "--overwrite"
+    else:
+        done, why = _done_state(job, out, fingerprint)
+    reporter.slide_start(index, total, job, "skip" if done else "process", why)
+    if done:
+        return SlideOutcome("skipped", error=DONE_REASON)
+    try:
+        lock = _acquire_lock(out / f"{job.name}{_LOCK_SUFFIX}", lock_timeout)
+    except OSError as exc:
+        return SlideOutcome("failed", error=f"cannot create lock file: {_describe_oserror(exc)}")
+    if isinstance(lock, _HeldBy):
+        return SlideOutcome("skipped", error=lock.describe())
+    try:
+        # Another run may have finished the slide between the check and the lock.
+        if not overwrite and _done_state(job, out, fingerprint)[0]:
+            return SlideOutcome("skipped", error=f"{DONE_REASON} (by another run)")
+        try:
+            # A stale certificate must not survive a redo that dies half-way.
+            _marker_path(out, job.name).unlink(missing_ok=True)
+            outcome = process(job, out, fingerprint=sfp, overwrite=True, progress=_progress_fn(reporter, job, lock))
+            if not isinstance(outcome, SlideOutcome):
+                raise TypeError(f"the process function returned {type(outcome).__name__}, not SlideOutcome")
+        except Exception as exc:  # noqa: BLE001 - any bug in one slide must not stop the batch
+            return SlideOutcome("failed", error=_describe_error(exc))
+        if outcome.status == "failed":
+            return dataclasses.replace(outcome, error=_one_line(outcome.error or "failed (no reason given)"))
+        if outcome.status == "ok":
+            try:
+                _write_marker(job, out, sfp, dict(outcome.outputs))
+            except WsisegError as exc:  # e.g. a reported output that does not exist
+                return SlideOutcome("failed", error=_describe_error(exc))
+            except OSError as exc:
+                return SlideOutcome("failed", error=f"cannot write done marker: {_describe_oserror(exc)}")
+        return outcome
+    finally:
+        lock.release()
+
+
+def run_batch(
+    jobs: Iterable[SlideJob],
+    out_dir: str | os.PathLike,
+    process: ProcessFn,
+    *,
+    fingerprint: str,
+    overwrite: bool = False,
+    progress: Literal["auto", "tty", "jsonl", "none"] = "auto",
+    stream: IO[str] | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> BatchResult:
+    """Run ``process`` on every slide, recording status and certifying results.
+
+    See the module docstring for resume, locking and error handling.
+
+    Parameters
+    ----------
+    jobs : iterable of SlideJob
+        Typically from :func:`expand_inputs`; names must be unique.
+    out_dir : path-like
+        Output folder; created if missing.
+    process : ProcessFn
+        The per-slide function.
+    fingerprint : str
+        :func:`make_fingerprint` of the model hash and resolved config.
+    overwrite : bool
+        Redo slides that are already done.
+    progress : {"auto", "tty", "jsonl", "none"}
+        Progress display on ``stream``.
+    stream : text stream, optional
+        Where progress goes; ``sys.stderr`` (at call time) by default.
+    lock_timeout : float
+        Seconds after which a lock from another host is considered stale.
+
+    Returns
+    -------
+    BatchResult
+        ``exit_code`` is 0 when no slide failed.
+
+    Raises
+    ------
+    WsisegError
+        The output folder cannot be created or written, or the jobs are
+        invalid (duplicate names), before any slide is attempted.
+    KeyboardInterrupt
+        After recording the current slide as interrupted.
+    """
+    stream = sys.stderr if stream is None else stream
+    jobs = list(jobs)
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise ConfigError("fingerprint must be a non-empty string")
+    if not (lock_timeout > 0):
+        raise ConfigError(f"lock timeout must be positive, got {lock_timeout!r}")
+    _check_jobs(jobs)
+    reporter = _make_reporter(progress, stream)
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+    status = _StatusFile(out / STATUS_FILE, jobs, reporter)
+    results: list[SlideResult | None] = [None] * len(jobs)
+    t_batch = time.monotonic()
+    total = len(jobs)
+    reporter.batch_start(total, out)
+    status.write(results)
+    try:
+        for i, job in enumerate(jobs):
+            t0 = time.monotonic()
+            try:
+                outcome = _run_one(
+                    job,
+                    i,
+                    total,
+                    out,
+                    process,
+                    reporter,
+                    fingerprint=fingerprint,
+                    overwrite=overwrite,
+                    lock_timeout=lock_timeout,
+                )
+            except BaseException as exc:  # Ctrl-C, SystemExit: record the truth, then let it go
+                reason = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else f"aborted ({type(exc).__name__})"
+                results[i] = SlideResult(job, SlideOutcome("failed", time.monotonic() - t0, reason), _now())
+                reporter.slide_done(i, total, results[i])
+                raise
+            results[i] = SlideResult(job, dataclasses.replace(outcome, seconds=time.monotonic() - t0), _now())
+            reporter.slide_done(i, total, results[i])
+            status.write(results)
+    except BaseException:
+        status.write(results)  # slides not reached stay "pending"
+        reporter.close()
+        raise
+    done = BatchResult([r for r in results if r is not None], out / STATUS_FILE, time.monotonic() - t_batch)
+    reporter.batch_done(done)
+    reporter.close()
+    return done
