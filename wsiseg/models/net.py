@@ -1,0 +1,433 @@
+"""The combined model: low-res view -> density -> grid -> deformed image -> logits.
+
+:class:`DeformSegNet` is the whole of Jin et al. (ICLR 2022) as one module:
+
+1. the deformation net sees the low-resolution view ``X_lr`` (``hd x wd``)
+   and predicts a density ``d``;
+2. the fixed Gaussian attraction (:class:`wsiseg.sampling.grid.DeformedGrid`)
+   turns ``d`` into a normalised sampling grid of ``h x w`` points;
+3. the pixels at those points form the deformed image ``X^`` (``h x w``);
+4. the segmenter turns ``X^`` into logits on the same ``h x w`` points.
+
+Where ``X^`` comes from is up to the caller. Training on tiles passes the
+high-resolution tile as a tensor and ``X^`` is sampled bilinearly, which is
+differentiable with respect to the grid, so the segmentation loss trains the
+deformation net. Whole-slide inference passes a callable
+``gather(grid) -> X^`` that reads the pixels from the slide pyramid
+(level-of-detail gather); no gradient flows through it.
+
+Images are float tensors in ``[0, 1]`` (``uint8`` is divided by 255); the
+module standardises them itself with ``image_mean``/``image_std``, so a
+checkpoint carries its own input convention and the gather callable returns
+raw pixels. Bilinear sampling is linear, so standardising before or after
+sampling is the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsiseg.models.deformation import DeformationNet
+from wsiseg.models.segmenter import ModelConfigError, build_segmenter
+from wsiseg.sampling.edges import edge_density, edge_target, uniform_density
+from wsiseg.sampling.grid import DeformedGrid
+from wsiseg.sampling.sample import downsample_labels, sample_image, sample_labels
+
+__all__ = ["DeformSegNet", "DeformSegOutput", "LowResPrediction", "SAMPLERS", "lowres_view"]
+
+#: Sampler kinds: the learned one and the paper's two baselines.
+SAMPLERS = ("learned", "uniform", "edge")
+
+#: ImageNet statistics: the usual convention of smp/timm encoders.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Gather = Callable[[torch.Tensor], Any]
+Source = torch.Tensor | Gather
+
+
+@dataclass
+class DeformSegOutput:
+    """Everything one forward pass produces.
+
+    Attributes
+    ----------
+    d : torch.Tensor
+        ``(B, 1, hd, wd)`` sampling density (sums to 1 per sample).
+    grid : torch.Tensor
+        ``(B, h, w, 2)`` normalised sampling grid, ``(x, y)`` in ``[0, 1]``.
+    image : torch.Tensor
+        ``(B, C, h, w)`` deformed image ``X^`` as sampled, before
+        standardisation (``[0, 1]``).
+    logits : torch.Tensor
+        ``(B, K, h, w)`` segmenter logits on the grid points.
+    labels : torch.Tensor or None
+        ``(B, h, w)`` labels read at the grid points (nearest), when labels
+        were given: the target of the segmentation loss.
+    labels_lr : torch.Tensor or None
+        ``(B, hd, wd)`` uniformly down-sampled labels, when labels were given.
+    edge_target : torch.Tensor or None
+        ``(B, 1, hd, wd)`` edge-loss target from ``labels_lr``, when labels
+        were given.
+    """
+
+    d: torch.Tensor
+    grid: torch.Tensor
+    image: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor | None = None
+    labels_lr: torch.Tensor | None = None
+    edge_target: torch.Tensor | None = None
+
+
+@dataclass
+class LowResPrediction:
+    """Prediction on the sampling grid (before reverse sampling).
+
+    Attributes
+    ----------
+    labels : torch.Tensor
+        ``(B, h, w)`` int64 argmax class per grid point.
+    probs : torch.Tensor
+        ``(B, K, h, w)`` float32 softmax probabilities.
+    grid : torch.Tensor
+        ``(B, h, w, 2)`` the grid the points sit on.
+    d : torch.Tensor
+        ``(B, 1, hd, wd)`` the density behind the grid.
+    """
+
+    labels: torch.Tensor
+    probs: torch.Tensor
+    grid: torch.Tensor
+    d: torch.Tensor
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)):
+        v = (v, v)
+    t = tuple(int(x) for x in v)
+    if len(t) != 2 or min(t) < 1:
+        raise ModelConfigError(f"{name} must be two positive integers (h, w), got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def _to_float_image(x) -> torch.Tensor:
+    """Tensor/array ``(B, C, h, w)`` -> float tensor in ``[0, 1]`` (uint8 / 255)."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected an image tensor or array, got {type(x).__name__}")
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    if not x.is_floating_point():
+        raise TypeError(f"images must be uint8 or floating point, got {x.dtype}")
+    return x
+
+
+def lowres_view(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Anti-aliased low-resolution view of an image batch (the ``X_lr`` of a tile).
+
+    Parameters
+    ----------
+    image : torch.Tensor
+        ``(B, C, H, W)`` float (or uint8, divided by 255).
+    size : (int, int)
+        ``(hd, wd)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, C, hd, wd)``: bilinear with anti-aliasing, pixel-centre
+        convention (``align_corners=False``), the same as reading the slide
+        pyramid at that scale.
+    """
+    image = _to_float_image(image)
+    hd, wd = _pair(size, "size")
+    if tuple(image.shape[-2:]) == (hd, wd):
+        return image
+    return F.interpolate(image, size=(hd, wd), mode="bilinear", align_corners=False, antialias=True)
+
+
+class DeformSegNet(nn.Module):
+    """Deformation net + Gaussian-attraction sampler + segmenter, trained jointly.
+
+    Parameters
+    ----------
+    segmenter : torch.nn.Module or dict
+        Maps ``(B, C, h, w)`` to logits ``(B, K, h, w)`` for the output size,
+        e.g. :func:`wsiseg.models.segmenter.build_segmenter`; or that
+        function's keyword arguments (as in :meth:`config`).
+    sampler : {"learned", "uniform", "edge"}, default "learned"
+        Where the density comes from. ``"learned"``: the
+        :class:`~wsiseg.models.deformation.DeformationNet`. ``"uniform"``:
+        constant (the plain down-sampling baseline). ``"edge"``: the
+        edge density of the uniformly down-sampled labels
+        (:func:`wsiseg.sampling.edges.edge_density`). The edge baseline
+        needs labels at inference too: it is an *oracle* baseline (paper
+        A.5, simulating a perfect edge detector), for comparisons only.
+        All three share the grid, the sampling and the segmenter code.
+    map_size : (int, int), default (64, 64)
+        ``(hd, wd)``: size of the low-resolution view and of ``d``.
+    out_size : (int, int), default (256, 256)
+        ``(h, w)``: size of the sampling grid, ``X^`` and the logits.
+    sigma : float, optional
+        Standard deviation of the attraction kernel in density-map nodes;
+        default ``max(hd, wd) / 8``. Wider kernels give smoother grids that
+        can pull samples from further away.
+    support : int, optional
+        Odd side of the kernel; default ``2 * ceil(2 * sigma) + 1``
+        (+-2 sigma; the kernel's mass beyond is under 5 %).
+    edge_radius : float, optional
+        Blur of the ``"edge"`` baseline's density in density-map nodes;
+        default ``max(hd, wd) / 32``. Unused by the other samplers.
+    in_channels : int, default 3
+        Image channels.
+    image_mean, image_std : sequence of float
+        Per-channel standardisation of ``[0, 1]`` images before both nets;
+        default ImageNet statistics.
+
+    Notes
+    -----
+    The kernel is a buffer of the sampler, never a parameter: parameters
+    are those of ``deform`` (learned sampler only) and ``segmenter``.
+    """
+
+    def __init__(
+        self,
+        segmenter: nn.Module | dict,
+        sampler: str = "learned",
+        map_size: Sequence[int] = (64, 64),
+        out_size: Sequence[int] = (256, 256),
+        sigma: float | None = None,
+        support: int | None = None,
+        edge_radius: float | None = None,
+        in_channels: int = 3,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ModelConfigError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
+        self.sampler = sampler
+        self.map_size = _pair(map_size, "map_size")
+        self.out_size = _pair(out_size, "out_size")
+        self.in_channels = int(in_channels)
+        self.sigma = float(sigma) if sigma is not None else max(self.map_size) / 8.0
+        if not self.sigma > 0:
+            raise ModelConfigError(f"sigma must be positive, got {sigma}")
+        self.support = int(support) if support is not None else 2 * math.ceil(2.0 * self.sigma) + 1
+        self.edge_radius = float(edge_radius) if edge_radius is not None else max(self.map_size) / 32.0
+        if not self.edge_radius > 0:
+            raise ModelConfigError(f"edge_radius must be positive, got {edge_radius}")
+        if len(image_mean) != self.in_channels or len(image_std) != self.in_channels or min(image_std) <= 0:
+            raise ModelConfigError(
+                f"image_mean/image_std need {self.in_channels} values (std > 0), got {image_mean}, {image_std}"
+            )
+        if isinstance(segmenter, dict):
+            segmenter = build_segmenter(**segmenter)
+        self.segmenter = segmenter
+        self.deform = DeformationNet(self.in_channels) if sampler == "learned" else None
+        try:
+            self.deformed_grid = DeformedGrid(self.sigma, self.support)
+        except ValueError as exc:
+            raise ModelConfigError(str(exc)) from exc
+        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    # -- configuration ---------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Hyper-parameters as a plain, JSON-able dict; see :meth:`from_config`.
+
+        ``"segmenter"`` holds :func:`build_segmenter`'s arguments when the
+        segmenter came from it (else ``None``: rebuild needs the module).
+        """
+        seg_cfg = self.segmenter.config() if hasattr(self.segmenter, "config") else None
+        return {
+            "sampler": self.sampler,
+            "map_size": list(self.map_size),
+            "out_size": list(self.out_size),
+            "sigma": self.sigma,
+            "support": self.support,
+            "edge_radius": self.edge_radius,
+            "in_channels": self.in_channels,
+            "image_mean": [float(v) for v in self.image_mean.flatten()],
+            "image_std": [float(v) for v in self.image_std.flatten()],
+            "segmenter": seg_cfg,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], segmenter: nn.Module | None = None) -> DeformSegNet:
+        """Rebuild an (untrained) net from :meth:`config`; load the weights after.
+
+        Parameters
+        ----------
+        config : dict
+            As returned by :meth:`config` (e.g. read back from JSON).
+        segmenter : torch.nn.Module, optional
+            Used instead of ``config["segmenter"]`` (required when that is ``None``).
+        """
+        cfg = dict(config)
+        seg = segmenter if segmenter is not None else cfg.pop("segmenter", None)
+        cfg.pop("segmenter", None)
+        if seg is None:
+            raise ModelConfigError("config has no segmenter spec; pass the segmenter module")
+        return cls(seg, **cfg)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes, when the segmenter says."""
+        return getattr(self.segmenter, "num_classes", None)
+
+    # -- pieces ------------------------------------------------------------
+    def standardise(self, image: torch.Tensor) -> torch.Tensor:
+        """``(image - mean) / std`` per channel, for ``[0, 1]`` images."""
+        image = _to_float_image(image)
+        mean = self.image_mean.to(device=image.device, dtype=image.dtype)
+        std = self.image_std.to(device=image.device, dtype=image.dtype)
+        return (image - mean) / std
+
+    def density(
+        self, x_lr: torch.Tensor | None, labels_lr: torch.Tensor | None = None, batch: int | None = None
+    ) -> torch.Tensor:
+        """The sampling density ``d (B, 1, hd, wd)`` of the configured sampler.
+
+        Parameters
+        ----------
+        x_lr : torch.Tensor or None
+            ``(B, C, hd, wd)`` low-resolution view in ``[0, 1]`` (needed by
+            the learned sampler).
+        labels_lr : torch.Tensor, optional
+            ``(B, hd, wd)`` down-sampled labels (needed by the edge sampler).
+        batch : int, optional
+            Batch size when neither input says.
+        """
+        hd, wd = self.map_size
+        if self.sampler == "learned":
+            if x_lr is None:
+                raise ValueError("the learned sampler needs the low-resolution view x_lr")
+            return self.deform(self.standardise(x_lr))
+        if self.sampler == "edge":
+            if labels_lr is None:
+                raise ValueError("the edge sampler is an oracle baseline: it needs labels, also at inference")
+            return edge_density(labels_lr, self.edge_radius)
+        b = x_lr.shape[0] if x_lr is not None else (batch or 1)
+        device = x_lr.device if x_lr is not None else self.image_mean.device
+        return uniform_density(b, hd, wd, device=device)
+
+    def grid(self, d: torch.Tensor) -> torch.Tensor:
+        """Sampling grid ``(B, h, w, 2)`` of a density ``(B, 1, hd, wd)``."""
+        return self.deformed_grid(d, out_size=self.out_size)
+
+    # -- forward -------------------------------------------------------------
+    def forward(
+        self,
+        x_lr: torch.Tensor | None,
+        source: Source,
+        labels: torch.Tensor | None = None,
+    ) -> DeformSegOutput:
+        """Run the whole model.
+
+        Parameters
+        ----------
+        x_lr : torch.Tensor or None
+            ``(B, C, hd, wd)`` low-resolution view, ``[0, 1]`` float or
+            uint8, exactly ``map_size``. ``None`` when ``source`` is a
+            tensor: then it is :func:`lowres_view` of it.
+        source : torch.Tensor or callable
+            Where the deformed image comes from. A tensor
+            ``(B, C, H, W)`` (the high-resolution tile, ``[0, 1]`` or
+            uint8) is sampled bilinearly with the grid, differentiably. A
+            callable ``gather(grid) -> X^`` gets the detached grid
+            ``(B, h, w, 2)`` and returns ``(B, C, h, w)`` pixels (tensor or
+            array, ``[0, 1]`` float or uint8); no gradient reaches the
+            deformation net through it (inference).
+        labels : torch.Tensor, optional
+            ``(B, H, W)`` integer labels on the same region as ``source``.
+            When given, the output carries the labels at the grid points,
+            the down-sampled labels and the edge target. Required by the
+            ``"edge"`` sampler.
+
+        Returns
+        -------
+        DeformSegOutput
+        """
+        hd, wd = self.map_size
+        is_tensor = isinstance(source, (torch.Tensor, np.ndarray))
+        if not is_tensor and not callable(source):
+            raise TypeError("source must be a (B, C, H, W) image tensor or a callable gather(grid)")
+        if is_tensor:
+            source = _to_float_image(source)
+            if source.ndim != 4 or source.shape[1] != self.in_channels:
+                raise ValueError(f"source image must be (B, {self.in_channels}, H, W), got {tuple(source.shape)}")
+            if x_lr is None:
+                x_lr = lowres_view(source, self.map_size)
+        if x_lr is not None:
+            x_lr = _to_float_image(x_lr)
+            if x_lr.ndim != 4 or tuple(x_lr.shape[-2:]) != (hd, wd) or x_lr.shape[1] != self.in_channels:
+                raise ValueError(
+                    f"x_lr must be (B, {self.in_channels}, {hd}, {wd}) (map_size), got {tuple(x_lr.shape)}"
+                )
+        if labels is not None and labels.ndim != 3:
+            raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
+
+        labels_lr = downsample_labels(labels, self.map_size) if labels is not None else None
+        batch = labels.shape[0] if labels is not None else None
+        d = self.density(x_lr, labels_lr, batch=batch)
+        grid = self.grid(d)
+
+        if is_tensor:
+            image = sample_image(source, grid)
+        else:
+            with torch.no_grad():
+                image = source(grid.detach())
+            image = _to_float_image(image).to(device=grid.device)
+            want = (grid.shape[0], self.in_channels, *self.out_size)
+            if tuple(image.shape) != want:
+                raise ValueError(f"gather returned {tuple(image.shape)}, expected {want}")
+        logits = self.segmenter(self.standardise(image))
+
+        out = DeformSegOutput(d=d, grid=grid, image=image, logits=logits)
+        if labels is not None:
+            out.labels = sample_labels(labels, grid)
+            out.labels_lr = labels_lr
+            out.edge_target = edge_target(labels_lr)
+        return out
+
+    @torch.no_grad()
+    def predict_lowres(
+        self,
+        x_lr: torch.Tensor | None,
+        source: Source,
+        labels: torch.Tensor | None = None,
+    ) -> LowResPrediction:
+        """Predict classes on the sampling grid (eval mode, no gradients).
+
+        Same arguments as :meth:`forward` (``labels`` only for the oracle
+        ``"edge"`` sampler). The module is switched to eval mode for the
+        call and restored afterwards.
+
+        Returns
+        -------
+        LowResPrediction
+            Argmax labels ``(B, h, w)``, softmax probabilities
+            ``(B, K, h, w)``, the grid and the density.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.forward(x_lr, source, labels=labels)
+        finally:
+            self.train(was_training)
+        probs = torch.softmax(out.logits.float(), dim=1)
+        return LowResPrediction(labels=probs.argmax(dim=1), probs=probs, grid=out.grid, d=out.d)
+
+    def extra_repr(self) -> str:
+        return f"sampler={self.sampler!r}, map_size={self.map_size}, out_size={self.out_size}"

@@ -1,0 +1,247 @@
+"""Segmenter factory over segmentation-models-pytorch (smp).
+
+Any smp architecture and encoder can segment the deformed image, chosen by
+name. Encoders are always built with ``encoder_weights=None``: nothing is
+downloaded, ever; trained weights come from wsiseg checkpoints.
+
+smp models need input sizes divisible by the encoder's output stride (32
+for most). The deformed image has whatever size the sampler was asked for
+(e.g. ``36 x 800``), so :class:`PaddedSegmenter` pads the input up to a
+multiple of the stride and crops the logits back.
+
+Sizes (float32 parameters, 3 classes, smp 0.6): unet/resnet18 14.3 M
+(57 MB), unet/mobilenet_v2 6.6 M (27 MB), unet/tu-mobilenetv3_small_100
+3.6 M (14 MB), fpn/mobilenet_v2 4.2 M (17 MB), deeplabv3plus/mobilenet_v2
+4.4 M (18 MB), pspnet/mobilenet_v2 2.3 M (9 MB), segformer/mit_b0 3.7 M
+(15 MB), linknet/tu-mobilenetv3_small_100 1.4 M (5 MB). Use
+:func:`count_parameters` for others.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsiseg.errors import ConfigError
+
+__all__ = [
+    "ModelConfigError",
+    "PaddedSegmenter",
+    "available_architectures",
+    "available_encoders",
+    "build_segmenter",
+    "count_parameters",
+]
+
+
+class ModelConfigError(ConfigError, ValueError):
+    """An unknown or unsupported model name or option.
+
+    A :class:`ValueError` for library callers and a
+    :class:`wsiseg.errors.ConfigError` for the CLI (one-line message).
+    """
+
+
+def _smp():
+    # Imported lazily: smp pulls in timm and torchvision (about a second).
+    import segmentation_models_pytorch as smp
+
+    return smp
+
+
+def available_architectures() -> list[str]:
+    """Names of the smp architectures, lower case (``"unet"``, ``"fpn"``, ...)."""
+    return sorted(_smp().MODEL_ARCHITECTURES_MAPPING)
+
+
+@functools.lru_cache(maxsize=1)
+def _native_encoders() -> tuple[str, ...]:
+    return tuple(_smp().encoders.get_encoder_names())
+
+
+def available_encoders() -> list[str]:
+    """Names of smp's native encoders.
+
+    Any timm model is also accepted as ``"tu-<timm name>"`` (e.g.
+    ``"tu-mobilenetv3_small_100"``), see ``timm.list_models()``.
+    """
+    return list(_native_encoders())
+
+
+def _check_encoder(encoder: str) -> None:
+    if encoder.startswith("tu-"):
+        import timm
+
+        if timm.is_model(encoder[3:]):
+            return
+        raise ModelConfigError(
+            f"unknown timm encoder {encoder!r}: {encoder[3:]!r} is not in timm.list_models(); "
+            f"native encoders: {', '.join(available_encoders())}"
+        )
+    if encoder not in _native_encoders():
+        raise ModelConfigError(
+            f"unknown encoder {encoder!r}; available: {', '.join(available_encoders())}, "
+            "or any timm model as 'tu-<name>'"
+        )
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of a module.
+
+    Multiply by 4 (float32) or 2 (float16) for the size of its weights.
+    """
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+class PaddedSegmenter(nn.Module):
+    """Run a segmentation model on any input size by padding and cropping.
+
+    The input is padded on all four sides (as evenly as possible, so the
+    content stays centred) to the next multiple of ``stride``, and the
+    logits are cropped back to the input size.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps ``(B, C, H, W)`` to ``(B, K, H, W)`` for ``H, W`` multiples of
+        ``stride``.
+    stride : int, optional
+        Size multiple the model needs; default ``model.encoder.output_stride``
+        when present, else 32.
+    pad_mode : {"reflect", "replicate", "constant"}, default "reflect"
+        How to pad. ``"reflect"`` falls back to ``"replicate"`` when the
+        padding is not smaller than the input (reflection needs it).
+    spec : dict, optional
+        The arguments that rebuild the model with :func:`build_segmenter`
+        (set by it); see :meth:`config`.
+
+    Notes
+    -----
+    Some decoders (e.g. PAN, PSPNet's pooling, the ASPP image pooling of
+    DeepLab in training mode with batch size 1) also need a minimum size
+    or batch; padding does not change that.
+    """
+
+    def __init__(
+        self, model: nn.Module, stride: int | None = None, pad_mode: str = "reflect", spec: dict | None = None
+    ):
+        super().__init__()
+        if pad_mode not in ("reflect", "replicate", "constant"):
+            raise ModelConfigError(f"pad_mode must be reflect, replicate or constant, got {pad_mode!r}")
+        if stride is None:
+            stride = int(getattr(getattr(model, "encoder", None), "output_stride", 32) or 32)
+        if stride < 1:
+            raise ModelConfigError(f"stride must be >= 1, got {stride}")
+        self.model = model
+        self.stride = int(stride)
+        self.pad_mode = pad_mode
+        self.spec = dict(spec) if spec else {}
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of output classes, when known."""
+        return self.spec.get("num_classes")
+
+    def config(self) -> dict[str, Any]:
+        """Plain, JSON-able arguments of :func:`build_segmenter` that rebuild this model."""
+        return {**self.spec, "pad_mode": self.pad_mode}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K, H, W)`` for an input ``(B, C, H, W)`` of any size."""
+        if x.ndim != 4:
+            raise ValueError(f"expected (B, C, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        if ph == 0 and pw == 0:
+            return self.model(x)
+        top, left = ph // 2, pw // 2
+        pad = (left, pw - left, top, ph - top)
+        mode = self.pad_mode
+        if mode == "reflect" and (max(pad[:2]) >= w or max(pad[2:]) >= h):
+            mode = "replicate"
+        y = self.model(F.pad(x, pad, mode=mode))
+        return y[..., top : top + h, left : left + w]
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad_mode={self.pad_mode!r}"
+
+
+def build_segmenter(
+    arch: str = "unet",
+    encoder: str = "resnet18",
+    num_classes: int = 2,
+    in_channels: int = 3,
+    *,
+    pad_mode: str = "reflect",
+    **kwargs: Any,
+) -> PaddedSegmenter:
+    """Build an smp segmentation model by name, offline, for any input size.
+
+    Parameters
+    ----------
+    arch : str, default "unet"
+        smp architecture (case-insensitive), see :func:`available_architectures`.
+    encoder : str, default "resnet18"
+        smp encoder, see :func:`available_encoders`, or ``"tu-<timm name>"``.
+    num_classes : int, default 2
+        Output channels (classes, background included).
+    in_channels : int, default 3
+        Input channels.
+    pad_mode : str, default "reflect"
+        See :class:`PaddedSegmenter`.
+    **kwargs
+        Passed to the smp model (e.g. ``decoder_channels``,
+        ``encoder_depth``). Must be JSON-able for :meth:`PaddedSegmenter.config`.
+
+    Returns
+    -------
+    PaddedSegmenter
+        Randomly initialised model; ``config()`` gives the arguments.
+
+    Raises
+    ------
+    ModelConfigError
+        (a :class:`ValueError`) for an unknown architecture or encoder, an
+        unsupported combination, or pretrained weights being asked for.
+
+    Examples
+    --------
+    >>> seg = build_segmenter("unet", "resnet18", num_classes=3)
+    >>> seg(torch.rand(1, 3, 36, 80)).shape
+    torch.Size([1, 3, 36, 80])
+    """
+    smp = _smp()
+    arch_key = str(arch).lower()
+    if arch_key not in smp.MODEL_ARCHITECTURES_MAPPING:
+        raise ModelConfigError(f"unknown architecture {arch!r}; available: {', '.join(available_architectures())}")
+    _check_encoder(str(encoder))
+    if kwargs.pop("encoder_weights", None) is not None:
+        raise ModelConfigError(
+            "pretrained encoder weights are never downloaded; build with encoder_weights=None "
+            "and load trained weights from a checkpoint"
+        )
+    if num_classes < 1 or in_channels < 1:
+        raise ModelConfigError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
+    try:
+        model = smp.create_model(
+            arch_key,
+            encoder_name=encoder,
+            encoder_weights=None,
+            in_channels=int(in_channels),
+            classes=int(num_classes),
+            **kwargs,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelConfigError(f"cannot build {arch_key} with encoder {encoder!r}: {exc}") from exc
+    spec = {
+        "arch": arch_key,
+        "encoder": str(encoder),
+        "num_classes": int(num_classes),
+        "in_channels": int(in_channels),
+        **kwargs,
+    }
+    return PaddedSegmenter(model, pad_mode=pad_mode, spec=spec)
