@@ -80,3 +80,24 @@ def test_not_ours_and_future_version(model_file, tmp_path):
     _rewrite_header(path, bump)
     with pytest.raises(ModelFileError, match="newer than this wsiseg"):
         read_metadata(path)
+
+
+def test_deformseg_round_trip_and_mismatches(tmp_path):
+    from wsiseg.models.io import load_deformseg, save_deformseg
+    from wsiseg.models.net import DeformSegNet
+    from wsiseg.output.classes import default_classes
+
+    torch.manual_seed(0)
+    seg = {"arch": "unet", "encoder": "resnet18", "num_classes": 3, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+    net = DeformSegNet(seg, map_size=(16, 16), out_size=(32, 32)).eval()
+    path = tmp_path / "m.safetensors"
+    save_deformseg(path, net, default_classes(3), extra={"training": {"epochs": 1}})
+    loaded = load_deformseg(path)
+    assert [c.value for c in loaded.classes] == [0, 1, 2]
+    assert loaded.metadata["training"]["epochs"] == 1
+    x = torch.rand(1, 3, 16, 16)
+    hr = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(net(x, hr).logits, loaded.net(x, hr).logits)
+    with pytest.raises(ModelFileError, match="predicts 3 classes"):
+        save_deformseg(tmp_path / "bad.safetensors", net, default_classes(2))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,3 +128,99 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def save_deformseg(
+    path: str | os.PathLike,
+    net,
+    classes,
+    *,
+    extra: dict | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Save a :class:`~wsiseg.models.net.DeformSegNet` as a wsiseg model file.
+
+    Parameters
+    ----------
+    path : path-like
+        Output ``.safetensors`` file.
+    net : DeformSegNet
+        The trained net; its :meth:`config` is stored so it can be rebuilt.
+    classes : sequence of ClassInfo
+        Class values, names and colours, in value order; their count must
+        match the segmenter's output channels.
+    extra : dict, optional
+        More metadata (training config, data hash, scores, ...).
+    """
+    from wsiseg.output.classes import ClassInfo
+    from wsiseg.output.report import versions
+
+    classes = [c if isinstance(c, ClassInfo) else ClassInfo(**c) for c in classes]
+    _check_classes(net, classes, path)
+    meta = {
+        "net": net.config(),
+        "classes": [{"value": c.value, "name": c.name, "color": list(c.color)} for c in classes],
+        "versions": versions(),
+        **(extra or {}),
+    }
+    return save_model(path, net.state_dict(), meta, overwrite=overwrite)
+
+
+@dataclass
+class LoadedModel:
+    """A model file loaded for inference.
+
+    Attributes
+    ----------
+    net : DeformSegNet
+        In eval mode on the requested device.
+    classes : list of ClassInfo
+    metadata : dict
+        Everything the file says (training config, scores, versions).
+    path : str
+    hash : str
+        :func:`file_hash` of the file (resume fingerprints, reports).
+    """
+
+    net: object
+    classes: list
+    metadata: dict
+    path: str
+    hash: str
+
+
+def load_deformseg(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a wsiseg model file into a ready-to-run DeformSegNet.
+
+    Raises
+    ------
+    ModelFileError
+        Not a wsiseg model, damaged, from a newer version, or its weights
+        or classes do not match its own configuration.
+    """
+    from wsiseg.errors import ConfigError
+    from wsiseg.models.net import DeformSegNet
+    from wsiseg.output.classes import ClassInfo
+
+    state, meta = load_model_file(path, device="cpu")
+    try:
+        net = DeformSegNet.from_config(meta["net"])
+        classes = [ClassInfo(int(c["value"]), str(c["name"]), tuple(int(v) for v in c["color"])) for c in meta["classes"]]
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise ModelFileError(f"model metadata is incomplete or invalid ({_first_line(exc)})", path) from exc
+    _check_classes(net, classes, path)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"weights do not match the model's configuration ({_first_line(exc)})", path) from exc
+    net.to(device).eval()
+    return LoadedModel(net=net, classes=classes, metadata=meta, path=os.fspath(path), hash=file_hash(path))
+
+
+def _check_classes(net, classes, path) -> None:
+    k = getattr(net, "num_classes", None)
+    if k is not None and k != len(classes):
+        raise ModelFileError(f"the model predicts {k} classes but {len(classes)} class names are given", path)
+    values = [c.value for c in classes]
+    if len(set(values)) != len(values) or any(not 0 <= v <= 255 for v in values):
+        raise ModelFileError(f"class values must be unique and in 0..255, got {values}", path)
