@@ -114,3 +114,100 @@ def convert_command(slide: str, out: str, overwrite: bool, chunk: int, ngff_vers
     path = convert_to_ngff(ms, out, overwrite=overwrite, chunk=chunk, ngff_version=ngff_version)
     mpp_text = "no MPP" if ms.mpp is None else f"{ms.mpp[0]:.6g} um/px"
     click.echo(f"wrote {path} ({ms.width}x{ms.height}, {mpp_text})")
+
+
+class _Size(click.ParamType):
+    """``WIDTHxHEIGHT`` -> ``(width, height)``, both positive."""
+
+    name = "WIDTHxHEIGHT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            a, b = (int(v) for v in str(value).lower().split("x"))
+        except ValueError:
+            self.fail(f"expected WIDTHxHEIGHT (e.g. 40000x30000), got {value!r}", param, ctx)
+        if a < 1 or b < 1:
+            self.fail(f"sizes must be positive, got {value!r}", param, ctx)
+        return a, b
+
+
+def _bench_common(f):
+    """Options shared by the benchmarks that build a synthetic slide."""
+    import os
+    import tempfile
+
+    f = click.option(
+        "--workdir",
+        type=click.Path(file_okay=False, path_type=str),
+        default=os.path.join(tempfile.gettempdir(), "wsiseg-bench"),
+        show_default=True,
+        help="Where synthetic slides are cached (by their parameters).",
+    )(f)
+    f = click.option(
+        "--source",
+        type=click.Path(exists=True, dir_okay=False, path_type=str),
+        default=None,
+        help="Real slide or RGB image to mirror-tile [default: CMU-1-Small-Region.svs of $WSISEG_SHARED_DATA "
+        "or ../shared/data].",
+    )(f)
+    f = click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True, help="Slide tile size.")(f)
+    f = click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
+                     show_default=True, help="Markdown file whose section is replaced.")(f)
+    return f
+
+
+def _bench_spec(size, source, tile):
+    from pathlib import Path
+
+    from wsiseg.bench import SlideSpec, default_source
+
+    return SlideSpec(width=size[0], height=size[1], source=Path(source) if source else default_source(), tile=tile)
+
+
+@main.group("bench")
+def bench_group() -> None:
+    """Benchmarks on large synthetic slides; results go to docs/benchmarks.md."""
+
+
+@bench_group.command("gather")
+@click.option("--size", default="40000x30000", show_default=True, type=_Size(), help="Slide WIDTHxHEIGHT.")
+@click.option("--samples", default="512x512", show_default=True, type=_Size(), help="Grid WIDTHxHEIGHT.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Cold runs per LOD gather.")
+@click.option("--bias", type=float, default=0.0, show_default=True, help="Level-of-detail bias (octaves).")
+@_bench_common
+def bench_gather_command(size, samples, repeats, bias, workdir, source, tile, out) -> None:
+    """Level-of-detail vs exact gather: time, chunks and pixels decoded."""
+    from wsiseg.bench import bench_gather, command_line, format_gather_section, write_section
+
+    result = bench_gather(
+        _bench_spec(size, source, tile), workdir, (samples[1], samples[0]), repeats=repeats, bias=bias, log=click.echo
+    )
+    click.echo(f"wrote {write_section(out, 'gather', format_gather_section(result, command_line()))}")
+
+
+@bench_group.command("convert")
+@click.option("--size", default="40000x30000", show_default=True, type=_Size(), help="Slide WIDTHxHEIGHT.")
+@click.option("--chunk", type=click.IntRange(min=16), default=512, show_default=True, help="OME-Zarr chunk size.")
+@_bench_common
+def bench_convert_command(size, chunk, workdir, source, tile, out) -> None:
+    """OME-Zarr conversion throughput (level-0 Mpx/s) on a synthetic slide."""
+    from wsiseg.bench import bench_convert, command_line, format_convert_section, write_section
+
+    result = bench_convert(_bench_spec(size, source, tile), workdir, chunk=chunk, log=click.echo)
+    click.echo(f"wrote {write_section(out, 'convert', format_convert_section(result, command_line()))}")
+
+
+@bench_group.command("all")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
+              show_default=True, help="Markdown file whose sections are replaced.")
+@click.pass_context
+def bench_all_command(ctx: click.Context, out: str) -> None:
+    """Run every benchmark with its defaults, writing each section of OUT."""
+    for name, cmd in sorted(bench_group.commands.items()):
+        if name == "all":
+            continue
+        click.echo(f"== bench {name}")
+        kwargs = {"out": out} if any(p.name == "out" for p in cmd.params) else {}
+        ctx.invoke(cmd, **kwargs)

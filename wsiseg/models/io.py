@@ -147,7 +147,8 @@ def save_deformseg(
     net : DeformSegNet
         The trained net; its :meth:`config` is stored so it can be rebuilt.
     classes : sequence of ClassInfo
-        Class values, names and colours, in value order; their count must
+        Class values, names and colours in *channel order*: output channel
+        ``i`` predicts label value ``classes[i].value``. Their count must
         match the segmenter's output channels.
     extra : dict, optional
         More metadata (training config, data hash, scores, ...).
