@@ -211,3 +211,59 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
         click.echo(f"== bench {name}")
         kwargs = {"out": out} if any(p.name == "out" for p in cmd.params) else {}
         ctx.invoke(cmd, **kwargs)
+
+
+@main.command("segment")
+@click.argument("slides", nargs=-1, required=True)
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=str), help="wsiseg model file.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str), help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are already complete.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision (default: on for CUDA).")
+@click.option("--regions", type=click.Choice(["tissue", "whole"]), default="tissue", show_default=True,
+              help="Sample per detected tissue region (biopsy core) or the whole slide at once.")
+@click.option("--tissue-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Tissue score threshold (default: Otsu).")
+@click.option("--size", "grid_size", type=_Size(), default=None,
+              help="Sampling grid WIDTHxHEIGHT per region (default: the model's, by the dynamic size rule).")
+@click.option("--long-side", type=click.IntRange(min=8), default=None,
+              help="Long-side cap of the dynamic size rule (default 4x the model's).")
+@click.option("--interp", type=click.Choice(["nearest", "linear"]), default="nearest", show_default=True,
+              help="Read-back: nearest grid node (paper) or bilinear class scores.")
+@click.option("--gather", "gather_mode", type=click.Choice(["lod", "exact"]), default="lod", show_default=True,
+              help="Level-of-detail pyramid reads, or bilinear at level 0 (paper).")
+@click.option("--lod-bias", type=float, default=0.0, show_default=True, help="Octaves added to the level choice.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Micrometres per level-0 pixel for every slide (a manifest's mpp column wins).")
+@click.option("--tile", type=click.IntRange(min=16), default=512, show_default=True, help="Output TIFF tile size.")
+@click.option("--geojson/--no-geojson", default=True, show_default=True, help="Write QuPath GeoJSON.")
+@click.option("--qc/--no-qc", default=True, show_default=True, help="Write the QC figure.")
+@click.option("--progress", type=click.Choice(["auto", "tty", "jsonl", "none"]), default="auto", show_default=True,
+              help="Progress bars on a terminal, JSON lines otherwise.")
+@click.pass_context
+def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, regions, tissue_threshold, grid_size,
+                    long_side, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, progress) -> None:
+    """Segment SLIDES (files, folders, globs or CSV manifests) into OUT.
+
+    Per slide: <name>.mask.tif (pyramidal BigTIFF label mask, opens in
+    QuPath/OpenSlide/ASAP), <name>.overlay.tif (colour overlay),
+    <name>.classes.json, <name>.geojson.gz (QuPath annotations),
+    <name>.qc.png and <name>.report.json; per batch status.csv and
+    report.csv. Every slide is attempted; finished slides are skipped on a
+    rerun with the same model and options. Exit code 0 only if no slide
+    failed, 1 otherwise, 2 for bad options, model or inputs.
+    """
+    from wsiseg.segment import SegmentOptions, run_segment
+
+    options = SegmentOptions(
+        regions=regions, tissue_threshold=tissue_threshold,
+        out_size=None if grid_size is None else (grid_size[1], grid_size[0]), long_side=long_side, interp=interp,
+        gather_mode=gather_mode, lod_bias=lod_bias, device=device, amp=amp, tile=tile, mpp=mpp, geojson=geojson, qc=qc,
+    )
+    result = run_segment(slides, model_path, out_dir, options, overwrite=overwrite, progress=progress)
+    counts = result.counts
+    click.echo(
+        f"{counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed "
+        f"-> {out_dir} (status.csv, report.csv)"
+    )
+    ctx.exit(result.exit_code)
