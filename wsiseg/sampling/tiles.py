@@ -8,9 +8,9 @@ coarse map to the tile's pixel centres (bilinear, continued linearly past the
 outermost coarse centres, so affine maps such as the uniform grid's are
 reproduced exactly) and reading the prediction at the nearest grid node.
 
-Constant tiles cost nothing: the grid nodes that can reach a tile are bounded
-from the coarse map (plus a one-node margin); if they all carry the same
-label the tile is that label, and the writer emits one pre-compressed
+Constant tiles cost nothing: the grid nodes that a tile's pixels read are
+bounded exactly from the interpolated map at a few breakpoints; if they all
+carry the same label the tile is that label, and the writer emits one pre-compressed
 constant tile. (This also holds for linear read-back: a convex combination
 of score vectors that share their argmax keeps it.) Mixed tiles are refined in blocks the same way, so per-pixel
 work is spent only along label boundaries.
@@ -21,7 +21,6 @@ with downsample ``s`` has its centre at level-0 ``(j + 0.5) * s``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,31 +111,35 @@ class RegionPrediction:
         idx = rows[:, j0] * (1 - fx) + rows[:, j1] * fx
         return idx[..., 0], idx[..., 1]
 
-    def node_range(self, x0: float, x1: float, y0: float, y1: float) -> tuple[int, int, int, int]:
-        """Grid nodes (inclusive row/col bounds) that level-0 span ``[x0, x1] x [y0, y1]`` can read.
+    def node_range(self, xs: np.ndarray, ys: np.ndarray, mode: str = "nearest") -> tuple[int, int, int, int]:
+        """Grid nodes (inclusive row/col bounds) that pixels at ``ys`` x ``xs`` read.
 
-        Bounded from the coarse map over the span plus one coarse cell and one
-        grid node of margin: conservative, never too small.
+        The interpolated index map is bilinear within each coarse cell (and
+        linear beyond the outer centres), so over the rectangle spanned by
+        the first and last pixel centres its extremes lie on the products of
+        the per-axis breakpoints: the span's ends and the coarse centres
+        inside it. Evaluating just those gives exact bounds.
         """
         x, y, bw, bh = self.box
         hc, wc = self.inverse.shape[:2]
         h, w = self.labels.shape
-        c0 = max(0, int(math.floor((x0 - x) / bw * wc - 0.5)) - 1)
-        c1 = min(wc - 1, int(math.ceil((x1 - x) / bw * wc - 0.5)) + 1)
-        r0 = max(0, int(math.floor((y0 - y) / bh * hc - 0.5)) - 1)
-        r1 = min(hc - 1, int(math.ceil((y1 - y) / bh * hc - 0.5)) + 1)
-        sub = self.inverse[r0 : r1 + 1, c0 : c1 + 1]
-        rows, cols = sub[..., 0], sub[..., 1]
-        return (
-            max(0, int(math.floor(rows.min())) - 1),
-            min(h - 1, int(math.ceil(rows.max())) + 1),
-            max(0, int(math.floor(cols.min())) - 1),
-            min(w - 1, int(math.ceil(cols.max())) + 1),
-        )
+        cxs = x + (np.arange(wc) + 0.5) * bw / wc
+        cys = y + (np.arange(hc) + 0.5) * bh / hc
+        px = np.concatenate([[xs[0], xs[-1]], cxs[(cxs > xs[0]) & (cxs < xs[-1])]])
+        py = np.concatenate([[ys[0], ys[-1]], cys[(cys > ys[0]) & (cys < ys[-1])]])
+        r, c = self.index_at(px, py)
+        eps = 1e-9
+        if mode == "nearest":
+            lo = lambda v: int(np.floor(v.min() + 0.5 - eps))  # noqa: E731
+            hi = lambda v: int(np.floor(v.max() + 0.5 + eps))  # noqa: E731
+        else:  # bilinear reads the two nodes around each index
+            lo = lambda v: int(np.floor(v.min() - eps))  # noqa: E731
+            hi = lambda v: int(np.ceil(v.max() + eps))  # noqa: E731
+        return max(0, lo(r)), min(h - 1, hi(r)), max(0, lo(c)), min(w - 1, hi(c))
 
-    def constant_label(self, x0: float, x1: float, y0: float, y1: float) -> int | None:
-        """The label if every node reachable from the span carries it, else ``None``."""
-        ra, rb, ca, cb = self.node_range(x0, x1, y0, y1)
+    def constant_label(self, xs: np.ndarray, ys: np.ndarray, mode: str = "nearest") -> int | None:
+        """The label if every node read by pixels at ``ys`` x ``xs`` carries it, else ``None``."""
+        ra, rb, ca, cb = self.node_range(xs, ys, mode)
         block = self.labels[ra : rb + 1, ca : cb + 1]
         first = block.flat[0]
         return int(first) if (block == first).all() else None
@@ -233,7 +236,7 @@ class ReverseTiler:
         return tile
 
     def _constant(self, reg, xs, ys):
-        return reg.constant_label(xs[0], xs[-1], ys[0], ys[-1])
+        return reg.constant_label(xs, ys, self.mode)
 
     def _fill(self, tile, reg, xs, ys, r0, r1, c0, c1):
         b = self.block

@@ -1,0 +1,283 @@
+"""Whole-slide segmentation: tile-wise reverse sampling and wsiseg segment on real slides."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import shutil
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import torch
+import zarr
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsiseg.cli import main
+from wsiseg.models.io import load_deformseg, save_deformseg
+from wsiseg.models.net import DeformSegNet
+from wsiseg.output.classes import default_classes
+from wsiseg.output.geojson import read_qupath_geojson
+from wsiseg.output.mask import mask_levels
+from wsiseg.sampling.coords import uniform_grid
+from wsiseg.sampling.grid import density_to_grid
+from wsiseg.sampling.reverse import reverse_sample
+from wsiseg.sampling.tiles import RegionPrediction, ReverseTiler, coarse_inverse
+from wsiseg.segment import SegmentOptions, region_sizes, segment_region, segment_slide
+from wsiseg.slide import open_slide
+
+SEG = {"arch": "unet", "encoder": "resnet18", "num_classes": 3, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+
+
+def render(tiler: ReverseTiler, width: int, height: int, tile: int, level: int = 0) -> np.ndarray:
+    """Assemble one level from the tiler, as the mask writer would call it."""
+    lv = mask_levels(width, height, tile)[level]
+    out = np.zeros((lv.height, lv.width), np.uint8)
+    for y in range(0, lv.height, tile):
+        for x in range(0, lv.width, tile):
+            w, h = min(tile, lv.width - x), min(tile, lv.height - y)
+            out[y : y + h, x : x + w] = tiler(lv, x, y, w, h)
+    return out
+
+
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 6), st.sampled_from([16, 32, 64]), st.integers(0, 10**6))
+@settings(deadline=None, max_examples=40)
+def test_uniform_grid_reads_back_as_nearest_upsampling(h, w, k, tile, seed):
+    labels = np.random.default_rng(seed).integers(0, 4, (h, w)).astype(np.uint8)
+    grid = uniform_grid(h, w, dtype=torch.float64)
+    reg = RegionPrediction((0, 0, w * k, h * k), labels, coarse_inverse(grid, (h * k, w * k)))
+    tiler = ReverseTiler([reg], w * k, h * k)
+    out = render(tiler, w * k, h * k, tile)
+    assert np.array_equal(out, np.repeat(np.repeat(labels, k, 0), k, 1))
+    assert tiler.counts[:4].tolist() == (np.bincount(labels.ravel(), minlength=4) * k * k).tolist()
+
+
+def test_deformed_grid_matches_in_memory_reverse_sampler():
+    torch.manual_seed(0)
+    d = (torch.rand(1, 1, 16, 16) ** 4 + 0.05).double()
+    grid = density_to_grid(d, 2.0, 7, out_size=(30, 40))
+    # Smooth labels (blobs), as a segmenter produces, so most tiles are constant.
+    yy, xx = np.mgrid[0:30, 0:40]
+    labels = (((yy - 15) ** 2 + (xx - 20) ** 2) < 80).astype(np.uint8) + (xx > 34)
+    W, H = 1000, 800
+    reg = RegionPrediction((0, 0, W, H), labels.astype(np.uint8), coarse_inverse(grid, (H, W)))
+    tiler = ReverseTiler([reg], W, H)
+    out = render(tiler, W, H, 128)
+    ref = reverse_sample(torch.from_numpy(labels).long()[None], grid, (H, W))[0].numpy()
+    assert (out == ref).mean() > 0.999
+    assert tiler.pixels_refined < 0.5 * W * H  # constant blocks skipped
+    # Skipping constant blocks is exact: the same as reading every pixel.
+    assert np.array_equal(out, reg.read(np.arange(W) + 0.5, np.arange(H) + 0.5))
+
+
+def test_regions_and_background_and_constant_tiles():
+    a = RegionPrediction((0, 0, 50, 50), np.full((5, 5), 2, np.uint8), coarse_inverse(uniform_grid(5, 5), (50, 50)))
+    b = RegionPrediction((100, 20, 40, 60), np.full((6, 4), 1, np.uint8), coarse_inverse(uniform_grid(6, 4), (60, 40)))
+    tiler = ReverseTiler([a, b], 200, 100, background=0)
+    lv = mask_levels(200, 100, 32)[0]
+    assert tiler(lv, 0, 0, 32, 32) == 2  # inside region a: one constant tile
+    assert tiler(lv, 160, 0, 32, 32) == 0  # outside every region
+    out = render(tiler, 200, 100, 32)
+    expect = np.zeros((100, 200), np.uint8)
+    expect[0:50, 0:50] = 2
+    expect[20:80, 100:140] = 1
+    assert np.array_equal(out, expect)
+    # A reduced level is computed at its own scale, by pixel centres.
+    lv1 = render(tiler, 200, 100, 32, level=1)
+    assert np.array_equal(lv1, expect[::2, ::2][: lv1.shape[0], : lv1.shape[1]])
+
+
+def test_region_sizes_follow_dynamic_rule():
+    # A long thin core gets a long thin grid; the map keeps the model's ratio.
+    (h, w), (hd, wd) = region_sizes(368 * 10, 7986 * 10, (80, 80), (40, 40), long_side=800)
+    assert (h, w) == (36, 800) and (hd, wd) == (18, 400)
+    (h, w), _ = region_sizes(5000, 5000, (64, 64), (32, 32))
+    assert (h, w) == (64, 64)
+    (h, w), _ = region_sizes(20, 30, (64, 64), (32, 32))  # never more samples than pixels
+    assert h <= 20 and w <= 30
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    net = DeformSegNet(SEG, map_size=(32, 32), out_size=(64, 64)).eval()
+    save_deformseg(path, net, default_classes(3))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uniform_model_file(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("model") / "uniform.safetensors"
+    net = DeformSegNet(SEG, sampler="uniform", map_size=(32, 32), out_size=(64, 64)).eval()
+    save_deformseg(path, net, default_classes(3))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cmu_run(slides_dir, model_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seg")
+    model = load_deformseg(model_file)
+    outputs = segment_slide(str(slides_dir / "CMU-1-Small-Region.svs"), model, out, "cmu", SegmentOptions())
+    return out, outputs
+
+
+def test_mask_opens_everywhere_with_slide_geometry(cmu_run, slides_dir):
+    out, outputs = cmu_run
+    src = openslide.OpenSlide(str(slides_dir / "CMU-1-Small-Region.svs"))
+    mask = openslide.OpenSlide(str(out / outputs["mask"]))
+    assert mask.dimensions == src.dimensions
+    assert mask.level_count == len(mask_levels(*src.dimensions, 512))
+    assert float(mask.properties["openslide.mpp-x"]) == pytest.approx(float(src.properties["openslide.mpp-x"]), 1e-4)
+    with tifffile.TiffFile(out / outputs["mask"]) as tif:
+        assert tif.is_bigtiff
+        level0 = tif.pages[0].asarray()
+        assert level0.dtype == np.uint8 and level0.shape == (src.dimensions[1], src.dimensions[0])
+        assert set(np.unique(level0)) <= {0, 1, 2}
+        z = zarr.open(tif.pages[0].aszarr(), mode="r")
+        assert np.array_equal(z[100:200, 300:400], level0[100:200, 300:400])
+    overlay = openslide.OpenSlide(str(out / outputs["overlay"]))
+    assert overlay.dimensions == src.dimensions
+
+
+def test_report_areas_add_up(cmu_run, slides_dir):
+    out, outputs = cmu_run
+    report = json.loads((out / outputs["report"]).read_text())
+    with tifffile.TiffFile(out / outputs["mask"]) as tif:
+        level0 = tif.pages[0].asarray()
+    counts = np.bincount(level0.ravel(), minlength=3)
+    assert [a["pixels"] for a in report["class_areas"]] == counts[:3].tolist()
+    mpp = report["mpp"][0]
+    assert report["class_areas"][1]["area_um2"] == pytest.approx(counts[1] * mpp * report["mpp"][1])
+    assert 0 < report["fraction_sampled"] < 0.01
+    assert report["model_hash"] and report["status"] == "ok"
+    assert set(report["timings"]) >= {"open", "regions", "sample+segment", "mask", "total"}
+    assert report["regions"] and all(len(r) == 4 for r in report["regions"])
+    assert "label" not in json.dumps(report["outputs"])  # associated images never copied
+
+
+def test_geojson_rasterises_back_onto_mask(cmu_run):
+    from skimage.draw import polygon2mask
+
+    out, outputs = cmu_run
+    with tifffile.TiffFile(out / outputs["mask"]) as tif:
+        level0 = tif.pages[0].asarray()
+    with gzip.open(out / outputs["geojson"], "rt") as f:
+        fc = json.load(f)
+    assert fc["type"] == "FeatureCollection" and fc["features"]
+    shapes = read_qupath_geojson(out / outputs["geojson"])
+    names = {c.name: c.value for c in default_classes(3)}
+    ds = 4  # compare on a 4x reduced raster of level-0 pixel centres
+    h, w = level0.shape[0] // ds, level0.shape[1] // ds
+    raster = np.zeros((h, w), np.uint8)
+    for name, geom in shapes:
+        polys = getattr(geom, "geoms", [geom])
+        for p in polys:
+            ext = np.asarray(p.exterior.coords) / ds - 0.5
+            m = polygon2mask((h, w), ext[:, ::-1])
+            for hole in p.interiors:
+                m &= ~polygon2mask((h, w), (np.asarray(hole.coords) / ds - 0.5)[:, ::-1])
+            raster[m] = names[name]
+    ref = level0[ds // 2 :: ds, ds // 2 :: ds][:h, :w]
+    assert (raster == ref).mean() > 0.95
+
+
+def test_qc_png_written(cmu_run):
+    from PIL import Image
+
+    out, outputs = cmu_run
+    with Image.open(out / outputs["qc"]) as im:
+        assert im.size[0] > 500 and im.mode in ("RGB", "RGBA")
+
+
+def test_uniform_model_mask_is_nearest_upsampling(slides_dir, uniform_model_file, tmp_path):
+    # boxes.tiff is 300 x 250: a 60 x 50 grid is an integer factor of 5.
+    model = load_deformseg(uniform_model_file)
+    options = SegmentOptions(regions="whole", out_size=(50, 60), geojson=False, qc=False)
+    outputs = segment_slide(str(slides_dir / "boxes.tiff"), model, tmp_path, "boxes", options)
+    ms = open_slide(slides_dir / "boxes.tiff")
+    res = segment_region(ms, (0, 0, 300, 250), model, options, torch.device("cpu"))
+    with tifffile.TiffFile(tmp_path / outputs["mask"]) as tif:
+        level0 = tif.pages[0].asarray()
+    assert np.array_equal(level0, np.repeat(np.repeat(res.prediction.labels, 5, 0), 5, 1))
+
+
+def _segment(args):
+    return CliRunner().invoke(main, ["segment", *args], catch_exceptions=False)
+
+
+def test_cli_batch_resume_and_failures(slides_dir, model_file, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(slides_dir / "boxes.tiff", src / "boxes.tiff")
+    shutil.copy(slides_dir / "small.svs", src / "small.svs")
+    data = (slides_dir / "boxes.tiff").read_bytes()
+    (src / "cut.tiff").write_bytes(data[: len(data) // 3])  # truncated slide
+    out = tmp_path / "out"
+    args = [str(src), "--model", str(model_file), "--out", str(out), "--progress", "none", "--no-qc"]
+    r = _segment(args)
+    assert r.exit_code == 1, r.output
+    status = {row.split(",")[1]: row.split(",")[2] for row in (out / "status.csv").read_text().splitlines()[1:]}
+    assert status == {"boxes": "ok", "small": "ok", "cut": "failed"}
+    assert not list(out.glob("cut.*.tif"))  # nothing presented as complete
+    assert (out / "report.csv").read_text().count("\n") == 4
+
+    (src / "cut.tiff").unlink()
+    mtime = (out / "boxes.mask.tif").stat().st_mtime_ns
+    r = _segment(args)
+    assert r.exit_code == 0, r.output
+    assert "2 skipped" in r.output
+    assert (out / "boxes.mask.tif").stat().st_mtime_ns == mtime
+    # Changed options redo the slides.
+    r = _segment([*args, "--interp", "linear"])
+    assert r.exit_code == 0 and "2 ok" in r.output
+    assert (out / "boxes.mask.tif").stat().st_mtime_ns != mtime
+
+
+def test_cli_refuses_bad_model_before_work(slides_dir, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 100)
+    r = CliRunner().invoke(main, ["segment", str(slides_dir / "boxes.tiff"), "--model", str(junk), "--out",
+                                  str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert str(junk) in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_edge_sampler_model_is_refused(slides_dir, tmp_path):
+    path = tmp_path / "edge.safetensors"
+    save_deformseg(path, DeformSegNet(SEG, sampler="edge", map_size=(32, 32), out_size=(64, 64)), default_classes(3))
+    r = CliRunner().invoke(main, ["segment", str(slides_dir / "boxes.tiff"), "--model", str(path), "--out",
+                                  str(tmp_path / "o")])
+    assert r.exit_code == 2 and "oracle" in r.stderr
+
+
+def test_disk_full_mid_write_fails_slide_and_batch_goes_on(slides_dir, model_file, tmp_path, monkeypatch):
+    import wsiseg.output.mask as mask_mod
+
+    real = mask_mod.write_label_pyramid
+    calls = {"n": 0}
+
+    def flaky(path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            def failing_source(level, x0, y0, w, h, _src=a[2]):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, a[0], a[1], failing_source, **kw)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(mask_mod, "write_label_pyramid", flaky)
+    out = tmp_path / "out"
+    r = _segment([str(slides_dir / "boxes.tiff"), str(slides_dir / "small.svs"), "--model", str(model_file),
+                  "--out", str(out), "--progress", "none", "--no-qc", "--no-geojson"])
+    assert r.exit_code == 1
+    rows = (out / "status.csv").read_text()
+    assert "No space left on device" in rows
+    assert not (out / "boxes.mask.tif").exists()
+    assert (out / "small.mask.tif").exists()
+    assert not list(out.glob(".*tmp*"))
