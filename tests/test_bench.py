@@ -1,0 +1,56 @@
+"""Benchmark plumbing: markdown sections and a tiny end-to-end `wsiseg bench gather`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from wsiseg.bench import deformed_points, uniform_points, write_section
+from wsiseg.cli import main
+from wsiseg.errors import WsisegError
+
+
+def test_write_section_creates_replaces_and_keeps_others(tmp_path):
+    md = tmp_path / "docs" / "b.md"
+    write_section(md, "gather", "one")
+    write_section(md, "convert", "two")
+    write_section(md, "gather", "three\nlines")
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert "one" not in text and text.count("<!-- bench:gather -->") == 1
+    assert "<!-- bench:gather -->\nthree\nlines\n<!-- /bench:gather -->" in text
+    assert "<!-- bench:convert -->\ntwo\n<!-- /bench:convert -->" in text
+    assert text.index("bench:gather") < text.index("bench:convert")  # replaced in place
+    md.write_text("x\n<!-- bench:gather -->\nno end\n")
+    with pytest.raises(WsisegError):
+        write_section(md, "gather", "y")
+
+
+def test_grids():
+    u = uniform_points(4, 8, 800.0, 400.0)
+    assert u.shape == (4, 8, 2)
+    np.testing.assert_allclose(u[0, :, 0], (np.arange(8) + 0.5) * 100)
+    d = deformed_points(64, 64, 1000.0, 1000.0)
+    dx = np.diff(d[0, :, 0])
+    assert np.all(dx > 0) and dx.min() < 0.05 * dx.max()  # monotone, dense in the middle
+    assert np.argmin(dx) in (31, 32)
+
+
+def test_cli_bench_gather_small(slides_dir, tmp_path):
+    out = tmp_path / "bench.md"
+    args = [
+        "bench", "gather", "--size", "1200x900", "--samples", "40x30", "--repeats", "1", "--tile", "128",
+        "--workdir", str(tmp_path / "work"), "--out", str(out), "--source", str(slides_dir / "CMU-1-Small-Region.svs"),
+    ]  # fmt: skip
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert "written in" in first.output
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    assert "reused" in second.output  # cached by parameters
+    text = out.read_text()
+    assert text.count("<!-- bench:gather -->") == 1
+    for row in ("| uniform | lod |", "| uniform | exact |", "| deformed | lod |", "| deformed | exact |"):
+        assert row in text
+    assert "40 x 30 (w x h) samples" in text
