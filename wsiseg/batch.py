@@ -131,6 +131,7 @@ from typing import IO, Any, Literal, Protocol
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.slide.open import has_dicom_magic
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
@@ -357,15 +358,8 @@ def _dicom_files(p: Path) -> bool:
         return False
     if any(f.suffix.lower() == ".dcm" for f in files):
         return True
-    for f in files[:_DICOM_MAGIC_PROBE]:  # DICOM files often have no extension
-        try:
-            with open(f, "rb") as fh:
-                fh.seek(128)
-                if fh.read(4) == b"DICM":
-                    return True
-        except OSError:
-            continue
-    return False
+    # DICOM files often have no extension
+    return any(has_dicom_magic(f) for f in files[:_DICOM_MAGIC_PROBE])
 
 
 def _has_slide_files(p: Path) -> bool:

@@ -298,14 +298,19 @@ def _find_dicom_file(folder: Path) -> Path | None:
         if f.suffix.lower() == ".dcm" and f.stat().st_size > 0:
             return f
     for f in files[:1000]:  # DICOM files often have no extension
-        try:
-            with open(f, "rb") as fh:
-                fh.seek(128)
-                if fh.read(4) == b"DICM":
-                    return f
-        except OSError:
-            continue
+        if has_dicom_magic(f):
+            return f
     return None
+
+
+def has_dicom_magic(path: Path) -> bool:
+    """True when a file carries the DICOM preamble magic ``DICM`` at byte 128."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------
