@@ -267,3 +267,139 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
         f"-> {out_dir} (status.csv, report.csv)"
     )
     ctx.exit(result.exit_code)
+
+
+class _HxW(click.ParamType):
+    """``HxW`` (or a single ``N`` for ``NxN``) -> ``(height, width)``, both positive."""
+
+    name = "HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).lower().split("x")
+        try:
+            hw = tuple(int(v) for v in parts) * (2 if len(parts) == 1 else 1)
+        except ValueError:
+            hw = ()
+        if len(hw) != 2 or min(hw) < 1:
+            self.fail(f"expected HEIGHTxWIDTH of positive integers (e.g. 64x64), got {value!r}", param, ctx)
+        return hw
+
+
+@main.command("train")
+@click.argument("data", type=click.Path(exists=True, path_type=str))
+@click.option("--classes", "classes_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Classes YAML (names, values, colours, aliases, ignored names).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Output folder: model.safetensors, checkpoint.safetensors, log.csv, curves.png.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="Training options YAML; the options below override it.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Number of epochs [default: 50].")
+@click.option("--out-size", type=_HxW(), default=None, help="Sampling grid / deformed image HxW [default: 64x64].")
+@click.option("--map-size", type=_HxW(), default=None, help="Low-res view / density HxW [default: 32x32].")
+@click.option("--hr-size", type=_HxW(), default=None, help="Working-resolution region HxW [default: 512x512].")
+@click.option("--sampler", type=click.Choice(["learned", "uniform", "edge"]), default=None,
+              help="Learned deformation, or the uniform / oracle edge baselines [default: learned].")
+@click.option("--loss", type=click.Choice(["focal", "ce"]), default=None, help="Segmentation loss [default: focal].")
+@click.option("--gamma-edge", type=click.FloatRange(min=0), default=None, help="Edge-loss weight [default: 100].")
+@click.option("--arch", default=None, help="smp architecture [default: unet].")
+@click.option("--encoder", default=None, help="smp encoder or tu-<timm model> [default: resnet18].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size [default: 4].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate [default: 1e-3].")
+@click.option("--patience", type=click.IntRange(min=0), default=None,
+              help="Early stopping after N epochs without improvement, 0 = never [default: 10].")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Fraction of pairs held out for validation [default: 0.2].")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Random seed [default: 0].")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps [default: auto].")
+@click.option("--ignore-unmapped", is_flag=True, help="Annotation classes missing from --classes become ignored.")
+@click.option("--value-names", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="Label-mask value -> class name table (CSV, e.g. BCSS GTcodes.csv).")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its checkpoint (its options by default).")
+@click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a previous run.")
+def train_command(data, classes_path, out_dir, config_path, epochs, out_size, map_size, hr_size, sampler, loss,
+                  gamma_edge, arch, encoder, batch_size, lr, patience, val_fraction, seed, device, ignore_unmapped,
+                  value_names, resume, overwrite) -> None:
+    """Train a model on DATA (a folder of image/annotation pairs or a CSV).
+
+    Deformation and segmentation nets are trained jointly (Jin et al.,
+    ICLR 2022). Options come from the defaults, then the --resume
+    checkpoint, then --config, then the options given here. The best model
+    by validation mIoU (full resolution) is OUT/model.safetensors, ready for
+    `wsiseg segment --model`.
+    """
+    from wsiseg.annotations import load_class_map
+    from wsiseg.data import build_dataset, dataset_hash, load_pairs, split_pairs
+    from wsiseg.train import TrainConfig, check_output_dir, load_train_config, read_checkpoint_config, train
+
+    check_output_dir(out_dir, resume=resume, overwrite=overwrite)  # fail before reading any data
+    options: dict = dict(read_checkpoint_config(out_dir) or {}) if resume else {}
+    if config_path:
+        options.update(load_train_config(config_path))
+    given = {
+        "epochs": epochs, "out_size": out_size, "map_size": map_size, "hr_size": hr_size, "sampler": sampler,
+        "loss": loss, "gamma_edge": gamma_edge, "arch": arch, "encoder": encoder, "batch_size": batch_size, "lr": lr,
+        "patience": patience, "val_fraction": val_fraction, "seed": seed, "device": device,
+    }
+    options.update({k: v for k, v in given.items() if v is not None})
+    cfg = TrainConfig.from_dict(options)
+
+    class_map = load_class_map(classes_path)
+    pairs = load_pairs(data)
+    train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
+    if not train_pairs:
+        raise WsisegError("no training pairs after the train/validation split", data)
+
+    def dataset(ps):
+        return build_dataset(ps, class_map, hr_size=cfg.hr_size, regions=cfg.regions, seed=cfg.seed,
+                             ignore_unmapped=ignore_unmapped, value_names=value_names)
+
+    train_ds = dataset(train_pairs)
+    val_ds = dataset(val_pairs) if val_pairs else None
+    click.echo(f"{len(train_pairs)} training pairs ({len(train_ds)} regions), "
+               f"{len(val_pairs)} validation pairs ({len(val_ds) if val_ds else 0} regions)")
+    result = train(cfg, train_ds, val_ds, class_map.to_classes(), out_dir, resume=resume, overwrite=overwrite,
+                   data_hash=dataset_hash(pairs), log=click.echo)
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    click.echo(
+        f"model: {result.model_path} (epoch {result.best_epoch} of {result.epochs}; val mIoU full-res "
+        f"{fmt(result.best_val_miou_full)}, deformed {fmt(result.best_val_miou_deformed)})"
+    )
+
+
+@main.command("demo")
+@click.option("--out", "out_dir", default="wsiseg-demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=str), help="Output folder.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
+@click.option("--overwrite", is_flag=True, help="Redo the demo even if its outputs exist.")
+@click.pass_context
+def demo_command(ctx, out_dir, device, overwrite) -> None:
+    """Segment the built-in demo slide with the shipped demo model.
+
+    The demo slide is an 8192 x 6144 pyramidal JPEG BigTIFF built from a real
+    CC0 H&E region (CMU-1, OpenSlide test data). Prints where the outputs are
+    and how to open them in QuPath.
+    """
+    from pathlib import Path
+
+    from wsiseg.demo import demo_model, demo_slide
+    from wsiseg.segment import SegmentOptions, run_segment
+
+    model = demo_model()
+    slide = demo_slide(out_dir)
+    result = run_segment([str(slide)], model, out_dir, SegmentOptions(device=device), overwrite=overwrite)
+    name = result.results[0].job.name
+    out = Path(out_dir).resolve()
+    click.echo(f"\nDemo slide: {slide.resolve()}")
+    for suffix in (".mask.tif", ".overlay.tif", ".geojson.gz", ".qc.png", ".report.json"):
+        click.echo(f"  {out / (name + suffix)}")
+    click.echo(
+        "Open in QuPath: File > Open the demo slide, then drag the .geojson.gz onto the viewer to import the "
+        "segmentation as classified annotations. The .mask.tif and .overlay.tif open as images in QuPath, "
+        "OpenSlide and ASAP."
+    )
+    ctx.exit(result.exit_code)
