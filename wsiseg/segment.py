@@ -241,13 +241,16 @@ def _gather_dict(stats) -> dict:
 
 
 def find_regions(ms: Multiscale, options: SegmentOptions) -> tuple[list[tuple[int, int, int, int]], int | None]:
-    """Level-0 boxes to segment and the tissue pixel count (None for whole-slide runs)."""
-    from wsiseg.slide.tissue import detect_tissue, tissue_regions
+    """Level-0 boxes to segment (the same regions training uses) and the tissue pixel count.
+
+    The tissue count is ``None`` for whole-slide runs.
+    """
+    from wsiseg.slide.tissue import detect_tissue, slide_regions
 
     if options.regions == "whole":
         return [(0, 0, ms.width, ms.height)], None
     tissue = detect_tissue(ms, threshold=options.tissue_threshold)
-    regions = tissue_regions(tissue)
+    regions = slide_regions(ms, "tissue", tissue=tissue)
     tissue_px = int(round(tissue.mask.sum() * tissue.downsample[0] * tissue.downsample[1]))
     return [(r.x, r.y, r.width, r.height) for r in regions], tissue_px
 

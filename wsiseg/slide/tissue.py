@@ -13,6 +13,7 @@ half-open integer level-0 rectangles.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -21,8 +22,10 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import color, filters, measure, morphology
 
-from wsiseg.errors import ConfigError
+from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.slide.multiscale import Multiscale
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TissueMask", "Region", "detect_tissue", "tissue_score", "tissue_regions", "whole_region", "OTSU_CLIP"]
 
@@ -369,3 +372,36 @@ def _merge_boxes(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int,
                 out.append(b)
         boxes = out
     return boxes
+
+
+def slide_regions(
+    ms: Multiscale,
+    regions: str = "tissue",
+    *,
+    threshold: float | None = None,
+    tissue: TissueMask | None = None,
+) -> list[Region]:
+    """The regions a slide is cut into, shared by training and inference.
+
+    Parameters
+    ----------
+    ms : Multiscale
+        The slide.
+    regions : {"tissue", "whole"}
+        ``"tissue"``: :func:`tissue_regions` of :func:`detect_tissue` (one
+        box per biopsy core); a slide where no tissue is found is one
+        whole-slide region (logged). ``"whole"``: the whole slide.
+    threshold : float, optional
+        Tissue score threshold override for :func:`detect_tissue`.
+    tissue : TissueMask, optional
+        An already computed tissue mask (saves detecting it twice).
+    """
+    if regions == "whole":
+        return [whole_region(ms)]
+    if regions != "tissue":
+        raise WsisegError(f"regions must be 'tissue' or 'whole', got {regions!r}")
+    found = tissue_regions(tissue if tissue is not None else detect_tissue(ms, threshold=threshold))
+    if not found:
+        logger.warning("%s: no tissue found; using the whole slide as one region", ms.path)
+        return [whole_region(ms)]
+    return found

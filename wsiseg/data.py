@@ -1,0 +1,805 @@
+"""Training data: image/annotation pairs -> fixed-size region items.
+
+A dataset is a list of :class:`TrainingPair` (an image and its annotation),
+found in a folder or listed in a CSV (:func:`load_pairs`). Slides are cut
+into the **same tissue regions that inference uses** (:func:`slide_regions`:
+:func:`~wsiseg.slide.tissue.detect_tissue` then
+:func:`~wsiseg.slide.tissue.tissue_regions` with their defaults); plain
+images (PNG/JPEG tiles such as NuCLS) are one region each.
+:func:`build_dataset` makes one item per (pair, region).
+
+Working resolution
+------------------
+Each region (a level-0 box ``bw x bh``) is read at the downsample
+``t = max(bw / W, bh / H, 1)`` for ``hr_size = (H, W)``: the largest raster
+with the box's aspect ratio that fits ``hr_size``, never upsampled (small
+images keep their native resolution). The raster is
+``(round(bh / t), round(bw / t))``. Pixels come from the coarsest pyramid
+level not coarser than ``t`` (never level 0 of a pyramid when a reduced level
+will do), block-averaged by the integer part of the remaining factor
+(lazily, chunk by chunk, so a single-level gigapixel slide is never loaded
+whole), then anti-aliased (Gaussian, ``sigma = (s - 1) / 2`` for the
+residual factor ``s < 2``) and bilinearly sampled at the raster's pixel
+centres (:mod:`wsiseg.sampling.coords`). At ``t = 1`` on level 0 this is an
+exact copy. Labels are produced for the same box and raster, by pixel-centre
+rasterisation or nearest reads (:meth:`wsiseg.annotations.Annotation.labels`),
+so image and labels align exactly.
+
+Padding
+-------
+Items are padded to ``hr_size`` so they batch: the working raster sits at the
+top-left, the image is padded with white (255, like glass) and the labels
+with :data:`~wsiseg.annotations.IGNORE_INDEX` (255), so padding never
+contributes to the loss. ``item["size"]`` holds the unpadded ``(h, w)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from wsiseg.annotations import (
+    IGNORE_INDEX,
+    MASK_SUFFIXES,
+    VECTOR_SUFFIXES,
+    Annotation,
+    ClassMap,
+    load_annotation,
+)
+from wsiseg.batch import SLIDE_EXTENSIONS
+from wsiseg.errors import WsisegError
+from wsiseg.slide import Multiscale, open_slide
+from wsiseg.slide.tissue import Region, slide_regions, whole_region
+
+__all__ = [
+    "PLAIN_IMAGE_SUFFIXES",
+    "RegionDataset",
+    "RegionItem",
+    "TrainingPair",
+    "augment",
+    "build_dataset",
+    "dataset_hash",
+    "load_pairs",
+    "read_region",
+    "slide_regions",
+    "split_pairs",
+    "working_shape",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Images read whole with Pillow, one region each.
+PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_SPLITS = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}  # fmt: skip
+_LABEL_DIRS = ("labels", "masks", "annotations", "label", "mask", "gt")
+_MASK_STEM_SUFFIXES = ("_mask", "_masks", "_label", "_labels", "_annotation", "_annotations", "_gt",
+                       "-mask", "-masks", "-label", "-labels", ".mask", ".labels", ".label")  # fmt: skip
+_MIB = 1 << 20
+
+
+# ---------------------------------------------------------------------------
+# pairs
+
+
+@dataclass(frozen=True)
+class TrainingPair:
+    """An image (slide or plain image) and its annotation.
+
+    Attributes
+    ----------
+    image : str
+        Slide or image path.
+    annotation : str
+        Annotation path (QuPath GeoJSON, ASAP XML or label mask).
+    split : str or None
+        ``"train"``, ``"val"`` or ``"test"``; None lets :func:`split_pairs` decide.
+    mpp : float or None
+        Micrometres per level-0 pixel, overriding the slide's own.
+    downsample : float or None
+        Label masks: level-0 pixels per mask pixel (default 1).
+    """
+
+    image: str
+    annotation: str
+    split: str | None = None
+    mpp: float | None = None
+    downsample: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The image's file name without its extension(s)."""
+        return _stem(Path(self.image))
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suffix in (".ome.tiff", ".ome.tif", ".geojson.gz", ".json.gz", ".ome.zarr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return p.stem
+
+
+def _suffix(p: Path) -> str:
+    name = p.name.lower()
+    return name[len(_stem(p)) :]
+
+
+def _norm_split(value: str | None, where: str | os.PathLike) -> str | None:
+    if value is None or not str(value).strip():
+        return None
+    s = _SPLITS.get(str(value).strip().lower())
+    if s is None:
+        raise WsisegError(f"split must be train, val or test, got {value!r}", where)
+    return s
+
+
+def load_pairs(source: str | os.PathLike) -> list[TrainingPair]:
+    """Find image/annotation pairs in a folder or a CSV file.
+
+    CSV
+        Header ``image,annotation`` plus optional ``split``, ``mpp``,
+        ``downsample`` columns; relative paths resolve against the CSV's
+        folder; every listed file must exist.
+    Folder with ``images/`` and ``labels/`` (or ``masks/``, ``annotations/``)
+        NuCLS style: ``images/NAME.png`` pairs with ``labels/NAME.*``.
+    Flat folder
+        Files grouped by stem: ``X.svs`` + ``X.geojson`` / ``X.xml`` /
+        ``X.png`` / ``X_mask.tif`` ... Vector files and names ending in
+        ``_mask``, ``_labels`` (and similar) are annotations; otherwise, of
+        two rasters with one stem, the less image-like one (slide formats,
+        then TIFF and JPEG, then PNG) is the label mask (``X.svs`` + ``X.tif``,
+        ``X.tif`` + ``X.png``); a tie is an error. Images without an
+        annotation are skipped (logged).
+    Folder of split folders
+        ``train/``, ``val/`` (``validation/``), ``test/`` subfolders, each
+        one of the above; their pairs get that ``split``.
+
+    Parameters
+    ----------
+    source : path-like
+
+    Returns
+    -------
+    list of TrainingPair
+        Sorted by image path (folders) or in file order (CSV).
+
+    Raises
+    ------
+    WsisegError
+        Missing source, bad CSV rows, ambiguous pairs, or no pairs at all
+        (naming ``source``).
+    """
+    src = Path(source)
+    if not src.exists():
+        raise WsisegError("dataset source not found", src)
+    if src.is_file():
+        if src.suffix.lower() != ".csv":
+            raise WsisegError("dataset source must be a folder or a .csv file", src)
+        pairs = _pairs_from_csv(src)
+    else:
+        pairs = _pairs_from_folder(src, split=None)
+        if not pairs:
+            for sub in sorted(p for p in src.iterdir() if p.is_dir() and p.name.lower() in _SPLITS):
+                pairs.extend(_pairs_from_folder(sub, split=_SPLITS[sub.name.lower()]))
+    if not pairs:
+        raise WsisegError(
+            "no image/annotation pairs found (expected X.svs + X.geojson/.xml/.png, images/ + labels/, "
+            "or a CSV with image,annotation columns)",
+            src,
+        )
+    return pairs
+
+
+def _pairs_from_csv(path: Path) -> list[TrainingPair]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise WsisegError(f"cannot read pairs CSV: {exc}", path) from exc
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise WsisegError("pairs CSV is empty", path)
+    header = [c.strip().lower() for c in rows[0]]
+    if "image" not in header or "annotation" not in header:
+        raise WsisegError(f"pairs CSV header needs 'image' and 'annotation' columns, got {rows[0]}", path)
+    known = {"image", "annotation", "split", "mpp", "downsample"}
+    unknown = [c for c in header if c not in known]
+    if unknown:
+        raise WsisegError(f"pairs CSV has unknown columns {unknown} (known: {sorted(known)})", path)
+    out = []
+    for line, row in enumerate(rows[1:], start=2):
+        rec = dict(zip(header, (c.strip() for c in row)))
+
+        def err(msg: str, line: int = line) -> WsisegError:
+            return WsisegError(f"line {line}: {msg}", path)
+
+        files = {}
+        for col in ("image", "annotation"):
+            if not rec.get(col):
+                raise err(f"empty {col}")
+            p = Path(rec[col]).expanduser()
+            p = p if p.is_absolute() else path.parent / p
+            if not p.exists():
+                raise err(f"{col} not found: {p}")
+            files[col] = str(p)
+        nums = {}
+        for col in ("mpp", "downsample"):
+            v = rec.get(col) or ""
+            if not v:
+                nums[col] = None
+                continue
+            try:
+                nums[col] = float(v)
+            except ValueError:
+                raise err(f"{col} must be a number, got {v!r}") from None
+            if not (math.isfinite(nums[col]) and nums[col] > 0):
+                raise err(f"{col} must be positive, got {v!r}")
+        try:
+            split = _norm_split(rec.get("split"), path)
+        except WsisegError as exc:
+            raise err(exc.message) from None
+        out.append(TrainingPair(files["image"], files["annotation"], split, nums["mpp"], nums["downsample"]))
+    return out
+
+
+def _is_image(p: Path) -> bool:
+    s = _suffix(p)
+    if p.is_dir():
+        return s.endswith(".zarr")
+    return s in SLIDE_EXTENSIONS or s in PLAIN_IMAGE_SUFFIXES or s in (".ome.tif", ".ome.tiff")
+
+
+def _is_annotation(p: Path) -> bool:
+    return p.is_file() and (_suffix(p) in VECTOR_SUFFIXES or _suffix(p) in MASK_SUFFIXES)
+
+
+def _image_rank(p: Path) -> int:
+    """Higher is more image-like: slide formats > TIFF, JPEG > PNG."""
+    s = _suffix(p)
+    if s == ".png":
+        return 0
+    if s in (".tif", ".tiff", ".jpg", ".jpeg"):
+        return 1
+    return 2
+
+
+def _pairs_from_folder(folder: Path, split: str | None) -> list[TrainingPair]:
+    entries = {p.name.lower(): p for p in folder.iterdir() if not p.name.startswith(".")}
+    img_dir = entries.get("images")
+    lab_dir = next((entries[d] for d in _LABEL_DIRS if d in entries and entries[d].is_dir()), None)
+    if img_dir is not None and img_dir.is_dir() and lab_dir is not None:
+        return _pairs_from_subfolders(img_dir, lab_dir, split)
+    groups: dict[str, dict[str, list[Path]]] = {}
+    for p in sorted(entries.values()):
+        stem = _stem(p)
+        low = stem.lower()
+        mask_suffix = next((s for s in _MASK_STEM_SUFFIXES if low.endswith(s) and len(low) > len(s)), None)
+        if _is_annotation(p) and (_suffix(p) in VECTOR_SUFFIXES or mask_suffix):
+            key = stem[: -len(mask_suffix)] if mask_suffix else stem
+            groups.setdefault(key, {"img": [], "ann": []})["ann"].append(p)
+        elif _is_image(p):
+            groups.setdefault(stem, {"img": [], "ann": []})["img"].append(p)
+    pairs = []
+    for key, g in sorted(groups.items()):
+        imgs, anns = sorted(g["img"], key=_image_rank, reverse=True), g["ann"]
+        if not anns and len(imgs) == 2 and _image_rank(imgs[0]) > _image_rank(imgs[1]) and _suffix(imgs[1]) in MASK_SUFFIXES:
+            imgs, anns = imgs[:1], imgs[1:]
+        if len(imgs) == 1 and len(anns) == 1:
+            pairs.append(TrainingPair(str(imgs[0]), str(anns[0]), split))
+        elif len(imgs) > 1 or len(anns) > 1:
+            names = ", ".join(p.name for p in imgs + anns)
+            raise WsisegError(f"ambiguous pair for {key!r}: {names} (list the pairs in a CSV instead)", folder)
+        elif imgs:
+            logger.info("%s: no annotation for %s, skipped", folder, imgs[0].name)
+    return pairs
+
+
+def _pairs_from_subfolders(img_dir: Path, lab_dir: Path, split: str | None) -> list[TrainingPair]:
+    labels: dict[str, list[Path]] = {}
+    for p in lab_dir.iterdir():
+        if _is_annotation(p) and not p.name.startswith("."):
+            labels.setdefault(_stem(p), []).append(p)
+    pairs = []
+    for img in sorted(p for p in img_dir.iterdir() if _is_image(p) and not p.name.startswith(".")):
+        found = labels.get(_stem(img), [])
+        if len(found) > 1:
+            raise WsisegError(f"several labels for {img.name}: {', '.join(sorted(p.name for p in found))}", lab_dir)
+        if found:
+            pairs.append(TrainingPair(str(img), str(found[0]), split))
+        else:
+            logger.info("%s: no label for %s, skipped", lab_dir, img.name)
+    return pairs
+
+
+# ---------------------------------------------------------------------------
+# splits and hashes
+
+
+def split_pairs(
+    pairs: Sequence[TrainingPair], val_fraction: float, seed: int = 0
+) -> tuple[list[TrainingPair], list[TrainingPair]]:
+    """Split pairs (whole slides, never regions: no leakage) into train and val.
+
+    Pairs with an explicit ``split`` keep it (``"test"`` pairs go to neither
+    list). The others are ordered by a hash of ``(seed, image file name)``,
+    and the first ``round(val_fraction * n)`` go to val: the assignment does
+    not depend on the order of ``pairs``, and adding a pair moves at most one
+    other. With ``0 < val_fraction < 1`` and at least two undecided pairs,
+    each side gets at least one.
+
+    Returns
+    -------
+    (train, val) : lists of TrainingPair
+        In the order of ``pairs``.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise WsisegError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    free = [i for i, p in enumerate(pairs) if p.split is None]
+    n_val = round(val_fraction * len(free))
+    if val_fraction > 0 and len(free) >= 2:
+        n_val = min(max(n_val, 1), len(free) - 1)
+
+    def key(i: int) -> tuple[str, str]:
+        p = pairs[i]
+        return hashlib.sha256(f"{seed}\0{Path(p.image).name}\0{p.image}".encode()).hexdigest(), p.image
+
+    val_idx = set(sorted(free, key=key)[:n_val])
+    train = [p for i, p in enumerate(pairs) if p.split == "train" or (p.split is None and i not in val_idx)]
+    val = [p for i, p in enumerate(pairs) if p.split == "val" or i in val_idx]
+    return train, val
+
+
+def _file_digest(path: Path, *, whole: bool) -> dict[str, Any]:
+    """Name, size and a SHA-256 of the content (whole, or first and last MiB)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        listing = [(str(p.relative_to(path)), p.stat().st_size) for p in files]
+        return {"name": path.name, "files": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if whole or size <= 2 * _MIB:
+            for block in iter(lambda: fh.read(_MIB), b""):
+                h.update(block)
+        else:
+            h.update(fh.read(_MIB))
+            fh.seek(size - _MIB)
+            h.update(fh.read(_MIB))
+    return {"name": path.name, "size": size, "sha256": h.hexdigest()}
+
+
+def dataset_hash(pairs: Sequence[TrainingPair]) -> str:
+    """Fingerprint of a dataset's content, for provenance and caches.
+
+    SHA-256 over, for every pair in a canonical order: the image's file name,
+    size and a SHA-256 of its first and last MiB (whole-slide images are
+    gigabytes; headers and the end of the tile data differ between slides);
+    the annotation's file name and the SHA-256 of its whole content (small,
+    and every edit matters); and ``split``, ``mpp``, ``downsample``. Folders
+    (OME-Zarr, DICOM) contribute their file names and sizes. Paths and
+    modification times are left out, so a copied dataset hashes the same.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    records = []
+    for p in pairs:
+        try:
+            rec = {
+                "image": _file_digest(Path(p.image), whole=False),
+                "annotation": _file_digest(Path(p.annotation), whole=True),
+                "split": p.split,
+                "mpp": p.mpp,
+                "downsample": p.downsample,
+            }
+        except OSError as exc:
+            raise WsisegError(f"cannot hash dataset file: {exc.strerror or exc}", exc.filename or p.image) from exc
+        records.append(json.dumps(rec, sort_keys=True))
+    h = hashlib.sha256()
+    for r in sorted(records):
+        h.update(r.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# reading regions
+
+
+def _open_image(path: str, mpp: float | None) -> Multiscale:
+    """A slide via :func:`open_slide`, or a plain image (PNG/JPEG) as a one-level Multiscale."""
+    if _suffix(Path(path)) not in PLAIN_IMAGE_SUFFIXES:
+        return open_slide(path, mpp=mpp)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                arr = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError as exc:
+        raise WsisegError("image not found", path) from exc
+    except Exception as exc:  # decoder errors: one line naming the file
+        raise WsisegError(f"cannot read image: {' '.join(str(exc).split())}", path) from exc
+    chunk = max(256, min(4096, max(arr.shape[:2])))
+    return Multiscale.from_arrays([arr], path=path, mpp=mpp, chunks=chunk, vendor="image", reader="pillow")
+
+
+def working_shape(box: Region, hr_size: tuple[int, int]) -> tuple[int, int]:
+    """``(h, w)`` of the working raster of ``box``: fits ``hr_size``, same aspect, never upsampled."""
+    H, W = hr_size
+    t = max(box.width / W, box.height / H, 1.0)
+    return max(1, min(H, round(box.height / t))), max(1, min(W, round(box.width / t)))
+
+
+def _linear_taps(coords: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices and weight of 1-D linear interpolation at ``coords`` (centres at integers), border replicated."""
+    c = np.clip(coords, 0, size - 1)
+    i0 = np.floor(c).astype(np.int64)
+    i1 = np.minimum(i0 + 1, size - 1)
+    return i0, i1, (c - i0).astype(np.float32)
+
+
+def read_region(ms: Multiscale, box: Region, out_shape: tuple[int, int]) -> np.ndarray:
+    """RGB of a level-0 box resampled to ``out_shape`` (area-like downsampling).
+
+    Output pixel ``(i, j)`` is the image around the level-0 point
+    ``(box.x + (j + 0.5) * box.width / w, box.y + (i + 0.5) * box.height / h)``,
+    the same points at which labels are sampled. See the module docstring for
+    the level choice and the filtering.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(h, w, 3)`` uint8.
+    """
+    h, w = (int(s) for s in out_shape)
+    tx, ty = box.width / w, box.height / h
+    lv = ms.levels[ms.level_for_downsample(min(tx, ty))]
+    dx, dy = lv.downsample
+    if (dx, dy) == (1.0, 1.0) and (box.width, box.height) == (w, h):
+        # Native resolution: an exact copy.
+        return np.asarray(lv.array[box.y : box.y1, box.x : box.x1].compute())
+    fx, fy = max(1, math.floor(tx / dx)), max(1, math.floor(ty / dy))
+    # Crop (in level pixels) with a margin for the filter, aligned to the block size.
+    x0 = max(0, math.floor(box.x / dx) - 2 * fx)
+    y0 = max(0, math.floor(box.y / dy) - 2 * fy)
+    x1 = min(lv.width, math.ceil(box.x1 / dx) + 2 * fx)
+    y1 = min(lv.height, math.ceil(box.y1 / dy) + 2 * fy)
+    crop = lv.array[y0:y1, x0:x1]
+    if fx > 1 or fy > 1:
+        import dask.array as da
+
+        pad_y, pad_x = -(y1 - y0) % fy, -(x1 - x0) % fx
+        if pad_y or pad_x:
+            crop = da.pad(crop, ((0, pad_y), (0, pad_x), (0, 0)), mode="edge")
+        crop = da.coarsen(np.mean, crop.astype(np.float32), {0: fy, 1: fx})
+    a = np.asarray(crop.compute(), dtype=np.float32)
+    # Residual factor in [1, 2): Gaussian anti-aliasing as skimage.transform.resize does.
+    sx, sy = tx / (dx * fx), ty / (dy * fy)
+    sigma = (max(0.0, (sy - 1) / 2), max(0.0, (sx - 1) / 2), 0.0)
+    if sigma[0] > 0 or sigma[1] > 0:
+        a = ndi.gaussian_filter(a, sigma, mode="nearest")
+    # Output centres -> block-array index coordinates (centres at integers).
+    u = ((box.x + (np.arange(w) + 0.5) * tx) / dx - x0) / fx - 0.5
+    v = ((box.y + (np.arange(h) + 0.5) * ty) / dy - y0) / fy - 0.5
+    c0, c1, wc = _linear_taps(u, a.shape[1])
+    r0, r1, wr = _linear_taps(v, a.shape[0])
+    rows = a[r0] * (1 - wr)[:, None, None] + a[r1] * wr[:, None, None]
+    out = rows[:, c0] * (1 - wc)[None, :, None] + rows[:, c1] * wc[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------
+# dataset
+
+
+@dataclass(frozen=True)
+class RegionItem:
+    """One dataset item: a region of one pair at a working resolution.
+
+    Attributes
+    ----------
+    pair : int
+        Index into :attr:`RegionDataset.pairs`.
+    name : str
+        ``NAME`` for single-region images, ``NAME#k`` for region ``k`` of a slide.
+    box : Region
+        Level-0 box.
+    shape : (int, int)
+        Working raster ``(h, w)`` before padding (fits ``hr_size``).
+    """
+
+    pair: int
+    name: str
+    box: Region
+    shape: tuple[int, int]
+
+    @property
+    def downsample(self) -> float:
+        """Level-0 pixels per working pixel (along x; y differs only by rounding)."""
+        return self.box.width / self.shape[1]
+
+
+class RegionDataset(torch.utils.data.Dataset):
+    """Fixed-size (image, labels) items, one per (pair, region).
+
+    Built by :func:`build_dataset`. Each item is a dict:
+
+    ``image``
+        ``(3, H, W)`` uint8 tensor, ``(H, W) = hr_size``, padding white.
+    ``labels``
+        ``(H, W)`` int64 tensor, class values, 255 = ignore (padding too).
+    ``name``
+        str (see :class:`RegionItem`).
+    ``box``
+        ``(x, y, w, h)`` level-0 box.
+    ``downsample``
+        float, level-0 pixels per working pixel.
+    ``size``
+        ``(h, w)`` of the unpadded working raster.
+
+    Slides are opened lazily in each process (so the dataset pickles to
+    DataLoader workers); items are cached in memory after the first read
+    when ``cache`` is true (datasets are small). With ``augmentation`` set,
+    :func:`augment` is applied with a generator seeded by
+    ``(seed, epoch, index)``: reproducible whatever the number of workers.
+    Call :meth:`set_epoch` each epoch.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[TrainingPair],
+        items: Sequence[RegionItem],
+        annotations: Sequence[Annotation],
+        class_map: ClassMap,
+        *,
+        hr_size: tuple[int, int],
+        seed: int = 0,
+        cache: bool = True,
+        augmentation: Mapping[str, Any] | None = None,
+    ):
+        self.pairs = list(pairs)
+        self.items = list(items)
+        self.annotations = list(annotations)
+        self.class_map = class_map
+        self.hr_size = (int(hr_size[0]), int(hr_size[1]))
+        self.seed = int(seed)
+        self.cache = bool(cache)
+        self.augmentation = dict(augmentation) if augmentation else None
+        self.epoch = 0
+        self._slides: dict[int, Multiscale] = {}
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_slides"] = {}  # reopened in the worker
+        return state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch number for the augmentation seed."""
+        self.epoch = int(epoch)
+
+    def slide(self, pair: int) -> Multiscale:
+        """The opened image of pair ``pair`` (opened once per process)."""
+        ms = self._slides.get(pair)
+        if ms is None:
+            p = self.pairs[pair]
+            ms = self._slides[pair] = _open_image(p.image, p.mpp)
+        return ms
+
+    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Padded ``(H, W, 3)`` uint8 image and ``(H, W)`` uint8 labels of item ``index`` (no augmentation)."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        it = self.items[index]
+        rgb = read_region(self.slide(it.pair), it.box, it.shape)
+        lab = self.annotations[it.pair].labels(it.box, it.shape)
+        H, W = self.hr_size
+        image = np.full((H, W, 3), 255, dtype=np.uint8)
+        labels = np.full((H, W), IGNORE_INDEX, dtype=np.uint8)
+        h, w = it.shape
+        image[:h, :w] = rgb
+        labels[:h, :w] = lab
+        if self.cache:
+            self._cache[index] = (image, labels)
+        return image, labels
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        it = self.items[index]
+        image_np, labels_np = self.arrays(index)
+        image = torch.from_numpy(np.ascontiguousarray(image_np.transpose(2, 0, 1)))
+        labels = torch.from_numpy(labels_np.astype(np.int64))
+        if self.augmentation:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            image, labels = augment(image, labels, rng, **self.augmentation)
+        return {
+            "image": image,
+            "labels": labels,
+            "name": it.name,
+            "box": (it.box.x, it.box.y, it.box.width, it.box.height),
+            "downsample": float(it.downsample),
+            "size": it.shape,
+        }
+
+    def __repr__(self) -> str:
+        return f"RegionDataset({len(self.pairs)} pairs, {len(self)} items, hr_size={self.hr_size})"
+
+
+def build_dataset(
+    pairs: Sequence[TrainingPair],
+    class_map: ClassMap,
+    *,
+    hr_size: tuple[int, int] = (1024, 1024),
+    regions: Literal["tissue", "whole"] = "tissue",
+    seed: int = 0,
+    ignore_unmapped: bool = False,
+    value_names: Mapping[int, str] | str | os.PathLike | None = None,
+    cache: bool = True,
+    augmentation: Mapping[str, Any] | None = None,
+) -> RegionDataset:
+    """Load annotations, cut slides into regions, and make a :class:`RegionDataset`.
+
+    Every annotation is loaded and checked against its image now (classes,
+    size), so bad inputs fail before training starts; pixels are read on
+    first access.
+
+    Parameters
+    ----------
+    pairs : sequence of TrainingPair
+    class_map : ClassMap
+    hr_size : (int, int)
+        Item size ``(H, W)``: the largest working raster.
+    regions : {"tissue", "whole"}
+        Slides: tissue regions (as inference) or the whole slide. Plain
+        images are always one whole region.
+    seed : int
+        Augmentation seed.
+    ignore_unmapped : bool
+        Unknown annotation classes become ignore (255) instead of an error.
+    value_names : mapping or path-like, optional
+        Value -> class name table for label masks (e.g. BCSS ``GTcodes.csv``).
+    cache : bool
+        Keep items in memory after the first read.
+    augmentation : mapping, optional
+        Keyword arguments of :func:`augment` (``flips``, ``rot90``,
+        ``color_jitter``); None for no augmentation.
+
+    Returns
+    -------
+    RegionDataset
+
+    Raises
+    ------
+    WsisegError
+        No pairs, unreadable files, unmapped classes, masks whose size does
+        not match their slide.
+    """
+    hr = (int(hr_size[0]), int(hr_size[1]))
+    if min(hr) < 1:
+        raise WsisegError(f"hr_size must be positive, got {hr_size}")
+    if not pairs:
+        raise WsisegError("no training pairs")
+    if augmentation:
+        unknown = set(augmentation) - {"flips", "rot90", "color_jitter"}
+        if unknown:
+            raise WsisegError(f"unknown augmentation options {sorted(unknown)}")
+    annotations: list[Annotation] = []
+    items: list[RegionItem] = []
+    ds = RegionDataset(pairs, [], [], class_map, hr_size=hr, seed=seed, cache=cache, augmentation=augmentation)
+    for k, pair in enumerate(pairs):
+        ann = load_annotation(
+            pair.annotation,
+            class_map,
+            downsample=pair.downsample,
+            ignore_unmapped=ignore_unmapped,
+            value_names=value_names,
+        )
+        ms = ds.slide(k)
+        ann.check_slide_size((ms.width, ms.height), pair.image)
+        annotations.append(ann)
+        plain = _suffix(Path(pair.image)) in PLAIN_IMAGE_SUFFIXES
+        boxes = [whole_region(ms)] if plain else slide_regions(ms, regions)
+        for r, box in enumerate(boxes):
+            name = pair.name if len(boxes) == 1 else f"{pair.name}#{r}"
+            items.append(RegionItem(k, name, box, working_shape(box, hr)))
+    ds.items, ds.annotations = items, annotations
+    return ds
+
+
+# ---------------------------------------------------------------------------
+# augmentation
+
+
+def augment(
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    rng: np.random.Generator | int | None = None,
+    flips: bool = True,
+    rot90: bool = False,
+    color_jitter: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips, 90-degree rotations and colour jitter (paper A.7).
+
+    Geometric transforms are exact permutations of pixels applied to image
+    and labels alike (labels are never interpolated). Colour jitter changes
+    the image only.
+
+    Parameters
+    ----------
+    image : torch.Tensor
+        ``(C, H, W)``, uint8 (jittered values rounded and clamped to 0-255)
+        or floating point (not clamped).
+    labels : torch.Tensor
+        ``(H, W)`` integer.
+    rng : numpy.random.Generator or int, optional
+    flips : bool
+        Horizontal and vertical flips, each with probability 1/2.
+    rot90 : bool
+        Rotation by a random multiple of 90 degrees; by 0 or 180 only when
+        ``H != W`` (the shape must not change, so items still batch).
+    color_jitter : float
+        Brightness, contrast and saturation each scaled by a random factor
+        in ``[1 - c, 1 + c]``.
+
+    Returns
+    -------
+    (image, labels) : torch.Tensor
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    if image.ndim != 3 or labels.ndim != 2 or image.shape[-2:] != labels.shape:
+        raise ValueError(f"image (C, H, W) and labels (H, W) must match, got {tuple(image.shape)}, {tuple(labels.shape)}")
+    if flips:
+        if rng.random() < 0.5:
+            image, labels = image.flip(-1), labels.flip(-1)
+        if rng.random() < 0.5:
+            image, labels = image.flip(-2), labels.flip(-2)
+    if rot90:
+        square = image.shape[-1] == image.shape[-2]
+        k = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
+        if k:
+            image, labels = torch.rot90(image, k, (-2, -1)), torch.rot90(labels, k, (-2, -1))
+    if color_jitter > 0:
+        c = float(color_jitter)
+        b, ct, s = (float(rng.uniform(max(0.0, 1 - c), 1 + c)) for _ in range(3))
+        dtype = image.dtype
+        x = image.float()
+        x = x * b
+        gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]) if x.shape[0] == 3 else x.mean(0)
+        x = (x - gray.mean()) * ct + gray.mean()
+        gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]) if x.shape[0] == 3 else x.mean(0)
+        x = gray + (x - gray) * s
+        if dtype == torch.uint8:
+            x = x.round().clamp(0, 255)
+        image = x.to(dtype)
+    return image.contiguous(), labels.contiguous()
