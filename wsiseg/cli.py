@@ -331,7 +331,13 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     """
     from wsiseg.annotations import load_class_map
     from wsiseg.data import build_dataset, dataset_hash, load_pairs, split_pairs
-    from wsiseg.train import TrainConfig, check_output_dir, load_train_config, read_checkpoint_config, train
+    from wsiseg.train import (
+        TrainConfig,
+        check_output_dir,
+        load_train_config,
+        read_checkpoint_config,
+        train,
+    )
 
     check_output_dir(out_dir, resume=resume, overwrite=overwrite)  # fail before reading any data
     options: dict = dict(read_checkpoint_config(out_dir) or {}) if resume else {}

@@ -1,0 +1,350 @@
+"""Joint training loop: loss goes down, exact resume, divergence, early stopping, files, CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.output.classes import default_classes
+from wsiseg.train import (
+    LOG_COLUMNS,
+    TrainConfig,
+    load_checkpoint,
+    load_train_config,
+    read_checkpoint_config,
+    train,
+)
+
+HR = (128, 128)
+# A tiny segmenter (about 0.4 M parameters) keeps every run to a second or two on a CPU.
+TINY = {
+    "arch": "unet",
+    "encoder": "tu-resnet10t",
+    "encoder_depth": 3,
+    "decoder_channels": (32, 16, 8),
+    "out_size": (32, 32),
+    "map_size": (16, 16),
+    "hr_size": HR,
+    "batch_size": 2,
+    "flips": False,
+    "device": "cpu",
+    "seed": 3,
+}
+CLASSES = default_classes(["background", "non-tumour nucleus", "tumour nucleus"])
+
+
+class NuclsTiles(torch.utils.data.Dataset):
+    """Real NuCLS tiles in the data set item format of wsiseg.data (resized to HR)."""
+
+    def __init__(self, folder: Path, n: int, size=HR):
+        self.files = sorted((folder / "images").glob("*.png"))[:n]
+        assert len(self.files) == n
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        f = self.files[i]
+        wh = (self.size[1], self.size[0])
+        image = Image.open(f).convert("RGB").resize(wh, Image.BILINEAR)
+        labels = Image.open(f.parent.parent / "labels" / f.name).resize(wh, Image.NEAREST)
+        return {
+            "image": torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(),
+            "labels": torch.from_numpy(np.array(labels).astype(np.int64)),
+            "name": f.stem,
+            "box": None,
+            "downsample": 1.0,
+        }
+
+
+@pytest.fixture(scope="module")
+def nucls(shared_data: Path) -> Path:
+    root = shared_data / "labelled-tiles" / "nucls" / "square"
+    if not root.is_dir():
+        pytest.skip(f"NuCLS tiles not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(nucls):
+    return NuclsTiles(nucls / "train", 4), NuclsTiles(nucls / "test", 2)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = train(TrainConfig(**TINY, epochs=4), *data, CLASSES, out, progress=False)
+    return out, result
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, **kw})
+
+
+# -- a real run ------------------------------------------------------------
+
+
+def test_training_reduces_loss_and_writes_a_loadable_model(trained, data):
+    from wsiseg.models.io import load_deformseg
+
+    out, r = trained
+    assert r.epochs == 4 and r.steps == 8 and not r.stopped_early
+    first, last = r.history[0], r.history[-1]
+    assert last["loss"] < first["loss"] and last["seg"] < first["seg"]
+    assert 0.0 <= r.best_val_miou_full <= 1.0 and 0.0 <= r.best_val_miou_deformed <= 1.0
+    assert r.best_val_miou_full == max(row["val_miou_full"] for row in r.history)
+
+    m = load_deformseg(out / "model.safetensors")
+    assert [c.name for c in m.classes] == [c.name for c in CLASSES]
+    t = m.metadata["training"]
+    assert t["config"]["encoder"] == "tu-resnet10t" and t["best"]["epoch"] == r.best_epoch
+    assert t["seconds_per_iter"] > 0 and t["epochs"] == r.best_epoch
+    item = data[1][0]
+    pred = m.net.predict_lowres(None, item["image"][None])
+    assert pred.labels.shape == (1, 32, 32) and int(pred.labels.max()) < 3
+
+
+def test_log_csv_and_curves(trained):
+    out, _ = trained
+    with open(out / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == LOG_COLUMNS
+    assert [int(x["epoch"]) for x in rows] == [1, 2, 3, 4]
+    assert [int(x["step"]) for x in rows] == [2, 4, 6, 8]
+    assert all(float(x["val_miou_full"]) >= 0 and float(x["sec_per_iter"]) > 0 for x in rows)
+    with Image.open(out / "curves.png") as im:
+        assert im.format == "PNG" and im.size[0] >= 400 and im.mode == "RGB"
+        assert len(np.unique(np.asarray(im.convert("L")))) > 10  # something is drawn
+    assert TrainConfig.from_file(out / "train_config.yaml") == TrainConfig(**TINY, epochs=4)
+    assert read_checkpoint_config(out)["epochs"] == 4
+
+
+def test_refuses_to_clobber_a_previous_run(trained, data):
+    out, _ = trained
+    with pytest.raises(WsisegError, match="previous training run"):
+        train(_cfg(epochs=1), *data, CLASSES, out, progress=False)
+
+
+# -- exact resume ----------------------------------------------------------
+
+
+def test_resume_matches_an_uninterrupted_run(data, tmp_path):
+    pytest.importorskip("wsiseg.data")  # flips and rotations come from wsiseg.data.augment
+    aug = {"flips": True, "rot90": True, "color_jitter": 0.1}
+    straight = train(_cfg(epochs=2, **aug), *data, CLASSES, tmp_path / "a", progress=False)
+    train(_cfg(epochs=1, **aug), *data, CLASSES, tmp_path / "b", progress=False)
+    resumed = train(_cfg(epochs=2, **aug), *data, CLASSES, tmp_path / "b", resume=True, progress=False)
+
+    assert resumed.steps == straight.steps == 4
+    key = ("epoch", "step", "lr", "loss", "seg", "edge", "val_miou_deformed", "val_miou_full")
+    assert [[row[k] for k in key] for row in resumed.history] == [[row[k] for k in key] for row in straight.history]
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
+    assert a.model.keys() == b.model.keys()
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    sa, sb = a.state["optimizer"]["state"], b.state["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+    # Done already: resuming again does nothing; changing the model is refused.
+    again = train(_cfg(epochs=2, **aug), *data, CLASSES, tmp_path / "b", resume=True, progress=False)
+    assert again.steps == 4 and again.epochs == 2
+    with pytest.raises(ConfigError, match="lr"):
+        train(_cfg(epochs=3, lr=0.01, **aug), *data, CLASSES, tmp_path / "b", resume=True, progress=False)
+
+
+def test_checkpoint_state_round_trips_without_pickle(tmp_path):
+    from wsiseg.train import _pack, _unpack
+
+    state = {
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "m": torch.ones(2)}}, "param_groups": [
+            {"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}]},
+        "rng": {"numpy": np.random.get_state(), "python": __import__("random").getstate()},
+    }
+    tensors: dict = {}
+    packed = _pack(state, "s", tensors)
+    import json
+
+    back = _unpack(json.loads(json.dumps(packed)), tensors)
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(back["optimizer"]["state"][0]["m"], torch.ones(2))
+    assert back["rng"]["python"] == state["rng"]["python"]
+    np.testing.assert_array_equal(back["rng"]["numpy"][1], state["rng"]["numpy"][1])
+    assert back["rng"]["numpy"][1].dtype == np.uint32
+
+
+# -- failure modes ----------------------------------------------------------
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
+    import wsiseg.train as T
+
+    real = T.JointLoss
+    calls = {"n": 0}
+
+    class Poisoned(real):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 3:  # first step of epoch 2
+                out.total = out.total * float("nan")
+            return out
+
+    monkeypatch.setattr(T, "JointLoss", Poisoned)
+    with pytest.raises(WsisegError, match=r"training diverged: loss is NaN at epoch 2 step 3; the last good checkpoint"):
+        train(_cfg(epochs=3), *data, CLASSES, tmp_path, progress=False)
+    ck = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert ck.meta["run"]["epoch"] == 1 and ck.meta["run"]["step"] == 2
+    assert all(torch.isfinite(v.float()).all() for v in ck.model.values())
+    assert (tmp_path / "model.safetensors").is_file()
+    # ... and the run can be continued from it.
+    monkeypatch.setattr(T, "JointLoss", real)
+    r = train(_cfg(epochs=2), *data, CLASSES, tmp_path, resume=True, progress=False)
+    assert r.epochs == 2 and math.isfinite(r.history[-1]["loss"])
+
+
+def test_early_stopping(data, tmp_path, monkeypatch):
+    import wsiseg.train as T
+
+    monkeypatch.setattr(T, "_validate", lambda *a, **k: T._Scores(0.5, 0.5, 3))
+    r = train(_cfg(epochs=20, patience=1), data[0], data[1], CLASSES, tmp_path, progress=False)
+    assert r.stopped_early and r.epochs == 2 and r.best_epoch == 1
+    assert train(_cfg(epochs=20, patience=1), *data, CLASSES, tmp_path, resume=True, progress=False).epochs == 2
+
+
+def test_one_class_validation_warns(data, tmp_path):
+    class Background(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            item = dict(data[1][0])
+            item["labels"] = torch.zeros_like(item["labels"])
+            return item
+
+    messages: list[str] = []
+    with pytest.warns(UserWarning, match="only 1 class"):
+        r = train(_cfg(epochs=1, sampler="uniform"), data[0], Background(), CLASSES, tmp_path, progress=False,
+                  log=messages.append)
+    assert r.best_val_miou_full is not None and any("only 1 class" in m for m in messages)
+
+
+def test_bad_labels_are_refused(data, tmp_path):
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            item = dict(data[0][i])
+            item["labels"] = torch.full_like(item["labels"], 7)
+            return item
+
+    with pytest.raises(WsisegError, match="label value 7"):
+        train(_cfg(epochs=1), Bad(), None, CLASSES, tmp_path, progress=False)
+
+
+# -- samplers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "edge"])
+def test_fixed_samplers_train_through_the_same_loop(sampler, data, tmp_path):
+    from wsiseg.models.io import load_deformseg
+
+    r = train(_cfg(epochs=1, sampler=sampler), data[0], None, CLASSES, tmp_path, progress=False)
+    assert r.epochs == 1 and r.best_epoch == 1 and r.best_val_miou_full is None
+    assert r.history[0]["edge"] == 0.0  # no trainable density: the edge term is off
+    m = load_deformseg(tmp_path / "model.safetensors")
+    assert m.net.sampler == sampler and m.net.deform is None
+
+
+# -- configuration -------------------------------------------------------------
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    cfg = TrainConfig(out_size="48x64", decoder_channels=[32, 16, 8], lr="1e-3")
+    assert cfg.out_size == (48, 64) and cfg.decoder_channels == (32, 16, 8) and cfg.lr == 1e-3
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig(joint=False).effective_gamma_edge == 0.0
+    assert TrainConfig(sampler="uniform").effective_gamma_edge == 0.0
+    assert TrainConfig().effective_gamma_edge == 100.0
+    assert TrainConfig(patience=0).patience is None
+
+    bad = [
+        ({"epoch": 3}, "unknown training option 'epoch'"),
+        ({"sampler": "random"}, "'sampler'"),
+        ({"loss": "dice"}, "'loss'"),
+        ({"out_size": (0, 4)}, "'out_size'"),
+        ({"map_size": "big"}, "'map_size'"),
+        ({"lr": 0}, "'lr'"),
+        ({"lr": "fast"}, "'lr'"),
+        ({"batch_size": 1.5}, "'batch_size'"),
+        ({"flips": "yes"}, "'flips'"),
+        ({"val_fraction": 1.0}, "'val_fraction'"),
+        ({"support": 4}, "'support'"),
+        ({"device": "gpu"}, "'device'"),
+        ({"gamma_edge": -1}, "'gamma_edge'"),
+    ]
+    for d, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            TrainConfig.from_dict(d)
+
+    p = tmp_path / "train.yaml"
+    p.write_text("train:\n  epochs: 3\n  lr: 1e-4\n  out_size: [64, 32]\n")
+    cfg = TrainConfig.from_dict(load_train_config(p))
+    assert cfg.epochs == 3 and cfg.lr == 1e-4 and cfg.out_size == (64, 32)
+    p.write_text("epochs: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_train_config(p)
+
+
+def test_unavailable_device_and_unknown_encoder(data, tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            train(_cfg(epochs=1, device="cuda"), data[0], None, CLASSES, tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="encoder"):
+        train(_cfg(epochs=1, encoder="no-such-encoder"), data[0], None, CLASSES, tmp_path / "b", progress=False)
+
+
+# -- command line ----------------------------------------------------------------
+
+
+def test_cli_train_end_to_end(nucls, tmp_path):
+    pytest.importorskip("wsiseg.data")
+    from click.testing import CliRunner
+
+    from wsiseg.cli import main
+    from wsiseg.models.io import load_deformseg
+
+    classes = tmp_path / "classes.yaml"
+    classes.write_text("classes:\n  - {value: 1, name: non-tumour nucleus}\n  - {value: 2, name: tumour nucleus}\n")
+    config = tmp_path / "train.yaml"
+    config.write_text("encoder: tu-resnet10t\nencoder_depth: 3\ndecoder_channels: [32, 16, 8]\nrot90: true\n")
+    out = tmp_path / "run"
+    args = [
+        "train", str(nucls / "train"), "--classes", str(classes), "--out", str(out), "--config", str(config),
+        "--epochs", "1", "--out-size", "32x32", "--map-size", "16", "--hr-size", "128x128", "--device", "cpu",
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "8 training pairs" in r.output and "model: " in r.output and "val mIoU full-res" in r.output
+    m = load_deformseg(out / "model.safetensors")
+    assert [c.name for c in m.classes] == ["background", "non-tumour nucleus", "tumour nucleus"]
+    assert len(m.metadata["training"]["data_hash"]) == 64 and m.metadata["training"]["config"]["rot90"] is True
+
+    # Same folder again: refused before any work; --resume continues with the stored options.
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "previous training run" in r.output
+    r = CliRunner().invoke(main, ["train", str(nucls / "train"), "--classes", str(classes), "--out", str(out),
+                                  "--resume", "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.output and "epoch 2/2" in r.output
+    r = CliRunner().invoke(main, args[:-2] + ["--out-size", "0x3"])
+    assert r.exit_code == 2 and "HEIGHTxWIDTH" in r.output
