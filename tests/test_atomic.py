@@ -48,3 +48,13 @@ def test_output_under_a_file_is_refused(tmp_path):
         with atomic_output(blocker / "x.tif"):
             pass
     assert str(blocker) in str(err.value)
+
+
+def test_file_gets_umask_permissions(tmp_path):
+    out = tmp_path / "m.bin"
+    with atomic_output(out) as tmp:
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -16,6 +16,12 @@ from typing import Iterator
 from wsiseg.errors import WsisegError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -56,6 +62,10 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     _remove(tmp)
     try:
         yield tmp
+        if tmp.is_file():
+            # Some writers (safetensors) create 0600 files; outputs on shared lab storage
+            # should get the usual permissions of the user's umask.
+            os.chmod(tmp, 0o666 & ~_umask())
         if final.exists():
             if not overwrite:  # appeared while we were writing
                 raise WsisegError("output exists (use --overwrite to replace it)", final)
