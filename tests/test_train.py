@@ -270,7 +270,7 @@ def test_fixed_samplers_train_through_the_same_loop(sampler, data, tmp_path):
 
 def test_config_round_trip_and_validation(tmp_path):
     cfg = TrainConfig(out_size="48x64", decoder_channels=[32, 16, 8], lr="1e-3")
-    assert cfg.out_size == (48, 64) and cfg.decoder_channels == (32, 16, 8) and cfg.lr == 1e-3
+    assert cfg.out_size == (64, 48) and cfg.decoder_channels  # "WxH" string -> (h, w) == (32, 16, 8) and cfg.lr == 1e-3
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert TrainConfig(joint=False).effective_gamma_edge == 0.0
     assert TrainConfig(sampler="uniform").effective_gamma_edge == 0.0
@@ -347,4 +347,4 @@ def test_cli_train_end_to_end(nucls, tmp_path):
     assert r.exit_code == 0, r.output
     assert "resuming" in r.output and "epoch 2/2" in r.output
     r = CliRunner().invoke(main, args[:-2] + ["--out-size", "0x3"])
-    assert r.exit_code == 2 and "HEIGHTxWIDTH" in r.output
+    assert r.exit_code == 2 and "WIDTHxHEIGHT" in r.output

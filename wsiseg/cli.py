@@ -117,20 +117,29 @@ def convert_command(slide: str, out: str, overwrite: bool, chunk: int, ngff_vers
 
 
 class _Size(click.ParamType):
-    """``WIDTHxHEIGHT`` -> ``(width, height)``, both positive."""
+    """``WIDTHxHEIGHT`` (or ``N`` for ``NxN``) -> ``(width, height)``, both positive.
+
+    Every size on the command line is written width first, as image sizes are.
+    """
 
     name = "WIDTHxHEIGHT"
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
+        parts = str(value).lower().split("x")
         try:
-            a, b = (int(v) for v in str(value).lower().split("x"))
+            wh = tuple(int(v) for v in parts) * (2 if len(parts) == 1 else 1)
         except ValueError:
-            self.fail(f"expected WIDTHxHEIGHT (e.g. 40000x30000), got {value!r}", param, ctx)
-        if a < 1 or b < 1:
-            self.fail(f"sizes must be positive, got {value!r}", param, ctx)
-        return a, b
+            wh = ()
+        if len(wh) != 2 or min(wh) < 1:
+            self.fail(f"expected WIDTHxHEIGHT of positive integers (e.g. 40000x30000), got {value!r}", param, ctx)
+        return wh
+
+
+def _hw(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``(width, height)`` from the command line -> ``(height, width)`` as the library takes it."""
+    return None if size is None else (size[1], size[0])
 
 
 def _bench_common(f):
@@ -257,7 +266,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 
     options = SegmentOptions(
         regions=regions, tissue_threshold=tissue_threshold,
-        out_size=None if grid_size is None else (grid_size[1], grid_size[0]), long_side=long_side, interp=interp,
+        out_size=_hw(grid_size), long_side=long_side, interp=interp,
         gather_mode=gather_mode, lod_bias=lod_bias, device=device, amp=amp, tile=tile, mpp=mpp, geojson=geojson, qc=qc,
     )
     result = run_segment(slides, model_path, out_dir, options, overwrite=overwrite, progress=progress)
@@ -269,24 +278,6 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
     ctx.exit(result.exit_code)
 
 
-class _HxW(click.ParamType):
-    """``HxW`` (or a single ``N`` for ``NxN``) -> ``(height, width)``, both positive."""
-
-    name = "HxW"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        parts = str(value).lower().split("x")
-        try:
-            hw = tuple(int(v) for v in parts) * (2 if len(parts) == 1 else 1)
-        except ValueError:
-            hw = ()
-        if len(hw) != 2 or min(hw) < 1:
-            self.fail(f"expected HEIGHTxWIDTH of positive integers (e.g. 64x64), got {value!r}", param, ctx)
-        return hw
-
-
 @main.command("train")
 @click.argument("data", type=click.Path(exists=True, path_type=str))
 @click.option("--classes", "classes_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
@@ -296,9 +287,12 @@ class _HxW(click.ParamType):
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Training options YAML; the options below override it.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Number of epochs [default: 50].")
-@click.option("--out-size", type=_HxW(), default=None, help="Sampling grid / deformed image HxW [default: 64x64].")
-@click.option("--map-size", type=_HxW(), default=None, help="Low-res view / density HxW [default: 32x32].")
-@click.option("--hr-size", type=_HxW(), default=None, help="Working-resolution region HxW [default: 512x512].")
+@click.option("--out-size", type=_Size(), default=None,
+              help="Sampling grid / deformed image WIDTHxHEIGHT (or N for NxN) [default: 64x64].")
+@click.option("--map-size", type=_Size(), default=None,
+              help="Low-res view / density WIDTHxHEIGHT (or N) [default: 32x32].")
+@click.option("--hr-size", type=_Size(), default=None,
+              help="Working-resolution region WIDTHxHEIGHT (or N) [default: 512x512].")
 @click.option("--sampler", type=click.Choice(["learned", "uniform", "edge"]), default=None,
               help="Learned deformation, or the uniform / oracle edge baselines [default: learned].")
 @click.option("--loss", type=click.Choice(["focal", "ce"]), default=None, help="Segmentation loss [default: focal].")
@@ -344,7 +338,8 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     if config_path:
         options.update(load_train_config(config_path))
     given = {
-        "epochs": epochs, "out_size": out_size, "map_size": map_size, "hr_size": hr_size, "sampler": sampler,
+        "epochs": epochs, "out_size": _hw(out_size), "map_size": _hw(map_size), "hr_size": _hw(hr_size),
+        "sampler": sampler,
         "loss": loss, "gamma_edge": gamma_edge, "arch": arch, "encoder": encoder, "batch_size": batch_size, "lr": lr,
         "patience": patience, "val_fraction": val_fraction, "seed": seed, "device": device,
     }
@@ -409,3 +404,80 @@ def demo_command(ctx, out_dir, device, overwrite) -> None:
         "OpenSlide and ASAP."
     )
     ctx.exit(result.exit_code)
+
+
+@main.command("evaluate")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=str))
+@click.argument("data", type=click.Path(exists=True, path_type=str))
+@click.option("--classes", "classes_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Classes YAML; its class names must be the model's.")
+@click.option("--split", type=click.Choice(["test", "val", "all"]), default="test", show_default=True,
+              help="Pairs to evaluate: marked test (all when DATA has no split marks), the model's validation "
+                   "split, or all.")
+@click.option("--out", "out_dir", default="wsiseg-eval", show_default=True,
+              type=click.Path(file_okay=False, path_type=str),
+              help="Output folder: eval.json, class_frequency.png, baselines/, sweep files.")
+@click.option("--json", "as_json", is_flag=True, help="Print eval.json instead of the table.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Regions per forward pass.")
+@click.option("--compare", default=None, metavar="uniform,edge",
+              help="Baselines to compare at the same budget; trained with the model's training config "
+                   "(only the sampler changed) into OUT/baselines/NAME unless given with --baseline.")
+@click.option("--baseline", "baseline_specs", multiple=True, metavar="NAME=PATH",
+              help="Ready baseline model file (repeatable), e.g. uniform=runs/uniform/model.safetensors.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs for trained baselines [default: the model's].")
+@click.option("--sweep", default=None, metavar="32,48,64,96",
+              help="Cost-performance sweep: output sizes (N or WIDTHxHEIGHT); learned, uniform and edge are "
+                   "trained at each into OUT/sweep/ (finished runs are reused, unfinished ones resumed).")
+@click.option("--sweep-epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs per sweep model [default: the model's].")
+@click.option("--train-data", type=click.Path(exists=True, path_type=str), default=None,
+              help="Training pairs for baselines and sweeps [default: DATA's train/val pairs].")
+@click.option("--hr-size", type=_Size(), default=None,
+              help="Working-resolution region WIDTHxHEIGHT (or N) [default: the model's training size].")
+@click.option("--trimap-widths", default="1,2,4,8,16", show_default=True,
+              help="Trimap band widths in working-resolution pixels.")
+@click.option("--ignore-unmapped", is_flag=True, help="Annotation classes missing from --classes become ignored.")
+@click.option("--value-names", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="Label-mask value -> class name table (CSV, e.g. BCSS GTcodes.csv).")
+def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, device, batch_size, compare,
+                     baseline_specs, epochs, sweep, sweep_epochs, train_data, hr_size, trimap_widths,
+                     ignore_unmapped, value_names) -> None:
+    """Evaluate MODEL on the labelled pairs in DATA (folder or CSV).
+
+    Reports mIoU and per-class IoU in the deformed space (on the sampling
+    grid) and at full working resolution, mIoU(Y', Y) (what the sampler
+    alone loses), trimap accuracy, cost (fraction of pixels sampled) and the
+    class frequencies before and after sampling. Writes OUT/eval.json and
+    OUT/class_frequency.png and prints a table (one column per method).
+    """
+    import json
+
+    from wsiseg.errors import ConfigError
+    from wsiseg.evaluate import parse_sizes, run_evaluation
+
+    names = [n.strip() for n in (compare or "").split(",") if n.strip()]
+    baselines = {}
+    for spec in baseline_specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--baseline expects NAME=PATH, got {spec!r}")
+        baselines[name.strip()] = path.strip()
+    try:
+        widths = [float(w) for w in trimap_widths.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"--trimap-widths expects comma-separated numbers, got {trimap_widths!r}") from None
+    if not widths or min(widths) <= 0:
+        raise ConfigError(f"--trimap-widths must be positive, got {trimap_widths!r}")
+    run = run_evaluation(
+        model_path, data, classes_path, out_dir, split=split, device=device, batch_size=batch_size, widths=widths,
+        compare=names, baselines=baselines, epochs=epochs, sweep=parse_sizes(sweep) if sweep else (),
+        sweep_epochs=sweep_epochs, train_data=train_data, hr_size=_hw(hr_size), ignore_unmapped=ignore_unmapped,
+        value_names=value_names, log=lambda m: click.echo(m, err=True),
+    )
+    if as_json:
+        click.echo(json.dumps(run.document, indent=2))
+    else:
+        click.echo(run.table)
+    for path in run.files.values():
+        click.echo(f"wrote {path}", err=True)

@@ -127,12 +127,12 @@ def _bad(key: str, what: str, value: Any) -> ConfigError:
 
 
 def _as_pair(key: str, v: Any) -> tuple[int, int]:
-    if isinstance(v, str):  # "64x64" from YAML or a command line
+    if isinstance(v, str):  # "WIDTHxHEIGHT" as on the command line; lists are (height, width)
         parts = v.lower().replace(" ", "").split("x")
         try:
-            v = [int(p) for p in parts]
+            v = [int(p) for p in reversed(parts)]
         except ValueError:
-            raise _bad(key, "must be HxW (e.g. 64x64) or two positive integers", v) from None
+            raise _bad(key, "must be WIDTHxHEIGHT (e.g. 64x64) or [height, width]", v) from None
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         v = (v, v)
     if (

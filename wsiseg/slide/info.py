@@ -62,10 +62,10 @@ def format_slide_info(info: dict) -> str:
         f"  vendor: {info['vendor']}   reader: {info['reader']}",
         f"  mpp: {mpp}",
         f"  associated: {', '.join(info['associated']) or '-'}",
-        f"  {'level':>5}  {'size (WxH)':>13}  {'downsample':>15}  {'chunk (HxW)':>11}",
+        f"  {'level':>5}  {'size (WxH)':>13}  {'downsample':>15}  {'chunk (WxH)':>11}",
     ]
     for lv in info["levels"]:
         size = f"{lv['width']}x{lv['height']}"
-        chunk = f"{lv['chunk'][0]}x{lv['chunk'][1]}"
+        chunk = f"{lv['chunk'][1]}x{lv['chunk'][0]}"
         lines.append(f"  {lv['index']:>5}  {size:>13}  {_fmt_ds(lv['downsample']):>15}  {chunk:>11}")
     return "\n".join(lines)
