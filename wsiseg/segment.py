@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from wsiseg.device import resolve_device
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.models.io import LoadedModel
 from wsiseg.sampling.coords import to_pixels
@@ -105,19 +106,6 @@ class SegmentOptions:
         for k in ("device", "amp"):  # where it runs does not change what it writes
             d.pop(k)
         return d
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU; otherwise checked as given."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {spec!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} requested but CUDA is not available")
-    return dev
 
 
 def region_sizes(

@@ -65,6 +65,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsiseg.atomic import atomic_output
+from wsiseg.device import resolve_device
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.metrics import ConfusionMatrix
 from wsiseg.models.losses import LOSS_NAMES, JointLoss
@@ -446,20 +447,6 @@ def build_net(config: TrainConfig, num_classes: int, in_channels: int = 3) -> De
         support=config.support,
         in_channels=in_channels,
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; others checked for availability."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was requested but CUDA is not available (use --device cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ConfigError("device 'mps' was requested but is not available")
-    return dev
 
 
 def _amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype, bool]:
