@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["ConfusionMatrix", "boundary_map", "trimap_accuracy", "upsampling_error"]
+__all__ = ["ConfusionMatrix", "boundary_map", "trimap_accuracy", "trimap_counts", "upsampling_error"]
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -131,14 +131,14 @@ def boundary_map(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def trimap_accuracy(pred, target, widths: Sequence[float], ignore_index: int | None = None) -> np.ndarray:
-    """Pixel accuracy in bands around the target's label boundaries.
+def trimap_counts(
+    pred, target, widths: Sequence[float], ignore_index: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Correct and total pixel counts in bands around the target's label boundaries.
 
-    The band of width ``w`` holds the pixels whose centre is less than ``w``
-    pixels (Euclidean) from a boundary pixel's centre, boundary pixels being
-    both sides of every label change (:func:`boundary_map`). Width 1 is the
-    boundary pixels themselves; for a straight boundary, width ``w`` covers
-    ``w`` pixels on each side.
+    The counts behind :func:`trimap_accuracy`; summing them over images
+    gives the data-set accuracy (``correct.sum() / total.sum()`` per width),
+    which averaging per-image accuracies would not.
 
     Parameters
     ----------
@@ -151,8 +151,8 @@ def trimap_accuracy(pred, target, widths: Sequence[float], ignore_index: int | N
 
     Returns
     -------
-    np.ndarray
-        Accuracy per width (``nan`` where a band holds no counted pixel).
+    (correct, total) : np.ndarray
+        ``int64`` counts per width.
     """
     p = _to_numpy(pred)
     t = _to_numpy(target)
@@ -176,7 +176,34 @@ def trimap_accuracy(pred, target, widths: Sequence[float], ignore_index: int | N
             band = (dist < w) & valid
             total[n] += band.sum()
             correct[n] += (hit & band).sum()
-    out = np.full(len(widths), np.nan)
+    return correct, total
+
+
+def trimap_accuracy(pred, target, widths: Sequence[float], ignore_index: int | None = None) -> np.ndarray:
+    """Pixel accuracy in bands around the target's label boundaries.
+
+    The band of width ``w`` holds the pixels whose centre is less than ``w``
+    pixels (Euclidean) from a boundary pixel's centre, boundary pixels being
+    both sides of every label change (:func:`boundary_map`). Width 1 is the
+    boundary pixels themselves; for a straight boundary, width ``w`` covers
+    ``w`` pixels on each side.
+
+    Parameters
+    ----------
+    pred, target : array-like
+        Label maps ``(H, W)`` or batches ``(B, H, W)`` (numpy or torch).
+    widths : sequence of float
+        Band widths in pixels (> 0).
+    ignore_index : int, optional
+        Target value excluded from the counts (it still forms boundaries).
+
+    Returns
+    -------
+    np.ndarray
+        Accuracy per width (``nan`` where a band holds no counted pixel).
+    """
+    correct, total = trimap_counts(pred, target, widths, ignore_index)
+    out = np.full(len(total), np.nan)
     np.divide(correct, total, out=out, where=total > 0)
     return out
 

@@ -1,0 +1,377 @@
+"""Evaluation: metrics of a model with known predictions, the evaluate command, baselines, sweeps, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch import nn
+
+from wsiseg.cli import main
+from wsiseg.errors import WsisegError
+from wsiseg.evaluate import (
+    EvalResult,
+    draw_class_frequency,
+    draw_sweep,
+    evaluate_model,
+    format_table,
+    parse_sizes,
+)
+from wsiseg.metrics import trimap_accuracy, upsampling_error
+from wsiseg.models.net import DeformSegNet
+from wsiseg.sampling.coords import uniform_grid
+
+IGNORE = 255
+NAMES = ["background", "light", "dark"]
+LEVELS = np.array([20, 128, 230], dtype=np.uint8)  # red levels; the thresholded segmenter maps them to 0, 1, 2
+
+
+class RedThreshold(nn.Module):
+    """Known 'segmenter': class = red < 1/3, < 2/3, else (one-hot logits)."""
+
+    num_classes = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        red = x[:, 0]
+        cls = (red >= 1 / 3).long() + (red >= 2 / 3).long()
+        return torch.nn.functional.one_hot(cls, 3).permute(0, 3, 1, 2).float() * 10.0
+
+
+def _known_net() -> DeformSegNet:
+    # Identity standardisation, so the segmenter sees the raw [0, 1] image.
+    return DeformSegNet(RedThreshold(), sampler="uniform", map_size=(8, 8), out_size=(16, 16),
+                        image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))
+
+
+def _block_item(rng, name: str, size: tuple[int, int], pad: tuple[int, int] = (64, 64)):
+    """A region made of constant blocks, one block per grid point of a 16x16 grid (integer factors)."""
+    h, w = size
+    fh, fw = h // 16, w // 16
+    red_cls = rng.integers(0, 3, (16, 16))
+    lab = rng.integers(0, 3, (16, 16))
+    lab[rng.random((16, 16)) < 0.1] = IGNORE
+    red = np.repeat(np.repeat(LEVELS[red_cls], fh, 0), fw, 1)
+    image = np.full((3, *pad), 255, np.uint8)  # white padding, as data.py pads
+    image[0, :h, :w] = red
+    image[1, :h, :w] = rng.integers(0, 256, (h, w))  # other channels do not matter
+    labels = np.full(pad, IGNORE, np.int64)
+    labels[:h, :w] = np.repeat(np.repeat(lab, fh, 0), fw, 1)
+    item = {"image": torch.from_numpy(image), "labels": torch.from_numpy(labels), "name": name,
+            "box": None, "downsample": 2.0, "size": (h, w)}
+    return item, red_cls, lab, (fh, fw)
+
+
+def _confusion(target: np.ndarray, pred: np.ndarray, k: int = 3) -> np.ndarray:
+    keep = target != IGNORE
+    return np.bincount(target[keep] * k + pred[keep], minlength=k * k).reshape(k, k)
+
+
+def _iou(cm: np.ndarray) -> np.ndarray:
+    tp = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - tp
+    return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+
+def test_evaluate_reproduces_metrics_of_a_model_with_known_predictions():
+    rng = np.random.default_rng(0)
+    # Two full 64x64 regions (factor 4, batched together) and one padded 48x64 region (factors 3 x 4).
+    parts = [_block_item(rng, "a", (64, 64)), _block_item(rng, "b", (64, 64)), _block_item(rng, "c", (48, 64))]
+    dataset = [p[0] for p in parts]
+    r = evaluate_model(_known_net(), dataset, NAMES, device="cpu", batch_size=2)
+
+    # Independent expectations: on a uniform grid at integer factors every sample hits its block.
+    cm_def = sum(_confusion(lab, red_cls) for _, red_cls, lab, _ in parts)
+    cm_full = sum(_confusion(np.repeat(np.repeat(lab, fh, 0), fw, 1), np.repeat(np.repeat(red_cls, fh, 0), fw, 1))
+                  for _, red_cls, lab, (fh, fw) in parts)
+    np.testing.assert_array_equal(r.deformed.matrix, cm_def)
+    np.testing.assert_array_equal(r.full.matrix, cm_full)
+    np.testing.assert_array_equal(r.full.iou(), _iou(cm_full))
+    np.testing.assert_array_equal(r.deformed.iou(), _iou(cm_def))
+    assert r.miou_full == np.nanmean(_iou(cm_full)) and r.miou_deformed == np.nanmean(_iou(cm_def))
+    assert r.full.matrix.sum() == sum(((lab != IGNORE) * fh * fw).sum() for _, _, lab, (fh, fw) in parts)
+
+    # Cost: 256 samples of 64*64, 64*64 and 48*64 unpadded pixels.
+    assert r.cost == pytest.approx(np.mean([256 / 4096, 256 / 4096, 256 / 3072]), abs=0, rel=1e-15)
+    assert (r.samples, r.pixels, r.regions) == (3 * 256, 2 * 4096 + 3072, 3)
+
+    # A uniform grid at an integer factor on a block image loses nothing.
+    assert r.upsampling_miou == 1.0
+    assert (r.upsampling.matrix[:, 3] == 0).all()
+
+    # Class frequency: pixels per class in Y vs among the samples (one per block).
+    orig = sum(np.bincount(lab[lab != IGNORE], minlength=3) * fh * fw for _, _, lab, (fh, fw) in parts)
+    samp = sum(np.bincount(lab[lab != IGNORE], minlength=3) for _, _, lab, _ in parts)
+    np.testing.assert_array_equal(r.freq_original, orig)
+    np.testing.assert_array_equal(r.freq_sampled, samp)
+    fo, fs = r.class_frequency()
+    assert fo.sum() == pytest.approx(1) and fs.sum() == pytest.approx(1)
+
+    d = r.to_dict()
+    assert d["deformed"]["resolution"] == "deformed"
+    assert d["full"]["resolution"] == "full (working resolution, downsample 2)"
+    assert d["upsampling"]["miou"] == 1.0 and d["cost"]["fraction"] == r.cost
+    assert d["full"]["iou"]["dark"] == _iou(cm_full)[2]
+    json.dumps(d, allow_nan=False)
+    table = r.format_table()
+    assert "uniform" in table and "mIoU(Y', Y)" in table and "downsample 2" in table and "trimap" in table
+
+
+def test_trimap_and_upsampling_match_the_metric_functions_on_one_region():
+    rng = np.random.default_rng(1)
+    item, red_cls, _, (fh, fw) = _block_item(rng, "a", (64, 64))
+    r = evaluate_model(_known_net(), [item], NAMES, device="cpu", widths=(1, 3))
+    pred = np.repeat(np.repeat(red_cls, fh, 0), fw, 1)
+    target = item["labels"].numpy()
+    np.testing.assert_array_equal(r.trimap_accuracy(), trimap_accuracy(pred, target, (1, 3), IGNORE))
+    assert r.upsampling_miou == upsampling_error(target, uniform_grid(16, 16), 3, IGNORE)
+
+
+def test_upsampling_error_is_below_one_when_blocks_are_finer_than_the_grid():
+    rng = np.random.default_rng(2)
+    item = _block_item(rng, "a", (64, 64))[0]
+    labels = rng.integers(0, 3, (64, 64))  # pixel noise: a 16x16 grid cannot keep it
+    item = {**item, "labels": torch.from_numpy(labels)}
+    r = evaluate_model(_known_net(), [item], NAMES, device="cpu")
+    assert r.upsampling_miou < 0.6
+    assert r.upsampling_miou == pytest.approx(upsampling_error(labels, uniform_grid(16, 16), 3))
+
+
+def test_evaluate_model_bad_input():
+    with pytest.raises(WsisegError, match="empty"):
+        evaluate_model(_known_net(), [], NAMES, device="cpu")
+    item = _block_item(np.random.default_rng(3), "x", (64, 64))[0]
+    item["labels"][0, 0] = 7
+    with pytest.raises(WsisegError, match="label value 7 in x"):
+        evaluate_model(_known_net(), [item], NAMES, device="cpu")
+    with pytest.raises(WsisegError, match="predicts 3 classes"):
+        evaluate_model(_known_net(), [item], NAMES[:2], device="cpu")
+
+
+def test_parse_sizes_and_figures(tmp_path):
+    assert parse_sizes("32, 48,96x64,32") == [(32, 32), (48, 48), (64, 96)]
+    from wsiseg.errors import ConfigError
+
+    for bad in ("", "0", "3x", "a,b"):
+        with pytest.raises(ConfigError):
+            parse_sizes(bad)
+    rows = [
+        {"method": m, "cost": c, "miou_full": v, "upsampling_miou": u}
+        for m, off in (("learned", 0.05), ("uniform", 0.0), ("edge", 0.02))
+        for c, v, u in ((0.0156, 0.4 + off, 0.7), (0.035, 0.5 + off, 0.8), (0.0625, None, 0.9))
+    ]
+    p = draw_sweep(rows, tmp_path / "sweep.png")
+    im = Image.open(p)
+    assert im.size == (880, 340)
+    a = np.asarray(im)
+    # The three method colours are drawn.
+    for colour in ((214, 39, 40), (31, 119, 180), (44, 160, 44)):
+        assert (a == colour).all(-1).any()
+    p = draw_class_frequency(NAMES, [0.8, 0.15, 0.05], {"learned": [0.6, 0.25, 0.15], "uniform": [0.8, 0.15, 0.05]},
+                             tmp_path / "freq.png")
+    b = np.asarray(Image.open(p))
+    assert (b == (150, 150, 150)).all(-1).any() and (b == (214, 39, 40)).all(-1).any()
+
+
+def test_format_table_has_one_column_per_method():
+    rng = np.random.default_rng(4)
+    ds = [_block_item(rng, "a", (64, 64))[0]]
+    r1 = evaluate_model(_known_net(), ds, NAMES, device="cpu", name="learned")
+    r2 = evaluate_model(_known_net(), ds, NAMES, device="cpu", name="edge")
+    assert isinstance(r1, EvalResult)
+    header = format_table([r1, r2]).splitlines()[1]
+    assert header.split() == ["learned", "edge"]
+
+
+# -- the command on real NuCLS tiles ----------------------------------------------
+
+HR = (64, 64)
+TINY = {
+    "arch": "unet",
+    "encoder": "resnet18",
+    "encoder_depth": 3,
+    "decoder_channels": (16, 8, 8),
+    "out_size": (16, 16),
+    "map_size": (8, 8),
+    "hr_size": HR,
+    "batch_size": 2,
+    "epochs": 1,
+    "flips": False,
+    "device": "cpu",
+    "seed": 0,
+}
+CLASSES_YAML = "classes:\n  - {value: 1, name: non-tumour nucleus}\n  - {value: 2, name: tumour nucleus}\n"
+
+
+@pytest.fixture(scope="module")
+def nucls(shared_data: Path) -> Path:
+    root = shared_data / "labelled-tiles" / "nucls" / "square"
+    if not root.is_dir():
+        pytest.skip(f"NuCLS tiles not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def classes_yaml(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("cls") / "classes.yaml"
+    p.write_text(CLASSES_YAML)
+    return p
+
+
+@pytest.fixture(scope="module")
+def model(nucls, classes_yaml, tmp_path_factory) -> Path:
+    """A tiny model trained for one epoch on 4 NuCLS training tiles."""
+    from wsiseg.annotations import load_class_map
+    from wsiseg.data import build_dataset, load_pairs
+    from wsiseg.train import TrainConfig, train
+
+    cmap = load_class_map(classes_yaml)
+    ds = build_dataset(load_pairs(nucls / "train")[:4], cmap, hr_size=HR)
+    out = tmp_path_factory.mktemp("model")
+    return train(TrainConfig(**TINY), ds, None, cmap.to_classes(), out, progress=False).model_path
+
+
+@pytest.fixture(scope="module")
+def train_csv(nucls, tmp_path_factory) -> Path:
+    """Four training pairs for baselines and sweeps (three train, one validation): keeps them quick."""
+    p = tmp_path_factory.mktemp("pairs") / "train.csv"
+    images = sorted((nucls / "train" / "images").glob("*.png"))[:4]
+    rows = [f"{img},{nucls / 'train' / 'labels' / img.name}" for img in images]
+    p.write_text("image,annotation\n" + "\n".join(rows) + "\n")
+    return p
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_evaluate_writes_deformed_and_full_resolution_sections(model, nucls, classes_yaml, tmp_path):
+    out = tmp_path / "ev"
+    r = _run("evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "tumour nucleus" in r.output and "mIoU(Y', Y)" in r.output
+    doc = json.loads((out / "eval.json").read_text())
+    assert doc["split"] == "test" and doc["pairs"] == 5 and doc["regions"] == 5
+    m = doc["methods"]["learned"]
+    assert m["deformed"]["resolution"] == "deformed"
+    # 256 px tiles at a 64 px working size.
+    assert m["full"]["resolution"] == "full (working resolution, downsample 4)"
+    assert m["cost"]["fraction"] == pytest.approx(256 / 4096)
+    assert 0 <= m["full"]["miou"] <= 1 and 0 < m["upsampling"]["miou"] <= 1
+    assert set(m["full"]["iou"]) == {"background", "non-tumour nucleus", "tumour nucleus"}
+    assert len(m["trimap"]["accuracy"]) == 5
+    assert (out / "class_frequency.png").is_file()
+
+    r = _run("evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu", "--json",
+             "--split", "all")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["split"] == "all" and doc["regions"] == 15
+
+
+def test_cli_evaluate_compare_trains_the_baseline_at_the_same_budget(model, nucls, classes_yaml, train_csv, tmp_path):
+    from wsiseg.models.io import load_deformseg
+
+    out = tmp_path / "ev"
+    r = _run("evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu",
+             "--compare", "uniform", "--train-data", train_csv)
+    assert r.exit_code == 0, r.output
+    base = out / "baselines" / "uniform" / "model.safetensors"
+    b = load_deformseg(base)
+    m = load_deformseg(model)
+    assert b.net.sampler == "uniform" and b.net.out_size == m.net.out_size
+    # Same training config, only the sampler changed.
+    bc, mc = b.metadata["training"]["config"], m.metadata["training"]["config"]
+    assert {k for k in mc if mc[k] != bc[k]} == {"sampler"}
+    doc = json.loads((out / "eval.json").read_text())
+    assert list(doc["methods"]) == ["learned", "uniform"]
+    assert doc["methods"]["uniform"]["cost"] == doc["methods"]["learned"]["cost"]
+    assert r.stdout.splitlines()[1].split() == ["learned", "uniform"]
+
+    # Given baseline file: nothing is trained.
+    r = _run("evaluate", model, nucls, "--classes", classes_yaml, "--out", tmp_path / "ev2", "--device", "cpu",
+             "--baseline", f"uniform={base}")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "ev2" / "baselines").exists()
+
+
+@pytest.mark.slow
+def test_cli_evaluate_sweep(model, nucls, classes_yaml, train_csv, tmp_path):
+    out = tmp_path / "ev"
+    args = ["evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu",
+            "--sweep", "16,24", "--sweep-epochs", "1", "--train-data", train_csv]
+    r = _run(*args)
+    assert r.exit_code == 0, r.output
+    for f in ("sweep.png", "sweep.json", "sweep.csv", "class_frequency.png", "eval.json"):
+        assert (out / f).is_file(), f
+    doc = json.loads((out / "sweep.json").read_text())
+    assert [(row["method"], row["out_width"]) for row in doc["rows"]] == [
+        (m, s) for s in (16, 24) for m in ("learned", "uniform", "edge")
+    ]
+    costs = {row["out_width"]: row["cost"] for row in doc["rows"]}
+    assert costs[16] == pytest.approx(256 / 4096) and costs[24] == pytest.approx(576 / 4096)
+    with open(out / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    # Resume-friendly: a second run trains nothing new.
+    r = _run(*args)
+    assert r.exit_code == 0, r.output
+    assert "training " not in r.stderr and "nothing to do" not in r.stdout
+
+
+def test_cli_evaluate_sweep_fast(model, nucls, classes_yaml, train_csv, tmp_path, monkeypatch):
+    """The sweep's plumbing with one size and one method (the full sweep is marked slow)."""
+    import wsiseg.evaluate as ev
+
+    monkeypatch.setattr(ev, "SWEEP_METHODS", ("edge",))
+    out = tmp_path / "ev"
+    r = _run("evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu",
+             "--sweep", "16", "--sweep-epochs", "1", "--train-data", train_csv)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "sweep.json").read_text())
+    assert [row["method"] for row in doc["rows"]] == ["edge"]
+    assert all(0 <= row["miou_full"] <= 1 for row in doc["rows"])
+    assert (out / "sweep.png").is_file() and (out / "class_frequency.png").is_file()
+    assert (out / "sweep" / "edge-16x16" / "model.safetensors").is_file()
+
+
+# -- bad input ---------------------------------------------------------------------
+
+
+def test_cli_evaluate_class_mismatch_names_both_files(model, nucls, tmp_path):
+    bad = tmp_path / "other.yaml"
+    bad.write_text("classes:\n  - {value: 1, name: tumour}\n")
+    r = _run("evaluate", model, nucls, "--classes", bad, "--out", tmp_path / "ev", "--device", "cpu")
+    assert r.exit_code == 2
+    assert str(bad) in r.output and str(model) in r.output and "do not match" in r.output
+
+
+def test_cli_evaluate_empty_and_missing_data(model, nucls, classes_yaml, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _run("evaluate", model, empty, "--classes", classes_yaml, "--out", tmp_path / "ev", "--device", "cpu")
+    assert r.exit_code == 2 and str(empty) in r.output and "no image/annotation pairs" in r.output
+    # Only training pairs: no test split to evaluate.
+    csv_path = tmp_path / "pairs.csv"
+    img = next((nucls / "train" / "images").glob("*.png"))
+    csv_path.write_text(f"image,annotation,split\n{img},{nucls / 'train' / 'labels' / img.name},train\n")
+    r = _run("evaluate", model, csv_path, "--classes", classes_yaml, "--out", tmp_path / "ev", "--device", "cpu")
+    assert r.exit_code == 2 and str(csv_path) in r.output and "no test pairs" in r.output
+
+
+def test_cli_evaluate_model_file_errors_are_one_line(nucls, classes_yaml, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    for path in (junk, tmp_path / "missing.safetensors"):
+        r = _run("evaluate", path, nucls, "--classes", classes_yaml, "--out", tmp_path / "ev")
+        assert r.exit_code == 2 and str(path) in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_cli_evaluate_refuses_training_on_the_evaluated_pairs(model, nucls, classes_yaml, tmp_path):
+    r = _run("evaluate", model, nucls / "test", "--classes", classes_yaml, "--out", tmp_path / "ev",
+             "--device", "cpu", "--compare", "edge")
+    assert r.exit_code == 2 and "overlaps the evaluated data" in r.output
