@@ -1,9 +1,16 @@
 """The built-in demo: a slide built from a real CC0 H&E region, and the shipped demo model.
 
 ``cmu1-region.jpg`` is a 1024 x 1024 crop of ``CMU-1-Small-Region.svs``
-(Carnegie Mellon University, OpenSlide test data, CC0). ``model.safetensors``
-is the demo model trained by ``pipelines/demo-model.yaml`` (see its metadata
-for what it was trained on and its held-out scores).
+(Carnegie Mellon University, OpenSlide test data, CC0).
+
+``model.safetensors`` is the demo model (3 classes: background, cellular,
+stroma; ~7 MB), rebuilt bit for bit by ``pipelines/demo-model.sh`` from
+``pipelines/demo-data.yaml`` and ``pipelines/demo-model.yaml``. It was trained
+on texture mosaics built on real BCSS label geometry with real H&E textures
+(:mod:`wsiseg.mosaic`), not on real annotated slides: it is a demonstration,
+not a diagnostic tool. Its metadata holds the training config, data hash and
+validation scores; ``docs/demo-model.md`` records the data, licences,
+held-out test scores and limitations.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ def demo_model() -> Path:
     """
     if not MODEL.is_file():
         raise WsisegError(
-            "no demo model is shipped yet: it comes with issue 5 ('wsiseg train' and the demo model); "
-            "use 'wsiseg segment SLIDES --model YOUR_MODEL --out DIR' meanwhile",
+            "no demo model is shipped yet (the package has no demo/model.safetensors); rebuild it with "
+            "'pipelines/demo-model.sh --install' or use 'wsiseg segment SLIDES --model YOUR_MODEL --out DIR'",
             MODEL,
         )
     return MODEL
