@@ -594,3 +594,62 @@ def test_tty_progress_bars_render(mixed_jobs, tmp_path):
     assert text.rstrip().endswith(f"3 ok, 2 failed, 0 skipped; status: {result.status_path}")
     with pytest.raises(ConfigError, match="progress"):
         run(mixed_jobs, tmp_path / "out", ThumbnailProcess(), progress="fancy")
+
+
+def test_lock_of_the_same_distributed_batch_is_taken_over_even_from_another_host(good_jobs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    job = next(j for j in good_jobs if j.name == "small")
+    (out / "small.lock").write_text(json.dumps({"pid": 4242, "host": "elsewhere.example", "run": "batch-1"}))
+    (out / ".small.thumb.png.tmp-4242").write_bytes(b"half a thumbnail")  # left by the killed attempt
+    proc = ThumbnailProcess()
+    # Another batch's lock from another host: respected.
+    outcome = batch.execute_slide(job, out, proc, fingerprint=FP, run_id="batch-2")
+    assert outcome.status == "skipped" and "elsewhere.example" in outcome.error and proc.calls == []
+    # The same batch's: an earlier attempt whose worker was lost; taken over, its temporaries removed.
+    outcome = batch.execute_slide(job, out, proc, fingerprint=FP, run_id="batch-1")
+    assert outcome.status == "ok" and proc.calls == ["small"]
+    assert is_done(job, out, FP) and leftovers(out) == []
+
+
+def test_lost_slide_release_only_touches_its_own_batch(good_jobs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    job = next(j for j in good_jobs if j.name == "small")
+    (out / "small.lock").write_text(json.dumps({"pid": 4242, "host": "elsewhere.example", "run": "batch-1"}))
+    (out / ".small.mask.tif.tmp-4242").write_bytes(b"partial")
+    (out / ".small.mask.tif.tmp-999").write_bytes(b"someone else's")
+    assert not batch.release_lost_slide(job, out, "batch-2")
+    assert (out / "small.lock").exists()
+    assert batch.release_lost_slide(job, out, "batch-1")
+    assert sorted(p.name for p in out.iterdir()) == [".small.mask.tif.tmp-999"]
+
+
+def test_plan_execute_record_are_the_parts_of_run_batch(good_jobs, tmp_path):
+    out = tmp_path / "out"
+    jobs = batch.check_batch(good_jobs, fingerprint=FP)
+    rec = batch.BatchRecorder(jobs, out, "none", io.StringIO())
+    assert read_status(out)["small"]["status"] == "pending"
+    proc = ThumbnailProcess()
+    for i, job in enumerate(jobs):
+        action, reason = batch.plan_slide(job, out, FP)
+        assert (action, reason) == ("process", "not done yet")
+        rec.slide_start(i, action, reason)
+        rec.slide_done(i, batch.execute_slide(job, out, proc, fingerprint=FP))
+    assert rec.finish().counts == {"ok": 3, "failed": 0, "skipped": 0}
+    assert batch.plan_slide(jobs[0], out, FP) == ("skip", DONE_REASON)
+    assert batch.plan_slide(jobs[0], out, FP, overwrite=True) == ("process", "--overwrite")
+
+
+def test_slide_finished_by_a_lost_attempt_of_the_same_batch_is_ok_not_skipped(good_jobs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    job = next(j for j in good_jobs if j.name == "small")
+    first = ThumbnailProcess()
+    assert batch.execute_slide(job, out, first, fingerprint=FP, run_id="batch-1").status == "ok"
+    # The worker died before reporting; the scheduler reruns the task: the work is not redone.
+    again = ThumbnailProcess()
+    outcome = batch.execute_slide(job, out, again, fingerprint=FP, run_id="batch-1")
+    assert outcome.status == "ok" and outcome.outputs == {"thumbnail": "small.thumb.png"} and again.calls == []
+    other = batch.execute_slide(job, out, again, fingerprint=FP, run_id="batch-2")
+    assert other.status == "skipped" and "by another run" in other.error

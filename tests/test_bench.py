@@ -54,3 +54,29 @@ def test_cli_bench_gather_small(slides_dir, tmp_path):
     for row in ("| uniform | lod |", "| uniform | exact |", "| deformed | lod |", "| deformed | exact |"):
         assert row in text
     assert "40 x 30 (w x h) samples" in text
+
+
+def test_cli_bench_segment_small(slides_dir, tmp_path, monkeypatch):
+    import wsiseg.bench_segment as bs
+
+    # In-process runs keep the test fast (each child process would pay torch's imports);
+    # the benchmark itself runs every measurement in a fresh process.
+    monkeypatch.setattr(bs, "_run_child", bs._run)
+    out = tmp_path / "bench.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:gather -->\nkept\n<!-- /bench:gather -->\n")
+    args = [
+        "bench", "segment", "--size", "1200x900", "--window", "256", "--workdir", str(tmp_path / "work"),
+        "--out", str(out), "--source", str(slides_dir / "CMU-1-Small-Region.svs"),
+    ]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "untrained" in r.output and "extrapolated" in r.output
+    text = out.read_text()
+    assert "<!-- bench:gather -->\nkept\n<!-- /bench:gather -->" in text  # other sections untouched
+    section = text[text.index("<!-- bench:segment -->") : text.index("<!-- /bench:segment -->")]
+    assert "synthetic 1200 x 900" in section and "**untrained**" in section
+    assert "| deformed |" in section and "Mpx/s" in section and "peak RSS" in section
+    assert "**Extrapolated**" in section and "256 x 256 synthetic slide" in section
+    for target in ("end to end <= 15 s", "mask write >= 500 Mpx/s", "peak RSS <= 1.5 GiB", ">= 100x"):
+        assert target in section
+    assert not [p for p in (tmp_path / "work").iterdir() if p.is_dir()]  # run outputs removed

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsiseg.cli import main
+from wsiseg.errors import ConfigError
 from wsiseg.models.io import load_deformseg, save_deformseg
 from wsiseg.models.net import DeformSegNet
 from wsiseg.output.classes import default_classes
@@ -281,3 +282,116 @@ def test_disk_full_mid_write_fails_slide_and_batch_goes_on(slides_dir, model_fil
     assert not (out / "boxes.mask.tif").exists()
     assert (out / "small.mask.tif").exists()
     assert not list(out.glob(".*tmp*"))
+
+
+# --- sliding-window mode
+
+
+def _colour_segmenter() -> torch.nn.Module:
+    """A per-pixel segmenter (1x1 conv on the standardised colour): each label depends on its own
+    pixel only, so a sliding-window mask can be checked against the whole image segmented at once."""
+    conv = torch.nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        conv.bias.zero_()
+    return conv.eval()
+
+
+@pytest.fixture
+def colour_model(model_file):
+    model = load_deformseg(model_file)
+    model.net.segmenter = _colour_segmenter()
+    return model
+
+
+def test_sliding_window_option_is_validated_and_part_of_the_fingerprint():
+    assert SegmentOptions().mode == "deformed"
+    assert SegmentOptions(mode="sliding-window").resolved()["mode"] == "sliding-window"
+    with pytest.raises(ConfigError):
+        SegmentOptions(mode="tiles")
+
+
+def test_sliding_window_mask_on_cmu(slides_dir, colour_model, tmp_path):
+    slide = slides_dir / "CMU-1-Small-Region.svs"
+    options = SegmentOptions(mode="sliding-window", geojson=False, qc=False)  # QC: see the CLI test
+    outputs = segment_slide(str(slide), colour_model, tmp_path, "cmu", options)
+    src = openslide.OpenSlide(str(slide))
+    mask = openslide.OpenSlide(str(tmp_path / outputs["mask"]))
+    assert mask.dimensions == src.dimensions
+    assert mask.level_count == len(mask_levels(*src.dimensions, 512)) > 2
+    assert float(mask.properties["openslide.mpp-x"]) == pytest.approx(float(src.properties["openslide.mpp-x"]), 1e-4)
+
+    report = json.loads((tmp_path / outputs["report"]).read_text())
+    assert report["mode"] == "sliding-window" and report["config"]["options"]["mode"] == "sliding-window"
+    boxes = report["regions"]
+    assert boxes and report["gather"]["windows"] == sum(-(-w // 512) * -(-h // 512) for _, _, w, h in boxes)
+    with tifffile.TiffFile(tmp_path / outputs["mask"]) as tif:
+        levels = [p.asarray() for p in tif.pages]
+    level0 = levels[0]
+    assert set(np.unique(level0)) <= {c.value for c in default_classes(3)}
+
+    # Inside the regions: the net's own per-pixel labels; outside: background.
+    net = colour_model.net
+    rgb = np.asarray(open_slide(slide).levels[0].array.compute())
+    with torch.no_grad():
+        logits = net.segmenter(net.standardise(torch.from_numpy(rgb).permute(2, 0, 1)[None]))
+    expect = logits.argmax(dim=1)[0].numpy().astype(np.uint8)  # class index == value for default_classes(3)
+    inside = np.zeros(level0.shape, bool)
+    for x, y, w, h in boxes:
+        inside[y : y + h, x : x + w] = True
+    assert (level0[~inside] == 0).all()
+    assert (level0[inside] == expect[inside]).mean() > 0.9999
+    assert len(np.unique(level0[inside])) > 1
+
+    # Reduced levels: the level-0 pixel under each level pixel's centre.
+    H, W = level0.shape
+    for lv in levels[1:]:
+        h, w = lv.shape
+        rows = np.floor((np.arange(h) + 0.5) * (H / h)).astype(int)
+        cols = np.floor((np.arange(w) + 0.5) * (W / w)).astype(int)
+        assert np.array_equal(lv, level0[np.ix_(rows, cols)])
+
+    counts = np.bincount(level0.ravel(), minlength=3)
+    assert [a["pixels"] for a in report["class_areas"]] == counts[:3].tolist()
+    assert report["fraction_sampled"] == pytest.approx(sum(w * h for _, _, w, h in boxes) / (H * W))
+    assert not list(tmp_path.glob(".*"))  # the temporary label store is gone
+
+
+def test_sliding_window_store_removed_when_segmenter_fails(slides_dir, colour_model, tmp_path, monkeypatch):
+    real = colour_model.net.segmenter
+    calls = {"n": 0}
+
+    class Failing(torch.nn.Module):
+        def forward(self, x):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                assert list(tmp_path.glob(".cmu.sliding-window-*"))  # the store is there mid-way
+                raise RuntimeError("segmenter failed mid-way")
+            return real(x)
+
+    monkeypatch.setattr(colour_model.net, "segmenter", Failing())
+    with pytest.raises(RuntimeError, match="mid-way"):
+        segment_slide(str(slides_dir / "CMU-1-Small-Region.svs"), colour_model, tmp_path, "cmu",
+                      SegmentOptions(mode="sliding-window"))
+    assert calls["n"] == 3
+    assert not list(tmp_path.glob(".*")) and not list(tmp_path.glob("cmu.*"))
+
+
+def test_cli_sliding_window_on_boxes(slides_dir, model_file, tmp_path):
+    out = tmp_path / "out"
+    args = [str(slides_dir / "boxes.tiff"), "--model", str(model_file), "--out", str(out), "--progress", "none",
+            "--mode", "sliding-window"]
+    r = _segment(args)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "boxes.report.json").read_text())
+    assert report["mode"] == "sliding-window" and report["gather"]["windows"] >= 1
+    assert (out / "boxes.qc.png").stat().st_size > 0  # QC without sampling points or density
+    mask = openslide.OpenSlide(str(out / "boxes.mask.tif"))
+    assert mask.dimensions == openslide.OpenSlide(str(slides_dir / "boxes.tiff")).dimensions
+    with tifffile.TiffFile(out / "boxes.mask.tif") as tif:
+        assert set(np.unique(tif.pages[0].asarray())) <= {0, 1, 2}
+    assert not list(out.glob(".*sliding-window*"))
+    # The mode is part of the resume fingerprint: deformed mode redoes the slide.
+    r = _segment(args[:-2])
+    assert r.exit_code == 0 and "1 ok" in r.output
+    assert json.loads((out / "boxes.report.json").read_text())["mode"] == "deformed"

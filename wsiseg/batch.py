@@ -102,6 +102,18 @@ current slide's stage. ``"jsonl"``: one JSON object per line with ``event``
 (``batch_start``, ``slide_start``, ``stage``, ``slide_done``, ``warning``,
 ``batch_done``), ``time`` (ISO 8601) and the event's fields. ``"auto"`` picks
 ``tty`` when ``stream`` is a terminal, else ``jsonl``. ``"none"`` is silent.
+
+Where slides run
+----------------
+A batch is three parts: :func:`plan_slide` decides run or skip (the resume
+rules), :func:`execute_slide` locks, processes and certifies one slide, and
+:class:`BatchRecorder` writes ``status.csv`` and the progress events.
+:func:`run_batch` runs them in this process; :mod:`wsiseg.distributed` plans
+and records in the client and runs :func:`execute_slide` on dask workers
+that share the output folder, so both follow the same rules. A dask
+scheduler reruns a task only after losing the worker that ran it, so a lock
+written by the same distributed batch (its ``run`` id) is taken over even
+from another host; temporaries left by a killed lock owner are removed.
 """
 
 from __future__ import annotations
@@ -118,6 +130,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -138,15 +151,20 @@ __all__ = [
     "DONE_REASON",
     "SLIDE_EXTENSIONS",
     "STATUS_FILE",
+    "BatchRecorder",
     "BatchResult",
     "ProcessFn",
     "ProgressFn",
     "SlideJob",
     "SlideOutcome",
     "SlideResult",
+    "check_batch",
+    "execute_slide",
     "expand_inputs",
     "is_done",
     "make_fingerprint",
+    "plan_slide",
+    "release_lost_slide",
     "run_batch",
     "slide_fingerprint",
 ]
@@ -765,7 +783,20 @@ def is_done(job: SlideJob, out_dir: str | os.PathLike, fingerprint: str) -> bool
     return _done_state(job, Path(out_dir), fingerprint)[0]
 
 
-def _write_marker(job: SlideJob, out_dir: Path, fingerprint: str, outputs: dict[str, str]) -> None:
+def _marker_run(out_dir: Path, name: str) -> tuple[str, dict[str, str]] | None:
+    """``(run id, outputs)`` recorded in a done marker by a distributed batch, or None."""
+    try:
+        data = json.loads(_marker_path(out_dir, name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("run"), str) or not isinstance(data.get("outputs"), dict):
+        return None
+    return data["run"], {str(k): str(v) for k, v in data["outputs"].items()}
+
+
+def _write_marker(
+    job: SlideJob, out_dir: Path, fingerprint: str, outputs: dict[str, str], run_id: str | None = None
+) -> None:
     rel: dict[str, str] = {}
     for kind, value in outputs.items():
         p = Path(value)
@@ -787,6 +818,8 @@ def _write_marker(job: SlideJob, out_dir: Path, fingerprint: str, outputs: dict[
         "outputs": rel,
         "finished_at": _now(),
     }
+    if run_id is not None:
+        data["run"] = run_id
     with atomic_output(_marker_path(out_dir, job.name), overwrite=True) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -846,6 +879,7 @@ class _Lock:
     path: Path
     token: str
     last_touch: float = 0.0
+    previous: dict | None = None  # owner of the stale lock this one replaced
 
     def touch(self) -> None:
         now = time.monotonic()
@@ -871,9 +905,13 @@ class _HeldBy:
         return f"being processed by another run (pid {pid}{where})"
 
 
-def _lock_live(owner: dict | None, age: float, timeout: float, path: Path) -> bool:
+def _lock_live(owner: dict | None, age: float, timeout: float, path: Path, run_id: str | None = None) -> bool:
     if owner is None:  # empty/garbled: maybe being written right now
         return age < min(_UNREADABLE_LOCK_GRACE_S, timeout)
+    if run_id is not None and owner.get("run") == run_id:
+        # An earlier attempt of this very task: a dask scheduler only reruns a
+        # task after losing the worker that ran it, which may be on another host.
+        return False
     if owner.get("host") != _HOST:
         return age < timeout
     boot = owner.get("boot_id")
@@ -922,8 +960,11 @@ def _break_stale(path: Path, seen: bytes) -> None:
             aside.unlink()
 
 
-def _acquire_lock(path: Path, timeout: float) -> _Lock | _HeldBy:
+def _acquire_lock(path: Path, timeout: float, run_id: str | None = None) -> _Lock | _HeldBy:
     """Create ``path`` exclusively, taking over a stale lock; or say who holds it.
+
+    ``run_id`` identifies one distributed batch: a lock it wrote itself is
+    stale (see :func:`execute_slide`).
 
     Raises
     ------
@@ -940,7 +981,10 @@ def _acquire_lock(path: Path, timeout: float) -> _Lock | _HeldBy:
         "time": _now(),
         "token": token,
     }
+    if run_id is not None:
+        owner["run"] = run_id
     last: dict = {}
+    broken: dict | None = None
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -950,9 +994,10 @@ def _acquire_lock(path: Path, timeout: float) -> _Lock | _HeldBy:
                 continue  # released meanwhile
             raw, holder, age = seen
             last = holder or {}
-            if _lock_live(holder, age, timeout, path):
+            if _lock_live(holder, age, timeout, path, run_id):
                 return _HeldBy(last)
             _break_stale(path, raw)
+            broken = holder
             continue
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -962,8 +1007,49 @@ def _acquire_lock(path: Path, timeout: float) -> _Lock | _HeldBy:
                 path.unlink()
             raise
         _HELD.add(str(path))
-        return _Lock(path, token, time.monotonic())
+        return _Lock(path, token, time.monotonic(), previous=broken)
     return _HeldBy(last)  # lost every race: someone else is busy with it
+
+
+def _remove_orphans(out_dir: Path, name: str, owner: dict | None) -> None:
+    """Remove the temporaries of slide ``name`` left by the dead owner of a stale lock.
+
+    :func:`wsiseg.atomic.atomic_output` names them ``.FILE.tmp-PID``; a
+    process killed mid-write (SIGKILL, a lost dask worker) cannot remove its
+    own. Only the dead owner's pid is matched, so other runs' files are safe.
+    """
+    pid = (owner or {}).get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return
+    for p in out_dir.glob(f".{glob.escape(name)}.*.tmp-{pid}"):
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def release_lost_slide(job: SlideJob, out_dir: str | os.PathLike, run_id: str) -> bool:
+    """Remove the lock and temporaries of a slide whose last worker died holding them.
+
+    For a distributed batch after the scheduler gave up on the slide: no
+    attempt of it can still be running, but a dead worker on another host
+    would otherwise leave a lock that other runs respect for hours. Only a
+    lock written under ``run_id`` is removed.
+
+    Returns
+    -------
+    bool
+        Whether a lock was removed.
+    """
+    out = Path(out_dir)
+    path = out / f"{job.name}{_LOCK_SUFFIX}"
+    seen = _read_lock(path)
+    if seen is None or seen[1] is None or seen[1].get("run") != run_id:
+        return False
+    _break_stale(path, seen[0])
+    _remove_orphans(out, job.name, seen[1])
+    return not path.exists()
 
 
 # ---------------------------------------------------------------------------
@@ -1126,20 +1212,22 @@ def _make_reporter(progress: str, stream: IO[str]) -> _Reporter:
     raise ConfigError(f"progress must be 'auto', 'tty', 'jsonl' or 'none', got {progress!r}")
 
 
-def _progress_fn(reporter: _Reporter, job: SlideJob, lock: _Lock) -> ProgressFn:
+def _checked_progress(progress: ProgressFn | None, lock: _Lock) -> ProgressFn:
+    """The progress function handed to a process function: heartbeat + report, never raising."""
     guard = threading.Lock()  # the process function may report from worker threads
 
-    def progress(stage: str, fraction: float) -> None:
+    def report(stage: str, fraction: float) -> None:
         try:
             f = float(fraction)
             f = 0.0 if not math.isfinite(f) else min(max(f, 0.0), 1.0)
             with guard:
                 lock.touch()
-                reporter.stage(job, str(stage), f)
+                if progress is not None:
+                    progress(str(stage), f)
         except Exception:  # noqa: BLE001, S110 - reporting must never break the work
             pass
 
-    return progress
+    return report
 
 
 # ---------------------------------------------------------------------------
@@ -1218,57 +1306,203 @@ def _prepare_out_dir(out: Path) -> None:
         raise WsisegError("output folder is not writable", out)
 
 
-def _run_one(
+def plan_slide(job: SlideJob, out_dir: str | os.PathLike, fingerprint: str, *, overwrite: bool = False) -> tuple[str, str]:
+    """Whether a batch should process or skip ``job``: the planner of :func:`run_batch`.
+
+    Returns
+    -------
+    (action, reason)
+        ``("skip", DONE_REASON)`` when the slide is done (see Resume in the
+        module docstring), else ``("process", why)``.
+    """
+    if overwrite:
+        return "process", "--overwrite"
+    done, why = _done_state(job, Path(out_dir), fingerprint)
+    return ("skip", why) if done else ("process", why)
+
+
+def execute_slide(
     job: SlideJob,
-    index: int,
-    total: int,
-    out: Path,
+    out_dir: str | os.PathLike,
     process: ProcessFn,
-    reporter: _Reporter,
     *,
     fingerprint: str,
-    overwrite: bool,
-    lock_timeout: float,
+    overwrite: bool = False,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    progress: ProgressFn | None = None,
+    run_id: str | None = None,
 ) -> SlideOutcome:
-    """Decide, lock, process and certify one slide. Only BaseExceptions escape."""
+    """Lock, process and certify one slide that :func:`plan_slide` chose to process.
+
+    The per-slide half of :func:`run_batch`, usable wherever the slide runs
+    (this process or a dask worker sharing the output folder). Under
+    ``<name>.lock`` it checks again that no other run finished the slide,
+    removes the old done marker, calls ``process`` and writes the new marker
+    when the outcome is ``ok`` and every output exists.
+
+    Parameters
+    ----------
+    job : SlideJob
+    out_dir : path-like
+        The batch output folder (must exist).
+    process : ProcessFn
+    fingerprint : str
+        The batch fingerprint (:func:`make_fingerprint`).
+    overwrite : bool
+        Redo even if another run finished the slide meanwhile.
+    lock_timeout : float
+        Seconds after which a lock from another host is stale.
+    progress : ProgressFn, optional
+        Receives the process function's progress (clamped, never raising);
+        each report also refreshes the lock's heartbeat.
+    run_id : str, optional
+        Identifies one distributed batch. A lock written under the same id is
+        an earlier attempt of this task whose worker was lost, and is taken
+        over even when it comes from another host.
+
+    Returns
+    -------
+    SlideOutcome
+        ``seconds`` is the wall time spent here. Only BaseExceptions
+        (KeyboardInterrupt, SystemExit) escape; the lock is released then too.
+    """
+    t0 = time.monotonic()
+    out = Path(out_dir)
+
+    def timed(outcome: SlideOutcome) -> SlideOutcome:
+        return dataclasses.replace(outcome, seconds=time.monotonic() - t0)
+
     sfp = slide_fingerprint(fingerprint, job)
-    if overwrite:
-        done, why = False, "--overwrite"
-    else:
-        done, why = _done_state(job, out, fingerprint)
-    reporter.slide_start(index, total, job, "skip" if done else "process", why)
-    if done:
-        return SlideOutcome("skipped", error=DONE_REASON)
     try:
-        lock = _acquire_lock(out / f"{job.name}{_LOCK_SUFFIX}", lock_timeout)
+        lock = _acquire_lock(out / f"{job.name}{_LOCK_SUFFIX}", lock_timeout, run_id)
     except OSError as exc:
-        return SlideOutcome("failed", error=f"cannot create lock file: {_describe_oserror(exc)}")
+        return timed(SlideOutcome("failed", error=f"cannot create lock file: {_describe_oserror(exc)}"))
     if isinstance(lock, _HeldBy):
-        return SlideOutcome("skipped", error=lock.describe())
+        return timed(SlideOutcome("skipped", error=lock.describe()))
     try:
+        if lock.previous is not None:
+            _remove_orphans(out, job.name, lock.previous)
         # Another run may have finished the slide between the check and the lock.
         if not overwrite and _done_state(job, out, fingerprint)[0]:
-            return SlideOutcome("skipped", error=f"{DONE_REASON} (by another run)")
+            mine = _marker_run(out, job.name)
+            if run_id is not None and mine is not None and mine[0] == run_id:
+                # An earlier attempt of this task finished, then its worker died before reporting.
+                return timed(SlideOutcome("ok", outputs=mine[1]))
+            return timed(SlideOutcome("skipped", error=f"{DONE_REASON} (by another run)"))
         try:
             # A stale certificate must not survive a redo that dies half-way.
             _marker_path(out, job.name).unlink(missing_ok=True)
-            outcome = process(job, out, fingerprint=sfp, overwrite=True, progress=_progress_fn(reporter, job, lock))
+            outcome = process(job, out, fingerprint=sfp, overwrite=True, progress=_checked_progress(progress, lock))
             if not isinstance(outcome, SlideOutcome):
                 raise TypeError(f"the process function returned {type(outcome).__name__}, not SlideOutcome")
         except Exception as exc:  # noqa: BLE001 - any bug in one slide must not stop the batch
-            return SlideOutcome("failed", error=_describe_error(exc))
+            return timed(SlideOutcome("failed", error=_describe_error(exc)))
         if outcome.status == "failed":
-            return dataclasses.replace(outcome, error=_one_line(outcome.error or "failed (no reason given)"))
+            return timed(dataclasses.replace(outcome, error=_one_line(outcome.error or "failed (no reason given)")))
         if outcome.status == "ok":
             try:
-                _write_marker(job, out, sfp, dict(outcome.outputs))
+                _write_marker(job, out, sfp, dict(outcome.outputs), run_id)
             except WsisegError as exc:  # e.g. a reported output that does not exist
-                return SlideOutcome("failed", error=_describe_error(exc))
+                return timed(SlideOutcome("failed", error=_describe_error(exc)))
             except OSError as exc:
-                return SlideOutcome("failed", error=f"cannot write done marker: {_describe_oserror(exc)}")
-        return outcome
+                return timed(SlideOutcome("failed", error=f"cannot write done marker: {_describe_oserror(exc)}"))
+        return timed(outcome)
     finally:
         lock.release()
+
+
+def check_batch(jobs: Iterable[SlideJob], *, fingerprint: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> list[SlideJob]:
+    """Validate a batch's arguments before any work; returns the jobs as a list.
+
+    Raises
+    ------
+    ConfigError
+        Empty fingerprint, non-positive lock timeout, non-SlideJob items,
+        duplicate or reserved output names.
+    """
+    jobs = list(jobs)
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise ConfigError("fingerprint must be a non-empty string")
+    if not (lock_timeout > 0):
+        raise ConfigError(f"lock timeout must be positive, got {lock_timeout!r}")
+    _check_jobs(jobs)
+    return jobs
+
+
+class BatchRecorder:
+    """The truth about a batch: ``status.csv`` and progress events.
+
+    Shared by :func:`run_batch` and :func:`wsiseg.distributed.run_batch_distributed`
+    so that local and cluster runs report alike. Thread-safe: distributed
+    progress arrives on another thread.
+
+    Parameters
+    ----------
+    jobs : list of SlideJob
+        Already checked (:func:`check_batch`).
+    out_dir : path-like
+        Created if missing.
+    progress : {"auto", "tty", "jsonl", "none"}
+    stream : text stream
+        Where progress goes.
+
+    Raises
+    ------
+    WsisegError
+        The output folder cannot be created or written.
+    """
+
+    def __init__(self, jobs: list[SlideJob], out_dir: str | os.PathLike, progress: str, stream: IO[str]):
+        self.reporter = _make_reporter(progress, stream)
+        self.out = Path(out_dir)
+        _prepare_out_dir(self.out)
+        self.jobs = jobs
+        self.results: list[SlideResult | None] = [None] * len(jobs)
+        self._status = _StatusFile(self.out / STATUS_FILE, jobs, self.reporter)
+        self._guard = threading.RLock()
+        self._t0 = time.monotonic()
+        self.reporter.batch_start(len(jobs), self.out)
+        self._status.write(self.results)
+
+    def slide_start(self, index: int, action: str, reason: str) -> None:
+        """A slide is about to be processed (``action="process"``) or skipped."""
+        with self._guard:
+            self.reporter.slide_start(index, len(self.jobs), self.jobs[index], action, reason)
+
+    def stage(self, index: int, stage: str, fraction: float) -> None:
+        """Progress within a slide."""
+        with self._guard:
+            self.reporter.stage(self.jobs[index], stage, fraction)
+
+    def warning(self, message: str) -> None:
+        with self._guard:
+            self.reporter.warning(message)
+
+    def slide_done(self, index: int, outcome: SlideOutcome, *, write: bool = True) -> SlideResult:
+        """Record a slide's outcome, report it and rewrite ``status.csv`` (unless ``write`` is false)."""
+        with self._guard:
+            result = SlideResult(self.jobs[index], outcome, _now())
+            self.results[index] = result
+            self.reporter.slide_done(index, len(self.jobs), result)
+            if write:
+                self._status.write(self.results)
+            return result
+
+    def abort(self) -> None:
+        """Write the status as it is (unreached slides stay ``pending``) and close the progress display."""
+        with self._guard:
+            self._status.write(self.results)
+            self.reporter.close()
+
+    def finish(self) -> BatchResult:
+        """The batch result, after every slide was recorded; reports ``batch_done``."""
+        with self._guard:
+            done = BatchResult(
+                [r for r in self.results if r is not None], self.out / STATUS_FILE, time.monotonic() - self._t0
+            )
+            self.reporter.batch_done(done)
+            self.reporter.close()
+            return done
 
 
 def run_batch(
@@ -1284,7 +1518,10 @@ def run_batch(
 ) -> BatchResult:
     """Run ``process`` on every slide, recording status and certifying results.
 
-    See the module docstring for resume, locking and error handling.
+    See the module docstring for resume, locking and error handling. The
+    work is :func:`plan_slide` (run or skip), :func:`execute_slide` (lock,
+    process, certify) and :class:`BatchRecorder` (status and progress); the
+    distributed driver (:mod:`wsiseg.distributed`) uses the same three.
 
     Parameters
     ----------
@@ -1319,49 +1556,27 @@ def run_batch(
         After recording the current slide as interrupted.
     """
     stream = sys.stderr if stream is None else stream
-    jobs = list(jobs)
-    if not isinstance(fingerprint, str) or not fingerprint:
-        raise ConfigError("fingerprint must be a non-empty string")
-    if not (lock_timeout > 0):
-        raise ConfigError(f"lock timeout must be positive, got {lock_timeout!r}")
-    _check_jobs(jobs)
-    reporter = _make_reporter(progress, stream)
-    out = Path(out_dir)
-    _prepare_out_dir(out)
-    status = _StatusFile(out / STATUS_FILE, jobs, reporter)
-    results: list[SlideResult | None] = [None] * len(jobs)
-    t_batch = time.monotonic()
-    total = len(jobs)
-    reporter.batch_start(total, out)
-    status.write(results)
+    jobs = check_batch(jobs, fingerprint=fingerprint, lock_timeout=lock_timeout)
+    rec = BatchRecorder(jobs, out_dir, progress, stream)
     try:
         for i, job in enumerate(jobs):
             t0 = time.monotonic()
             try:
-                outcome = _run_one(
-                    job,
-                    i,
-                    total,
-                    out,
-                    process,
-                    reporter,
-                    fingerprint=fingerprint,
-                    overwrite=overwrite,
-                    lock_timeout=lock_timeout,
-                )
+                action, reason = plan_slide(job, rec.out, fingerprint, overwrite=overwrite)
+                rec.slide_start(i, action, reason)
+                if action == "skip":
+                    outcome = SlideOutcome("skipped", error=DONE_REASON)
+                else:
+                    outcome = execute_slide(
+                        job, rec.out, process, fingerprint=fingerprint, overwrite=overwrite,
+                        lock_timeout=lock_timeout, progress=lambda stage, f, i=i: rec.stage(i, stage, f),
+                    )
             except BaseException as exc:  # Ctrl-C, SystemExit: record the truth, then let it go
                 reason = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else f"aborted ({type(exc).__name__})"
-                results[i] = SlideResult(job, SlideOutcome("failed", time.monotonic() - t0, reason), _now())
-                reporter.slide_done(i, total, results[i])
+                rec.slide_done(i, SlideOutcome("failed", time.monotonic() - t0, reason), write=False)
                 raise
-            results[i] = SlideResult(job, dataclasses.replace(outcome, seconds=time.monotonic() - t0), _now())
-            reporter.slide_done(i, total, results[i])
-            status.write(results)
+            rec.slide_done(i, dataclasses.replace(outcome, seconds=time.monotonic() - t0))
     except BaseException:
-        status.write(results)  # slides not reached stay "pending"
-        reporter.close()
+        rec.abort()  # slides not reached stay "pending"
         raise
-    done = BatchResult([r for r in results if r is not None], out / STATUS_FILE, time.monotonic() - t_batch)
-    reporter.batch_done(done)
-    reporter.close()
-    return done
+    return rec.finish()

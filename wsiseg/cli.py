@@ -208,14 +208,82 @@ def bench_convert_command(size, chunk, workdir, source, tile, out) -> None:
     click.echo(f"wrote {write_section(out, 'convert', format_convert_section(result, command_line()))}")
 
 
+@bench_group.command("cluster")
+@click.option("--size", default="4000x3000", show_default=True, type=_Size(), help="Slide WIDTHxHEIGHT.")
+@click.option("--slides", type=click.IntRange(min=1), default=6, show_default=True, help="Slides per batch.")
+@click.option("--workers", "worker_counts", default="1,2", show_default=True, metavar="N,N,...",
+              help="Local dask worker-process counts to measure.")
+@click.option("--in-process/--no-in-process", default=True, show_default=True,
+              help="Also measure the plain in-process run.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rounds over all modes (interleaved); the best run of each is reported.")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="Model file [default: the demo model, else an untrained net of the default training config].")
+@_bench_common
+def bench_cluster_command(size, slides, worker_counts, in_process, repeats, model_path, workdir, source, tile,
+                          out) -> None:
+    """Slides per hour of wsiseg segment: in-process vs 1, 2, ... worker processes."""
+    from wsiseg.bench import bench_cluster, command_line, format_cluster_section, write_section
+    from wsiseg.errors import ConfigError
+
+    try:
+        counts = tuple(int(v) for v in worker_counts.split(",") if v.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--workers expects comma-separated positive integers, got {worker_counts!r}")
+    result = bench_cluster(_bench_spec(size, source, tile), workdir, slides, counts, in_process=in_process,
+                           repeats=repeats, model=model_path, log=click.echo)
+    click.echo(f"wrote {write_section(out, 'cluster', format_cluster_section(result, command_line()))}")
+
+
+@bench_group.command("segment")
+@click.option("--size", default="40000x30000", show_default=True, type=_Size(), help="Slide WIDTHxHEIGHT.")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="Model file [default: a fixed-seed untrained tiny net; speed does not depend on the weights, "
+                   "but its noisy labels are the tile writer's worst case].")
+@click.option("--window", type=click.IntRange(min=64), default=4096, show_default=True,
+              help="Side of the square slide on which the sliding-window baseline is timed (then extrapolated).")
+@_bench_common
+def bench_segment_command(size, model_path, window, workdir, source, tile, out) -> None:
+    """wsiseg segment end to end: stage times, peak memory, mask write rate, sliding-window ratio."""
+    from wsiseg.bench import command_line, write_section
+    from wsiseg.bench_segment import bench_segment, format_segment_section
+
+    result = bench_segment(_bench_spec(size, source, tile), workdir, model=model_path, window=window, log=click.echo)
+    click.echo(f"wrote {write_section(out, 'segment', format_segment_section(result, command_line()))}")
+
+
+@bench_group.command("memory")
+@click.option("--size", default="100000x100000", show_default=True, type=_Size(),
+              help="Largest slide WIDTHxHEIGHT; also measured at half and a quarter of its sides.")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="Model file [default: a fixed-seed untrained tiny net].")
+@_bench_common
+def bench_memory_command(size, model_path, workdir, source, tile, out) -> None:
+    """Peak memory of wsiseg segment on slides of growing area (should stay flat)."""
+    from wsiseg.bench import command_line, write_section
+    from wsiseg.bench_segment import bench_memory, format_memory_section
+
+    w, h = size
+    sizes = [(max(1, w // 4), max(1, h // 4)), (max(1, w // 2), max(1, h // 2)), (w, h)]
+    spec = _bench_spec(size, source, tile)
+    result = bench_memory(sizes, spec.source, workdir, tile=tile, model=model_path, log=click.echo)
+    click.echo(f"wrote {write_section(out, 'memory', format_memory_section(result, command_line()))}")
+
+
 @bench_group.command("all")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
               show_default=True, help="Markdown file whose sections are replaced.")
 @click.pass_context
 def bench_all_command(ctx: click.Context, out: str) -> None:
-    """Run every benchmark with its defaults, writing each section of OUT."""
+    """Run every benchmark with its defaults, writing each section of OUT.
+
+    Not `memory`: it builds a 100k x 100k slide (3.4 GiB, ~75 s) and segments
+    three slides up to 10 Gpx, minutes on its own; run it by name.
+    """
     for name, cmd in sorted(bench_group.commands.items()):
-        if name == "all":
+        if name in ("all", "memory"):
             continue
         click.echo(f"== bench {name}")
         kwargs = {"out": out} if any(p.name == "out" for p in cmd.params) else {}
@@ -229,6 +297,9 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are already complete.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (default: on for CUDA).")
+@click.option("--mode", type=click.Choice(["deformed", "sliding-window"]), default="deformed", show_default=True,
+              help="Deformed sampling, or the baseline: the model's segmentation net on every level-0 window "
+                   "(512 px, 32 px context) of the regions; far slower, for comparisons.")
 @click.option("--regions", type=click.Choice(["tissue", "whole"]), default="tissue", show_default=True,
               help="Sample per detected tissue region (biopsy core) or the whole slide at once.")
 @click.option("--tissue-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
@@ -249,9 +320,15 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
 @click.option("--qc/--no-qc", default=True, show_default=True, help="Write the QC figure.")
 @click.option("--progress", type=click.Choice(["auto", "tty", "jsonl", "none"]), default="auto", show_default=True,
               help="Progress bars on a terminal, JSON lines otherwise.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run one task per slide on the dask.distributed cluster at ADDRESS (e.g. tcp://host:8786); "
+                   "slides, model and OUT must have the same paths on every worker.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Run on a local dask cluster of N worker processes (one slide each at a time).")
 @click.pass_context
 def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, regions, tissue_threshold, grid_size,
-                    long_side, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, progress) -> None:
+                    long_side, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, progress, scheduler,
+                    workers, mode) -> None:
     """Segment SLIDES (files, folders, globs or CSV manifests) into OUT.
 
     Per slide: <name>.mask.tif (pyramidal BigTIFF label mask, opens in
@@ -268,8 +345,12 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
         regions=regions, tissue_threshold=tissue_threshold,
         out_size=_hw(grid_size), long_side=long_side, interp=interp,
         gather_mode=gather_mode, lod_bias=lod_bias, device=device, amp=amp, tile=tile, mpp=mpp, geojson=geojson, qc=qc,
+        mode=mode,
     )
-    result = run_segment(slides, model_path, out_dir, options, overwrite=overwrite, progress=progress)
+    if scheduler is not None and workers is not None:
+        raise click.UsageError("--scheduler and --workers exclude each other")
+    result = run_segment(slides, model_path, out_dir, options, overwrite=overwrite, progress=progress,
+                         scheduler=scheduler, workers=workers)
     counts = result.counts
     click.echo(
         f"{counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed "
@@ -481,3 +562,32 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
         click.echo(run.table)
     for path in run.files.values():
         click.echo(f"wrote {path}", err=True)
+
+
+@main.command("run")
+@click.argument("pipeline_path", metavar="PIPELINE", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a key of the pipeline (repeatable; YAML values, e.g. --set qc=false).")
+@click.option("--dry-run", is_flag=True, help="Validate and print the equivalent command; run nothing.")
+@click.pass_context
+def run_command(ctx, pipeline_path, overrides, dry_run) -> None:
+    """Run the job defined in PIPELINE (a versioned YAML file, see pipelines/).
+
+    The file names a job (segment, train, evaluate, bench) and its options
+    as the command line spells them; it is validated first (one-line errors
+    naming the file and key), then run exactly as the equivalent wsiseg
+    command, which is printed. The exit code is the job's.
+    """
+    from wsiseg.errors import ConfigError
+    from wsiseg.pipeline import load_pipeline, parse_overrides
+
+    pipe = load_pipeline(pipeline_path, parse_overrides(overrides))
+    click.echo(f"{pipeline_path}: {pipe.command_line()}", err=True)
+    if dry_run:
+        return
+    argv = (["--debug"] if ctx.obj and ctx.obj.get("debug") else []) + pipe.argv()
+    try:
+        code = main.main(args=argv, prog_name="wsiseg", standalone_mode=False)
+    except click.ClickException as exc:  # e.g. a path that does not exist
+        raise ConfigError(exc.format_message(), pipeline_path) from None
+    ctx.exit(code if isinstance(code, int) else 0)

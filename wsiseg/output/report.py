@@ -186,6 +186,9 @@ class SlideReport:
         Hash of the model file's bytes.
     device : str or None
         Compute device used (``"cuda:0"``, ``"cpu"``...).
+    mode : str
+        ``"deformed"`` (deformed sampling) or ``"sliding-window"`` (the
+        segmentation net on every level-0 window).
     regions : list of (x, y, w, h)
         Processed level-0 regions (:class:`~wsiseg.slide.tissue.Region`
         objects are accepted and stored as boxes).
@@ -220,6 +223,7 @@ class SlideReport:
     model: str | None = None
     model_hash: str | None = None
     device: str | None = None
+    mode: str = "deformed"
     regions: list = field(default_factory=list)
     class_areas: list[dict] = field(default_factory=list)
     fraction_sampled: float | None = None

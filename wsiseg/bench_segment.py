@@ -1,0 +1,491 @@
+"""Benchmarks of ``wsiseg segment`` end to end: stage times, peak memory, sliding-window baseline.
+
+``wsiseg bench segment`` runs :func:`wsiseg.segment.segment_slide` on a large
+synthetic JPEG pyramid (the slide of ``wsiseg bench gather``) and records the
+report's time per stage, peak resident memory, the mask write rate, the
+fraction of pixels sampled and the chunks decoded; then it times
+``mode="sliding-window"`` on a window-sized synthetic slide and extrapolates
+it linearly to the tissue area of the large slide. ``wsiseg bench memory``
+records the peak memory of the same run on slides of growing area.
+
+Every measurement runs in a fresh Python process (``python -m
+wsiseg.bench_segment``), so the peak resident memory of one run
+(``getrusage``'s ``ru_maxrss``) never includes another's, and each run pays
+its own imports and model load (reported apart from the segmentation).
+Sections of ``docs/benchmarks.md`` are written by
+:func:`wsiseg.bench.write_section`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsiseg.bench import SlideSpec, _machine_lines, cached_synthetic_slide, machine_info
+from wsiseg.errors import ConfigError, WsisegError
+
+__all__ = [
+    "Measurement",
+    "MemoryBench",
+    "MemoryRun",
+    "SegmentBench",
+    "bench_memory",
+    "bench_segment",
+    "format_memory_section",
+    "format_segment_section",
+    "measure",
+    "tiny_model",
+]
+
+#: The untrained bench model: the tiny net of the test suite, fixed seed.
+TINY_NET = {"arch": "unet", "encoder": "resnet18", "num_classes": 3, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+
+# Issue targets (2-core machine, 40k x 30k JPEG pyramid).
+TARGET_TOTAL_S = 15.0
+TARGET_MASK_MP_S = 500.0
+TARGET_RSS_MB = 1.5 * 1024
+TARGET_RATIO = 100.0
+
+
+def tiny_model(workdir: str | os.PathLike) -> Path:
+    """A fixed-seed untrained tiny model (3 classes) in ``workdir``, built once.
+
+    Speed does not depend on the weights, but what the labels look like does:
+    random weights predict a different class at almost every grid node, a
+    worst case (most tiles have boundaries) for the tile writer and the
+    GeoJSON, which a trained model's smooth label maps are not.
+    """
+    path = Path(workdir) / "bench-tiny-untrained-seed0.safetensors"
+    if not path.is_file():
+        import torch
+
+        from wsiseg.models.io import save_deformseg
+        from wsiseg.models.net import DeformSegNet
+        from wsiseg.output.classes import default_classes
+
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        net = DeformSegNet(TINY_NET, map_size=(32, 32), out_size=(64, 64)).eval()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_deformseg(tmp, net, default_classes(3))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# one measurement, in a child process
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One ``segment_slide`` run in a fresh process.
+
+    Attributes
+    ----------
+    mode : str
+        ``"deformed"`` or ``"sliding-window"``.
+    width, height : int
+        Level-0 size of the slide.
+    timings : dict
+        The report's seconds per stage (and ``total``).
+    startup_seconds : float
+        Interpreter start, imports and model load before ``segment_slide``.
+    wall_seconds : float
+        The whole child process.
+    peak_rss_mb : float
+        Peak resident memory of the child (MiB), ``ru_maxrss``.
+    rss_before_mb : float
+        The same just before ``segment_slide`` (imports and model).
+    report : dict
+        The slide report (``gather``, ``regions``, ``fraction_sampled``...).
+    """
+
+    mode: str
+    width: int
+    height: int
+    timings: dict
+    startup_seconds: float
+    wall_seconds: float
+    peak_rss_mb: float
+    rss_before_mb: float
+    report: dict = field(repr=False)
+
+    @property
+    def total(self) -> float:
+        return float(self.timings["total"])
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1e6
+
+    @property
+    def mask_mp_per_s(self) -> float:
+        """Level-0 megapixels per second of the mask stage (mask + overlay + classes)."""
+        return self.megapixels / self.timings["mask"]
+
+    @property
+    def region_pixels(self) -> int:
+        """Level-0 pixels in the segmented regions' boxes."""
+        return sum(int(w) * int(h) for _, _, w, h in self.report["regions"])
+
+    @property
+    def chunks(self) -> int:
+        return sum(int(r.get("chunks", 0)) for r in self.report["gather"].get("regions", ()))
+
+    @property
+    def decoded_fraction(self) -> float:
+        """Pixels of the decoded chunks over level-0 pixels (deformed mode)."""
+        pixels = sum(int(r.get("pixels", 0)) for r in self.report["gather"].get("regions", ()))
+        return pixels / (self.width * self.height)
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # Linux: KiB
+
+
+def _run(argv: list[str]) -> dict:
+    """One run: ``SLIDE MODEL OUT MODE REGIONS GEOJSON QC`` -> start-up time, peak RSS and the report."""
+    t0 = time.perf_counter()
+    slide, model_path, out, mode, regions, geojson, qc = argv
+    from wsiseg.models.io import load_deformseg
+    from wsiseg.segment import SegmentOptions, segment_slide
+
+    model = load_deformseg(model_path, device="cpu")
+    options = SegmentOptions(mode=mode, regions=regions, geojson=geojson == "1", qc=qc == "1", device="cpu")
+    before = _peak_rss_mb()
+    t1 = time.perf_counter()
+    outputs = segment_slide(slide, model, out, "bench", options)
+    report = json.loads((Path(out) / outputs["report"]).read_text())
+    return {"startup_seconds": t1 - t0, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": before, "report": report}
+
+
+def _run_child(argv: list[str]) -> dict:
+    """:func:`_run` in a fresh Python process, so that its peak memory is its own."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsiseg.bench_segment", *argv], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise WsisegError("benchmark run failed: " + " | ".join(tail), argv[0])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(
+    slide: str | os.PathLike,
+    model: str | os.PathLike,
+    workdir: str | os.PathLike,
+    *,
+    mode: str = "deformed",
+    regions: str = "tissue",
+    geojson: bool = True,
+    qc: bool = True,
+) -> Measurement:
+    """Run ``segment_slide`` on ``slide`` in a fresh process; outputs go to a temporary folder, then away."""
+    out = Path(tempfile.mkdtemp(prefix="segment-", dir=workdir))
+    try:
+        t0 = time.perf_counter()
+        data = _run_child(
+            [str(slide), str(model), str(out), mode, regions, "1" if geojson else "0", "1" if qc else "0"]
+        )
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    rep = data["report"]
+    return Measurement(
+        mode=mode,
+        width=int(rep["width"]),
+        height=int(rep["height"]),
+        timings=rep["timings"],
+        startup_seconds=data["startup_seconds"],
+        wall_seconds=wall,
+        peak_rss_mb=data["peak_rss_mb"],
+        rss_before_mb=data["rss_before_mb"],
+        report=rep,
+    )
+
+
+# ---------------------------------------------------------------------------
+# wsiseg bench segment
+
+
+@dataclass(frozen=True)
+class SegmentBench:
+    """Result of :func:`bench_segment`."""
+
+    spec: SlideSpec
+    slide: Path
+    write_seconds: float | None
+    reused: bool
+    file_bytes: int
+    model: str
+    untrained: bool
+    deformed: Measurement
+    window: int
+    sliding: Measurement
+    machine: dict = field(default_factory=dict)
+
+    @property
+    def sliding_rate(self) -> float:
+        """Sliding-window seconds per level-0 pixel (segment + mask stages of the window run)."""
+        t = self.sliding.timings
+        return (t["sample+segment"] + t["mask"]) / (self.sliding.width * self.sliding.height)
+
+    @property
+    def sliding_estimate(self) -> float:
+        """Extrapolated sliding-window seconds on the large slide.
+
+        The window's segment + mask seconds per pixel times the large
+        slide's region area, plus the deformed run's own open, regions,
+        GeoJSON and QC stages (the same work in both modes).
+        """
+        t = self.deformed.timings
+        fixed = sum(float(t.get(k, 0.0)) for k in ("open", "regions", "geojson", "qc"))
+        return fixed + self.sliding_rate * self.deformed.region_pixels
+
+    @property
+    def ratio(self) -> float:
+        return self.sliding_estimate / self.deformed.total
+
+
+def bench_segment(
+    spec: SlideSpec,
+    workdir: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    window: int = 4096,
+    log=None,
+) -> SegmentBench:
+    """Time ``segment_slide`` (deformed) on a synthetic slide and the sliding-window baseline on a window.
+
+    Parameters
+    ----------
+    spec : SlideSpec
+        The large synthetic slide (built in ``workdir`` unless cached there).
+    workdir : path-like
+        Cache of synthetic slides and the bench model; outputs are written
+        in temporary folders there and removed.
+    model : path-like, optional
+        Model file; default :func:`tiny_model` (untrained).
+    window : int
+        Side of the square synthetic slide (same source, tile and quality)
+        on which the sliding-window mode is timed, whole slide as one region.
+    log : callable, optional
+        Called with progress lines.
+    """
+    say = log or (lambda msg: None)
+    if window < 64:
+        raise ConfigError(f"--window must be at least 64 pixels, got {window}")
+    machine = machine_info()
+    workdir = Path(workdir)
+    path, write_s, reused = cached_synthetic_slide(spec, workdir)
+    say(f"synthetic slide {spec.width}x{spec.height}: {'reused' if reused else f'written in {write_s:.1f} s'}: {path}")
+    untrained = model is None
+    model_path = Path(model) if model else tiny_model(workdir)
+    say(f"model: {model_path}" + (" (untrained, fixed seed: speed does not depend on the weights)" if untrained else ""))
+    deformed = measure(path, model_path, workdir)
+    t = deformed.timings
+    say("  deformed: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()) + f"; peak RSS {deformed.peak_rss_mb:.0f} MiB")
+    wspec = SlideSpec(window, window, spec.source, spec.tile, spec.quality, spec.mpp)
+    wpath, _, _ = cached_synthetic_slide(wspec, workdir)
+    sliding = measure(wpath, model_path, workdir, mode="sliding-window", regions="whole", geojson=False, qc=False)
+    ts = sliding.timings
+    say(f"  sliding-window on {window}x{window}: segment {ts['sample+segment']:.2f} s, mask {ts['mask']:.2f} s "
+        f"({sliding.report['gather']['windows']} windows)")
+    result = SegmentBench(spec, path, write_s, reused, path.stat().st_size, model_path.name, untrained, deformed,
+                          window, sliding, machine)
+    say(f"  sliding-window extrapolated to the large slide: {result.sliding_estimate:.0f} s "
+        f"= {result.ratio:.0f}x the deformed run")
+    return result
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**MISSED**"
+
+
+def format_segment_section(b: SegmentBench, command: str) -> str:
+    """Markdown for the ``segment`` section of docs/benchmarks.md."""
+    s, d, w = b.spec, b.deformed, b.sliding
+    t = d.timings
+    built = "write time unknown" if b.write_seconds is None else f"written in {b.write_seconds:.1f} s"
+    if b.reused:
+        built += " (reused from the cache)"
+    if b.untrained:
+        model = (
+            f"`{b.model}`: the tiny test net (UNet, ResNet-18 encoder of depth 3, grid 64 x 64, density map "
+            "32 x 32, 3 classes), **untrained** with a fixed seed. Speed does not depend on the weights, but "
+            "random weights predict a different class at almost every grid node: the label map has boundaries "
+            "everywhere, a worst case for the tile writer (few constant tiles) and the GeoJSON (many polygons) "
+            "that a trained model's smooth label maps are not. Pass `--model` to measure a trained model."
+        )
+    else:
+        model = f"`{b.model}` (given with `--model`)."
+    stages = [k for k in t if k != "total"]
+    n_reg = len(d.report["regions"])
+    windows = w.report["gather"]["windows"]
+    tissue = d.region_pixels
+    lines = [
+        "## wsiseg segment end to end",
+        "",
+        f"- Command: `{command}`",
+        *_machine_lines(b.machine),
+        f"- Slide: synthetic {s.width} x {s.height} ({s.width * s.height / 1e9:.2f} Gpx) BigTIFF, JPEG q{s.quality}, "
+        f"tiles {s.tile}, {b.file_bytes / 2**20:.0f} MiB, mirror-tiled from `{s.source.name}` (the slide of "
+        f"`bench gather`); {built}.",
+        f"- Model: {model}",
+        "- Each run is a fresh `python -m wsiseg.bench_segment` process on the CPU (peak RSS = `ru_maxrss` of that "
+        "process, imports and model included); times are the report's stages of `segment_slide` with every output "
+        "(mask, overlay, classes, GeoJSON, QC, report). *mask* = reverse sampling + pyramidal TIFF + overlay.",
+        "",
+        "| mode | " + " | ".join(stages) + " | total s | start-up s | peak RSS MiB |",
+        "|---|" + "---|" * (len(stages) + 3),
+        "| deformed | " + " | ".join(f"{t[k]:.2f}" for k in stages) + f" | **{d.total:.2f}** | "
+        f"{d.startup_seconds:.2f} | {d.peak_rss_mb:.0f} |",
+        "",
+        f"- Regions: {n_reg} tissue regions, {tissue / 1e6:.0f} level-0 Mpx in their boxes "
+        f"({100 * tissue / (d.width * d.height):.0f} % of the slide).",
+        f"- Fraction of level-0 pixels sampled: {100 * d.report['fraction_sampled']:.4f} %; chunks decoded: "
+        f"{d.chunks} ({100 * d.decoded_fraction:.3f} % of level-0 pixels); pixels read one by one by the tile "
+        f"writer: {int(d.report['gather'].get('pixels_refined', 0)) / 1e6:.1f} M.",
+        f"- Mask write rate: {d.megapixels:.0f} level-0 Mpx in {t['mask']:.2f} s = **{d.mask_mp_per_s:.0f} Mpx/s**.",
+        f"- Sliding-window baseline (`--mode sliding-window`, same net, {windows} windows of 512 px + 32 px context, "
+        f"batches of 4) timed on a {b.window} x {b.window} synthetic slide of the same source, whole slide as one "
+        f"region, no GeoJSON/QC: segment {w.timings['sample+segment']:.2f} s, mask {w.timings['mask']:.2f} s = "
+        f"{b.sliding_rate * 1e6:.3f} s per level-0 Mpx. **Extrapolated** linearly to the {tissue / 1e6:.0f} Mpx of "
+        f"region boxes above (plus the deformed run's open, regions, GeoJSON and QC times): "
+        f"**{b.sliding_estimate:.0f} s** ({b.sliding_estimate / 3600:.2f} h), **{b.ratio:.0f}x** the deformed run.",
+        "",
+        "| issue target | measured | |",
+        "|---|---|---|",
+        f"| end to end <= {TARGET_TOTAL_S:.0f} s | {d.total:.1f} s | {_mark(d.total <= TARGET_TOTAL_S)} |",
+        f"| mask write >= {TARGET_MASK_MP_S:.0f} Mpx/s | {d.mask_mp_per_s:.0f} Mpx/s | "
+        f"{_mark(d.mask_mp_per_s >= TARGET_MASK_MP_S)} |",
+        f"| peak RSS <= 1.5 GiB | {d.peak_rss_mb:.0f} MiB | {_mark(d.peak_rss_mb <= TARGET_RSS_MB)} |",
+        f"| sliding window / deformed >= {TARGET_RATIO:.0f}x | {b.ratio:.0f}x (extrapolated) | "
+        f"{_mark(b.ratio >= TARGET_RATIO)} |",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# wsiseg bench memory
+
+
+@dataclass(frozen=True)
+class MemoryRun:
+    """One slide size: how it was built and what segmenting it took."""
+
+    spec: SlideSpec
+    write_seconds: float | None
+    reused: bool
+    file_bytes: int
+    run: Measurement
+
+
+@dataclass(frozen=True)
+class MemoryBench:
+    """Result of :func:`bench_memory`."""
+
+    model: str
+    untrained: bool
+    runs: tuple[MemoryRun, ...]
+    skipped: tuple[str, ...]
+    disk_free_gib: float
+    machine: dict = field(default_factory=dict)
+
+
+def _disk_free(path: Path) -> float:
+    return shutil.disk_usage(path).free / 2**30
+
+
+def bench_memory(
+    sizes: list[tuple[int, int]],
+    source: Path,
+    workdir: str | os.PathLike,
+    *,
+    tile: int = 256,
+    model: str | os.PathLike | None = None,
+    log=None,
+) -> MemoryBench:
+    """Peak memory of ``segment_slide`` (deformed) on synthetic slides of growing size.
+
+    A size whose slide would not fit in ``workdir``'s free disk space (with
+    a margin: the JPEG pyramid takes about 0.36 bytes per level-0 pixel) is
+    skipped and reported.
+    """
+    say = log or (lambda msg: None)
+    machine = machine_info()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    untrained = model is None
+    model_path = Path(model) if model else tiny_model(workdir)
+    runs, skipped = [], []
+    for w, h in sizes:
+        spec = SlideSpec(w, h, source, tile)
+        need = 0.5 * w * h / 2**30  # GiB, generous
+        if not (workdir / spec.cache_name()).is_file() and need > 0.8 * _disk_free(workdir):
+            skipped.append(f"{w}x{h} (needs ~{need:.0f} GiB, {_disk_free(workdir):.0f} GiB free)")
+            say(f"  skipped {skipped[-1]}")
+            continue
+        path, write_s, reused = cached_synthetic_slide(spec, workdir)
+        say(f"synthetic slide {w}x{h}: {'reused' if reused else f'written in {write_s:.1f} s'}")
+        m = measure(path, model_path, workdir)
+        say(f"  peak RSS {m.peak_rss_mb:.0f} MiB (before segment_slide {m.rss_before_mb:.0f}), total {m.total:.1f} s")
+        runs.append(MemoryRun(spec, write_s, reused, path.stat().st_size, m))
+    return MemoryBench(model_path.name, untrained, tuple(runs), tuple(skipped), _disk_free(workdir), machine)
+
+
+def format_memory_section(b: MemoryBench, command: str) -> str:
+    """Markdown for the ``memory`` section of docs/benchmarks.md."""
+    lines = [
+        "## Peak memory of wsiseg segment against slide area",
+        "",
+        f"- Command: `{command}`",
+        *_machine_lines(b.machine),
+        f"- Model: `{b.model}`" + (" (untrained tiny test net, fixed seed: labels change at almost every grid node, "
+                                  "the tile writer's worst case)." if b.untrained else "."),
+        "- Each size: a synthetic JPEG pyramid (tiles 256, q90, mirror-tiled from the same H&E region) segmented in "
+        "deformed mode with every output, in a fresh process; peak RSS = `ru_maxrss` of that process (imports, "
+        "model and the whole run). *Before* = the same just before `segment_slide` (imports and model).",
+        "",
+        "| slide | Gpx | slide written in s | file MiB | regions | samples | peak RSS MiB | before MiB | total s | "
+        "stages s (open, regions, sample+segment, mask, geojson, qc) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in b.runs:
+        s, m = r.spec, r.run
+        built = "?" if r.write_seconds is None else f"{r.write_seconds:.0f}" + (" (cached)" if r.reused else "")
+        samples = sum(g["grid"][0] * g["grid"][1] for g in m.report["gather"].get("regions", ()))
+        stages = ", ".join(f"{m.timings[k]:.1f}" for k in ("open", "regions", "sample+segment", "mask", "geojson", "qc"))
+        lines.append(
+            f"| {s.width} x {s.height} | {s.width * s.height / 1e9:.2f} | {built} | {r.file_bytes / 2**20:.0f} | "
+            f"{len(m.report['regions'])} | {samples} | **{m.peak_rss_mb:.0f}** | {m.rss_before_mb:.0f} | "
+            f"{m.total:.1f} | {stages} |"
+        )
+    if b.skipped:
+        lines.append("")
+        lines.append(f"- Skipped for disk space ({b.disk_free_gib:.0f} GiB free): " + ", ".join(b.skipped) + ".")
+    if b.runs:
+        peaks = [r.run.peak_rss_mb for r in b.runs]
+        lines += [
+            "",
+            f"- Issue target: peak RSS <= 1.5 GiB, flat in slide area: largest peak {max(peaks):.0f} MiB "
+            f"({_mark(max(peaks) <= TARGET_RSS_MB)}); spread over a {b.runs[-1].spec.width * b.runs[-1].spec.height / (b.runs[0].spec.width * b.runs[0].spec.height):.0f}x "
+            f"range of areas: {max(peaks) - min(peaks):.0f} MiB.",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run(sys.argv[1:])))
