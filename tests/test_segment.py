@@ -75,6 +75,32 @@ def test_deformed_grid_matches_in_memory_reverse_sampler():
     assert np.array_equal(out, reg.read(np.arange(W) + 0.5, np.arange(H) + 0.5))
 
 
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_block_classification_is_exact_on_noisy_labels(mode):
+    # Noisy labels (an untrained net) put boundaries everywhere: the blocks proven constant
+    # and the pixels read one by one must together equal reading every pixel, at every level.
+    rng = np.random.default_rng(3)
+    torch.manual_seed(3)
+    d = (torch.rand(1, 1, 12, 9) ** 3 + 0.05).double()
+    grid = density_to_grid(d, 2.0, 7, out_size=(37, 23))
+    scores = rng.random((3, 37, 23)).astype(np.float32)
+    values = np.array([0, 1, 2], np.uint8)
+    box = (13, 7, 700, 1100)
+    reg = RegionPrediction(box, values[scores.argmax(0)], coarse_inverse(grid, (1100, 700)), scores, values)
+    W, H = 760, 1130
+    tiler = ReverseTiler([reg], W, H, mode=mode)
+    for level in (0, 1, 2):
+        lv = mask_levels(W, H, 128)[level]
+        out = render(tiler, W, H, 128, level)
+        xs, ys = (np.arange(lv.width) + 0.5) * lv.downsample[0], (np.arange(lv.height) + 0.5) * lv.downsample[1]
+        cx, cy = (xs >= 13) & (xs < 713), (ys >= 7) & (ys < 1107)
+        assert np.array_equal(out[np.ix_(cy, cx)], reg.read(xs[cx], ys[cy], mode))
+        assert (out[~cy] == 0).all() and (out[:, ~cx] == 0).all()
+    level0 = render(ReverseTiler([reg], W, H, mode=mode), W, H, 128)
+    assert tiler.counts.tolist() == np.bincount(level0.ravel(), minlength=256).tolist()
+    assert 0 < tiler.pixels_refined < 3 * W * H  # some blocks were painted
+
+
 def test_regions_and_background_and_constant_tiles():
     a = RegionPrediction((0, 0, 50, 50), np.full((5, 5), 2, np.uint8), coarse_inverse(uniform_grid(5, 5), (50, 50)))
     b = RegionPrediction((100, 20, 40, 60), np.full((6, 4), 1, np.uint8), coarse_inverse(uniform_grid(6, 4), (60, 40)))

@@ -395,6 +395,18 @@ class ReverseTiler:
         h, w = ys.size, xs.size
         b = self.block
         slopes = reg.slope_bounds(xs[0], xs[-1], ys[0], ys[-1])
+        # the whole rectangle as one block first: often constant where a region meets the background
+        whole = reg.block_labels(
+            np.array([(xs[0] + xs[-1]) / 2]), np.array([(ys[0] + ys[-1]) / 2]),
+            np.array([(xs[-1] - xs[0]) / 2]), np.array([(ys[-1] - ys[0]) / 2]), slopes, self.mode,
+        )[0, 0]
+        if whole >= 0:
+            if count:
+                self.counts[whole] += h * w
+            if tile is None:
+                return np.full((h, w), whole, np.uint8)
+            tile[r0 : r0 + h, c0 : c0 + w] = whole
+            return tile
         ja, ia = np.arange(0, w, b), np.arange(0, h, b)
         je, ie = np.minimum(ja + b, w) - 1, np.minimum(ia + b, h) - 1
         # every block at once: the block centres form a grid, so the index map is one separable evaluation
