@@ -336,7 +336,12 @@ def bench_segment(
             + f" (CPU {m.cpu_seconds:.2f} s); peak RSS {m.peak_rss_mb:.0f} MiB")
     wspec = SlideSpec(window, window, spec.source, spec.tile, spec.quality, spec.mpp)
     wpath, _, _ = cached_synthetic_slide(wspec, workdir)
-    sliding = measure(wpath, model_path, workdir, mode="sliding-window", regions="whole", geojson=False, qc=False)
+    # the faster of two runs: a conservative (low) estimate of the baseline, hence of the speed ratio
+    sliding = min(
+        (measure(wpath, model_path, workdir, mode="sliding-window", regions="whole", geojson=False, qc=False)
+         for _ in range(2)),
+        key=lambda m: m.timings["sample+segment"] + m.timings["mask"],
+    )
     ts = sliding.timings
     say(f"  sliding-window on {window}x{window}: segment {ts['sample+segment']:.2f} s, mask {ts['mask']:.2f} s "
         f"({sliding.report['gather']['windows']} windows)")
@@ -413,7 +418,7 @@ def format_segment_section(b: SegmentBench, command: str) -> str:
         f"{d.chunks} ({100 * d.decoded_fraction:.3f} % of level-0 pixels).",
         f"- Sliding-window baseline (`--mode sliding-window`, same net, {windows} windows of 512 px + 32 px context, "
         f"batches of 4) timed on a {b.window} x {b.window} synthetic slide of the same source, whole slide as one "
-        f"region, no GeoJSON/QC: segment {w.timings['sample+segment']:.2f} s, mask {w.timings['mask']:.2f} s = "
+        f"region, no GeoJSON/QC, the faster of two runs: segment {w.timings['sample+segment']:.2f} s, mask {w.timings['mask']:.2f} s = "
         f"{b.sliding_rate * 1e6:.3f} s per level-0 Mpx. **Extrapolated** (not run) linearly to the "
         f"{tissue / 1e6:.0f} Mpx of region boxes above, plus each deformed row's open, regions, GeoJSON and QC "
         f"times: **{b.sliding_estimate(d):.0f} s** ({b.sliding_estimate(d) / 3600:.2f} h) next to the model-labels "
