@@ -60,8 +60,9 @@ def test_cli_bench_segment_small(slides_dir, tmp_path, monkeypatch):
     import wsiseg.bench_segment as bs
 
     # In-process runs keep the test fast (each child process would pay torch's imports);
-    # the benchmark itself runs every measurement in a fresh process.
+    # the benchmark itself runs every measurement in a fresh process. No demo-model row here.
     monkeypatch.setattr(bs, "_run_child", bs._run)
+    monkeypatch.setattr(bs, "_demo_model", lambda: None)
     out = tmp_path / "bench.md"
     out.write_text("# Benchmarks\n\n<!-- bench:gather -->\nkept\n<!-- /bench:gather -->\n")
     args = [
@@ -70,14 +71,14 @@ def test_cli_bench_segment_small(slides_dir, tmp_path, monkeypatch):
     ]  # fmt: skip
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert "untrained" in r.output and "extrapolated" in r.output
+    assert "untrained tiny net" in r.output and "extrapolated" in r.output
     text = out.read_text()
     assert "<!-- bench:gather -->\nkept\n<!-- /bench:gather -->" in text  # other sections untouched
     section = text[text.index("<!-- bench:segment -->") : text.index("<!-- /bench:segment -->")]
-    assert "synthetic 1200 x 900" in section and "**untrained**" in section
+    assert "synthetic 1200 x 900" in section and "untrained with a fixed seed" in section
     assert "Mpx/s" in section and "peak RSS" in section
-    assert "**Extrapolated**" in section and "256 x 256 synthetic slide" in section
-    assert "| model labels |" in section and "| constant labels |" in section
+    assert "**extrapolated** (not run)" in section and "256 x 256 synthetic slide" in section
+    assert "| untrained tiny net |" in section and "| untrained, constant labels |" in section
     for target in ("end to end <= 15 s", "mask write >= 500 Mpx/s", "peak RSS <= 1.5 GiB", ">= 100x"):
         assert target in section
     assert not [p for p in (tmp_path / "work").iterdir() if p.is_dir()]  # run outputs removed
