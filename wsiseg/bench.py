@@ -84,10 +84,9 @@ def machine_info() -> dict:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         ram = float("nan")
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    from wsiseg.device import usable_cpus
+
+    usable = usable_cpus()
     try:
         import openslide
 

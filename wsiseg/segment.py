@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from wsiseg.device import resolve_device
+from wsiseg.device import resolve_device, usable_cpus
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.models.io import LoadedModel
 from wsiseg.sampling.coords import to_pixels
@@ -53,6 +53,9 @@ MODES = ("deformed", "sliding-window")
 #: context read around them on each side (its predictions are cropped away),
 #: and windows per forward pass.
 SW_WINDOW, SW_MARGIN, SW_BATCH = 512, 32, 4
+
+#: Threads computing rows of mask tiles ahead of the writer (at most; fewer on fewer CPUs).
+_MAX_TILE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -471,7 +474,9 @@ def _segment_deformed(ms, boxes, model, options, device, progress) -> _Segmentat
         for i, box in enumerate(boxes):
             results.append(segment_region(ms, box, model, options, device))
             progress((i + 1) / len(boxes))
-    tiler = ReverseTiler([r.prediction for r in results], ms.width, ms.height, mode=options.interp)
+    # strips of the mask computed ahead on the other cores while the writer encodes
+    tiler = ReverseTiler([r.prediction for r in results], ms.width, ms.height, mode=options.interp,
+                         threads=min(_MAX_TILE_THREADS, usable_cpus()))
     return _Segmentation(
         tile_source=tiler,
         boxes=[r.box for r in results],
@@ -612,9 +617,13 @@ def segment_slide(
         _trim_heap()
 
         t = stage("mask")
-        write_label_pyramid(
-            paths["mask"], ms.width, ms.height, seg.tile_source, tile=options.tile, mpp=ms.mpp, overwrite=True
-        )
+        try:
+            write_label_pyramid(
+                paths["mask"], ms.width, ms.height, seg.tile_source, tile=options.tile, mpp=ms.mpp, overwrite=True
+            )
+        finally:
+            if hasattr(seg.tile_source, "close"):
+                seg.tile_source.close()
         overlay_from_mask(paths["mask"], paths["overlay"], model.classes, overwrite=True)
         write_classes_json(paths["classes"], model.classes, overwrite=True)
         timings["mask"] = time.perf_counter() - t

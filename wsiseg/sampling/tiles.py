@@ -8,20 +8,20 @@ coarse map to the tile's pixel centres (bilinear, continued linearly past the
 outermost coarse centres, so affine maps such as the uniform grid's are
 reproduced exactly) and reading the prediction at the nearest grid node.
 
-Constant tiles cost nothing: the grid nodes that a tile's pixels read are
-bounded exactly from the interpolated map at a few breakpoints; if they all
-carry the same label the tile is that label, and the writer emits one pre-compressed
-constant tile. (This also holds for linear read-back: a convex combination
-of score vectors that share their argmax keeps it.) Other tiles are
-classified in small blocks (8 x 8 pixels), all at once: each block's index
-range is bounded by the index at its centre (block centres form a grid, so
-this is one separable evaluation) plus the map's slope bound times the
-block's half extent (the map is piecewise bilinear, so its slope is bounded
-by the differences of the coarse map, extended linearly by one node), and a
-summed-area table of label changes tells in O(1) whether every node in that
-range carries one label. Such blocks are painted; only the pixels of the
-other blocks are read one by one. Per-pixel work is thus spent only along
-label boundaries, and the result is exactly that of reading every pixel.
+Tiles are computed a row of tiles at a time. Each region's part of the row
+is first tested as one block, then classified in small blocks (8 x 8
+pixels), all at once: each block's index range is bounded by the index at
+its centre (block centres form a grid, so this is one separable evaluation)
+plus the map's slope bound over the block times the block's half extent
+(the map is piecewise bilinear, so its slope is bounded by the differences
+of the coarse map, extended linearly by one node), and a summed-area table
+of label changes tells in O(1) whether every node in that range carries one
+label. (This also holds for linear read-back: a convex combination of score
+vectors that share their argmax keeps it.) Such blocks are painted; only the
+pixels of the other blocks are read one by one. Per-pixel work is thus spent
+only along label boundaries, and the result is exactly that of reading every
+pixel. Tiles that come out constant are handed to the writer as one label,
+which it emits as one pre-compressed tile.
 
 Coordinates follow :mod:`wsiseg.sampling.coords`: the pixel ``j`` of a level
 with downsample ``s`` has its centre at level-0 ``(j + 0.5) * s``.
@@ -29,6 +29,7 @@ with downsample ``s`` has its centre at level-0 ``(j + 0.5) * s``.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,19 +129,35 @@ class RegionPrediction:
             derivatives (index units per level-0 pixel) over every coarse
             cell that the rectangle ``[xa, xb] x [ya, yb]`` touches.
         """
+        return self.column_slopes(np.array([xa]), np.array([xb]), ya, yb)[:, :, 0, 0]
+
+    def column_slopes(self, xa: np.ndarray, xb: np.ndarray, ya: float, yb: float) -> np.ndarray:
+        """:meth:`slope_bounds` of a row of rectangles ``[xa[j], xb[j]] x [ya, yb]``, all at once.
+
+        One bound per block column instead of one over the whole row of
+        blocks: tighter, so fewer blocks are left to be read pixel by pixel.
+        Each bound covers every coarse cell its rectangle touches, with one
+        cell of margin each side (extended-map centre ``k`` sits at coarse
+        position ``k - 1``).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(2, 2, 1, len(xa))``: ``[[dr/dx, dr/dy], [dc/dx, dc/dy]]`` per
+            column, shaped to broadcast over a block grid.
+        """
         x, y, bw, bh = self.box
         hc, wc = self.inverse.shape[:2]
         slope_x, slope_y, _, _ = self._prepare()
-        # extended-map centre k sits at coarse position k - 1; one cell of margin each side
-        ja = max(0, int(np.floor((xa - x) / bw * wc + 0.5)) - 1)
-        jb = min(wc + 1, int(np.floor((xb - x) / bw * wc + 0.5)) + 2)
+        p = _POOL
+        ja = np.maximum(0, np.floor((xa - x) / bw * wc + 0.5).astype(np.int64) - 1)
+        jb = np.minimum(wc + 1, np.floor((xb - x) / bw * wc + 0.5).astype(np.int64) + 2)
         ia = max(0, int(np.floor((ya - y) / bh * hc + 0.5)) - 1)
         ib = min(hc + 1, int(np.floor((yb - y) / bh * hc + 0.5)) + 2)
-        # cells: x slopes rows ia..ib, columns ja..jb-1; y slopes rows ia..ib-1, columns ja..jb (pooled)
-        p = _POOL
-        sx = slope_x[ia // p : ib // p + 1, ja // p : (jb - 1) // p + 1].reshape(-1, 2).max(axis=0)
-        sy = slope_y[ia // p : (ib - 1) // p + 1, ja // p : jb // p + 1].reshape(-1, 2).max(axis=0)
-        return np.stack([sx, sy], axis=1)
+        sx = _range_max(slope_x[ia // p : ib // p + 1].max(axis=0), ja // p, (jb - 1) // p)
+        sy = _range_max(slope_y[ia // p : (ib - 1) // p + 1].max(axis=0), ja // p, jb // p)
+        # (n, 2) each -> (2 index components, 2 directions, 1, n)
+        return np.stack([sx.T, sy.T], axis=1)[:, :, None, :]
 
     def block_labels(
         self,
@@ -164,7 +181,8 @@ class RegionPrediction:
         yc, hy : numpy.ndarray
             The same along y (one per block row).
         slopes : numpy.ndarray
-            :meth:`slope_bounds` over a rectangle holding every block.
+            :meth:`slope_bounds` over a rectangle holding every block, or
+            :meth:`column_slopes` (one bound per block column).
         mode : {"nearest", "linear"}
 
         Returns
@@ -243,39 +261,6 @@ class RegionPrediction:
         idx = rows[:, j0] * (1 - fx) + rows[:, j1] * fx
         return idx[..., 0], idx[..., 1]
 
-    def node_range(self, xs: np.ndarray, ys: np.ndarray, mode: str = "nearest") -> tuple[int, int, int, int]:
-        """Grid nodes (inclusive row/col bounds) that pixels at ``ys`` x ``xs`` read.
-
-        The interpolated index map is bilinear within each coarse cell (and
-        linear beyond the outer centres), so over the rectangle spanned by
-        the first and last pixel centres its extremes lie on the products of
-        the per-axis breakpoints: the span's ends and the coarse centres
-        inside it. Evaluating just those gives exact bounds.
-        """
-        x, y, bw, bh = self.box
-        hc, wc = self.inverse.shape[:2]
-        h, w = self.labels.shape
-        cxs = x + (np.arange(wc) + 0.5) * bw / wc
-        cys = y + (np.arange(hc) + 0.5) * bh / hc
-        px = np.concatenate([[xs[0], xs[-1]], cxs[(cxs > xs[0]) & (cxs < xs[-1])]])
-        py = np.concatenate([[ys[0], ys[-1]], cys[(cys > ys[0]) & (cys < ys[-1])]])
-        r, c = self.index_at(px, py)
-        eps = 1e-9
-        if mode == "nearest":
-            lo = lambda v: int(np.floor(v.min() + 0.5 - eps))  # noqa: E731
-            hi = lambda v: int(np.floor(v.max() + 0.5 + eps))  # noqa: E731
-        else:  # bilinear reads the two nodes around each index
-            lo = lambda v: int(np.floor(v.min() - eps))  # noqa: E731
-            hi = lambda v: int(np.ceil(v.max() + eps))  # noqa: E731
-        return max(0, lo(r)), min(h - 1, hi(r)), max(0, lo(c)), min(w - 1, hi(c))
-
-    def constant_label(self, xs: np.ndarray, ys: np.ndarray, mode: str = "nearest") -> int | None:
-        """The label if every node read by pixels at ``ys`` x ``xs`` carries it, else ``None``."""
-        ra, rb, ca, cb = self.node_range(xs, ys, mode)
-        block = self.labels[ra : rb + 1, ca : cb + 1]
-        first = block.flat[0]
-        return int(first) if (block == first).all() else None
-
     def read(self, xs: np.ndarray, ys: np.ndarray, mode: str = "nearest") -> np.ndarray:
         """Labels at the outer product of level-0 positions ``ys`` x ``xs``."""
         r, c = self.index_at(xs, ys)
@@ -303,8 +288,26 @@ class RegionPrediction:
         raise ValueError(f"mode must be 'nearest' or 'linear', got {mode!r}")
 
 
+@dataclass
+class _Strip:
+    """One computed row of tiles: labels, and what computing it counted."""
+
+    labels: np.ndarray
+    counts: np.ndarray | None
+    refined: int = 0
+
+
 class ReverseTiler:
     """``tile_source`` for :func:`wsiseg.output.mask.write_label_pyramid`.
+
+    Tiles are produced a row of tiles (a *strip*) at a time: the first tile
+    asked for in a strip computes the whole strip, each region in column
+    chunks, and the strip's other tiles are slices of it. Work per call (the
+    regions' slope tables, the index map's first pass, the block
+    classification) is thus shared by every tile of a strip instead of
+    being repeated per tile; memory is a few strips (``tile`` rows by the
+    level's width) plus one chunk's temporaries per thread. Tiles asked for
+    in another order are still correct (the strip is recomputed).
 
     Parameters
     ----------
@@ -317,22 +320,45 @@ class ReverseTiler:
     mode : {"nearest", "linear"}
         Nearest grid node (the paper) or bilinear class scores.
     block : int
-        Side of the blocks a tile that is not constant is classified in;
-        only the pixels of mixed blocks are read one by one.
+        Side of the blocks a region is classified in; only the pixels of
+        mixed blocks are read one by one.
+    chunk : int
+        Columns of a region computed at once (bounds the temporaries: a few
+        float64 arrays of ``tile x chunk`` in the worst case).
+    threads : int
+        Strips computed ahead on this many threads while the writer encodes
+        the current one (numpy releases the GIL on these array sizes); 0
+        computes each strip when it is asked for. Call :meth:`close` (or
+        use the tiler as a context manager) to stop them.
 
     Attributes
     ----------
     counts : numpy.ndarray
         ``(256,)`` int64 level-0 pixels written per label value (level-0
-        tiles only), for class areas without re-reading the mask.
+        strips, each counted once), for class areas without re-reading the mask.
     pixels_refined : int
         Pixels read one by one (all levels): the rest were painted per block.
     """
 
-    def __init__(self, regions, width: int, height: int, *, background: int = 0, mode: str = "nearest", block: int = 8):
-        block = int(block)
+    def __init__(
+        self,
+        regions,
+        width: int,
+        height: int,
+        *,
+        background: int = 0,
+        mode: str = "nearest",
+        block: int = 8,
+        chunk: int = 2048,
+        threads: int = 0,
+    ):
+        block, chunk, threads = int(block), int(chunk), int(threads)
         if block < 1:
             raise ValueError(f"block must be positive, got {block}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be positive, got {chunk}")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
         if mode not in ("nearest", "linear"):
             raise ValueError(f"mode must be 'nearest' or 'linear', got {mode!r}")
         self.regions = list(regions)
@@ -340,103 +366,144 @@ class ReverseTiler:
         self.background = int(background)
         self.mode = mode
         self.block = block
+        self.chunk = -(-chunk // block) * block  # whole blocks per chunk
+        self.threads = threads
         self.counts = np.zeros(256, np.int64)
         self.pixels_refined = 0
         boxes = np.array([r.box for r in self.regions], np.float64).reshape(-1, 4)
         self._x0, self._y0 = boxes[:, 0], boxes[:, 1]
         self._x1, self._y1 = boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 3]
+        self._key: tuple | None = None  # (level index, y0, h, level width) of self._labels
+        self._labels = np.empty((0, 0), np.uint8)
+        self._counted: set[tuple[int, int]] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[tuple, Future] = {}
+
+    def __enter__(self) -> ReverseTiler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the threads computing strips ahead (the tiler stays usable, without them)."""
+        for fut in self._ahead.values():
+            fut.cancel()
+        self._ahead.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self.threads = 0
 
     def __call__(self, level, x0: int, y0: int, w: int, h: int):
-        sx, sy = level.downsample
-        return self._tile(sx, sy, x0, y0, w, h, count=level.index == 0)
+        key = (level.index, int(y0), int(h), int(level.width))
+        if key != self._key:
+            self._labels = self._take(level, int(y0), int(h))
+            self._key = key
+        tile = self._labels[:, x0 : x0 + w]
+        first = tile[0, 0]
+        if not (tile != first).any():
+            return int(first)  # the writer emits one pre-compressed tile
+        return tile
+
+    def _take(self, level, y0: int, h: int) -> np.ndarray:
+        """The strip at ``(level, y0, h)``: computed ahead or now; schedules the next ones."""
+        key = (level.index, y0, h, int(level.width))
+        fut = self._ahead.pop(key, None)
+        strip = fut.result() if fut is not None else self._strip(level, y0, h)
+        # what was computed ahead for another order is of no use any more
+        for k in [k for k in self._ahead if k[0] != level.index or k[1] < y0]:
+            self._ahead.pop(k).cancel()
+        if self.threads:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="wsiseg-tiles")
+            for i in range(1, self.threads + 1):
+                yn = y0 + i * h
+                if yn >= level.height:
+                    break
+                hn = min(h, level.height - yn)
+                kn = (level.index, yn, hn, int(level.width))
+                if kn not in self._ahead:
+                    self._ahead[kn] = self._pool.submit(self._strip, level, yn, hn)
+        self.pixels_refined += strip.refined
+        if strip.counts is not None and (y0, h) not in self._counted:
+            self.counts += strip.counts
+            self._counted.add((y0, h))
+        return strip.labels
 
     def _centres(self, s: float, start: int, n: int) -> np.ndarray:
         return (np.arange(start, start + n, dtype=np.float64) + 0.5) * s
 
-    def _tile(self, sx, sy, x0, y0, w, h, count=False):
-        xs, ys = self._centres(sx, x0, w), self._centres(sy, y0, h)
-        # one vectorised test instead of a Python loop over every region per tile
-        near = np.flatnonzero((self._x0 <= xs[-1]) & (self._x1 > xs[0]) & (self._y0 <= ys[-1]) & (self._y1 > ys[0]))
-        hits = []
-        for k in near:
+    def _strip(self, level, y0: int, h: int) -> _Strip:
+        """Labels of rows ``y0 .. y0 + h`` of ``level`` across its width (thread-safe: touches no state)."""
+        width = int(level.width)
+        sx, sy = level.downsample
+        strip = _Strip(np.full((h, width), self.background, np.uint8),
+                       np.zeros(256, np.int64) if level.index == 0 else None)
+        xs, ys = self._centres(sx, 0, width), self._centres(sy, y0, h)
+        covered = 0
+        for k in np.flatnonzero((self._y0 <= ys[-1]) & (self._y1 > ys[0])):
             reg = self.regions[k]
             bx, by, bw, bh = reg.box
             # pixels whose centres fall inside the region's half-open box
-            c0, c1 = np.searchsorted(xs, [bx, bx + bw])
-            r0, r1 = np.searchsorted(ys, [by, by + bh])
-            if c1 > c0 and r1 > r0:
-                hits.append((reg, int(r0), int(r1), int(c0), int(c1)))
-        if not hits:
-            if count:
-                self.counts[self.background] += w * h
-            return self.background
-        if len(hits) == 1 and hits[0][1:] == (0, h, 0, w):
-            value = hits[0][0].constant_label(xs, ys, self.mode)
-            if value is not None:
-                if count:
-                    self.counts[value] += w * h
-                return value
-        if len(hits) == 1 and hits[0][1:] == (0, h, 0, w):  # one region covers the tile: no background
-            return self._fill(None, hits[0][0], xs, ys, 0, 0, count)
-        tile = np.full((h, w), self.background, np.uint8)
-        covered = 0
-        for reg, r0, r1, c0, c1 in hits:
-            self._fill(tile, reg, xs[c0:c1], ys[r0:r1], r0, c0, count)
+            c0, c1 = (int(v) for v in np.searchsorted(xs, [bx, bx + bw]))
+            r0, r1 = (int(v) for v in np.searchsorted(ys, [by, by + bh]))
+            if c1 <= c0 or r1 <= r0:
+                continue
+            for a in range(c0, c1, self.chunk):
+                b = min(a + self.chunk, c1)
+                self._fill(strip, reg, xs[a:b], ys[r0:r1], r0, a)
             covered += (r1 - r0) * (c1 - c0)
-        if count:
-            self.counts[self.background] += w * h - covered
-        return tile
+        if strip.counts is not None:
+            strip.counts[self.background] += h * width - covered
+        return strip
 
-    def _fill(self, tile, reg, xs, ys, r0, c0, count):
-        """Labels of ``reg`` at pixel centres ``ys`` x ``xs``, into ``tile`` from ``(r0, c0)``.
-
-        Returns ``tile``, or with ``tile=None`` the labels as a new array.
-        """
+    def _fill(self, strip: _Strip, reg, xs, ys, r0, c0) -> None:
+        """Labels of ``reg`` at pixel centres ``ys`` x ``xs``, into the strip from ``(r0, c0)``."""
         h, w = ys.size, xs.size
         b = self.block
+        target = strip.labels[r0 : r0 + h, c0 : c0 + w]
+        counts = strip.counts
         slopes = reg.slope_bounds(xs[0], xs[-1], ys[0], ys[-1])
-        # the whole rectangle as one block first: often constant where a region meets the background
+        # the whole rectangle as one block first: often constant inside a region
         whole = reg.block_labels(
             np.array([(xs[0] + xs[-1]) / 2]), np.array([(ys[0] + ys[-1]) / 2]),
             np.array([(xs[-1] - xs[0]) / 2]), np.array([(ys[-1] - ys[0]) / 2]), slopes, self.mode,
         )[0, 0]
         if whole >= 0:
-            if count:
-                self.counts[whole] += h * w
-            if tile is None:
-                return np.full((h, w), whole, np.uint8)
-            tile[r0 : r0 + h, c0 : c0 + w] = whole
-            return tile
+            if counts is not None:
+                counts[whole] += h * w
+            target[...] = whole
+            return
         ja, ia = np.arange(0, w, b), np.arange(0, h, b)
         je, ie = np.minimum(ja + b, w) - 1, np.minimum(ia + b, h) - 1
-        # every block at once: the block centres form a grid, so the index map is one separable evaluation
+        # every block at once: the block centres form a grid, so the index map is one separable
+        # evaluation; each block has its own slope bound (tighter than the rectangle's)
         values = reg.block_labels(
-            (xs[ja] + xs[je]) / 2, (ys[ia] + ys[ie]) / 2, (xs[je] - xs[ja]) / 2, (ys[ie] - ys[ia]) / 2, slopes,
-            self.mode,
+            (xs[ja] + xs[je]) / 2, (ys[ia] + ys[ie]) / 2, (xs[je] - xs[ja]) / 2, (ys[ie] - ys[ia]) / 2,
+            reg.column_slopes(xs[ja], xs[je], ys[0], ys[-1]), self.mode,
         )
-        nby, nbx = values.shape
-        full = np.empty((nby, b, nbx, b), np.uint8)
-        full[...] = values.astype(np.uint8)[:, None, :, None]  # paint every block (mixed ones are overwritten)
-        out = full.reshape(nby * b, nbx * b)
-        if out.shape != (h, w):
-            out = np.ascontiguousarray(out[:h, :w])
+        nby = values.shape[0]
+        # paint every block (mixed ones are overwritten): blocks widened to pixel rows, then each
+        # row copied down its block (contiguous copies, several times faster than a 4-D broadcast)
+        rows = np.repeat(values.astype(np.uint8), b, axis=1)[:, :w]
+        if h == nby * b:
+            target.reshape(nby, b, w)[...] = rows[:, None, :]
+        else:
+            target[...] = np.repeat(rows, b, axis=0)[:h]
         mixed = values < 0
-        if count:
+        if counts is not None:
             area = np.outer(ie - ia + 1, je - ja + 1)
             done = ~mixed
-            self.counts += np.bincount(values[done], weights=area[done], minlength=256).astype(np.int64)
+            counts += np.bincount(values[done], weights=area[done], minlength=256).astype(np.int64)
         if mixed.any():  # the pixels of mixed blocks, one by one
             bi, bj = np.nonzero(mixed)
             pi, pj = _children(bi * b, bj * b, b, 1, h, w)
             labels = reg.read_pixels(xs, ys, pj, pi, self.mode)
-            out.reshape(-1)[pi * w + pj] = labels
-            self.pixels_refined += pi.size
-            if count:
-                self.counts += np.bincount(labels, minlength=256)
-        if tile is None:
-            return out
-        tile[r0 : r0 + h, c0 : c0 + w] = out
-        return tile
+            target[pi, pj] = labels
+            strip.refined += pi.size
+            if counts is not None:
+                counts += np.bincount(labels, minlength=256)
 
 
 def _children(bi: np.ndarray, bj: np.ndarray, size: int, child: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -452,6 +519,28 @@ def _children(bi: np.ndarray, bj: np.ndarray, size: int, child: int, h: int, w: 
 
 
 _POOL = 8  # coarse cells per side of one slope-table entry
+
+
+def _range_max(a: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Maxima of ``a`` over the row ranges ``lo[k] .. hi[k]`` (inclusive, clipped): ``(len(lo), ...)``.
+
+    A sparse table (maxima over power-of-two spans) answers every range
+    with two lookups.
+    """
+    n = a.shape[0]
+    lo = np.clip(lo, 0, n - 1)
+    hi = np.clip(hi, lo, n - 1)
+    span_log = np.frexp(hi - lo + 1)[1] - 1  # floor(log2(span)), exact on integers
+    table = [a]
+    for k in range(1, int(span_log.max(initial=0)) + 1):
+        half = 1 << (k - 1)
+        table.append(np.maximum(table[-1][:-half], table[-1][half:]))  # maxima over a[i : i + 2**k]
+    out = np.empty((lo.size, *a.shape[1:]), a.dtype)
+    for k in np.unique(span_log):
+        sel = np.flatnonzero(span_log == k)
+        t = table[k]
+        out[sel] = np.maximum(t[lo[sel]], t[hi[sel] - (1 << int(k)) + 1])
+    return out
 
 
 def _max_pool(a: np.ndarray) -> np.ndarray:
