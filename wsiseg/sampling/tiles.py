@@ -9,19 +9,20 @@ outermost coarse centres, so affine maps such as the uniform grid's are
 reproduced exactly) and reading the prediction at the nearest grid node.
 
 Tiles are computed a row of tiles at a time. Each region's part of the row
-is first tested as one block, then classified in small blocks (8 x 8
-pixels), all at once: each block's index range is bounded by the index at
-its centre (block centres form a grid, so this is one separable evaluation)
-plus the map's slope bound over the block times the block's half extent
-(the map is piecewise bilinear, so its slope is bounded by the differences
-of the coarse map, extended linearly by one node), and a summed-area table
-of label changes tells in O(1) whether every node in that range carries one
-label. (This also holds for linear read-back: a convex combination of score
-vectors that share their argmax keeps it.) Such blocks are painted; only the
-pixels of the other blocks are read one by one. Per-pixel work is thus spent
-only along label boundaries, and the result is exactly that of reading every
-pixel. Tiles that come out constant are handed to the writer as one label,
-which it emits as one pre-compressed tile.
+is first tested as one block, then classified coarse to fine in super-blocks
+(32 x 32 pixels) and, inside mixed super-blocks, in small blocks (8 x 8
+pixels), each level all at once: each block's index range is bounded by the
+index at its centre (block centres form a grid, so this is one separable
+evaluation) plus the map's slope bound over the block times the block's half
+extent (the map is piecewise bilinear, so its slope is bounded by the
+differences of the coarse map, extended linearly by one node), and a
+summed-area table of label changes tells in O(1) whether every node in that
+range carries one label. (This also holds for linear read-back: a convex
+combination of score vectors that share their argmax keeps it.) Such blocks
+are painted; only the pixels of the other blocks are read one by one.
+Per-pixel work is thus spent only along label boundaries, and the result is
+exactly that of reading every pixel. Tiles that come out constant are handed
+to the writer as one label, which it emits as one pre-compressed tile.
 
 Coordinates follow :mod:`wsiseg.sampling.coords`: the pixel ``j`` of a level
 with downsample ``s`` has its centre at level-0 ``(j + 0.5) * s``.
@@ -119,32 +120,22 @@ class RegionPrediction:
             self._tables = (slope_x, slope_y, change_x, change_y)
         return self._tables
 
-    def slope_bounds(self, xa: float, xb: float, ya: float, yb: float) -> np.ndarray:
-        """Bounds on the index map's partial derivatives over a level-0 rectangle.
-
-        Returns
-        -------
-        numpy.ndarray
-            ``[[dr/dx, dr/dy], [dc/dx, dc/dy]]`` maxima of the absolute
-            derivatives (index units per level-0 pixel) over every coarse
-            cell that the rectangle ``[xa, xb] x [ya, yb]`` touches.
-        """
-        return self.column_slopes(np.array([xa]), np.array([xb]), ya, yb)[:, :, 0, 0]
-
     def column_slopes(self, xa: np.ndarray, xb: np.ndarray, ya: float, yb: float) -> np.ndarray:
-        """:meth:`slope_bounds` of a row of rectangles ``[xa[j], xb[j]] x [ya, yb]``, all at once.
+        """Bounds on the index map's derivatives over a row of level-0 rectangles.
 
-        One bound per block column instead of one over the whole row of
-        blocks: tighter, so fewer blocks are left to be read pixel by pixel.
-        Each bound covers every coarse cell its rectangle touches, with one
-        cell of margin each side (extended-map centre ``k`` sits at coarse
-        position ``k - 1``).
+        Rectangle ``j`` is ``[xa[j], xb[j]] x [ya, yb]``; its bound is the
+        maximum absolute derivative over every coarse cell it touches, with
+        one cell of margin each side (extended-map centre ``k`` sits at
+        coarse position ``k - 1``). One bound per block column rather than
+        one for the whole row of blocks: tighter, so fewer blocks are left
+        to be read pixel by pixel; their maximum bounds the whole row.
 
         Returns
         -------
         numpy.ndarray
-            ``(2, 2, 1, len(xa))``: ``[[dr/dx, dr/dy], [dc/dx, dc/dy]]`` per
-            column, shaped to broadcast over a block grid.
+            ``(2, 2, 1, len(xa))``: ``[[dr/dx, dr/dy], [dc/dx, dc/dy]]`` (index
+            units per level-0 pixel) per column, shaped to broadcast over a
+            block grid.
         """
         x, y, bw, bh = self.box
         hc, wc = self.inverse.shape[:2]
@@ -167,12 +158,14 @@ class RegionPrediction:
         hy: np.ndarray,
         slopes: np.ndarray,
         mode: str = "nearest",
+        points: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Label of each block whose pixels provably all read one label, else -1.
 
         Blocks form a grid: block ``(i, j)`` is centred on level-0
         ``(xc[j], yc[i])`` and its outermost pixel centres lie ``hx[j]`` and
-        ``hy[i]`` away from it.
+        ``hy[i]`` away from it. With ``points`` only some blocks of the grid
+        are classified.
 
         Parameters
         ----------
@@ -181,19 +174,29 @@ class RegionPrediction:
         yc, hy : numpy.ndarray
             The same along y (one per block row).
         slopes : numpy.ndarray
-            :meth:`slope_bounds` over a rectangle holding every block, or
-            :meth:`column_slopes` (one bound per block column).
+            :meth:`column_slopes` (one bound per block column), or one
+            ``(2, 2)`` bound for every block.
         mode : {"nearest", "linear"}
+        points : (numpy.ndarray, numpy.ndarray), optional
+            ``(pj, pi)``: classify only the blocks ``(pi[k], pj[k])``.
 
         Returns
         -------
         numpy.ndarray
-            ``(len(yc), len(xc))`` int16 labels, -1 where a block may be mixed.
+            ``(len(yc), len(xc))`` int16 labels, -1 where a block may be
+            mixed; with ``points``, ``(len(pi),)``.
         """
-        r, c = self.index_at(xc, yc)
+        if points is None:
+            r, c = self.index_at(xc, yc)
+            hx, hy = hx[None, :], hy[:, None]
+        else:
+            pj, pi = points
+            r, c = self.index_points(xc, yc, pj, pi)
+            hx, hy = hx[pj], hy[pi]
+            if slopes.ndim == 4:  # per block column
+                slopes = slopes[:, :, 0, pj]
         eps = 1e-9
         # |index(p) - index(centre)| <= |d/dx| |dx| + |d/dy| |dy| on the piecewise bilinear map
-        hx, hy = hx[None, :], hy[:, None]
         sr = slopes[0, 0] * hx + slopes[0, 1] * hy + eps
         sc = slopes[1, 0] * hx + slopes[1, 1] * hy + eps
         h, w = self.labels.shape
@@ -220,11 +223,17 @@ class RegionPrediction:
         return out
 
     def read_pixels(self, xs: np.ndarray, ys: np.ndarray, pj: np.ndarray, pi: np.ndarray, mode: str = "nearest"):
-        """Labels at the pixel centres ``(xs[pj], ys[pi])``: :meth:`read` at scattered pixels.
+        """Labels at the pixel centres ``(xs[pj], ys[pi])``: :meth:`read` at scattered pixels."""
+        return self._lookup(*self.index_points(xs, ys, pj, pi), mode)
 
-        The first (row) pass of :meth:`index_at` is done once for all ``ys``;
-        per pixel only the second one remains, with the same operations in
-        the same order, so the labels are bit for bit those of :meth:`read`.
+    def index_points(
+        self, xs: np.ndarray, ys: np.ndarray, pj: np.ndarray, pi: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`index_at` at the scattered positions ``(xs[pj], ys[pi])``.
+
+        The first (row) pass is done once for all ``ys``; per point only the
+        second one remains, with the same operations in the same order, so
+        the indices are bit for bit those of :meth:`index_at`.
         """
         rows, j0, j1, fx = self._rows(xs, ys)
         n = rows.shape[1]
@@ -233,7 +242,7 @@ class RegionPrediction:
         kb = pi * n + j1[pj]
         wa, wb = gx[pj], fx[pj]
         r, c = (np.ascontiguousarray(rows[..., k]).ravel() for k in range(2))
-        return self._lookup(r.take(ka) * wa + r.take(kb) * wb, c.take(ka) * wa + c.take(kb) * wb, mode)
+        return r.take(ka) * wa + r.take(kb) * wb, c.take(ka) * wa + c.take(kb) * wb
 
     def _rows(self, xs: np.ndarray, ys: np.ndarray):
         """First pass of the separable bilinear map: the coarse map at rows ``ys``.
@@ -464,11 +473,17 @@ class ReverseTiler:
         b = self.block
         target = strip.labels[r0 : r0 + h, c0 : c0 + w]
         counts = strip.counts
-        slopes = reg.slope_bounds(xs[0], xs[-1], ys[0], ys[-1])
-        # the whole rectangle as one block first: often constant inside a region
+        # Coarse to fine: the whole rectangle, then super-blocks of _SUPER x _SUPER blocks, then the
+        # blocks of mixed super-blocks, then the pixels of mixed blocks. A level is classified all at
+        # once (block centres form a grid: the index map is one separable evaluation), each block
+        # column with its own slope bound (tighter than the rectangle's).
+        big = b * _SUPER
+        sja, sia = np.arange(0, w, big), np.arange(0, h, big)
+        sje, sie = np.minimum(sja + big, w) - 1, np.minimum(sia + big, h) - 1
+        slopes = reg.column_slopes(xs[sja], xs[sje], ys[0], ys[-1])
         whole = reg.block_labels(
             np.array([(xs[0] + xs[-1]) / 2]), np.array([(ys[0] + ys[-1]) / 2]),
-            np.array([(xs[-1] - xs[0]) / 2]), np.array([(ys[-1] - ys[0]) / 2]), slopes, self.mode,
+            np.array([(xs[-1] - xs[0]) / 2]), np.array([(ys[-1] - ys[0]) / 2]), slopes.max(axis=(2, 3)), self.mode,
         )[0, 0]
         if whole >= 0:
             if counts is not None:
@@ -477,13 +492,19 @@ class ReverseTiler:
             return
         ja, ia = np.arange(0, w, b), np.arange(0, h, b)
         je, ie = np.minimum(ja + b, w) - 1, np.minimum(ia + b, h) - 1
-        # every block at once: the block centres form a grid, so the index map is one separable
-        # evaluation; each block has its own slope bound (tighter than the rectangle's)
-        values = reg.block_labels(
-            (xs[ja] + xs[je]) / 2, (ys[ia] + ys[ie]) / 2, (xs[je] - xs[ja]) / 2, (ys[ie] - ys[ia]) / 2,
-            reg.column_slopes(xs[ja], xs[je], ys[0], ys[-1]), self.mode,
+        nby, nbx = ia.size, ja.size
+        coarse = reg.block_labels(
+            (xs[sja] + xs[sje]) / 2, (ys[sia] + ys[sie]) / 2, (xs[sje] - xs[sja]) / 2, (ys[sie] - ys[sia]) / 2,
+            slopes, self.mode,
         )
-        nby = values.shape[0]
+        values = np.repeat(np.repeat(coarse, _SUPER, axis=0), _SUPER, axis=1)[:nby, :nbx]
+        if (coarse < 0).any():
+            si, sj = np.nonzero(coarse < 0)
+            bi, bj = _children(si * _SUPER, sj * _SUPER, _SUPER, 1, nby, nbx)
+            values[bi, bj] = reg.block_labels(
+                (xs[ja] + xs[je]) / 2, (ys[ia] + ys[ie]) / 2, (xs[je] - xs[ja]) / 2, (ys[ie] - ys[ia]) / 2,
+                reg.column_slopes(xs[ja], xs[je], ys[0], ys[-1]), self.mode, points=(bj, bi),
+            )
         # paint every block (mixed ones are overwritten): blocks widened to pixel rows, then each
         # row copied down its block (contiguous copies, several times faster than a 4-D broadcast)
         rows = np.repeat(values.astype(np.uint8), b, axis=1)[:, :w]
@@ -519,27 +540,21 @@ def _children(bi: np.ndarray, bj: np.ndarray, size: int, child: int, h: int, w: 
 
 
 _POOL = 8  # coarse cells per side of one slope-table entry
+_SUPER = 4  # blocks per side of a super-block (the level classified before blocks)
 
 
 def _range_max(a: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Maxima of ``a`` over the row ranges ``lo[k] .. hi[k]`` (inclusive, clipped): ``(len(lo), ...)``.
 
-    A sparse table (maxima over power-of-two spans) answers every range
-    with two lookups.
+    The ranges are a few rows long (a block spans one or two pooled slope
+    cells), so one vectorised pass per row offset is enough.
     """
     n = a.shape[0]
     lo = np.clip(lo, 0, n - 1)
     hi = np.clip(hi, lo, n - 1)
-    span_log = np.frexp(hi - lo + 1)[1] - 1  # floor(log2(span)), exact on integers
-    table = [a]
-    for k in range(1, int(span_log.max(initial=0)) + 1):
-        half = 1 << (k - 1)
-        table.append(np.maximum(table[-1][:-half], table[-1][half:]))  # maxima over a[i : i + 2**k]
-    out = np.empty((lo.size, *a.shape[1:]), a.dtype)
-    for k in np.unique(span_log):
-        sel = np.flatnonzero(span_log == k)
-        t = table[k]
-        out[sel] = np.maximum(t[lo[sel]], t[hi[sel] - (1 << int(k)) + 1])
+    out = a[lo]
+    for k in range(1, int((hi - lo).max(initial=0)) + 1):
+        np.maximum(out, a[np.minimum(lo + k, hi)], out=out)
     return out
 
 
