@@ -137,6 +137,28 @@ class _Size(click.ParamType):
         return wh
 
 
+class _Formats(click.ParamType):
+    """``FORMAT[,FORMAT...]`` -> a tuple of mask format names (validated by wsiseg.output.ome)."""
+
+    name = "format"
+
+    def get_metavar(self, param, ctx=None):
+        from wsiseg.output.ome import FORMATS
+
+        return f"[{'|'.join(FORMATS)}][,...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from wsiseg.errors import ConfigError
+        from wsiseg.output.ome import parse_formats
+
+        try:
+            return parse_formats(value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _hw(size: tuple[int, int] | None) -> tuple[int, int] | None:
     """``(width, height)`` from the command line -> ``(height, width)`` as the library takes it."""
     return None if size is None else (size[1], size[0])
@@ -318,6 +340,11 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
 @click.option("--tile", type=click.IntRange(min=16), default=512, show_default=True, help="Output TIFF tile size.")
 @click.option("--geojson/--no-geojson", default=True, show_default=True, help="Write QuPath GeoJSON.")
 @click.option("--qc/--no-qc", default=True, show_default=True, help="Write the QC figure.")
+@click.option("--format", "formats", type=_Formats(), multiple=True, default=["tiff"], show_default=True,
+              help="Mask formats, repeated or comma-separated: tiff (<name>.mask.tif and .overlay.tif; always "
+                   "written, the other outputs are made from it), ome-tiff (<name>.mask.ome.tif: OME-TIFF, "
+                   "reduced levels as SubIFDs), ome-zarr (<name>.ome.zarr: OME-Zarr NGFF 0.4 label image). "
+                   "The extra formats are copied from the finished mask, not segmented again.")
 @click.option("--progress", type=click.Choice(["auto", "tty", "jsonl", "none"]), default="auto", show_default=True,
               help="Progress bars on a terminal, JSON lines otherwise.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
@@ -327,17 +354,19 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
               help="Run on a local dask cluster of N worker processes (one slide each at a time).")
 @click.pass_context
 def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, regions, tissue_threshold, grid_size,
-                    long_side, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, progress, scheduler,
+                    long_side, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, formats, progress, scheduler,
                     workers, mode) -> None:
     """Segment SLIDES (files, folders, globs or CSV manifests) into OUT.
 
     Per slide: <name>.mask.tif (pyramidal BigTIFF label mask, opens in
     QuPath/OpenSlide/ASAP), <name>.overlay.tif (colour overlay),
     <name>.classes.json, <name>.geojson.gz (QuPath annotations),
-    <name>.qc.png and <name>.report.json; per batch status.csv and
-    report.csv. Every slide is attempted; finished slides are skipped on a
-    rerun with the same model and options. Exit code 0 only if no slide
-    failed, 1 otherwise, 2 for bad options, model or inputs.
+    <name>.qc.png and <name>.report.json; with --format also
+    <name>.mask.ome.tif (OME-TIFF) and/or <name>.ome.zarr (OME-Zarr); per
+    batch status.csv and report.csv. Every slide is attempted; finished
+    slides are skipped on a rerun with the same model and options (a
+    changed --format redoes them). Exit code 0 only if no slide failed, 1
+    otherwise, 2 for bad options, model or inputs.
     """
     from wsiseg.segment import SegmentOptions, run_segment
 
@@ -345,7 +374,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
         regions=regions, tissue_threshold=tissue_threshold,
         out_size=_hw(grid_size), long_side=long_side, interp=interp,
         gather_mode=gather_mode, lod_bias=lod_bias, device=device, amp=amp, tile=tile, mpp=mpp, geojson=geojson, qc=qc,
-        mode=mode,
+        mode=mode, formats=[f for group in formats for f in group],
     )
     if scheduler is not None and workers is not None:
         raise click.UsageError("--scheduler and --workers exclude each other")

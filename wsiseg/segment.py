@@ -27,6 +27,7 @@ import torch
 from wsiseg.device import resolve_device, usable_cpus
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.models.io import LoadedModel
+from wsiseg.output.ome import FORMAT_SUFFIXES, ome_tiff_from_mask, ome_zarr_from_mask, parse_formats
 from wsiseg.sampling.coords import to_pixels
 from wsiseg.sampling.edges import uniform_density
 from wsiseg.sampling.sizes import dynamic_output_size, sample_fraction
@@ -39,6 +40,7 @@ from wsiseg.slide.multiscale import Multiscale
 OUTPUT_SUFFIXES = {
     "mask": ".mask.tif",
     "overlay": ".overlay.tif",
+    **FORMAT_SUFFIXES,  # "ome-tiff", "ome-zarr": only when asked for (SegmentOptions.formats)
     "classes": ".classes.json",
     "geojson": ".geojson.gz",
     "qc": ".qc.png",
@@ -94,6 +96,12 @@ class SegmentOptions:
     mode : {"deformed", "sliding-window"}
         Deformed sampling (the method), or the segmentation net run on
         every level-0 window of the regions (the baseline, for comparisons).
+    formats : tuple of str
+        Mask formats (:data:`wsiseg.output.ome.FORMATS`): ``"tiff"`` (the
+        mask and overlay TIFFs, always written) plus ``"ome-tiff"`` and/or
+        ``"ome-zarr"``, made from the finished TIFF mask. Normalised by
+        :func:`wsiseg.output.ome.parse_formats` (a comma-separated string
+        is accepted too).
     """
 
     regions: str = "tissue"
@@ -110,8 +118,10 @@ class SegmentOptions:
     geojson: bool = True
     qc: bool = True
     mode: str = "deformed"
+    formats: tuple[str, ...] = ("tiff",)
 
     def __post_init__(self):
+        object.__setattr__(self, "formats", parse_formats(self.formats))  # frozen: normalise in place
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.regions not in ("tissue", "whole"):
@@ -130,6 +140,9 @@ class SegmentOptions:
         d = asdict(self)
         for k in ("device", "amp"):  # where it runs does not change what it writes
             d.pop(k)
+        if d["formats"] == ("tiff",):
+            # the default leaves the fingerprint as before --format existed: finished folders stay done
+            d.pop("formats")
         return d
 
 
@@ -523,7 +536,8 @@ def find_regions(ms: Multiscale, options: SegmentOptions) -> tuple[list[tuple[in
 
 def output_paths(out_dir: Path, name: str, options: SegmentOptions) -> dict[str, Path]:
     """Output kind -> path for one slide."""
-    kinds = [k for k in OUTPUT_SUFFIXES if (k != "geojson" or options.geojson) and (k != "qc" or options.qc)]
+    wanted = {"geojson": options.geojson, "qc": options.qc, **{f: f in options.formats for f in FORMAT_SUFFIXES}}
+    kinds = [k for k in OUTPUT_SUFFIXES if wanted.get(k, True)]
     return {k: Path(out_dir) / f"{name}{OUTPUT_SUFFIXES[k]}" for k in kinds}
 
 
@@ -631,6 +645,16 @@ def segment_slide(
         # the reverse sampler's maps are not needed any more: free them before GeoJSON and QC (peak memory)
         seg.tile_source = seg.gather = None
     _trim_heap()
+
+    # the other mask formats stream the finished mask: the sampler's work is reused, never redone
+    if "ome-tiff" in paths:
+        t = stage("ome-tiff")
+        ome_tiff_from_mask(paths["mask"], paths["ome-tiff"], mpp=ms.mpp, name=name, overwrite=True)
+        timings["ome-tiff"] = time.perf_counter() - t
+    if "ome-zarr" in paths:
+        t = stage("ome-zarr")
+        ome_zarr_from_mask(paths["mask"], paths["ome-zarr"], model.classes, mpp=ms.mpp, overwrite=True)
+        timings["ome-zarr"] = time.perf_counter() - t
 
     if options.geojson:
         t = stage("geojson")

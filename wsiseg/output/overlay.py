@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import tifffile
 
@@ -24,7 +24,7 @@ from wsiseg.errors import WsisegError
 from wsiseg.output.classes import ClassInfo, class_colormap
 from wsiseg.output.mask import SOFTWARE, MaskWriteStats, TileSource, _write_pyramid
 
-__all__ = ["write_overlay_pyramid", "overlay_from_mask"]
+__all__ = ["copy_mask_pyramid", "mask_pages", "overlay_from_mask", "write_overlay_pyramid"]
 
 _DESCRIPTION = "wsiseg class overlay: uint8 class values with a palette of the class colours"
 
@@ -127,16 +127,73 @@ def overlay_from_mask(
     MaskWriteStats
         ``constant_tiles`` is 0: tiles are copied, not inspected.
     """
-    t0 = time.perf_counter()
     colormap = class_colormap(classes)
+
+    def tags(i: int, page: tifffile.TiffPage, n_levels: int) -> dict:
+        return {
+            "photometric": "palette",
+            "colormap": colormap,
+            "subfiletype": page.subfiletype,
+            "description": _DESCRIPTION if i == 0 else None,
+            "metadata": None,
+        }
+
+    return copy_mask_pyramid(mask_path, path, tags, overwrite=overwrite)
+
+
+def mask_pages(tf: tifffile.TiffFile) -> list[tifffile.TiffPage]:
+    """The levels of an open label mask: its main-chain pages, level 0 first.
+
+    Raises
+    ------
+    WsisegError
+        A page is not tiled, single-channel uint8.
+    """
+    pages = list(tf.pages)
+    for page in pages:
+        if page.dtype != "uint8" or page.samplesperpixel != 1 or not page.is_tiled:
+            raise WsisegError("not a tiled single-channel uint8 label mask", tf.filehandle.path)
+    return pages
+
+
+def copy_mask_pyramid(
+    mask_path: str | os.PathLike,
+    path: str | os.PathLike,
+    tags: Callable[[int, tifffile.TiffPage, int], dict],
+    *,
+    ome: bool = False,
+    overwrite: bool = False,
+) -> MaskWriteStats:
+    """Copy a mask's levels into a new BigTIFF, compressed tiles verbatim, with new tags.
+
+    Geometry, tiles, compression and X/YResolution are the mask's; everything
+    else comes from ``tags``.
+
+    Parameters
+    ----------
+    mask_path : path-like
+        A mask as :func:`mask_pages` accepts.
+    path : path-like
+        Output file, written atomically.
+    tags : callable
+        ``tags(index, page, n_levels)`` -> extra keyword arguments of
+        :meth:`tifffile.TiffWriter.write` for that level (photometric,
+        subfiletype, subifds, description, metadata...).
+    ome : bool
+        Let tifffile write OME-XML (``TiffWriter(ome=True)``).
+    overwrite : bool
+        Replace an existing ``path``.
+
+    Returns
+    -------
+    MaskWriteStats
+    """
+    t0 = time.perf_counter()
     tiles = 0
     with tifffile.TiffFile(mask_path) as tf:
-        pages = list(tf.pages)
-        for page in pages:
-            if page.dtype != "uint8" or page.samplesperpixel != 1 or not page.is_tiled:
-                raise WsisegError("not a tiled single-channel uint8 label mask", mask_path)
+        pages = mask_pages(tf)
         with atomic_output(path, overwrite=overwrite) as tmp:
-            with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+            with tifffile.TiffWriter(tmp, bigtiff=True, ome=ome) as tw:
                 for i, page in enumerate(pages):
                     extra = {}
                     if "XResolution" in page.tags and "YResolution" in page.tags:
@@ -152,13 +209,9 @@ def overlay_from_mask(
                         tile=(page.tilelength, page.tilewidth),
                         compression=page.compression,
                         predictor=page.predictor if page.predictor != 1 else None,
-                        photometric="palette",
-                        colormap=colormap,
-                        subfiletype=page.subfiletype,
-                        description=_DESCRIPTION if i == 0 else None,
                         software=SOFTWARE,
-                        metadata=None,
                         **extra,
+                        **tags(i, page, len(pages)),
                     )
                     tiles += len(page.dataoffsets)
             file_bytes = tmp.stat().st_size

@@ -40,7 +40,7 @@ from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.slide.multiscale import Multiscale
 from wsiseg.slide.open import open_slide
 
-__all__ = ["convert_to_ngff", "ngff_multiscales_metadata"]
+__all__ = ["convert_to_ngff", "ngff_multiscale", "ngff_multiscales_metadata"]
 
 # Pixels per written piece: bounds memory (16 Mpx = 48 MiB of RGB) while
 # giving dask enough source tiles to decode in parallel.
@@ -206,14 +206,16 @@ def _write_piece(zarr_arr, src: da.Array, y0: int, y1: int, x0: int, x1: int) ->
     zarr_arr[:, y0:y1, x0:x1] = np.moveaxis(block, -1, 0)
 
 
-def ngff_multiscales_metadata(
+def ngff_multiscale(
     downsamples: list[tuple[float, float]],
     mpp: tuple[float, float] | None,
     *,
     name: str = "image",
     method: str = "",
+    channel_axis: bool = True,
+    kind: str = "mean",
 ) -> dict:
-    """NGFF 0.4 ``multiscales`` + ``omero`` attributes for a ``(c, y, x)`` RGB pyramid.
+    """One NGFF 0.4 ``multiscales`` entry: axes and per-level scale/translation.
 
     Parameters
     ----------
@@ -225,31 +227,63 @@ def ngff_multiscales_metadata(
         Image name.
     method : str
         How the levels were made (free text in ``metadata``).
+    channel_axis : bool
+        Axes ``(c, y, x)`` (an RGB image); False gives ``(y, x)`` (a label
+        image, :mod:`wsiseg.output.ome`).
+    kind : str
+        The ``type`` of downscaling.
+
+    Returns
+    -------
+    dict
+        The entry; level ``k`` is dataset path ``"k"``.
+    """
+    px, py = mpp if mpp is not None else (1.0, 1.0)
+    space = {"type": "space"}
+    if mpp is not None:
+        space["unit"] = "micrometer"
+    # the channel axis is neither scaled nor shifted
+    c_scale, c_shift = ([1.0], [0.0]) if channel_axis else ([], [])
+    datasets = []
+    for i, (sx, sy) in enumerate(downsamples):
+        transforms = [{"type": "scale", "scale": [*c_scale, py * sy, px * sx]}]
+        if i > 0:
+            # Pixel centres: level pixel j sits at level-0 index s*j + (s-1)/2.
+            transforms.append({"type": "translation", "translation": [*c_shift, py * (sy - 1) / 2, px * (sx - 1) / 2]})
+        datasets.append({"path": str(i), "coordinateTransformations": transforms})
+    axes = [{"name": "y", **space}, {"name": "x", **space}]
+    if channel_axis:
+        axes.insert(0, {"name": "c", "type": "channel"})
+    return {
+        "version": "0.4",
+        "name": name,
+        "axes": axes,
+        "datasets": datasets,
+        "type": kind,
+        "metadata": {"method": method, "writer": f"wsiseg {__version__}"},
+    }
+
+
+def ngff_multiscales_metadata(
+    downsamples: list[tuple[float, float]],
+    mpp: tuple[float, float] | None,
+    *,
+    name: str = "image",
+    method: str = "",
+) -> dict:
+    """NGFF 0.4 ``multiscales`` + ``omero`` attributes for a ``(c, y, x)`` RGB pyramid.
+
+    Parameters
+    ----------
+    downsamples, mpp, name, method
+        As for :func:`ngff_multiscale`.
 
     Returns
     -------
     dict
         Group attributes (``multiscales``, ``omero``).
     """
-    px, py = mpp if mpp is not None else (1.0, 1.0)
-    space = {"type": "space"}
-    if mpp is not None:
-        space["unit"] = "micrometer"
-    datasets = []
-    for i, (sx, sy) in enumerate(downsamples):
-        transforms = [{"type": "scale", "scale": [1.0, py * sy, px * sx]}]
-        if i > 0:
-            # Pixel centres: level pixel j sits at level-0 index s*j + (s-1)/2.
-            transforms.append({"type": "translation", "translation": [0.0, py * (sy - 1) / 2, px * (sx - 1) / 2]})
-        datasets.append({"path": str(i), "coordinateTransformations": transforms})
-    multiscale = {
-        "version": "0.4",
-        "name": name,
-        "axes": [{"name": "c", "type": "channel"}, {"name": "y", **space}, {"name": "x", **space}],
-        "datasets": datasets,
-        "type": "mean",
-        "metadata": {"method": method, "writer": f"wsiseg {__version__}"},
-    }
+    multiscale = ngff_multiscale(downsamples, mpp, name=name, method=method)
     channels = [
         {
             "label": label,
