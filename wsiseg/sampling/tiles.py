@@ -30,6 +30,7 @@ with downsample ``s`` has its centre at level-0 ``(j + 0.5) * s``.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -103,6 +104,7 @@ class RegionPrediction:
     scores: np.ndarray | None = None
     values: np.ndarray | None = None
     _tables: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _split: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def _prepare(self) -> tuple:
         """Slope tables of the index map and summed-area tables of label changes (cached)."""
@@ -236,39 +238,46 @@ class RegionPrediction:
         the indices are bit for bit those of :meth:`index_at`.
         """
         rows, j0, j1, fx = self._rows(xs, ys)
-        n = rows.shape[1]
+        n = rows[0].shape[1]
         gx = 1 - fx
         ka = pi * n + j0[pj]
         kb = pi * n + j1[pj]
         wa, wb = gx[pj], fx[pj]
-        r, c = (np.ascontiguousarray(rows[..., k]).ravel() for k in range(2))
+        r, c = (plane.ravel() for plane in rows)
         return r.take(ka) * wa + r.take(kb) * wb, c.take(ka) * wa + c.take(kb) * wb
 
     def _rows(self, xs: np.ndarray, ys: np.ndarray):
         """First pass of the separable bilinear map: the coarse map at rows ``ys``.
 
-        Returns ``rows`` ``(len(ys), n, 2)`` on the ``n`` coarse columns that
-        ``xs`` use, and per ``xs`` the left/right column in ``rows`` and weight.
+        Returns the row and column index planes ``(len(ys), n)`` on the ``n``
+        coarse columns that ``xs`` use, and per ``xs`` the left/right column
+        in them and the weight.
         """
         x, y, bw, bh = self.box
         hc, wc = self.inverse.shape[:2]
         j0, fx = _axis_weights((xs - x) / bw, wc)
         i0, fy = _axis_weights((ys - y) / bh, hc)
-        # restricted to the coarse columns in use
+        # restricted to the coarse columns in use; one contiguous plane per index component
         ca, cb = int(j0.min()), min(int(j0.max()) + 2, wc)
-        inv = self.inverse[:, ca:cb]
         i1 = np.minimum(i0 + 1, hc - 1)
-        fy = fy[:, None, None]
-        rows = inv[i0] * (1 - fy) + inv[i1] * fy
+        fy = fy[:, None]
+        gy = 1 - fy
+        rows = tuple(plane[i0, ca:cb] * gy + plane[i1, ca:cb] * fy for plane in self._planes())
         j0 = j0 - ca
         return rows, j0, np.minimum(j0 + 1, cb - ca - 1), fx
+
+    def _planes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The inverse map's row and column index as two contiguous ``(Hc, Wc)`` planes (cached)."""
+        if self._split is None:
+            self._split = (np.ascontiguousarray(self.inverse[..., 0]), np.ascontiguousarray(self.inverse[..., 1]))
+        return self._split
 
     def index_at(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fractional grid ``(row, col)`` at level-0 positions (outer product of ``ys`` x ``xs``)."""
         rows, j0, j1, fx = self._rows(xs, ys)
-        fx = fx[None, :, None]
-        idx = rows[:, j0] * (1 - fx) + rows[:, j1] * fx
-        return idx[..., 0], idx[..., 1]
+        gx = 1 - fx
+        r, c = (plane[:, j0] * gx + plane[:, j1] * fx for plane in rows)
+        return r, c
 
     def read(self, xs: np.ndarray, ys: np.ndarray, mode: str = "nearest") -> np.ndarray:
         """Labels at the outer product of level-0 positions ``ys`` x ``xs``."""
@@ -304,6 +313,7 @@ class _Strip:
     labels: np.ndarray
     counts: np.ndarray | None
     refined: int = 0
+    base: np.ndarray | None = None  # the pooled buffer ``labels`` is a view of
 
 
 class ReverseTiler:
@@ -382,11 +392,14 @@ class ReverseTiler:
         boxes = np.array([r.box for r in self.regions], np.float64).reshape(-1, 4)
         self._x0, self._y0 = boxes[:, 0], boxes[:, 1]
         self._x1, self._y1 = boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 3]
-        self._key: tuple | None = None  # (level index, y0, h, level width) of self._labels
-        self._labels = np.empty((0, 0), np.uint8)
+        self._key: tuple | None = None  # (level index, y0, h, level width) of self._current
         self._counted: set[tuple[int, int]] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: dict[tuple, Future] = {}
+        # strip buffers are reused: fresh ones cost a page fault per 4 KiB on every strip
+        self._free: list[np.ndarray] = []
+        self._free_lock = threading.Lock()
+        self._current: _Strip | None = None
 
     def __enter__(self) -> ReverseTiler:
         return self
@@ -407,15 +420,19 @@ class ReverseTiler:
     def __call__(self, level, x0: int, y0: int, w: int, h: int):
         key = (level.index, int(y0), int(h), int(level.width))
         if key != self._key:
-            self._labels = self._take(level, int(y0), int(h))
+            previous = self._current
+            self._current = self._take(level, int(y0), int(h))
             self._key = key
-        tile = self._labels[:, x0 : x0 + w]
+            if previous is not None and previous.base is not None:  # the writer has copied its tiles
+                with self._free_lock:
+                    self._free.append(previous.base)
+        tile = self._current.labels[:, x0 : x0 + w]
         first = tile[0, 0]
         if not (tile != first).any():
             return int(first)  # the writer emits one pre-compressed tile
         return tile
 
-    def _take(self, level, y0: int, h: int) -> np.ndarray:
+    def _take(self, level, y0: int, h: int) -> _Strip:
         """The strip at ``(level, y0, h)``: computed ahead or now; schedules the next ones."""
         key = (level.index, y0, h, int(level.width))
         fut = self._ahead.pop(key, None)
@@ -438,7 +455,7 @@ class ReverseTiler:
         if strip.counts is not None and (y0, h) not in self._counted:
             self.counts += strip.counts
             self._counted.add((y0, h))
-        return strip.labels
+        return strip
 
     def _centres(self, s: float, start: int, n: int) -> np.ndarray:
         return (np.arange(start, start + n, dtype=np.float64) + 0.5) * s
@@ -447,8 +464,12 @@ class ReverseTiler:
         """Labels of rows ``y0 .. y0 + h`` of ``level`` across its width (thread-safe: touches no state)."""
         width = int(level.width)
         sx, sy = level.downsample
-        strip = _Strip(np.full((h, width), self.background, np.uint8),
-                       np.zeros(256, np.int64) if level.index == 0 else None)
+        with self._free_lock:
+            fits = [i for i, buf in enumerate(self._free) if buf.size >= h * width]
+            base = self._free.pop(fits[0]) if fits else np.empty(h * width, np.uint8)
+        labels = base[: h * width].reshape(h, width)
+        labels.fill(self.background)
+        strip = _Strip(labels, np.zeros(256, np.int64) if level.index == 0 else None, base=base)
         xs, ys = self._centres(sx, 0, width), self._centres(sy, y0, h)
         covered = 0
         for k in np.flatnonzero((self._y0 <= ys[-1]) & (self._y1 > ys[0])):
