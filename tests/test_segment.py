@@ -445,3 +445,17 @@ def test_cli_sliding_window_on_boxes(slides_dir, model_file, tmp_path):
     r = _segment(args[:-2])
     assert r.exit_code == 0 and "1 ok" in r.output
     assert json.loads((out / "boxes.report.json").read_text())["mode"] == "deformed"
+
+
+def test_tile_threads_follow_cpus_and_environment(monkeypatch):
+    from wsiseg.errors import ConfigError
+    from wsiseg.segment import TILE_THREADS_ENV, tile_threads
+
+    monkeypatch.delenv(TILE_THREADS_ENV, raising=False)
+    assert tile_threads(1) == 0  # one CPU: the writer's thread computes the strips
+    assert tile_threads(2) == 2 and tile_threads(64) == 2
+    monkeypatch.setenv(TILE_THREADS_ENV, "0")  # what dask workers sharing 2 CPUs get
+    assert tile_threads(64) == 0
+    monkeypatch.setenv(TILE_THREADS_ENV, "many")
+    with pytest.raises(ConfigError, match=TILE_THREADS_ENV):
+        tile_threads()
