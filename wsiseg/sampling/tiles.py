@@ -494,38 +494,42 @@ class ReverseTiler:
         b = self.block
         target = strip.labels[r0 : r0 + h, c0 : c0 + w]
         counts = strip.counts
-        # Coarse to fine: the whole rectangle, then super-blocks of _SUPER x _SUPER blocks, then the
-        # blocks of mixed super-blocks, then the pixels of mixed blocks. A level is classified all at
-        # once (block centres form a grid: the index map is one separable evaluation), each block
-        # column with its own slope bound (tighter than the rectangle's).
-        big = b * _SUPER
-        sja, sia = np.arange(0, w, big), np.arange(0, h, big)
-        sje, sie = np.minimum(sja + big, w) - 1, np.minimum(sia + big, h) - 1
-        slopes = reg.column_slopes(xs[sja], xs[sje], ys[0], ys[-1])
-        whole = reg.block_labels(
-            np.array([(xs[0] + xs[-1]) / 2]), np.array([(ys[0] + ys[-1]) / 2]),
-            np.array([(xs[-1] - xs[0]) / 2]), np.array([(ys[-1] - ys[0]) / 2]), slopes.max(axis=(2, 3)), self.mode,
-        )[0, 0]
-        if whole >= 0:
-            if counts is not None:
-                counts[whole] += h * w
-            target[...] = whole
-            return
-        ja, ia = np.arange(0, w, b), np.arange(0, h, b)
-        je, ie = np.minimum(ja + b, w) - 1, np.minimum(ia + b, h) - 1
-        nby, nbx = ia.size, ja.size
-        coarse = reg.block_labels(
-            (xs[sja] + xs[sje]) / 2, (ys[sia] + ys[sie]) / 2, (xs[sje] - xs[sja]) / 2, (ys[sie] - ys[sia]) / 2,
-            slopes, self.mode,
-        )
-        values = np.repeat(np.repeat(coarse, _SUPER, axis=0), _SUPER, axis=1)[:nby, :nbx]
-        if (coarse < 0).any():
-            si, sj = np.nonzero(coarse < 0)
-            bi, bj = _children(si * _SUPER, sj * _SUPER, _SUPER, 1, nby, nbx)
-            values[bi, bj] = reg.block_labels(
-                (xs[ja] + xs[je]) / 2, (ys[ia] + ys[ie]) / 2, (xs[je] - xs[ja]) / 2, (ys[ie] - ys[ia]) / 2,
-                reg.column_slopes(xs[ja], xs[je], ys[0], ys[-1]), self.mode, points=(bj, bi),
-            )
+        # Coarse to fine: the whole rectangle, then blocks of b * _LEVELS[0] pixels, then the blocks
+        # of each next size inside mixed blocks of the one before, then the pixels of mixed blocks
+        # of the finest (b). A size is classified all at once (block centres form a grid: the index
+        # map is one separable evaluation), each block column with its own slope bound (tighter
+        # than the rectangle's).
+        ja = np.arange(0, w, b)
+        fine_slopes = reg.column_slopes(xs[ja], xs[np.minimum(ja + b, w) - 1], ys[0], ys[-1])
+        values = None
+        for k, f in enumerate(_LEVELS):
+            size = b * f
+            ja, ia = np.arange(0, w, size), np.arange(0, h, size)
+            je, ie = np.minimum(ja + size, w) - 1, np.minimum(ia + size, h) - 1
+            centres = ((xs[ja] + xs[je]) / 2, (ys[ia] + ys[ie]) / 2, (xs[je] - xs[ja]) / 2, (ys[ie] - ys[ia]) / 2)
+            # a column of f finest columns is bounded by their largest bound (their rectangles cover it)
+            slopes = fine_slopes if f == 1 else np.maximum.reduceat(fine_slopes, np.arange(0, fine_slopes.shape[-1], f), axis=-1)
+            if values is None:
+                whole = reg.block_labels(
+                    np.array([(xs[0] + xs[-1]) / 2]), np.array([(ys[0] + ys[-1]) / 2]),
+                    np.array([(xs[-1] - xs[0]) / 2]), np.array([(ys[-1] - ys[0]) / 2]),
+                    slopes.max(axis=(2, 3)), self.mode,
+                )[0, 0]
+                if whole >= 0:
+                    if counts is not None:
+                        counts[whole] += h * w
+                    target[...] = whole
+                    return
+                values = reg.block_labels(*centres, slopes, self.mode)
+                continue
+            step = _LEVELS[k - 1] // f
+            parent_mixed = values < 0
+            values = np.repeat(np.repeat(values, step, axis=0), step, axis=1)[: ia.size, : ja.size]
+            if parent_mixed.any():
+                si, sj = np.nonzero(parent_mixed)
+                bi, bj = _children(si * step, sj * step, step, 1, ia.size, ja.size)
+                values[bi, bj] = reg.block_labels(*centres, slopes, self.mode, points=(bj, bi))
+        nby = values.shape[0]
         # paint every block (mixed ones are overwritten): blocks widened to pixel rows, then each
         # row copied down its block (contiguous copies, several times faster than a 4-D broadcast)
         rows = np.repeat(values.astype(np.uint8), b, axis=1)[:, :w]
@@ -535,9 +539,7 @@ class ReverseTiler:
             target[...] = np.repeat(rows, b, axis=0)[:h]
         mixed = values < 0
         if counts is not None:
-            area = np.outer(ie - ia + 1, je - ja + 1)
-            done = ~mixed
-            counts += np.bincount(values[done], weights=area[done], minlength=256).astype(np.int64)
+            counts += _block_counts(values, b, h - ia[-1], w - ja[-1])
         if mixed.any():  # the pixels of mixed blocks, one by one
             bi, bj = np.nonzero(mixed)
             pi, pj = _children(bi * b, bj * b, b, 1, h, w)
@@ -546,6 +548,21 @@ class ReverseTiler:
             strip.refined += pi.size
             if counts is not None:
                 counts += np.bincount(labels, minlength=256)
+
+
+def _block_counts(values: np.ndarray, b: int, last_h: int, last_w: int) -> np.ndarray:
+    """Pixels per label value (``(256,)`` int64) of a grid of ``b x b`` blocks, mixed ones (-1) left out.
+
+    The last block row and column are ``last_h`` and ``last_w`` pixels; integer
+    counts without a weight per block (one ``bincount`` each for the grid,
+    its last row and its last column).
+    """
+    v = values.astype(np.intp) + 1  # 0: mixed
+    n = np.bincount(v.ravel(), minlength=257).astype(np.int64) * (b * b)
+    n -= np.bincount(v[-1], minlength=257) * ((b - last_h) * b)
+    n -= np.bincount(v[:, -1], minlength=257) * ((b - last_w) * b)
+    n[v[-1, -1]] += (b - last_h) * (b - last_w)  # the corner was taken off twice
+    return n[1:]
 
 
 def _children(bi: np.ndarray, bj: np.ndarray, size: int, child: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -561,7 +578,8 @@ def _children(bi: np.ndarray, bj: np.ndarray, size: int, child: int, h: int, w: 
 
 
 _POOL = 8  # coarse cells per side of one slope-table entry
-_SUPER = 4  # blocks per side of a super-block (the level classified before blocks)
+#: Block sizes classified coarse to fine, in multiples of the finest block (each divides the one before).
+_LEVELS = (4, 1)
 
 
 def _range_max(a: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
