@@ -461,7 +461,7 @@ class ReverseTiler:
         return (np.arange(start, start + n, dtype=np.float64) + 0.5) * s
 
     def _strip(self, level, y0: int, h: int) -> _Strip:
-        """Labels of rows ``y0 .. y0 + h`` of ``level`` across its width (thread-safe: touches no state)."""
+        """Labels of rows ``y0 .. y0 + h`` of ``level`` across its width (thread-safe: shares only the buffer pool)."""
         width = int(level.width)
         sx, sy = level.downsample
         with self._free_lock:
