@@ -230,17 +230,3 @@ def test_gpu_workers_get_one_slide_per_gpu():
     gpu = FakeClient([{"nthreads": 4, "resources": {"GPU": 1}}, {"nthreads": 4, "resources": {"GPU": 2}}])
     assert wd._has_gpu_workers(gpu) and wd._capacity(gpu, gpu=True) == 3
 
-
-def test_local_cluster_workers_share_the_cpus_for_mask_threads(monkeypatch):
-    # Slides side by side: each worker process gets its share of the CPUs for the mask threads,
-    # so N workers never run N x 2 strip threads on N cores.
-    from wsiseg.device import usable_cpus
-    from wsiseg.segment import TILE_THREADS_ENV, tile_threads
-
-    monkeypatch.delenv(TILE_THREADS_ENV, raising=False)
-    workers = 2
-    with wd.cluster_client(workers=workers) as c:
-        seen = set(c.run(lambda: os.environ.get(TILE_THREADS_ENV)).values())
-    assert seen == {str(tile_threads(usable_cpus() // workers))}
-    if usable_cpus() <= 2:
-        assert seen == {"0"}

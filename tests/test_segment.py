@@ -75,8 +75,8 @@ def test_deformed_grid_matches_in_memory_reverse_sampler():
     assert np.array_equal(out, reg.read(np.arange(W) + 0.5, np.arange(H) + 0.5))
 
 
-@pytest.mark.parametrize(("mode", "threads", "chunk"), [("nearest", 0, 2048), ("linear", 0, 2048), ("nearest", 2, 72)])
-def test_block_classification_is_exact_on_noisy_labels(mode, threads, chunk):
+@pytest.mark.parametrize(("mode", "chunk"), [("nearest", 2048), ("linear", 2048), ("nearest", 72)])
+def test_block_classification_is_exact_on_noisy_labels(mode, chunk):
     # Noisy labels (an untrained net) put boundaries everywhere: the blocks proven constant
     # and the pixels read one by one must together equal reading every pixel, at every level.
     rng = np.random.default_rng(3)
@@ -88,8 +88,8 @@ def test_block_classification_is_exact_on_noisy_labels(mode, threads, chunk):
     box = (13, 7, 700, 1100)
     reg = RegionPrediction(box, values[scores.argmax(0)], coarse_inverse(grid, (1100, 700)), scores, values)
     W, H = 760, 1130
-    # strips computed ahead on threads, regions split into column chunks: the same pixels
-    tiler = ReverseTiler([reg], W, H, mode=mode, threads=threads, chunk=chunk)
+    # regions split into column chunks (72: not a multiple of the tile): the same pixels
+    tiler = ReverseTiler([reg], W, H, mode=mode, chunk=chunk)
     for level in (0, 1, 2):
         lv = mask_levels(W, H, 128)[level]
         out = render(tiler, W, H, 128, level)
@@ -97,7 +97,6 @@ def test_block_classification_is_exact_on_noisy_labels(mode, threads, chunk):
         cx, cy = (xs >= 13) & (xs < 713), (ys >= 7) & (ys < 1107)
         assert np.array_equal(out[np.ix_(cy, cx)], reg.read(xs[cx], ys[cy], mode))
         assert (out[~cy] == 0).all() and (out[:, ~cx] == 0).all()
-    tiler.close()
     level0 = render(ReverseTiler([reg], W, H, mode=mode), W, H, 128)
     assert tiler.counts.tolist() == np.bincount(level0.ravel(), minlength=256).tolist()
     assert 0 < tiler.pixels_refined < 3 * W * H  # some blocks were painted
@@ -116,12 +115,12 @@ def test_tiles_in_any_order_and_counted_once():
     expect = render(ref, W, H, 64)
     lv = mask_levels(W, H, 64)[0]
     order = [(x, y) for y in range(0, H, 64) for x in range(0, W, 64)]
-    with ReverseTiler([reg], W, H, threads=2) as tiler:
-        for x, y in order[::-1] + order[::3]:
-            w, h = min(64, W - x), min(64, H - y)
-            got = tiler(lv, x, y, w, h)
-            assert np.array_equal(np.broadcast_to(got, (h, w)), expect[y : y + h, x : x + w])
-        assert tiler.counts.tolist() == ref.counts.tolist()
+    tiler = ReverseTiler([reg], W, H)
+    for x, y in order[::-1] + order[::3]:
+        w, h = min(64, W - x), min(64, H - y)
+        got = tiler(lv, x, y, w, h)
+        assert np.array_equal(np.broadcast_to(got, (h, w)), expect[y : y + h, x : x + w])
+    assert tiler.counts.tolist() == ref.counts.tolist()
     assert tiler.counts.sum() == W * H
 
 
@@ -446,16 +445,3 @@ def test_cli_sliding_window_on_boxes(slides_dir, model_file, tmp_path):
     assert r.exit_code == 0 and "1 ok" in r.output
     assert json.loads((out / "boxes.report.json").read_text())["mode"] == "deformed"
 
-
-def test_tile_threads_follow_cpus_and_environment(monkeypatch):
-    from wsiseg.errors import ConfigError
-    from wsiseg.segment import TILE_THREADS_ENV, tile_threads
-
-    monkeypatch.delenv(TILE_THREADS_ENV, raising=False)
-    assert tile_threads(1) == 0  # one CPU: the writer's thread computes the strips
-    assert tile_threads(2) == 2 and tile_threads(64) == 2
-    monkeypatch.setenv(TILE_THREADS_ENV, "0")  # what dask workers sharing 2 CPUs get
-    assert tile_threads(64) == 0
-    monkeypatch.setenv(TILE_THREADS_ENV, "many")
-    with pytest.raises(ConfigError, match=TILE_THREADS_ENV):
-        tile_threads()

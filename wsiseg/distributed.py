@@ -143,16 +143,11 @@ def cluster_client(
         return
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers must be a positive integer, got {workers!r}")
-    from wsiseg.device import usable_cpus
-    from wsiseg.segment import TILE_THREADS_ENV, tile_threads
-
-    # slides side by side share the cores: each one's mask threads get its share of them
-    env = {TILE_THREADS_ENV: str(tile_threads(usable_cpus() // workers))}
     with dask.config.set({"distributed.scheduler.allowed-failures": int(allowed_failures)}):
         # Quiet: worker restarts are reported per slide in status.csv, not as log noise.
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.ERROR, env=env,
+            silence_logs=logging.ERROR,
         )
     try:
         client = Client(cluster, set_as_default=False)

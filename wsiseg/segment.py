@@ -56,31 +56,6 @@ MODES = ("deformed", "sliding-window")
 #: and windows per forward pass.
 SW_WINDOW, SW_MARGIN, SW_BATCH = 512, 32, 4
 
-#: Threads computing rows of mask tiles ahead of the writer (at most; fewer on fewer CPUs).
-_MAX_TILE_THREADS = 2
-
-#: Environment variable overriding those threads (0: none); dask worker processes get it from
-#: :func:`wsiseg.distributed.cluster_client` so that slides run side by side do not oversubscribe.
-TILE_THREADS_ENV = "WSISEG_TILE_THREADS"
-
-
-def tile_threads(cpus: int | None = None) -> int:
-    """Threads computing mask strips ahead of the writer.
-
-    ``$WSISEG_TILE_THREADS`` when set; else up to 2 when ``cpus`` (default:
-    the CPUs this process may use) is more than one, none otherwise (the
-    strips are then computed by the writer's own thread).
-    """
-    env = os.environ.get(TILE_THREADS_ENV, "").strip()
-    if env:
-        try:
-            return max(0, int(env))
-        except ValueError:
-            raise ConfigError(f"{TILE_THREADS_ENV} must be a whole number, got {env!r}") from None
-    n = usable_cpus() if cpus is None else int(cpus)
-    return min(_MAX_TILE_THREADS, n) if n > 1 else 0
-
-
 @dataclass(frozen=True)
 class SegmentOptions:
     """How to segment a slide (everything but the model's own settings).
@@ -508,9 +483,7 @@ def _segment_deformed(ms, boxes, model, options, device, progress) -> _Segmentat
         for i, box in enumerate(boxes):
             results.append(segment_region(ms, box, model, options, device))
             progress((i + 1) / len(boxes))
-    # strips of the mask computed ahead on the other cores while the writer encodes
-    tiler = ReverseTiler([r.prediction for r in results], ms.width, ms.height, mode=options.interp,
-                         threads=tile_threads())
+    tiler = ReverseTiler([r.prediction for r in results], ms.width, ms.height, mode=options.interp)
     return _Segmentation(
         tile_source=tiler,
         boxes=[r.box for r in results],
@@ -652,13 +625,11 @@ def segment_slide(
         _trim_heap()
 
         t = stage("mask")
-        try:
-            write_label_pyramid(
-                paths["mask"], ms.width, ms.height, seg.tile_source, tile=options.tile, mpp=ms.mpp, overwrite=True
-            )
-        finally:
-            if hasattr(seg.tile_source, "close"):
-                seg.tile_source.close()
+        # data tiles Deflate-encoded on a second core while this thread computes the next ones
+        write_label_pyramid(
+            paths["mask"], ms.width, ms.height, seg.tile_source, tile=options.tile, mpp=ms.mpp, overwrite=True,
+            workers=1 if usable_cpus() > 1 else 0,
+        )
         overlay_from_mask(paths["mask"], paths["overlay"], model.classes, overwrite=True)
         write_classes_json(paths["classes"], model.classes, overwrite=True)
         timings["mask"] = time.perf_counter() - t

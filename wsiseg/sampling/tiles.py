@@ -30,8 +30,6 @@ with downsample ``s`` has its centre at level-0 ``(j + 0.5) * s``.
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -313,7 +311,6 @@ class _Strip:
     labels: np.ndarray
     counts: np.ndarray | None
     refined: int = 0
-    base: np.ndarray | None = None  # the pooled buffer ``labels`` is a view of
 
 
 class ReverseTiler:
@@ -324,9 +321,11 @@ class ReverseTiler:
     chunks, and the strip's other tiles are slices of it. Work per call (the
     regions' slope tables, the index map's first pass, the block
     classification) is thus shared by every tile of a strip instead of
-    being repeated per tile; memory is a few strips (``tile`` rows by the
-    level's width) plus one chunk's temporaries per thread. Tiles asked for
-    in another order are still correct (the strip is recomputed).
+    being repeated per tile; memory is one strip (``tile`` rows by the
+    level's width, in a buffer reused from strip to strip) plus one chunk's
+    temporaries. Tiles asked for in another order are still correct (the
+    strip is recomputed). Computing strips ahead on threads was measured
+    slower (numpy's GIL-free stretches are too short at these sizes).
 
     Parameters
     ----------
@@ -344,11 +343,6 @@ class ReverseTiler:
     chunk : int
         Columns of a region computed at once (bounds the temporaries: a few
         float64 arrays of ``tile x chunk`` in the worst case).
-    threads : int
-        Strips computed ahead on this many threads while the writer encodes
-        the current one (numpy releases the GIL on these array sizes); 0
-        computes each strip when it is asked for. Call :meth:`close` (or
-        use the tiler as a context manager) to stop them.
 
     Attributes
     ----------
@@ -369,15 +363,12 @@ class ReverseTiler:
         mode: str = "nearest",
         block: int = 8,
         chunk: int = 2048,
-        threads: int = 0,
     ):
-        block, chunk, threads = int(block), int(chunk), int(threads)
+        block, chunk = int(block), int(chunk)
         if block < 1:
             raise ValueError(f"block must be positive, got {block}")
         if chunk < 1:
             raise ValueError(f"chunk must be positive, got {chunk}")
-        if threads < 0:
-            raise ValueError(f"threads must be >= 0, got {threads}")
         if mode not in ("nearest", "linear"):
             raise ValueError(f"mode must be 'nearest' or 'linear', got {mode!r}")
         self.regions = list(regions)
@@ -386,90 +377,44 @@ class ReverseTiler:
         self.mode = mode
         self.block = block
         self.chunk = -(-chunk // block) * block  # whole blocks per chunk
-        self.threads = threads
         self.counts = np.zeros(256, np.int64)
         self.pixels_refined = 0
         boxes = np.array([r.box for r in self.regions], np.float64).reshape(-1, 4)
         self._x0, self._y0 = boxes[:, 0], boxes[:, 1]
         self._x1, self._y1 = boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 3]
-        self._key: tuple | None = None  # (level index, y0, h, level width) of self._current
+        self._key: tuple | None = None  # (level index, y0, h, level width) of self._labels
+        self._labels = np.empty((0, 0), np.uint8)
+        # one buffer for every strip: a fresh one would cost a page fault per 4 KiB each time
+        self._buffer = np.empty(0, np.uint8)
         self._counted: set[tuple[int, int]] = set()
-        self._pool: ThreadPoolExecutor | None = None
-        self._ahead: dict[tuple, Future] = {}
-        # strip buffers are reused: fresh ones cost a page fault per 4 KiB on every strip
-        self._free: list[np.ndarray] = []
-        self._free_lock = threading.Lock()
-        self._current: _Strip | None = None
-
-    def __enter__(self) -> ReverseTiler:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop the threads computing strips ahead (the tiler stays usable, without them)."""
-        for fut in self._ahead.values():
-            fut.cancel()
-        self._ahead.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        self.threads = 0
 
     def __call__(self, level, x0: int, y0: int, w: int, h: int):
         key = (level.index, int(y0), int(h), int(level.width))
         if key != self._key:
-            previous = self._current
-            self._current = self._take(level, int(y0), int(h))
-            self._key = key
-            if previous is not None and previous.base is not None:  # the writer has copied its tiles
-                with self._free_lock:
-                    self._free.append(previous.base)
-        tile = self._current.labels[:, x0 : x0 + w]
+            strip = self._strip(level, int(y0), int(h))
+            self.pixels_refined += strip.refined
+            if strip.counts is not None and (y0, h) not in self._counted:
+                self.counts += strip.counts
+                self._counted.add((y0, h))
+            self._labels, self._key = strip.labels, key
+        tile = self._labels[:, x0 : x0 + w]
         first = tile[0, 0]
         if not (tile != first).any():
             return int(first)  # the writer emits one pre-compressed tile
         return tile
 
-    def _take(self, level, y0: int, h: int) -> _Strip:
-        """The strip at ``(level, y0, h)``: computed ahead or now; schedules the next ones."""
-        key = (level.index, y0, h, int(level.width))
-        fut = self._ahead.pop(key, None)
-        strip = fut.result() if fut is not None else self._strip(level, y0, h)
-        # what was computed ahead for another order is of no use any more
-        for k in [k for k in self._ahead if k[0] != level.index or k[1] < y0]:
-            self._ahead.pop(k).cancel()
-        if self.threads:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="wsiseg-tiles")
-            for i in range(1, self.threads + 1):
-                yn = y0 + i * h
-                if yn >= level.height:
-                    break
-                hn = min(h, level.height - yn)
-                kn = (level.index, yn, hn, int(level.width))
-                if kn not in self._ahead:
-                    self._ahead[kn] = self._pool.submit(self._strip, level, yn, hn)
-        self.pixels_refined += strip.refined
-        if strip.counts is not None and (y0, h) not in self._counted:
-            self.counts += strip.counts
-            self._counted.add((y0, h))
-        return strip
-
     def _centres(self, s: float, start: int, n: int) -> np.ndarray:
         return (np.arange(start, start + n, dtype=np.float64) + 0.5) * s
 
     def _strip(self, level, y0: int, h: int) -> _Strip:
-        """Labels of rows ``y0 .. y0 + h`` of ``level`` across its width (thread-safe: shares only the buffer pool)."""
+        """Labels of rows ``y0 .. y0 + h`` of ``level`` across its width, in the reused buffer."""
         width = int(level.width)
         sx, sy = level.downsample
-        with self._free_lock:
-            fits = [i for i, buf in enumerate(self._free) if buf.size >= h * width]
-            base = self._free.pop(fits[0]) if fits else np.empty(h * width, np.uint8)
-        labels = base[: h * width].reshape(h, width)
+        if self._buffer.size < h * width:
+            self._buffer = np.empty(h * width, np.uint8)
+        labels = self._buffer[: h * width].reshape(h, width)
         labels.fill(self.background)
-        strip = _Strip(labels, np.zeros(256, np.int64) if level.index == 0 else None, base=base)
+        strip = _Strip(labels, np.zeros(256, np.int64) if level.index == 0 else None)
         xs, ys = self._centres(sx, 0, width), self._centres(sy, y0, h)
         covered = 0
         for k in np.flatnonzero((self._y0 <= ys[-1]) & (self._y1 > ys[0])):
