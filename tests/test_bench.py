@@ -60,9 +60,9 @@ def test_cli_bench_segment_small(slides_dir, tmp_path, monkeypatch):
     import wsiseg.bench_segment as bs
 
     # In-process runs keep the test fast (each child process would pay torch's imports);
-    # the benchmark itself runs every measurement in a fresh process. No demo-model row here.
+    # the benchmark itself runs every measurement in a fresh process. No demo or standard-net rows here.
     monkeypatch.setattr(bs, "_run_child", bs._run)
-    monkeypatch.setattr(bs, "_demo_model", lambda: None)
+    monkeypatch.setattr(bs, "_more_models", lambda workdir: [])
     out = tmp_path / "bench.md"
     out.write_text("# Benchmarks\n\n<!-- bench:gather -->\nkept\n<!-- /bench:gather -->\n")
     args = [
@@ -82,3 +82,14 @@ def test_cli_bench_segment_small(slides_dir, tmp_path, monkeypatch):
     for target in ("end to end <= 15 s", "mask write >= 500 Mpx/s", "peak RSS <= 1.5 GiB", ">= 100x"):
         assert target in section
     assert not [p for p in (tmp_path / "work").iterdir() if p.is_dir()]  # run outputs removed
+
+
+def test_bench_standard_model_is_smp_default_unet(tmp_path):
+    # The sliding-window row for a typical net: smp's default U-Net on ResNet-34, built once, loadable.
+    import wsiseg.bench_segment as bs
+    from wsiseg.models.io import load_deformseg
+
+    path = bs.standard_model(tmp_path)
+    assert bs.standard_model(tmp_path) == path and path.stat().st_size > 50e6  # cached; ~24 M float32 weights
+    seg = load_deformseg(path, device="cpu").net.segmenter
+    assert sum(p.numel() for p in seg.parameters()) > 20e6
