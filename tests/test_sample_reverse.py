@@ -175,8 +175,9 @@ def brute_force_inverse(grid: np.ndarray, queries: np.ndarray) -> np.ndarray:
     tol = 1e-9
     with np.errstate(divide="ignore", invalid="ignore"):
         disc = np.sqrt(np.maximum(qb * qb - 4 * qa * qc, 0))
-        lin = np.abs(qa) < 1e-14
-        roots = [np.where(lin, -qc / qb, (-qb + disc) / (2 * qa)), np.where(lin, np.nan, (-qb - disc) / (2 * qa))]
+        # the cancellation-free form: near-affine cells (qa ~ 0) keep their root in qc / qq
+        qq = -0.5 * (qb + np.copysign(disc, qb))
+        roots = [qq / qa, qc / qq]
         for bb in roots:
             dvec = v[None] + bb[..., None] * f[None]
             aa = ((q - bb[..., None] * e[None]) * dvec).sum(-1) / (dvec * dvec).sum(-1)

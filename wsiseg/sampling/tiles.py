@@ -102,7 +102,12 @@ class RegionPrediction:
     scores: np.ndarray | None = None
     values: np.ndarray | None = None
     _tables: tuple | None = field(default=None, init=False, repr=False, compare=False)
-    _split: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Stored as two contiguous planes (row index, column index) seen as an (Hc, Wc, 2) array:
+        # the read-back gathers rows of one plane at a time, and no second copy is kept.
+        inv = np.asarray(self.inverse, dtype=np.float64)
+        self.inverse = np.moveaxis(np.ascontiguousarray(np.moveaxis(inv, -1, 0)), 0, -1)
 
     def _prepare(self) -> tuple:
         """Slope tables of the index map and summed-area tables of label changes (cached)."""
@@ -265,10 +270,8 @@ class RegionPrediction:
         return rows, j0, np.minimum(j0 + 1, cb - ca - 1), fx
 
     def _planes(self) -> tuple[np.ndarray, np.ndarray]:
-        """The inverse map's row and column index as two contiguous ``(Hc, Wc)`` planes (cached)."""
-        if self._split is None:
-            self._split = (np.ascontiguousarray(self.inverse[..., 0]), np.ascontiguousarray(self.inverse[..., 1]))
-        return self._split
+        """The inverse map's row and column index: two contiguous ``(Hc, Wc)`` views."""
+        return self.inverse[..., 0], self.inverse[..., 1]
 
     def index_at(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fractional grid ``(row, col)`` at level-0 positions (outer product of ``ys`` x ``xs``)."""
