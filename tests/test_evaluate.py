@@ -14,13 +14,17 @@ from PIL import Image
 from torch import nn
 
 from wsiseg.cli import main
-from wsiseg.errors import WsisegError
+from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.evaluate import (
+    SWEEP_METHODS,
     EvalResult,
+    _scaled_config,
     draw_class_frequency,
     draw_sweep,
     evaluate_model,
+    format_sweep_table,
     format_table,
+    method_label,
     parse_sizes,
 )
 from wsiseg.metrics import trimap_accuracy, upsampling_error
@@ -155,8 +159,6 @@ def test_evaluate_model_bad_input():
 
 def test_parse_sizes_and_figures(tmp_path):
     assert parse_sizes("32, 48,96x64,32") == [(32, 32), (48, 48), (64, 96)]
-    from wsiseg.errors import ConfigError
-
     for bad in ("", "0", "3x", "a,b"):
         with pytest.raises(ConfigError):
             parse_sizes(bad)
@@ -176,6 +178,54 @@ def test_parse_sizes_and_figures(tmp_path):
                              tmp_path / "freq.png")
     b = np.asarray(Image.open(p))
     assert (b == (150, 150, 150)).all(-1).any() and (b == (214, 39, 40)).all(-1).any()
+
+
+def test_sweep_figure_names_every_method_and_fits_its_legend(tmp_path):
+    rows = [{"method": m, "cost": c, "miou_full": 0.5 + off, "upsampling_miou": 0.8}
+            for m, off in (("learned", 0.05), ("single", 0.03), ("uniform", 0.0), ("edge", 0.02))
+            for c in (0.0156, 0.0625)]
+    im = Image.open(draw_sweep(rows, tmp_path / "sweep.png"))
+    a = np.asarray(im)
+    # Four labels in one legend row per panel: the figure widens to fit them.
+    assert im.size[0] > 880
+    for colour in ((214, 39, 40), (255, 127, 14), (31, 119, 180), (44, 160, 44)):
+        assert (a == colour).all(-1).any()
+    assert method_label("single") == "learned (single loss)" and method_label("learned") == "learned (joint loss)"
+    assert method_label("other") == "other"
+
+
+def test_sweep_methods_change_only_the_sampler_and_the_loss():
+    from wsiseg.train import TrainConfig
+
+    base = TrainConfig(out_size=(64, 64), map_size=(32, 32), sigma=2.0, joint=True, epochs=20)
+    cfgs = {m: _scaled_config(base, (32, 16), m, 3, "cpu") for m in SWEEP_METHODS}
+    assert (cfgs["learned"].sampler, cfgs["learned"].joint) == ("learned", True)
+    assert (cfgs["single"].sampler, cfgs["single"].joint) == ("learned", False)
+    assert cfgs["single"].effective_gamma_edge == 0 and cfgs["learned"].effective_gamma_edge == 100
+    assert cfgs["uniform"].sampler == "uniform" and cfgs["edge"].sampler == "edge"
+    for c in cfgs.values():
+        assert (c.out_size, c.map_size, c.epochs, c.sigma) == ((32, 16), (16, 8), 3, 1.0)
+    # A model trained with the single loss still gets a joint-loss "learned" run in its sweep.
+    single_model = TrainConfig(joint=False)
+    assert _scaled_config(single_model, (16, 16), "learned", 1, "cpu").joint is True
+    with pytest.raises(ConfigError, match="unknown sweep method"):
+        _scaled_config(base, (16, 16), "random", 1, "cpu")
+
+
+def test_format_sweep_table_bolds_the_best_per_budget():
+    def row(m, s, v):
+        return {"method": m, "out_height": s, "out_width": s, "cost": s * s / 65536, "miou_full": v,
+                "miou_deformed": 0.5, "upsampling_miou": 0.9, "iou_full": {"a": 0.25, "b": v},
+                "sec_per_iter": 0.1234, "epochs": 3, "best_epoch": 2}
+
+    table = format_sweep_table([row("learned", 32, 0.7), row("single", 32, 0.6), row("uniform", 64, 0.8),
+                                row("edge", 64, None)])
+    lines = table.splitlines()
+    assert lines[0].startswith("| grid (cost) | method |") and "(a / b)" in lines[0]
+    assert lines[2] == "| 32x32 (1.56 %) | learned (joint loss) | **0.7000** | 0.5000 | 0.9000 | 0.250 / 0.700 | " \
+                       "0.123 | 3 (2) |"
+    assert "| learned (single loss) | 0.6000 |" in lines[3]
+    assert "| uniform | **0.8000** |" in lines[4] and "| edge (oracle) | n/a |" in lines[5]
 
 
 def test_format_table_has_one_column_per_method():
@@ -311,12 +361,13 @@ def test_cli_evaluate_sweep(model, nucls, classes_yaml, train_csv, tmp_path):
         assert (out / f).is_file(), f
     doc = json.loads((out / "sweep.json").read_text())
     assert [(row["method"], row["out_width"]) for row in doc["rows"]] == [
-        (m, s) for s in (16, 24) for m in ("learned", "uniform", "edge")
+        (m, s) for s in (16, 24) for m in ("learned", "single", "uniform", "edge")
     ]
     costs = {row["out_width"]: row["cost"] for row in doc["rows"]}
     assert costs[16] == pytest.approx(256 / 4096) and costs[24] == pytest.approx(576 / 4096)
     with open(out / "sweep.csv") as f:
-        assert len(list(csv.DictReader(f))) == 6
+        assert len(list(csv.DictReader(f))) == 8
+    assert "| 16x16 (6.25 %) | learned (single loss) |" in r.stdout  # the printed sweep table
     # Resume-friendly: a second run trains nothing new.
     r = _run(*args)
     assert r.exit_code == 0, r.output
@@ -334,6 +385,8 @@ def test_cli_evaluate_sweep_fast(model, nucls, classes_yaml, train_csv, tmp_path
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "sweep.json").read_text())
     assert [row["method"] for row in doc["rows"]] == ["edge"]
+    assert doc["rows"][0]["label"] == "edge (oracle)" and doc["rows"][0]["sec_per_iter"] > 0
+    assert "| 16x16 (6.25 %) | edge (oracle) |" in r.stdout
     assert all(0 <= row["miou_full"] <= 1 for row in doc["rows"])
     assert (out / "sweep.png").is_file() and (out / "class_frequency.png").is_file()
     assert (out / "sweep" / "edge-16x16" / "model.safetensors").is_file()

@@ -199,7 +199,7 @@ def _bench_spec(size, source, tile):
 
 @main.group("bench")
 def bench_group() -> None:
-    """Benchmarks on large synthetic slides; results go to docs/benchmarks.md."""
+    """Benchmarks (synthetic slides; sampling methods on labelled tiles); results go to docs/benchmarks.md."""
 
 
 @bench_group.command("gather")
@@ -294,6 +294,78 @@ def bench_memory_command(size, model_path, workdir, source, tile, out) -> None:
     click.echo(f"wrote {write_section(out, 'memory', format_memory_section(result, command_line()))}")
 
 
+@bench_group.command("sampling")
+@click.option("--sizes", default="16,32,64", show_default=True, metavar="N,WxH,...",
+              help="Sampling grids (budgets), N or WIDTHxHEIGHT; cost = grid points / working-resolution pixels "
+                   "(256x256 tiles: 16 -> 0.39 %, 32 -> 1.56 %, 64 -> 6.25 %).")
+@click.option("--datasets", default="nucls,mosaics", show_default=True, metavar="nucls,mosaics",
+              help="Data sets: the NuCLS square tiles and/or the BCSS-geometry texture mosaics.")
+@click.option("--nucls-epochs", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Epochs per NuCLS run (10 training tiles: 2 steps per epoch at batch 8).")
+@click.option("--mosaic-epochs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Epochs per mosaic run (320 training mosaics: 40 steps per epoch at batch 8).")
+@click.option("--mosaics", "mosaic_counts", default="320,96,96", show_default=True, metavar="TRAIN,VAL,TEST",
+              help="Mosaics per split (the first ones of --mosaic-spec's set; the demo model used 640,96,96).")
+@click.option("--config", "config_path", default="pipelines/demo-model.yaml", show_default=True,
+              type=click.Path(dir_okay=False, path_type=str),
+              help="Base training config (segmenter, optimiser, augmentation); sizes, epochs and the sampler "
+                   "are set per run.")
+@click.option("--mosaic-spec", default="pipelines/demo-data.yaml", show_default=True,
+              type=click.Path(dir_okay=False, path_type=str), help="Mosaic spec (python -m wsiseg.mosaic).")
+@click.option("--data", "data_root", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Shared data folder [default: $WSISEG_SHARED_DATA or ../shared/data].")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, envvar="WSISEG_THREADS",
+              show_envvar=True, help="torch CPU threads for training and evaluation (s/it depends on it).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=str), default=".bench/sampling",
+              show_default=True, help="Mosaics and runs; finished runs are reused, unfinished ones resumed.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
+              show_default=True, help="Markdown file whose section is replaced.")
+def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_counts, config_path, mosaic_spec,
+                           data_root, threads, device, workdir, out) -> None:
+    """Learned (joint / single loss) vs uniform vs edge sampling at equal budgets, on NuCLS and mosaics.
+
+    Trains every method at every grid size (as `wsiseg evaluate --sweep`),
+    scores it on the held-out test split (mIoU at full resolution and in the
+    deformed space, per-class IoU) and records training seconds per
+    iteration. Long (most of an hour with the defaults on one thread); run
+    from the project root.
+    """
+    from wsiseg.bench import command_line, write_section
+    from wsiseg.bench_sampling import (
+        bench_config,
+        bench_sampling,
+        format_sampling_section,
+        mosaic_dataset,
+        nucls_dataset,
+    )
+    from wsiseg.errors import ConfigError
+    from wsiseg.evaluate import parse_sizes
+    from wsiseg.mosaic import _default_data_root
+
+    keys = [k.strip() for k in datasets.split(",") if k.strip()]
+    unknown = sorted(set(keys) - {"nucls", "mosaics"})
+    if not keys or unknown:
+        raise ConfigError(f"--datasets expects nucls and/or mosaics, got {datasets!r}")
+    try:
+        counts = dict(zip(("train", "val", "test"), (int(v) for v in mosaic_counts.split(",")), strict=True))
+    except ValueError:
+        counts = {}
+    if len(counts) != 3 or min(counts.values()) < 0 or counts["train"] < 1 or counts["test"] < 1:
+        raise ConfigError(f"--mosaics expects TRAIN,VAL,TEST counts (train and test > 0), got {mosaic_counts!r}")
+    grids = parse_sizes(sizes)  # before any data is built
+    root = data_root or _default_data_root()
+    chosen = []
+    for key in dict.fromkeys(keys):
+        if key == "nucls":
+            chosen.append(nucls_dataset(root, nucls_epochs))
+        else:
+            chosen.append(mosaic_dataset(mosaic_spec, root, workdir, counts, mosaic_epochs, log=click.echo))
+    result = bench_sampling(chosen, bench_config(config_path), grids, workdir, threads=threads,
+                            device=device, log=click.echo)
+    click.echo(f"wrote {write_section(out, 'sampling', format_sampling_section(result, command_line()))}")
+
+
 @bench_group.command("all")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
               show_default=True, help="Markdown file whose sections are replaced.")
@@ -302,10 +374,11 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
     """Run every benchmark with its defaults, writing each section of OUT.
 
     Not `memory`: it builds a 100k x 100k slide (3.4 GiB, ~75 s) and segments
-    three slides up to 10 Gpx, minutes on its own; run it by name.
+    three slides up to 10 Gpx, minutes on its own; nor `sampling`: it trains
+    24 models (most of an hour on one thread). Run them by name.
     """
     for name, cmd in sorted(bench_group.commands.items()):
-        if name in ("all", "memory"):
+        if name in ("all", "memory", "sampling"):
             continue
         click.echo(f"== bench {name}")
         kwargs = {"out": out} if any(p.name == "out" for p in cmd.params) else {}
@@ -537,8 +610,9 @@ def demo_command(ctx, out_dir, device, overwrite) -> None:
               help="Ready baseline model file (repeatable), e.g. uniform=runs/uniform/model.safetensors.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs for trained baselines [default: the model's].")
 @click.option("--sweep", default=None, metavar="32,48,64,96",
-              help="Cost-performance sweep: output sizes (N or WIDTHxHEIGHT); learned, uniform and edge are "
-                   "trained at each into OUT/sweep/ (finished runs are reused, unfinished ones resumed).")
+              help="Cost-performance sweep: output sizes (N or WIDTHxHEIGHT); learned (joint loss), learned "
+                   "(single loss: no edge term), uniform and edge are trained at each into OUT/sweep/METHOD-WxH "
+                   "(finished runs are reused, unfinished ones resumed).")
 @click.option("--sweep-epochs", type=click.IntRange(min=1), default=None,
               help="Epochs per sweep model [default: the model's].")
 @click.option("--train-data", type=click.Path(exists=True, path_type=str), default=None,
@@ -564,7 +638,7 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
     import json
 
     from wsiseg.errors import ConfigError
-    from wsiseg.evaluate import parse_sizes, run_evaluation
+    from wsiseg.evaluate import format_sweep_table, parse_sizes, run_evaluation
 
     names = [n.strip() for n in (compare or "").split(",") if n.strip()]
     baselines = {}
@@ -589,6 +663,8 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
         click.echo(json.dumps(run.document, indent=2))
     else:
         click.echo(run.table)
+        if run.sweep:
+            click.echo(f"\nsweep (held-out {split} split):\n{format_sweep_table(run.sweep)}")
     for path in run.files.values():
         click.echo(f"wrote {path}", err=True)
 

@@ -36,7 +36,10 @@ class frequency
 :func:`run_evaluation` is the ``wsiseg evaluate`` command: the model on one
 split, optionally against the uniform and oracle edge baselines trained with
 the model's own training config at the same budget (``compare``), and the
-cost-performance sweep over several output sizes (``sweep``, paper Fig. 6).
+cost-performance sweep over several output sizes (``sweep``, paper Fig. 6;
+:func:`run_sweep`): the learned sampler with the joint loss (``learned``)
+and with the segmentation loss only (``single``), and the uniform and edge
+baselines (:data:`SWEEP_METHODS`, named in tables by :data:`METHOD_LABELS`).
 """
 
 from __future__ import annotations
@@ -62,14 +65,21 @@ from wsiseg.metrics import ConfusionMatrix, trimap_counts
 
 __all__ = [
     "DEFAULT_TRIMAP_WIDTHS",
+    "METHOD_LABELS",
+    "SWEEP_CONFIG",
+    "SWEEP_METHODS",
     "EvalResult",
     "EvaluationRun",
     "draw_class_frequency",
     "draw_sweep",
     "evaluate_model",
+    "format_sweep_table",
     "format_table",
+    "method_label",
     "parse_sizes",
     "run_evaluation",
+    "run_sweep",
+    "write_sweep_files",
 ]
 
 #: Trimap band widths, in working-resolution pixels.
@@ -79,9 +89,24 @@ SWEEP_JSON, SWEEP_CSV, SWEEP_PNG = "sweep.json", "sweep.csv", "sweep.png"
 CLASS_FREQUENCY_PNG = "class_frequency.png"
 #: The fixed-density baselines ``--compare`` can train (paper Sec. 4).
 BASELINES = ("uniform", "edge")
-#: Methods of a sweep, in plotting order.
-SWEEP_METHODS = ("learned", "uniform", "edge")
-_COLORS = {"learned": (214, 39, 40), "uniform": (31, 119, 180), "edge": (44, 160, 44), "original": (150, 150, 150)}
+#: Methods of a sweep, in plotting order (the names used in files and run folders).
+SWEEP_METHODS = ("learned", "single", "uniform", "edge")
+#: Training-config changes that make each sweep method out of the model's config.
+SWEEP_CONFIG: dict[str, dict[str, Any]] = {
+    "learned": {"sampler": "learned", "joint": True},  # the paper's joint loss (segmentation + edge)
+    "single": {"sampler": "learned", "joint": False},  # segmentation loss only (paper's "single loss")
+    "uniform": {"sampler": "uniform"},
+    "edge": {"sampler": "edge"},
+}
+#: How tables, legends and reports name the methods.
+METHOD_LABELS = {
+    "learned": "learned (joint loss)",
+    "single": "learned (single loss)",
+    "uniform": "uniform",
+    "edge": "edge (oracle)",
+}
+_COLORS = {"learned": (214, 39, 40), "single": (255, 127, 14), "uniform": (31, 119, 180), "edge": (44, 160, 44),
+           "original": (150, 150, 150)}
 _EXTRA_COLORS = ((148, 103, 189), (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207))
 
 
@@ -519,6 +544,11 @@ def _method_color(name: str, n: int) -> tuple[int, int, int]:
     return _COLORS.get(name, _EXTRA_COLORS[n % len(_EXTRA_COLORS)])
 
 
+def method_label(name: str) -> str:
+    """How tables and legends name a method: ``"single"`` -> ``"learned (single loss)"``; others unchanged."""
+    return METHOD_LABELS.get(name, name)
+
+
 def _cost_axis(draw, font, box, xs: Sequence[float], label: str) -> None:
     """Replace the epoch axis that ``train._panel`` draws with a cost axis (fractional ticks).
 
@@ -574,11 +604,15 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
                 hit = [r for r in rows if r["method"] == m and r.get("cost") is not None
                        and round(100.0 * float(r["cost"]), 6) == c]
                 ys.append(hit[0].get(key) if hit else None)
-            out.append((m, _method_color(m, n), ys))
+            out.append((method_label(m), _method_color(m, n), ys))
         return out
 
     font = _font()
-    w, h = 880, 340
+    h = 340
+    img = Image.new("RGB", (1, 1), "white")
+    # Wide enough for each panel's one-row legend (``_panel``: 36 px per entry, 64 px of margins).
+    legend = sum(36 + ImageDraw.Draw(img).textlength(method_label(m), font=font) for m in methods)
+    w = max(880, 2 * (64 + math.ceil(legend)))
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     label = "cost: % of working-resolution pixels sampled"
@@ -619,12 +653,14 @@ def draw_class_frequency(
     from wsiseg.train import _tick_label, _ticks
 
     series = [("original", _COLORS["original"], list(original))]
-    series += [(m, _method_color(m, n), list(v)) for n, (m, v) in enumerate(sampled.items())]
+    series += [(method_label(m), _method_color(m, n), list(v)) for n, (m, v) in enumerate(sampled.items())]
     k, nb = len(class_names), len(series)
     bar = 16
     group = nb * bar + 28
     font = _font()
-    w = max(520, 70 + k * group + 20)
+    img = Image.new("RGB", (1, 1), "white")
+    legend = sum(32 + ImageDraw.Draw(img).textlength(name, font=font) for name, _, _ in series)
+    w = max(520, 70 + k * group + 20, 60 + math.ceil(legend) + 20)
     h = 340
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
@@ -784,7 +820,7 @@ def _select_pairs(pairs, split: str, cfg, data, say) -> list:
     return test
 
 
-def _ensure_trained(cfg, out: Path, train_ds, val_ds, classes, data_hash, say) -> Path:
+def _ensure_trained(cfg, out: Path, train_ds, val_ds, classes, data_hash, say, name: str | None = None) -> Path:
     """Train into ``out`` unless done: resume an unfinished run, reuse a model without a checkpoint."""
     from wsiseg.train import CHECKPOINT_NAME, MODEL_NAME, train
 
@@ -793,8 +829,8 @@ def _ensure_trained(cfg, out: Path, train_ds, val_ds, classes, data_hash, say) -
         say(f"using {model}")
         return model
     resume = ckpt.is_file()
-    say(f"{'checking/resuming' if resume else 'training'} {cfg.sampler} at {_wxh(cfg.out_size)} "
-        f"({cfg.epochs} epochs) in {out}")
+    say(f"{'checking/resuming' if resume else 'training'} {method_label(name or cfg.sampler)} at "
+        f"{_wxh(cfg.out_size)} ({cfg.epochs} epochs) in {out}")
     result = train(cfg, train_ds, val_ds, classes, out, resume=resume, progress=False, data_hash=data_hash, log=say)
     return Path(result.model_path)
 
@@ -826,14 +862,157 @@ class EvaluationRun:
 
 
 def _scaled_config(cfg, size: tuple[int, int], method: str, epochs: int, device: str):
-    """The model's training config at another output size (map and kernel scaled alike)."""
+    """The model's training config at another output size (map and kernel scaled alike) for one sweep method."""
+    if method not in SWEEP_CONFIG:
+        raise ConfigError(f"unknown sweep method {method!r}; available: {', '.join(SWEEP_CONFIG)}")
     oh, ow = size
     rh, rw = cfg.map_size[0] / cfg.out_size[0], cfg.map_size[1] / cfg.out_size[1]
     mh, mw = max(4, round(oh * rh)), max(4, round(ow * rw))
     sigma = cfg.sigma * max(mh, mw) / max(cfg.map_size) if cfg.sigma is not None else None
     # An explicit support belongs to the old sigma: let the net derive it from the scaled one.
     return dataclasses.replace(cfg, out_size=(oh, ow), map_size=(mh, mw), sigma=sigma, support=None,
-                               sampler=method, epochs=epochs, device=device)
+                               epochs=epochs, device=device, **SWEEP_CONFIG[method])
+
+
+def run_sweep(
+    cfg,
+    sizes: Sequence[tuple[int, int]],
+    out_dir: str | os.PathLike,
+    train_ds,
+    val_ds,
+    eval_ds,
+    classes: Sequence,
+    *,
+    data_hash: str | None = None,
+    epochs: int | None = None,
+    methods: Sequence[str] | None = None,
+    device: str = "auto",
+    batch_size: int = 4,
+    widths: Sequence[float] = DEFAULT_TRIMAP_WIDTHS,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[dict], list[EvalResult]]:
+    """Train every method at every output size from one config and evaluate each on the same data.
+
+    The cost-performance sweep of ``wsiseg evaluate --sweep`` (paper Fig. 6),
+    also used by ``wsiseg bench sampling``.
+
+    Parameters
+    ----------
+    cfg : wsiseg.train.TrainConfig
+        Base training config; each run changes only the output size (with
+        ``map_size`` and ``sigma`` scaled alike), the epochs, the device and
+        the fields of :data:`SWEEP_CONFIG` for its method.
+    sizes : sequence of (int, int)
+        Output sizes ``(h, w)``.
+    out_dir : path-like
+        Runs go to ``out_dir/<method>-<W>x<H>/``; a finished run there is
+        reused and an unfinished one resumed (:func:`wsiseg.train.train`
+        refuses a checkpoint of another config or other data).
+    train_ds, val_ds : torch.utils.data.Dataset
+        Training and validation regions (``val_ds`` may be None).
+    eval_ds : torch.utils.data.Dataset
+        Held-out regions every model is evaluated on.
+    classes : sequence of ClassInfo
+        In channel order.
+    data_hash : str, optional
+        Fingerprint of the training data, stored with each model.
+    epochs : int, optional
+        Epochs per run (default ``cfg.epochs``).
+    methods : sequence of str, optional
+        Keys of :data:`SWEEP_CONFIG` (default :data:`SWEEP_METHODS`).
+    device, batch_size, widths
+        See :func:`evaluate_model`.
+    log : callable, optional
+        Progress messages.
+
+    Returns
+    -------
+    rows : list of dict
+        One per size and method, in that order (the ``sweep.json`` rows).
+    results : list of EvalResult
+        The same runs' evaluations.
+    """
+    from wsiseg.models.io import load_deformseg
+
+    say = log or (lambda _m: None)
+    methods = tuple(methods) if methods is not None else SWEEP_METHODS
+    n_ep = epochs if epochs is not None else cfg.epochs
+    if {"learned", "single"} <= set(methods) and cfg.gamma_edge == 0:
+        say("note: gamma_edge is 0, so the joint and single losses are the same loss")
+    dev = resolve_device(device)
+    rows: list[dict] = []
+    results: list[EvalResult] = []
+    for size in sizes:
+        for method in methods:
+            mcfg = _scaled_config(cfg, size, method, n_ep, str(device))
+            run_dir = Path(out_dir) / f"{method}-{size[1]}x{size[0]}"  # WIDTHxHEIGHT
+            path = _ensure_trained(mcfg, run_dir, train_ds, val_ds, classes, data_hash, say, method)
+            model = load_deformseg(path, device=dev)
+            r = evaluate_model(model, eval_ds, device=dev, batch_size=batch_size, widths=widths, name=method, log=say)
+            rows.append(_sweep_row(r, size, path, n_ep, model.metadata.get("training") or {}))
+            results.append(r)
+    return rows, results
+
+
+def write_sweep_files(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
+                      doc: Mapping[str, Any]) -> dict[str, Path]:
+    """Write ``sweep.json`` (``doc`` plus the rows), ``sweep.csv`` and ``sweep.png`` into ``out_dir``.
+
+    Returns
+    -------
+    dict of str -> Path
+        ``sweep_json``, ``sweep_csv``, ``sweep_png``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "sweep_json": _write_json(out / SWEEP_JSON, {**doc, "rows": list(rows)}),
+        "sweep_csv": _write_sweep_csv(out / SWEEP_CSV, rows),
+        "sweep_png": draw_sweep(rows, out / SWEEP_PNG),
+    }
+
+
+def format_sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of sweep rows: one line per size and method, best full-resolution mIoU per size in bold.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        :func:`run_sweep` rows.
+
+    Returns
+    -------
+    str
+    """
+    if not rows:
+        return "(no sweep rows)"
+    names = list((rows[0].get("iou_full") or {}).keys())
+    lines = [
+        ("| grid (cost) | method | mIoU full res. | mIoU deformed | mIoU(Y', Y) | IoU full res. "
+         f"({' / '.join(names)}) | train s/it | epochs (best) |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best: dict[tuple[int, int], float] = {}
+    for row in rows:
+        key, v = (row["out_height"], row["out_width"]), row.get("miou_full")
+        if v is not None:
+            best[key] = max(best.get(key, v), v)
+    for row in rows:
+        key = (row["out_height"], row["out_width"])
+        full = _fmt(row.get("miou_full"))
+        if row.get("miou_full") is not None and row["miou_full"] == best.get(key):
+            full = f"**{full}**"
+        cost = row.get("cost")
+        grid = f"{_wxh(key)} ({_fmt(None if cost is None else 100 * cost, 2)} %)"
+        per_class = " / ".join(_fmt(v, 3) for v in (row.get("iou_full") or {}).values())
+        spi = row.get("sec_per_iter")
+        spi_text = "n/a" if spi is None else f"{spi:.3f}"
+        epochs = f"{row.get('epochs')} ({row.get('best_epoch') if row.get('best_epoch') is not None else 'n/a'})"
+        lines.append(
+            f"| {grid} | {method_label(row['method'])} | {full} | {_fmt(row.get('miou_deformed'))} | "
+            f"{_fmt(row.get('upsampling_miou'))} | {per_class} | {spi_text} | {epochs} |"
+        )
+    return "\n".join(lines)
 
 
 def run_evaluation(
@@ -887,11 +1066,12 @@ def run_evaluation(
     epochs : int, optional
         Epochs for the baselines (default: the model's).
     sweep : sequence of (int, int)
-        Output sizes ``(h, w)``: learned, uniform and edge are trained at
-        each (the model's config with ``out_size`` and, proportionally,
-        ``map_size`` and ``sigma`` changed) into
-        ``out_dir/sweep/<method>-<W>x<H>/``, reused or resumed when already
-        there.
+        Output sizes ``(h, w)``: every method of :data:`SWEEP_METHODS`
+        (learned with the joint loss, learned with the single loss, uniform,
+        edge) is trained at each (the model's config with ``out_size`` and,
+        proportionally, ``map_size`` and ``sigma`` changed, and the method's
+        :data:`SWEEP_CONFIG`) into ``out_dir/sweep/<method>-<W>x<H>/``,
+        reused or resumed when already there (:func:`run_sweep`).
     sweep_epochs : int, optional
         Epochs per sweep model (default: the model's).
     train_data : path-like, optional
@@ -1031,29 +1211,21 @@ def run_evaluation(
     freq_results = results
     if sweep:
         n_ep = sweep_epochs if sweep_epochs is not None else tcfg.epochs
-        by_size: dict[tuple[int, int], list[EvalResult]] = {}
-        for size in sweep:
-            for method in SWEEP_METHODS:
-                cfg = _scaled_config(tcfg, size, method, n_ep, str(device))
-                tr_ds, va_ds, h = training_data()
-                run_dir = out / "sweep" / f"{method}-{size[1]}x{size[0]}"  # WIDTHxHEIGHT
-                path = _ensure_trained(cfg, run_dir, tr_ds, va_ds, classes, h, say)
-                r = evaluate(load_deformseg(path, device=dev), method)
-                by_size.setdefault(size, []).append(r)
-                sweep_rows.append(_sweep_row(r, size, path, n_ep))
-        freq_results = by_size[min(by_size, key=lambda s: s[0] * s[1])]
-        sweep_doc = {
+        tr_ds, va_ds, h = training_data()
+        sweep_rows, sweep_results = run_sweep(
+            tcfg, sweep, out / "sweep", tr_ds, va_ds, eval_ds, classes, data_hash=h, epochs=n_ep, device=device,
+            batch_size=batch_size, widths=widths, log=say,
+        )
+        smallest = min(sweep, key=lambda s: s[0] * s[1])
+        freq_results = [r for r in sweep_results if tuple(r.out_size) == tuple(smallest)]
+        files.update(write_sweep_files(out, sweep_rows, {
             "data": os.fspath(data),
             "split": split,
             "regions": len(eval_ds),
             "epochs": n_ep,
             "sizes": [list(s) for s in sweep],
             "resolution": {"miou_full": results[0].resolution, "miou_deformed": "deformed"},
-            "rows": sweep_rows,
-        }
-        files["sweep_json"] = _write_json(out / SWEEP_JSON, sweep_doc)
-        files["sweep_csv"] = _write_sweep_csv(out / SWEEP_CSV, sweep_rows)
-        files["sweep_png"] = draw_sweep(sweep_rows, out / SWEEP_PNG)
+        }))
 
     first = freq_results[0]
     original = first.class_frequency()[0]
@@ -1074,13 +1246,17 @@ def _check_same_classes(model, other) -> None:
 
 
 _SWEEP_COLUMNS = ("method", "out_height", "out_width", "map_height", "map_width", "cost", "miou_full",
-                  "miou_deformed", "upsampling_miou", "epochs", "model")
+                  "miou_deformed", "upsampling_miou", "epochs", "model", "label", "joint", "sec_per_iter", "steps",
+                  "best_epoch")
 
 
-def _sweep_row(r: EvalResult, size: tuple[int, int], path: Path, epochs: int) -> dict:
+def _sweep_row(r: EvalResult, size: tuple[int, int], path: Path, epochs: int, training: Mapping[str, Any]) -> dict:
+    """One sweep row; ``training`` is the model file's ``"training"`` metadata (timings, best epoch, config)."""
     orig, samp = r.class_frequency()
+    config = training.get("config") or {}
     return {
         "method": r.name,
+        "label": method_label(r.name),
         "out_height": size[0],
         "out_width": size[1],
         "map_height": r.map_size[0],
@@ -1091,7 +1267,13 @@ def _sweep_row(r: EvalResult, size: tuple[int, int], path: Path, epochs: int) ->
         "upsampling_miou": _nan_to_none(r.upsampling_miou),
         "epochs": epochs,
         "model": os.fspath(path),
+        # Whether the edge term was on (the trainer drops it for fixed samplers).
+        "joint": (bool(config.get("joint")) and config.get("sampler") == "learned") if config else None,
+        "sec_per_iter": training.get("seconds_per_iter"),
+        "steps": training.get("steps"),
+        "best_epoch": (training.get("best") or {}).get("epoch"),
         "iou_full": r._iou_dict(r.full.iou()),
+        "iou_deformed": r._iou_dict(r.deformed.iou()),
         "trimap": dict(zip([f"{w:g}" for w in r.trimap_widths], [_nan_to_none(v) for v in r.trimap_accuracy()])),
         "class_frequency": {"classes": r.class_names, "original": [_nan_to_none(v) for v in orig],
                             "sampled": [_nan_to_none(v) for v in samp]},
