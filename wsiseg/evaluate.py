@@ -549,34 +549,6 @@ def method_label(name: str) -> str:
     return METHOD_LABELS.get(name, name)
 
 
-def _cost_axis(draw, font, box, xs: Sequence[float], label: str) -> None:
-    """Replace the epoch axis that ``train._panel`` draws with a cost axis (fractional ticks).
-
-    Mirrors ``_panel``'s layout (plot area ``x0 + 52 .. x1 - 12``, bottom
-    ``y1 - 34``, x range ``min(xs) .. max(xs)``).
-    """
-    from wsiseg.train import _tick_label, _ticks
-
-    x0, _y0, x1, y1 = box
-    left, right, bottom = x0 + 52, x1 - 12, y1 - 34
-    white, dark = (255, 255, 255), (60, 60, 60)
-    # Clear the integer "epoch" ticks and label, keeping the y labels next to the axis.
-    draw.rectangle([left - 4, bottom + 1, x1, y1], fill=white)
-    draw.rectangle([x0, bottom + 9, left - 4, y1], fill=white)
-    xlo, xhi = (min(xs), max(xs)) if xs else (0.0, 1.0)
-    if xhi - xlo < 1e-12:
-        xlo, xhi = xlo - 1, xhi + 1
-
-    def px(x: float) -> float:
-        return left + (x - xlo) / (xhi - xlo) * (right - left)
-
-    for t in _ticks(xlo, xhi, 5):
-        if xlo - 1e-9 <= t <= xhi + 1e-9:
-            draw.line([(px(t), bottom), (px(t), bottom + 4)], fill=dark)
-            draw.text((px(t), bottom + 6), _tick_label(t), fill=dark, font=font, anchor="mt")
-    draw.text(((left + right) // 2, y1 - 4), label, fill=dark, font=font, anchor="mb")
-
-
 def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Cost-performance trade-off (paper Fig. 6): mIoU vs cost per method.
 
@@ -590,7 +562,7 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     """
     from PIL import Image, ImageDraw
 
-    from wsiseg.train import _panel
+    from wsiseg.train import chart_panel
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     # One x position per cost (methods at one size share the cost: same grid, same regions).
@@ -610,7 +582,7 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     font = _font()
     h = 340
     img = Image.new("RGB", (1, 1), "white")
-    # Wide enough for each panel's one-row legend (``_panel``: 36 px per entry, 64 px of margins).
+    # Wide enough for each panel's one-row legend (``chart_panel``: 36 px per entry, 64 px of margins).
     legend = sum(36 + ImageDraw.Draw(img).textlength(method_label(m), font=font) for m in methods)
     w = max(880, 2 * (64 + math.ceil(legend)))
     img = Image.new("RGB", (w, h), "white")
@@ -620,8 +592,7 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
         ((0, 0, w // 2, h), "mIoU, full resolution", "miou_full"),
         ((w // 2, 0, w, h), "mIoU(Y', Y): upsampling (sampler only)", "upsampling_miou"),
     ):
-        _panel(draw, font, box, title, costs, series(key))  # type: ignore[arg-type]
-        _cost_axis(draw, font, box, costs, label)
+        chart_panel(draw, font, box, title, costs, series(key), x_label=label, integer_x=False)
     with atomic_output(path, overwrite=True) as tmp:
         img.save(tmp, format="PNG")
     return Path(path)

@@ -78,6 +78,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "build_net",
+    "chart_panel",
     "check_output_dir",
     "draw_curves",
     "load_checkpoint",
@@ -827,8 +828,32 @@ def _tick_label(v: float) -> str:
     return f"{v:.4g}"
 
 
-def _panel(draw, font, box, title: str, xs: list[int], series, *, y_range=None, log_y=False) -> None:
-    """One chart: title and legend above, axes, ticks, grid, lines with markers."""
+def chart_panel(
+    draw, font, box, title: str, xs: Sequence[float], series, *, y_range=None, log_y=False,
+    x_label: str = "epoch", integer_x: bool = True,
+) -> None:
+    """One chart into a Pillow ``draw``: title and legend above, axes, ticks, grid, lines with markers.
+
+    Parameters
+    ----------
+    draw, font
+        ``PIL.ImageDraw.Draw`` and the font of every label.
+    box : (int, int, int, int)
+        ``(x0, y0, x1, y1)`` of the panel in the image.
+    title : str
+    xs : sequence of float
+        X of every point (shared by the series).
+    series : sequence of (str, (int, int, int), sequence of float or None)
+        Name, colour and y values; ``None`` or non-finite values leave gaps.
+    y_range : (float, float), optional
+        Fixed y range; default: the data's, padded.
+    log_y : bool
+        Logarithmic y axis.
+    x_label : str
+        Label under the x axis.
+    integer_x : bool
+        Integer x ticks (epochs); otherwise round fractional ones (costs).
+    """
     x0, y0, x1, y1 = box
     left, right, top, bottom = x0 + 52, x1 - 12, y0 + 44, y1 - 34
     black, grey, dark = (0, 0, 0), (225, 225, 225), (60, 60, 60)
@@ -879,13 +904,16 @@ def _panel(draw, font, box, title: str, xs: list[int], series, *, y_range=None, 
             draw.line([(left - 4, y), (left, y)], fill=dark)
             label = _tick_label(float(f"{10.0**t:.3g}") if log_y else t)
             draw.text((left - 6, y), label, fill=dark, font=font, anchor="rm")
-    xt = [t for t in _ticks(xlo, xhi, 6) if float(t).is_integer() and xlo <= t <= xhi] or [xlo]
+    if integer_x:
+        xt = [t for t in _ticks(xlo, xhi, 6) if float(t).is_integer() and xlo <= t <= xhi] or [xlo]
+    else:
+        xt = [t for t in _ticks(xlo, xhi, 5) if xlo - 1e-9 <= t <= xhi + 1e-9]
     for t in xt:
         x = px(t)
         draw.line([(x, bottom), (x, bottom + 4)], fill=dark)
-        draw.text((x, bottom + 6), str(int(t)), fill=dark, font=font, anchor="mt")
+        draw.text((x, bottom + 6), str(int(t)) if integer_x else _tick_label(t), fill=dark, font=font, anchor="mt")
     draw.rectangle([left, top, right, bottom], outline=dark)
-    draw.text(((left + right) // 2, y1 - 4), "epoch", fill=dark, font=font, anchor="mb")
+    draw.text(((left + right) // 2, y1 - 4), x_label, fill=dark, font=font, anchor="mb")
     if not shown:
         draw.text(((left + right) // 2, (top + bottom) // 2), "no data", fill=dark, font=font, anchor="mm")
 
@@ -940,12 +968,12 @@ def draw_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
         losses.append((f"{gamma_edge:g}*edge", (255, 127, 14), col("edge", gamma_edge)))
     pos = [v for _, _, ys in losses for v in ys if v is not None and math.isfinite(v) and v > 0]
     log_y = bool(pos) and max(pos) / min(pos) > 30
-    _panel(draw, font, (0, 0, w // 2, h), "training loss" + (" (log)" if log_y else ""), xs, losses, log_y=log_y)
+    chart_panel(draw, font, (0, 0, w // 2, h), "training loss" + (" (log)" if log_y else ""), xs, losses, log_y=log_y)
     mious = [
         ("full res", (214, 39, 40), col("val_miou_full")),
         ("deformed", (44, 160, 44), col("val_miou_deformed")),
     ]
-    _panel(draw, font, (w // 2, 0, w, h), "validation mIoU", xs, mious, y_range=(0.0, 1.0))
+    chart_panel(draw, font, (w // 2, 0, w, h), "validation mIoU", xs, mious, y_range=(0.0, 1.0))
     with atomic_output(path, overwrite=True) as tmp:
         img.save(tmp, format="PNG")
     return Path(path)
