@@ -337,11 +337,11 @@ def _more_models(workdir: Path) -> list[tuple[str, Path, str]]:
     """Rows after the tiny net's: the shipped demo model (if installed) and a standard-size net."""
     rows = []
     try:
-        from wsiseg.demo import MODEL
+        from wsiseg.demo import MODEL as demo
     except ImportError:
-        MODEL = None
-    if MODEL is not None and MODEL.is_file():
-        rows.append(("shipped demo model", MODEL, "the trained demo model (`wsiseg/demo`: UNet with a "
+        demo = None
+    if demo is not None and demo.is_file():
+        rows.append(("shipped demo model", demo, "the trained demo model (`wsiseg/demo`: UNet with a "
                      "MobileNetV3-small encoder, grid 64 x 64, background/cellular/stroma), trained on texture "
                      "mosaics, not on this slide: realistic label maps, not a quality measurement"))
     rows.append(("untrained U-Net ResNet-34", standard_model(workdir), "segmentation-models-pytorch's default U-Net "

@@ -262,8 +262,9 @@ def bench_cluster_command(size, slides, worker_counts, in_process, repeats, mode
 @bench_group.command("segment")
 @click.option("--size", default="40000x30000", show_default=True, type=_Size(), help="Slide WIDTHxHEIGHT.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="Model file [default: a fixed-seed untrained tiny net; speed does not depend on the weights, "
-                   "but its noisy labels are the tile writer's worst case].")
+              help="Model file, measured as it is and with constant labels [default: rows for a fixed-seed "
+                   "untrained tiny net (noisy labels: the tile writer's worst case), the same with constant labels, "
+                   "the shipped demo model and an untrained smp U-Net ResNet-34 (a typical net's sliding-window cost)].")
 @click.option("--window", type=click.IntRange(min=64), default=4096, show_default=True,
               help="Side of the square slide on which the sliding-window baseline is timed (then extrapolated).")
 @_bench_common

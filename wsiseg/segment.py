@@ -56,6 +56,7 @@ MODES = ("deformed", "sliding-window")
 #: and windows per forward pass.
 SW_WINDOW, SW_MARGIN, SW_BATCH = 512, 32, 4
 
+
 @dataclass(frozen=True)
 class SegmentOptions:
     """How to segment a slide (everything but the model's own settings).

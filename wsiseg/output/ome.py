@@ -46,13 +46,13 @@ from wsiseg.output.classes import ClassInfo
 from wsiseg.output.mask import MaskWriteStats, _check_mpp
 from wsiseg.output.overlay import copy_mask_pyramid, mask_pages
 from wsiseg.slide.convert import ngff_multiscale
+from wsiseg.slide.open import tiff_resolution_mpp
 
 __all__ = [
     "FORMATS",
     "FORMAT_SUFFIXES",
     "LABEL_NAME",
     "image_label_metadata",
-    "mask_mpp",
     "ome_tiff_from_mask",
     "ome_zarr_from_mask",
     "parse_formats",
@@ -106,17 +106,9 @@ def parse_formats(values: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(f for f in FORMATS if f == "tiff" or f in names)
 
 
-def mask_mpp(page: tifffile.TiffPage) -> tuple[float, float] | None:
-    """Micrometres per pixel ``(x, y)`` of a mask page from its resolution tags, or None."""
-    if "XResolution" not in page.tags or page.resolutionunit == tifffile.RESUNIT.NONE:
-        return None  # no physical unit: pixels only
-    px_per_um = page.get_resolution(tifffile.RESUNIT.MICROMETER)
-    return (1 / px_per_um[0], 1 / px_per_um[1]) if min(px_per_um) > 0 else None
-
-
 def _mpp(mpp, page: tifffile.TiffPage) -> tuple[float, float] | None:
-    """The given MPP, checked, else the mask's own."""
-    return _check_mpp(mpp) if mpp is not None else mask_mpp(page)
+    """The given MPP, checked, else the mask's own (its resolution tags, read as slides' are)."""
+    return _check_mpp(mpp) if mpp is not None else tiff_resolution_mpp(page)
 
 
 def ome_tiff_from_mask(

@@ -341,8 +341,9 @@ class ReverseTiler:
     mode : {"nearest", "linear"}
         Nearest grid node (the paper) or bilinear class scores.
     block : int
-        Side of the blocks a region is classified in; only the pixels of
-        mixed blocks are read one by one.
+        Side of the finest blocks a region is classified in (coarser ones
+        are multiples of it); only the pixels of mixed blocks are read one
+        by one.
     chunk : int
         Columns of a region computed at once (bounds the temporaries: a few
         float64 arrays of ``tile x chunk`` in the worst case).

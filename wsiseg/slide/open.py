@@ -43,7 +43,7 @@ from dask.base import tokenize
 from wsiseg.errors import ConfigError, SlideError
 from wsiseg.slide.multiscale import Level, Multiscale
 
-__all__ = ["open_slide", "MAX_PIXELS"]
+__all__ = ["open_slide", "tiff_resolution_mpp", "MAX_PIXELS"]
 
 #: Refuse levels claiming more pixels than this (a 1,000,000 x 1,000,000
 #: slide); real WSIs are below 1e11, so larger claims are broken headers.
@@ -661,7 +661,7 @@ def _resolve_tiff_mpp(override, os_props, page, ome_xml, series_index):
         mpp = _valid_mpp(os_props.get("openslide.mpp-x"), os_props.get("openslide.mpp-y"))
         if mpp:
             return mpp, "openslide"
-    mpp = _tiff_resolution_mpp(page)
+    mpp = tiff_resolution_mpp(page)
     if mpp:
         return mpp, "tiff-resolution"
     if ome_xml:
@@ -671,7 +671,7 @@ def _resolve_tiff_mpp(override, os_props, page, ome_xml, series_index):
     return None, "missing"
 
 
-def _tiff_resolution_mpp(page) -> tuple[float, float] | None:
+def tiff_resolution_mpp(page) -> tuple[float, float] | None:
     """MPP from XResolution/YResolution/ResolutionUnit (cm or inch; unit NONE ignored)."""
     tags = page.tags
     unit_tag = tags.get("ResolutionUnit")
