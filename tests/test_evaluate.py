@@ -53,19 +53,19 @@ def _known_net() -> DeformSegNet:
                         image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))
 
 
-def _block_item(rng, name: str, size: tuple[int, int], pad: tuple[int, int] = (64, 64)):
-    """A region made of constant blocks, one block per grid point of a 16x16 grid (integer factors)."""
+def _block_item(rng, name: str, size: tuple[int, int], grid: tuple[int, int] = (16, 16)):
+    """A region made of constant blocks, one block per node of its grid (integer factors)."""
     h, w = size
-    fh, fw = h // 16, w // 16
-    red_cls = rng.integers(0, 3, (16, 16))
-    lab = rng.integers(0, 3, (16, 16))
-    lab[rng.random((16, 16)) < 0.1] = IGNORE
+    gh, gw = grid
+    fh, fw = h // gh, w // gw
+    red_cls = rng.integers(0, 3, grid)
+    lab = rng.integers(0, 3, grid)
+    lab[rng.random(grid) < 0.1] = IGNORE
     red = np.repeat(np.repeat(LEVELS[red_cls], fh, 0), fw, 1)
-    image = np.full((3, *pad), 255, np.uint8)  # white padding, as data.py pads
-    image[0, :h, :w] = red
-    image[1, :h, :w] = rng.integers(0, 256, (h, w))  # other channels do not matter
-    labels = np.full(pad, IGNORE, np.int64)
-    labels[:h, :w] = np.repeat(np.repeat(lab, fh, 0), fw, 1)
+    image = np.zeros((3, h, w), np.uint8)
+    image[0] = red
+    image[1] = rng.integers(0, 256, (h, w))  # other channels do not matter
+    labels = np.repeat(np.repeat(lab, fh, 0), fw, 1).astype(np.int64)
     item = {"image": torch.from_numpy(image), "labels": torch.from_numpy(labels), "name": name,
             "box": None, "downsample": 2.0, "size": (h, w)}
     return item, red_cls, lab, (fh, fw)
@@ -84,8 +84,10 @@ def _iou(cm: np.ndarray) -> np.ndarray:
 
 def test_evaluate_reproduces_metrics_of_a_model_with_known_predictions():
     rng = np.random.default_rng(0)
-    # Two full 64x64 regions (factor 4, batched together) and one padded 48x64 region (factors 3 x 4).
-    parts = [_block_item(rng, "a", (64, 64)), _block_item(rng, "b", (64, 64)), _block_item(rng, "c", (48, 64))]
+    # Two 64x64 regions (factor 4, batched together) and one 48x96 region, which the shared
+    # geometry rule (short side to the model's 16) samples on a 16x32 grid (factor 3).
+    parts = [_block_item(rng, "a", (64, 64)), _block_item(rng, "b", (64, 64)),
+             _block_item(rng, "c", (48, 96), grid=(16, 32))]
     dataset = [p[0] for p in parts]
     r = evaluate_model(_known_net(), dataset, NAMES, device="cpu", batch_size=2)
 
@@ -100,9 +102,9 @@ def test_evaluate_reproduces_metrics_of_a_model_with_known_predictions():
     assert r.miou_full == np.nanmean(_iou(cm_full)) and r.miou_deformed == np.nanmean(_iou(cm_def))
     assert r.full.matrix.sum() == sum(((lab != IGNORE) * fh * fw).sum() for _, _, lab, (fh, fw) in parts)
 
-    # Cost: 256 samples of 64*64, 64*64 and 48*64 unpadded pixels.
-    assert r.cost == pytest.approx(np.mean([256 / 4096, 256 / 4096, 256 / 3072]), abs=0, rel=1e-15)
-    assert (r.samples, r.pixels, r.regions) == (3 * 256, 2 * 4096 + 3072, 3)
+    # Cost: 256, 256 and 512 samples of 64*64, 64*64 and 48*96 pixels.
+    assert r.cost == pytest.approx(np.mean([256 / 4096, 256 / 4096, 512 / 4608]), abs=0, rel=1e-15)
+    assert (r.samples, r.pixels, r.regions) == (4 * 256, 2 * 4096 + 4608, 3)
 
     # A uniform grid at an integer factor on a block image loses nothing.
     assert r.upsampling_miou == 1.0

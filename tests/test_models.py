@@ -22,7 +22,7 @@ from wsiseg.sampling.edges import edge_density, edge_target
 from wsiseg.sampling.sample import downsample_labels, sample_image
 
 MAP = (8, 10)
-OUT = (36, 40)
+OUT = (36, 40)  # the reference shape: sources of this aspect (72 x 80) get exactly this grid
 
 
 @pytest.fixture()
@@ -134,7 +134,7 @@ def test_sampler_kernel_is_not_a_parameter(tiny_segmenter):
 
 def test_forward_outputs(tiny_segmenter):
     net = _net(tiny_segmenter)
-    x_hr = torch.rand(2, 3, 64, 80)
+    x_hr = torch.rand(2, 3, 72, 80)
     labels = torch.zeros(2, 64, 80, dtype=torch.long)
     labels[:, 10:30, 20:50] = 2
     labels[1, 40:, :] = 255
@@ -150,13 +150,25 @@ def test_forward_outputs(tiny_segmenter):
     assert torch.equal(out.edge_target, edge_target(downsample_labels(labels, MAP)))
     plain = net(None, x_hr)
     assert plain.labels is None and plain.edge_target is None
-    with pytest.raises(ValueError, match="map_size"):
+    with pytest.raises(ValueError, match="density map"):
         net(torch.rand(2, 3, 9, 9), x_hr)
+
+
+def test_region_shape_sets_the_geometry(tiny_segmenter):
+    # A region of another shape is sampled with the shared rule, not the square reference.
+    net = _net(tiny_segmenter)
+    x_hr = torch.rand(1, 3, 36, 400)
+    geo = net.geometry(36, 400)
+    assert geo.grid == (14, 160) and geo.map == (4, 40)  # long side capped at 4 x 40, map at least 4
+    out = net(None, x_hr)
+    assert out.grid.shape == (1, 14, 160, 2) and out.d.shape == (1, 1, 4, 40)
+    fixed = net(None, x_hr, geometry=net.geometry(36, 400, grid=(9, 100)))
+    assert fixed.grid.shape == (1, 9, 100, 2)
 
 
 def test_gradients_reach_deformation_net_through_sampling(tiny_segmenter):
     net = _net(tiny_segmenter)
-    out = net(None, torch.rand(2, 3, 64, 80))
+    out = net(None, torch.rand(2, 3, 72, 80))
     out.logits.square().mean().backward()  # no edge loss: only the sampling path
     for p in net.deform.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
@@ -166,7 +178,7 @@ def test_gradients_reach_deformation_net_through_sampling(tiny_segmenter):
 
 def test_gather_callable_matches_tensor_path(tiny_segmenter):
     net = _net(tiny_segmenter).eval()
-    x_hr = torch.rand(1, 3, 64, 80)
+    x_hr = torch.rand(1, 3, 72, 80)
     x_lr = torch.rand(1, 3, *MAP)
     seen = []
 
@@ -191,14 +203,14 @@ def test_uniform_baseline_is_uniform_grid(tiny_segmenter):
     net = _net(tiny_segmenter, "uniform")
     assert net.deform is None
     assert count_parameters(net) == count_parameters(tiny_segmenter)
-    out = net(None, torch.rand(2, 3, 64, 80))
+    out = net(None, torch.rand(2, 3, 72, 80))
     assert torch.allclose(out.grid, uniform_grid(*OUT).expand(2, -1, -1, -1), atol=1e-6)
     assert torch.allclose(out.d, torch.full_like(out.d, 1 / (MAP[0] * MAP[1])))
 
 
 def test_edge_baseline_is_an_oracle(tiny_segmenter):
     net = _net(tiny_segmenter, "edge", edge_radius=1.5)
-    x_hr = torch.rand(1, 3, 64, 80)
+    x_hr = torch.rand(1, 3, 72, 80)
     labels = torch.zeros(1, 64, 80, dtype=torch.long)
     labels[:, 20:40, 30:60] = 1
     out = net(None, x_hr, labels)
@@ -212,7 +224,7 @@ def test_edge_baseline_is_an_oracle(tiny_segmenter):
 def test_predict_lowres(tiny_segmenter):
     net = _net(tiny_segmenter)
     net.train()
-    pred = net.predict_lowres(None, torch.rand(2, 3, 64, 80))
+    pred = net.predict_lowres(None, torch.rand(2, 3, 72, 80))
     assert net.training  # mode restored
     assert pred.labels.shape == (2, *OUT) and pred.labels.dtype == torch.int64
     assert pred.probs.shape == (2, 3, *OUT)
@@ -231,7 +243,7 @@ def test_config_json_round_trip(no_network):
     assert again.config() == cfg
     again.load_state_dict(net.state_dict())
     net.eval(), again.eval()
-    x = torch.rand(1, 3, 64, 80)
+    x = torch.rand(1, 3, 72, 80)
     with torch.no_grad():
         assert torch.allclose(net(None, x).logits, again(None, x).logits, atol=1e-6)
 

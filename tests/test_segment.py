@@ -28,7 +28,7 @@ from wsiseg.sampling.coords import uniform_grid
 from wsiseg.sampling.grid import density_to_grid
 from wsiseg.sampling.reverse import reverse_sample
 from wsiseg.sampling.tiles import RegionPrediction, ReverseTiler, coarse_inverse
-from wsiseg.segment import SegmentOptions, region_sizes, segment_region, segment_slide
+from wsiseg.segment import SegmentOptions, segment_region, segment_slide
 from wsiseg.slide import open_slide
 
 SEG = {"arch": "unet", "encoder": "resnet18", "num_classes": 3, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
@@ -139,16 +139,6 @@ def test_regions_and_background_and_constant_tiles():
     # A reduced level is computed at its own scale, by pixel centres.
     lv1 = render(tiler, 200, 100, 32, level=1)
     assert np.array_equal(lv1, expect[::2, ::2][: lv1.shape[0], : lv1.shape[1]])
-
-
-def test_region_sizes_follow_dynamic_rule():
-    # A long thin core gets a long thin grid; the map keeps the model's ratio.
-    (h, w), (hd, wd) = region_sizes(368 * 10, 7986 * 10, (80, 80), (40, 40), long_side=800)
-    assert (h, w) == (36, 800) and (hd, wd) == (18, 400)
-    (h, w), _ = region_sizes(5000, 5000, (64, 64), (32, 32))
-    assert (h, w) == (64, 64)
-    (h, w), _ = region_sizes(20, 30, (64, 64), (32, 32))  # never more samples than pixels
-    assert h <= 20 and w <= 30
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,8 @@ def test_log_csv_and_curves(trained):
     assert [int(x["epoch"]) for x in rows] == [1, 2, 3, 4]
     assert [int(x["step"]) for x in rows] == [2, 4, 6, 8]
     assert all(float(x["val_miou_full"]) >= 0 and float(x["sec_per_iter"]) > 0 for x in rows)
+    # both loss terms' gradients on the deformation net, logged per epoch
+    assert all(float(x["grad_seg"]) > 0 and float(x["grad_edge"]) > 0 for x in rows)
     with Image.open(out / "curves.png") as im:
         assert im.format == "PNG" and im.size[0] >= 400 and im.mode == "RGB"
         assert len(np.unique(np.asarray(im.convert("L")))) > 10  # something is drawn
@@ -348,3 +350,36 @@ def test_cli_train_end_to_end(nucls, tmp_path):
     assert "resuming" in r.output and "epoch 2/2" in r.output
     r = CliRunner().invoke(main, args[:-2] + ["--out-size", "0x3"])
     assert r.exit_code == 2 and "WIDTHxHEIGHT" in r.output
+
+
+def test_gradient_norms_split_the_two_terms(data, tmp_path):
+    """grad_seg + grad_edge are the two terms' shares of the deformation net's gradient."""
+    from wsiseg.models.losses import JointLoss
+    from wsiseg.train import _edge_gradient, _gradient_norms, build_net
+
+    torch.manual_seed(0)
+    net = build_net(_cfg(), len(CLASSES))
+    items = [data[0][i] for i in range(2)]
+    image = torch.stack([it["image"] for it in items]).float() / 255
+    labels = torch.stack([it["labels"] for it in items])
+    crit = JointLoss("focal", 100.0)
+
+    def grads(which):
+        net.zero_grad(set_to_none=True)
+        out = net(None, image, labels)
+        t = crit(out.logits, out.labels, out.d, out.edge_target)
+        g_edge = _edge_gradient(net, t.edge, crit.gamma_edge)
+        {"seg": t.seg, "edge": crit.gamma_edge * t.edge, "total": t.total}[which].backward()
+        return g_edge, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.deform.parameters()]
+
+    g_edge, total = grads("total")
+    norms = _gradient_norms(net, g_edge)
+    _, seg_only = grads("seg")
+    _, edge_only = grads("edge")
+    ref_seg = torch.sqrt(sum(g.double().square().sum() for g in seg_only))
+    ref_edge = torch.sqrt(sum(g.double().square().sum() for g in edge_only))
+    assert float(norms[0]) == pytest.approx(float(ref_seg), rel=1e-3)
+    assert float(norms[1]) == pytest.approx(float(ref_edge), rel=1e-3)
+    assert float(norms[0]) > 0 and float(norms[1]) > 0
+    # the single-loss variant has no edge share
+    assert _edge_gradient(net, torch.zeros(()), 0.0) is None

@@ -25,12 +25,13 @@ exact copy. Labels are produced for the same box and raster, by pixel-centre
 rasterisation or nearest reads (:meth:`wsiseg.annotations.Annotation.labels`),
 so image and labels align exactly.
 
-Padding
--------
-Items are padded to ``hr_size`` so they batch: the working raster sits at the
-top-left, the image is padded with white (255, like glass) and the labels
-with :data:`~wsiseg.annotations.IGNORE_INDEX` (255), so padding never
-contributes to the loss. ``item["size"]`` holds the unpadded ``(h, w)``.
+No padding
+----------
+Items are the working raster itself, never padded: a region is sampled on
+its own extent with the geometry every path shares
+(:mod:`wsiseg.sampling.geometry`), so padding can neither attract samples
+nor take part in the grid. Training batches group items of equal shape
+(:func:`wsiseg.train.size_batches`). ``item["size"]`` is the ``(h, w)``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ import torch
 from scipy import ndimage as ndi
 
 from wsiseg.annotations import (
-    IGNORE_INDEX,
     MASK_SUFFIXES,
     VECTOR_SUFFIXES,
     Annotation,
@@ -550,9 +550,9 @@ class RegionDataset(torch.utils.data.Dataset):
     Built by :func:`build_dataset`. Each item is a dict:
 
     ``image``
-        ``(3, H, W)`` uint8 tensor, ``(H, W) = hr_size``, padding white.
+        ``(3, h, w)`` uint8 tensor, the working raster (fits ``hr_size``).
     ``labels``
-        ``(H, W)`` int64 tensor, class values, 255 = ignore (padding too).
+        ``(h, w)`` int64 tensor, class values, 255 = ignore.
     ``name``
         str (see :class:`RegionItem`).
     ``box``
@@ -615,19 +615,13 @@ class RegionDataset(torch.utils.data.Dataset):
         return ms
 
     def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Padded ``(H, W, 3)`` uint8 image and ``(H, W)`` uint8 labels of item ``index`` (no augmentation)."""
+        """``(h, w, 3)`` uint8 image and ``(h, w)`` uint8 labels of item ``index`` (no augmentation)."""
         cached = self._cache.get(index)
         if cached is not None:
             return cached
         it = self.items[index]
-        rgb = read_region(self.slide(it.pair), it.box, it.shape)
-        lab = self.annotations[it.pair].labels(it.box, it.shape)
-        H, W = self.hr_size
-        image = np.full((H, W, 3), 255, dtype=np.uint8)
-        labels = np.full((H, W), IGNORE_INDEX, dtype=np.uint8)
-        h, w = it.shape
-        image[:h, :w] = rgb
-        labels[:h, :w] = lab
+        image = np.ascontiguousarray(read_region(self.slide(it.pair), it.box, it.shape), dtype=np.uint8)
+        labels = np.ascontiguousarray(self.annotations[it.pair].labels(it.box, it.shape), dtype=np.uint8)
         if self.cache:
             self._cache[index] = (image, labels)
         return image, labels

@@ -494,9 +494,10 @@ def evaluate_model(
         item_names = [str(it.get("name", "")) for it in batch]
         _check_labels(labels, k, ignore_index, item_names)
         image = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
-        x_lr = lowres_view(image, net.map_size)
+        geo = net.geometry(h, w)  # the same geometry as training and segment give this region
+        x_lr = lowres_view(image, geo.map)
         # The edge baseline is an oracle: it places its samples from the labels.
-        pred = net.predict_lowres(x_lr, image, labels=labels if net.sampler == "edge" else None)
+        pred = net.predict_lowres(x_lr, image, labels=labels if net.sampler == "edge" else None, geometry=geo)
         grid = pred.grid.float()
         y_lr = sample_labels(labels, grid)
         index = inverse_map(grid, (h, w))  # shared by the prediction and Y'

@@ -30,7 +30,7 @@ from wsiseg.models.io import LoadedModel
 from wsiseg.output.ome import FORMAT_SUFFIXES, ome_tiff_from_mask, ome_zarr_from_mask, parse_formats
 from wsiseg.sampling.coords import to_pixels
 from wsiseg.sampling.edges import uniform_density
-from wsiseg.sampling.sizes import dynamic_output_size, sample_fraction
+from wsiseg.sampling.sizes import sample_fraction
 from wsiseg.sampling.tiles import RegionPrediction, ReverseTiler, coarse_inverse
 from wsiseg.slide.gather import gather
 from wsiseg.slide.lowres import read_lowres, thumbnail
@@ -143,30 +143,6 @@ class SegmentOptions:
         return d
 
 
-def region_sizes(
-    height: int, width: int, out_size: tuple[int, int], map_size: tuple[int, int], long_side: int | None = None
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Grid and density-map sizes for a region of ``height x width`` level-0 pixels.
-
-    The grid follows the dynamic size rule (paper A.6): short side to the
-    model's short side, or long side to ``long_side`` (default 4x the model's
-    long side), whichever gives fewer pixels, keeping the region's aspect
-    ratio and never more samples than pixels. The density map keeps the
-    model's map/grid ratio.
-
-    Returns
-    -------
-    ((h, w), (hd, wd))
-    """
-    short, long_ = min(out_size), max(out_size)
-    cap = long_side if long_side is not None else 4 * long_
-    h, w = dynamic_output_size(height, width, short=short, long=max(cap, short))
-    rh, rw = map_size[0] / out_size[0], map_size[1] / out_size[1]
-    hd = max(4, min(h, round(h * rh)))
-    wd = max(4, min(w, round(w * rw)))
-    return (h, w), (hd, wd)
-
-
 @dataclass
 class RegionResult:
     """What one region's segmentation produced (for tiles, QC and report)."""
@@ -213,19 +189,15 @@ def segment_region(
     check_model_for_slides(model)
     net = model.net
     x, y, bw, bh = box
-    out_size = options.out_size or tuple(net.out_size)
-    (h, w), (hd, wd) = region_sizes(bh, bw, out_size, tuple(net.map_size), options.long_side)
-    if options.out_size is not None:
-        (h, w) = options.out_size
-        hd = max(4, round(h * net.map_size[0] / net.out_size[0]))
-        wd = max(4, round(w * net.map_size[1] / net.out_size[1]))
+    geo = net.geometry(bh, bw, grid=options.out_size, long_side=options.long_side)
+    (h, w), (hd, wd) = geo.grid, geo.map
     with torch.no_grad(), _autocast(device, options.amp):
         if net.sampler == "learned":
             x_lr = torch.from_numpy(read_lowres(ms, box, (hd, wd))).permute(2, 0, 1)[None].to(device)
             d = net.density(x_lr)
         else:
             d = uniform_density(1, hd, wd, device=device)
-        grid = net.deformed_grid(d.float(), out_size=(h, w))
+        grid = net.grid(d.float(), geo)
         points = to_pixels(grid[0].double().cpu().numpy(), bw, bh, origin=(x, y))
         g = gather(ms, points, mode=options.gather_mode, bias=options.lod_bias)
         image = torch.from_numpy(g.image).permute(2, 0, 1)[None].to(device)

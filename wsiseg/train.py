@@ -85,6 +85,7 @@ __all__ = [
     "load_train_config",
     "read_checkpoint_config",
     "save_checkpoint",
+    "size_batches",
     "train",
 ]
 
@@ -106,6 +107,8 @@ LOG_COLUMNS = (
     "loss",
     "seg",
     "edge",
+    "grad_seg",
+    "grad_edge",
     "val_miou_deformed",
     "val_miou_full",
     "sec_per_iter",
@@ -517,7 +520,7 @@ def _collate(items: list[dict]) -> dict:
     except RuntimeError as exc:
         shapes = sorted({tuple(torch.as_tensor(it["image"]).shape) for it in items})
         raise WsisegError(
-            f"training regions differ in size {shapes}: build the data set with a fixed hr_size"
+            f"training regions in one batch differ in size {shapes}"
         ) from exc
     return {"image": image, "labels": labels, "name": [str(it.get("name", "")) for it in items]}
 
@@ -539,18 +542,63 @@ def _check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int, nam
         )
 
 
+def _item_shape(ds: Dataset, i: int) -> tuple[int, int]:
+    """Unpadded ``(h, w)`` of item ``i``, from the data set's own description when it has one."""
+    items = getattr(ds, "items", None)
+    if items is not None and hasattr(items[i], "shape"):
+        return tuple(int(v) for v in items[i].shape)  # type: ignore[return-value]
+    base = getattr(ds, "base", None)
+    if base is not None:
+        return _item_shape(base, i)
+    return tuple(int(v) for v in torch.as_tensor(ds[i]["labels"]).shape[-2:])  # type: ignore[return-value]
+
+
+def size_batches(
+    shapes: Sequence[tuple[int, int]], batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
+) -> list[list[int]]:
+    """Batches of item indices whose shapes agree, so regions are never padded.
+
+    Parameters
+    ----------
+    shapes : sequence of (int, int)
+        Shape of every item.
+    batch_size : int
+    shuffle : bool
+        Shuffle the items (within each shape) and the order of the batches,
+        with ``generator`` only: the batches of an epoch depend on nothing
+        else, so a resumed run sees the same ones.
+    generator : torch.Generator, optional
+
+    Returns
+    -------
+    list of list of int
+        Every index exactly once. When shuffling, a last batch of one item
+        in a shape that has more than ``batch_size`` items is dropped (a
+        batch of one breaks BatchNorm in training).
+    """
+    n = len(shapes)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in order:
+        groups.setdefault(tuple(shapes[i]), []).append(i)
+    batches: list[list[int]] = []
+    for idx in groups.values():
+        chunks = [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
+        if shuffle and len(idx) > batch_size and len(chunks[-1]) == 1:
+            chunks.pop()
+        batches.extend(chunks)
+    if shuffle:
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
 def _make_loader(ds: Dataset, config: TrainConfig, *, shuffle: bool, generator: torch.Generator, device) -> DataLoader:
-    n = len(ds)
-    # A last batch of one breaks BatchNorm in training; drop it (never the only batch).
-    drop_last = shuffle and n > config.batch_size and n % config.batch_size == 1
+    shapes = [_item_shape(ds, i) for i in range(len(ds))]
     return DataLoader(
         ds,
-        batch_size=config.batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
+        batch_sampler=size_batches(shapes, config.batch_size, shuffle=shuffle, generator=generator),
         num_workers=config.num_workers,
         collate_fn=_collate,
-        generator=generator,
         pin_memory=device.type == "cuda",
     )
 
@@ -933,7 +981,7 @@ def chart_panel(
 
 
 def draw_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, gamma_edge: float = 1.0) -> Path:
-    """Draw training curves (loss terms; validation mIoU) to a PNG with Pillow.
+    """Draw training curves (loss terms; validation mIoU; deformation-net gradients) to a PNG with Pillow.
 
     Parameters
     ----------
@@ -951,9 +999,6 @@ def draw_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
         font = ImageFont.load_default(size=11)
     except TypeError:  # Pillow < 10.1: fixed bitmap font
         font = ImageFont.load_default()
-    w, h = 880, 320
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
     xs = [int(r["epoch"]) for r in history]
 
     def col(name: str, scale: float = 1.0) -> list[float | None]:
@@ -963,17 +1008,27 @@ def draw_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
             out.append(None if v is None else float(v) * scale)
         return out
 
+    # A third panel when the run has a deformation net: which loss term steers it.
+    grads = [("segmentation", (31, 119, 180), col("grad_seg")), ("edge", (255, 127, 14), col("grad_edge"))]
+    has_grads = any(v for _, _, ys in grads for v in ys if v)
+    w, h = (1320 if has_grads else 880), 320
+    pw = w // 3 if has_grads else w // 2
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+
     losses = [("total", (20, 20, 20), col("loss")), ("seg", (31, 119, 180), col("seg"))]
     if gamma_edge > 0 and any(v for v in col("edge") if v):
         losses.append((f"{gamma_edge:g}*edge", (255, 127, 14), col("edge", gamma_edge)))
     pos = [v for _, _, ys in losses for v in ys if v is not None and math.isfinite(v) and v > 0]
     log_y = bool(pos) and max(pos) / min(pos) > 30
-    chart_panel(draw, font, (0, 0, w // 2, h), "training loss" + (" (log)" if log_y else ""), xs, losses, log_y=log_y)
+    chart_panel(draw, font, (0, 0, pw, h), "training loss" + (" (log)" if log_y else ""), xs, losses, log_y=log_y)
     mious = [
         ("full res", (214, 39, 40), col("val_miou_full")),
         ("deformed", (44, 160, 44), col("val_miou_deformed")),
     ]
-    chart_panel(draw, font, (w // 2, 0, w, h), "validation mIoU", xs, mious, y_range=(0.0, 1.0))
+    chart_panel(draw, font, (pw, 0, 2 * pw, h), "validation mIoU", xs, mious, y_range=(0.0, 1.0))
+    if has_grads:
+        chart_panel(draw, font, (2 * pw, 0, w, h), "deformation-net gradient norm (log)", xs, grads, log_y=True)
     with atomic_output(path, overwrite=True) as tmp:
         img.save(tmp, format="PNG")
     return Path(path)
@@ -1092,6 +1147,38 @@ def _classes_json(classes) -> list[dict]:
 def _median(values: Sequence[float | None]) -> float | None:
     v = sorted(x for x in values if x is not None)
     return float(v[len(v) // 2]) if v else None
+
+
+def _edge_gradient(net: DeformSegNet, edge: torch.Tensor, gamma: float) -> list[torch.Tensor] | None:
+    """Gradient of ``gamma * L_e`` on the deformation net's parameters (None when there is none).
+
+    The edge term reaches only the deformation net, so this is one small
+    extra backward pass through it; the segmentation term's share is then the
+    total gradient minus this (:func:`_gradient_norms`).
+    """
+    if net.deform is None or gamma == 0.0 or not edge.requires_grad:
+        return None
+    params = [p for p in net.deform.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(gamma * edge, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _gradient_norms(net: DeformSegNet, g_edge: list[torch.Tensor] | None) -> torch.Tensor:
+    """L2 norms ``(segmentation term, gamma * edge term)`` of the deformation net's gradient.
+
+    Logged per epoch (``grad_seg``, ``grad_edge``) to show which term steers
+    the sampler; call after ``backward`` of the total (unscaled gradients).
+    """
+    if net.deform is None:
+        return torch.zeros(2, dtype=torch.float64)
+    params = [p for p in net.deform.parameters() if p.requires_grad]
+    seg2 = edge2 = 0.0
+    for i, p in enumerate(params):
+        total = p.grad if p.grad is not None else torch.zeros_like(p)
+        e = g_edge[i] if g_edge is not None else torch.zeros_like(p)
+        seg2 += float((total.double() - e.double()).square().sum())
+        edge2 += float(e.double().square().sum())
+    return torch.tensor([math.sqrt(seg2), math.sqrt(edge2)], dtype=torch.float64)
 
 
 def train(
@@ -1244,6 +1331,7 @@ def train(
         lr = float(optimizer.param_groups[0]["lr"])
         net.train()
         sums = torch.zeros(3, dtype=torch.float64)
+        grad_sums = torch.zeros(2, dtype=torch.float64)
         n_steps = 0
         t0 = time.perf_counter()
         bar = None
@@ -1272,12 +1360,16 @@ def train(
                         "(try a lower --lr)"
                     )
                 optimizer.zero_grad(set_to_none=True)
+                g_edge = _edge_gradient(net, terms.edge, criterion.gamma_edge)
                 if scaler is not None:
                     scaler.scale(terms.total).backward()
+                    scaler.unscale_(optimizer)  # true gradients for the norms below
+                    grad_sums += _gradient_norms(net, g_edge)
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     terms.total.backward()
+                    grad_sums += _gradient_norms(net, g_edge)
                     optimizer.step()
                 sums += values
                 n_steps += 1
@@ -1294,6 +1386,7 @@ def train(
         if scheduler is not None:
             scheduler.step()
         means = (sums / max(n_steps, 1)).tolist()
+        grad_means = (grad_sums / max(n_steps, 1)).tolist()
 
         scores = _Scores(None, None, 0)
         if val_loader is not None:
@@ -1321,6 +1414,8 @@ def train(
             "loss": means[0],
             "seg": means[1],
             "edge": means[2],
+            "grad_seg": grad_means[0] if net.deform is not None else None,
+            "grad_edge": grad_means[1] if net.deform is not None else None,
             "val_miou_deformed": scores.miou_deformed,
             "val_miou_full": scores.miou_full,
             "sec_per_iter": sec_per_iter,

@@ -38,7 +38,8 @@ from torch import nn
 from wsiseg.models.deformation import DeformationNet
 from wsiseg.models.segmenter import ModelConfigError, build_segmenter
 from wsiseg.sampling.edges import edge_density, edge_target, uniform_density
-from wsiseg.sampling.grid import DeformedGrid
+from wsiseg.sampling.geometry import GeometryRule, SamplingGeometry, default_support, region_geometry
+from wsiseg.sampling.grid import DeformedGrid, density_to_grid
 from wsiseg.sampling.sample import downsample_labels, sample_image, sample_labels
 
 __all__ = ["DeformSegNet", "DeformSegOutput", "LowResPrediction", "SAMPLERS", "lowres_view"]
@@ -223,7 +224,7 @@ class DeformSegNet(nn.Module):
         self.sigma = float(sigma) if sigma is not None else max(self.map_size) / 8.0
         if not self.sigma > 0:
             raise ModelConfigError(f"sigma must be positive, got {sigma}")
-        self.support = int(support) if support is not None else 2 * math.ceil(2.0 * self.sigma) + 1
+        self.support = int(support) if support is not None else default_support(self.sigma)
         self.edge_radius = float(edge_radius) if edge_radius is not None else max(self.map_size) / 32.0
         if not self.edge_radius > 0:
             raise ModelConfigError(f"edge_radius must be positive, got {edge_radius}")
@@ -294,8 +295,31 @@ class DeformSegNet(nn.Module):
         std = self.image_std.to(device=image.device, dtype=image.dtype)
         return (image - mean) / std
 
+    def geometry_rule(self) -> GeometryRule:
+        """This model's sampling geometry as a rule for any region shape."""
+        # A support that is just the default of the model's sigma scales with
+        # each region's sigma; only an explicitly different one stays fixed.
+        fixed = self.support if self.support != default_support(self.sigma) else None
+        return GeometryRule(tuple(self.out_size), tuple(self.map_size), self.sigma, fixed)
+
+    def geometry(
+        self, height: int, width: int, *, grid: Sequence[int] | None = None, long_side: int | None = None
+    ) -> SamplingGeometry:
+        """Sampling geometry of a ``height x width`` region (:func:`~wsiseg.sampling.geometry.region_geometry`).
+
+        Training, validation, ``evaluate`` and ``segment`` all call this, so
+        a region gets the same grid, density map and kernel on every path.
+        """
+        return region_geometry(
+            height, width, self.geometry_rule(), grid=tuple(grid) if grid is not None else None, long_side=long_side
+        )
+
     def density(
-        self, x_lr: torch.Tensor | None, labels_lr: torch.Tensor | None = None, batch: int | None = None
+        self,
+        x_lr: torch.Tensor | None,
+        labels_lr: torch.Tensor | None = None,
+        batch: int | None = None,
+        map_size: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """The sampling density ``d (B, 1, hd, wd)`` of the configured sampler.
 
@@ -308,8 +332,9 @@ class DeformSegNet(nn.Module):
             ``(B, hd, wd)`` down-sampled labels (needed by the edge sampler).
         batch : int, optional
             Batch size when neither input says.
+        map_size : (int, int), optional
+            ``(hd, wd)`` when neither input says; default ``map_size``.
         """
-        hd, wd = self.map_size
         if self.sampler == "learned":
             if x_lr is None:
                 raise ValueError("the learned sampler needs the low-resolution view x_lr")
@@ -317,21 +342,38 @@ class DeformSegNet(nn.Module):
         if self.sampler == "edge":
             if labels_lr is None:
                 raise ValueError("the edge sampler is an oracle baseline: it needs labels, also at inference")
-            return edge_density(labels_lr, self.edge_radius)
-        b = x_lr.shape[0] if x_lr is not None else (batch or 1)
-        device = x_lr.device if x_lr is not None else self.image_mean.device
+            hd, wd = labels_lr.shape[-2:]
+            # The blur radius is a fixed fraction of the map, like sigma.
+            radius = self.edge_radius * math.sqrt(hd * wd / (self.map_size[0] * self.map_size[1]))
+            return edge_density(labels_lr, radius)
+        if x_lr is not None:
+            b, (hd, wd), device = x_lr.shape[0], x_lr.shape[-2:], x_lr.device
+        else:
+            b, device = batch or 1, self.image_mean.device
+            hd, wd = map_size if map_size is not None else self.map_size
         return uniform_density(b, hd, wd, device=device)
 
-    def grid(self, d: torch.Tensor) -> torch.Tensor:
-        """Sampling grid ``(B, h, w, 2)`` of a density ``(B, 1, hd, wd)``."""
-        return self.deformed_grid(d, out_size=self.out_size)
+    def grid(self, d: torch.Tensor, geometry: SamplingGeometry | None = None) -> torch.Tensor:
+        """Sampling grid ``(B, h, w, 2)`` of a density ``(B, 1, hd, wd)``.
+
+        With ``geometry`` the kernel and grid size are the region's; without,
+        the model's reference ones.
+        """
+        if geometry is None:
+            return self.deformed_grid(d, out_size=self.out_size)
+        return density_to_grid(d, geometry.sigma, geometry.support, out_size=geometry.grid)
 
     # -- forward -------------------------------------------------------------
+    def reference_geometry(self) -> SamplingGeometry:
+        """The geometry of the model's reference shape: ``out_size``, ``map_size``, its sigma and support."""
+        return SamplingGeometry(tuple(self.out_size), tuple(self.map_size), self.sigma, self.support)
+
     def forward(
         self,
         x_lr: torch.Tensor | None,
         source: Source,
         labels: torch.Tensor | None = None,
+        geometry: SamplingGeometry | None = None,
     ) -> DeformSegOutput:
         """Run the whole model.
 
@@ -339,27 +381,30 @@ class DeformSegNet(nn.Module):
         ----------
         x_lr : torch.Tensor or None
             ``(B, C, hd, wd)`` low-resolution view, ``[0, 1]`` float or
-            uint8, exactly ``map_size``. ``None`` when ``source`` is a
-            tensor: then it is :func:`lowres_view` of it.
+            uint8, exactly the geometry's map size. ``None`` when ``source``
+            is a tensor: then it is :func:`lowres_view` of it.
         source : torch.Tensor or callable
             Where the deformed image comes from. A tensor
-            ``(B, C, H, W)`` (the high-resolution tile, ``[0, 1]`` or
-            uint8) is sampled bilinearly with the grid, differentiably. A
-            callable ``gather(grid) -> X^`` gets the detached grid
-            ``(B, h, w, 2)`` and returns ``(B, C, h, w)`` pixels (tensor or
-            array, ``[0, 1]`` float or uint8); no gradient reaches the
-            deformation net through it (inference).
+            ``(B, C, H, W)`` (the high-resolution region, ``[0, 1]`` or
+            uint8, unpadded) is sampled bilinearly with the grid,
+            differentiably. A callable ``gather(grid) -> X^`` gets the
+            detached grid ``(B, h, w, 2)`` and returns ``(B, C, h, w)``
+            pixels (tensor or array, ``[0, 1]`` float or uint8); no gradient
+            reaches the deformation net through it (inference).
         labels : torch.Tensor, optional
             ``(B, H, W)`` integer labels on the same region as ``source``.
             When given, the output carries the labels at the grid points,
             the down-sampled labels and the edge target. Required by the
             ``"edge"`` sampler.
+        geometry : SamplingGeometry, optional
+            Grid, map and kernel of this region. Default: :meth:`geometry`
+            of the source tensor's ``(H, W)`` (so every path samples a region
+            alike), or :meth:`reference_geometry` for a gather callable.
 
         Returns
         -------
         DeformSegOutput
         """
-        hd, wd = self.map_size
         is_tensor = isinstance(source, (torch.Tensor, np.ndarray))
         if not is_tensor and not callable(source):
             raise TypeError("source must be a (B, C, H, W) image tensor or a callable gather(grid)")
@@ -367,21 +412,27 @@ class DeformSegNet(nn.Module):
             source = _to_float_image(source)
             if source.ndim != 4 or source.shape[1] != self.in_channels:
                 raise ValueError(f"source image must be (B, {self.in_channels}, H, W), got {tuple(source.shape)}")
+            if geometry is None:
+                geometry = self.geometry(int(source.shape[-2]), int(source.shape[-1]))
             if x_lr is None:
-                x_lr = lowres_view(source, self.map_size)
+                x_lr = lowres_view(source, geometry.map)
+        elif geometry is None:
+            geometry = self.reference_geometry()
+        hd, wd = geometry.map
         if x_lr is not None:
             x_lr = _to_float_image(x_lr)
             if x_lr.ndim != 4 or tuple(x_lr.shape[-2:]) != (hd, wd) or x_lr.shape[1] != self.in_channels:
                 raise ValueError(
-                    f"x_lr must be (B, {self.in_channels}, {hd}, {wd}) (map_size), got {tuple(x_lr.shape)}"
+                    f"x_lr must be (B, {self.in_channels}, {hd}, {wd}) (the region's density map), "
+                    f"got {tuple(x_lr.shape)}"
                 )
         if labels is not None and labels.ndim != 3:
             raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
 
-        labels_lr = downsample_labels(labels, self.map_size) if labels is not None else None
+        labels_lr = downsample_labels(labels, (hd, wd)) if labels is not None else None
         batch = labels.shape[0] if labels is not None else None
-        d = self.density(x_lr, labels_lr, batch=batch)
-        grid = self.grid(d)
+        d = self.density(x_lr, labels_lr, batch=batch, map_size=(hd, wd))
+        grid = self.grid(d, geometry)
 
         if is_tensor:
             image = sample_image(source, grid)
@@ -389,7 +440,7 @@ class DeformSegNet(nn.Module):
             with torch.no_grad():
                 image = source(grid.detach())
             image = _to_float_image(image).to(device=grid.device)
-            want = (grid.shape[0], self.in_channels, *self.out_size)
+            want = (grid.shape[0], self.in_channels, *geometry.grid)
             if tuple(image.shape) != want:
                 raise ValueError(f"gather returned {tuple(image.shape)}, expected {want}")
         logits = self.segmenter(self.standardise(image))
@@ -407,6 +458,7 @@ class DeformSegNet(nn.Module):
         x_lr: torch.Tensor | None,
         source: Source,
         labels: torch.Tensor | None = None,
+        geometry: SamplingGeometry | None = None,
     ) -> LowResPrediction:
         """Predict classes on the sampling grid (eval mode, no gradients).
 
@@ -423,7 +475,7 @@ class DeformSegNet(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = self.forward(x_lr, source, labels=labels)
+            out = self.forward(x_lr, source, labels=labels, geometry=geometry)
         finally:
             self.train(was_training)
         probs = torch.softmax(out.logits.float(), dim=1)
