@@ -1,4 +1,4 @@
-"""Pretrained encoder weights: local files (names, prefix, position), errors, opt-in download."""
+"""Pretrained encoder weights: local files (names, prefix, position), errors, opt-in download, frozen epochs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from wsiseg.errors import ConfigError
 from wsiseg.models.io import file_hash
 from wsiseg.models.pretrained import find_encoder, load_encoder_weights, offline_imagenet_weights, read_state_dict
 from wsiseg.models.segmenter import ModelConfigError, build_segmenter
@@ -216,6 +217,93 @@ def test_efficientnet_lite0_package_maps_onto_every_encoder_tensor():
     assert not torch.equal(got["model.bn1.running_var"], torch.ones_like(got["model.bn1.running_var"]))
 
 
+# -- training: config, frozen epochs, resume, provenance in the model file -------------
+
+
+def test_train_config_options():
+    from wsiseg.train import TrainConfig
+
+    cfg = TrainConfig(encoder_weights="ImageNet", freeze_encoder_epochs="2")
+    assert (cfg.encoder_weights, cfg.freeze_encoder_epochs) == ("imagenet", 2)
+    assert TrainConfig(encoder_weights=Path("w.pt")).encoder_weights == "w.pt"
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert (TrainConfig().encoder_weights, TrainConfig().freeze_encoder_epochs) == (None, 0)
+    for bad in ({"encoder_weights": ""}, {"encoder_weights": 3}, {"freeze_encoder_epochs": -1}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            TrainConfig.from_dict(bad)
+
+
+@pytest.fixture(scope="module")
+def data(shared_data):
+    from test_train import NuclsTiles
+
+    root = shared_data / "labelled-tiles" / "nucls" / "square"
+    if not root.is_dir():
+        pytest.skip(f"NuCLS tiles not found at {root}")
+    return NuclsTiles(root / "train", 4), NuclsTiles(root / "test", 2)
+
+
+def test_frozen_encoder_keeps_the_file_weights_then_trains_and_resumes_exactly(data, tmp_path):
+    from test_train import CLASSES, TINY
+
+    from wsiseg.models.io import load_deformseg
+    from wsiseg.train import TrainConfig, build_net, load_checkpoint, train
+
+    torch.manual_seed(99)  # other initial weights than the run's seed would give
+    enc = find_encoder(build_net(TrainConfig(**TINY), len(CLASSES)))
+    weights = _save(enc.state_dict(), tmp_path / "encoder.safetensors")
+    file_params = {k: v.clone() for k, v in enc.named_parameters()}
+    prefix = "segmenter.model.encoder."
+
+    def cfg(epochs):
+        return TrainConfig(**TINY, epochs=epochs, encoder_weights=str(weights), freeze_encoder_epochs=1)
+
+    straight = train(cfg(2), *data, CLASSES, tmp_path / "a", progress=False)
+    said: list[str] = []
+    first = train(cfg(1), *data, CLASSES, tmp_path / "b", progress=False, log=said.append)
+    assert any("weights from encoder.safetensors" in m and "frozen for 1 epochs" in m for m in said), said
+    ck1 = load_checkpoint(first.checkpoint_path)
+    for k, v in file_params.items():
+        assert torch.equal(ck1.model[prefix + k], v), k  # epoch 1: frozen
+    assert any(not torch.equal(ck1.model[prefix + k], v) for k, v in enc.state_dict().items() if "running_mean" in k)
+    n_params = len(list(build_net(cfg(1), len(CLASSES)).parameters()))
+    assert 0 < len(ck1.state["optimizer"]["state"]) == n_params - len(file_params)  # Adam kept no encoder state
+
+    m = load_deformseg(first.model_path)
+    init = m.metadata["encoder_init"]
+    assert init == {"source": "file", "file": "encoder.safetensors", "sha256": file_hash(weights),
+                    "mapping": "names", "tensors": len(enc.state_dict()), "ignored": 0}
+    assert m.metadata["training"]["encoder_init"] == init
+    assert m.metadata["training"]["config"]["encoder_weights"] == str(weights)
+    assert m.metadata["training"]["config"]["freeze_encoder_epochs"] == 1
+
+    weights.rename(tmp_path / "moved.safetensors")  # resume and loading need no weights file
+    resumed = train(cfg(2), *data, CLASSES, tmp_path / "b", resume=True, progress=False)
+    ck2 = load_checkpoint(resumed.checkpoint_path)
+    changed = [k for k, v in file_params.items() if not torch.equal(ck2.model[prefix + k], v)]
+    assert len(changed) == len(file_params)  # epoch 2: the encoder trains
+    a = load_checkpoint(straight.checkpoint_path)
+    for k in a.model:
+        assert torch.equal(a.model[k], ck2.model[k]), k
+    sa, sb = a.state["optimizer"]["state"], ck2.state["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert load_deformseg(resumed.model_path).metadata["encoder_init"] == init
+
+    with pytest.raises(ConfigError, match="freeze_encoder_epochs"):
+        train(TrainConfig(**TINY, epochs=3, encoder_weights=str(weights)), *data, CLASSES, tmp_path / "b",
+              resume=True, progress=False)
+
+
 def test_load_encoder_weights_needs_a_name_for_imagenet():
     with pytest.raises(ModelConfigError, match="smp name"):
         load_encoder_weights(find_encoder(build_segmenter(**SMALL)), "imagenet")
+
+
+def test_cli_train_help_names_both_options():
+    from click.testing import CliRunner
+
+    from wsiseg.cli import main
+
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert r.exit_code == 0
+    assert "--encoder-weights" in r.output and "imagenet|PATH" in r.output and "--freeze-encoder-epochs" in r.output
