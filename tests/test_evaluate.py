@@ -207,6 +207,11 @@ def test_sweep_methods_change_only_the_sampler_and_the_loss():
     assert cfgs["uniform"].sampler == "uniform" and cfgs["edge"].sampler == "edge"
     for c in cfgs.values():
         assert (c.out_size, c.map_size, c.epochs, c.sigma) == ((32, 16), (16, 8), 3, 1.0)
+    # Baselines and sweep runs start from the model's encoder weights, frozen alike.
+    pretrained = TrainConfig(encoder_weights="enc.pt", freeze_encoder_epochs=2)
+    for m in SWEEP_METHODS:
+        c = _scaled_config(pretrained, (32, 16), m, 3, "cpu")
+        assert (c.encoder_weights, c.freeze_encoder_epochs) == ("enc.pt", 2)
     # A model trained with the single loss still gets a joint-loss "learned" run in its sweep.
     single_model = TrainConfig(joint=False)
     assert _scaled_config(single_model, (16, 16), "learned", 1, "cpu").joint is True

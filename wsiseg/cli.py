@@ -483,6 +483,13 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--gamma-edge", type=click.FloatRange(min=0), default=None, help="Edge-loss weight [default: 100].")
 @click.option("--arch", default=None, help="smp architecture [default: unet].")
 @click.option("--encoder", default=None, help="smp encoder or tu-<timm model> [default: resnet18].")
+@click.option("--encoder-weights", default=None, metavar="imagenet|PATH",
+              help="Initial encoder weights: 'imagenet' has smp download them (opt-in, needs the internet), PATH "
+                   "reads a local state dict (.safetensors or a torch file; tensors only, never code) matched by "
+                   "name or, for a torch file, by position [default: random]. Recorded in the model file.")
+@click.option("--freeze-encoder-epochs", type=click.IntRange(min=0), default=None, metavar="N",
+              help="The encoder's weights get no updates for the first N epochs (its BatchNorm statistics still "
+                   "adapt) [default: 0].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size [default: 4].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate [default: 1e-3].")
 @click.option("--patience", type=click.IntRange(min=0), default=None,
@@ -497,8 +504,8 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its checkpoint (its options by default).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a previous run.")
 def train_command(data, classes_path, out_dir, config_path, epochs, out_size, map_size, hr_size, sampler, loss,
-                  gamma_edge, arch, encoder, batch_size, lr, patience, val_fraction, seed, device, ignore_unmapped,
-                  value_names, resume, overwrite) -> None:
+                  gamma_edge, arch, encoder, encoder_weights, freeze_encoder_epochs, batch_size, lr, patience,
+                  val_fraction, seed, device, ignore_unmapped, value_names, resume, overwrite) -> None:
     """Train a model on DATA (a folder of image/annotation pairs or a CSV).
 
     Deformation and segmentation nets are trained jointly (Jin et al.,
@@ -524,7 +531,8 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     given = {
         "epochs": epochs, "out_size": _hw(out_size), "map_size": _hw(map_size), "hr_size": _hw(hr_size),
         "sampler": sampler,
-        "loss": loss, "gamma_edge": gamma_edge, "arch": arch, "encoder": encoder, "batch_size": batch_size, "lr": lr,
+        "loss": loss, "gamma_edge": gamma_edge, "arch": arch, "encoder": encoder, "encoder_weights": encoder_weights,
+        "freeze_encoder_epochs": freeze_encoder_epochs, "batch_size": batch_size, "lr": lr,
         "patience": patience, "val_fraction": val_fraction, "seed": seed, "device": device,
     }
     options.update({k: v for k, v in given.items() if v is not None})

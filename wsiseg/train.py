@@ -36,9 +36,10 @@ crash or a diverging loss always leaves the last good checkpoint.
 
 Reproducibility
 ---------------
-The initial weights come from ``seed``; the shuffling of epoch ``e`` from a
-generator seeded with ``(seed, e)`` and the augmentation of item ``i`` in
-epoch ``e`` from ``numpy.random.default_rng([seed, e, i])``. Nothing depends
+The initial weights come from ``seed`` (the encoder's from ``encoder_weights``
+when given); the shuffling of epoch ``e`` from a generator seeded with
+``(seed, e)`` and the augmentation of item ``i`` in epoch ``e`` from
+``numpy.random.default_rng([seed, e, i])``. Nothing depends
 on how many epochs ran in this process, so ``resume`` continues exactly as an
 uninterrupted run would (bitwise on CPU). The global RNGs (torch, CUDA,
 numpy, python) are checkpointed too, for modules that draw from them.
@@ -70,6 +71,7 @@ from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.metrics import ConfusionMatrix
 from wsiseg.models.losses import LOSS_NAMES, JointLoss
 from wsiseg.models.net import SAMPLERS, DeformSegNet
+from wsiseg.models.pretrained import IMAGENET, describe_encoder_init, find_encoder
 from wsiseg.models.segmenter import build_segmenter
 
 __all__ = [
@@ -213,6 +215,17 @@ class TrainConfig:
         widths are used.
     decoder_channels : tuple of int, optional
         Decoder widths (smp default when omitted).
+    encoder_weights : str, optional
+        Initial encoder weights: ``None`` (random), ``"imagenet"`` (smp
+        downloads them; strictly opt-in) or the path of a local state dict
+        (``.safetensors`` or a torch file), see
+        :func:`wsiseg.models.pretrained.load_encoder_weights`. Read when a
+        run starts, never on resume (the checkpoint holds the weights).
+    freeze_encoder_epochs : int
+        The encoder's parameters get no updates in the first this many
+        epochs (no gradients, so Adam neither steps nor keeps state for
+        them); its BatchNorm layers stay in training mode, so their running
+        statistics keep adapting to the training images.
     out_size : (int, int)
         ``(h, w)`` of the sampling grid, deformed image and logits.
     map_size : (int, int)
@@ -272,6 +285,8 @@ class TrainConfig:
     encoder: str = "resnet18"
     encoder_depth: int | None = None
     decoder_channels: tuple[int, ...] | None = None
+    encoder_weights: str | None = None
+    freeze_encoder_epochs: int = 0
     out_size: tuple[int, int] = (64, 64)
     map_size: tuple[int, int] = (32, 32)
     sigma: float | None = None
@@ -314,6 +329,13 @@ class TrainConfig:
             if not isinstance(dc, (list, tuple)) or not dc:
                 raise _bad("decoder_channels", "must be a list of positive integers or null", self.decoder_channels)
             self.decoder_channels = tuple(_as_int("decoder_channels", c, 1) for c in dc)
+        if self.encoder_weights is not None:
+            w = self.encoder_weights
+            w = os.fspath(w) if isinstance(w, os.PathLike) else w
+            if not isinstance(w, str) or not w.strip():
+                raise _bad("encoder_weights", "must be imagenet, the path of a weights file, or null", w)
+            self.encoder_weights = IMAGENET if w.strip().lower() == IMAGENET else w
+        self.freeze_encoder_epochs = _as_int("freeze_encoder_epochs", self.freeze_encoder_epochs, 0)
         for key in ("out_size", "map_size", "hr_size"):
             setattr(self, key, _as_pair(key, getattr(self, key)))
         self.sigma = _as_float("sigma", self.sigma, 0.0, open_lo=True, optional=True)
@@ -424,14 +446,25 @@ def load_train_config(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def build_net(config: TrainConfig, num_classes: int, in_channels: int = 3) -> DeformSegNet:
+def build_net(
+    config: TrainConfig, num_classes: int, in_channels: int = 3, *, pretrained: bool = True
+) -> DeformSegNet:
     """The untrained :class:`DeformSegNet` a config describes.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    num_classes, in_channels : int
+    pretrained : bool
+        Load ``config.encoder_weights`` into the encoder (when set);
+        ``False`` leaves it random (a resumed run takes every weight from
+        its checkpoint). ``net.segmenter.encoder_init`` says what was loaded.
 
     Raises
     ------
     ModelConfigError
-        (a :class:`ConfigError`) for an unknown architecture/encoder or an
-        invalid combination.
+        (a :class:`ConfigError`) for an unknown architecture/encoder, an
+        invalid combination, or encoder weights that cannot be had.
     """
     kwargs: dict[str, Any] = {}
     if config.encoder_depth is not None:
@@ -441,6 +474,8 @@ def build_net(config: TrainConfig, num_classes: int, in_channels: int = 3) -> De
     elif config.encoder_depth is not None and config.arch.lower() in ("unet", "unetplusplus"):
         # smp wants one decoder width per encoder stage; keep its shallow end.
         kwargs["decoder_channels"] = list(_UNET_DECODER[-config.encoder_depth :])
+    if pretrained and config.encoder_weights is not None:
+        kwargs["encoder_weights"] = config.encoder_weights
     seg = build_segmenter(config.arch, config.encoder, num_classes=num_classes, in_channels=in_channels, **kwargs)
     return DeformSegNet(
         seg,
@@ -1269,7 +1304,10 @@ def train(
         torch.backends.cudnn.benchmark = False
     _seed_everything(cfg.seed)
 
-    net = build_net(cfg, num_classes).to(device)
+    # A resumed run takes every weight from its checkpoint: no download, no weights file.
+    net = build_net(cfg, num_classes, pretrained=ckpt is None).to(device)
+    encoder_init = (ckpt.meta.get("encoder_init") if ckpt is not None else None) or net.segmenter.encoder_init
+    encoder_params = list(find_encoder(net).parameters()) if cfg.freeze_encoder_epochs else []
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma) if cfg.step_size else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp[2]) if amp[2] else None
@@ -1288,6 +1326,9 @@ def train(
         st = _RunState(**{k: v for k, v in ckpt.meta.get("run", {}).items() if k in known})
         say(f"resuming {out} after epoch {st.epoch} (step {st.step})")
         del ckpt
+    elif cfg.encoder_weights is not None or cfg.freeze_encoder_epochs:
+        frozen = f", frozen for {cfg.freeze_encoder_epochs} epochs" if cfg.freeze_encoder_epochs else ""
+        say(f"encoder {cfg.encoder}: {describe_encoder_init(encoder_init)}{frozen}")
 
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / CONFIG_NAME)
@@ -1312,6 +1353,7 @@ def train(
             "config": cfg.to_dict(),
             "classes": _classes_json(classes),
             "data_hash": data_hash,
+            "encoder_init": encoder_init,
             "run": dataclasses.asdict(st),
         }
 
@@ -1329,6 +1371,8 @@ def train(
             train_set.set_epoch(epoch)
         loader = _make_loader(train_set, cfg, shuffle=True, generator=_epoch_generator(cfg.seed, epoch), device=device)
         lr = float(optimizer.param_groups[0]["lr"])
+        for p in encoder_params:  # frozen: no gradient, so Adam skips them (BatchNorm statistics still adapt)
+            p.requires_grad_(epoch > cfg.freeze_encoder_epochs)
         net.train()
         sums = torch.zeros(3, dtype=torch.float64)
         grad_sums = torch.zeros(2, dtype=torch.float64)
@@ -1431,7 +1475,8 @@ def train(
             st.stopped_early = True
 
         if improved:
-            _save_model(paths["model"], net, classes, cfg, st, data_hash, len(train_ds), len(val_ds) if has_val else 0)
+            _save_model(paths["model"], net, classes, cfg, st, data_hash, len(train_ds), len(val_ds) if has_val else 0,
+                        encoder_init)
         # The checkpoint goes after the model: a crash between the two at
         # worst repeats this epoch on resume.
         save_checkpoint(paths["checkpoint"], net, optimizer, scheduler, scaler, meta())
@@ -1464,12 +1509,15 @@ def train(
     )
 
 
-def _save_model(path: Path, net, classes, cfg: TrainConfig, st: _RunState, data_hash, n_train: int, n_val: int) -> None:
+def _save_model(path: Path, net, classes, cfg: TrainConfig, st: _RunState, data_hash, n_train: int, n_val: int,
+                encoder_init: dict) -> None:
     from wsiseg.models.io import save_deformseg
 
     extra = {
+        "encoder_init": encoder_init,
         "training": {
             "config": cfg.to_dict(),
+            "encoder_init": encoder_init,
             "data_hash": data_hash,
             "best": {
                 "epoch": st.best_epoch,

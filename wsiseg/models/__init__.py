@@ -1,6 +1,7 @@
 """Models: deformation net, segmenter factory, losses and the combined net.
 
-Checkpoint I/O lives in :mod:`wsiseg.models.io`.
+Checkpoint I/O lives in :mod:`wsiseg.models.io`, initial encoder weights
+(ImageNet download, local files) in :mod:`wsiseg.models.pretrained`.
 """
 
 from wsiseg.models.deformation import DeformationNet

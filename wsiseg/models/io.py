@@ -193,6 +193,10 @@ class LoadedModel:
 def load_deformseg(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a wsiseg model file into a ready-to-run DeformSegNet.
 
+    Every weight comes from the file: nothing is downloaded and no encoder
+    weights file is read (``encoder_init`` in the metadata only records
+    where training started from).
+
     Raises
     ------
     ModelFileError
@@ -204,6 +208,10 @@ def load_deformseg(path: str | os.PathLike, *, device: str | torch.device = "cpu
     from wsiseg.output.classes import ClassInfo
 
     state, meta = load_model_file(path, device="cpu")
+    seg_spec = meta.get("net", {}).get("segmenter") if isinstance(meta.get("net"), dict) else None
+    if isinstance(seg_spec, dict) and seg_spec.get("encoder_weights") is not None:
+        # Trained weights are all in the file: loading never downloads or reads another file.
+        raise ModelFileError("model metadata asks for encoder weights to load; a model file holds its weights", path)
     try:
         net = DeformSegNet.from_config(meta["net"])
         classes = [ClassInfo(int(c["value"]), str(c["name"]), tuple(int(v) for v in c["color"])) for c in meta["classes"]]

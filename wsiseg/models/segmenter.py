@@ -1,8 +1,11 @@
 """Segmenter factory over segmentation-models-pytorch (smp).
 
 Any smp architecture and encoder can segment the deformed image, chosen by
-name. Encoders are always built with ``encoder_weights=None``: nothing is
-downloaded, ever; trained weights come from wsiseg checkpoints.
+name. Encoders start from random weights; training may ask for initial
+encoder weights (``encoder_weights``: smp's ImageNet download, strictly
+opt-in, or a local file, see :mod:`wsiseg.models.pretrained`). A model
+rebuilt from its :meth:`PaddedSegmenter.config` never downloads or reads
+such a file: trained weights come from wsiseg model files.
 
 smp models need input sizes divisible by the encoder's output stride (32
 for most). The deformed image has whatever size the sampler was asked for
@@ -20,6 +23,7 @@ Sizes (float32 parameters, 3 classes, smp 0.6): unet/resnet18 14.3 M
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -119,6 +123,14 @@ class PaddedSegmenter(nn.Module):
         The arguments that rebuild the model with :func:`build_segmenter`
         (set by it); see :meth:`config`.
 
+    Attributes
+    ----------
+    encoder_init : dict
+        Where the encoder's weights came from when this module was built:
+        ``{"source": "random"}``, or what
+        :func:`wsiseg.models.pretrained.load_encoder_weights` returned.
+        Not part of :meth:`config`; a model file records it in its metadata.
+
     Notes
     -----
     Some decoders (e.g. PAN, PSPNet's pooling, the ASPP image pooling of
@@ -140,6 +152,7 @@ class PaddedSegmenter(nn.Module):
         self.stride = int(stride)
         self.pad_mode = pad_mode
         self.spec = dict(spec) if spec else {}
+        self.encoder_init: dict[str, Any] = {"source": "random"}
 
     @property
     def num_classes(self) -> int | None:
@@ -177,6 +190,7 @@ def build_segmenter(
     in_channels: int = 3,
     *,
     pad_mode: str = "reflect",
+    encoder_weights: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> PaddedSegmenter:
     """Build an smp segmentation model by name, offline, for any input size.
@@ -193,6 +207,11 @@ def build_segmenter(
         Input channels.
     pad_mode : str, default "reflect"
         See :class:`PaddedSegmenter`.
+    encoder_weights : str or path-like, optional
+        Initial encoder weights: ``"imagenet"`` (smp downloads them; only
+        when asked) or a local state dict file, see
+        :func:`wsiseg.models.pretrained.load_encoder_weights`. Not part of
+        ``config()``; recorded in ``encoder_init``.
     **kwargs
         Passed to the smp model (e.g. ``decoder_channels``,
         ``encoder_depth``). Must be JSON-able for :meth:`PaddedSegmenter.config`.
@@ -200,13 +219,15 @@ def build_segmenter(
     Returns
     -------
     PaddedSegmenter
-        Randomly initialised model; ``config()`` gives the arguments.
+        Randomly initialised model (but for ``encoder_weights``);
+        ``config()`` gives the arguments.
 
     Raises
     ------
     ModelConfigError
         (a :class:`ValueError`) for an unknown architecture or encoder, an
-        unsupported combination, or pretrained weights being asked for.
+        unsupported combination, or encoder weights that cannot be had
+        (one line: missing or unfitting file, failed download).
 
     Examples
     --------
@@ -219,11 +240,6 @@ def build_segmenter(
     if arch_key not in smp.MODEL_ARCHITECTURES_MAPPING:
         raise ModelConfigError(f"unknown architecture {arch!r}; available: {', '.join(available_architectures())}")
     _check_encoder(str(encoder))
-    if kwargs.pop("encoder_weights", None) is not None:
-        raise ModelConfigError(
-            "pretrained encoder weights are never downloaded; build with encoder_weights=None "
-            "and load trained weights from a checkpoint"
-        )
     if num_classes < 1 or in_channels < 1:
         raise ModelConfigError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
     try:
@@ -244,4 +260,9 @@ def build_segmenter(
         "in_channels": int(in_channels),
         **kwargs,
     }
-    return PaddedSegmenter(model, pad_mode=pad_mode, spec=spec)
+    seg = PaddedSegmenter(model, pad_mode=pad_mode, spec=spec)
+    if encoder_weights is not None:
+        from wsiseg.models.pretrained import load_encoder_weights
+
+        seg.encoder_init = load_encoder_weights(model.encoder, encoder_weights, encoder_name=str(encoder))
+    return seg
