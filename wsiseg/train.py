@@ -1258,7 +1258,7 @@ def train(
                 _check_labels(labels, num_classes, cfg.ignore_index, batch["name"])
                 with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
                     out_ = net(None, image, labels)
-                    terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target)
+                    terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target, out_.edge_valid)
                 values = torch.stack([terms.total.detach(), terms.seg.detach(), terms.edge.detach()]).double().cpu()
                 if not torch.isfinite(values).all():
                     what = "NaN" if torch.isnan(values).any() else "infinite"

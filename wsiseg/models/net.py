@@ -37,7 +37,7 @@ from torch import nn
 
 from wsiseg.models.deformation import DeformationNet
 from wsiseg.models.segmenter import ModelConfigError, build_segmenter
-from wsiseg.sampling.edges import edge_density, edge_target, uniform_density
+from wsiseg.sampling.edges import IGNORE_INDEX, edge_density, edge_target, label_validity, uniform_density
 from wsiseg.sampling.grid import DeformedGrid
 from wsiseg.sampling.sample import downsample_labels, sample_image, sample_labels
 
@@ -76,7 +76,12 @@ class DeformSegOutput:
         ``(B, hd, wd)`` uniformly down-sampled labels, when labels were given.
     edge_target : torch.Tensor or None
         ``(B, 1, hd, wd)`` edge-loss target from ``labels_lr``, when labels
-        were given.
+        were given (0 on ignored pixels; see
+        :func:`wsiseg.sampling.edges.edge_target`).
+    edge_valid : torch.Tensor or None
+        ``(B, 1, hd, wd)`` bool, ``labels_lr`` is a class (not the ignore
+        value or region padding), when labels were given: the positions
+        the edge loss compares (``JointLoss(..., valid=edge_valid)``).
     """
 
     d: torch.Tensor
@@ -86,6 +91,7 @@ class DeformSegOutput:
     labels: torch.Tensor | None = None
     labels_lr: torch.Tensor | None = None
     edge_target: torch.Tensor | None = None
+    edge_valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -295,7 +301,11 @@ class DeformSegNet(nn.Module):
         return (image - mean) / std
 
     def density(
-        self, x_lr: torch.Tensor | None, labels_lr: torch.Tensor | None = None, batch: int | None = None
+        self,
+        x_lr: torch.Tensor | None,
+        labels_lr: torch.Tensor | None = None,
+        batch: int | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The sampling density ``d (B, 1, hd, wd)`` of the configured sampler.
 
@@ -308,6 +318,9 @@ class DeformSegNet(nn.Module):
             ``(B, hd, wd)`` down-sampled labels (needed by the edge sampler).
         batch : int, optional
             Batch size when neither input says.
+        valid : torch.Tensor, optional
+            ``(B, hd, wd)`` bool: labelled pixels of ``labels_lr`` (edge
+            sampler; default: not the ignore value 255).
         """
         hd, wd = self.map_size
         if self.sampler == "learned":
@@ -317,7 +330,7 @@ class DeformSegNet(nn.Module):
         if self.sampler == "edge":
             if labels_lr is None:
                 raise ValueError("the edge sampler is an oracle baseline: it needs labels, also at inference")
-            return edge_density(labels_lr, self.edge_radius)
+            return edge_density(labels_lr, self.edge_radius, valid=valid)
         b = x_lr.shape[0] if x_lr is not None else (batch or 1)
         device = x_lr.device if x_lr is not None else self.image_mean.device
         return uniform_density(b, hd, wd, device=device)
@@ -332,6 +345,7 @@ class DeformSegNet(nn.Module):
         x_lr: torch.Tensor | None,
         source: Source,
         labels: torch.Tensor | None = None,
+        ignore_index: int | None = IGNORE_INDEX,
     ) -> DeformSegOutput:
         """Run the whole model.
 
@@ -352,8 +366,12 @@ class DeformSegNet(nn.Module):
         labels : torch.Tensor, optional
             ``(B, H, W)`` integer labels on the same region as ``source``.
             When given, the output carries the labels at the grid points,
-            the down-sampled labels and the edge target. Required by the
-            ``"edge"`` sampler.
+            the down-sampled labels, the edge target and its validity
+            mask. Required by the ``"edge"`` sampler.
+        ignore_index : int or None, default 255
+            Label of unsupervised pixels (also region padding): they make
+            no edges in the edge target or the edge sampler's density.
+            ``None``: every label value is a class.
 
         Returns
         -------
@@ -379,8 +397,9 @@ class DeformSegNet(nn.Module):
             raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
 
         labels_lr = downsample_labels(labels, self.map_size) if labels is not None else None
+        valid_lr = label_validity(labels_lr, ignore_index=ignore_index) if labels is not None else None
         batch = labels.shape[0] if labels is not None else None
-        d = self.density(x_lr, labels_lr, batch=batch)
+        d = self.density(x_lr, labels_lr, batch=batch, valid=valid_lr)
         grid = self.grid(d)
 
         if is_tensor:
@@ -398,7 +417,8 @@ class DeformSegNet(nn.Module):
         if labels is not None:
             out.labels = sample_labels(labels, grid)
             out.labels_lr = labels_lr
-            out.edge_target = edge_target(labels_lr)
+            out.edge_target = edge_target(labels_lr, valid=valid_lr)
+            out.edge_valid = valid_lr.unsqueeze(1)
         return out
 
     @torch.no_grad()
