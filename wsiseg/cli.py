@@ -435,7 +435,8 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
     Per slide: <name>.mask.tif (pyramidal BigTIFF label mask, opens in
     QuPath/OpenSlide/ASAP), <name>.overlay.tif (colour overlay),
     <name>.classes.json, <name>.geojson.gz (QuPath annotations),
-    <name>.qc.png and <name>.report.json; with --format also
+    <name>.qc.png and <name>.report.json (with the fraction of level-0
+    pixels sampled and of sampling points on glass); with --format also
     <name>.mask.ome.tif (OME-TIFF) and/or <name>.ome.zarr (OME-Zarr); per
     batch status.csv and report.csv. Every slide is attempted; finished
     slides are skipped on a rerun with the same model and options (a
