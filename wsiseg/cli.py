@@ -633,8 +633,10 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
 
     Reports mIoU and per-class IoU in the deformed space (on the sampling
     grid) and at full working resolution, mIoU(Y', Y) (what the sampler
-    alone loses), trimap accuracy, cost (fraction of pixels sampled) and the
-    class frequencies before and after sampling. Writes OUT/eval.json and
+    alone loses), trimap accuracy, cost (fraction of level-0 pixels sampled,
+    and of working-resolution pixels where that differs), the fraction of
+    samples on glass (tissue detector's threshold) next to a uniform grid's,
+    and the class frequencies before and after sampling. Writes OUT/eval.json and
     OUT/class_frequency.png and prints a table (one column per method).
     """
     import json
