@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsiseg.sampling.coords import uniform_grid
-from wsiseg.sampling.edges import blur, edge_density, edge_target, uniform_density
+from wsiseg.sampling.edges import IGNORE_INDEX, blur, edge_density, edge_target, uniform_density
 from wsiseg.sampling.grid import density_to_grid
 
 FAST = settings(deadline=None, max_examples=50)
@@ -64,10 +64,86 @@ def test_edge_target_per_sample_single_class_is_zero():
 def test_edge_target_ignores_label_ids(seed, h, w, k):
     gen = torch.Generator().manual_seed(seed)
     y = torch.randint(0, k, (2, h, w), generator=gen)
-    ids = torch.tensor([17, 2, 255, 4, 9])  # an arbitrary relabelling
+    ids = torch.tensor([17, 2, 254, 4, 9])  # an arbitrary relabelling (255 is the ignore value)
     a, b = edge_target(y), edge_target(ids[y])
     assert torch.allclose(a, b, atol=1e-6)
     assert (a >= 0).all() and torch.isfinite(a).all()
+
+
+# -- ignored / padded pixels -------------------------------------------------
+
+
+def _labels(seed, b, h, w, k):
+    gen = torch.Generator().manual_seed(seed)
+    # blocky maps (upsampled noise) have runs of constant label like real ones
+    coarse = torch.randint(0, k, (b, (h + 2) // 3, (w + 2) // 3), generator=gen)
+    return coarse.repeat_interleave(3, 1).repeat_interleave(3, 2)[:, :h, :w]
+
+
+#: Strategies of a random blocky label batch: seed, height, width, classes.
+MAPS = dict(seed=st.integers(0, 2**31 - 1), h=st.integers(1, 12), w=st.integers(1, 12), k=st.integers(1, 4))
+
+
+@FAST
+@given(**MAPS, pad=st.tuples(*[st.integers(0, 6)] * 4))
+def test_edge_target_ignore_padding_leaves_inside_unchanged(seed, h, w, k, pad):
+    """Region padding (label 255) never changes the target on the labelled area."""
+    y = _labels(seed, 2, h, w, k)
+    top, bottom, left, right = pad
+    padded = torch.nn.functional.pad(y, (left, right, top, bottom), value=IGNORE_INDEX)
+    ref, out = edge_target(y), edge_target(padded)
+    assert torch.equal(out[..., top : top + h, left : left + w], ref)
+    outside = padded.unsqueeze(1) == IGNORE_INDEX
+    assert (out[outside] == 0).all()
+    d_ref, d = edge_density(y, 1.5), edge_density(padded, 1.5)
+    inside = d[..., top : top + h, left : left + w]
+    # the oracle density inside is the unpadded one up to scale; the padding gets the floor only
+    assert torch.allclose(inside / inside.sum(dim=(1, 2, 3), keepdim=True), d_ref, atol=1e-6)
+    assert torch.allclose(d[outside], d.amin(dim=(1, 2, 3), keepdim=True).expand_as(d)[outside])
+
+
+@FAST
+@given(**MAPS, frac=st.floats(0.0, 1.0))
+def test_edge_target_zero_and_finite_on_ignored_pixels(seed, h, w, k, frac):
+    y = _labels(seed, 3, h, w, k)
+    gen = torch.Generator().manual_seed(seed + 1)
+    y[_labels(seed + 1, 3, h, w, 2).bool() & (torch.rand(3, h, w, generator=gen) < frac)] = IGNORE_INDEX
+    y[2] = IGNORE_INDEX  # one sample without any label
+    t = edge_target(y)
+    assert torch.isfinite(t).all() and (t >= 0).all()
+    assert (t[(y == IGNORE_INDEX).unsqueeze(1)] == 0).all()
+    assert torch.equal(t[2], torch.zeros(1, h, w))
+    d = edge_density(y, 1.0)
+    assert torch.isfinite(d).all() and (d > 0).all()
+    assert torch.allclose(d.sum(dim=(1, 2, 3)), torch.ones(3))
+    assert torch.allclose(d[2], torch.full((1, h, w), 1 / (h * w)))  # nothing labelled: uniform
+
+
+def test_class_ignore_boundary_is_no_edge():
+    y = torch.zeros(2, 10, 12, dtype=torch.long)
+    y[:, :, 6:] = IGNORE_INDEX  # class 0 | ignore: no edge
+    y[1, 2:5, 1:3] = 1  # a real boundary in sample 1
+    t = edge_target(y)
+    assert torch.equal(t[0], torch.zeros(1, 10, 12))
+    assert t[1].max() > 0 and (t[1, :, :, 6:] == 0).all()
+    # the ignore value counted as a class (the old behaviour) would have made an edge there
+    assert edge_target(y, ignore_index=None)[0].max() > 0
+    d = edge_density(y, 1.0)
+    assert torch.allclose(d[0], torch.full((1, 10, 12), 1 / 120))
+    # an explicit mask wins over the ignore value
+    valid = torch.ones(2, 10, 12, dtype=torch.bool)
+    assert torch.equal(edge_target(y, valid=valid), edge_target(y, ignore_index=None))
+
+
+def test_edge_across_a_thin_ignore_gap_survives():
+    """Annotations often leave an unlabelled line between classes: still an edge."""
+    y = torch.zeros(1, 8, 16, dtype=torch.long)
+    y[..., 8:] = 1
+    gapped = y.clone()
+    gapped[..., 7:9] = IGNORE_INDEX
+    t = edge_target(gapped)
+    assert t[..., 6].min() > 0.1 and t[..., 9].min() > 0.1
+    assert (t[..., 7:9] == 0).all()
 
 
 def test_edge_target_two_classes_equals_binary_map_filter():

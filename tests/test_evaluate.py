@@ -102,9 +102,11 @@ def test_evaluate_reproduces_metrics_of_a_model_with_known_predictions():
     assert r.miou_full == np.nanmean(_iou(cm_full)) and r.miou_deformed == np.nanmean(_iou(cm_def))
     assert r.full.matrix.sum() == sum(((lab != IGNORE) * fh * fw).sum() for _, _, lab, (fh, fw) in parts)
 
-    # Cost: 256, 256 and 512 samples of 64*64, 64*64 and 48*96 pixels.
-    assert r.cost == pytest.approx(np.mean([256 / 4096, 256 / 4096, 512 / 4608]), abs=0, rel=1e-15)
-    assert (r.samples, r.pixels, r.regions) == (4 * 256, 2 * 4096 + 4608, 3)
+    # Cost: 256, 256 and 512 samples of 64*64, 64*64 and 48*96 working pixels, at downsample 2 (no box):
+    # four times as many level-0 pixels.
+    assert r.cost_working == pytest.approx(np.mean([256 / 4096, 256 / 4096, 512 / 4608]), abs=0, rel=1e-15)
+    assert r.cost == pytest.approx(r.cost_working / 4, abs=0, rel=1e-15)
+    assert (r.samples, r.pixels, r.pixels_level0, r.regions) == (4 * 256, 2 * 4096 + 4608, 4 * (2 * 4096 + 4608), 3)
 
     # A uniform grid at an integer factor on a block image loses nothing.
     assert r.upsampling_miou == 1.0
@@ -121,11 +123,48 @@ def test_evaluate_reproduces_metrics_of_a_model_with_known_predictions():
     d = r.to_dict()
     assert d["deformed"]["resolution"] == "deformed"
     assert d["full"]["resolution"] == "full (working resolution, downsample 2)"
-    assert d["upsampling"]["miou"] == 1.0 and d["cost"]["fraction"] == r.cost
+    assert d["upsampling"]["miou"] == 1.0 and d["cost"]["fraction_level0"] == r.cost
+    assert d["cost"]["fraction_working"] == r.cost_working and d["cost"]["pixels_level0"] == r.pixels_level0
+    assert set(d["samples_on_glass"]) == {"model", "uniform", "what"}
     assert d["full"]["iou"]["dark"] == _iou(cm_full)[2]
     json.dumps(d, allow_nan=False)
     table = r.format_table()
     assert "uniform" in table and "mIoU(Y', Y)" in table and "downsample 2" in table and "trimap" in table
+    assert "cost (% of level-0 px)" in table and "cost (% of working px)" in table
+
+
+def test_cost_counts_level0_pixels_of_the_region_box():
+    rng = np.random.default_rng(5)
+    item = _block_item(rng, "a", (64, 64))[0]
+    item = {**item, "box": (100, 50, 256, 128)}  # the box wins over downsample x working size
+    r = evaluate_model(_known_net(), [item], NAMES, device="cpu")
+    assert r.cost == 256 / (256 * 128) and r.cost_working == 256 / 4096 and r.pixels_level0 == 256 * 128
+    plain = {**item, "box": None, "downsample": None}  # neither: the working raster is level 0
+    r = evaluate_model(_known_net(), [plain], NAMES, device="cpu")
+    assert r.cost == r.cost_working == 256 / 4096
+    assert "cost (% of working px)" not in r.format_table()
+
+
+def test_samples_on_glass_uses_the_tissue_threshold_of_each_region():
+    """Left half glass (white), right half stain: a uniform grid puts half its points on glass."""
+    from wsiseg.slide.tissue import threshold_tissue
+
+    item = _block_item(np.random.default_rng(6), "a", (64, 64))[0]
+    image = item["image"].clone()
+    image[:, :64, :32] = 245  # glass
+    image[:, :64, 32:64] = torch.tensor([150, 60, 160], dtype=torch.uint8)[:, None, None]  # eosin-ish stain
+    item = {**item, "image": image}
+    assert threshold_tissue(image[:, :64, :64].permute(1, 2, 0).numpy())[0][:, :32].sum() == 0
+    r = evaluate_model(_known_net(), [item], NAMES, device="cpu")
+    assert r.samples_on_glass == {"model": 0.5, "uniform": 0.5}  # the uniform sampler's grid is the uniform one
+    # A density that packs the samples into the stained half puts fewer of them on glass.
+    net = _known_net()
+    d = torch.full((1, 1, 8, 8), 1e-3)
+    d[..., 4:] = 1.0
+    net.density = lambda *args, **kwargs: d / d.sum()
+    r = evaluate_model(net, [item], NAMES, device="cpu")
+    assert r.samples_on_glass["uniform"] == 0.5 and r.samples_on_glass["model"] < 0.4
+    assert "samples on glass (model)" in r.format_table()
 
 
 def test_trimap_and_upsampling_match_the_metric_functions_on_one_region():
@@ -228,7 +267,7 @@ def test_format_sweep_table_bolds_the_best_per_budget():
     table = format_sweep_table([row("learned", 32, 0.7), row("single", 32, 0.6), row("uniform", 64, 0.8),
                                 row("edge", 64, None)])
     lines = table.splitlines()
-    assert lines[0].startswith("| grid (cost) | method |") and "(a / b)" in lines[0]
+    assert lines[0].startswith("| grid (cost: % of level-0 px) | method |") and "(a / b)" in lines[0]
     assert lines[2] == "| 32x32 (1.56 %) | learned (joint loss) | **0.7000** | 0.5000 | 0.9000 | 0.250 / 0.700 | " \
                        "0.123 | 3 (2) |"
     assert "| learned (single loss) | 0.6000 |" in lines[3]
@@ -318,7 +357,11 @@ def test_cli_evaluate_writes_deformed_and_full_resolution_sections(model, nucls,
     assert m["deformed"]["resolution"] == "deformed"
     # 256 px tiles at a 64 px working size.
     assert m["full"]["resolution"] == "full (working resolution, downsample 4)"
-    assert m["cost"]["fraction"] == pytest.approx(256 / 4096)
+    # 16x16 grid: 256 samples of 64x64 working pixels, of 256x256 level-0 (native) pixels.
+    assert m["cost"]["fraction_working"] == pytest.approx(256 / 4096)
+    assert m["cost"]["fraction_level0"] == pytest.approx(256 / 65536)
+    assert all(0 <= m["samples_on_glass"][k] <= 1 for k in ("model", "uniform"))
+    assert "samples on glass (uniform)" in r.output and "cost (% of level-0 px)" in r.output
     assert 0 <= m["full"]["miou"] <= 1 and 0 < m["upsampling"]["miou"] <= 1
     assert set(m["full"]["iou"]) == {"background", "non-tumour nucleus", "tumour nucleus"}
     assert len(m["trimap"]["accuracy"]) == 5
@@ -371,10 +414,10 @@ def test_cli_evaluate_sweep(model, nucls, classes_yaml, train_csv, tmp_path):
         (m, s) for s in (16, 24) for m in ("learned", "single", "uniform", "edge")
     ]
     costs = {row["out_width"]: row["cost"] for row in doc["rows"]}
-    assert costs[16] == pytest.approx(256 / 4096) and costs[24] == pytest.approx(576 / 4096)
+    assert costs[16] == pytest.approx(256 / 65536) and costs[24] == pytest.approx(576 / 65536)
     with open(out / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == 8
-    assert "| 16x16 (6.25 %) | learned (single loss) |" in r.stdout  # the printed sweep table
+    assert "| 16x16 (0.39 %; 6.25 % of working px) | learned (single loss) |" in r.stdout  # the sweep table
     # Resume-friendly: a second run trains nothing new.
     r = _run(*args)
     assert r.exit_code == 0, r.output
@@ -393,7 +436,11 @@ def test_cli_evaluate_sweep_fast(model, nucls, classes_yaml, train_csv, tmp_path
     doc = json.loads((out / "sweep.json").read_text())
     assert [row["method"] for row in doc["rows"]] == ["edge"]
     assert doc["rows"][0]["label"] == "edge (oracle)" and doc["rows"][0]["sec_per_iter"] > 0
-    assert "| 16x16 (6.25 %) | edge (oracle) |" in r.stdout
+    assert "| 16x16 (0.39 %; 6.25 % of working px) | edge (oracle) |" in r.stdout
+    with open(out / "sweep.csv") as f:
+        row = next(csv.DictReader(f))
+    # The CSV keeps `cost` (now of level-0 pixels) and adds the working-resolution fraction.
+    assert float(row["cost"]) == pytest.approx(256 / 65536) and float(row["cost_working"]) == pytest.approx(256 / 4096)
     assert all(0 <= row["miou_full"] <= 1 for row in doc["rows"])
     assert (out / "sweep.png").is_file() and (out / "class_frequency.png").is_file()
     assert (out / "sweep" / "edge-16x16" / "model.safetensors").is_file()

@@ -159,12 +159,61 @@ def test_edge_loss_scale_invariant(seed, c):
     assert torch.allclose(edge_loss(d, target * c), ref, rtol=1e-4, atol=1e-7)
 
 
+def test_edge_loss_valid_mask_ignores_invalid_positions():
+    g = torch.Generator().manual_seed(5)
+    d = torch.softmax(torch.randn(2, 48, generator=g), 1).view(2, 1, 6, 8)
+    target = torch.rand(2, 1, 6, 8, generator=g)
+    valid = torch.ones(2, 1, 6, 8, dtype=torch.bool)
+    # all valid: the unmasked loss
+    assert torch.allclose(edge_loss(d, target, valid), edge_loss(d, target), rtol=1e-6)
+    valid[:, :, :, 5:] = False
+    ref = edge_loss(d, target, valid)
+    # whatever the density or target on invalid positions: same loss
+    d2, t2 = d.clone(), target.clone()
+    d2[..., 5:] *= 50.0
+    t2[..., 5:] = 0.0
+    assert torch.allclose(edge_loss(d2, t2, valid), ref, rtol=1e-5)
+    # equals the unmasked loss on the valid crop (normalised over it)
+    assert torch.allclose(ref, edge_loss(d[..., :5], target[..., :5]), rtol=1e-5)
+    # (B, hd, wd) masks are read as (B, 1, hd, wd)
+    assert torch.allclose(edge_loss(d, target, valid[:, 0]), ref)
+
+
+def test_edge_loss_all_invalid_is_zero_with_gradient():
+    d = torch.softmax(torch.randn(2, 16), 1).view(2, 1, 4, 4).requires_grad_()
+    valid = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    loss = edge_loss(d, torch.rand(2, 1, 4, 4), valid)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(d.grad).all()
+    # one empty sample, one single-class sample (zero target over its valid part)
+    valid[1, :, :2] = True
+    target = torch.zeros(2, 1, 4, 4)
+    assert edge_loss(torch.full((2, 1, 4, 4), 1 / 16), target, valid).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_edge_loss_on_padded_labels_matches_unpadded():
+    """Ignore padding: the target and the loss see only the labelled area."""
+    labels = torch.zeros(1, 10, 10, dtype=torch.long)
+    labels[:, 3:7, 2:6] = 1
+    padded = F.pad(labels, (0, 6, 0, 0), value=IGNORE)
+    g = torch.Generator().manual_seed(2)
+    d = torch.softmax(torch.randn(1, 160, generator=g), 1).view(1, 1, 10, 16)
+    loss = edge_loss(d, edge_target(padded), padded.unsqueeze(1) != IGNORE)
+    assert torch.allclose(loss, edge_loss(d[..., :10], edge_target(labels)), rtol=1e-5)
+
+
 def test_normalise_density():
     x = torch.rand(2, 1, 4, 5)
     x[1] = 0
     n = normalise_density(x)
     assert torch.allclose(n[0].mean(), torch.tensor(1.0))
     assert (n[1] == 1).all()
+    valid = torch.ones(2, 1, 4, 5, dtype=torch.bool)
+    assert torch.equal(normalise_density(x, valid=valid), n)
+    valid[:, :, 0] = False
+    nv = normalise_density(x, valid=valid)
+    assert torch.allclose(nv[0, :, 1:].mean(), torch.tensor(1.0)) and (nv[:, :, 0] == 0).all()
+    assert (nv[1, :, 1:] == 1).all()
     with pytest.raises(ValueError):
         edge_loss(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 5))
 
@@ -178,6 +227,8 @@ def test_joint_loss_terms():
     assert torch.allclose(l_s, CrossEntropyLoss()(logits, target))
     assert torch.allclose(l_e, edge_loss(d, t))
     assert torch.allclose(total, l_s + 100.0 * l_e)
+    valid = torch.rand(2, 1, 4, 4) > 0.3
+    assert torch.allclose(crit(logits, target, d, t, valid).edge, edge_loss(d, t, valid))
     out = crit(logits, target)  # no density: segmentation only
     assert out.edge.item() == 0.0 and torch.allclose(out.total, out.seg)
     assert JointLoss().gamma_edge == 100.0  # the paper's weight is the default

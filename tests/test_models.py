@@ -149,8 +149,15 @@ def test_forward_outputs(tiny_segmenter):
     assert out.labels.shape == (2, *OUT) and set(out.labels.unique().tolist()) <= {0, 2, 255}
     assert torch.equal(out.labels_lr, downsample_labels(labels, MAP))
     assert torch.equal(out.edge_target, edge_target(downsample_labels(labels, MAP)))
+    assert torch.equal(out.edge_valid, downsample_labels(labels, MAP).unsqueeze(1) != 255)
+    assert (out.edge_target[~out.edge_valid] == 0).all()
+    # the ignored band makes no edge: same target as with that band labelled like its neighbour
+    relabelled = labels.clone()
+    relabelled[1, 40:, :] = 0
+    rows = MAP[0] * 40 // 64 - 1  # the rows above the band, away from its blur
+    assert torch.equal(out.edge_target[1, :, :rows], edge_target(downsample_labels(relabelled, MAP))[1, :, :rows])
     plain = net(None, x_hr)
-    assert plain.labels is None and plain.edge_target is None
+    assert plain.labels is None and plain.edge_target is None and plain.edge_valid is None
     with pytest.raises(ValueError, match="density map"):
         net(torch.rand(2, 3, 9, 9), x_hr)
 
@@ -279,7 +286,7 @@ def test_tiny_training_reduces_joint_loss(shared_data):
 
     def joint():
         out = net(None, x, y)
-        return crit(out.logits, out.labels, out.d, out.edge_target)
+        return crit(out.logits, out.labels, out.d, out.edge_target, out.edge_valid)
 
     net.train()
     with torch.no_grad():

@@ -201,6 +201,30 @@ def test_report_areas_add_up(cmu_run, slides_dir):
     assert "label" not in json.dumps(report["outputs"])  # associated images never copied
 
 
+def test_report_samples_on_glass(cmu_run, slides_dir):
+    """The fraction of sampling points on glass, checked against the tissue mask looked up by hand."""
+    from wsiseg.slide.tissue import detect_tissue
+
+    out, outputs = cmu_run
+    report = json.loads((out / outputs["report"]).read_text())
+    glass = report["samples_on_glass"]
+    assert set(glass) == {"model", "uniform"} and all(0 <= v <= 1 for v in glass.values())
+    # The uniform reference: the same grid sizes over the same regions, on the same tissue mask.
+    tissue = detect_tissue(open_slide(str(slides_dir / "CMU-1-Small-Region.svs")))
+    mh, mw = tissue.mask.shape
+    on_glass = total = 0
+    for (x, y, w, h), reg in zip(report["regions"], report["gather"]["regions"]):
+        gh, gw = reg["grid"]
+        xs = x + (np.arange(gw) + 0.5) * w / gw
+        ys = y + (np.arange(gh) + 0.5) * h / gh
+        cols = np.minimum((xs / tissue.downsample[0]).astype(int), mw - 1)
+        rows = np.minimum((ys / tissue.downsample[1]).astype(int), mh - 1)
+        on_glass += int((~tissue.mask[np.ix_(rows, cols)]).sum())
+        total += gh * gw
+    assert glass["uniform"] == pytest.approx(on_glass / total)
+    assert 0.1 < glass["uniform"] < 0.9  # CMU-1-Small-Region: tissue with glass between and around it
+
+
 def test_geojson_rasterises_back_onto_mask(cmu_run):
     from skimage.draw import polygon2mask
 
@@ -393,6 +417,7 @@ def test_sliding_window_mask_on_cmu(slides_dir, colour_model, tmp_path):
     counts = np.bincount(level0.ravel(), minlength=3)
     assert [a["pixels"] for a in report["class_areas"]] == counts[:3].tolist()
     assert report["fraction_sampled"] == pytest.approx(sum(w * h for _, _, w, h in boxes) / (H * W))
+    assert report["samples_on_glass"] is None  # no sampling points
     assert not list(tmp_path.glob(".*"))  # the temporary label store is gone
 
 

@@ -15,6 +15,7 @@ from wsiseg.slide.tissue import (
     Region,
     TissueMask,
     detect_tissue,
+    threshold_tissue,
     tissue_regions,
     tissue_score,
     whole_region,
@@ -224,6 +225,27 @@ def test_min_area_fraction_drops_small_pieces():
     assert len(tissue_regions(tissue, pad_px=0)) == 1
     both = tissue_regions(tissue, pad_px=0, min_area_fraction=0)
     assert both == [Region(40, 40, 360, 320), Region(600, 160, 20, 20)]
+
+
+def test_tissue_at_reads_the_mask_pixel_under_level0_points():
+    mask = np.zeros((3, 4), bool)
+    mask[1, 2] = True  # level-0 [8, 12) x [4, 8) at downsample 4
+    tissue = TissueMask(mask, (4.0, 4.0), 0.1, "threshold", 0, (15, 11))
+    pts = np.array([[8.0, 4.0], [11.99, 7.99], [12.0, 4.0], [7.99, 5.0], [100.0, -3.0], [14.5, 10.5]])
+    assert tissue.tissue_at(pts).tolist() == [True, True, False, False, False, False]
+    assert tissue.tissue_at(pts.reshape(2, 3, 2)).shape == (2, 3)
+
+
+def test_threshold_tissue_is_the_detectors_threshold(cmu):
+    img, ms = cmu
+    tissue = detect_tissue(ms)
+    # a single-level slide: the detector thresholds the 2x block means it reads
+    means = downscale_local_mean(img.astype(np.float32) / 255.0, (2, 2, 1)).astype(np.float32)
+    mask, t, method = threshold_tissue(means)
+    assert (t, method) == (tissue.threshold, tissue.method)
+    assert threshold_tissue(img, threshold=0.5)[1:] == (0.5, "threshold")
+    glass = np.full((8, 8, 3), 250, np.uint8)
+    assert threshold_tissue(glass)[2] == "constant" and not threshold_tissue(glass)[0].any()
 
 
 def test_regions_clamped_to_slide():

@@ -435,7 +435,8 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
     Per slide: <name>.mask.tif (pyramidal BigTIFF label mask, opens in
     QuPath/OpenSlide/ASAP), <name>.overlay.tif (colour overlay),
     <name>.classes.json, <name>.geojson.gz (QuPath annotations),
-    <name>.qc.png and <name>.report.json; with --format also
+    <name>.qc.png and <name>.report.json (with the fraction of level-0
+    pixels sampled and of sampling points on glass); with --format also
     <name>.mask.ome.tif (OME-TIFF) and/or <name>.ome.zarr (OME-Zarr); per
     batch status.csv and report.csv. Every slide is attempted; finished
     slides are skipped on a rerun with the same model and options (a
@@ -640,8 +641,10 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
 
     Reports mIoU and per-class IoU in the deformed space (on the sampling
     grid) and at full working resolution, mIoU(Y', Y) (what the sampler
-    alone loses), trimap accuracy, cost (fraction of pixels sampled) and the
-    class frequencies before and after sampling. Writes OUT/eval.json and
+    alone loses), trimap accuracy, cost (fraction of level-0 pixels sampled,
+    and of working-resolution pixels where that differs), the fraction of
+    samples on glass (tissue detector's threshold) next to a uniform grid's,
+    and the class frequencies before and after sampling. Writes OUT/eval.json and
     OUT/class_frequency.png and prints a table (one column per method).
     """
     import json

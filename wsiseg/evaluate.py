@@ -27,8 +27,17 @@ trimap accuracy
     working pixels around the label boundaries
     (:func:`~wsiseg.metrics.trimap_counts`).
 cost
-    Fraction of the working-resolution pixels the grid samples,
-    ``h_out * w_out / (h * w)`` per region (capped at 1), averaged.
+    Fraction of the region's *level-0* pixels the grid samples,
+    ``h_out * w_out / (H0 * W0)`` per region (capped at 1), averaged: the
+    same axis as ``wsiseg segment``'s report (level 0 of a plain image is
+    its native pixels). The fraction of the working-resolution pixels,
+    ``h_out * w_out / (h * w)``, is kept next to it.
+samples on glass
+    Fraction of the grid points that fall on glass by the tissue
+    detector's thresholding (:func:`~wsiseg.slide.tissue.threshold_tissue`)
+    of each region's working image, next to the same fraction for a
+    uniform grid of the same size: how much of the budget a sampler spends
+    on background.
 class frequency
     Fraction of (non-ignored) pixels per class in ``Y`` and among the
     sampled labels: how a sampler shifts the class balance (paper Fig. 13).
@@ -146,8 +155,17 @@ class EvalResult:
     regions : int
     samples, pixels : int
         Grid points and unpadded working-resolution pixels, summed over regions.
+    pixels_level0 : int
+        Level-0 pixels of the regions (their boxes; the working pixels
+        times ``downsample ** 2`` when an item has no box), summed.
     fractions : list of float
-        Per-region cost :func:`~wsiseg.sampling.sizes.sample_fraction`.
+        Per-region :func:`~wsiseg.sampling.sizes.sample_fraction` of the
+        working-resolution pixels.
+    fractions_level0 : list of float
+        The same of the level-0 pixels.
+    glass_model, glass_uniform : int
+        Grid points on glass (tissue detector's threshold on the region's
+        image), of the model's grids and of uniform grids of the same size.
     downsamples : list of float
         Per-region level-0 pixels per working pixel (when the data set says).
     seconds : float
@@ -171,7 +189,11 @@ class EvalResult:
     regions: int = 0
     samples: int = 0
     pixels: int = 0
+    pixels_level0: int = 0
     fractions: list[float] = field(default_factory=list)
+    fractions_level0: list[float] = field(default_factory=list)
+    glass_model: int = 0
+    glass_uniform: int = 0
     downsamples: list[float] = field(default_factory=list)
     seconds: float = 0.0
     model_path: str | None = None
@@ -183,8 +205,20 @@ class EvalResult:
 
     @property
     def cost(self) -> float:
+        """Mean fraction of level-0 pixels sampled per region (the primary cost)."""
+        return float(np.mean(self.fractions_level0)) if self.fractions_level0 else float("nan")
+
+    @property
+    def cost_working(self) -> float:
         """Mean fraction of working-resolution pixels sampled per region."""
         return float(np.mean(self.fractions)) if self.fractions else float("nan")
+
+    @property
+    def samples_on_glass(self) -> dict[str, float]:
+        """``{"model": ..., "uniform": ...}``: fraction of grid points on glass (``nan`` without samples)."""
+        n = self.samples
+        return {k: v / n if n else float("nan") for k, v in (("model", self.glass_model),
+                                                             ("uniform", self.glass_uniform))}
 
     @property
     def miou_full(self) -> float:
@@ -249,10 +283,18 @@ class EvalResult:
             "map_size": list(self.map_size),
             "regions": self.regions,
             "cost": {
-                "fraction": _nan_to_none(self.cost),
+                "fraction_level0": _nan_to_none(self.cost),
+                "fraction_working": _nan_to_none(self.cost_working),
                 "samples": int(self.samples),
-                "pixels": int(self.pixels),
-                "what": "grid points / unpadded working-resolution pixels, mean over regions",
+                "pixels_level0": int(self.pixels_level0),
+                "pixels_working": int(self.pixels),
+                "what": "grid points / level-0 pixels of the region (fraction_level0, the primary cost) and / "
+                        "unpadded working-resolution pixels (fraction_working), mean over regions",
+            },
+            "samples_on_glass": {
+                **{k: _nan_to_none(v) for k, v in self.samples_on_glass.items()},
+                "what": "fraction of the grid points on glass by the tissue detector's threshold of each region's "
+                        "working image: the model's grids and uniform grids of the same size",
             },
             "deformed": {
                 "resolution": "deformed",
@@ -327,7 +369,11 @@ def format_table(results: Sequence[EvalResult]) -> str:
         rows.append((label, [_fmt(v, digits) for v in values]))
 
     rows.append(("grid (out_size)", [_wxh(r.out_size) for r in results]))
-    add("cost (fraction sampled)", [r.cost for r in results])
+    rows.append(("cost (% of level-0 px)", [_percent(r.cost) for r in results]))
+    if any(not math.isclose(r.cost, r.cost_working) for r in results):
+        rows.append(("cost (% of working px)", [_percent(r.cost_working) for r in results]))
+    add("samples on glass (model)", [r.samples_on_glass["model"] for r in results])
+    add("samples on glass (uniform)", [r.samples_on_glass["uniform"] for r in results])
     rows.append("-- deformed (on the sampling grid)")
     add("mIoU", [r.miou_deformed for r in results])
     for k, n in enumerate(first.class_names):
@@ -388,6 +434,21 @@ def _batches(dataset, batch_size: int):
         yield batch
 
 
+def _level0_size(item: Mapping[str, Any], h: int, w: int) -> tuple[int, int]:
+    """Level-0 ``(height, width)`` of an item's region whose working raster is ``h x w``.
+
+    The level-0 box when the item has one; else the working size scaled by
+    its ``downsample`` (rounded); else the working size (it is level 0).
+    """
+    box = item.get("box")
+    if box is not None:
+        return int(box[3]), int(box[2])
+    ds = item.get("downsample")
+    if ds is not None:
+        return max(1, round(h * float(ds))), max(1, round(w * float(ds)))
+    return h, w
+
+
 def _check_labels(labels: torch.Tensor, k: int, ignore_index: int, names: Sequence[str]) -> None:
     valid = labels[labels != ignore_index]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= k):
@@ -422,7 +483,9 @@ def evaluate_model(
         uint8 ``(3, H, W)``, ``labels`` int64 ``(H, W)`` holding class
         *indices in channel order* (``ignore_index`` ignored, padding too),
         optional ``size`` (unpadded ``(h, w)``, default the whole item),
-        ``downsample`` and ``name``.
+        ``box`` (level-0 ``(x, y, w, h)``: the level-0 pixels of the cost),
+        ``downsample`` (else level-0 pixels = working pixels * downsample²;
+        with neither, the working raster is level 0) and ``name``.
     classes : sequence of ClassInfo or str, optional
         Class names in channel order; default the model file's classes.
     device : str or torch.device
@@ -449,7 +512,9 @@ def evaluate_model(
     from wsiseg.models.net import DeformSegNet, lowres_view
     from wsiseg.sampling.reverse import inverse_map, lookup_nearest
     from wsiseg.sampling.sample import sample_labels
+    from wsiseg.sampling.coords import uniform_grid
     from wsiseg.sampling.sizes import sample_fraction
+    from wsiseg.slide.tissue import threshold_tissue
 
     net = model if isinstance(model, DeformSegNet) else model.net
     if classes is None:
@@ -514,11 +579,19 @@ def evaluate_model(
             valid = lab[lab != ignore_index]
             counts += torch.bincount(valid.flatten().cpu(), minlength=k).numpy()[:k]
         gh, gw = grid.shape[1:3]
+        # Glass by the tissue detector's threshold (Otsu per region) of each working image.
+        rgb = (image * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        tissue = torch.from_numpy(np.stack([threshold_tissue(x)[0] for x in rgb])).to(dev)
+        res.glass_model += int((~sample_labels(tissue, grid)).sum())
+        res.glass_uniform += int((~sample_labels(tissue, uniform_grid(gh, gw, device=dev))).sum())
         for it in batch:
+            h0, w0 = _level0_size(it, h, w)
             res.regions += 1
             res.samples += gh * gw
             res.pixels += h * w
+            res.pixels_level0 += h0 * w0
             res.fractions.append(sample_fraction(gh, gw, h, w))
+            res.fractions_level0.append(sample_fraction(gh, gw, h0, w0))
             if it.get("downsample") is not None:
                 res.downsamples.append(float(it["downsample"]))
         if log is not None and (res.regions % 50 < len(batch)):
@@ -556,8 +629,9 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     Parameters
     ----------
     rows : sequence of dict
-        Sweep rows with ``method``, ``cost``, ``miou_full`` and
-        ``upsampling_miou`` (None for missing values).
+        Sweep rows with ``method``, ``cost`` (fraction of level-0 pixels,
+        plotted in %), ``miou_full`` and ``upsampling_miou`` (None for
+        missing values).
     path : path-like
         Output PNG, written atomically.
     """
@@ -588,7 +662,7 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     w = max(880, 2 * (64 + math.ceil(legend)))
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
-    label = "cost: % of working-resolution pixels sampled"
+    label = "% of level-0 pixels sampled"
     for box, title, key in (
         ((0, 0, w // 2, h), "mIoU, full resolution", "miou_full"),
         ((w // 2, 0, w, h), "mIoU(Y', Y): upsampling (sampler only)", "upsampling_miou"),
@@ -944,8 +1018,27 @@ def write_sweep_files(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, An
     }
 
 
+def _percent(fraction: float | None) -> str:
+    """A fraction in %: two decimals, or two significant digits below 0.1 % (level-0 costs are small)."""
+    if fraction is None or not math.isfinite(fraction):
+        return "n/a"
+    v = 100.0 * fraction
+    return f"{v:.2f}" if v >= 0.1 or v == 0 else f"{v:.2g}"
+
+
+def _cost_text(level0: float | None, working: float | None) -> str:
+    """``"0.39 %"``, or ``"0.39 %; 6.25 % of working px"`` where the working-resolution fraction differs."""
+    text = f"{_percent(level0)} %"
+    if working is not None and level0 is not None and not math.isclose(working, level0):
+        text += f"; {_percent(working)} % of working px"
+    return text
+
+
 def format_sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table of sweep rows: one line per size and method, best full-resolution mIoU per size in bold.
+
+    The grid column gives the cost in % of level-0 pixels, and in % of the
+    working-resolution pixels where that differs.
 
     Parameters
     ----------
@@ -960,7 +1053,7 @@ def format_sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
         return "(no sweep rows)"
     names = list((rows[0].get("iou_full") or {}).keys())
     lines = [
-        ("| grid (cost) | method | mIoU full res. | mIoU deformed | mIoU(Y', Y) | IoU full res. "
+        ("| grid (cost: % of level-0 px) | method | mIoU full res. | mIoU deformed | mIoU(Y', Y) | IoU full res. "
          f"({' / '.join(names)}) | train s/it | epochs (best) |"),
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -974,8 +1067,7 @@ def format_sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
         full = _fmt(row.get("miou_full"))
         if row.get("miou_full") is not None and row["miou_full"] == best.get(key):
             full = f"**{full}**"
-        cost = row.get("cost")
-        grid = f"{_wxh(key)} ({_fmt(None if cost is None else 100 * cost, 2)} %)"
+        grid = f"{_wxh(key)} ({_cost_text(row.get('cost'), row.get('cost_working'))})"
         per_class = " / ".join(_fmt(v, 3) for v in (row.get("iou_full") or {}).values())
         spi = row.get("sec_per_iter")
         spi_text = "n/a" if spi is None else f"{spi:.3f}"
@@ -1205,7 +1297,7 @@ def run_evaluation(
     files["class_frequency"] = draw_class_frequency(
         first.class_names, original, sampled, out / CLASS_FREQUENCY_PNG,
         title=f"class frequency: original vs sampled at {_wxh(first.out_size)} "
-              f"(cost {_fmt(100 * first.cost, 2)}%)",
+              f"(cost {_percent(first.cost)} % of level-0 pixels)",
     )
     return EvaluationRun(results=results, document=doc, table=table, files=files, sweep=sweep_rows)
 
@@ -1217,7 +1309,8 @@ def _check_same_classes(model, other) -> None:
                           f"({', '.join(a)})", other.path)
 
 
-_SWEEP_COLUMNS = ("method", "out_height", "out_width", "map_height", "map_width", "cost", "miou_full",
+# ``cost``: fraction of level-0 pixels (as before the working fraction got its own column, ``cost_working``).
+_SWEEP_COLUMNS = ("method", "out_height", "out_width", "map_height", "map_width", "cost", "cost_working", "miou_full",
                   "miou_deformed", "upsampling_miou", "epochs", "model", "label", "joint", "sec_per_iter", "steps",
                   "best_epoch")
 
@@ -1234,6 +1327,8 @@ def _sweep_row(r: EvalResult, size: tuple[int, int], path: Path, epochs: int, tr
         "map_height": r.map_size[0],
         "map_width": r.map_size[1],
         "cost": _nan_to_none(r.cost),
+        "cost_working": _nan_to_none(r.cost_working),
+        "samples_on_glass": {k: _nan_to_none(v) for k, v in r.samples_on_glass.items()},
         "miou_full": _nan_to_none(r.miou_full),
         "miou_deformed": _nan_to_none(r.miou_deformed),
         "upsampling_miou": _nan_to_none(r.upsampling_miou),

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -28,13 +28,16 @@ from wsiseg.device import resolve_device, usable_cpus
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.models.io import LoadedModel
 from wsiseg.output.ome import FORMAT_SUFFIXES, ome_tiff_from_mask, ome_zarr_from_mask, parse_formats
-from wsiseg.sampling.coords import to_pixels
+from wsiseg.sampling.coords import to_pixels, uniform_grid
 from wsiseg.sampling.edges import uniform_density
 from wsiseg.sampling.sizes import sample_fraction
 from wsiseg.sampling.tiles import RegionPrediction, ReverseTiler, coarse_inverse
 from wsiseg.slide.gather import gather
 from wsiseg.slide.lowres import read_lowres, thumbnail
 from wsiseg.slide.multiscale import Multiscale
+
+if TYPE_CHECKING:  # the tissue detector (scikit-image) is imported when regions are found
+    from wsiseg.slide.tissue import TissueMask
 
 #: Output files per slide: kind -> suffix after the slide's name.
 OUTPUT_SUFFIXES = {
@@ -486,19 +489,58 @@ def _segment_sliding_window(ms, boxes, model, options, device, store, progress) 
     )
 
 
-def find_regions(ms: Multiscale, options: SegmentOptions) -> tuple[list[tuple[int, int, int, int]], int | None]:
-    """Level-0 boxes to segment (the same regions training uses) and the tissue pixel count.
+def find_regions(
+    ms: Multiscale, options: SegmentOptions
+) -> tuple[list[tuple[int, int, int, int]], int | None, TissueMask]:
+    """Level-0 boxes to segment (the same regions training uses), the tissue pixel count and the tissue mask.
 
-    The tissue count is ``None`` for whole-slide runs.
+    The tissue count is ``None`` for whole-slide runs; the mask is detected
+    in both (on a low-resolution level), for :func:`samples_on_glass`.
     """
     from wsiseg.slide.tissue import detect_tissue, slide_regions
 
-    if options.regions == "whole":
-        return [(0, 0, ms.width, ms.height)], None
     tissue = detect_tissue(ms, threshold=options.tissue_threshold)
+    if options.regions == "whole":
+        return [(0, 0, ms.width, ms.height)], None, tissue
     regions = slide_regions(ms, "tissue", tissue=tissue)
     tissue_px = int(round(tissue.mask.sum() * tissue.downsample[0] * tissue.downsample[1]))
-    return [(r.x, r.y, r.width, r.height) for r in regions], tissue_px
+    return [(r.x, r.y, r.width, r.height) for r in regions], tissue_px, tissue
+
+
+def samples_on_glass(
+    tissue: TissueMask, points: list[np.ndarray], boxes: list[tuple[int, int, int, int]]
+) -> dict[str, float] | None:
+    """Fraction of the sampling points on glass, and of a uniform grid of the same size.
+
+    Parameters
+    ----------
+    tissue : TissueMask
+        The slide's tissue mask; glass is where it is False (looked up at
+        each point, nearest mask pixel).
+    points : list of numpy.ndarray
+        Per region, the ``(h, w, 2)`` level-0 sampling points.
+    boxes : list of (x, y, width, height)
+        The regions, in the same order.
+
+    Returns
+    -------
+    dict or None
+        ``{"model": ..., "uniform": ...}``: over all regions' points, the
+        fraction on glass of the model's grids and of uniform ``h x w``
+        grids over the same boxes. None without points (sliding windows).
+    """
+    if not points:
+        return None
+    uniform = [
+        to_pixels(uniform_grid(*p.shape[:2], dtype=torch.float64).numpy(), bw, bh, origin=(x, y))
+        for p, (x, y, bw, bh) in zip(points, boxes)
+    ]
+
+    def glass(pts: list[np.ndarray]) -> float:
+        flat = np.concatenate([p.reshape(-1, 2) for p in pts])
+        return float(1.0 - tissue.tissue_at(flat).mean())
+
+    return {"model": glass(points), "uniform": glass(uniform)}
 
 
 def output_paths(out_dir: Path, name: str, options: SegmentOptions) -> dict[str, Path]:
@@ -580,7 +622,7 @@ def segment_slide(
     timings["open"] = time.perf_counter() - t
 
     t = stage("regions")
-    boxes, tissue_px = find_regions(ms, options)
+    boxes, tissue_px, tissue = find_regions(ms, options)
     timings["regions"] = time.perf_counter() - t
 
     def step(fraction):
@@ -648,6 +690,7 @@ def segment_slide(
         regions=seg.boxes,
         class_areas=class_areas(counts, model.classes, ms.mpp, tissue_pixels=tissue_px),
         fraction_sampled=sample_fraction(1, seg.n_samples, ms.height, ms.width) if seg.n_samples else 0.0,
+        samples_on_glass=samples_on_glass(tissue, seg.points, seg.boxes),
         tissue_pixels=tissue_px,
         gather=gather,
         timings=timings,

@@ -1095,7 +1095,7 @@ def _validate(net: DeformSegNet, loader: DataLoader, num_classes: int, config: T
         labels = batch["labels"].to(device, non_blocking=True)
         _check_labels(labels, num_classes, config.ignore_index, batch["name"])
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
-            out = net(None, image, labels)
+            out = net(None, image, labels, ignore_index=config.ignore_index)
         pred = out.logits.argmax(dim=1)
         cm_def.update(pred, out.labels)
         full = reverse_sample(pred, out.grid.float(), tuple(labels.shape[-2:]))
@@ -1389,8 +1389,8 @@ def train(
                 labels = batch["labels"].to(device, non_blocking=True)
                 _check_labels(labels, num_classes, cfg.ignore_index, batch["name"])
                 with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
-                    out_ = net(None, image, labels)
-                    terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target)
+                    out_ = net(None, image, labels, ignore_index=cfg.ignore_index)
+                    terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target, out_.edge_valid)
                 values = torch.stack([terms.total.detach(), terms.seg.detach(), terms.edge.detach()]).double().cpu()
                 if not torch.isfinite(values).all():
                     what = "NaN" if torch.isnan(values).any() else "infinite"

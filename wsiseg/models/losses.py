@@ -173,7 +173,7 @@ def segmentation_loss(name: str = "focal", ignore_index: int = 255, **kwargs) ->
     return CrossEntropyLoss(ignore_index=ignore_index, **kwargs)
 
 
-def normalise_density(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def normalise_density(x: torch.Tensor, eps: float = 1e-12, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Scale each sample of a non-negative map to unit spatial mean.
 
     Parameters
@@ -182,22 +182,40 @@ def normalise_density(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         ``(B, C, h, w)`` non-negative map.
     eps : float
         Mass below which a sample counts as empty.
+    valid : torch.Tensor, optional
+        Bool mask broadcastable to ``x`` (``(B, h, w)`` is read as
+        ``(B, 1, h, w)``). The mean is taken over the valid positions only
+        and invalid positions become 0.
 
     Returns
     -------
     torch.Tensor
         ``x / mean(x)`` per sample; an empty (all-zero) sample becomes all
-        ones, the uniform density, so nothing divides by zero.
+        ones (over its valid positions), the uniform density, so nothing
+        divides by zero. A sample without valid positions is all zeros.
     """
     if x.ndim != 4:
         raise ValueError(f"expected (B, C, h, w), got {tuple(x.shape)}")
     x = x.float()
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    empty = mean <= eps
-    return torch.where(empty, torch.ones_like(x), x / mean.clamp_min(eps))
+    if valid is None:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        empty = mean <= eps
+        return torch.where(empty, torch.ones_like(x), x / mean.clamp_min(eps))
+    valid = _as_mask(valid, x)
+    count = valid.sum(dim=(1, 2, 3), keepdim=True).to(x.dtype)
+    mean = torch.where(valid, x, torch.zeros_like(x)).sum(dim=(1, 2, 3), keepdim=True) / count.clamp_min(1.0)
+    out = torch.where(mean <= eps, torch.ones_like(x), x / mean.clamp_min(eps))
+    return torch.where(valid, out, torch.zeros_like(out))
 
 
-def edge_loss(d: torch.Tensor, d_target: torch.Tensor) -> torch.Tensor:
+def _as_mask(valid: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A bool mask ``(B, h, w)`` or ``(B, 1, h, w)`` expanded to ``like (B, C, h, w)``."""
+    if valid.ndim == 3:
+        valid = valid.unsqueeze(1)
+    return valid.to(device=like.device, dtype=torch.bool).expand_as(like)
+
+
+def edge_loss(d: torch.Tensor, d_target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Edge loss ``L_e``: MSE between the density and the edge target.
 
     Both maps are first scaled to unit spatial mean per sample
@@ -211,6 +229,12 @@ def edge_loss(d: torch.Tensor, d_target: torch.Tensor) -> torch.Tensor:
       uniform density: finite, and zero for a uniform ``d``. Without edges
       nothing says where to sample, so the regulariser asks for uniform.
 
+    With ``valid`` (ignored or padded label pixels are invalid), both maps
+    are normalised over the valid positions only and the mean squared error
+    is taken over the valid positions of the batch: the edge loss then says
+    nothing about the density on unlabelled pixels, where the edge target
+    has no information.
+
     Parameters
     ----------
     d : torch.Tensor
@@ -218,6 +242,10 @@ def edge_loss(d: torch.Tensor, d_target: torch.Tensor) -> torch.Tensor:
     d_target : torch.Tensor
         ``(B, 1, hd, wd)`` edge target (non-negative), e.g. from
         :func:`wsiseg.sampling.edges.edge_target`.
+    valid : torch.Tensor, optional
+        Bool ``(B, 1, hd, wd)`` or ``(B, hd, wd)``, e.g.
+        :attr:`wsiseg.models.net.DeformSegOutput.edge_valid`. ``None``:
+        every position counts. No valid position at all gives 0.
 
     Returns
     -------
@@ -226,8 +254,15 @@ def edge_loss(d: torch.Tensor, d_target: torch.Tensor) -> torch.Tensor:
     """
     if d.shape != d_target.shape:
         raise ValueError(f"density {tuple(d.shape)} and edge target {tuple(d_target.shape)} differ in shape")
-    target = normalise_density(d_target.detach())
-    return F.mse_loss(normalise_density(d), target)
+    if valid is None:
+        target = normalise_density(d_target.detach())
+        return F.mse_loss(normalise_density(d), target)
+    mask = _as_mask(valid, d)
+    target = normalise_density(d_target.detach(), valid=mask)
+    sq = (normalise_density(d, valid=mask) - target).square()
+    n = mask.sum()
+    # An all-invalid batch gives a 0 that stays attached to the graph.
+    return torch.where(n > 0, sq.sum() / n.clamp_min(1), sq.sum() * 0.0)
 
 
 @dataclass
@@ -296,6 +331,7 @@ class JointLoss(nn.Module):
         labels: torch.Tensor,
         d: torch.Tensor | None = None,
         d_target: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> JointLossOutput:
         """Joint loss.
 
@@ -308,6 +344,9 @@ class JointLoss(nn.Module):
         d, d_target : torch.Tensor, optional
             ``(B, 1, hd, wd)`` density and edge target. When either is
             missing (or ``gamma_edge == 0``) the edge term is 0.
+        valid : torch.Tensor, optional
+            ``(B, 1, hd, wd)`` bool mask of labelled density-map positions
+            (``DeformSegOutput.edge_valid``), passed to :func:`edge_loss`.
 
         Returns
         -------
@@ -318,7 +357,7 @@ class JointLoss(nn.Module):
         if d is None or d_target is None or self.gamma_edge == 0.0:
             l_e = l_s.new_zeros(())
         else:
-            l_e = edge_loss(d, d_target)
+            l_e = edge_loss(d, d_target, valid)
         return JointLossOutput(l_s + self.gamma_edge * l_e, l_s, l_e)
 
     def extra_repr(self) -> str:

@@ -37,7 +37,7 @@ from torch import nn
 
 from wsiseg.models.deformation import DeformationNet
 from wsiseg.models.segmenter import ModelConfigError, build_segmenter
-from wsiseg.sampling.edges import edge_density, edge_target, uniform_density
+from wsiseg.sampling.edges import IGNORE_INDEX, edge_density, edge_target, label_validity, uniform_density
 from wsiseg.sampling.geometry import GeometryRule, SamplingGeometry, default_support, region_geometry
 from wsiseg.sampling.grid import DeformedGrid, density_to_grid
 from wsiseg.sampling.sample import downsample_labels, sample_image, sample_labels
@@ -77,7 +77,12 @@ class DeformSegOutput:
         ``(B, hd, wd)`` uniformly down-sampled labels, when labels were given.
     edge_target : torch.Tensor or None
         ``(B, 1, hd, wd)`` edge-loss target from ``labels_lr``, when labels
-        were given.
+        were given (0 on ignored pixels; see
+        :func:`wsiseg.sampling.edges.edge_target`).
+    edge_valid : torch.Tensor or None
+        ``(B, 1, hd, wd)`` bool, ``labels_lr`` is a class (not the ignore
+        value or region padding), when labels were given: the positions
+        the edge loss compares (``JointLoss(..., valid=edge_valid)``).
     """
 
     d: torch.Tensor
@@ -87,6 +92,7 @@ class DeformSegOutput:
     labels: torch.Tensor | None = None
     labels_lr: torch.Tensor | None = None
     edge_target: torch.Tensor | None = None
+    edge_valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -320,6 +326,7 @@ class DeformSegNet(nn.Module):
         labels_lr: torch.Tensor | None = None,
         batch: int | None = None,
         map_size: Sequence[int] | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The sampling density ``d (B, 1, hd, wd)`` of the configured sampler.
 
@@ -334,6 +341,9 @@ class DeformSegNet(nn.Module):
             Batch size when neither input says.
         map_size : (int, int), optional
             ``(hd, wd)`` when neither input says; default ``map_size``.
+        valid : torch.Tensor, optional
+            ``(B, hd, wd)`` bool: labelled pixels of ``labels_lr`` (edge
+            sampler; default: not the ignore value 255).
         """
         if self.sampler == "learned":
             if x_lr is None:
@@ -345,7 +355,7 @@ class DeformSegNet(nn.Module):
             hd, wd = labels_lr.shape[-2:]
             # The blur radius is a fixed fraction of the map, like sigma.
             radius = self.edge_radius * math.sqrt(hd * wd / (self.map_size[0] * self.map_size[1]))
-            return edge_density(labels_lr, radius)
+            return edge_density(labels_lr, radius, valid=valid)
         if x_lr is not None:
             b, (hd, wd), device = x_lr.shape[0], x_lr.shape[-2:], x_lr.device
         else:
@@ -374,6 +384,7 @@ class DeformSegNet(nn.Module):
         source: Source,
         labels: torch.Tensor | None = None,
         geometry: SamplingGeometry | None = None,
+        ignore_index: int | None = IGNORE_INDEX,
     ) -> DeformSegOutput:
         """Run the whole model.
 
@@ -394,12 +405,16 @@ class DeformSegNet(nn.Module):
         labels : torch.Tensor, optional
             ``(B, H, W)`` integer labels on the same region as ``source``.
             When given, the output carries the labels at the grid points,
-            the down-sampled labels and the edge target. Required by the
-            ``"edge"`` sampler.
+            the down-sampled labels, the edge target and its validity
+            mask. Required by the ``"edge"`` sampler.
         geometry : SamplingGeometry, optional
             Grid, map and kernel of this region. Default: :meth:`geometry`
             of the source tensor's ``(H, W)`` (so every path samples a region
             alike), or :meth:`reference_geometry` for a gather callable.
+        ignore_index : int or None, default 255
+            Label of unsupervised pixels: they make no edges in the edge
+            target or the edge sampler's density. ``None``: every label
+            value is a class.
 
         Returns
         -------
@@ -430,8 +445,9 @@ class DeformSegNet(nn.Module):
             raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
 
         labels_lr = downsample_labels(labels, (hd, wd)) if labels is not None else None
+        valid_lr = label_validity(labels_lr, ignore_index=ignore_index) if labels is not None else None
         batch = labels.shape[0] if labels is not None else None
-        d = self.density(x_lr, labels_lr, batch=batch, map_size=(hd, wd))
+        d = self.density(x_lr, labels_lr, batch=batch, map_size=(hd, wd), valid=valid_lr)
         grid = self.grid(d, geometry)
 
         if is_tensor:
@@ -449,7 +465,8 @@ class DeformSegNet(nn.Module):
         if labels is not None:
             out.labels = sample_labels(labels, grid)
             out.labels_lr = labels_lr
-            out.edge_target = edge_target(labels_lr)
+            out.edge_target = edge_target(labels_lr, valid=valid_lr)
+            out.edge_valid = valid_lr.unsqueeze(1)
         return out
 
     @torch.no_grad()

@@ -196,6 +196,10 @@ class SlideReport:
         Rows of :func:`class_areas`.
     fraction_sampled : float or None
         Sampled positions over level-0 pixels of the slide.
+    samples_on_glass : dict or None
+        ``{"model": f, "uniform": u}``: fraction of the sampling points on
+        glass by the tissue detector's mask, and the same for uniform grids
+        of the same sizes over the same regions (None for sliding windows).
     tissue_pixels : int or None
         Level-0 pixels detected as tissue.
     gather : dict
@@ -227,6 +231,7 @@ class SlideReport:
     regions: list = field(default_factory=list)
     class_areas: list[dict] = field(default_factory=list)
     fraction_sampled: float | None = None
+    samples_on_glass: dict[str, float] | None = None
     tissue_pixels: int | None = None
     gather: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)

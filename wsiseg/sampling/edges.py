@@ -20,16 +20,35 @@ differences ``centre - neighbour`` (the same filter, rearranged), both in
 the same order at every pixel: wherever the label is locally constant, and
 on a single-class label everywhere, the target is exactly 0 (never NaN,
 never a rounding residue).
+
+Ignored and padded pixels
+-------------------------
+Pixels outside a ``valid`` mask (default: label ``!= 255``, the ignore
+value that also pads regions) are no class. Each sample's map is computed
+on the bounding box of its valid pixels, whose sides are treated like the
+image border (replicated), so region padding leaves the target inside
+bit-for-bit unchanged. Invalid pixels inside the box first take the label
+of the nearest valid pixel (Euclidean). Invalid pixels get target 0. A
+class/ignore boundary is therefore no edge and attracts no samples, while a
+boundary between two classes with a thin unlabelled gap between them still
+counts. The oracle :func:`edge_density` treats them the same way.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage as ndi
 
-__all__ = ["blur", "edge_density", "edge_target", "uniform_density"]
+__all__ = ["IGNORE_INDEX", "blur", "edge_density", "edge_target", "label_validity", "uniform_density"]
+
+#: Label of pixels without supervision; the data pipeline pads regions with it
+#: (the same value as :data:`wsiseg.annotations.IGNORE_INDEX`, kept here so
+#: this low-level module needs no annotation readers).
+IGNORE_INDEX = 255
 
 
 def _gauss1d(sigma: float, dtype, device) -> torch.Tensor:
@@ -79,37 +98,125 @@ def _laplace8(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def edge_target(labels_lr: torch.Tensor, sigma: float = 1.0, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def label_validity(
+    labels_lr: torch.Tensor, valid: torch.Tensor | None = None, ignore_index: int | None = IGNORE_INDEX
+) -> torch.Tensor:
+    """The boolean mask of supervised pixels of a label batch.
+
+    Parameters
+    ----------
+    labels_lr : torch.Tensor
+        Integer labels ``(B, hd, wd)``.
+    valid : torch.Tensor, optional
+        Explicit mask, broadcastable to ``labels_lr``; wins over ``ignore_index``.
+    ignore_index : int or None
+        Label of unsupervised pixels; ``None``: every pixel is valid.
+
+    Returns
+    -------
+    torch.Tensor
+        Bool ``(B, hd, wd)`` on the labels' device.
+    """
+    if valid is not None:
+        return valid.to(device=labels_lr.device, dtype=torch.bool).expand(labels_lr.shape)
+    if ignore_index is None:
+        return torch.ones_like(labels_lr, dtype=torch.bool)
+    return labels_lr != ignore_index
+
+
+def _fill_invalid(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Give every invalid pixel the label of its nearest valid pixel (per sample).
+
+    Exact Euclidean feature transform (scipy); maps are at the density-map
+    size, so the CPU trip is small. A sample without valid pixels is
+    returned unchanged (its result is masked to 0 anyway).
+    """
+    out = labels.clone()
+    lab = labels.detach().cpu().numpy()
+    val = valid.detach().cpu().numpy()
+    for i in range(lab.shape[0]):
+        if val[i].all() or not val[i].any():
+            continue
+        iy, ix = ndi.distance_transform_edt(~val[i], return_distances=False, return_indices=True)
+        out[i] = torch.from_numpy(np.ascontiguousarray(lab[i][iy, ix])).to(out.device)
+    return out
+
+
+def _on_valid_boxes(fn, labels: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``fn(labels (1, h, w)) -> (1, 1, h, w)`` on each sample's valid bounding box.
+
+    Invalid pixels are filled from their nearest valid pixel first; the
+    result is 0 outside the box and on invalid pixels. Cropping (instead of
+    filling the padding too) keeps the border convention of the unpadded map.
+    """
+    b, hd, wd = labels.shape
+    filled = _fill_invalid(labels, valid)
+    out = torch.zeros(b, 1, hd, wd, dtype=dtype, device=labels.device)
+    rows, cols = valid.any(dim=2).cpu(), valid.any(dim=1).cpu()
+    for i in range(b):
+        if not rows[i].any():
+            continue
+        r, c = torch.nonzero(rows[i]).flatten(), torch.nonzero(cols[i]).flatten()
+        ys, xs = slice(int(r[0]), int(r[-1]) + 1), slice(int(c[0]), int(c[-1]) + 1)
+        out[i, :, ys, xs] = fn(filled[i : i + 1, ys, xs])[0]
+    return torch.where(valid.unsqueeze(1), out, torch.zeros_like(out))
+
+
+def edge_target(
+    labels_lr: torch.Tensor,
+    sigma: float = 1.0,
+    *,
+    valid: torch.Tensor | None = None,
+    ignore_index: int | None = IGNORE_INDEX,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Edge-loss target density from low-resolution labels.
 
     Parameters
     ----------
     labels_lr : torch.Tensor
-        Integer labels ``(B, hd, wd)`` at the density-map size (any ids,
-        including an ignore value, which counts as one more class).
+        Integer labels ``(B, hd, wd)`` at the density-map size (any ids).
     sigma : float
         Gaussian blur before the edge filter (the paper uses 1).
+    valid : torch.Tensor, optional
+        Bool ``(B, hd, wd)``: pixels that carry a class. Default
+        ``labels_lr != ignore_index``.
+    ignore_index : int or None, default 255
+        Label of ignored/padded pixels when ``valid`` is not given;
+        ``None`` makes every pixel valid (the ignore value then counts as
+        one more class, the behaviour before masks existed).
     dtype : torch.dtype
         Floating type of the result.
 
     Returns
     -------
     torch.Tensor
-        Non-negative, unnormalised map ``(B, 1, hd, wd)``: ``0.5 * sum over
-        classes |filter(blur(onehot_c))|``. All zeros where a sample has a
-        single class.
+        Non-negative, finite, unnormalised map ``(B, 1, hd, wd)``:
+        ``0.5 * sum over classes |filter(blur(onehot_c))|`` on each sample's
+        valid bounding box (invalid pixels filled from their nearest valid
+        pixel), 0 on invalid pixels. All zeros where a sample has a single
+        valid class or no valid pixel.
     """
     if labels_lr.dim() != 3:
         raise ValueError(f"labels_lr must have shape (B, hd, wd), got {tuple(labels_lr.shape)}")
     b, hd, wd = labels_lr.shape
-    # Compact ids so arbitrary values (255, -1) need no huge one-hot.
-    _, inv = torch.unique(labels_lr, return_inverse=True)
-    k = int(inv.max().item()) + 1 if inv.numel() else 1
-    if k == 1:
+    mask = label_validity(labels_lr, valid, ignore_index)
+    # Compact the valid ids so arbitrary values (255, -1) need no huge
+    # one-hot; ids shared by the whole batch keep a sample's class sum alike
+    # with or without padding. Invalid pixels get id 0 until they are filled.
+    ids = torch.unique(labels_lr[mask])
+    k = ids.numel()
+    inv = torch.searchsorted(ids, labels_lr.contiguous()).clamp_max(max(k - 1, 0))
+    if k <= 1:
         return torch.zeros(b, 1, hd, wd, dtype=dtype, device=labels_lr.device)
-    onehot = F.one_hot(inv, k).permute(0, 3, 1, 2).to(dtype)
-    resp = _laplace8(blur(onehot, sigma)).abs()
-    return 0.5 * resp.sum(dim=1, keepdim=True)
+
+    def response(ids: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(ids, k).permute(0, 3, 1, 2).to(dtype)
+        return 0.5 * _laplace8(blur(onehot, sigma)).abs().sum(dim=1, keepdim=True)
+
+    if bool(mask.all()):
+        return response(inv)
+    return _on_valid_boxes(response, inv, mask, dtype)
 
 
 def _boundary(labels: torch.Tensor) -> torch.Tensor:
@@ -131,6 +238,8 @@ def edge_density(
     radius: float,
     floor: float = 0.05,
     *,
+    valid: torch.Tensor | None = None,
+    ignore_index: int | None = IGNORE_INDEX,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Edge-based sampling density (baseline of paper A.5, after Marin et al.).
@@ -138,7 +247,10 @@ def edge_density(
     Label boundaries (pixels with a differently labelled 8-neighbour, both
     sides) are blurred with a Gaussian of standard deviation ``radius``,
     scaled to peak 1, and ``floor`` is added so the density stays positive
-    and a single-class label gives the uniform density.
+    and a single-class label gives the uniform density. Boundaries are
+    those between valid classes only (invalid pixels are filled from their
+    nearest valid pixel first, as in :func:`edge_target`), and invalid
+    pixels get the floor alone.
 
     Parameters
     ----------
@@ -148,6 +260,10 @@ def edge_density(
         Blur standard deviation in density-map nodes (> 0).
     floor : float
         Constant added after peak normalisation (> 0).
+    valid : torch.Tensor, optional
+        Bool ``(B, hd, wd)`` of labelled pixels; default ``labels_lr != ignore_index``.
+    ignore_index : int or None, default 255
+        See :func:`edge_target`.
     dtype : torch.dtype
         Floating type of the result.
 
@@ -160,8 +276,12 @@ def edge_density(
         raise ValueError(f"labels_lr must have shape (B, hd, wd), got {tuple(labels_lr.shape)}")
     if not floor > 0:
         raise ValueError(f"floor must be positive, got {floor}")
-    e = _boundary(labels_lr).unsqueeze(1).to(dtype)
-    e = blur(e, radius)
+    mask = label_validity(labels_lr, valid, ignore_index)
+
+    def blurred_boundary(lab: torch.Tensor) -> torch.Tensor:
+        return blur(_boundary(lab).unsqueeze(1).to(dtype), radius)
+
+    e = blurred_boundary(labels_lr) if bool(mask.all()) else _on_valid_boxes(blurred_boundary, labels_lr, mask, dtype)
     peak = e.amax(dim=(1, 2, 3), keepdim=True)
     e = torch.where(peak > 0, e / torch.where(peak > 0, peak, torch.ones_like(peak)), torch.zeros_like(e))
     d = e + floor

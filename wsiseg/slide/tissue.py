@@ -23,11 +23,21 @@ from scipy import ndimage as ndi
 from skimage import color, filters, measure, morphology
 
 from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.sampling.coords import nearest_index
 from wsiseg.slide.multiscale import Multiscale
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TissueMask", "Region", "detect_tissue", "tissue_score", "tissue_regions", "whole_region", "OTSU_CLIP"]
+__all__ = [
+    "TissueMask",
+    "Region",
+    "detect_tissue",
+    "threshold_tissue",
+    "tissue_score",
+    "tissue_regions",
+    "whole_region",
+    "OTSU_CLIP",
+]
 
 #: Otsu's threshold on the tissue score is clipped to this range. Glass in
 #: the test slides scores about 0.03 and stained tissue mostly above 0.2;
@@ -82,6 +92,27 @@ class TissueMask:
     def fraction(self) -> float:
         """Fraction of mask pixels that are tissue."""
         return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def tissue_at(self, points) -> np.ndarray:
+        """Whether level-0 points lie on tissue.
+
+        Parameters
+        ----------
+        points : array-like
+            ``(..., 2)`` continuous level-0 coordinates ``(x, y)``.
+
+        Returns
+        -------
+        numpy.ndarray
+            Bool ``(...)``: the mask pixel containing each point (clamped
+            to the mask, so points on the slide's last partial mask pixel
+            read it).
+        """
+        p = np.asarray(points, dtype=np.float64)
+        h, w = self.mask.shape
+        j = nearest_index(p[..., 0] / self.downsample[0], w)
+        i = nearest_index(p[..., 1] / self.downsample[1], h)
+        return self.mask[i, j]
 
 
 @dataclass(frozen=True)
@@ -192,6 +223,45 @@ def tissue_score(rgb: np.ndarray) -> np.ndarray:
     return score
 
 
+def threshold_tissue(rgb: np.ndarray, threshold: float | None = None) -> tuple[np.ndarray, float, str]:
+    """Tissue where :func:`tissue_score` exceeds a threshold (no clean-up).
+
+    The thresholding step of :func:`detect_tissue`, for any RGB array (a
+    slide's low-resolution view, or a region image at any resolution).
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        ``(h, w, 3)`` float in ``[0, 1]`` or uint8.
+    threshold : float, optional
+        Fixed score threshold; default Otsu's threshold of the score,
+        clipped to :data:`OTSU_CLIP` (the clip range's midpoint when the
+        score is flat).
+
+    Returns
+    -------
+    mask : numpy.ndarray
+        ``(h, w)`` bool, True on tissue.
+    threshold : float
+        The threshold used.
+    method : str
+        ``"otsu"``, ``"otsu-clipped"``, ``"constant"`` or ``"threshold"``
+        (see :class:`TissueMask`).
+    """
+    score = tissue_score(rgb)
+    lo, hi = OTSU_CLIP
+    if threshold is not None:
+        t, method = float(threshold), "threshold"
+    elif score.max() - score.min() < 1e-3:
+        # Otsu is undefined on a flat image; the clip midpoint tells glass from stain.
+        t, method = 0.5 * (lo + hi), "constant"
+    else:
+        otsu = float(filters.threshold_otsu(score))
+        t = min(max(otsu, lo), hi)
+        method = "otsu" if t == otsu else "otsu-clipped"
+    return score > t, t, method
+
+
 def detect_tissue(ms: Multiscale, *, max_size: int = 2048, threshold: float | None = None) -> TissueMask:
     """Detect tissue on a low-resolution view of a slide.
 
@@ -199,7 +269,8 @@ def detect_tissue(ms: Multiscale, *, max_size: int = 2048, threshold: float | No
     is read (level 0 only when no reduced level is that large) and
     block-averaged by an integer factor until its long side is at most
     ``max_size``. Tissue is where :func:`tissue_score` exceeds Otsu's
-    threshold, clipped to :data:`OTSU_CLIP`, or ``threshold`` if given.
+    threshold, clipped to :data:`OTSU_CLIP`, or ``threshold`` if given
+    (:func:`threshold_tissue`).
     The mask is then cleaned at a physical scale: specks below 625 µm²
     removed, closing (25 µm radius), holes below 0.04 mm² filled, objects
     below 2500 µm² removed (sizes use the slide's MPP, or
@@ -230,21 +301,9 @@ def detect_tissue(ms: Multiscale, *, max_size: int = 2048, threshold: float | No
         raise ConfigError(f"tissue threshold must be in [0, 1], got {threshold}")
     level = _pick_level(ms, max_size)
     rgb, f = _low_res_rgb(ms, level, max_size)
-    score = tissue_score(rgb)
     ds = ms.levels[level].downsample
     downsample = (float(ds[0]) * f, float(ds[1]) * f)
-
-    lo, hi = OTSU_CLIP
-    if threshold is not None:
-        t, method = float(threshold), "threshold"
-    elif score.max() - score.min() < 1e-3:
-        # Otsu is undefined on a flat image; the clip midpoint tells glass from stain.
-        t, method = 0.5 * (lo + hi), "constant"
-    else:
-        otsu = float(filters.threshold_otsu(score))
-        t = min(max(otsu, lo), hi)
-        method = "otsu" if t == otsu else "otsu-clipped"
-    mask = score > t
+    mask, t, method = threshold_tissue(rgb, threshold)
 
     px_um = (ms.mpp[0] if ms.mpp else ASSUMED_MPP) * math.sqrt(downsample[0] * downsample[1])
     mask = _clean(mask, px_um)
