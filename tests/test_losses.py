@@ -235,3 +235,18 @@ def test_joint_loss_terms():
     assert isinstance(JointLoss().seg_loss, FocalLoss)
     with pytest.raises(ValueError):
         JointLoss(gamma_edge=-1)
+
+
+def test_edge_loss_sum_normalisation_is_the_paper_distribution_mse():
+    torch.manual_seed(0)
+    d = torch.rand(2, 1, 6, 7) + 0.1
+    t = torch.rand(2, 1, 6, 7)
+    ref = F.mse_loss(d / d.sum(dim=(1, 2, 3), keepdim=True), t / t.sum(dim=(1, 2, 3), keepdim=True))
+    assert float(edge_loss(d, t, norm="sum")) == pytest.approx(float(ref), rel=1e-5)
+    assert float(edge_loss(d, t, norm="sum")) == pytest.approx(float(edge_loss(d, t)) / 42**2, rel=1e-5)
+    valid = torch.ones(2, 6, 7, dtype=torch.bool)
+    assert float(edge_loss(d, t, valid, norm="sum")) == pytest.approx(float(ref), rel=1e-5)
+    with pytest.raises(ValueError, match="normalisation"):
+        edge_loss(d, t, norm="max")
+    with pytest.raises(ValueError, match="normalisation"):
+        JointLoss(edge_norm="max")

@@ -475,13 +475,16 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--out-size", type=_Size(), default=None,
               help="Sampling grid / deformed image WIDTHxHEIGHT (or N for NxN) [default: 64x64].")
 @click.option("--map-size", type=_Size(), default=None,
-              help="Low-res view / density WIDTHxHEIGHT (or N) [default: 32x32].")
+              help="Low-res view / density WIDTHxHEIGHT (or N) [default: 128x128].")
 @click.option("--hr-size", type=_Size(), default=None,
               help="Working-resolution region WIDTHxHEIGHT (or N) [default: 512x512].")
 @click.option("--sampler", type=click.Choice(["learned", "uniform", "edge"]), default=None,
               help="Learned deformation, or the uniform / oracle edge baselines [default: learned].")
 @click.option("--loss", type=click.Choice(["focal", "ce"]), default=None, help="Segmentation loss [default: focal].")
 @click.option("--gamma-edge", type=click.FloatRange(min=0), default=None, help="Edge-loss weight [default: 100].")
+@click.option("--edge-norm", type=click.Choice(["mean", "sum"]), default=None,
+              help="Edge loss compares density and edge target at unit mean, or at unit sum as the paper's "
+                   "distributions [default: mean].")
 @click.option("--arch", default=None, help="smp architecture [default: unet].")
 @click.option("--encoder", default=None, help="smp encoder or tu-<timm model> [default: resnet18].")
 @click.option("--encoder-weights", default=None, metavar="imagenet|PATH",
@@ -505,7 +508,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its checkpoint (its options by default).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a previous run.")
 def train_command(data, classes_path, out_dir, config_path, epochs, out_size, map_size, hr_size, sampler, loss,
-                  gamma_edge, arch, encoder, encoder_weights, freeze_encoder_epochs, batch_size, lr, patience,
+                  gamma_edge, edge_norm, arch, encoder, encoder_weights, freeze_encoder_epochs, batch_size, lr, patience,
                   val_fraction, seed, device, ignore_unmapped, value_names, resume, overwrite) -> None:
     """Train a model on DATA (a folder of image/annotation pairs or a CSV).
 
@@ -532,7 +535,7 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     given = {
         "epochs": epochs, "out_size": _hw(out_size), "map_size": _hw(map_size), "hr_size": _hw(hr_size),
         "sampler": sampler,
-        "loss": loss, "gamma_edge": gamma_edge, "arch": arch, "encoder": encoder, "encoder_weights": encoder_weights,
+        "loss": loss, "gamma_edge": gamma_edge, "edge_norm": edge_norm, "arch": arch, "encoder": encoder, "encoder_weights": encoder_weights,
         "freeze_encoder_epochs": freeze_encoder_epochs, "batch_size": batch_size, "lr": lr,
         "patience": patience, "val_fraction": val_fraction, "seed": seed, "device": device,
     }

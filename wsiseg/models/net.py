@@ -37,6 +37,7 @@ from torch import nn
 
 from wsiseg.models.deformation import DeformationNet
 from wsiseg.models.segmenter import ModelConfigError, build_segmenter
+from wsiseg.sampling.coords import uniform_grid
 from wsiseg.sampling.edges import IGNORE_INDEX, edge_density, edge_target, label_validity, uniform_density
 from wsiseg.sampling.geometry import GeometryRule, SamplingGeometry, default_support, region_geometry
 from wsiseg.sampling.grid import DeformedGrid, density_to_grid
@@ -187,14 +188,17 @@ class DeformSegNet(nn.Module):
         ``(h, w)``: size of the sampling grid, ``X^`` and the logits.
     sigma : float, optional
         Standard deviation of the attraction kernel in density-map nodes;
-        default ``max(hd, wd) / 8``. Wider kernels give smoother grids that
-        can pull samples from further away.
+        default ``max(hd, wd) / 32``. Wider kernels give smoother grids that
+        can pull samples from further away, but on real tumour masks a
+        narrow kernel on a fine map lets the oracle edge grid concentrate
+        samples at boundaries far better (``/8`` on a map of half the grid's
+        side was the default before; docs/benchmarks.md, "grid capacity").
     support : int, optional
         Odd side of the kernel; default ``2 * ceil(2 * sigma) + 1``
         (+-2 sigma; the kernel's mass beyond is under 5 %).
     edge_radius : float, optional
         Blur of the ``"edge"`` baseline's density in density-map nodes;
-        default ``max(hd, wd) / 32``. Unused by the other samplers.
+        default ``max(hd, wd) / 128``. Unused by the other samplers.
     in_channels : int, default 3
         Image channels.
     image_mean, image_std : sequence of float
@@ -227,11 +231,11 @@ class DeformSegNet(nn.Module):
         self.map_size = _pair(map_size, "map_size")
         self.out_size = _pair(out_size, "out_size")
         self.in_channels = int(in_channels)
-        self.sigma = float(sigma) if sigma is not None else max(self.map_size) / 8.0
+        self.sigma = float(sigma) if sigma is not None else max(self.map_size) / 32.0
         if not self.sigma > 0:
             raise ModelConfigError(f"sigma must be positive, got {sigma}")
         self.support = int(support) if support is not None else default_support(self.sigma)
-        self.edge_radius = float(edge_radius) if edge_radius is not None else max(self.map_size) / 32.0
+        self.edge_radius = float(edge_radius) if edge_radius is not None else max(self.map_size) / 128.0
         if not self.edge_radius > 0:
             raise ModelConfigError(f"edge_radius must be positive, got {edge_radius}")
         if len(image_mean) != self.in_channels or len(image_std) != self.in_channels or min(image_std) <= 0:
@@ -369,6 +373,11 @@ class DeformSegNet(nn.Module):
         With ``geometry`` the kernel and grid size are the region's; without,
         the model's reference ones.
         """
+        if self.sampler == "uniform":
+            # A constant density gives exactly the uniform grid; skip the attraction (a 512 x 512 map
+            # with a 65-node kernel costs seconds).
+            h, w = geometry.grid if geometry is not None else self.out_size
+            return uniform_grid(h, w, dtype=torch.float32, device=d.device).expand(d.shape[0], -1, -1, -1)
         if geometry is None:
             return self.deformed_grid(d, out_size=self.out_size)
         return density_to_grid(d, geometry.sigma, geometry.support, out_size=geometry.grid)

@@ -1,0 +1,531 @@
+"""Quality on real tissue: ``wsiseg bench quality``.
+
+Is learned sampling better than a uniform grid on real H&E? This benchmark
+answers on the real tumour masks of ``../shared/data/labelled-regions``
+(lymph-node metastases, oral squamous cell carcinoma, breast-cancer ROIs),
+never on data the project designed itself. Three parts:
+
+1. **Grid capacity** (:func:`grid_capacity`, no training): how much the
+   sampling grid *can* gain. The oracle edge density (from the true labels)
+   is turned into a grid with several density-map sizes and kernel widths,
+   and the sampler's own loss mIoU(Y', Y) (labels sampled on the grid and
+   read back, :func:`wsiseg.metrics` upsampling error) is compared with the
+   uniform grid's at each budget. This picks the sampling defaults.
+2. **Quality sweep** (:func:`bench_quality`): the four methods of
+   ``wsiseg evaluate --sweep`` (learned with the joint loss, learned with
+   the segmentation loss only, uniform, oracle edge) trained at three budgets
+   (about 0.1 %, 0.4 % and 1.6 % of the level-0 pixels) with several seeds,
+   from random and from ImageNet encoder weights, scored on fixed held-out
+   images; plus the same segmentation net on every working pixel (the
+   sliding-window ceiling). Mean +- sd over seeds.
+3. **Loss balance** (:func:`loss_balance`): the deformation net's gradient
+   from the segmentation term against the edge term's, for several edge
+   weights and both edge-loss normalisations.
+
+Masks are JPEG as published: thresholded at 128 (the data's README) into
+``0 = non-tumour``, ``1 = tumour`` PNGs in the work folder, with a
+``pairs.csv`` that fixes each image's split. Training runs live in
+``workdir`` under folders named by a digest of their config and data, so a
+rerun reuses finished runs and resumes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wsiseg.errors import ConfigError, WsisegError
+
+if TYPE_CHECKING:
+    from wsiseg.train import TrainConfig
+
+__all__ = [
+    "QUALITY_SETS",
+    "QualitySet",
+    "bench_quality",
+    "grid_capacity",
+    "loss_balance",
+    "prepare_set",
+]
+
+_REGIONS = Path("labelled-regions")
+#: Classes of the thresholded masks.
+CLASSES_FILE = Path("pipelines") / "classes" / "tumour.yaml"
+#: Budgets: fractions of level-0 pixels sampled.
+BUDGETS = (0.001, 0.004, 0.016)
+
+
+@dataclass(frozen=True)
+class QualitySet:
+    """One labelled-region set and how the benchmark uses it.
+
+    Attributes
+    ----------
+    key : str
+        Short name (run folders, tables).
+    folder : str
+        Folder under ``labelled-regions`` (``images/`` + ``masks/``).
+    title : str
+    hr_size : int
+        Working resolution: the long side regions are read at.
+    test : tuple of str
+        File stems held out for testing (fixed; everything else trains).
+    description : str
+        One markdown sentence.
+    """
+
+    key: str
+    folder: str
+    title: str
+    hr_size: int
+    test: tuple[str, ...]
+    description: str
+
+
+QUALITY_SETS: dict[str, QualitySet] = {
+    "camelyon": QualitySet(
+        "camelyon", "camelyon_lymphnode", "CAMELYON lymph-node metastases", 512,
+        # every fourth id of the 32 consecutive tiles: 8 test, 24 train
+        ("10073", "10672", "10676", "10680", "10684", "10688", "10692", "10696"),
+        "32 real H&E tiles of 512 x 512 with metastasis masks (CAMELYON16/17, CC0; probably 1-2 slides; the "
+        "masks are blocky, upsampled from a low-resolution annotation), read at native resolution",
+    ),
+    "ocdc": QualitySet(
+        "ocdc", "ocdc_oral_scc", "OCDC oral squamous cell carcinoma", 640,
+        ("1009009_r27c10", "1009009_r35c4", "1009009_r41c5"),  # 3 test, 7 train
+        "10 real H&E tiles of 640 x 640 at 20x with tumour masks (OCDC, Freire et al. 2022, CC BY 4.0; one "
+        "slide), read at native resolution",
+    ),
+    "bcss": QualitySet(
+        "bcss", "bcss_mostly_tumor_large", "BCSS breast-cancer ROIs (whole regions)", 1024,
+        ("1015",),
+        "3 real H&E breast-cancer ROIs of 3072-4096 x 2048-2560 px (~0.25 um/px, TCGA-BRCA via BCSS, CC0) "
+        "with 'mostly tumour' masks, each one whole region read at a 1024-px long side (downsample ~3.5)",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------
+# data
+
+
+def _stems(folder: Path) -> list[str]:
+    return sorted(p.stem for p in (folder / "images").glob("*.jpg"))
+
+
+def prepare_set(data_root: str | os.PathLike, workdir: str | os.PathLike, qs: QualitySet) -> Path:
+    """Threshold a set's JPEG masks into label PNGs and write its ``pairs.csv`` with the fixed split.
+
+    Parameters
+    ----------
+    data_root : path-like
+        The shared data folder (``../shared/data``).
+    workdir : path-like
+        The PNGs go to ``workdir/data/<key>/labels/``.
+    qs : QualitySet
+
+    Returns
+    -------
+    pathlib.Path
+        The CSV (``image,annotation,split``; images point at the shared files).
+
+    Raises
+    ------
+    ConfigError
+        The set is missing.
+    """
+    import numpy as np
+    from PIL import Image
+
+    src = Path(data_root) / _REGIONS / qs.folder
+    if not (src / "images").is_dir() or not (src / "masks").is_dir():
+        raise ConfigError(f"labelled regions not found at {src} (pass --data, or set WSISEG_SHARED_DATA)")
+    stems = _stems(src)
+    missing = [s for s in qs.test if s not in stems]
+    if missing:
+        raise WsisegError(f"test images {missing} of set {qs.key} not found", src)
+    out = Path(workdir) / "data" / qs.key
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for stem in stems:
+        label = out / "labels" / f"{stem}.png"
+        if not label.is_file():
+            with Image.open(src / "masks" / f"{stem}.jpg") as im:
+                mask = (np.asarray(im.convert("L")) >= 128).astype(np.uint8)
+            tmp = label.with_suffix(".tmp.png")
+            Image.fromarray(mask).save(tmp)
+            os.replace(tmp, label)
+        split = "test" if stem in qs.test else "train"
+        rows.append((os.path.abspath(src / "images" / f"{stem}.jpg"), os.path.abspath(label), split))
+    csv_path = out / "pairs.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "annotation", "split"])
+        w.writerows(rows)
+    return csv_path
+
+
+def _load_labels(csv_path: Path, split: str | None = None):
+    """Label arrays (int64 tensors) of a prepared set, optionally one split."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    out = []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if split is None or row["split"] == split:
+                with Image.open(row["annotation"]) as im:
+                    out.append(torch.from_numpy(np.asarray(im).astype(np.int64)))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# part 1: grid capacity (no training)
+
+
+@dataclass(frozen=True)
+class CapacityRow:
+    """mIoU(Y', Y) of one grid construction on one set at one budget."""
+
+    set: str
+    budget: float
+    label: str
+    map_ratio: float
+    sigma_rel: float
+    radius_rel: float
+    miou: float
+    uniform: float
+    cost: float
+
+    @property
+    def gain(self) -> float:
+        """Points of mIoU(Y', Y) over the uniform grid."""
+        return 100.0 * (self.miou - self.uniform)
+
+
+#: Grid constructions of the capacity study: (label, map side / grid side, sigma / map side, edge radius / map side).
+CAPACITY_CONFIGS = (
+    ("before (map 0.5x, sigma 1/8)", 0.5, 1 / 8, 1 / 32),
+    ("map 1x, sigma 1/8", 1.0, 1 / 8, 1 / 32),
+    ("map 1x, sigma 1/32", 1.0, 1 / 32, 1 / 64),
+    ("map 2x, sigma 1/16", 2.0, 1 / 16, 1 / 128),
+    ("default (map 2x, sigma 1/32)", 2.0, 1 / 32, 1 / 128),
+    ("map 2x, sigma 1/48", 2.0, 1 / 48, 1 / 128),
+    ("map 4x, sigma 1/32", 4.0, 1 / 32, 1 / 128),
+)
+
+
+def _budget_grid(shape: tuple[int, int], budget: float, downsample: float) -> tuple[int, int]:
+    """Grid ``(h, w)`` with about ``budget`` of the level-0 pixels, keeping the aspect ratio."""
+    h, w = shape
+    s = math.sqrt(budget) * downsample
+    return max(2, round(h * s)), max(2, round(w * s))
+
+
+def grid_capacity(
+    data_root: str | os.PathLike,
+    workdir: str | os.PathLike,
+    sets: Sequence[QualitySet],
+    budgets: Sequence[float] = BUDGETS,
+    configs: Sequence[tuple[str, float, float, float]] = CAPACITY_CONFIGS,
+    log: Callable[[str], None] | None = None,
+) -> list[CapacityRow]:
+    """Oracle edge grids vs the uniform grid: mIoU(Y', Y) over every image of each set.
+
+    Labels are read at the working resolution of the set (as training
+    reads them); the budget counts level-0 pixels. mIoU is accumulated over
+    the set (one confusion matrix), not averaged per image.
+
+    Returns
+    -------
+    list of CapacityRow
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from wsiseg.metrics import ConfusionMatrix
+    from wsiseg.sampling.coords import uniform_grid
+    from wsiseg.sampling.edges import edge_density
+    from wsiseg.sampling.geometry import default_support
+    from wsiseg.sampling.grid import density_to_grid
+    from wsiseg.sampling.reverse import reverse_sample
+    from wsiseg.sampling.sample import downsample_labels, sample_labels
+
+    say = log or (lambda _m: None)
+    rows: list[CapacityRow] = []
+    for qs in sets:
+        labels = []
+        for y in _load_labels(prepare_set(data_root, workdir, qs)):
+            t = max(y.shape) / qs.hr_size
+            if t > 1:  # working resolution: nearest at pixel centres, as data.py reads labels
+                size = (round(y.shape[0] / t), round(y.shape[1] / t))
+                y = F.interpolate(y[None, None].float(), size=size, mode="nearest")[0, 0].long()
+            labels.append((y, max(t, 1.0)))
+        for budget in budgets:
+            scores: dict[str, float] = {}
+            costs = []
+            for label, ratio, sig, rad in (("uniform", 0, 0, 0), *configs):
+                cm = ConfusionMatrix(2)
+                for y, t in labels:
+                    gh, gw = _budget_grid(tuple(y.shape), budget, t)
+                    if label == "uniform":
+                        g = uniform_grid(gh, gw)[None]
+                        costs.append(gh * gw / (y.numel() * t * t))
+                    else:
+                        hd, wd = max(4, round(gh * ratio)), max(4, round(gw * ratio))
+                        side = math.sqrt(hd * wd)
+                        d = edge_density(downsample_labels(y[None], (hd, wd)), radius=rad * side)
+                        g = density_to_grid(d, sig * side, default_support(sig * side), out_size=(gh, gw))
+                    y_up = reverse_sample(sample_labels(y[None], g), g, tuple(y.shape))
+                    cm.update(y_up, y[None])
+                scores[label] = float(cm.miou())
+            for label, ratio, sig, rad in configs:
+                rows.append(CapacityRow(qs.key, budget, label, ratio, sig, rad, scores[label], scores["uniform"],
+                                        float(np.mean(costs))))
+            best = max(configs, key=lambda c: scores[c[0]])[0]
+            say(f"capacity {qs.key} {100 * budget:g} %: uniform {scores['uniform']:.4f}, best {best} "
+                f"{scores[best]:.4f}")
+    return rows
+
+
+def format_capacity(rows: Sequence[CapacityRow]) -> str:
+    """Markdown table: one line per set and budget, one column per grid construction (gain in points)."""
+    labels = list(dict.fromkeys(r.label for r in rows))
+    head = "| set | budget (% level-0 px) | uniform mIoU(Y', Y) | " + " | ".join(labels) + " |"
+    lines = [head, "|" + "---|" * (3 + len(labels))]
+    keys = list(dict.fromkeys((r.set, r.budget) for r in rows))
+    for s, b in keys:
+        sel = {r.label: r for r in rows if (r.set, r.budget) == (s, b)}
+        first = next(iter(sel.values()))
+        best = max(sel.values(), key=lambda r: r.miou).label
+        cells = [f"{'**' if k == best else ''}{sel[k].gain:+.1f}{'**' if k == best else ''}" for k in labels]
+        lines.append(f"| {s} | {100 * first.cost:.2f} | {first.uniform:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# shared: configs, data sets, run folders
+
+
+def _quality_config(base: TrainConfig, qs: QualitySet, *, epochs: int, seed: int, encoder_weights: str | None):
+    """``base`` for one set: its working resolution, whole regions, no validation split, the seed."""
+    return dataclasses.replace(
+        base, hr_size=(qs.hr_size, qs.hr_size), regions="whole", epochs=epochs, seed=seed, val_fraction=0.0,
+        patience=None, encoder_weights=encoder_weights,
+    )
+
+
+def _datasets(csv_path: Path, qs: QualitySet, classes_file: Path):
+    from wsiseg.annotations import load_class_map
+    from wsiseg.data import build_dataset, dataset_hash, load_pairs
+
+    class_map = load_class_map(classes_file)
+    pairs = load_pairs(csv_path)
+    train_pairs = [p for p in pairs if p.split == "train"]
+    test_pairs = [p for p in pairs if p.split == "test"]
+    hr = (qs.hr_size, qs.hr_size)
+    train_ds = build_dataset(train_pairs, class_map, hr_size=hr, regions="whole")
+    test_ds = build_dataset(test_pairs, class_map, hr_size=hr, regions="whole")
+    return train_ds, test_ds, class_map.to_classes(), dataset_hash(train_pairs)
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _read_log(run: Path) -> list[dict]:
+    from wsiseg.train import LOG_NAME
+
+    try:
+        with open(run / LOG_NAME, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------------------
+# part 3: loss balance
+
+
+@dataclass(frozen=True)
+class BalanceRow:
+    """One edge-loss setting: the deformation net's gradient from each term after warm-up."""
+
+    edge_norm: str
+    gamma: float
+    grad_seg: float
+    grad_edge: float
+    seg: float
+    edge: float
+    miou_full: float | None
+    upsampling_miou: float | None
+
+    @property
+    def ratio(self) -> float:
+        """Edge-term over segmentation-term gradient norm (1 = balanced)."""
+        return self.grad_edge / self.grad_seg if self.grad_seg > 0 else math.inf
+
+
+def loss_balance(
+    data_root: str | os.PathLike,
+    workdir: str | os.PathLike,
+    qs: QualitySet,
+    base: TrainConfig,
+    *,
+    grid: int,
+    gammas: Sequence[float] = (1.0, 10.0, 100.0),
+    norms: Sequence[str] = ("mean", "sum"),
+    epochs: int = 15,
+    classes_file: str | os.PathLike = CLASSES_FILE,
+    log: Callable[[str], None] | None = None,
+) -> list[BalanceRow]:
+    """Train the learned sampler (joint loss) at every edge weight and normalisation; read the gradient norms.
+
+    The medians of ``grad_seg``/``grad_edge`` (``log.csv``) over the epochs
+    after the first third (warm-up) are reported, with the held-out mIoU.
+    """
+    from wsiseg.evaluate import _ensure_trained, evaluate_model
+    from wsiseg.models.io import load_deformseg
+
+    say = log or (lambda _m: None)
+    train_ds, test_ds, classes, data_hash = _datasets(prepare_set(data_root, workdir, qs), qs, Path(classes_file))
+    rows = []
+    for norm in norms:
+        for gamma in gammas:
+            cfg = dataclasses.replace(
+                _quality_config(base, qs, epochs=epochs, seed=0, encoder_weights=base.encoder_weights),
+                sampler="learned", joint=True, gamma_edge=gamma, edge_norm=norm,
+                out_size=(grid, grid), map_size=(2 * grid, 2 * grid), sigma=None, support=None,
+            )
+            run = Path(workdir) / "balance" / f"{qs.key}-{norm}-{gamma:g}-{_digest(cfg.to_dict(), data_hash)}"
+            path = _ensure_trained(cfg, run, train_ds, None, classes, data_hash, say, "learned")
+            hist = _read_log(run)[epochs // 3:]
+            med = {k: statistics.median(float(r[k]) for r in hist) for k in ("grad_seg", "grad_edge", "seg", "edge")}
+            r = evaluate_model(load_deformseg(path), test_ds, device="cpu", name="learned")
+            rows.append(BalanceRow(norm, gamma, med["grad_seg"], med["grad_edge"], med["seg"], med["edge"],
+                                   r.miou_full, r.upsampling_miou))
+            say(f"balance {norm} gamma {gamma:g}: grad edge/seg {rows[-1].ratio:.3g}, test mIoU {r.miou_full:.4f}")
+    return rows
+
+
+def format_balance(rows: Sequence[BalanceRow]) -> str:
+    """Markdown table of :func:`loss_balance`."""
+    lines = ["| edge-loss normalisation | gamma | grad seg | grad edge | edge / seg | L_seg | L_edge | "
+             "test mIoU | mIoU(Y', Y) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.edge_norm} | {r.gamma:g} | {r.grad_seg:.3g} | {r.grad_edge:.3g} | {r.ratio:.3g} | "
+                     f"{r.seg:.3g} | {r.edge:.3g} | {_f(r.miou_full)} | {_f(r.upsampling_miou)} |")
+    return "\n".join(lines)
+
+
+def _f(v: float | None, nd: int = 4) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{nd}f}"
+
+
+# ---------------------------------------------------------------------------
+# part 2: the quality sweep
+
+
+#: Budget grids per set (square reference grids; the geometry rule keeps each region's aspect ratio):
+#: about 0.1 %, 0.4 % and 1.6 % of the level-0 pixels of a typical image of the set.
+GRIDS = {"camelyon": (16, 32, 64), "ocdc": (20, 40, 80), "bcss": (81, 162)}
+#: Epochs per run (about 180, 100 and 80 optimiser steps).
+EPOCHS = {"camelyon": 30, "ocdc": 50, "bcss": 40}
+#: Methods trained per encoder initialisation.
+METHODS = {"random": ("learned", "single", "uniform", "edge"), "imagenet": ("learned", "uniform")}
+#: The sliding-window ceiling: the same segmentation net on every working pixel.
+FULL = "full"
+
+
+def bench_quality(
+    data_root: str | os.PathLike,
+    workdir: str | os.PathLike,
+    sets: Sequence[QualitySet],
+    base: TrainConfig,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    encoders: Sequence[str] = ("random", "imagenet"),
+    imagenet_weights: str | None = None,
+    full_seeds: Sequence[int] = (0,),
+    classes_file: str | os.PathLike = CLASSES_FILE,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Train and score every method at every budget, seed and encoder initialisation on each set.
+
+    Parameters
+    ----------
+    data_root, workdir : path-like
+        Shared data; run folders and the prepared labels.
+    sets : sequence of QualitySet
+    base : wsiseg.train.TrainConfig
+        Segmenter, optimiser and sampling defaults; each run sets the
+        working resolution, its size, method, seed and encoder weights.
+    seeds : sequence of int
+    encoders : sequence of {"random", "imagenet"}
+        ``"imagenet"`` loads ``imagenet_weights`` (a local file) into the encoder.
+    imagenet_weights : str, optional
+        Required with ``"imagenet"``.
+    full_seeds : sequence of int
+        Seeds of the sliding-window ceiling (expensive: every working pixel).
+    classes_file : path-like
+    log : callable, optional
+
+    Returns
+    -------
+    list of dict
+        :func:`wsiseg.evaluate.run_sweep` rows with ``set``, ``encoder``
+        and ``seed`` added; also written to ``workdir/quality-rows.json``
+        as they come.
+    """
+    from wsiseg.evaluate import run_sweep
+
+    say = log or (lambda _m: None)
+    if "imagenet" in encoders and not imagenet_weights:
+        raise ConfigError("the imagenet encoder runs need --imagenet-weights PATH (e.g. the offline EfficientNet-Lite0)")
+    rows: list[dict] = []
+    out_json = Path(workdir) / "quality-rows.json"
+    for qs in sets:
+        train_ds, test_ds, classes, data_hash = _datasets(prepare_set(data_root, workdir, qs), qs, Path(classes_file))
+        grids = GRIDS[qs.key]
+        for enc in encoders:
+            weights = imagenet_weights if enc == "imagenet" else None
+            for seed in seeds:
+                cfg = _quality_config(base, qs, epochs=EPOCHS[qs.key], seed=seed, encoder_weights=weights)
+                run = Path(workdir) / f"{qs.key}-{enc}-s{seed}-{_digest(cfg.to_dict(), data_hash)}"
+                jobs = [([(g, g) for g in grids], METHODS[enc])]
+                if seed in full_seeds:
+                    jobs.append(([(qs.hr_size, qs.hr_size)], ("uniform",)))
+                for sizes, methods in jobs:
+                    full = sizes[0][0] == qs.hr_size
+                    t0 = time.perf_counter()
+                    got, _ = run_sweep(cfg, sizes, run / "sweep", train_ds, None, test_ds, classes,
+                                       data_hash=data_hash, methods=methods, device=base.device, log=say)
+                    for r in got:
+                        r.update(set=qs.key, encoder=enc, seed=seed, seconds=time.perf_counter() - t0)
+                        if full:
+                            r.update(method=FULL, label="full resolution (sliding-window ceiling)")
+                        rows.append(r)
+                    _write_rows(out_json, rows)
+                    say(f"{qs.key} {enc} seed {seed}: " + ", ".join(
+                        f"{r['method']}@{r['out_width']} {_f(r['miou_full'])}" for r in got))
+    return rows
+
+
+def _write_rows(path: Path, rows: Sequence[dict]) -> None:
+    from wsiseg.atomic import atomic_output
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, overwrite=True) as tmp:
+        Path(tmp).write_text(json.dumps(list(rows), indent=1, default=str), encoding="utf-8")
