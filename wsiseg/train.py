@@ -70,7 +70,7 @@ from wsiseg.device import resolve_device
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.metrics import ConfusionMatrix
 from wsiseg.models.losses import EDGE_NORMS, LOSS_NAMES, JointLoss
-from wsiseg.models.net import SAMPLERS, DeformSegNet
+from wsiseg.models.net import IMAGE_SAMPLING, SAMPLERS, DeformSegNet
 from wsiseg.models.pretrained import IMAGENET, describe_encoder_init, find_encoder
 from wsiseg.models.segmenter import build_segmenter
 
@@ -246,6 +246,10 @@ class TrainConfig:
         How density and edge target are normalised in the edge loss
         (:func:`wsiseg.models.losses.edge_loss`): unit mean, or unit sum
         (the paper's distributions).
+    image_sampling : {"lod", "bilinear"}
+        How training regions are sampled at the grid: level of detail, as
+        ``wsiseg segment`` reads slides (default), or the paper's bilinear
+        point samples at working resolution.
     joint : bool
         ``False`` gives the single-loss variant (edge loss off).
     epochs, batch_size : int
@@ -302,6 +306,7 @@ class TrainConfig:
     loss: str = "focal"
     gamma_edge: float = 100.0
     edge_norm: str = "mean"
+    image_sampling: str = "lod"
     joint: bool = True
     epochs: int = 50
     batch_size: int = 4
@@ -354,6 +359,7 @@ class TrainConfig:
         self.loss = _as_choice("loss", self.loss, LOSS_NAMES)
         self.gamma_edge = _as_float("gamma_edge", self.gamma_edge, 0.0)
         self.edge_norm = _as_choice("edge_norm", self.edge_norm, EDGE_NORMS)
+        self.image_sampling = _as_choice("image_sampling", self.image_sampling, IMAGE_SAMPLING)
         self.joint = _as_bool("joint", self.joint)
         self.epochs = _as_int("epochs", self.epochs, 1)
         self.batch_size = _as_int("batch_size", self.batch_size, 1)
@@ -494,6 +500,7 @@ def build_net(
         sigma=config.sigma,
         support=config.support,
         in_channels=in_channels,
+        image_sampling=config.image_sampling,
     )
 
 

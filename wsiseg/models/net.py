@@ -41,10 +41,12 @@ from wsiseg.sampling.coords import uniform_grid
 from wsiseg.sampling.edges import IGNORE_INDEX, edge_density, edge_target, label_validity, uniform_density
 from wsiseg.sampling.geometry import GeometryRule, SamplingGeometry, default_support, region_geometry
 from wsiseg.sampling.grid import DeformedGrid, density_to_grid
-from wsiseg.sampling.sample import downsample_labels, sample_image, sample_labels
+from wsiseg.sampling.sample import downsample_labels, sample_image, sample_image_lod, sample_labels
 
-__all__ = ["DeformSegNet", "DeformSegOutput", "LowResPrediction", "SAMPLERS", "lowres_view"]
+__all__ = ["IMAGE_SAMPLING", "DeformSegNet", "DeformSegOutput", "LowResPrediction", "SAMPLERS", "lowres_view"]
 
+#: How tensor sources are sampled (see :class:`DeformSegNet`).
+IMAGE_SAMPLING = ("lod", "bilinear")
 #: Sampler kinds: the learned one and the paper's two baselines.
 SAMPLERS = ("learned", "uniform", "edge")
 
@@ -201,6 +203,12 @@ class DeformSegNet(nn.Module):
         default ``max(hd, wd) / 128``. Unused by the other samplers.
     in_channels : int, default 3
         Image channels.
+    image_sampling : {"lod", "bilinear"}, default "lod"
+        How a tensor source is sampled: level of detail (each point from
+        the pyramid level matching the local spacing, as ``wsiseg segment``
+        reads slides: :func:`~wsiseg.sampling.sample.sample_image_lod`), or
+        bilinear at full resolution (the paper's point samples; models
+        saved before this option existed).
     image_mean, image_std : sequence of float
         Per-channel standardisation of ``[0, 1]`` images before both nets;
         default ImageNet statistics.
@@ -223,8 +231,14 @@ class DeformSegNet(nn.Module):
         in_channels: int = 3,
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
+        image_sampling: str = "lod",
     ):
         super().__init__()
+        if image_sampling not in IMAGE_SAMPLING:
+            raise ModelConfigError(
+                f"unknown image sampling {image_sampling!r}; available: {', '.join(IMAGE_SAMPLING)}"
+            )
+        self.image_sampling = image_sampling
         if sampler not in SAMPLERS:
             raise ModelConfigError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
         self.sampler = sampler
@@ -271,6 +285,7 @@ class DeformSegNet(nn.Module):
             "in_channels": self.in_channels,
             "image_mean": [float(v) for v in self.image_mean.flatten()],
             "image_std": [float(v) for v in self.image_std.flatten()],
+            "image_sampling": self.image_sampling,
             "segmenter": seg_cfg,
         }
 
@@ -286,6 +301,7 @@ class DeformSegNet(nn.Module):
             Used instead of ``config["segmenter"]`` (required when that is ``None``).
         """
         cfg = dict(config)
+        cfg.setdefault("image_sampling", "bilinear")  # model files from before the option: point samples
         seg = segmenter if segmenter is not None else cfg.pop("segmenter", None)
         cfg.pop("segmenter", None)
         if seg is None:
@@ -460,7 +476,7 @@ class DeformSegNet(nn.Module):
         grid = self.grid(d, geometry)
 
         if is_tensor:
-            image = sample_image(source, grid)
+            image = sample_image_lod(source, grid) if self.image_sampling == "lod" else sample_image(source, grid)
         else:
             with torch.no_grad():
                 image = source(grid.detach())
@@ -508,4 +524,5 @@ class DeformSegNet(nn.Module):
         return LowResPrediction(labels=probs.argmax(dim=1), probs=probs, grid=out.grid, d=out.d)
 
     def extra_repr(self) -> str:
-        return f"sampler={self.sampler!r}, map_size={self.map_size}, out_size={self.out_size}"
+        return (f"sampler={self.sampler!r}, map_size={self.map_size}, out_size={self.out_size}, "
+                f"image_sampling={self.image_sampling!r}")

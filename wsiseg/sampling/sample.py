@@ -7,12 +7,14 @@ by nearest only: class ids are gathered, never interpolated. Both follow
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from wsiseg.sampling.coords import normalised_nearest_index, to_torch_grid, uniform_grid
 
-__all__ = ["downsample_labels", "sample_image", "sample_labels"]
+__all__ = ["downsample_labels", "grid_spacing", "sample_image", "sample_image_lod", "sample_labels"]
 
 
 def _batched_grid(grid: torch.Tensor, b: int) -> torch.Tensor:
@@ -50,6 +52,79 @@ def sample_image(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         raise TypeError("image must be floating point; convert before sampling")
     g = _batched_grid(grid, image.shape[0]).to(dtype=image.dtype, device=image.device)
     return F.grid_sample(image, to_torch_grid(g), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grid_spacing(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Local sample spacing of a normalised grid, in pixels of a ``height x width`` image.
+
+    The longer of the two Jacobian columns, ``max(|dp/di|, |dp/dj|)``, by
+    central differences (one-sided at the border, 0 along an axis of length
+    1): the rule of :func:`wsiseg.slide.gather.sample_spacing`.
+
+    Parameters
+    ----------
+    grid : torch.Tensor
+        ``(B, h, w, 2)`` normalised grid.
+    height, width : int
+        Image size the grid is scaled to.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, h, w)``, detached.
+    """
+    p = grid.detach().double() * torch.tensor([width, height], dtype=torch.float64, device=grid.device)
+    zeros = torch.zeros(p.shape[:3], dtype=p.dtype, device=p.device)
+    di = torch.gradient(p, dim=1)[0].norm(dim=-1) if p.shape[1] > 1 else zeros
+    dj = torch.gradient(p, dim=2)[0].norm(dim=-1) if p.shape[2] > 1 else zeros
+    return torch.maximum(di, dj)
+
+
+def sample_image_lod(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Level-of-detail samples of ``image`` at ``grid``: the in-memory twin of the slide gather.
+
+    Each point is read bilinearly from the level of a power-of-two
+    area-averaged pyramid of ``image`` whose pixel is the largest not
+    larger than the local sample spacing (:func:`grid_spacing`; level 0
+    where samples are denser than pixels), exactly as
+    :func:`wsiseg.slide.gather.gather` reads a slide pyramid. Training on
+    these samples matches what ``wsiseg segment`` feeds the segmenter, and
+    sparse samples carry the local mean colour instead of an aliased single
+    pixel. Differentiable with respect to ``image`` and ``grid`` (the level
+    choice is not).
+
+    Parameters
+    ----------
+    image : torch.Tensor
+        Floating point ``(B, C, H, W)``.
+    grid : torch.Tensor
+        Normalised grid ``(B, h, w, 2)`` (or batch 1, broadcast).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, C, h, w)``.
+    """
+    if image.dim() != 4:
+        raise ValueError(f"image must have shape (B, C, H, W), got {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise TypeError("image must be floating point; convert before sampling")
+    b, c, H, W = image.shape
+    g = _batched_grid(grid, b).to(dtype=image.dtype, device=image.device)
+    spacing = grid_spacing(g, H, W)
+    # Level k has downsample 2**k; the coarsest not coarser than the spacing (tiny slack against rounding).
+    top = max(0, int(math.floor(math.log2(max(1.0, min(H, W))))))
+    level = torch.floor(torch.log2(spacing.clamp_min(1.0) * (1 + 1e-9))).long().clamp(0, top)
+    out = F.grid_sample(image, to_torch_grid(g), mode="bilinear", padding_mode="border", align_corners=False)
+    for k in range(1, int(level.max()) + 1):
+        sel = level == k
+        if not bool(sel.any()):
+            continue
+        # Area averaging maps edges to edges, so the normalised grid addresses every level alike.
+        lv = F.adaptive_avg_pool2d(image, (max(1, round(H / 2**k)), max(1, round(W / 2**k))))
+        at = F.grid_sample(lv, to_torch_grid(g), mode="bilinear", padding_mode="border", align_corners=False)
+        out = torch.where(sel.unsqueeze(1), at, out)
+    return out
 
 
 def sample_labels(labels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
