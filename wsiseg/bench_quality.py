@@ -237,8 +237,8 @@ def grid_capacity(
     data_root: str | os.PathLike,
     workdir: str | os.PathLike,
     sets: Sequence[QualitySet],
-    budgets: Sequence[float] = BUDGETS,
-    configs: Sequence[tuple[str, float, float, float]] = CAPACITY_CONFIGS,
+    budgets: Sequence[float] | None = None,
+    configs: Sequence[tuple[str, float, float, float]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[CapacityRow]:
     """Oracle edge grids vs the uniform grid: mIoU(Y', Y) over every image of each set.
@@ -246,6 +246,16 @@ def grid_capacity(
     Labels are read at the working resolution of the set (as training
     reads them); the budget counts level-0 pixels. mIoU is accumulated over
     the set (one confusion matrix), not averaged per image.
+
+    Parameters
+    ----------
+    data_root, workdir : path-like
+    sets : sequence of QualitySet
+    budgets : sequence of float, optional
+        Fractions of level-0 pixels; default :data:`BUDGETS`.
+    configs : sequence of (label, map ratio, sigma / map, edge radius / map), optional
+        Default :data:`CAPACITY_CONFIGS`.
+    log : callable, optional
 
     Returns
     -------
@@ -264,6 +274,8 @@ def grid_capacity(
     from wsiseg.sampling.sample import downsample_labels, sample_labels
 
     say = log or (lambda _m: None)
+    budgets = BUDGETS if budgets is None else budgets
+    configs = CAPACITY_CONFIGS if configs is None else configs
     rows: list[CapacityRow] = []
     for qs in sets:
         labels = []
@@ -449,6 +461,8 @@ GRIDS = {"camelyon": (16, 32, 64), "ocdc": (20, 40, 80), "bcss": (81, 162)}
 EPOCHS = {"camelyon": 30, "ocdc": 50, "bcss": 40}
 #: Methods trained per encoder initialisation.
 METHODS = {"random": ("learned", "single", "uniform", "edge"), "imagenet": ("learned", "uniform")}
+#: Sets whose large regions make every run costly on a CPU: only the main comparison there.
+SET_METHODS = {"bcss": ("learned", "uniform")}
 #: The sliding-window ceiling: the same segmentation net on every working pixel.
 FULL = "full"
 
@@ -508,7 +522,8 @@ def bench_quality(
                 cfg = _quality_config(base, qs, epochs=EPOCHS[qs.key], seed=seed, encoder_weights=weights)
                 run = Path(workdir) / f"{qs.key}-{enc}-s{seed}-{_digest(cfg.to_dict(), data_hash)}"
                 unit: list[dict] = []
-                jobs = [([(g, g) for g in grids], METHODS[enc])]
+                methods = tuple(m for m in METHODS[enc] if m in SET_METHODS.get(qs.key, METHODS[enc]))
+                jobs = [([(g, g) for g in grids], methods)]
                 if seed in full_seeds:
                     jobs.append(([(qs.hr_size, qs.hr_size)], ("uniform",)))
                 for sizes, methods in jobs:
@@ -836,3 +851,66 @@ def format_section(work: Path, base: TrainConfig, machine: dict, command: str, f
             "", "#### Goals", "", *goals(cells),
         ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# the real-tissue demo model's data
+
+
+#: Classes of the real-tissue demo model: glass by the tissue detector, the rest by the tumour masks.
+DEMO_CLASSES = "classes:\n  - {value: 0, name: background, color: [0, 0, 0]}\n" \
+    "  - {value: 1, name: non-tumour, color: [60, 180, 75]}\n  - {value: 2, name: tumour, color: [230, 25, 75]}\n"
+_GLASS_TEXTURE = Path("textures") / "no-tissue.png"
+
+
+def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, threshold: float = 0.1) -> Path:
+    """Three-class training data for the demo model from every *training* image of the labelled regions.
+
+    ``0 background`` where the tissue score (:func:`wsiseg.slide.tissue.tissue_score`,
+    fixed ``threshold``; small specks and holes cleaned) says glass and the mask no tumour,
+    ``1 non-tumour`` other tissue, ``2 tumour`` the mask. The benchmark's test images keep
+    ``split = test`` (training leaves them out; the demo model's held-out scores use them). The shared
+    glass texture (``no-tissue.png``) is added as an all-background training image.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out/pairs.csv`` (``image,annotation,split``); ``out/classes.yaml`` beside it.
+    """
+    import numpy as np
+    from PIL import Image
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    from wsiseg.slide.tissue import tissue_score
+
+    out = Path(out)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for qs in QUALITY_SETS.values():
+        src = Path(data_root) / _REGIONS / qs.folder
+        if not (src / "images").is_dir():
+            raise ConfigError(f"labelled regions not found at {src}")
+        for stem in _stems(src):
+            with Image.open(src / "images" / f"{stem}.jpg") as im:
+                rgb = np.asarray(im.convert("RGB"))
+            with Image.open(src / "masks" / f"{stem}.jpg") as im:
+                tumour = np.asarray(im.convert("L")) >= 128
+            tissue = remove_small_holes(remove_small_objects(tissue_score(rgb) > threshold, max_size=63), max_size=1023)
+            label = np.where(tumour, 2, np.where(tissue, 1, 0)).astype(np.uint8)
+            path = out / "labels" / f"{qs.key}-{stem}.png"
+            Image.fromarray(label).save(path)
+            split = "test" if stem in qs.test else "train"
+            rows.append((os.path.abspath(src / "images" / f"{stem}.jpg"), os.path.abspath(path), split))
+    glass = Path(data_root) / _GLASS_TEXTURE
+    if glass.is_file():
+        with Image.open(glass) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        Image.fromarray(rgb).save(out / "glass.png")
+        Image.fromarray(np.zeros(rgb.shape[:2], np.uint8)).save(out / "labels" / "glass.png")
+        rows.append((os.path.abspath(out / "glass.png"), os.path.abspath(out / "labels" / "glass.png"), "train"))
+    (out / "classes.yaml").write_text(DEMO_CLASSES, encoding="utf-8")
+    with open(out / "pairs.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "annotation", "split"])
+        w.writerows(rows)
+    return out / "pairs.csv"

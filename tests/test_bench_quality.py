@@ -1,0 +1,115 @@
+"""`wsiseg bench quality`: real tumour masks, grid capacity, quality sweep plumbing (tiny), goal arithmetic."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from wsiseg import bench_quality as bq
+from wsiseg.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8],
+        "batch_size": 2, "flips": False, "device": "cpu", "gamma_edge": 10.0, "image_sampling": "bilinear"}
+
+
+@pytest.fixture(scope="module")
+def few_ocdc(shared_data: Path, tmp_path_factory) -> Path:
+    """A shared-data root with 2 train and the 3 fixed test OCDC regions (links to the real files)."""
+    src = shared_data / "labelled-regions" / "ocdc_oral_scc"
+    if not src.is_dir():
+        pytest.skip(f"labelled regions not found at {src}")
+    root = tmp_path_factory.mktemp("shared")
+    stems = list(bq.QUALITY_SETS["ocdc"].test) + [s for s in bq._stems(src) if s not in bq.QUALITY_SETS["ocdc"].test][:2]
+    for stem in stems:
+        for kind in ("images", "masks"):
+            dst = root / "labelled-regions" / "ocdc_oral_scc" / kind / f"{stem}.jpg"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(src / kind / f"{stem}.jpg")
+    return root
+
+
+def test_prepare_set_thresholds_the_jpeg_masks_and_fixes_the_split(few_ocdc, tmp_path):
+    csv_path = bq.prepare_set(few_ocdc, tmp_path, bq.QUALITY_SETS["ocdc"])
+    rows = list(csv.DictReader(open(csv_path)))
+    assert sorted(r["split"] for r in rows) == ["test"] * 3 + ["train"] * 2
+    for r in rows:
+        lab = np.asarray(Image.open(r["annotation"]))
+        mask = np.asarray(Image.open(r["image"].replace("/images/", "/masks/")).convert("L"))
+        assert lab.dtype == np.uint8 and set(np.unique(lab)) <= {0, 1}
+        assert np.array_equal(lab, (mask >= 128).astype(np.uint8))
+    with pytest.raises(Exception, match="not found"):
+        bq.prepare_set(tmp_path / "nowhere", tmp_path, bq.QUALITY_SETS["ocdc"])
+
+
+def test_grid_capacity_oracle_beats_uniform_on_real_masks(few_ocdc, tmp_path):
+    rows = bq.grid_capacity(few_ocdc, tmp_path, [bq.QUALITY_SETS["ocdc"]], budgets=(0.004,),
+                            configs=[bq.CAPACITY_CONFIGS[4]])
+    (r,) = rows
+    assert 0.9 < r.uniform < 1.0 and r.cost == pytest.approx(0.004, rel=0.05)
+    assert r.gain > 0.5  # boundaries get the samples: measurably better than uniform on real masks
+    assert "| ocdc |" in bq.format_capacity(rows)
+
+
+def test_cost_to_reach_and_goals_arithmetic():
+    assert bq._cost_to_reach([(0.001, 0.5), (0.01, 0.7)], 0.6) == pytest.approx(10 ** -2.5)
+    assert bq._cost_to_reach([(0.001, 0.5), (0.01, 0.7)], 0.8) is None
+    assert bq._cost_to_reach([(0.001, 0.9)], 0.6) == 0.001
+    rows = []
+    for seed, (lm, um) in enumerate([(0.80, 0.70), (0.82, 0.71), (0.78, 0.69)]):
+        for m, v, g in (("learned", lm, 16), ("uniform", um, 16), ("learned", lm + 0.05, 32), ("uniform", um + 0.05, 32)):
+            rows.append({"set": "s", "encoder": "random", "seed": seed, "method": m, "out_height": g,
+                         "cost": 0.001 * (g / 16) ** 2, "miou_full": v, "upsampling_miou": 0.9,
+                         "samples_on_glass": {"model": 0.1}})
+        rows.append({"set": "s", "encoder": "random", "seed": seed, "method": bq.FULL, "out_height": 512,
+                     "cost": 1.0, "miou_full": 0.8})
+    cells = bq.aggregate(rows)
+    c = cells[("s", "random", "learned", 16)]
+    assert c.mean == pytest.approx(0.80) and c.sd == pytest.approx(0.02) and c.text() == "0.800 ± 0.020"
+    text = "\n".join(bq.goals(cells))
+    assert "+10.0 points" in text and "met" in text
+    assert "learned reaches uniform's best" in text and "of the full-resolution" in text
+    assert "learned (joint loss)" in bq.format_quality(cells)
+
+
+def test_bench_quality_tiny_run_writes_the_section(few_ocdc, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # pipelines/classes/tumour.yaml from the project root
+    monkeypatch.setitem(bq.GRIDS, "ocdc", (8, 16))
+    monkeypatch.setitem(bq.EPOCHS, "ocdc", 1)
+    monkeypatch.setattr(bq, "BUDGETS", (0.004,))
+    monkeypatch.setattr(bq, "CAPACITY_CONFIGS", bq.CAPACITY_CONFIGS[:2])
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out, work, fig = tmp_path / "bench.md", tmp_path / "work", tmp_path / "quality.png"
+    args = ["bench", "quality", "--parts", "capacity,quality", "--sets", "ocdc", "--seeds", "0,1",
+            "--encoders", "random", "--config", str(config), "--data", str(few_ocdc), "--workdir", str(work),
+            "--out", str(out), "--figure", str(fig)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    section = text[text.index("<!-- bench:quality -->"):text.index("<!-- /bench:quality -->")]
+    assert "Grid capacity" in section and "| ocdc |" in section
+    assert "Held-out mIoU against cost" in section and "±" in section and "#### Goals" in section
+    assert "sliding-window ceiling" in section
+    rows = json.loads((work / "rows-ocdc-random-s0.json").read_text())
+    assert {r["method"] for r in rows} == {"learned", "single", "uniform", "edge", bq.FULL}
+    assert all(0.0 <= r["miou_full"] <= 1.0 for r in rows)
+    assert (work / "rows-ocdc-random-s1.json").is_file() and fig.stat().st_size > 1000
+    # a rerun reuses every finished run: no training
+    r2 = CliRunner().invoke(main, args[:3] + ["quality"] + args[4:])
+    assert r2.exit_code == 0, r2.output
+    assert "training " not in r2.output
+
+
+def test_bench_quality_refuses_bad_options():
+    r = CliRunner().invoke(main, ["bench", "quality", "--sets", "nope"])
+    assert r.exit_code == 2 and "--sets" in r.output
+    r = CliRunner().invoke(main, ["bench", "quality", "--parts", "everything"])
+    assert r.exit_code == 2 and "--parts" in r.output
