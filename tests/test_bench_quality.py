@@ -88,7 +88,7 @@ def test_bench_quality_tiny_run_writes_the_section(few_ocdc, tmp_path, monkeypat
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     out, work, fig = tmp_path / "bench.md", tmp_path / "work", tmp_path / "quality.png"
-    args = ["bench", "quality", "--parts", "capacity,quality", "--sets", "ocdc", "--seeds", "0,1",
+    args = ["bench", "quality", "--parts", "capacity,quality,full,densities", "--sets", "ocdc", "--seeds", "0,1",
             "--encoders", "random", "--config", str(config), "--data", str(few_ocdc), "--workdir", str(work),
             "--out", str(out), "--figure", str(fig)]
     r = CliRunner().invoke(main, args)
@@ -99,13 +99,17 @@ def test_bench_quality_tiny_run_writes_the_section(few_ocdc, tmp_path, monkeypat
     assert "Held-out mIoU against cost" in section and "±" in section and "#### Goals" in section
     assert "sliding-window ceiling" in section
     rows = json.loads((work / "rows-ocdc-random-s0.json").read_text())
-    assert {r["method"] for r in rows} == {"learned", "single", "uniform", "edge", bq.FULL}
+    assert {r["method"] for r in rows} == {"learned", "single", "uniform", "edge"}
     assert all(0.0 <= r["miou_full"] <= 1.0 for r in rows)
+    (full,) = json.loads((work / "rows-ocdc-random-full-s0.json").read_text())
+    assert full["method"] == bq.FULL and full["cost"] == pytest.approx(1.0)  # every pixel of the test images
+    assert "Do the samplers differ?" in section
     assert (work / "rows-ocdc-random-s1.json").is_file() and fig.stat().st_size > 1000
     # a rerun reuses every finished run: no training
-    r2 = CliRunner().invoke(main, args[:3] + ["quality"] + args[4:])
+    r2 = CliRunner().invoke(main, args[:3] + ["quality,full"] + args[4:])
     assert r2.exit_code == 0, r2.output
-    assert "training " not in r2.output
+    assert not [line for line in r2.output.splitlines() if line.startswith("training ")]
+    assert "nothing to do" in r2.output
 
 
 def test_bench_quality_refuses_bad_options():

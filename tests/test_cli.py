@@ -26,7 +26,7 @@ def test_demo_without_shipped_model_says_so(tmp_path, monkeypatch):
     import wsiseg.demo as demo
 
     monkeypatch.setattr(demo, "MODEL", tmp_path / "missing.safetensors")
-    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "out")])
+    r = CliRunner().invoke(main, ["demo", "--model", "mosaic", "--out", str(tmp_path / "out")])
     assert r.exit_code == 2
     assert "no demo model is shipped yet" in r.stderr
 
@@ -47,7 +47,7 @@ def test_demo_runs_end_to_end_with_a_model(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "MODEL", model)
     real = demo.demo_slide
     monkeypatch.setattr(demo, "demo_slide", lambda out: real(out, 1024, 768))
-    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "out")])
+    r = CliRunner().invoke(main, ["demo", "--model", "mosaic", "--out", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     assert "Open in QuPath" in r.output
     assert (tmp_path / "out" / "demo-slide-1024x768.mask.tif").is_file()

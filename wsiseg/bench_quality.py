@@ -476,7 +476,6 @@ def bench_quality(
     seeds: Sequence[int] = (0, 1, 2),
     encoders: Sequence[str] = ("random", "imagenet"),
     imagenet_weights: str | None = None,
-    full_seeds: Sequence[int] = (0,),
     classes_file: str | os.PathLike = CLASSES_FILE,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -495,8 +494,6 @@ def bench_quality(
         ``"imagenet"`` loads ``imagenet_weights`` (a local file) into the encoder.
     imagenet_weights : str, optional
         Required with ``"imagenet"``.
-    full_seeds : sequence of int
-        Seeds of the sliding-window ceiling (expensive: every working pixel).
     classes_file : path-like
     log : callable, optional
 
@@ -523,23 +520,16 @@ def bench_quality(
                 run = Path(workdir) / f"{qs.key}-{enc}-s{seed}-{_digest(cfg.to_dict(), data_hash)}"
                 unit: list[dict] = []
                 methods = tuple(m for m in METHODS[enc] if m in SET_METHODS.get(qs.key, METHODS[enc]))
-                jobs = [([(g, g) for g in grids], methods)]
-                if seed in full_seeds:
-                    jobs.append(([(qs.hr_size, qs.hr_size)], ("uniform",)))
-                for sizes, methods in jobs:
-                    full = sizes[0][0] == qs.hr_size
-                    t0 = time.perf_counter()
-                    got, _ = run_sweep(cfg, sizes, run / "sweep", train_ds, None, test_ds, classes,
-                                       data_hash=data_hash, methods=methods, device=base.device, log=say)
-                    for r in got:
-                        r.update(set=qs.key, encoder=enc, seed=seed, seconds=time.perf_counter() - t0)
-                        if full:
-                            r.update(method=FULL, label="full resolution (sliding-window ceiling)")
-                        unit.append(r)
-                    # one file per (set, encoder, seed): parallel runs on other units never collide
-                    _write_json(Path(workdir) / f"rows-{qs.key}-{enc}-s{seed}.json", unit)
-                    say(f"{qs.key} {enc} seed {seed}: " + ", ".join(
-                        f"{r['method']}@{r['out_width']} {_f(r['miou_full'])}" for r in got))
+                t0 = time.perf_counter()
+                got, _ = run_sweep(cfg, [(g, g) for g in grids], run / "sweep", train_ds, None, test_ds, classes,
+                                   data_hash=data_hash, methods=methods, device=base.device, log=say)
+                for r in got:
+                    r.update(set=qs.key, encoder=enc, seed=seed, seconds=time.perf_counter() - t0)
+                    unit.append(r)
+                # one file per (set, encoder, seed): parallel runs on other units never collide
+                _write_json(Path(workdir) / f"rows-{qs.key}-{enc}-s{seed}.json", unit)
+                say(f"{qs.key} {enc} seed {seed}: " + ", ".join(
+                    f"{r['method']}@{r['out_width']} {_f(r['miou_full'])}" for r in got))
                 rows += unit
     return rows
 
@@ -789,6 +779,19 @@ def run_parts(
                 imagenet_weights = str(offline_imagenet_weights("efficientnet_lite0"))
             bench_quality(data_root, work, sets, base, seeds=seeds, encoders=encoders,
                           imagenet_weights=imagenet_weights, log=say)
+        if "full" in parts:
+            if "imagenet" in encoders and imagenet_weights is None:
+                from wsiseg.models.pretrained import offline_imagenet_weights
+
+                imagenet_weights = str(offline_imagenet_weights("efficientnet_lite0"))
+            for qs in sets:
+                for enc in encoders:
+                    for seed in seeds:
+                        full_resolution_ceiling(data_root, work, qs, base, seed=seed, encoder=enc,
+                                                imagenet_weights=imagenet_weights, log=say)
+        if "densities" in parts:
+            dens = [r for qs in sets for r in density_differences(data_root, work, qs)]
+            _write_json(work / "densities.json", dens)
     finally:
         torch.set_num_threads(before)
     say(f"parts {', '.join(parts)} done in {(time.perf_counter() - t0) / 60:.1f} min")
@@ -839,6 +842,22 @@ def format_section(work: Path, base: TrainConfig, machine: dict, command: str, f
             "`log.csv`), the terms themselves, and the held-out mIoU (one seed: indicative only).", "",
             format_balance(brows),
         ]
+    dens = work / "densities.json"
+    if dens.is_file():
+        drows = json.loads(dens.read_text(encoding="utf-8"))
+        lines += [
+            "", "### Do the samplers differ?", "",
+            "Random-encoder runs of seed 0: densities of the test images, each normalised to sum 1; total-variation "
+            "distance between methods (0 = identical, 1 = disjoint) and each method's share of density mass in "
+            "the oracle's boundary band (where the edge density exceeds 1.5x its floor).", "",
+            "| set | grid | TV learned-single | TV learned-edge | TV single-edge | boundary mass learned / single / edge |",
+            "|---|---|---|---|---|---|",
+        ]
+        for d in drows:
+            tv, m = d["tv"], d["edge_mass"]
+            lines.append(f"| {d['set']} | {d['grid']}x{d['grid']} | {tv['learned-single']:.2f} | "
+                         f"{tv['learned-edge']:.2f} | {tv['single-edge']:.2f} | {m['learned']:.2f} / "
+                         f"{m['single']:.2f} / {m['edge']:.2f} |")
     rows = stored_rows(work)
     if rows:
         cells = aggregate(rows)
@@ -914,3 +933,155 @@ def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, thre
         w.writerow(["image", "annotation", "split"])
         w.writerows(rows)
     return out / "pairs.csv"
+
+
+# ---------------------------------------------------------------------------
+# do the samplers differ?
+
+
+def density_differences(
+    data_root: str | os.PathLike,
+    workdir: str | os.PathLike,
+    qs: QualitySet,
+    *,
+    seed: int = 0,
+    classes_file: str | os.PathLike = CLASSES_FILE,
+) -> list[dict]:
+    """How far apart the densities of learned (joint), learned (single) and the edge oracle are.
+
+    For each budget of the random-encoder runs of ``seed``: every test image's density of each method,
+    normalised to sum 1, compared pairwise by total-variation distance (0 = identical, 1 = disjoint),
+    and each method's share of density mass on the true label boundaries' neighbourhood (the edge
+    oracle's own support above its floor), averaged over the test images.
+
+    Returns
+    -------
+    list of dict
+        One per budget: ``grid``, ``tv`` (pair -> distance), ``edge_mass`` (method -> share).
+    """
+    import torch
+
+    from wsiseg.models.io import load_deformseg
+
+    _train, test_ds, _classes, _h = _datasets(prepare_set(data_root, workdir, qs), qs, Path(classes_file))
+    runs = sorted(Path(workdir).glob(f"{qs.key}-random-s{seed}-*/sweep"))
+    out = []
+    for g in GRIDS[qs.key]:
+        paths = {m: next((r / f"{m}-{g}x{g}" / "model.safetensors" for r in runs
+                          if (r / f"{m}-{g}x{g}" / "model.safetensors").is_file()), None)
+                 for m in ("learned", "single", "edge")}
+        if any(p is None for p in paths.values()):
+            continue
+        nets = {m: load_deformseg(p).net.eval() for m, p in paths.items()}
+        tv: dict[str, list[float]] = {}
+        mass: dict[str, list[float]] = {m: [] for m in nets}
+        with torch.no_grad():
+            for i in range(len(test_ds)):
+                item = test_ds[i]
+                image = item["image"][None].float() / 255
+                labels = item["labels"][None].long()
+                ds = {m: net(None, image, labels if m == "edge" else None).d for m, net in nets.items()}
+                ds = {m: d / d.sum() for m, d in ds.items()}
+                support = ds["edge"] > ds["edge"].min() * 1.5  # the oracle's boundary band
+                for m, d in ds.items():
+                    mass[m].append(float(d[support].sum()))
+                ms = list(ds)
+                for a in range(len(ms)):
+                    for b in range(a + 1, len(ms)):
+                        key = f"{ms[a]}-{ms[b]}"
+                        tv.setdefault(key, []).append(float(0.5 * (ds[ms[a]] - ds[ms[b]]).abs().sum()))
+        out.append({"set": qs.key, "grid": g, "tv": {k: statistics.fmean(v) for k, v in tv.items()},
+                    "edge_mass": {k: statistics.fmean(v) for k, v in mass.items()}})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the sliding-window ceiling
+
+
+class _RandomCrops:
+    """``per_image`` random ``size x size`` windows of every item per epoch (seeded by seed, epoch, index)."""
+
+    #: It augments itself (random windows, flips): the trainer calls :meth:`set_epoch` and adds nothing.
+    augmentation = {"flips": True, "windows": True}
+
+    def __init__(self, base, size: int, per_image: int, seed: int):
+        self.base, self.size, self.per_image, self.seed = base, int(size), int(per_image), int(seed)
+        self.epoch = 0
+
+    def item_shape(self, i: int) -> tuple[int, int]:
+        """Shape of item ``i`` without reading it (for the trainer's batches)."""
+        h, w = self.base.items[i // self.per_image].shape
+        s = min(self.size, h, w)
+        return s, s
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base) * self.per_image
+
+    def __getitem__(self, i: int) -> dict:
+        import numpy as np
+
+        item = self.base[i // self.per_image]
+        h, w = item["labels"].shape[-2:]
+        s = min(self.size, h, w)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+        image, labels = item["image"][:, y : y + s, x : x + s], item["labels"][y : y + s, x : x + s]
+        if rng.random() < 0.5:
+            image, labels = image.flip(-1), labels.flip(-1)
+        return {"image": image.contiguous(), "labels": labels.contiguous(), "name": f"{item.get('name', '')}#{i}",
+                "size": (s, s)}
+
+
+def full_resolution_ceiling(
+    data_root: str | os.PathLike,
+    workdir: str | os.PathLike,
+    qs: QualitySet,
+    base: TrainConfig,
+    *,
+    seed: int = 0,
+    encoder: str = "random",
+    imagenet_weights: str | None = None,
+    crop: int = 128,
+    classes_file: str | os.PathLike = CLASSES_FILE,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """The same segmentation net on every working pixel: trained on windows, applied to whole test images.
+
+    The sliding-window baseline's quality: the uniform sampler with a grid as large as the working
+    raster (the dynamic size rule never up-samples, so every pixel is a sample), trained on random
+    ``crop``-pixel windows of the training images (as sliding-window training does; as many optimiser
+    steps as the sampled runs) and scored on the whole test images at full working resolution.
+
+    Returns
+    -------
+    dict
+        A quality row (``method`` ``"full"``), also stored as ``rows-<set>-<encoder>-full-s<seed>.json``.
+    """
+    from wsiseg.evaluate import _ensure_trained, _sweep_row, evaluate_model
+    from wsiseg.models.io import load_deformseg
+
+    say = log or (lambda _m: None)
+    train_ds, test_ds, classes, data_hash = _datasets(prepare_set(data_root, workdir, qs), qs, Path(classes_file))
+    weights = imagenet_weights if encoder == "imagenet" else None
+    per_image = max(1, round(4 * 6 / len(train_ds)))  # about 6 steps of batch 4 per epoch, like camelyon's
+    cfg = dataclasses.replace(
+        _quality_config(base, qs, epochs=EPOCHS[qs.key], seed=seed, encoder_weights=weights),
+        sampler="uniform", out_size=(qs.hr_size, qs.hr_size), map_size=(qs.hr_size, qs.hr_size), sigma=None,
+        support=None,
+    )
+    run = Path(workdir) / f"{qs.key}-{encoder}-full-s{seed}-{_digest(cfg.to_dict(), data_hash)}"
+    t0 = time.perf_counter()
+    path = _ensure_trained(cfg, run, _RandomCrops(train_ds, crop, per_image, seed), None, classes, data_hash, say,
+                           "uniform")
+    model = load_deformseg(path)
+    r = evaluate_model(model, test_ds, device="cpu", name=FULL)
+    row = _sweep_row(r, (qs.hr_size, qs.hr_size), path, cfg.epochs, model.metadata.get("training") or {})
+    row.update(set=qs.key, encoder=encoder, seed=seed, seconds=time.perf_counter() - t0,
+               label="full resolution (sliding-window ceiling)")
+    _write_json(Path(workdir) / f"rows-{qs.key}-{encoder}-full-s{seed}.json", [row])
+    say(f"{qs.key} {encoder} full resolution seed {seed}: {_f(row['miou_full'])}")
+    return row

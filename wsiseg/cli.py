@@ -368,9 +368,12 @@ def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_
 
 
 @bench_group.command("quality")
-@click.option("--parts", default="capacity,balance,quality", show_default=True, metavar="capacity,balance,quality",
+@click.option("--parts", default="capacity,balance,quality,full,densities", show_default=True,
+              metavar="capacity,balance,quality,full,densities",
               help="capacity: oracle grids vs uniform, no training (minutes); balance: edge-loss weights and "
-                   "normalisations (6 short runs); quality: every method, budget, seed and encoder (hours on a CPU).")
+                   "normalisations (6 short runs); quality: every method, budget, seed and encoder (hours on a CPU); "
+                   "full: the same net on every working pixel, trained on windows (the sliding-window ceiling); "
+                   "densities: how far apart the trained samplers' densities are; report: only write the section.")
 @click.option("--sets", default="camelyon,ocdc,bcss", show_default=True, metavar="camelyon,ocdc,bcss",
               help="Labelled-region sets of the shared data.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of the quality part.")
@@ -414,8 +417,8 @@ def bench_quality_command(parts, sets, seeds, encoders, imagenet_weights, config
     if not names or bad:
         raise ConfigError(f"--sets expects some of {', '.join(QUALITY_SETS)}, got {sets!r}")
     part_list = [k.strip() for k in parts.split(",") if k.strip()]
-    if not part_list or set(part_list) - {"capacity", "balance", "quality", "report"}:
-        raise ConfigError(f"--parts expects capacity, balance, quality (or report), got {parts!r}")
+    if not part_list or set(part_list) - {"capacity", "balance", "quality", "full", "densities", "report"}:
+        raise ConfigError(f"--parts expects capacity, balance, quality, full, densities (or report), got {parts!r}")
     enc = [k.strip() for k in encoders.split(",") if k.strip()]
     if not enc or set(enc) - {"random", "imagenet"}:
         raise ConfigError(f"--encoders expects random and/or imagenet, got {encoders!r}")
@@ -643,9 +646,12 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
               type=click.Path(file_okay=False, path_type=str), help="Output folder.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Redo the demo even if its outputs exist.")
+@click.option("--model", "model_name", type=click.Choice(["tumour", "mosaic"]), default="tumour", show_default=True,
+              help="Shipped model: background / non-tumour / tumour trained on real H&E tumour masks, or "
+                   "background / cellular / stroma trained on texture mosaics (docs/demo-model.md).")
 @click.pass_context
-def demo_command(ctx, out_dir, device, overwrite) -> None:
-    """Segment the built-in demo slide with the shipped demo model.
+def demo_command(ctx, out_dir, device, overwrite, model_name) -> None:
+    """Segment the built-in demo slide with a shipped demo model.
 
     The demo slide is an 8192 x 6144 pyramidal JPEG BigTIFF built from a real
     CC0 H&E region (CMU-1, OpenSlide test data). Prints where the outputs are
@@ -656,7 +662,7 @@ def demo_command(ctx, out_dir, device, overwrite) -> None:
     from wsiseg.demo import demo_model, demo_slide
     from wsiseg.segment import SegmentOptions, run_segment
 
-    model = demo_model()
+    model = demo_model(model_name)
     slide = demo_slide(out_dir)
     result = run_segment([str(slide)], model, out_dir, SegmentOptions(device=device), overwrite=overwrite)
     name = result.results[0].job.name

@@ -595,6 +595,9 @@ def _check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int, nam
 
 def _item_shape(ds: Dataset, i: int) -> tuple[int, int]:
     """Unpadded ``(h, w)`` of item ``i``, from the data set's own description when it has one."""
+    shape_of = getattr(ds, "item_shape", None)
+    if callable(shape_of):
+        return tuple(int(v) for v in shape_of(i))  # type: ignore[return-value]
     items = getattr(ds, "items", None)
     if items is not None and hasattr(items[i], "shape"):
         return tuple(int(v) for v in items[i].shape)  # type: ignore[return-value]

@@ -1,9 +1,14 @@
-"""The built-in demo: a slide built from a real CC0 H&E region, and the shipped demo model.
+"""The built-in demo: a slide built from a real CC0 H&E region, and the shipped demo models.
 
 ``cmu1-region.jpg`` is a 1024 x 1024 crop of ``CMU-1-Small-Region.svs``
 (Carnegie Mellon University, OpenSlide test data, CC0).
 
-``model.safetensors`` is the demo model (3 classes: background, cellular,
+``tumour.safetensors`` (3 classes: background, non-tumour, tumour; ~7 MB)
+was trained on the real H&E tumour masks of ``../shared/data/labelled-regions``
+by ``pipelines/tumour-model.sh`` (random encoder weights; see
+``docs/demo-model.md`` for its data, licences, held-out scores and limits).
+
+``model.safetensors`` is the mosaic demo model (3 classes: background, cellular,
 stroma; ~7 MB), rebuilt bit for bit by ``pipelines/demo-model.sh`` from
 ``pipelines/demo-data.yaml`` and ``pipelines/demo-model.yaml``. It was trained
 on texture mosaics built on real BCSS label geometry with real H&E textures
@@ -22,23 +27,37 @@ from wsiseg.errors import WsisegError
 HERE = Path(__file__).resolve().parent
 REGION = HERE / "cmu1-region.jpg"
 MODEL = HERE / "model.safetensors"
+TUMOUR_MODEL = HERE / "tumour.safetensors"
+#: Shipped models by name: the real-tissue tumour model and the texture-mosaic model.
+MODEL_NAMES = ("tumour", "mosaic")
+_REBUILD = {"tumour": "pipelines/tumour-model.sh", "mosaic": "pipelines/demo-model.sh --install"}
 
 
-def demo_model() -> Path:
-    """Path of the shipped demo model.
+def demo_model(name: str = "mosaic") -> Path:
+    """Path of a shipped demo model.
+
+    Parameters
+    ----------
+    name : {"tumour", "mosaic"}
+        ``"tumour"``: background / non-tumour / tumour, trained on real H&E
+        tumour masks (``docs/demo-model.md``); ``"mosaic"``: background /
+        cellular / stroma, trained on texture mosaics.
 
     Raises
     ------
     WsisegError
-        When the package has no demo model yet.
+        An unknown name, or the package does not ship that model.
     """
-    if not MODEL.is_file():
+    if name not in MODEL_NAMES:
+        raise WsisegError(f"unknown demo model {name!r}; available: {', '.join(MODEL_NAMES)}")
+    path = TUMOUR_MODEL if name == "tumour" else MODEL
+    if not path.is_file():
         raise WsisegError(
-            "no demo model is shipped yet (the package has no demo/model.safetensors); rebuild it with "
-            "'pipelines/demo-model.sh --install' or use 'wsiseg segment SLIDES --model YOUR_MODEL --out DIR'",
-            MODEL,
+            f"no demo model is shipped yet (the package has no demo/{path.name}); rebuild it with "
+            f"'{_REBUILD[name]}' or use 'wsiseg segment SLIDES --model YOUR_MODEL --out DIR'",
+            path,
         )
-    return MODEL
+    return path
 
 
 def demo_slide(out_dir: str | Path, width: int = 8192, height: int = 6144) -> Path:
