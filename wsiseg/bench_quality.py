@@ -476,6 +476,7 @@ def bench_quality(
     seeds: Sequence[int] = (0, 1, 2),
     encoders: Sequence[str] = ("random", "imagenet"),
     imagenet_weights: str | None = None,
+    methods: Sequence[str] | None = None,
     classes_file: str | os.PathLike = CLASSES_FILE,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -494,6 +495,8 @@ def bench_quality(
         ``"imagenet"`` loads ``imagenet_weights`` (a local file) into the encoder.
     imagenet_weights : str, optional
         Required with ``"imagenet"``.
+    methods : sequence of str, optional
+        Only these methods (default: :data:`METHODS` of the encoder, within :data:`SET_METHODS`).
     classes_file : path-like
     log : callable, optional
 
@@ -519,10 +522,11 @@ def bench_quality(
                 cfg = _quality_config(base, qs, epochs=EPOCHS[qs.key], seed=seed, encoder_weights=weights)
                 run = Path(workdir) / f"{qs.key}-{enc}-s{seed}-{_digest(cfg.to_dict(), data_hash)}"
                 unit: list[dict] = []
-                methods = tuple(m for m in METHODS[enc] if m in SET_METHODS.get(qs.key, METHODS[enc]))
+                todo = tuple(m for m in METHODS[enc] if m in SET_METHODS.get(qs.key, METHODS[enc])
+                             and (methods is None or m in methods))
                 t0 = time.perf_counter()
                 got, _ = run_sweep(cfg, [(g, g) for g in grids], run / "sweep", train_ds, None, test_ds, classes,
-                                   data_hash=data_hash, methods=methods, device=base.device, log=say)
+                                   data_hash=data_hash, methods=todo, device=base.device, log=say)
                 for r in got:
                     r.update(set=qs.key, encoder=enc, seed=seed, seconds=time.perf_counter() - t0)
                     unit.append(r)
@@ -879,17 +883,39 @@ def format_section(work: Path, base: TrainConfig, machine: dict, command: str, f
 #: Classes of the real-tissue demo model: glass by the tissue detector, the rest by the tumour masks.
 DEMO_CLASSES = "classes:\n  - {value: 0, name: background, color: [0, 0, 0]}\n" \
     "  - {value: 1, name: non-tumour, color: [60, 180, 75]}\n  - {value: 2, name: tumour, color: [230, 25, 75]}\n"
-_GLASS_TEXTURE = Path("textures") / "no-tissue.png"
+#: Real slide regions with glass (histolab fixtures in the shared textures): glass labels for the demo model.
+_GLASS_TEXTURES = ("no-tissue.png", "tissue-level2-3000-7666-7096-11763.png")
+IGNORE_LABEL = 255
+
+
+def _glass(rgb, threshold: float):
+    """Glass as the tissue detector sees it: low tissue score, in pieces touching the image border.
+
+    Interior holes (lumina, fat) count as tissue, as :func:`wsiseg.slide.tissue.detect_tissue` fills them.
+    """
+    import numpy as np
+    from skimage.measure import label as components
+
+    from wsiseg.slide.tissue import tissue_score
+
+    empty = tissue_score(rgb) <= threshold
+    lab = components(empty, connectivity=1)
+    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    sizes = np.bincount(lab.ravel())
+    keep = [k for k in edge if k and sizes[k] >= 4096]
+    return np.isin(lab, keep)
 
 
 def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, threshold: float = 0.1) -> Path:
     """Three-class training data for the demo model from every *training* image of the labelled regions.
 
     ``0 background`` where the tissue score (:func:`wsiseg.slide.tissue.tissue_score`,
-    fixed ``threshold``; small specks and holes cleaned) says glass and the mask no tumour,
+    fixed ``threshold``) says glass, in pieces touching the border (:func:`_glass`) and the mask says
+    no tumour,
     ``1 non-tumour`` other tissue, ``2 tumour`` the mask. The benchmark's test images keep
     ``split = test`` (training leaves them out; the demo model's held-out scores use them). The shared
-    glass texture (``no-tissue.png``) is added as an all-background training image.
+    textures with glass (``no-tissue.png``, a level-2 slide region) are added with glass as background
+    and their tissue ignored (no tumour labels there).
 
     Returns
     -------
@@ -898,9 +924,6 @@ def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, thre
     """
     import numpy as np
     from PIL import Image
-    from skimage.morphology import remove_small_holes, remove_small_objects
-
-    from wsiseg.slide.tissue import tissue_score
 
     out = Path(out)
     (out / "labels").mkdir(parents=True, exist_ok=True)
@@ -914,19 +937,22 @@ def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, thre
                 rgb = np.asarray(im.convert("RGB"))
             with Image.open(src / "masks" / f"{stem}.jpg") as im:
                 tumour = np.asarray(im.convert("L")) >= 128
-            tissue = remove_small_holes(remove_small_objects(tissue_score(rgb) > threshold, max_size=63), max_size=1023)
-            label = np.where(tumour, 2, np.where(tissue, 1, 0)).astype(np.uint8)
+            label = np.where(tumour, 2, np.where(_glass(rgb, threshold), 0, 1)).astype(np.uint8)
             path = out / "labels" / f"{qs.key}-{stem}.png"
             Image.fromarray(label).save(path)
             split = "test" if stem in qs.test else "train"
             rows.append((os.path.abspath(src / "images" / f"{stem}.jpg"), os.path.abspath(path), split))
-    glass = Path(data_root) / _GLASS_TEXTURE
-    if glass.is_file():
-        with Image.open(glass) as im:
+    for name in _GLASS_TEXTURES:  # real glass next to unlabelled tissue: glass -> background, tissue ignored
+        src = Path(data_root) / "textures" / name
+        if not src.is_file():
+            continue
+        with Image.open(src) as im:
             rgb = np.asarray(im.convert("RGB"))
-        Image.fromarray(rgb).save(out / "glass.png")
-        Image.fromarray(np.zeros(rgb.shape[:2], np.uint8)).save(out / "labels" / "glass.png")
-        rows.append((os.path.abspath(out / "glass.png"), os.path.abspath(out / "labels" / "glass.png"), "train"))
+        label = np.where(_glass(rgb, threshold), 0, IGNORE_LABEL).astype(np.uint8)
+        stem = Path(name).stem
+        Image.fromarray(rgb).save(out / f"{stem}.png")
+        Image.fromarray(label).save(out / "labels" / f"{stem}.png")
+        rows.append((os.path.abspath(out / f"{stem}.png"), os.path.abspath(out / "labels" / f"{stem}.png"), "train"))
     (out / "classes.yaml").write_text(DEMO_CLASSES, encoding="utf-8")
     with open(out / "pairs.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
