@@ -502,21 +502,26 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--ignore-unmapped", is_flag=True, help="Annotation classes missing from --classes become ignored.")
 @click.option("--value-names", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Label-mask value -> class name table (CSV, e.g. BCSS GTcodes.csv).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Micrometres per level-0 pixel of every image, e.g. for PNG/JPEG tiles that carry none (a CSV's "
+                   "mpp column wins). The model records the physical scale it was trained at, so `wsiseg segment` "
+                   "samples slides as densely; without any MPP it records none and segments by pixel size.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its checkpoint (its options by default).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a previous run.")
 def train_command(data, classes_path, out_dir, config_path, epochs, out_size, map_size, hr_size, sampler, loss,
                   gamma_edge, arch, encoder, encoder_weights, freeze_encoder_epochs, batch_size, lr, patience,
-                  val_fraction, seed, device, ignore_unmapped, value_names, resume, overwrite) -> None:
+                  val_fraction, seed, device, ignore_unmapped, value_names, mpp, resume, overwrite) -> None:
     """Train a model on DATA (a folder of image/annotation pairs or a CSV).
 
     Deformation and segmentation nets are trained jointly (Jin et al.,
     ICLR 2022). Options come from the defaults, then the --resume
     checkpoint, then --config, then the options given here. The best model
     by validation mIoU (full resolution) is OUT/model.safetensors, ready for
-    `wsiseg segment --model`.
+    `wsiseg segment --model`; it records its physical scale (micrometres per
+    working pixel and sample spacing) when the images' MPP is known.
     """
     from wsiseg.annotations import load_class_map
-    from wsiseg.data import build_dataset, dataset_hash, load_pairs, split_pairs
+    from wsiseg.data import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
     from wsiseg.train import (
         TrainConfig,
         check_output_dir,
@@ -540,7 +545,7 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     cfg = TrainConfig.from_dict(options)
 
     class_map = load_class_map(classes_path)
-    pairs = load_pairs(data)
+    pairs = with_mpp(load_pairs(data), mpp)
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
     if not train_pairs:
         raise WsisegError("no training pairs after the train/validation split", data)
