@@ -401,16 +401,22 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
 @click.option("--tissue-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Tissue score threshold (default: Otsu).")
 @click.option("--size", "grid_size", type=_Size(), default=None,
-              help="Sampling grid WIDTHxHEIGHT per region (default: the model's, by the dynamic size rule).")
+              help="Sampling grid WIDTHxHEIGHT per region [default: one sample per the model's recorded sample "
+                   "spacing in um when the slide's MPP is known, else the model's grid by the dynamic size rule].")
 @click.option("--long-side", type=click.IntRange(min=8), default=None,
-              help="Long-side cap of the dynamic size rule (default 4x the model's).")
+              help="Long-side cap of the dynamic size rule in samples (default 4x the model's); selects that "
+                   "pixel rule even for a model that records its scale.")
+@click.option("--max-grid", type=_Size(), default="512x512", show_default=True,
+              help="Largest sampling grid WIDTHxHEIGHT of one region at the model's scale; a larger region is "
+                   "split into the fewest equal sub-boxes whose grids fit, each segmented on its own.")
 @click.option("--interp", type=click.Choice(["nearest", "linear"]), default="nearest", show_default=True,
               help="Read-back: nearest grid node (paper) or bilinear class scores.")
 @click.option("--gather", "gather_mode", type=click.Choice(["lod", "exact"]), default="lod", show_default=True,
               help="Level-of-detail pyramid reads, or bilinear at level 0 (paper).")
 @click.option("--lod-bias", type=float, default=0.0, show_default=True, help="Octaves added to the level choice.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Micrometres per level-0 pixel for every slide (a manifest's mpp column wins).")
+              help="Micrometres per level-0 pixel for every slide (a manifest's mpp column wins); slides without "
+                   "one are sampled by pixel size, with a warning, when the model records its scale.")
 @click.option("--tile", type=click.IntRange(min=16), default=512, show_default=True, help="Output TIFF tile size.")
 @click.option("--geojson/--no-geojson", default=True, show_default=True, help="Write QuPath GeoJSON.")
 @click.option("--qc/--no-qc", default=True, show_default=True, help="Write the QC figure.")
@@ -428,7 +434,7 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
               help="Run on a local dask cluster of N worker processes (one slide each at a time).")
 @click.pass_context
 def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, regions, tissue_threshold, grid_size,
-                    long_side, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, formats, progress, scheduler,
+                    long_side, max_grid, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, formats, progress, scheduler,
                     workers, mode) -> None:
     """Segment SLIDES (files, folders, globs or CSV manifests) into OUT.
 
@@ -436,7 +442,8 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
     QuPath/OpenSlide/ASAP), <name>.overlay.tif (colour overlay),
     <name>.classes.json, <name>.geojson.gz (QuPath annotations),
     <name>.qc.png and <name>.report.json (with the fraction of level-0
-    pixels sampled and of sampling points on glass); with --format also
+    pixels sampled, of sampling points on glass, and the scale: sampled
+    at the model's recorded spacing in um, or by pixel size and why); with --format also
     <name>.mask.ome.tif (OME-TIFF) and/or <name>.ome.zarr (OME-Zarr); per
     batch status.csv and report.csv. Every slide is attempted; finished
     slides are skipped on a rerun with the same model and options (a
@@ -447,7 +454,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 
     options = SegmentOptions(
         regions=regions, tissue_threshold=tissue_threshold,
-        out_size=_hw(grid_size), long_side=long_side, interp=interp,
+        out_size=_hw(grid_size), long_side=long_side, max_grid=_hw(max_grid), interp=interp,
         gather_mode=gather_mode, lod_bias=lod_bias, device=device, amp=amp, tile=tile, mpp=mpp, geojson=geojson, qc=qc,
         mode=mode, formats=[f for group in formats for f in group],
     )
