@@ -646,9 +646,12 @@ def demo_command(ctx, out_dir, device, overwrite) -> None:
 @click.option("--ignore-unmapped", is_flag=True, help="Annotation classes missing from --classes become ignored.")
 @click.option("--value-names", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Label-mask value -> class name table (CSV, e.g. BCSS GTcodes.csv).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Micrometres per level-0 pixel of every image (a CSV's mpp column wins). A model that records "
+                   "its scale samples regions with an MPP at its sample spacing in um, as segment does.")
 def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, device, batch_size, compare,
                      baseline_specs, epochs, sweep, sweep_epochs, train_data, hr_size, trimap_widths,
-                     ignore_unmapped, value_names) -> None:
+                     ignore_unmapped, value_names, mpp) -> None:
     """Evaluate MODEL on the labelled pairs in DATA (folder or CSV).
 
     Reports mIoU and per-class IoU in the deformed space (on the sampling
@@ -656,7 +659,9 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
     alone loses), trimap accuracy, cost (fraction of level-0 pixels sampled,
     and of working-resolution pixels where that differs), the fraction of
     samples on glass (tissue detector's threshold) next to a uniform grid's,
-    and the class frequencies before and after sampling. Writes OUT/eval.json and
+    and the class frequencies before and after sampling. A model that
+    records its physical scale samples regions whose MPP is known at its
+    sample spacing in um (eval.json: scale). Writes OUT/eval.json and
     OUT/class_frequency.png and prints a table (one column per method).
     """
     import json
@@ -681,7 +686,7 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
         model_path, data, classes_path, out_dir, split=split, device=device, batch_size=batch_size, widths=widths,
         compare=names, baselines=baselines, epochs=epochs, sweep=parse_sizes(sweep) if sweep else (),
         sweep_epochs=sweep_epochs, train_data=train_data, hr_size=_hw(hr_size), ignore_unmapped=ignore_unmapped,
-        value_names=value_names, log=lambda m: click.echo(m, err=True),
+        value_names=value_names, mpp=mpp, log=lambda m: click.echo(m, err=True),
     )
     if as_json:
         click.echo(json.dumps(run.document, indent=2))
