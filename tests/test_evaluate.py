@@ -145,6 +145,29 @@ def test_cost_counts_level0_pixels_of_the_region_box():
     assert "cost (% of working px)" not in r.format_table()
 
 
+def test_model_scale_samples_items_with_mpp_at_its_spacing():
+    """A model that records 4 um spacing: a 64 px region at 1 um/px gets 16 x 16 samples, at 2 um/px 32 x 32, without
+    MPP the pixel rule's 16 x 16; regions of one size but different MPP are not batched onto one grid."""
+    from wsiseg.models.io import LoadedModel
+    from wsiseg.models.scale import ModelScale
+    from wsiseg.output.classes import default_classes
+
+    rng = np.random.default_rng(7)
+    items = [{**_block_item(rng, n, (64, 64))[0], "mpp": mpp} for n, mpp in (("a", 1.0), ("b", 2.0), ("c", None))]
+    net = _known_net()
+    scaled = LoadedModel(net, default_classes(NAMES), {"scale": ModelScale(1.0, 4.0, "slide", 3).to_dict()}, "m", "h")
+    r = evaluate_model(scaled, items, device="cpu", batch_size=4)
+    assert (r.regions, r.regions_physical, r.samples) == (3, 2, 256 + 1024 + 256)
+    assert r.to_dict()["scale"]["mode"] == "mixed" and r.to_dict()["scale"]["sample_spacing_um"] == 4.0
+    # the first region's grid is the model's own: every sample hits its block, as in the pixel-rule test above
+    one = evaluate_model(scaled, items[:1], device="cpu")
+    assert one.upsampling_miou == 1.0 and one.to_dict()["scale"]["mode"] == "physical"
+    # an old model (no scale) and a bare net: the pixel rule for every region
+    for m in (LoadedModel(net, default_classes(NAMES), {}, "m", "h"), net):
+        r = evaluate_model(m, items, NAMES, device="cpu", batch_size=4)
+        assert (r.regions_physical, r.samples) == (0, 3 * 256) and r.to_dict()["scale"]["mode"] == "pixels"
+
+
 def test_samples_on_glass_uses_the_tissue_threshold_of_each_region():
     """Left half glass (white), right half stain: a uniform grid puts half its points on glass."""
     from wsiseg.slide.tissue import threshold_tissue

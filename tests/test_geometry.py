@@ -122,3 +122,104 @@ def test_same_region_gets_the_same_grid_on_every_path(shared_data, tmp_path, mon
     assert eval_geo.grid == (16, 32) and eval_map == seg_map == eval_geo.map
     assert torch.equal(eval_grid, seg_grid)
     assert seg.grid_size == seg_geo.grid and seg.map_size == seg_geo.map
+
+
+# -- physical mode: a model's sample spacing in micrometres --------------------------------------------------
+
+
+def test_physical_grid_is_extent_over_spacing():
+    from wsiseg.sampling.geometry import PhysicalScale
+
+    rule = GeometryRule((64, 64), (32, 32), 4.0)
+    # The issue's whole slide: 40k x 30k level-0 px at 0.5 um/px for a model that samples every 8 um.
+    pixels = region_geometry(30000, 40000, rule)
+    physical = region_geometry(30000, 40000, rule, physical=PhysicalScale(0.5, 8.0))
+    assert pixels.grid == (64, 85)  # one sample per ~470 px, as before
+    assert physical.grid == (1875, 2500)  # 15000 um / 8, 20000 um / 8
+    # map at the model's map/grid ratio
+    assert physical.map == (938, 1250)
+    assert physical.sigma == rule.sigma  # map nodes keep the training spacing: the same physical kernel
+    # anisotropic pixels: each axis by its own pixel size
+    assert region_geometry(1000, 1000, rule, physical=PhysicalScale((0.5, 1.0), 10.0)).grid == (100, 50)
+    # never more samples than pixels, never fewer than one
+    assert region_geometry(300, 200, rule, physical=PhysicalScale(0.5, 0.1)).grid == (300, 200)
+    assert region_geometry(3, 5, rule, physical=PhysicalScale(0.5, 100.0)).grid == (1, 1)
+    # a fixed grid still wins
+    assert region_geometry(3000, 4000, rule, grid=(10, 20), physical=PhysicalScale(0.5, 8.0)).grid == (10, 20)
+    for bad in (0.0, -1.0, float("nan"), (0.5,), "x"):
+        with pytest.raises(ValueError):
+            PhysicalScale(bad, 8.0)
+    with pytest.raises(ValueError):
+        PhysicalScale(0.5, 0.0)
+
+
+def test_same_region_at_two_resolutions_gets_the_model_spacing():
+    """One tissue area scanned at 0.5 and at 1.0 um/px: same physical spacing, the pixel rule would differ."""
+    from wsiseg.sampling.geometry import PhysicalScale
+
+    rule = GeometryRule((64, 64), (32, 32), 4.0)
+    spacing = 6.0
+    fine = region_geometry(2967, 2220, rule, physical=PhysicalScale(0.5, spacing))
+    coarse = region_geometry(1484, 1110, rule, physical=PhysicalScale(1.0, spacing))
+    assert fine.grid == coarse.grid == (247, 185)
+    for geo, (h, w), mpp in ((fine, (2967, 2220), 0.5), (coarse, (1484, 1110), 1.0)):
+        # extent / nodes is the model's spacing, up to rounding half a node
+        assert abs(h * mpp / geo.grid[0] - spacing) <= spacing / (2 * geo.grid[0]) + 1e-9
+        assert abs(w * mpp / geo.grid[1] - spacing) <= spacing / (2 * geo.grid[1]) + 1e-9
+
+
+def _covers_exactly(box, subs) -> bool:
+    """Sub-boxes tile ``box``: a grid of distinct row and column edges, no gaps, no overlaps."""
+    x, y, w, h = box
+    xs = sorted({s[0] for s in subs}) + [x + w]
+    ys = sorted({s[1] for s in subs}) + [y + h]
+    cells = {(s[0], s[1], s[2], s[3]) for s in subs}
+    want = {(x0, y0, x1 - x0, y1 - y0) for y0, y1 in zip(ys, ys[1:]) for x0, x1 in zip(xs, xs[1:])}
+    return xs[0] == x and ys[0] == y and cells == want and len(subs) == len(want) \
+        and sum(s[2] * s[3] for s in subs) == w * h
+
+
+def test_large_region_splits_into_sub_boxes_that_fit():
+    from wsiseg.sampling.geometry import PhysicalScale, physical_grid, split_region
+
+    scale = PhysicalScale(0.5, 8.0)
+    box = (100, 200, 40000, 30000)
+    subs = split_region(box, scale, (512, 512))
+    assert len(subs) == 4 * 5  # 1875 / 512 -> 4 rows, 2500 / 512 -> 5 columns
+    assert _covers_exactly(box, subs)
+    assert {(s[2], s[3]) for s in subs} == {(8000, 7500)}
+    assert all(max(physical_grid(s[3], s[2], scale)) <= 512 for s in subs)
+    assert sum(a * b for a, b in (physical_grid(s[3], s[2], scale) for s in subs)) == 1876 * 2500
+    assert split_region((0, 0, 1000, 800), scale, (512, 512)) == [(0, 0, 1000, 800)]  # fits: itself
+    with pytest.raises(ValueError):
+        split_region((0, 0, 10, 10), scale, (0, 5))
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    x=st.integers(0, 10**5), y=st.integers(0, 10**5), w=st.integers(1, 60000), h=st.integers(1, 60000),
+    mx=st.floats(0.1, 2.0), my=st.floats(0.1, 2.0), spacing=st.floats(0.05, 64.0),
+    cap_h=st.integers(1, 600), cap_w=st.integers(1, 600),
+)
+def test_split_properties(x, y, w, h, mx, my, spacing, cap_h, cap_w):
+    from wsiseg.sampling.geometry import PhysicalScale, physical_grid, split_region
+
+    scale = PhysicalScale((mx, my), spacing)
+    # caps raised where they would give more than ~40 rows or columns (keeps each example fast)
+    cap_h = max(cap_h, math.ceil(h * min(1.0, my / spacing) / 40))
+    cap_w = max(cap_w, math.ceil(w * min(1.0, mx / spacing) / 40))
+    subs = split_region((x, y, w, h), scale, (cap_h, cap_w))
+    assert _covers_exactly((x, y, w, h), subs)
+    grids = [physical_grid(s[3], s[2], scale) for s in subs]
+    assert all(1 <= gh <= cap_h and 1 <= gw <= cap_w for gh, gw in grids)
+    # equal sub-boxes: sides differ by at most one pixel
+    assert max(s[2] for s in subs) - min(s[2] for s in subs) <= 1
+    assert max(s[3] for s in subs) - min(s[3] for s in subs) <= 1
+    # fewest: one row (column) fewer, split equally, does not fit
+    rows, cols = len({s[1] for s in subs}), len({s[0] for s in subs})
+    for k, n, mpp, cap in ((rows, h, my, cap_h), (cols, w, mx, cap_w)):
+        if k > 1:
+            edges = [i * n // (k - 1) for i in range(k)]
+            sides = [b - a for a, b in zip(edges, edges[1:])]
+            grid = [physical_grid(s, 1, PhysicalScale(mpp, spacing))[0] for s in sides]
+            assert max(grid) > cap

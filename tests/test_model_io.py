@@ -101,3 +101,28 @@ def test_deformseg_round_trip_and_mismatches(tmp_path):
         assert torch.allclose(net(x, hr).logits, loaded.net(x, hr).logits)
     with pytest.raises(ModelFileError, match="predicts 3 classes"):
         save_deformseg(tmp_path / "bad.safetensors", net, default_classes(2))
+
+
+def test_scale_metadata_round_trip_old_files_and_bad_entries(tmp_path):
+    """A model records its physical scale; files without one load with ``scale`` None; bad entries are refused."""
+    from wsiseg.models.io import load_deformseg, save_deformseg
+    from wsiseg.models.net import DeformSegNet
+    from wsiseg.models.scale import ModelScale
+    from wsiseg.output.classes import default_classes
+
+    seg = {"arch": "unet", "encoder": "resnet18", "num_classes": 2, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+    net = DeformSegNet(seg, map_size=(16, 16), out_size=(32, 32)).eval()
+    scale = ModelScale(0.5, 8.0, "mpp option", 12, 1)
+    path = tmp_path / "scaled.safetensors"
+    save_deformseg(path, net, default_classes(2), extra={"scale": scale.to_dict()})
+    assert load_deformseg(path).scale == scale
+    unknown = ModelScale(None, None, "unknown", 0, 5)
+    save_deformseg(path, net, default_classes(2), extra={"scale": unknown.to_dict()})
+    assert load_deformseg(path).scale == unknown and not unknown.known
+    save_deformseg(path, net, default_classes(2))  # as written before the scale was recorded
+    assert load_deformseg(path).scale is None
+    for bad in ({"sample_spacing_um": -1}, {"mpp_working": "0.5"}, {"source": "guess"}, [0.5], {"regions": -2}):
+        save_deformseg(path, net, default_classes(2), extra={"scale": bad})
+        with pytest.raises(ModelFileError, match="scale") as err:
+            load_deformseg(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)

@@ -460,3 +460,109 @@ def test_cli_sliding_window_on_boxes(slides_dir, model_file, tmp_path):
     assert r.exit_code == 0 and "1 ok" in r.output
     assert json.loads((out / "boxes.report.json").read_text())["mode"] == "deformed"
 
+
+
+# --- physical scale: a model that records its sample spacing in micrometres
+
+
+@pytest.fixture(scope="module")
+def scale_model_file(tmp_path_factory):
+    """A tiny net that says it was trained at 0.5 um per working pixel, one sample every 16 um."""
+    from wsiseg.models.scale import ModelScale
+
+    torch.manual_seed(2)
+    path = tmp_path_factory.mktemp("model") / "scaled.safetensors"
+    net = DeformSegNet(SEG, map_size=(32, 32), out_size=(64, 64)).eval()
+    save_deformseg(path, net, default_classes(3), extra={"scale": ModelScale(0.5, 16.0, "slide", 1, 0).to_dict()})
+    return path
+
+
+def test_same_region_at_two_resolutions_is_sampled_at_the_model_spacing(slides_dir, scale_model_file, model_file):
+    """CMU-1-Small-Region read as 0.5 and as 1.0 um/px: the grid keeps the model's 16 um spacing; an old model's
+    pixel rule gives the same grid at both."""
+    slide = str(slides_dir / "CMU-1-Small-Region.svs")
+    scaled, old = load_deformseg(scale_model_file), load_deformseg(model_file)
+    grids, old_grids = {}, set()
+    for mpp in (0.5, 1.0):
+        ms = open_slide(slide, mpp=mpp)
+        box = (0, 0, ms.width, ms.height)
+        res = segment_region(ms, box, scaled, SegmentOptions(regions="whole"), torch.device("cpu"))
+        h, w = grids[mpp] = res.grid_size
+        # extent / nodes is the model's spacing, up to rounding half a node
+        assert abs(ms.height * mpp / h - 16.0) <= 8.0 / h + 1e-9 and abs(ms.width * mpp / w - 16.0) <= 8.0 / w + 1e-9
+        assert res.points.shape[:2] == (h, w)
+        old_grids.add(segment_region(ms, box, old, SegmentOptions(regions="whole"), torch.device("cpu")).grid_size)
+    assert grids == {0.5: (93, 69), 1.0: (185, 139)}  # 2967 x 2220 px; 1483.5 / 16 -> 93, 1110 / 16 -> 69
+    assert old_grids == {old.net.geometry(2967, 2220).grid} == {(85, 64)}
+
+
+def test_whole_slide_splits_into_sub_boxes_that_tile_it(slides_dir, scale_model_file, tmp_path):
+    from wsiseg.sampling.geometry import PhysicalScale, split_region
+
+    model = load_deformseg(scale_model_file)
+    options = SegmentOptions(regions="whole", max_grid=(64, 64), geojson=False, qc=False)
+    outputs = segment_slide(str(slides_dir / "CMU-1-Small-Region.svs"), model, tmp_path, "cmu", options)
+    report = json.loads((tmp_path / outputs["report"]).read_text())
+    assert report["scale"] == {"mode": "physical", "sample_spacing_um": 16.0, "mpp": [0.499, 0.499],
+                               "max_grid": [64, 64], "grids": 4}
+    # 2967 x 2220 px at 0.499 um/px: a 93 x 69 grid, over the 64 x 64 cap -> 2 x 2 sub-boxes
+    regions = report["gather"]["regions"]
+    boxes = [tuple(r["box"]) for r in regions]
+    assert boxes == split_region((0, 0, 2220, 2967), PhysicalScale(0.499, 16.0), (64, 64))
+    assert boxes == [(0, 0, 1110, 1483), (1110, 0, 1110, 1483), (0, 1483, 1110, 1484), (1110, 1483, 1110, 1484)]
+    assert [tuple(r["grid"]) for r in regions] == [(46, 35), (46, 35), (46, 35), (46, 35)]
+    assert report["regions"] == [list(b) for b in boxes]
+    assert report["fraction_sampled"] == pytest.approx(4 * 46 * 35 / (2220 * 2967))
+    with tifffile.TiffFile(tmp_path / outputs["mask"]) as tif:
+        assert tif.pages[0].shape == (2967, 2220)
+    # a box over the cap is refused by segment_region itself: it is what the split is for
+    with pytest.raises(ValueError, match="over the cap"):
+        segment_region(open_slide(str(slides_dir / "CMU-1-Small-Region.svs")), (0, 0, 2220, 2967), model, options,
+                       torch.device("cpu"))
+
+
+def test_slide_without_mpp_warns_once_and_records_the_fallback(slides_dir, scale_model_file, tmp_path, caplog):
+    slide = str(slides_dir / "rgba_geotiff.tiff")  # 600 x 600, no MPP in any form
+    model = load_deformseg(scale_model_file)
+    options = SegmentOptions(regions="whole", geojson=False, qc=False)
+    with caplog.at_level("WARNING"):
+        outputs = segment_slide(slide, model, tmp_path / "a", "geo", options)
+    warned = [r.getMessage() for r in caplog.records if "MPP" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"{slide}: ") and "--mpp" in warned[0]
+    assert "\n" not in warned[0]
+    report = json.loads((tmp_path / "a" / outputs["report"]).read_text())
+    assert report["scale"] == {"mode": "pixels", "reason": "slide has no MPP; pass --mpp"}
+    assert report["gather"]["regions"][0]["grid"] == list(model.net.geometry(600, 600).grid)
+
+    # --mpp gives it one (command line, with --max-grid): 600 px * 2 um / 16 um = 75 samples per side
+    out = tmp_path / "b"
+    r = _segment([slide, "--model", str(scale_model_file), "--out", str(out), "--regions", "whole", "--mpp", "2",
+                  "--max-grid", "40x30", "--progress", "none", "--no-qc", "--no-geojson"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "rgba_geotiff.report.json").read_text())
+    assert report["scale"] == {"mode": "physical", "sample_spacing_um": 16.0, "mpp": [2.0, 2.0],
+                               "max_grid": [30, 40], "grids": 6}  # ceil(75 / 30) = 3 rows, ceil(75 / 40) = 2 columns
+    assert all(r["grid"][0] <= 30 and r["grid"][1] <= 40 for r in report["gather"]["regions"])
+    assert report["config"]["options"]["max_grid"] == [30, 40]
+    r = _segment([slide, "--model", str(scale_model_file), "--out", str(out), "--max-grid", "0x3"])
+    assert r.exit_code == 2 and "WIDTHxHEIGHT" in r.output
+
+
+def test_old_model_and_fixed_grids_use_the_pixel_rule(cmu_run, model_file, scale_model_file):
+    """A model file without scale metadata segments as before; --size and --long-side also select pixels."""
+    from wsiseg.segment import NO_MODEL_SCALE, scale_plan
+
+    out, outputs = cmu_run
+    report = json.loads((out / outputs["report"]).read_text())
+    assert report["scale"] == {"mode": "pixels", "reason": NO_MODEL_SCALE}
+    assert "max_grid" not in report["config"]["options"]  # the default leaves old fingerprints alone
+    net = load_deformseg(model_file).net
+    for r in report["gather"]["regions"]:
+        assert tuple(r["grid"]) == net.geometry(r["box"][3], r["box"][2]).grid
+    scaled = load_deformseg(scale_model_file)
+    assert scale_plan(scaled, (0.5, 0.5), SegmentOptions()).physical.spacing_um == 16.0
+    assert scale_plan(scaled, (0.5, 0.5), SegmentOptions(out_size=(8, 8))).reason == "--size fixes the grid"
+    assert scale_plan(scaled, (0.5, 0.5), SegmentOptions(long_side=100)).physical is None
+    assert scale_plan(scaled, None, SegmentOptions()).reason == "slide has no MPP; pass --mpp"
+    with pytest.raises(ConfigError):
+        SegmentOptions(max_grid=(0, 5))

@@ -383,3 +383,56 @@ def test_gradient_norms_split_the_two_terms(data, tmp_path):
     assert float(norms[0]) > 0 and float(norms[1]) > 0
     # the single-loss variant has no edge share
     assert _edge_gradient(net, torch.zeros(()), 0.0) is None
+
+
+# -- physical scale ------------------------------------------------------------------
+
+
+def test_model_without_mpp_records_an_unknown_scale_and_says_so_once(data, tmp_path):
+    lines: list[str] = []
+    from wsiseg.models.io import load_deformseg
+
+    train(_cfg(epochs=1), data[0], None, CLASSES, tmp_path / "run", progress=False, log=lines.append)
+
+    scale = load_deformseg(tmp_path / "run" / "model.safetensors").metadata["scale"]
+    assert scale == {"mpp_working": None, "sample_spacing_um": None, "source": "unknown", "regions": 0,
+                     "regions_without_mpp": 4}
+    said = [line for line in lines if "MPP" in line]
+    assert len(said) == 1 and "no physical scale" in said[0]
+
+
+def test_cli_train_with_mpp_records_the_scale(nucls, tmp_path):
+    """256 px NuCLS tiles at --mpp 0.25, read at 128 px (downsample 2) on a 32 x 32 grid: 0.5 um per working
+    pixel, one sample every 128 * 0.5 / 32 = 2 um."""
+    from click.testing import CliRunner
+
+    from wsiseg.annotations import load_class_map
+    from wsiseg.cli import main
+    from wsiseg.data import build_dataset, load_pairs, with_mpp
+    from wsiseg.models.io import load_deformseg
+    from wsiseg.train import build_net, training_scale
+
+    classes = tmp_path / "classes.yaml"
+    classes.write_text("classes:\n  - {value: 1, name: non-tumour nucleus}\n  - {value: 2, name: tumour nucleus}\n")
+    out = tmp_path / "run"
+    args = ["train", str(nucls / "train"), "--classes", str(classes), "--out", str(out), "--epochs", "1",
+            "--encoder", "tu-resnet10t", "--out-size", "32", "--map-size", "16", "--hr-size", "128",
+            "--device", "cpu", "--mpp", "0.25"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "scale: 0.5 um per working pixel, one sample every 2 um (mpp option, 8 regions)" in r.output
+    m = load_deformseg(out / "model.safetensors")
+    assert m.metadata["scale"] == {"mpp_working": 0.5, "sample_spacing_um": 2.0, "source": "mpp option",
+                                   "regions": 8, "regions_without_mpp": 0}
+    assert m.scale.sample_spacing_um == 2.0
+
+    # --mpp fills only pairs without an MPP; items carry mpp; the spacing is measured with each region's own
+    # training geometry: a 128 x 64 working raster gets a 64 x 32 grid (short side to the model's 32), 1 um.
+    pairs = with_mpp(load_pairs(nucls / "train"), 0.25)[:2]
+    assert with_mpp(pairs, 9.0) == pairs and with_mpp(pairs, None) == pairs
+    ds = build_dataset(pairs, load_class_map(classes), hr_size=(128, 128))
+    assert [ds.item_mpp(i) for i in range(2)] == [(0.5, "mpp option")] * 2 and ds[0]["mpp"] == 0.5
+    net = build_net(_cfg(), 3)
+    assert training_scale(net, ds).sample_spacing_um == 2.0
+    thin = training_scale(net, [{"labels": torch.zeros(128, 64), "mpp": 0.5}])
+    assert (thin.sample_spacing_um, thin.source) == (1.0, "items")

@@ -471,16 +471,22 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
 @click.option("--tissue-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Tissue score threshold (default: Otsu).")
 @click.option("--size", "grid_size", type=_Size(), default=None,
-              help="Sampling grid WIDTHxHEIGHT per region (default: the model's, by the dynamic size rule).")
+              help="Sampling grid WIDTHxHEIGHT per region [default: one sample per the model's recorded sample "
+                   "spacing in um when the slide's MPP is known, else the model's grid by the dynamic size rule].")
 @click.option("--long-side", type=click.IntRange(min=8), default=None,
-              help="Long-side cap of the dynamic size rule (default 4x the model's).")
+              help="Long-side cap of the dynamic size rule in samples (default 4x the model's); selects that "
+                   "pixel rule even for a model that records its scale.")
+@click.option("--max-grid", type=_Size(), default="512x512", show_default=True,
+              help="Largest sampling grid WIDTHxHEIGHT of one region at the model's scale; a larger region is "
+                   "split into the fewest equal sub-boxes whose grids fit, each segmented on its own.")
 @click.option("--interp", type=click.Choice(["nearest", "linear"]), default="nearest", show_default=True,
               help="Read-back: nearest grid node (paper) or bilinear class scores.")
 @click.option("--gather", "gather_mode", type=click.Choice(["lod", "exact"]), default="lod", show_default=True,
               help="Level-of-detail pyramid reads, or bilinear at level 0 (paper).")
 @click.option("--lod-bias", type=float, default=0.0, show_default=True, help="Octaves added to the level choice.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Micrometres per level-0 pixel for every slide (a manifest's mpp column wins).")
+              help="Micrometres per level-0 pixel for every slide (a manifest's mpp column wins); slides without "
+                   "one are sampled by pixel size, with a warning, when the model records its scale.")
 @click.option("--tile", type=click.IntRange(min=16), default=512, show_default=True, help="Output TIFF tile size.")
 @click.option("--geojson/--no-geojson", default=True, show_default=True, help="Write QuPath GeoJSON.")
 @click.option("--qc/--no-qc", default=True, show_default=True, help="Write the QC figure.")
@@ -498,7 +504,7 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
               help="Run on a local dask cluster of N worker processes (one slide each at a time).")
 @click.pass_context
 def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, regions, tissue_threshold, grid_size,
-                    long_side, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, formats, progress, scheduler,
+                    long_side, max_grid, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, formats, progress, scheduler,
                     workers, mode) -> None:
     """Segment SLIDES (files, folders, globs or CSV manifests) into OUT.
 
@@ -506,7 +512,8 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
     QuPath/OpenSlide/ASAP), <name>.overlay.tif (colour overlay),
     <name>.classes.json, <name>.geojson.gz (QuPath annotations),
     <name>.qc.png and <name>.report.json (with the fraction of level-0
-    pixels sampled and of sampling points on glass); with --format also
+    pixels sampled, of sampling points on glass, and the scale: sampled
+    at the model's recorded spacing in um, or by pixel size and why); with --format also
     <name>.mask.ome.tif (OME-TIFF) and/or <name>.ome.zarr (OME-Zarr); per
     batch status.csv and report.csv. Every slide is attempted; finished
     slides are skipped on a rerun with the same model and options (a
@@ -517,7 +524,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 
     options = SegmentOptions(
         regions=regions, tissue_threshold=tissue_threshold,
-        out_size=_hw(grid_size), long_side=long_side, interp=interp,
+        out_size=_hw(grid_size), long_side=long_side, max_grid=_hw(max_grid), interp=interp,
         gather_mode=gather_mode, lod_bias=lod_bias, device=device, amp=amp, tile=tile, mpp=mpp, geojson=geojson, qc=qc,
         mode=mode, formats=[f for group in formats for f in group],
     )
@@ -578,21 +585,27 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--ignore-unmapped", is_flag=True, help="Annotation classes missing from --classes become ignored.")
 @click.option("--value-names", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Label-mask value -> class name table (CSV, e.g. BCSS GTcodes.csv).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Micrometres per level-0 pixel of every image, e.g. for PNG/JPEG tiles that carry none (a CSV's "
+                   "mpp column wins). The model records the physical scale it was trained at, so `wsiseg segment` "
+                   "samples slides as densely; without any MPP it records none and segments by pixel size.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its checkpoint (its options by default).")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if OUT holds a previous run.")
 def train_command(data, classes_path, out_dir, config_path, epochs, out_size, map_size, hr_size, sampler, loss,
-                  gamma_edge, image_sampling, edge_norm, arch, encoder, encoder_weights, freeze_encoder_epochs, batch_size, lr, patience,
-                  val_fraction, seed, device, ignore_unmapped, value_names, resume, overwrite) -> None:
+                  gamma_edge, image_sampling, edge_norm, arch, encoder, encoder_weights, freeze_encoder_epochs,
+                  batch_size, lr, patience, val_fraction, seed, device, ignore_unmapped, value_names, mpp, resume,
+                  overwrite) -> None:
     """Train a model on DATA (a folder of image/annotation pairs or a CSV).
 
     Deformation and segmentation nets are trained jointly (Jin et al.,
     ICLR 2022). Options come from the defaults, then the --resume
     checkpoint, then --config, then the options given here. The best model
     by validation mIoU (full resolution) is OUT/model.safetensors, ready for
-    `wsiseg segment --model`.
+    `wsiseg segment --model`; it records its physical scale (micrometres per
+    working pixel and sample spacing) when the images' MPP is known.
     """
     from wsiseg.annotations import load_class_map
-    from wsiseg.data import build_dataset, dataset_hash, load_pairs, split_pairs
+    from wsiseg.data import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
     from wsiseg.train import (
         TrainConfig,
         check_output_dir,
@@ -616,7 +629,7 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     cfg = TrainConfig.from_dict(options)
 
     class_map = load_class_map(classes_path)
-    pairs = load_pairs(data)
+    pairs = with_mpp(load_pairs(data), mpp)
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
     if not train_pairs:
         raise WsisegError("no training pairs after the train/validation split", data)
@@ -713,9 +726,12 @@ def demo_command(ctx, out_dir, device, overwrite, model_name) -> None:
 @click.option("--ignore-unmapped", is_flag=True, help="Annotation classes missing from --classes become ignored.")
 @click.option("--value-names", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Label-mask value -> class name table (CSV, e.g. BCSS GTcodes.csv).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Micrometres per level-0 pixel of every image (a CSV's mpp column wins). A model that records "
+                   "its scale samples regions with an MPP at its sample spacing in um, as segment does.")
 def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, device, batch_size, compare,
                      baseline_specs, epochs, sweep, sweep_epochs, train_data, hr_size, trimap_widths,
-                     ignore_unmapped, value_names) -> None:
+                     ignore_unmapped, value_names, mpp) -> None:
     """Evaluate MODEL on the labelled pairs in DATA (folder or CSV).
 
     Reports mIoU and per-class IoU in the deformed space (on the sampling
@@ -723,7 +739,9 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
     alone loses), trimap accuracy, cost (fraction of level-0 pixels sampled,
     and of working-resolution pixels where that differs), the fraction of
     samples on glass (tissue detector's threshold) next to a uniform grid's,
-    and the class frequencies before and after sampling. Writes OUT/eval.json and
+    and the class frequencies before and after sampling. A model that
+    records its physical scale samples regions whose MPP is known at its
+    sample spacing in um (eval.json: scale). Writes OUT/eval.json and
     OUT/class_frequency.png and prints a table (one column per method).
     """
     import json
@@ -748,7 +766,7 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
         model_path, data, classes_path, out_dir, split=split, device=device, batch_size=batch_size, widths=widths,
         compare=names, baselines=baselines, epochs=epochs, sweep=parse_sizes(sweep) if sweep else (),
         sweep_epochs=sweep_epochs, train_data=train_data, hr_size=_hw(hr_size), ignore_unmapped=ignore_unmapped,
-        value_names=value_names, log=lambda m: click.echo(m, err=True),
+        value_names=value_names, mpp=mpp, log=lambda m: click.echo(m, err=True),
     )
     if as_json:
         click.echo(json.dumps(run.document, indent=2))

@@ -37,6 +37,7 @@ nor take part in the grid. Training batches group items of equal shape
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -72,10 +73,12 @@ __all__ = [
     "augment",
     "build_dataset",
     "dataset_hash",
+    "known_mpp",
     "load_pairs",
     "read_region",
     "slide_regions",
     "split_pairs",
+    "with_mpp",
     "working_shape",
 ]
 
@@ -257,6 +260,13 @@ def _pairs_from_csv(path: Path) -> list[TrainingPair]:
             raise err(exc.message) from None
         out.append(TrainingPair(files["image"], files["annotation"], split, nums["mpp"], nums["downsample"]))
     return out
+
+
+def with_mpp(pairs: Sequence[TrainingPair], mpp: float | None) -> list[TrainingPair]:
+    """``pairs`` with ``mpp`` (``--mpp``) set on those that give none (a CSV's mpp column wins)."""
+    if mpp is None:
+        return list(pairs)
+    return [p if p.mpp is not None else dataclasses.replace(p, mpp=float(mpp)) for p in pairs]
 
 
 def _is_image(p: Path) -> bool:
@@ -445,7 +455,18 @@ def _open_image(path: str, mpp: float | None) -> Multiscale:
     except Exception as exc:  # decoder errors: one line naming the file
         raise WsisegError(f"cannot read image: {' '.join(str(exc).split())}", path) from exc
     chunk = max(256, min(4096, max(arr.shape[:2])))
-    return Multiscale.from_arrays([arr], path=path, mpp=mpp, chunks=chunk, vendor="image", reader="pillow")
+    xy = None if mpp is None else (float(mpp), float(mpp))  # (x, y), as open_slide gives it
+    return Multiscale.from_arrays([arr], path=path, mpp=xy, chunks=chunk, vendor="image", reader="pillow")
+
+
+def _nan_if_none(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def known_mpp(item: Mapping[str, Any]) -> float | None:
+    """An item's ``mpp`` (micrometres per working pixel), None when it has none (absent, None or NaN)."""
+    v = item.get("mpp")
+    return float(v) if v is not None and math.isfinite(float(v)) else None
 
 
 def working_shape(box: Region, hr_size: tuple[int, int]) -> tuple[int, int]:
@@ -559,6 +580,11 @@ class RegionDataset(torch.utils.data.Dataset):
         ``(x, y, w, h)`` level-0 box.
     ``downsample``
         float, level-0 pixels per working pixel.
+    ``mpp``
+        float, micrometres per working pixel: the image's MPP (its pair's
+        ``mpp`` when given, else the slide's own) times ``downsample``;
+        NaN when unknown, so items still batch with the default collate
+        (:meth:`item_mpp`, :func:`known_mpp`).
     ``size``
         ``(h, w)`` of the unpadded working raster.
 
@@ -614,6 +640,22 @@ class RegionDataset(torch.utils.data.Dataset):
             ms = self._slides[pair] = _open_image(p.image, p.mpp)
         return ms
 
+    def item_mpp(self, index: int) -> tuple[float | None, str]:
+        """Micrometres per working pixel of item ``index`` (along x) and where the MPP came from.
+
+        Returns
+        -------
+        (float or None, str)
+            ``(mpp * downsample, "mpp option")`` when the pair gives an MPP
+            (CSV column, ``--mpp``), ``(..., "slide")`` from the image's own
+            metadata, ``(None, "unknown")`` otherwise. Reads no pixels.
+        """
+        it = self.items[index]
+        mpp = self.slide(it.pair).mpp
+        if mpp is None:
+            return None, "unknown"
+        return float(mpp[0]) * it.downsample, "mpp option" if self.pairs[it.pair].mpp is not None else "slide"
+
     def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(h, w, 3)`` uint8 image and ``(h, w)`` uint8 labels of item ``index`` (no augmentation)."""
         cached = self._cache.get(index)
@@ -643,6 +685,7 @@ class RegionDataset(torch.utils.data.Dataset):
             "name": it.name,
             "box": (it.box.x, it.box.y, it.box.width, it.box.height),
             "downsample": float(it.downsample),
+            "mpp": _nan_if_none(self.item_mpp(index)[0]),
             "size": it.shape,
         }
 

@@ -5,7 +5,11 @@ evaluated at its *working resolution*: the unpadded ``h x w`` raster the
 region is read at (``downsample`` level-0 pixels per working pixel). The net
 sees the low-resolution view of that raster (``map_size``) and samples its
 ``out_size`` grid from it, exactly as inference does on a slide region;
-padding never enters.
+padding never enters. A model that records its physical scale
+(:mod:`wsiseg.models.scale`) samples each region whose items carry ``mpp``
+(micrometres per working pixel) at its sample spacing in micrometres instead
+(the physical mode of :func:`wsiseg.sampling.geometry.region_geometry`, as
+``wsiseg segment`` does); other regions and older models by the pixel rule.
 
 Metrics (confusion matrices accumulated over the whole data set, see
 :mod:`wsiseg.metrics`)
@@ -168,6 +172,10 @@ class EvalResult:
         image), of the model's grids and of uniform grids of the same size.
     downsamples : list of float
         Per-region level-0 pixels per working pixel (when the data set says).
+    sample_spacing_um : float or None
+        The model's recorded sample spacing (None: it records none).
+    regions_physical : int
+        Regions sampled at that spacing (the others had no MPP).
     seconds : float
         Wall time of the evaluation.
     model_path, model_hash : str or None
@@ -195,6 +203,8 @@ class EvalResult:
     glass_model: int = 0
     glass_uniform: int = 0
     downsamples: list[float] = field(default_factory=list)
+    sample_spacing_um: float | None = None
+    regions_physical: int = 0
     seconds: float = 0.0
     model_path: str | None = None
     model_hash: str | None = None
@@ -290,6 +300,14 @@ class EvalResult:
                 "pixels_working": int(self.pixels),
                 "what": "grid points / level-0 pixels of the region (fraction_level0, the primary cost) and / "
                         "unpadded working-resolution pixels (fraction_working), mean over regions",
+            },
+            "scale": {
+                "mode": "physical" if self.regions_physical == self.regions and self.regions else
+                        "pixels" if not self.regions_physical else "mixed",
+                "sample_spacing_um": self.sample_spacing_um,
+                "regions_physical": int(self.regions_physical),
+                "what": "grids at the model's sample spacing in um (regions with an MPP, model with a scale) or by "
+                        "the pixel rule",
             },
             "samples_on_glass": {
                 **{k: _nan_to_none(v) for k, v in self.samples_on_glass.items()},
@@ -421,12 +439,19 @@ def _item_size(item: Mapping[str, Any]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def _batch_key(item: Mapping[str, Any]) -> tuple:
+    from wsiseg.data import known_mpp
+
+    # the grid depends on the size and, at a model's physical scale, on the micrometres per pixel
+    return _item_size(item), known_mpp(item)
+
+
 def _batches(dataset, batch_size: int):
-    """Lists of items whose unpadded sizes agree (so they stack), in data set order."""
+    """Lists of items whose unpadded sizes and MPP agree (so they stack and share a grid), in data set order."""
     batch: list[dict] = []
     for i in range(len(dataset)):
         item = dataset[i]
-        if batch and (len(batch) >= batch_size or _item_size(item) != _item_size(batch[0])):
+        if batch and (len(batch) >= batch_size or _batch_key(item) != _batch_key(batch[0])):
             yield batch
             batch = []
         batch.append(item)
@@ -485,7 +510,9 @@ def evaluate_model(
         optional ``size`` (unpadded ``(h, w)``, default the whole item),
         ``box`` (level-0 ``(x, y, w, h)``: the level-0 pixels of the cost),
         ``downsample`` (else level-0 pixels = working pixels * downsample²;
-        with neither, the working raster is level 0) and ``name``.
+        with neither, the working raster is level 0), ``mpp`` (micrometres
+        per working pixel: with a model that records its scale, the region
+        is sampled at the model's sample spacing) and ``name``.
     classes : sequence of ClassInfo or str, optional
         Class names in channel order; default the model file's classes.
     device : str or torch.device
@@ -510,6 +537,7 @@ def evaluate_model(
         Empty data set, labels that are not class indices.
     """
     from wsiseg.models.net import DeformSegNet, lowres_view
+    from wsiseg.sampling.geometry import PhysicalScale
     from wsiseg.sampling.reverse import inverse_map, lookup_nearest
     from wsiseg.sampling.sample import sample_labels
     from wsiseg.sampling.coords import uniform_grid
@@ -517,6 +545,8 @@ def evaluate_model(
     from wsiseg.slide.tissue import threshold_tissue
 
     net = model if isinstance(model, DeformSegNet) else model.net
+    scale = None if isinstance(model, DeformSegNet) else getattr(model, "scale", None)
+    spacing = scale.sample_spacing_um if scale is not None else None
     if classes is None:
         if isinstance(model, DeformSegNet):
             raise ValueError("classes are required when evaluating a bare DeformSegNet")
@@ -550,6 +580,7 @@ def evaluate_model(
         freq_sampled=np.zeros(k, np.int64),
         model_path=getattr(model, "path", None),
         model_hash=getattr(model, "hash", None),
+        sample_spacing_um=spacing,
     )
     t0 = time.perf_counter()
     for batch in _batches(dataset, batch_size):
@@ -559,7 +590,10 @@ def evaluate_model(
         item_names = [str(it.get("name", "")) for it in batch]
         _check_labels(labels, k, ignore_index, item_names)
         image = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
-        geo = net.geometry(h, w)  # the same geometry as training and segment give this region
+        mpp = _batch_key(batch[0])[1]  # one per batch (_batches)
+        physical = PhysicalScale(float(mpp), spacing) if spacing is not None and mpp is not None else None
+        # segment's geometry for this region (training's pixel rule when no physical scale applies)
+        geo = net.geometry(h, w, physical=physical)
         x_lr = lowres_view(image, geo.map)
         # The edge baseline is an oracle: it places its samples from the labels.
         pred = net.predict_lowres(x_lr, image, labels=labels if net.sampler == "edge" else None, geometry=geo)
@@ -587,6 +621,7 @@ def evaluate_model(
         for it in batch:
             h0, w0 = _level0_size(it, h, w)
             res.regions += 1
+            res.regions_physical += physical is not None
             res.samples += gh * gw
             res.pixels += h * w
             res.pixels_level0 += h0 * w0
@@ -1098,6 +1133,7 @@ def run_evaluation(
     hr_size: tuple[int, int] | None = None,
     ignore_unmapped: bool = False,
     value_names: str | os.PathLike | None = None,
+    mpp: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> EvaluationRun:
     """The ``wsiseg evaluate`` command: evaluate, compare with baselines, sweep the budget.
@@ -1147,6 +1183,10 @@ def run_evaluation(
         model's training ``hr_size`` (baselines always train at that).
     ignore_unmapped, value_names
         As for :func:`wsiseg.data.build_dataset`.
+    mpp : float, optional
+        Micrometres per level-0 pixel of every image whose pair gives none
+        (``--mpp``, :func:`wsiseg.data.with_mpp`), for evaluation and
+        baseline training alike.
     log : callable, optional
         Progress messages.
 
@@ -1162,7 +1202,7 @@ def run_evaluation(
         data overlapping the evaluated data.
     """
     from wsiseg.annotations import load_class_map
-    from wsiseg.data import build_dataset, dataset_hash, load_pairs, split_pairs
+    from wsiseg.data import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
     from wsiseg.models.io import load_deformseg
 
     say = log or (lambda _m: None)
@@ -1185,7 +1225,7 @@ def run_evaluation(
     # Evaluation may use another working size; baselines still train at the model's.
     hr = tuple(hr_size) if hr_size is not None else tcfg.hr_size
 
-    pairs = load_pairs(data)
+    pairs = with_mpp(load_pairs(data), mpp)
     eval_pairs = _select_pairs(pairs, split, tcfg, data, say)
     if not eval_pairs:
         raise WsisegError(f"no pairs to evaluate in the {split} split", data)
@@ -1212,7 +1252,7 @@ def run_evaluation(
     def training_data():
         nonlocal train_parts
         if train_parts is None:
-            tpairs = load_pairs(train_data) if train_data is not None else pairs
+            tpairs = with_mpp(load_pairs(train_data), mpp) if train_data is not None else pairs
             tr, va = split_pairs(tpairs, tcfg.val_fraction, tcfg.seed)
             source = train_data if train_data is not None else data
             if not tr:

@@ -5,6 +5,18 @@ mask is produced tile by tile by :class:`wsiseg.sampling.tiles.ReverseTiler`
 and streamed into a pyramidal BigTIFF, so memory does not grow with the
 slide's area.
 
+Scale
+-----
+A model that records the physical scale it was trained at
+(:mod:`wsiseg.models.scale`) samples every region of a slide with a known
+MPP at its sample spacing in micrometres (:class:`ScalePlan`,
+:func:`wsiseg.sampling.geometry.region_geometry`'s physical mode), so a
+whole slide gets as many samples per micrometre as a training region did.
+Regions whose grid would exceed ``max_grid`` are cut into the fewest equal
+sub-boxes that fit (:func:`wsiseg.sampling.geometry.split_region`), each
+segmented as its own region. Older models, fixed grids (``--size``,
+``--long-side``) and slides without an MPP use the pixel rule.
+
 ``mode="sliding-window"`` is the usual baseline instead: the same
 segmentation net on every level-0 window of the tissue regions, its labels
 kept in a temporary file next to the outputs (:class:`LabelStore`), never in
@@ -14,6 +26,7 @@ memory. Both modes share the regions, the output writers, QC and report.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -30,6 +43,7 @@ from wsiseg.models.io import LoadedModel
 from wsiseg.output.ome import FORMAT_SUFFIXES, ome_tiff_from_mask, ome_zarr_from_mask, parse_formats
 from wsiseg.sampling.coords import to_pixels, uniform_grid
 from wsiseg.sampling.edges import uniform_density
+from wsiseg.sampling.geometry import PhysicalScale, split_region
 from wsiseg.sampling.sizes import sample_fraction
 from wsiseg.sampling.tiles import RegionPrediction, ReverseTiler, coarse_inverse
 from wsiseg.slide.gather import gather
@@ -38,6 +52,8 @@ from wsiseg.slide.multiscale import Multiscale
 
 if TYPE_CHECKING:  # the tissue detector (scikit-image) is imported when regions are found
     from wsiseg.slide.tissue import TissueMask
+
+logger = logging.getLogger(__name__)
 
 #: Output files per slide: kind -> suffix after the slide's name.
 OUTPUT_SUFFIXES = {
@@ -59,6 +75,9 @@ MODES = ("deformed", "sliding-window")
 #: and windows per forward pass.
 SW_WINDOW, SW_MARGIN, SW_BATCH = 512, 32, 4
 
+#: Largest ``(h, w)`` sampling grid of one region in physical mode (memory cap).
+MAX_GRID = (512, 512)
+
 
 @dataclass(frozen=True)
 class SegmentOptions:
@@ -72,11 +91,16 @@ class SegmentOptions:
     tissue_threshold : float, optional
         Override of the tissue score threshold (0..1).
     out_size : (int, int), optional
-        Grid size ``(h, w)`` per region; default the model's, adapted to the
-        region's shape by the dynamic size rule.
+        Grid size ``(h, w)`` per region; default: the model's sample
+        spacing in micrometres when it records one and the slide's MPP is
+        known (physical mode), else the model's grid adapted to the
+        region's shape by the dynamic size rule (pixel rule).
     long_side : int, optional
         Long-side cap of the dynamic size rule (paper A.6); default four
-        times the model's long side.
+        times the model's long side. Given, it selects the pixel rule.
+    max_grid : (int, int)
+        Largest ``(h, w)`` grid of one region in physical mode; larger
+        regions are split into the fewest equal sub-boxes that fit.
     interp : {"nearest", "linear"}
         Read-back: nearest grid node (the paper) or bilinear class scores.
     gather_mode : {"lod", "exact"}
@@ -90,7 +114,8 @@ class SegmentOptions:
     tile : int
         Output TIFF tile size.
     mpp : float, optional
-        Micrometres per level-0 pixel, overriding the slide's.
+        Micrometres per level-0 pixel, overriding the slide's (and giving
+        one to slides without, for physical mode).
     geojson, qc : bool
         Write the QuPath GeoJSON / the QC figure.
     mode : {"deformed", "sliding-window"}
@@ -108,6 +133,7 @@ class SegmentOptions:
     tissue_threshold: float | None = None
     out_size: tuple[int, int] | None = None
     long_side: int | None = None
+    max_grid: tuple[int, int] = MAX_GRID
     interp: str = "nearest"
     gather_mode: str = "lod"
     lod_bias: float = 0.0
@@ -134,6 +160,13 @@ class SegmentOptions:
             raise ConfigError(f"tissue threshold must be in (0, 1), got {self.tissue_threshold}")
         if self.mpp is not None and not self.mpp > 0:
             raise ConfigError(f"mpp must be positive, got {self.mpp}")
+        try:
+            max_grid = tuple(int(v) for v in self.max_grid)
+        except (TypeError, ValueError):
+            max_grid = ()
+        if len(max_grid) != 2 or min(max_grid) < 1:
+            raise ConfigError(f"max grid must be two positive integers (h, w), got {self.max_grid!r}")
+        object.__setattr__(self, "max_grid", max_grid)
 
     def resolved(self) -> dict:
         """JSON-able settings that change the outputs (for resume fingerprints)."""
@@ -143,7 +176,77 @@ class SegmentOptions:
         if d["formats"] == ("tiff",):
             # the default leaves the fingerprint as before --format existed: finished folders stay done
             d.pop("formats")
+        if d["max_grid"] == MAX_GRID:
+            d.pop("max_grid")  # likewise for --max-grid
         return d
+
+
+#: Why a slide is sampled by pixel size (``ScalePlan.reason``).
+NO_MODEL_SCALE = "the model records no physical scale"
+NO_SLIDE_MPP = "slide has no MPP; pass --mpp"
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """How one slide's regions are sized: at the model's physical scale, or by pixels.
+
+    Attributes
+    ----------
+    physical : PhysicalScale or None
+        The slide's level-0 MPP and the model's sample spacing (physical
+        mode); None for the pixel rule.
+    reason : str or None
+        Why the pixel rule (:data:`NO_MODEL_SCALE`, :data:`NO_SLIDE_MPP`,
+        or the grid option that fixes it).
+    max_grid : (int, int)
+        Largest ``(h, w)`` grid of one region in physical mode.
+    """
+
+    physical: PhysicalScale | None
+    reason: str | None = None
+    max_grid: tuple[int, int] = MAX_GRID
+
+    def boxes(self, box: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+        """The region's sub-boxes to segment: ``[box]`` unless its physical grid exceeds ``max_grid``."""
+        if self.physical is None:
+            return [tuple(box)]
+        return split_region(box, self.physical, self.max_grid)
+
+    def report(self, grids: int) -> dict:
+        """The report's ``scale`` entry; ``grids``: sub-boxes segmented."""
+        if self.physical is None:
+            return {"mode": "pixels", "reason": self.reason}
+        return {
+            "mode": "physical",
+            "sample_spacing_um": self.physical.spacing_um,
+            "mpp": list(self.physical.mpp),
+            "max_grid": list(self.max_grid),
+            "grids": int(grids),
+        }
+
+
+def scale_plan(model: LoadedModel, mpp: tuple[float, float] | None, options: SegmentOptions) -> ScalePlan:
+    """Physical mode when the model records a sample spacing and the slide's MPP is known.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    mpp : (float, float) or None
+        The slide's level-0 micrometres per pixel ``(x, y)`` (after ``--mpp``).
+    options : SegmentOptions
+        ``out_size`` or ``long_side`` (a grid in pixels) select the pixel
+        rule; ``max_grid`` caps physical grids.
+    """
+    if options.out_size is not None:
+        return ScalePlan(None, "--size fixes the grid", options.max_grid)
+    if options.long_side is not None:
+        return ScalePlan(None, "--long-side selects the pixel rule", options.max_grid)
+    scale = model.scale
+    if scale is None or not scale.known:
+        return ScalePlan(None, NO_MODEL_SCALE, options.max_grid)
+    if mpp is None:
+        return ScalePlan(None, NO_SLIDE_MPP, options.max_grid)
+    return ScalePlan(PhysicalScale(mpp, scale.sample_spacing_um), None, options.max_grid)
 
 
 @dataclass
@@ -171,6 +274,8 @@ def segment_region(
     model: LoadedModel,
     options: SegmentOptions,
     device: torch.device,
+    *,
+    plan: ScalePlan | None = None,
 ) -> RegionResult:
     """Segment one level-0 box of a slide on its own deformed grid.
 
@@ -179,20 +284,33 @@ def segment_region(
     ms : Multiscale
         The slide.
     box : (x, y, width, height)
-        Level-0 region.
+        Level-0 region; in physical mode one whose grid fits ``max_grid``
+        (a sub-box of :meth:`ScalePlan.boxes`).
     model : LoadedModel
         From :func:`wsiseg.models.io.load_deformseg`.
     options : SegmentOptions
     device : torch.device
+    plan : ScalePlan, optional
+        Default :func:`scale_plan` of the model, the slide's MPP and
+        ``options``.
 
     Returns
     -------
     RegionResult
+
+    Raises
+    ------
+    ValueError
+        In physical mode, a box whose grid exceeds ``max_grid``.
     """
     check_model_for_slides(model)
     net = model.net
     x, y, bw, bh = box
-    geo = net.geometry(bh, bw, grid=options.out_size, long_side=options.long_side)
+    plan = plan if plan is not None else scale_plan(model, ms.mpp, options)
+    geo = net.geometry(bh, bw, grid=options.out_size, long_side=options.long_side, physical=plan.physical)
+    if plan.physical is not None and (geo.grid[0] > plan.max_grid[0] or geo.grid[1] > plan.max_grid[1]):
+        raise ValueError(f"region {box} needs a {geo.grid} grid, over the cap {plan.max_grid}: "
+                         "segment the sub-boxes of ScalePlan.boxes")
     (h, w), (hd, wd) = geo.grid, geo.map
     with torch.no_grad(), _autocast(device, options.amp):
         if net.sampler == "learned":
@@ -416,6 +534,7 @@ class _Segmentation:
     density: list
     n_samples: int
     gather: Callable[[], dict]
+    scale: dict | None = None
 
 
 def _trim_heap() -> None:
@@ -453,11 +572,13 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(before)
 
 
-def _segment_deformed(ms, boxes, model, options, device, progress) -> _Segmentation:
+def _segment_deformed(ms, boxes, model, options, device, progress, plan: ScalePlan) -> _Segmentation:
     results = []
+    # regions too large for one grid at the model's scale become sub-boxes, each a region of its own
+    boxes = [sub for box in boxes for sub in plan.boxes(box)]
     with _one_cpu_thread(device):
         for i, box in enumerate(boxes):
-            results.append(segment_region(ms, box, model, options, device))
+            results.append(segment_region(ms, box, model, options, device, plan=plan))
             progress((i + 1) / len(boxes))
     tiler = ReverseTiler([r.prediction for r in results], ms.width, ms.height, mode=options.interp)
     return _Segmentation(
@@ -466,6 +587,7 @@ def _segment_deformed(ms, boxes, model, options, device, progress) -> _Segmentat
         points=[r.points for r in results],
         density=[(r.density, r.box) for r in results],
         n_samples=sum(r.grid_size[0] * r.grid_size[1] for r in results),
+        scale=plan.report(len(results)),
         gather=lambda: {
             "mode": options.gather_mode,
             "regions": [
@@ -635,7 +757,11 @@ def segment_slide(
             store = cleanup.enter_context(LabelStore(out_dir, name, ms.width, ms.height))
             seg = _segment_sliding_window(ms, boxes, model, options, device, store, step)
         else:
-            seg = _segment_deformed(ms, boxes, model, options, device, step)
+            plan = scale_plan(model, ms.mpp, options)
+            if plan.reason == NO_SLIDE_MPP:
+                logger.warning("%s: slide has no MPP, sampled by pixel size instead of at the model's %.4g um "
+                               "spacing; pass --mpp", slide, model.scale.sample_spacing_um)
+            seg = _segment_deformed(ms, boxes, model, options, device, step, plan)
         timings["sample+segment"] = time.perf_counter() - t
         _trim_heap()
 
@@ -691,6 +817,7 @@ def segment_slide(
         class_areas=class_areas(counts, model.classes, ms.mpp, tissue_pixels=tissue_px),
         fraction_sampled=sample_fraction(1, seg.n_samples, ms.height, ms.width) if seg.n_samples else 0.0,
         samples_on_glass=samples_on_glass(tissue, seg.points, seg.boxes),
+        scale=seg.scale,
         tissue_pixels=tissue_px,
         gather=gather,
         timings=timings,

@@ -21,7 +21,10 @@ Files in ``out_dir``
 ``model.safetensors``
     Best model by validation mIoU (``monitor``), a wsiseg model file
     (:func:`wsiseg.models.io.save_deformseg`) whose metadata key
-    ``"training"`` holds the config, data hash, scores and timings.
+    ``"training"`` holds the config, data hash, scores and timings, and
+    ``"scale"`` the micrometres per working pixel and the sample spacing in
+    micrometres it was trained at (:mod:`wsiseg.models.scale`; ``null``
+    when no training region has an MPP).
 ``checkpoint.safetensors``
     Written after every epoch: everything needed to continue exactly
     (weights, optimizer, scheduler, AMP scaler, RNG states, counters,
@@ -72,6 +75,7 @@ from wsiseg.metrics import ConfusionMatrix
 from wsiseg.models.losses import EDGE_NORMS, LOSS_NAMES, JointLoss
 from wsiseg.models.net import IMAGE_SAMPLING, SAMPLERS, DeformSegNet
 from wsiseg.models.pretrained import IMAGENET, describe_encoder_init, find_encoder
+from wsiseg.models.scale import ModelScale, measure_scale
 from wsiseg.models.segmenter import build_segmenter
 
 __all__ = [
@@ -89,6 +93,7 @@ __all__ = [
     "save_checkpoint",
     "size_batches",
     "train",
+    "training_scale",
 ]
 
 MODEL_NAME = "model.safetensors"
@@ -605,6 +610,43 @@ def _item_shape(ds: Dataset, i: int) -> tuple[int, int]:
     if base is not None:
         return _item_shape(base, i)
     return tuple(int(v) for v in torch.as_tensor(ds[i]["labels"]).shape[-2:])  # type: ignore[return-value]
+
+
+def _item_mpp(ds: Dataset, i: int) -> tuple[float | None, str]:
+    """Micrometres per working pixel of item ``i`` and its source, from the data set's description.
+
+    A data set that describes itself (``item_mpp``, :class:`wsiseg.data.RegionDataset`) or wraps one
+    (``base``) is asked without reading pixels; a list of item dicts by their ``mpp``; anything else
+    is unknown.
+    """
+    describe = getattr(ds, "item_mpp", None)
+    if describe is not None:
+        return describe(i)
+    base = getattr(ds, "base", None)
+    if base is not None:
+        return _item_mpp(base, i)
+    if isinstance(ds, (list, tuple)):
+        from wsiseg.data import known_mpp
+
+        mpp = known_mpp(ds[i])
+        return (mpp, "items") if mpp is not None else (None, "unknown")
+    return None, "unknown"
+
+
+def training_scale(net: DeformSegNet, ds: Dataset) -> ModelScale:
+    """The physical scale of training on ``ds`` with ``net``'s geometry (:func:`~wsiseg.models.scale.measure_scale`)."""
+    regions = ((_item_shape(ds, i), *_item_mpp(ds, i)) for i in range(len(ds)))
+    return measure_scale(regions, net.geometry)
+
+
+def _say_scale(say: Callable[[str], None], scale: ModelScale) -> None:
+    if not scale.known:
+        say("no MPP known for the training regions: the model records no physical scale and segments by pixel "
+            "size (pass --mpp or an mpp column to record it)")
+        return
+    missing = f"; {scale.regions_without_mpp} regions without MPP left out" if scale.regions_without_mpp else ""
+    say(f"scale: {scale.mpp_working:.4g} um per working pixel, one sample every {scale.sample_spacing_um:.4g} um "
+        f"({scale.source}, {scale.regions} regions{missing})")
 
 
 def size_batches(
@@ -1349,6 +1391,10 @@ def train(
         frozen = f", frozen for {cfg.freeze_encoder_epochs} epochs" if cfg.freeze_encoder_epochs else ""
         say(f"encoder {cfg.encoder}: {describe_encoder_init(encoder_init)}{frozen}")
 
+    # The physical scale goes into the model file, so segment samples slides as densely as training did.
+    scale = training_scale(net, train_ds)
+    _say_scale(say, scale)
+
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / CONFIG_NAME)
     if not has_val:
@@ -1495,7 +1541,7 @@ def train(
 
         if improved:
             _save_model(paths["model"], net, classes, cfg, st, data_hash, len(train_ds), len(val_ds) if has_val else 0,
-                        encoder_init)
+                        encoder_init, scale)
         # The checkpoint goes after the model: a crash between the two at
         # worst repeats this epoch on resume.
         save_checkpoint(paths["checkpoint"], net, optimizer, scheduler, scaler, meta())
@@ -1529,11 +1575,12 @@ def train(
 
 
 def _save_model(path: Path, net, classes, cfg: TrainConfig, st: _RunState, data_hash, n_train: int, n_val: int,
-                encoder_init: dict) -> None:
+                encoder_init: dict, scale: ModelScale) -> None:
     from wsiseg.models.io import save_deformseg
 
     extra = {
         "encoder_init": encoder_init,
+        "scale": scale.to_dict(),
         "training": {
             "config": cfg.to_dict(),
             "encoder_init": encoder_init,

@@ -3,7 +3,8 @@
 A model is one ``.safetensors`` file. Its header ``__metadata__`` holds a
 single key, ``wsiseg``, whose value is a JSON document: format version,
 classes and colours, sizes, sampler settings, normalisation, training config
-and data hash, package versions. Weights are plain tensors; nothing is ever
+and data hash, the physical scale it was trained at (``scale``,
+:mod:`wsiseg.models.scale`), package versions. Weights are plain tensors; nothing is ever
 unpickled, so a hostile file cannot run code.
 """
 
@@ -189,6 +190,24 @@ class LoadedModel:
     path: str
     hash: str
 
+    @property
+    def scale(self):
+        """The physical scale the model was trained at (:class:`~wsiseg.models.scale.ModelScale`).
+
+        None for model files without one (written before wsiseg recorded it).
+
+        Raises
+        ------
+        ModelFileError
+            The metadata's ``scale`` entry is malformed.
+        """
+        from wsiseg.models.scale import ModelScale
+
+        try:
+            return ModelScale.from_metadata(self.metadata)
+        except ValueError as exc:
+            raise ModelFileError(f"model metadata is invalid ({exc})", self.path) from exc
+
 
 def load_deformseg(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a wsiseg model file into a ready-to-run DeformSegNet.
@@ -223,7 +242,9 @@ def load_deformseg(path: str | os.PathLike, *, device: str | torch.device = "cpu
     except RuntimeError as exc:
         raise ModelFileError(f"weights do not match the model's configuration ({_first_line(exc)})", path) from exc
     net.to(device).eval()
-    return LoadedModel(net=net, classes=classes, metadata=meta, path=os.fspath(path), hash=file_hash(path))
+    model = LoadedModel(net=net, classes=classes, metadata=meta, path=os.fspath(path), hash=file_hash(path))
+    model.scale  # noqa: B018 - a malformed scale entry fails here, before any slide is read
+    return model
 
 
 def _check_classes(net, classes, path) -> None:

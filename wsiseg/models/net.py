@@ -39,7 +39,7 @@ from wsiseg.models.deformation import DeformationNet
 from wsiseg.models.segmenter import ModelConfigError, build_segmenter
 from wsiseg.sampling.coords import uniform_grid
 from wsiseg.sampling.edges import IGNORE_INDEX, edge_density, edge_target, label_validity, uniform_density
-from wsiseg.sampling.geometry import GeometryRule, SamplingGeometry, default_support, region_geometry
+from wsiseg.sampling.geometry import GeometryRule, PhysicalScale, SamplingGeometry, default_support, region_geometry
 from wsiseg.sampling.grid import DeformedGrid, density_to_grid
 from wsiseg.sampling.sample import downsample_labels, sample_image, sample_image_lod, sample_labels
 
@@ -329,15 +329,24 @@ class DeformSegNet(nn.Module):
         return GeometryRule(tuple(self.out_size), tuple(self.map_size), self.sigma, fixed)
 
     def geometry(
-        self, height: int, width: int, *, grid: Sequence[int] | None = None, long_side: int | None = None
+        self,
+        height: int,
+        width: int,
+        *,
+        grid: Sequence[int] | None = None,
+        long_side: int | None = None,
+        physical: PhysicalScale | None = None,
     ) -> SamplingGeometry:
         """Sampling geometry of a ``height x width`` region (:func:`~wsiseg.sampling.geometry.region_geometry`).
 
         Training, validation, ``evaluate`` and ``segment`` all call this, so
         a region gets the same grid, density map and kernel on every path.
+        ``physical`` (the region's micrometres per pixel and the model's
+        recorded sample spacing) samples it at the model's physical scale.
         """
         return region_geometry(
-            height, width, self.geometry_rule(), grid=tuple(grid) if grid is not None else None, long_side=long_side
+            height, width, self.geometry_rule(), grid=tuple(grid) if grid is not None else None, long_side=long_side,
+            physical=physical,
         )
 
     def density(

@@ -200,6 +200,13 @@ class SlideReport:
         ``{"model": f, "uniform": u}``: fraction of the sampling points on
         glass by the tissue detector's mask, and the same for uniform grids
         of the same sizes over the same regions (None for sliding windows).
+    scale : dict or None
+        How the grids were sized: ``{"mode": "physical",
+        "sample_spacing_um": s, "mpp": [x, y], "max_grid": [h, w],
+        "grids": n}`` at the model's sample spacing (``n`` regions and
+        sub-boxes segmented), or ``{"mode": "pixels", "reason": ...}`` by
+        the pixel rule (e.g. ``"slide has no MPP; pass --mpp"``); None for
+        sliding windows.
     tissue_pixels : int or None
         Level-0 pixels detected as tissue.
     gather : dict
@@ -232,6 +239,7 @@ class SlideReport:
     class_areas: list[dict] = field(default_factory=list)
     fraction_sampled: float | None = None
     samples_on_glass: dict[str, float] | None = None
+    scale: dict | None = None
     tissue_pixels: int | None = None
     gather: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
