@@ -794,7 +794,7 @@ def run_parts(
                         full_resolution_ceiling(data_root, work, qs, base, seed=seed, encoder=enc,
                                                 imagenet_weights=imagenet_weights, log=say)
         if "densities" in parts:
-            dens = [r for qs in sets for r in density_differences(data_root, work, qs)]
+            dens = [r for qs in sets for r in density_differences(data_root, work, qs, base)]
             _write_json(work / "densities.json", dens)
     finally:
         torch.set_num_threads(before)
@@ -873,7 +873,28 @@ def format_section(work: Path, base: TrainConfig, machine: dict, command: str, f
             f"Figure: [{Path(fig).name}]({Path(fig).name}).", format_quality(cells),
             "", "#### Goals", "", *goals(cells),
         ]
+    point = work / "bilinear-rows.json"
+    if point.is_file() and rows:
+        lines += ["", *_sampling_aside(json.loads(point.read_text(encoding="utf-8")), rows)]
     return "\n".join(lines)
+
+
+def _sampling_aside(point_rows: Sequence[dict], rows: Sequence[dict]) -> list[str]:
+    """Level-of-detail vs bilinear point samples in training and evaluation, where both were run."""
+    key = lambda r: (r["set"], r["encoder"], r["seed"], r["method"], int(r["out_height"]))  # noqa: E731
+    lod = {key(r): r for r in rows}
+    pairs = [(p, lod[key(p)]) for p in point_rows if key(p) in lod]
+    if not pairs:
+        return []
+    out = ["#### Level-of-detail vs point samples (one seed: an anecdote, not a result)", "",
+           "The same runs with `image_sampling: bilinear` (the paper's point samples at working resolution, "
+           "aliased where samples are sparse) instead of level of detail (each sample from the area-averaged "
+           "level matching the local spacing, as `wsiseg segment` reads slides):", "",
+           "| set | encoder | seed | method | grid | mIoU point samples | mIoU level of detail |", "|---|---|---|---|---|---|---|"]
+    for p, q in sorted(pairs, key=lambda t: key(t[0])):
+        out.append(f"| {p['set']} | {p['encoder']} | {p['seed']} | {p['method']} | {p['out_height']} | "
+                   f"{_f(p['miou_full'], 3)} | {_f(q['miou_full'], 3)} |")
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -969,13 +990,14 @@ def density_differences(
     data_root: str | os.PathLike,
     workdir: str | os.PathLike,
     qs: QualitySet,
+    base: TrainConfig,
     *,
     seed: int = 0,
     classes_file: str | os.PathLike = CLASSES_FILE,
 ) -> list[dict]:
     """How far apart the densities of learned (joint), learned (single) and the edge oracle are.
 
-    For each budget of the random-encoder runs of ``seed``: every test image's density of each method,
+    For each budget of the random-encoder runs of ``seed`` made from ``base`` (:func:`bench_quality`): every test image's density of each method,
     normalised to sum 1, compared pairwise by total-variation distance (0 = identical, 1 = disjoint),
     and each method's share of density mass on the true label boundaries' neighbourhood (the edge
     oracle's own support above its floor), averaged over the test images.
@@ -989,14 +1011,13 @@ def density_differences(
 
     from wsiseg.models.io import load_deformseg
 
-    _train, test_ds, _classes, _h = _datasets(prepare_set(data_root, workdir, qs), qs, Path(classes_file))
-    runs = sorted(Path(workdir).glob(f"{qs.key}-random-s{seed}-*/sweep"))
+    _train, test_ds, _classes, data_hash = _datasets(prepare_set(data_root, workdir, qs), qs, Path(classes_file))
+    cfg = _quality_config(base, qs, epochs=EPOCHS[qs.key], seed=seed, encoder_weights=None)
+    run = Path(workdir) / f"{qs.key}-random-s{seed}-{_digest(cfg.to_dict(), data_hash)}" / "sweep"
     out = []
     for g in GRIDS[qs.key]:
-        paths = {m: next((r / f"{m}-{g}x{g}" / "model.safetensors" for r in runs
-                          if (r / f"{m}-{g}x{g}" / "model.safetensors").is_file()), None)
-                 for m in ("learned", "single", "edge")}
-        if any(p is None for p in paths.values()):
+        paths = {m: run / f"{m}-{g}x{g}" / "model.safetensors" for m in ("learned", "single", "edge")}
+        if not all(p.is_file() for p in paths.values()):
             continue
         nets = {m: load_deformseg(p).net.eval() for m, p in paths.items()}
         tv: dict[str, list[float]] = {}
@@ -1040,6 +1061,10 @@ class _RandomCrops:
         h, w = self.base.items[i // self.per_image].shape
         s = min(self.size, h, w)
         return s, s
+
+    def item_mpp(self, i: int) -> tuple[float | None, str]:
+        """Micrometres per pixel of item ``i``: its image's (for the model's recorded scale)."""
+        return self.base.item_mpp(i // self.per_image)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
