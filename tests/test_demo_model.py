@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from wsiseg import demo
+from wsiseg.errors import WsisegError
 from wsiseg.models.io import load_deformseg, read_metadata
 from wsiseg.train import TrainConfig
 
@@ -39,3 +41,37 @@ def test_demo_model_calls_glass_background():
         out = net(None, glass)
     assert out.logits.shape[-2:] == tuple(net.out_size)
     assert (out.logits.argmax(1) == 0).float().mean() > 0.95
+
+
+# -- the real-tissue demo model ---------------------------------------------------------------------------
+
+
+def test_tumour_model_is_shipped_small_and_matches_its_pipeline():
+    path = demo.demo_model("tumour")
+    assert path.stat().st_size <= 15 * 2**20
+    meta = read_metadata(path)
+    assert [c["name"] for c in meta["classes"]] == ["background", "non-tumour", "tumour"]
+    config = TrainConfig.from_dict(yaml.safe_load((REPO / "pipelines" / "tumour-model.yaml").read_text()))
+    assert TrainConfig.from_dict(meta["training"]["config"]).to_dict() == config.to_dict()
+    assert meta["training"]["config"]["encoder_weights"] is None  # random init: nothing of unstated licence inside
+    with pytest.raises(WsisegError, match="unknown demo model"):
+        demo.demo_model("nope")
+
+
+def test_tumour_model_on_held_out_real_tissue(shared_data, tmp_path):
+    """The benchmark's fixed test tiles (never trained on): better than chance, as docs/demo-model.md reports."""
+    from wsiseg.annotations import load_class_map
+    from wsiseg.bench_quality import prepare_demo_data
+    from wsiseg.data import build_dataset, load_pairs
+    from wsiseg.evaluate import evaluate_model
+
+    if not (shared_data / "labelled-regions").is_dir():
+        pytest.skip("labelled regions absent")
+    csv_path = prepare_demo_data(shared_data, tmp_path)
+    pairs = [p for p in load_pairs(csv_path) if p.split == "test" and "bcss" not in p.image]
+    assert len(pairs) == 11  # 8 CAMELYON + 3 OCDC tiles
+    ds = build_dataset(pairs, load_class_map(tmp_path / "classes.yaml"), hr_size=(512, 512), regions="whole")
+    r = evaluate_model(load_deformseg(demo.demo_model("tumour")), ds, device="cpu")
+    m = r.full.matrix
+    assert m.trace() / m.sum() > 0.6  # pixel accuracy (measured 0.66)
+    assert r.full.iou()[2] > 0.45  # tumour IoU (measured 0.51)

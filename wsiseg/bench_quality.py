@@ -775,6 +775,7 @@ def run_parts(
             key = "camelyon" if any(q.key == "camelyon" for q in sets) else sets[0].key
             brows = loss_balance(data_root, work, QUALITY_SETS[key], base, grid=GRIDS[key][1], log=say)
             _write_json(work / "balance.json", {"set": key, "grid": GRIDS[key][1],
+                                                "image_sampling": f"{base.image_sampling} sampling",
                                                 "rows": [dataclasses.asdict(r) for r in brows]})
         if "quality" in parts:
             if "imagenet" in encoders and imagenet_weights is None:
@@ -841,7 +842,7 @@ def format_section(work: Path, base: TrainConfig, machine: dict, command: str, f
         lines += [
             "", "### Loss balance: which term steers the sampler?", "",
             f"Learned sampler (joint loss) on {doc['set']}, {doc['grid']}x{doc['grid']} grid, 15 epochs, seed 0, "
-            "random encoder: medians over the epochs after the first third of the L2 norm of the deformation net's "
+            f"random encoder, {doc.get('image_sampling', 'bilinear point samples')}: medians over the epochs after the first third of the L2 norm of the deformation net's "
             "gradient from the segmentation term and from gamma x the edge term (`grad_seg`, `grad_edge` in "
             "`log.csv`), the terms themselves, and the held-out mIoU (one seed: indicative only).", "",
             format_balance(brows),

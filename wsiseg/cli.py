@@ -659,7 +659,7 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
               type=click.Path(file_okay=False, path_type=str), help="Output folder.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Redo the demo even if its outputs exist.")
-@click.option("--model", "model_name", type=click.Choice(["tumour", "mosaic"]), default="tumour", show_default=True,
+@click.option("--model", "model_name", type=click.Choice(["mosaic", "tumour"]), default="mosaic", show_default=True,
               help="Shipped model: background / non-tumour / tumour trained on real H&E tumour masks, or "
                    "background / cellular / stroma trained on texture mosaics (docs/demo-model.md).")
 @click.pass_context
