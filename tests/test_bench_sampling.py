@@ -93,7 +93,7 @@ def test_bench_sampling_tiny_run_writes_every_method_and_budget(few_nucls, tmp_p
     # A rerun reuses every finished run: nothing is trained again.
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert "training " not in r.output
+    assert not [line for line in r.output.splitlines() if line.startswith("training ")]
     assert "in which 0 of 8 runs were trained or resumed" in out.read_text()
 
 

@@ -185,6 +185,8 @@ def test_samples_on_glass_uses_the_tissue_threshold_of_each_region():
     d = torch.full((1, 1, 8, 8), 1e-3)
     d[..., 4:] = 1.0
     net.density = lambda *args, **kwargs: d / d.sum()
+    net.sampler = "edge"  # a sampler that turns its density into a grid (uniform skips the attraction)
+    net.sigma, net.support = 2.0, 9  # a kernel wide enough to pull samples across the 8-node map
     r = evaluate_model(net, [item], NAMES, device="cpu")
     assert r.samples_on_glass["uniform"] == 0.5 and r.samples_on_glass["model"] < 0.4
     assert "samples on glass (model)" in r.format_table()
