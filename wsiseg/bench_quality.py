@@ -594,6 +594,11 @@ class Cell:
 def aggregate(rows: Sequence[dict]) -> dict[tuple[str, str, str, int], Cell]:
     """Cells keyed by ``(set, encoder, method, grid side)``: held-out mIoU, mIoU(Y', Y), samples on glass."""
     cells: dict[tuple[str, str, str, int], Cell] = {}
+    sets, encs = list(QUALITY_SETS), ["random", "imagenet"]
+    order = {m: i for i, m in enumerate(("learned", "single", "uniform", "edge", FULL))}
+    rows = sorted(rows, key=lambda r: (sets.index(r["set"]) if r["set"] in sets else len(sets),
+                                       encs.index(r["encoder"]) if r["encoder"] in encs else 2,
+                                       order.get(r["method"], 9), int(r["out_height"])))
     for r in rows:
         key = (r["set"], r["encoder"], r["method"], int(r["out_height"]))
         c = cells.setdefault(key, Cell(*key, cost=float(r.get("cost") or math.nan)))
@@ -811,8 +816,8 @@ def format_section(work: Path, base: TrainConfig, machine: dict, command: str, f
     lines = [
         "## Quality on real tissue: learned vs uniform sampling (issue 10)",
         "",
-        f"- Command: `{command}` (parts may run separately; the section is written from every result in "
-        f"`{work.as_posix()}`).",
+        "- Command: `wsiseg bench quality` (every part, the defaults). Parts may run as separate processes; "
+        f"this section was written by `{command}` from every result stored in `{work.as_posix()}`.",
         *machine_lines,
         "- Data: `../shared/data/labelled-regions`, real H&E with binary tumour masks (JPEG, thresholded at 128). "
         + " ".join(f"*{q.key}*: {q.description}; test = {len(q.test)} fixed image(s)." for q in QUALITY_SETS.values()),
