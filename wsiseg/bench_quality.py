@@ -530,8 +530,13 @@ def bench_quality(
                 for r in got:
                     r.update(set=qs.key, encoder=enc, seed=seed, seconds=time.perf_counter() - t0)
                     unit.append(r)
-                # one file per (set, encoder, seed): parallel runs on other units never collide
-                _write_json(Path(workdir) / f"rows-{qs.key}-{enc}-s{seed}.json", unit)
+                # One file per (set, encoder, seed): parallel runs on other units never collide. Rows of
+                # methods not run this time (a call with other methods) are kept.
+                path = Path(workdir) / f"rows-{qs.key}-{enc}-s{seed}.json"
+                done = {(r["method"], r["out_height"]) for r in unit}
+                kept = [r for r in (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else [])
+                        if (r["method"], r["out_height"]) not in done]
+                _write_json(path, kept + unit)
                 say(f"{qs.key} {enc} seed {seed}: " + ", ".join(
                     f"{r['method']}@{r['out_width']} {_f(r['miou_full'])}" for r in got))
                 rows += unit
