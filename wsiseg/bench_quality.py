@@ -679,6 +679,8 @@ def goals(cells: dict[tuple[str, str, str, int], Cell]) -> list[str]:
     return out
 
 
+#: Legend names short enough for five in one panel row.
+_SHORT = {"learned": "learned (joint)", "single": "single loss", "uniform": "uniform", "edge": "oracle"}
 _LINE_COLORS = {"learned": (214, 39, 40), "single": (255, 127, 14), "uniform": (31, 119, 180),
                 "edge": (44, 160, 44), FULL: (90, 90, 90)}
 
@@ -688,12 +690,12 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
     from PIL import Image, ImageDraw
 
     from wsiseg.atomic import atomic_output
-    from wsiseg.evaluate import _font, method_label
+    from wsiseg.evaluate import _font
     from wsiseg.train import chart_panel
 
     sets = list(dict.fromkeys(k[0] for k in cells))
     encs = list(dict.fromkeys(k[1] for k in cells))
-    pw, ph = 440, 300
+    pw, ph = 480, 300
     img = Image.new("RGB", (pw * max(1, len(sets)), ph * max(1, len(encs))), "white")
     draw = ImageDraw.Draw(img)
     font = _font()
@@ -705,7 +707,7 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
             for m in ("learned", "single", "uniform", "edge"):
                 ys = [cells[(s, enc, m, g)].mean if (s, enc, m, g) in cells else None for g in grids]
                 if any(v is not None for v in ys):
-                    series.append((method_label(m), _LINE_COLORS[m], ys))
+                    series.append((_SHORT[m], _LINE_COLORS[m], ys))
             full = [c.mean for k, c in cells.items() if k[:3] == (s, enc, FULL) and c.miou]
             if full:
                 series.append(("full res.", _LINE_COLORS[FULL], [full[0]] * len(xs)))
