@@ -267,7 +267,7 @@ def test_sweep_methods_change_only_the_sampler_and_the_loss():
     cfgs = {m: _scaled_config(base, (32, 16), m, 3, "cpu") for m in SWEEP_METHODS}
     assert (cfgs["learned"].sampler, cfgs["learned"].joint) == ("learned", True)
     assert (cfgs["single"].sampler, cfgs["single"].joint) == ("learned", False)
-    assert cfgs["single"].effective_gamma_edge == 0 and cfgs["learned"].effective_gamma_edge == 100
+    assert cfgs["single"].effective_gamma_edge == 0 and cfgs["learned"].effective_gamma_edge == 10
     assert cfgs["uniform"].sampler == "uniform" and cfgs["edge"].sampler == "edge"
     for c in cfgs.values():
         assert (c.out_size, c.map_size, c.epochs, c.sigma) == ((32, 16), (16, 8), 3, 1.0)
@@ -446,7 +446,8 @@ def test_cli_evaluate_sweep(model, nucls, classes_yaml, train_csv, tmp_path):
     # Resume-friendly: a second run trains nothing new.
     r = _run(*args)
     assert r.exit_code == 0, r.output
-    assert "training " not in r.stderr and "nothing to do" not in r.stdout
+    assert not [line for line in r.stderr.splitlines() if line.startswith("training ")]
+    assert "nothing to do" not in r.stdout
 
 
 def test_cli_evaluate_sweep_fast(model, nucls, classes_yaml, train_csv, tmp_path, monkeypatch):

@@ -231,7 +231,7 @@ def test_joint_loss_terms():
     assert torch.allclose(crit(logits, target, d, t, valid).edge, edge_loss(d, t, valid))
     out = crit(logits, target)  # no density: segmentation only
     assert out.edge.item() == 0.0 and torch.allclose(out.total, out.seg)
-    assert JointLoss().gamma_edge == 100.0  # the paper's weight is the default
+    assert JointLoss().gamma_edge == 10.0  # balances the two terms' gradients (the paper's is 100)
     assert isinstance(JointLoss().seg_loss, FocalLoss)
     with pytest.raises(ValueError):
         JointLoss(gamma_edge=-1)

@@ -281,7 +281,7 @@ def test_tiny_training_reduces_joint_loss(shared_data):
     torch.manual_seed(0)
     seg = build_segmenter("linknet", "resnet18", num_classes=3)
     net = DeformSegNet(seg, map_size=(16, 16), out_size=(32, 32))
-    crit = JointLoss("focal")  # the paper's edge weight, 100
+    crit = JointLoss("focal", gamma_edge=100.0)  # the paper's edge weight
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
 
     def joint():

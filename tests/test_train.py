@@ -276,7 +276,7 @@ def test_config_round_trip_and_validation(tmp_path):
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert TrainConfig(joint=False).effective_gamma_edge == 0.0
     assert TrainConfig(sampler="uniform").effective_gamma_edge == 0.0
-    assert TrainConfig().effective_gamma_edge == 100.0
+    assert TrainConfig().effective_gamma_edge == 10.0
     assert TrainConfig(patience=0).patience is None
 
     bad = [

@@ -558,7 +558,8 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--sampler", type=click.Choice(["learned", "uniform", "edge"]), default=None,
               help="Learned deformation, or the uniform / oracle edge baselines [default: learned].")
 @click.option("--loss", type=click.Choice(["focal", "ce"]), default=None, help="Segmentation loss [default: focal].")
-@click.option("--gamma-edge", type=click.FloatRange(min=0), default=None, help="Edge-loss weight [default: 100].")
+@click.option("--gamma-edge", type=click.FloatRange(min=0), default=None, help="Edge-loss weight (the paper's is 100; 10 balances the two loss terms' gradients on "
+                   "the deformation net, docs/benchmarks.md) [default: 10].")
 @click.option("--image-sampling", type=click.Choice(["lod", "bilinear"]), default=None,
               help="How regions are sampled at the grid in training: level of detail, as segment reads slides, "
                    "or the paper's bilinear point samples [default: lod].")

@@ -246,7 +246,8 @@ class TrainConfig:
     loss : {"focal", "ce"}
         Segmentation loss.
     gamma_edge : float
-        Weight of the edge loss (paper: 100).
+        Weight of the edge loss (paper: 100; default 10, which balances the
+        two terms' gradients on the deformation net, docs/benchmarks.md).
     edge_norm : {"mean", "sum"}
         How density and edge target are normalised in the edge loss
         (:func:`wsiseg.models.losses.edge_loss`): unit mean, or unit sum
@@ -309,7 +310,7 @@ class TrainConfig:
     support: int | None = None
     sampler: str = "learned"
     loss: str = "focal"
-    gamma_edge: float = 100.0
+    gamma_edge: float = 10.0
     edge_norm: str = "mean"
     image_sampling: str = "lod"
     joint: bool = True
