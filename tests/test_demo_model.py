@@ -75,3 +75,21 @@ def test_tumour_model_on_held_out_real_tissue(shared_data, tmp_path):
     m = r.full.matrix
     assert m.trace() / m.sum() > 0.6  # pixel accuracy (measured 0.66)
     assert r.full.iou()[2] > 0.45  # tumour IoU (measured 0.51)
+
+
+def test_segment_takes_a_shipped_model_by_name(slides_dir, tmp_path):
+    """`wsiseg segment --model tumour` (and demo/mosaic) needs no file path."""
+    import json
+
+    from click.testing import CliRunner
+
+    from wsiseg.cli import main
+
+    slide = slides_dir / "CMU-1-Small-Region.svs"
+    r = CliRunner().invoke(main, ["segment", str(slide), "--model", "tumour", "--out", str(tmp_path / "o"),
+                                  "--no-qc", "--no-geojson", "--progress", "none"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "o" / "CMU-1-Small-Region.report.json").read_text())
+    assert [c["name"] for c in report["class_areas"]] == ["background", "non-tumour", "tumour"]
+    r = CliRunner().invoke(main, ["segment", str(slide), "--model", "nope", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2

@@ -7,6 +7,7 @@ line on stderr and exit code 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -458,7 +459,9 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
 
 @main.command("segment")
 @click.argument("slides", nargs=-1, required=True)
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=str), help="wsiseg model file.")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=str),
+              help="wsiseg model file, or a shipped model by name: 'tumour' (background / non-tumour / tumour, "
+                   "trained on real H&E tumour masks) or 'demo' / 'mosaic' (the demo model; docs/demo-model.md).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str), help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Redo slides whose outputs are already complete.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N.")
@@ -530,6 +533,10 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
     )
     if scheduler is not None and workers is not None:
         raise click.UsageError("--scheduler and --workers exclude each other")
+    if model_path in ("demo", "mosaic", "tumour") and not os.path.exists(model_path):
+        from wsiseg.demo import demo_model
+
+        model_path = str(demo_model("mosaic" if model_path == "demo" else model_path))
     result = run_segment(slides, model_path, out_dir, options, overwrite=overwrite, progress=progress,
                          scheduler=scheduler, workers=workers)
     counts = result.counts
