@@ -48,6 +48,7 @@ __all__ = [
     "format_convert_section",
     "format_gather_section",
     "machine_info",
+    "machine_lines",
     "uniform_points",
     "write_section",
 ]
@@ -368,7 +369,8 @@ def _per_level(levels) -> str:
     return "; ".join(parts)
 
 
-def _machine_lines(m: dict) -> list[str]:
+def machine_lines(m: dict) -> list[str]:
+    """Markdown lines naming the machine, the date and the versions of :func:`machine_info`."""
     return [
         f"- Machine: {m['platform']}, {m['processor']}, CPUs {m['cpus']}, RAM {m['ram_gib']} GiB",
         f"- Date: {m['date']}; load average (1, 5, 15 min) at start: {m['load']}",
@@ -386,7 +388,7 @@ def format_gather_section(b: GatherBench, command: str) -> str:
         "## Level-of-detail gather",
         "",
         f"- Command: `{command}`",
-        *_machine_lines(b.machine),
+        *machine_lines(b.machine),
         f"- Slide: synthetic {s.width} x {s.height} ({s.width * s.height / 1e9:.2f} Gpx) BigTIFF, JPEG q{s.quality}, "
         f"tiles {s.tile}, {len(b.levels)} levels ({', '.join(f'{w}x{h}' for w, h in b.levels)}), "
         f"{b.file_bytes / 2**20:.0f} MiB, mirror-tiled from `{s.source.name}`; {built}.",
@@ -474,7 +476,7 @@ def format_convert_section(b: ConvertBench, command: str) -> str:
             "## Convert to OME-Zarr",
             "",
             f"- Command: `{command}`",
-            *_machine_lines(b.machine),
+            *machine_lines(b.machine),
             f"- Slide: synthetic {s.width} x {s.height} BigTIFF, JPEG q{s.quality}, tiles {s.tile}, "
             f"mirror-tiled from `{s.source.name}`; output NGFF 0.4, chunks {b.chunk}, all levels copied.",
             "",
@@ -634,7 +636,7 @@ def format_cluster_section(b: ClusterBench, command: str) -> str:
         "## Scale-out: slides per hour, in-process vs local dask worker processes",
         "",
         f"- Command: `{command}`",
-        *_machine_lines(b.machine),
+        *machine_lines(b.machine),
         f"- Batch: {b.slides} copies of a synthetic {s.width} x {s.height} JPEG BigTIFF (tiles {s.tile}, "
         f"mirror-tiled from `{s.source.name}`), `wsiseg segment` with every output (mask, overlay, GeoJSON, QC, "
         f"report) on the CPU, model `{b.model}`; a fresh output folder per run.",

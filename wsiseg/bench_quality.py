@@ -414,7 +414,7 @@ def loss_balance(
     The medians of ``grad_seg``/``grad_edge`` (``log.csv``) over the epochs
     after the first third (warm-up) are reported, with the held-out mIoU.
     """
-    from wsiseg.evaluate import _ensure_trained, evaluate_model
+    from wsiseg.evaluate import ensure_trained, evaluate_model
     from wsiseg.models.io import load_deformseg
 
     say = log or (lambda _m: None)
@@ -428,7 +428,7 @@ def loss_balance(
                 out_size=(grid, grid), map_size=(2 * grid, 2 * grid), sigma=None, support=None,
             )
             run = Path(workdir) / "balance" / f"{qs.key}-{norm}-{gamma:g}-{_digest(cfg.to_dict(), data_hash)}"
-            path = _ensure_trained(cfg, run, train_ds, None, classes, data_hash, say, "learned")
+            path = ensure_trained(cfg, run, train_ds, None, classes, data_hash, say, "learned")
             hist = _read_log(run)[epochs // 3:]
             med = {k: statistics.median(float(r[k]) for r in hist) for k in ("grad_seg", "grad_edge", "seg", "edge")}
             r = evaluate_model(load_deformseg(path), test_ds, device="cpu", name="learned")
@@ -690,7 +690,7 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
     from PIL import Image, ImageDraw
 
     from wsiseg.atomic import atomic_output
-    from wsiseg.evaluate import _font
+    from wsiseg.evaluate import chart_font
     from wsiseg.train import chart_panel
 
     sets = list(dict.fromkeys(k[0] for k in cells))
@@ -698,7 +698,7 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
     pw, ph = 480, 300
     img = Image.new("RGB", (pw * max(1, len(sets)), ph * max(1, len(encs))), "white")
     draw = ImageDraw.Draw(img)
-    font = _font()
+    font = chart_font()
     for i, enc in enumerate(encs):
         for j, s in enumerate(sets):
             grids = sorted({k[3] for k in cells if k[:2] == (s, enc) and k[2] != FULL})
@@ -773,7 +773,7 @@ def run_parts(
     """
     import torch
 
-    from wsiseg.bench import _machine_lines, machine_info
+    from wsiseg.bench import machine_lines, machine_info
 
     say = log or (lambda _m: None)
     work = Path(workdir)
@@ -814,7 +814,7 @@ def run_parts(
     finally:
         torch.set_num_threads(before)
     say(f"parts {', '.join(parts)} done in {(time.perf_counter() - t0) / 60:.1f} min")
-    return format_section(work, base, machine, command, figure, _machine_lines(machine))
+    return format_section(work, base, machine, command, figure, machine_lines(machine))
 
 
 def format_section(work: Path, base: TrainConfig, machine: dict, command: str, figure: str | os.PathLike,
@@ -1127,7 +1127,7 @@ def full_resolution_ceiling(
     dict
         A quality row (``method`` ``"full"``), also stored as ``rows-<set>-<encoder>-full-s<seed>.json``.
     """
-    from wsiseg.evaluate import _ensure_trained, _sweep_row, evaluate_model
+    from wsiseg.evaluate import ensure_trained, sweep_row, evaluate_model
     from wsiseg.models.io import load_deformseg
 
     say = log or (lambda _m: None)
@@ -1141,11 +1141,11 @@ def full_resolution_ceiling(
     )
     run = Path(workdir) / f"{qs.key}-{encoder}-full-s{seed}-{_digest(cfg.to_dict(), data_hash)}"
     t0 = time.perf_counter()
-    path = _ensure_trained(cfg, run, _RandomCrops(train_ds, crop, per_image, seed), None, classes, data_hash, say,
+    path = ensure_trained(cfg, run, _RandomCrops(train_ds, crop, per_image, seed), None, classes, data_hash, say,
                            "uniform")
     model = load_deformseg(path)
     r = evaluate_model(model, test_ds, device="cpu", name=FULL)
-    row = _sweep_row(r, (qs.hr_size, qs.hr_size), path, cfg.epochs, model.metadata.get("training") or {})
+    row = sweep_row(r, (qs.hr_size, qs.hr_size), path, cfg.epochs, model.metadata.get("training") or {})
     row.update(set=qs.key, encoder=encoder, seed=seed, seconds=time.perf_counter() - t0,
                label="full resolution (sliding-window ceiling)")
     _write_json(Path(workdir) / f"rows-{qs.key}-{encoder}-full-s{seed}.json", [row])

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsiseg.bench import _machine_lines, machine_info
+from wsiseg.bench import machine_lines, machine_info
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.evaluate import (
     SWEEP_METHODS,
@@ -428,7 +428,7 @@ def format_sampling_section(b: SamplingBench, command: str) -> str:
         "## Learned vs fixed sampling at equal budgets (issue 5)",
         "",
         f"- Command: `{command}`",
-        *_machine_lines(m),
+        *machine_lines(m),
         f"- Training libraries: {b.versions}; Python {platform.python_version()}.",
         (f"- Threads: **{b.threads} torch CPU thread** for all training and evaluation (`torch.set_num_threads`; "
         f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`), on a machine shared with other work; "

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsiseg.bench import SlideSpec, _machine_lines, cached_synthetic_slide, machine_info
+from wsiseg.bench import SlideSpec, machine_lines, cached_synthetic_slide, machine_info
 from wsiseg.errors import ConfigError, WsisegError
 
 __all__ = [
@@ -463,7 +463,7 @@ def format_segment_section(b: SegmentBench, command: str) -> str:
         "## wsiseg segment end to end",
         "",
         f"- Command: `{command}`",
-        *_machine_lines(b.machine),
+        *machine_lines(b.machine),
         f"- Slide: synthetic {s.width} x {s.height} ({s.width * s.height / 1e9:.2f} Gpx) BigTIFF, JPEG q{s.quality}, "
         f"tiles {s.tile}, {b.file_bytes / 2**20:.0f} MiB, mirror-tiled from `{s.source.name}` (the slide of "
         f"`bench gather`); {built}. {len(first.report['regions'])} tissue regions, {tissue / 1e6:.0f} level-0 Mpx "
@@ -581,7 +581,7 @@ def format_memory_section(b: MemoryBench, command: str) -> str:
         "## Peak memory of wsiseg segment against slide area",
         "",
         f"- Command: `{command}`",
-        *_machine_lines(b.machine),
+        *machine_lines(b.machine),
         f"- Model: `{b.model}`" + (" (untrained tiny test net, fixed seed: labels change at almost every grid node, "
                                   "the tile writer's worst case)." if b.untrained else "."),
         "- Each size: a synthetic JPEG pyramid (tiles 256, q90, mirror-tiled from the same H&E region) segmented in "

@@ -343,7 +343,7 @@ def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_
     )
     from wsiseg.errors import ConfigError
     from wsiseg.evaluate import parse_sizes
-    from wsiseg.mosaic import _default_data_root
+    from wsiseg.mosaic import default_data_root
 
     keys = [k.strip() for k in datasets.split(",") if k.strip()]
     unknown = sorted(set(keys) - {"nucls", "mosaics"})
@@ -356,7 +356,7 @@ def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_
     if len(counts) != 3 or min(counts.values()) < 0 or counts["train"] < 1 or counts["test"] < 1:
         raise ConfigError(f"--mosaics expects TRAIN,VAL,TEST counts (train and test > 0), got {mosaic_counts!r}")
     grids = parse_sizes(sizes)  # before any data is built
-    root = data_root or _default_data_root()
+    root = data_root or default_data_root()
     chosen = []
     for key in dict.fromkeys(keys):
         if key == "nucls":
@@ -411,7 +411,7 @@ def bench_quality_command(parts, sets, seeds, encoders, imagenet_weights, config
     from wsiseg.bench_quality import QUALITY_SETS, run_parts
     from wsiseg.bench_sampling import bench_config
     from wsiseg.errors import ConfigError
-    from wsiseg.mosaic import _default_data_root
+    from wsiseg.mosaic import default_data_root
 
     names = [k.strip() for k in sets.split(",") if k.strip()]
     bad = sorted(set(names) - set(QUALITY_SETS))
@@ -430,7 +430,7 @@ def bench_quality_command(parts, sets, seeds, encoders, imagenet_weights, config
     if not seed_list or min(seed_list) < 0:
         raise ConfigError(f"--seeds expects non-negative integers, got {seeds!r}")
     body = run_parts(
-        part_list, data_root or _default_data_root(), workdir, [QUALITY_SETS[k] for k in names],
+        part_list, data_root or default_data_root(), workdir, [QUALITY_SETS[k] for k in names],
         bench_config(config_path), seeds=seed_list, encoders=enc, imagenet_weights=imagenet_weights,
         threads=threads, figure=figure, command=command_line(), log=click.echo,
     )

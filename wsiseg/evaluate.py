@@ -83,8 +83,10 @@ __all__ = [
     "SWEEP_METHODS",
     "EvalResult",
     "EvaluationRun",
+    "chart_font",
     "draw_class_frequency",
     "draw_sweep",
+    "ensure_trained",
     "evaluate_model",
     "format_sweep_table",
     "format_table",
@@ -92,6 +94,7 @@ __all__ = [
     "parse_sizes",
     "run_evaluation",
     "run_sweep",
+    "sweep_row",
     "write_sweep_files",
 ]
 
@@ -640,7 +643,8 @@ def evaluate_model(
 # ---------------------------------------------------------------------------
 
 
-def _font():
+def chart_font():
+    """The font of every chart label (Pillow's default at 11 px, its bitmap font on old Pillow)."""
     from PIL import ImageFont
 
     try:
@@ -689,7 +693,7 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
             out.append((method_label(m), _method_color(m, n), ys))
         return out
 
-    font = _font()
+    font = chart_font()
     h = 340
     img = Image.new("RGB", (1, 1), "white")
     # Wide enough for each panel's one-row legend (``chart_panel``: 36 px per entry, 64 px of margins).
@@ -738,7 +742,7 @@ def draw_class_frequency(
     k, nb = len(class_names), len(series)
     bar = 16
     group = nb * bar + 28
-    font = _font()
+    font = chart_font()
     img = Image.new("RGB", (1, 1), "white")
     legend = sum(32 + ImageDraw.Draw(img).textlength(name, font=font) for name, _, _ in series)
     w = max(520, 70 + k * group + 20, 60 + math.ceil(legend) + 20)
@@ -901,7 +905,7 @@ def _select_pairs(pairs, split: str, cfg, data, say) -> list:
     return test
 
 
-def _ensure_trained(cfg, out: Path, train_ds, val_ds, classes, data_hash, say, name: str | None = None) -> Path:
+def ensure_trained(cfg, out: Path, train_ds, val_ds, classes, data_hash, say, name: str | None = None) -> Path:
     """Train into ``out`` unless done: resume an unfinished run, reuse a model without a checkpoint."""
     from wsiseg.train import CHECKPOINT_NAME, MODEL_NAME, train
 
@@ -1027,10 +1031,10 @@ def run_sweep(
         for method in methods:
             mcfg = _scaled_config(cfg, size, method, n_ep, str(device))
             run_dir = Path(out_dir) / f"{method}-{size[1]}x{size[0]}"  # WIDTHxHEIGHT
-            path = _ensure_trained(mcfg, run_dir, train_ds, val_ds, classes, data_hash, say, method)
+            path = ensure_trained(mcfg, run_dir, train_ds, val_ds, classes, data_hash, say, method)
             model = load_deformseg(path, device=dev)
             r = evaluate_model(model, eval_ds, device=dev, batch_size=batch_size, widths=widths, name=method, log=say)
-            rows.append(_sweep_row(r, size, path, n_ep, model.metadata.get("training") or {}))
+            rows.append(sweep_row(r, size, path, n_ep, model.metadata.get("training") or {}))
             results.append(r)
     return rows, results
 
@@ -1284,7 +1288,7 @@ def run_evaluation(
             cfg = dataclasses.replace(tcfg, sampler=name, device=str(device),
                                       epochs=epochs if epochs is not None else tcfg.epochs)
             tr_ds, va_ds, h = training_data()
-            path = _ensure_trained(cfg, out / "baselines" / name, tr_ds, va_ds, classes, h, say)
+            path = ensure_trained(cfg, out / "baselines" / name, tr_ds, va_ds, classes, h, say)
         bm = load_deformseg(path, device=dev)
         _check_same_classes(model, bm)
         if tuple(bm.net.out_size) != tuple(model.net.out_size):
@@ -1355,7 +1359,7 @@ _SWEEP_COLUMNS = ("method", "out_height", "out_width", "map_height", "map_width"
                   "best_epoch")
 
 
-def _sweep_row(r: EvalResult, size: tuple[int, int], path: Path, epochs: int, training: Mapping[str, Any]) -> dict:
+def sweep_row(r: EvalResult, size: tuple[int, int], path: Path, epochs: int, training: Mapping[str, Any]) -> dict:
     """One sweep row; ``training`` is the model file's ``"training"`` metadata (timings, best epoch, config)."""
     orig, samp = r.class_frequency()
     config = training.get("config") or {}

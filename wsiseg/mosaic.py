@@ -70,6 +70,7 @@ from wsiseg.errors import WsisegError
 
 __all__ = [
     "DEFAULT_SPLITS",
+    "default_data_root",
     "DEFAULT_TEXTURE_BANDS",
     "MosaicSet",
     "build_mosaics",
@@ -647,7 +648,8 @@ def build_mosaics_from_spec(
     return build_mosaics(out_dir=out_dir, overwrite=overwrite, extra=extra, **kwargs)
 
 
-def _default_data_root() -> Path:
+def default_data_root() -> Path:
+    """The shared data folder: ``$WSISEG_SHARED_DATA``, else ``../shared/data`` (from the project root)."""
     env = os.environ.get("WSISEG_SHARED_DATA")
     return Path(env) if env else Path("..") / "shared" / "data"
 
@@ -665,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     try:
-        result = build_mosaics_from_spec(args.spec, args.data or _default_data_root(), args.out,
+        result = build_mosaics_from_spec(args.spec, args.data or default_data_root(), args.out,
                                          overwrite=args.overwrite)
     except WsisegError as exc:
         print(f"error: {exc}", file=sys.stderr)
