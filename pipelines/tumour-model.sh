@@ -5,7 +5,7 @@ set -euo pipefail
 WORK=${1:-.bench/tumour-model}
 DATA=${WSISEG_SHARED_DATA:-../shared/data}
 PY=${PYTHON:-.venv/bin/python}
-"$PY" -c "import sys; from wsiseg.bench_quality import prepare_demo_data; print(prepare_demo_data(sys.argv[1], sys.argv[2]))" \
+"$PY" -c "import sys; from wsiseg.demo.data import prepare_demo_data; print(prepare_demo_data(sys.argv[1], sys.argv[2]))" \
   "$DATA" "$WORK/data"
 OMP_NUM_THREADS=1 "${WSISEG:-.venv/bin/wsiseg}" train "$WORK/data/pairs.csv" --classes "$WORK/data/classes.yaml" \
   --config pipelines/tumour-model.yaml --out "$WORK/run" --overwrite

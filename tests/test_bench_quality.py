@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from wsiseg import bench_quality as bq
+from wsiseg import bench_quality_report as report
 from wsiseg.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def few_ocdc(shared_data: Path, tmp_path_factory) -> Path:
     if not src.is_dir():
         pytest.skip(f"labelled regions not found at {src}")
     root = tmp_path_factory.mktemp("shared")
-    stems = list(bq.QUALITY_SETS["ocdc"].test) + [s for s in bq._stems(src) if s not in bq.QUALITY_SETS["ocdc"].test][:2]
+    stems = list(bq.QUALITY_SETS["ocdc"].test) + [s for s in bq.region_stems(src) if s not in bq.QUALITY_SETS["ocdc"].test][:2]
     for stem in stems:
         for kind in ("images", "masks"):
             dst = root / "labelled-regions" / "ocdc_oral_scc" / kind / f"{stem}.jpg"
@@ -59,9 +60,9 @@ def test_grid_capacity_oracle_beats_uniform_on_real_masks(few_ocdc, tmp_path):
 
 
 def test_cost_to_reach_and_goals_arithmetic():
-    assert bq._cost_to_reach([(0.001, 0.5), (0.01, 0.7)], 0.6) == pytest.approx(10 ** -2.5)
-    assert bq._cost_to_reach([(0.001, 0.5), (0.01, 0.7)], 0.8) is None
-    assert bq._cost_to_reach([(0.001, 0.9)], 0.6) == 0.001
+    assert report._cost_to_reach([(0.001, 0.5), (0.01, 0.7)], 0.6) == pytest.approx(10 ** -2.5)
+    assert report._cost_to_reach([(0.001, 0.5), (0.01, 0.7)], 0.8) is None
+    assert report._cost_to_reach([(0.001, 0.9)], 0.6) == 0.001
     rows = []
     for seed, (lm, um) in enumerate([(0.80, 0.70), (0.82, 0.71), (0.78, 0.69)]):
         for m, v, g in (("learned", lm, 16), ("uniform", um, 16), ("learned", lm + 0.05, 32), ("uniform", um + 0.05, 32)):
@@ -70,13 +71,13 @@ def test_cost_to_reach_and_goals_arithmetic():
                          "samples_on_glass": {"model": 0.1}})
         rows.append({"set": "s", "encoder": "random", "seed": seed, "method": bq.FULL, "out_height": 512,
                      "cost": 1.0, "miou_full": 0.8})
-    cells = bq.aggregate(rows)
+    cells = report.aggregate(rows)
     c = cells[("s", "random", "learned", 16)]
     assert c.mean == pytest.approx(0.80) and c.sd == pytest.approx(0.02) and c.text() == "0.800 ± 0.020"
-    text = "\n".join(bq.goals(cells))
+    text = "\n".join(report.goals(cells))
     assert "+10.0 points" in text and "met" in text
     assert "learned reaches uniform's best" in text and "of the full-resolution" in text
-    assert "learned (joint loss)" in bq.format_quality(cells)
+    assert "learned (joint loss)" in report.format_quality(cells)
 
 
 def test_bench_quality_tiny_run_writes_the_section(few_ocdc, tmp_path, monkeypatch):

@@ -408,7 +408,8 @@ def bench_quality_command(parts, sets, seeds, encoders, imagenet_weights, config
     the project root.
     """
     from wsiseg.bench import command_line, write_section
-    from wsiseg.bench_quality import QUALITY_SETS, run_parts
+    from wsiseg.bench_quality import QUALITY_SETS
+    from wsiseg.bench_quality_report import run_parts
     from wsiseg.bench_sampling import bench_config
     from wsiseg.errors import ConfigError
     from wsiseg.mosaic import default_data_root
