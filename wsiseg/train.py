@@ -1269,13 +1269,14 @@ def _gradient_norms(net: DeformSegNet, g_edge: list[torch.Tensor] | None) -> tor
     if net.deform is None:
         return torch.zeros(2, dtype=torch.float64)
     params = [p for p in net.deform.parameters() if p.requires_grad]
-    seg2 = edge2 = 0.0
+    # Summed on the parameters' device and read back once: one device sync per step, not one per tensor.
+    sums = torch.zeros(2, dtype=torch.float64, device=params[0].device)
     for i, p in enumerate(params):
         total = p.grad if p.grad is not None else torch.zeros_like(p)
         e = g_edge[i] if g_edge is not None else torch.zeros_like(p)
-        seg2 += float((total.double() - e.double()).square().sum())
-        edge2 += float(e.double().square().sum())
-    return torch.tensor([math.sqrt(seg2), math.sqrt(edge2)], dtype=torch.float64)
+        sums[0] += (total.double() - e.double()).square().sum()
+        sums[1] += e.double().square().sum()
+    return sums.sqrt().cpu()
 
 
 def train(
