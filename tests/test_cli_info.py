@@ -18,12 +18,16 @@ def _run(*args):
     return result
 
 
-def test_info_text(slides_dir):
-    res = _run("info", slides_dir / "boxes.tiff")
+def test_info_text(slides_dir, caplog):
+    with caplog.at_level("WARNING"):
+        res = _run("info", slides_dir / "boxes.tiff")
     assert res.exit_code == 0, res.output
     out = res.stdout
     assert "generic-tiff" in out and "tifffile" in out
-    assert "352.778 um/px (openslide)" in out
+    # the TIFF's 72 dpi default is shown, and said to be ignored, once
+    assert "mpp: unknown (ignored-implausible: 352.778 um/px from openslide, outside 0.05-20 um/px; pass --mpp)" in out
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"{slides_dir / 'boxes.tiff'}: ignored implausible") and "352.778 um/px" in warning
     for size in ("300x250", "150x125", "75x62", "37x31"):
         assert size in out
     assert "64x64" in out
@@ -38,17 +42,20 @@ def test_info_json_several(slides_dir):
     assert [d["path"] for d in data] == [str(p) for p in paths]
     cmu, dcm, rgba = data
     assert cmu["vendor"] == "aperio" and cmu["mpp"] == [0.499, 0.499] and cmu["mpp_source"] == "openslide"
+    assert cmu["mpp_ignored"] is None
     assert cmu["associated"] == ["label", "macro", "thumbnail"]
     assert cmu["levels"] == [{"index": 0, "width": 2220, "height": 2967, "downsample": [1.0, 1.0], "chunk": [240, 240]}]
     assert dcm["reader"] == "openslide" and dcm["vendor"] == "dicom"
     assert rgba["mpp"] is None and rgba["mpp_source"] == "missing" and len(rgba["levels"]) == 2
 
 
-def test_info_mpp_override(slides_dir):
-    res = _run("info", "--json", "--mpp", "0.25", slides_dir / "boxes.tiff")
+def test_info_mpp_override(slides_dir, caplog):
+    with caplog.at_level("WARNING"):
+        res = _run("info", "--json", "--mpp", "0.25", slides_dir / "boxes.tiff")
     assert res.exit_code == 0
     (d,) = json.loads(res.stdout)
-    assert d["mpp"] == [0.25, 0.25] and d["mpp_source"] == "override"
+    assert d["mpp"] == [0.25, 0.25] and d["mpp_source"] == "override" and d["mpp_ignored"] is None
+    assert caplog.records == []  # --mpp given: the file's value is not used, nothing to warn about
     res = _run("info", "--mpp", "-1", slides_dir / "boxes.tiff")
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
 
@@ -78,7 +85,11 @@ def test_info_bad_input_one_line(tmp_path, slides_dir, name):
 def test_info_json_with_bad_input(tmp_path, slides_dir):
     res = _run("info", "--json", slides_dir / "boxes.tiff", tmp_path / "missing.svs")
     assert res.exit_code == 2
-    assert [d["path"] for d in json.loads(res.stdout)] == [str(slides_dir / "boxes.tiff")]
+    (boxes,) = json.loads(res.stdout)
+    assert boxes["path"] == str(slides_dir / "boxes.tiff") and boxes["mpp"] is None
+    assert boxes["mpp_source"] == "ignored-implausible"
+    assert boxes["mpp_ignored"] == {"mpp": [pytest.approx(352.7778)] * 2, "source": "openslide",
+                                    "plausible_range": [0.05, 20.0]}
     assert len(res.stderr.strip().splitlines()) == 1
 
 

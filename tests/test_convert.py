@@ -24,7 +24,8 @@ def _leftovers(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", ["boxes.tiff", "yb10kx5k.zstd.tiff"])
 def test_round_trip_lossless(slides_dir, tmp_path, name):
-    src = open_slide(slides_dir / name)
+    # both files carry only a 72 dpi default, ignored: give them a pixel size to carry through
+    src = open_slide(slides_dir / name, mpp=(0.5, 0.25))
     out = convert_to_ngff(src, tmp_path / "out.zarr", progress=False)
     assert out == tmp_path / "out.zarr" and _leftovers(tmp_path) == []
     back = open_slide(out)
@@ -38,7 +39,7 @@ def test_round_trip_lossless(slides_dir, tmp_path, name):
 
 
 def test_ngff_metadata(slides_dir, tmp_path):
-    src = open_slide(slides_dir / "boxes.tiff")
+    src = open_slide(slides_dir / "boxes.tiff", mpp=0.5)
     out = convert_to_ngff(src, tmp_path / "boxes.zarr", chunk=128, progress=False)
     attrs = _attrs(out)
     assert json.loads((out / ".zgroup").read_text())["zarr_format"] == 2

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsiseg.errors import WsisegError
+from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.mpp import IgnoredMpp
 from wsiseg.output.classes import ClassInfo
 from wsiseg.output.qc import (
     MAX_DOTS,
@@ -260,8 +261,9 @@ def test_class_areas_without_mpp_and_unknown_values():
     assert all(r["percent_of_tissue"] is None for r in rows)
     assert by["stroma"]["pixels"] == 0 and by["tumour"]["pixels"] == 30
     assert by["value 7"]["pixels"] == 60 and by["value 7"]["percent_of_slide"] == pytest.approx(60.0)
-    with pytest.raises(ValueError):
-        class_areas({1: 5}, CLASSES, 0.0)
+    for bad in (0.0, -1, float("nan"), (0.5, float("inf"))):
+        with pytest.raises(ConfigError, match="mpp must be positive and finite"):
+            class_areas({1: 5}, CLASSES, bad)
 
 
 # ---------------------------------------------------------------------------
@@ -307,6 +309,7 @@ def test_report_json_round_trip(tmp_path):
     assert d["seconds_total"] is None  # a NaN stage makes the total unknown, not invented
     assert d["config"] == {"threshold": None, "size": [512, 512]}
     assert d["class_areas"][1]["area_mm2"] == pytest.approx(1.0)
+    assert d["mpp_ignored"] is None
     assert d["status"] == "ok" and d["error"] is None
     assert d["versions"]["numpy"] == np.__version__ and d["versions"]["python"]
     # the plain dict writes back identically
@@ -317,6 +320,14 @@ def test_report_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(WsisegError, match="not a wsiseg report"):
         read_report_json(tmp_path / "bad.json")
+
+
+def test_report_records_an_ignored_mpp(tmp_path):
+    rep = make_report(tmp_path, mpp=None, mpp_source="ignored-implausible",
+                      mpp_ignored=IgnoredMpp((352.78, 352.78), "openslide"))
+    d = read_report_json(write_report_json(tmp_path / "a.report.json", rep))
+    assert d["mpp"] is None and d["mpp_source"] == "ignored-implausible"
+    assert d["mpp_ignored"] == {"mpp": [352.78, 352.78], "source": "openslide", "plausible_range": [0.05, 20.0]}
 
 
 def test_versions_lists_packages():

@@ -275,6 +275,30 @@ def _segment(args):
     return CliRunner().invoke(main, ["segment", *args], catch_exceptions=False)
 
 
+def test_default_dpi_slide_gets_no_areas_unless_mpp_is_given(slides_dir, model_file, tmp_path, caplog):
+    """boxes.tiff's 72 dpi tags (352.8 um/px) are ignored: no km^2 areas, the report says why; --mpp wins."""
+    slide = slides_dir / "boxes.tiff"
+    args = [str(slide), "--model", str(model_file), "--progress", "none", "--no-qc", "--no-geojson"]
+    with caplog.at_level("WARNING"):
+        r = _segment([*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    warned = [m for m in (rec.getMessage() for rec in caplog.records) if "implausible" in m]
+    assert len(warned) == 1 and warned[0].startswith(f"{slide}: ") and "352.778 um/px" in warned[0]
+    report = json.loads((tmp_path / "a" / "boxes.report.json").read_text())
+    assert report["mpp"] is None and report["mpp_source"] == "ignored-implausible"
+    assert report["mpp_ignored"]["mpp"] == [pytest.approx(352.7778)] * 2
+    assert all(row["area_mm2"] is None for row in report["class_areas"])
+    # the mask does not repeat the bogus size
+    assert "openslide.mpp-x" not in openslide.OpenSlide(str(tmp_path / "a" / "boxes.mask.tif")).properties
+
+    r = _segment([*args, "--out", str(tmp_path / "b"), "--mpp", "0.25"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "b" / "boxes.report.json").read_text())
+    assert (report["mpp"], report["mpp_source"], report["mpp_ignored"]) == ([0.25, 0.25], "override", None)
+    assert all(row["area_mm2"] == pytest.approx(row["pixels"] * 0.25**2 / 1e6) for row in report["class_areas"])
+    assert openslide.OpenSlide(str(tmp_path / "b" / "boxes.mask.tif")).properties["openslide.mpp-x"].startswith("0.25")
+
+
 def test_cli_batch_resume_and_failures(slides_dir, model_file, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

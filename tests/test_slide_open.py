@@ -14,6 +14,7 @@ openslide = pytest.importorskip("openslide")
 tifffile = pytest.importorskip("tifffile")
 
 from wsiseg.errors import ConfigError, SlideError  # noqa: E402
+from wsiseg.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, is_plausible_mpp, mpp_pair  # noqa: E402
 from wsiseg.slide import Multiscale, open_slide  # noqa: E402
 from wsiseg.slide.open import MAX_PIXELS, _check_dimensions, _composite_on_white  # noqa: E402
 
@@ -64,9 +65,12 @@ def test_matches_openslide_geometry(slides_dir, name):
         mx, my = osr.properties.get("openslide.mpp-x"), osr.properties.get("openslide.mpp-y")
         if mx is None:
             assert ms.mpp is None and ms.mpp_source == "missing"
-        else:
+        elif MIN_PLAUSIBLE_MPP <= float(mx) <= MAX_PLAUSIBLE_MPP:
             assert ms.mpp == pytest.approx((float(mx), float(my)))
-            assert ms.mpp_source == "openslide"
+            assert ms.mpp_source == "openslide" and ms.mpp_ignored is None
+        else:  # OpenSlide passes on a TIFF's 72 dpi default
+            assert ms.mpp is None and ms.mpp_source == "ignored-implausible"
+            assert ms.mpp_ignored.mpp == pytest.approx((float(mx), float(my)))
         assert set(ms.associated) == set(osr.associated_images)
     assert ms.path == str(path)
 
@@ -157,6 +161,64 @@ def test_mpp_override_and_validation(slides_dir):
     for bad in (0, -1, float("nan"), "x"):
         with pytest.raises(ConfigError):
             open_slide(slides_dir / "boxes.tiff", mpp=bad)
+
+
+# Real files whose resolution tags carry a writer's 72 dpi default (25400 / 72 = 352.8 um/px).
+DEFAULT_DPI = {"boxes.tiff": 352.778, "yb10kx5k.zstd.tiff": 352.858, "test_orient0.tif": 352.858}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_DPI))
+def test_default_dpi_resolution_is_ignored_with_one_warning(slides_dir, caplog, name):
+    path = slides_dir / name
+    with caplog.at_level("WARNING", logger="wsiseg.slide.open"):
+        ms = open_slide(path)
+    assert ms.mpp is None and ms.mpp_source == "ignored-implausible"
+    assert ms.mpp_ignored.mpp == pytest.approx((DEFAULT_DPI[name],) * 2, abs=1e-3)
+    assert ms.mpp_ignored.source == "openslide"
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith(f"{path}: ") and f"{DEFAULT_DPI[name]} um/px" in msg and "\n" not in msg
+    assert "ignored" in msg and "--mpp" in msg
+
+
+def test_plausible_and_overridden_mpp_are_kept_without_warning(slides_dir, caplog):
+    with caplog.at_level("WARNING", logger="wsiseg.slide.open"):
+        cmu = open_slide(slides_dir / "CMU-1-Small-Region.svs")
+        boxes = open_slide(slides_dir / "boxes.tiff", mpp=0.25)
+        big = open_slide(slides_dir / "boxes.tiff", mpp=50)  # --mpp is taken as given, even outside the range
+    assert (cmu.mpp, cmu.mpp_source, cmu.mpp_ignored) == ((0.499, 0.499), "openslide", None)
+    assert (boxes.mpp, boxes.mpp_source, boxes.mpp_ignored) == ((0.25, 0.25), "override", None)
+    assert big.mpp == (50.0, 50.0) and big.mpp_source == "override"
+    assert caplog.records == []
+
+
+def test_plausible_range_bounds():
+    assert is_plausible_mpp((MIN_PLAUSIBLE_MPP, MAX_PLAUSIBLE_MPP)) and is_plausible_mpp((0.25, 0.26))
+    for bad in ((0.049, 0.5), (0.5, 20.01), (352.8, 352.8), (264.58, 264.58), (0.0254, 0.0254)):
+        assert not is_plausible_mpp(bad)
+    assert mpp_pair(0.5) == (0.5, 0.5) and mpp_pair(("0.25", 0.5)) == (0.25, 0.5) and mpp_pair(None) is None
+    for bad in (0, -1, float("nan"), float("inf"), "x", (1, 2, 3)):
+        with pytest.raises(ConfigError, match="mpp must be"):
+            mpp_pair(bad)
+
+
+def test_implausible_tags_fall_back_to_ome_or_are_ignored(tmp_path, caplog):
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    # 72 dpi tags, but OME-XML gives the real pixel size: the plausible source wins, silently
+    ome = tmp_path / "dpi.ome.tif"
+    tifffile.imwrite(ome, rgb, photometric="rgb", resolution=(72, 72), resolutionunit="INCH",
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    # 1 million dpi: 0.0254 um/px, below any optical resolution
+    fine = tmp_path / "fine.tif"
+    tifffile.imwrite(fine, rgb, photometric="rgb", resolution=(1e6, 1e6), resolutionunit="INCH")
+    with caplog.at_level("WARNING", logger="wsiseg.slide.open"):
+        a = open_slide(ome)
+        assert caplog.records == []
+        b = open_slide(fine)
+    assert (a.mpp, a.mpp_source, a.mpp_ignored) == ((0.25, 0.25), "ome", None)
+    assert b.mpp is None and b.mpp_source == "ignored-implausible" and b.mpp_ignored.source == "tiff-resolution"
+    assert b.mpp_ignored.mpp == pytest.approx((0.0254, 0.0254))
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith(f"{fine}: ") and "0.0254 um/px" in msg
 
 
 def test_levels_pickle_and_compute_again(slides_dir):

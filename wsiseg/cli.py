@@ -14,6 +14,7 @@ import click
 
 from wsiseg import __version__
 from wsiseg.errors import WsisegError
+from wsiseg.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 
 
 class _Group(click.Group):
@@ -56,6 +57,13 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
+# the --mpp options' shared sentence (wsiseg.mpp imports nothing heavy)
+_IMPLAUSIBLE_MPP_HELP = (
+    f"Without it, a slide's own MPP outside {MIN_PLAUSIBLE_MPP:g}-{MAX_PLAUSIBLE_MPP:g} um/px (e.g. a TIFF's "
+    "72 dpi default, 352.8 um/px) is ignored with a warning."
+)
+
+
 # Commands are defined in their own modules and registered here.
 # (registration block: keep one line per command)
 
@@ -63,13 +71,16 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command("info")
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of dicts instead of text.")
-@click.option("--mpp", type=float, default=None, help="Override micrometres per level-0 pixel.")
+@click.option("--mpp", type=float, default=None,
+              help=f"Override micrometres per level-0 pixel, taken as given. {_IMPLAUSIBLE_MPP_HELP}")
 @click.pass_context
 def info_command(ctx: click.Context, slides: tuple[str, ...], as_json: bool, mpp: float | None) -> None:
-    """Show each SLIDE's pyramid: levels, downsamples, chunks, MPP, vendor.
+    """Show each SLIDE's pyramid: levels, downsamples, chunks, MPP and its source, vendor.
 
-    Every slide is reported; unreadable ones give a one-line error each and
-    the exit code is 2.
+    A file's implausible MPP (see --mpp) shows as unknown, source
+    ignored-implausible, the value under mpp_ignored. Every slide is
+    reported; unreadable ones give a one-line error each and the exit code
+    is 2.
     """
     import json
 
@@ -489,8 +500,9 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
               help="Level-of-detail pyramid reads, or bilinear at level 0 (paper).")
 @click.option("--lod-bias", type=float, default=0.0, show_default=True, help="Octaves added to the level choice.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Micrometres per level-0 pixel for every slide (a manifest's mpp column wins); slides without "
-                   "one are sampled by pixel size, with a warning, when the model records its scale.")
+              help="Micrometres per level-0 pixel for every slide (a manifest's mpp column wins), taken as given. "
+                   f"{_IMPLAUSIBLE_MPP_HELP} Slides without an MPP get no areas in um2 and are sampled by pixel "
+                   "size, with a warning, when the model records its scale.")
 @click.option("--tile", type=click.IntRange(min=16), default=512, show_default=True, help="Output TIFF tile size.")
 @click.option("--geojson/--no-geojson", default=True, show_default=True, help="Write QuPath GeoJSON.")
 @click.option("--qc/--no-qc", default=True, show_default=True, help="Write the QC figure.")

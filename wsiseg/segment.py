@@ -808,6 +808,7 @@ def segment_slide(
         height=ms.height,
         mpp=ms.mpp,
         mpp_source=ms.mpp_source,
+        mpp_ignored=ms.mpp_ignored,
         vendor=ms.vendor,
         model=model.path,
         model_hash=model.hash,

@@ -35,6 +35,7 @@ from skimage import measure
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import WsisegError
+from wsiseg.mpp import mpp_pair
 from wsiseg.output.classes import ClassInfo, validate_classes
 
 __all__ = ["write_qupath_geojson", "read_qupath_geojson", "label_polygons"]
@@ -193,15 +194,6 @@ def _geometry_json(geom: Polygon | MultiPolygon) -> dict:
     return {"type": "MultiPolygon", "coordinates": [poly(p) for p in geom.geoms]}
 
 
-def _check_mpp(mpp) -> tuple[float, float] | None:
-    if mpp is None:
-        return None
-    mx, my = (mpp, mpp) if np.isscalar(mpp) else mpp
-    if not (float(mx) > 0 and float(my) > 0):
-        raise WsisegError(f"mpp must be positive, got {mpp!r}")
-    return float(mx), float(my)
-
-
 def write_qupath_geojson(
     path: str | os.PathLike,
     label_source,
@@ -257,7 +249,7 @@ def write_qupath_geojson(
     """
     labels, (dx, dy) = _as_raster(label_source)
     classes = [c for c in validate_classes(classes) if c.value != 0]
-    mpp = _check_mpp(mpp)
+    mpp = mpp_pair(mpp)
     if simplify_tolerance < 0:
         raise WsisegError(f"simplify_tolerance must be >= 0, got {simplify_tolerance}")
     if gzip is None:

@@ -50,6 +50,7 @@ import tifffile
 from wsiseg import __version__
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.mpp import mpp_pair
 
 __all__ = [
     "LevelGeometry",
@@ -409,20 +410,6 @@ def _resolution(mpp: tuple[float, float] | None, level: LevelGeometry) -> dict:
     }
 
 
-def _check_mpp(mpp) -> tuple[float, float] | None:
-    if mpp is None:
-        return None
-    if isinstance(mpp, (int, float, np.floating, np.integer)):
-        mpp = (mpp, mpp)
-    try:
-        mx, my = (float(v) for v in mpp)
-    except (TypeError, ValueError):
-        raise ConfigError(f"mpp must be a positive number or (x, y) pair, got {mpp!r}") from None
-    if not (mx > 0 and my > 0 and math.isfinite(mx) and math.isfinite(my)):
-        raise ConfigError(f"mpp must be positive and finite, got {mpp!r}")
-    return mx, my
-
-
 class _NoBar:
     def __enter__(self):
         return self
@@ -463,7 +450,7 @@ def _write_pyramid(
     t0 = time.perf_counter()
     levels = mask_levels(width, height, tile)
     codec = _codec(compression)
-    mpp = _check_mpp(mpp)
+    mpp = mpp_pair(mpp)
     level_arg = codec.fast_level if compression_level is None else int(compression_level)
     workers = max(0, int(workers))
     counter = _Counter()

@@ -42,8 +42,9 @@ import zarr
 from wsiseg import __version__
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import ConfigError
+from wsiseg.mpp import mpp_pair
 from wsiseg.output.classes import ClassInfo
-from wsiseg.output.mask import MaskWriteStats, _check_mpp
+from wsiseg.output.mask import MaskWriteStats
 from wsiseg.output.overlay import copy_mask_pyramid, mask_pages
 from wsiseg.slide.convert import ngff_multiscale
 from wsiseg.slide.open import tiff_resolution_mpp
@@ -108,7 +109,7 @@ def parse_formats(values: str | Iterable[str]) -> tuple[str, ...]:
 
 def _mpp(mpp, page: tifffile.TiffPage) -> tuple[float, float] | None:
     """The given MPP, checked, else the mask's own (its resolution tags, read as slides' are)."""
-    return _check_mpp(mpp) if mpp is not None else tiff_resolution_mpp(page)
+    return mpp_pair(mpp) if mpp is not None else tiff_resolution_mpp(page)
 
 
 def ome_tiff_from_mask(
@@ -147,7 +148,7 @@ def ome_tiff_from_mask(
     X/YResolution. Memory: one compressed tile at a time.
     """
     if mpp is not None:
-        _check_mpp(mpp)  # before any work
+        mpp_pair(mpp)  # before any work
     if name is None:
         name = Path(path).name.removesuffix(".tif").removesuffix(".ome").removesuffix(".mask")
 
@@ -209,7 +210,7 @@ def ome_zarr_from_mask(
         raise ConfigError(f"chunk must be an integer >= 16, got {chunk!r}")
     classes = list(classes)
     if mpp is not None:
-        _check_mpp(mpp)  # before any work
+        mpp_pair(mpp)  # before any work
     t0 = time.perf_counter()
     chunks = 0
     compressor = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)

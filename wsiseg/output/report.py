@@ -30,6 +30,7 @@ import numpy as np
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import WsisegError
+from wsiseg.mpp import IgnoredMpp, mpp_pair
 from wsiseg.output.classes import ClassInfo
 
 __all__ = [
@@ -64,14 +65,9 @@ _DISTRIBUTIONS = {
 
 def _pixel_area_um2(mpp) -> float | None:
     """Area of one level-0 pixel in square micrometres, or None when unknown."""
-    if mpp is None:
+    if mpp is None or (not np.isscalar(mpp) and None in tuple(mpp)):
         return None
-    mx, my = (mpp, mpp) if np.isscalar(mpp) else tuple(mpp)
-    if mx is None or my is None:
-        return None
-    mx, my = float(mx), float(my)
-    if not (math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0):
-        raise ValueError(f"mpp must be positive and finite, got {mpp!r}")
+    mx, my = mpp_pair(mpp)
     return mx * my
 
 
@@ -107,6 +103,11 @@ def class_areas(
         ``area_um2`` and ``area_mm2`` (None without ``mpp``),
         ``percent_of_tissue`` (None without ``tissue_pixels``) and
         ``percent_of_slide``.
+
+    Raises
+    ------
+    ConfigError
+        ``mpp`` is not positive and finite.
     """
     if isinstance(counts, Mapping):
         table = {int(k): int(v) for k, v in counts.items()}
@@ -177,7 +178,13 @@ class SlideReport:
     mpp : (float, float) or None
         Level-0 micrometres per pixel ``(x, y)``.
     mpp_source : str
-        Where ``mpp`` came from (``"missing"`` when unknown).
+        Where ``mpp`` came from: ``"override"`` (``--mpp`` or a manifest's
+        ``mpp``), ``"openslide"``, ``"tiff-resolution"``, ``"ome"``,
+        ``"ngff"``, ``"ignored-implausible"`` or ``"missing"`` (see
+        :class:`~wsiseg.slide.multiscale.Multiscale`).
+    mpp_ignored : IgnoredMpp or dict or None
+        The slide file's implausible MPP that was ignored (value, source and
+        the plausible range), else None.
     vendor : str
         Slide format or scanner vendor.
     model : str or None
@@ -230,6 +237,7 @@ class SlideReport:
     height: int | None = None
     mpp: tuple[float, float] | None = None
     mpp_source: str = "missing"
+    mpp_ignored: IgnoredMpp | dict | None = None
     vendor: str = "unknown"
     model: str | None = None
     model_hash: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from wsiseg.mpp import IgnoredMpp, format_mpp
 from wsiseg.slide.multiscale import Multiscale
 
 __all__ = ["slide_info", "format_slide_info"]
@@ -19,7 +20,11 @@ def slide_info(ms: Multiscale) -> dict:
     -------
     dict
         ``path``, ``vendor``, ``reader``, ``width``, ``height``, ``mpp``
-        (``[x, y]`` or None), ``mpp_source``, ``associated`` and ``levels``
+        (``[x, y]`` or None), ``mpp_source`` (see
+        :class:`~wsiseg.slide.multiscale.Multiscale`), ``mpp_ignored``
+        (``{"mpp": [x, y], "source": ..., "plausible_range": [lo, hi]}``
+        when the file's value was implausible and ignored, else None),
+        ``associated`` and ``levels``
         (each ``index``, ``width``, ``height``, ``downsample`` ``[x, y]``,
         ``chunk`` ``[rows, columns]``).
     """
@@ -31,6 +36,7 @@ def slide_info(ms: Multiscale) -> dict:
         "height": ms.height,
         "mpp": None if ms.mpp is None else [float(ms.mpp[0]), float(ms.mpp[1])],
         "mpp_source": ms.mpp_source,
+        "mpp_ignored": None if ms.mpp_ignored is None else ms.mpp_ignored.to_dict(),
         "associated": list(ms.associated),
         "levels": [
             {
@@ -52,11 +58,14 @@ def _fmt_ds(ds) -> str:
 
 def format_slide_info(info: dict) -> str:
     """Human-readable text of :func:`slide_info`: a header, then one line per level."""
-    if info["mpp"] is None:
+    ignored = info.get("mpp_ignored")
+    if info["mpp"] is None and ignored:
+        what = IgnoredMpp(tuple(ignored["mpp"]), ignored["source"]).describe()
+        mpp = f"unknown ({info['mpp_source']}: {what}; pass --mpp)"
+    elif info["mpp"] is None:
         mpp = "unknown (missing)"
     else:
-        mx, my = info["mpp"]
-        mpp = (f"{mx:.6g}" if mx == my else f"{mx:.6g} x {my:.6g}") + f" um/px ({info['mpp_source']})"
+        mpp = f"{format_mpp(info['mpp'])} um/px ({info['mpp_source']})"
     lines = [
         info["path"],
         f"  vendor: {info['vendor']}   reader: {info['reader']}",

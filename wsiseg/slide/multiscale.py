@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 
 import dask.array as da
 
+from wsiseg.mpp import IgnoredMpp
+
+#: ``Multiscale.mpp_source`` when the file's only MPP was implausible and is
+#: treated as unknown (see :mod:`wsiseg.mpp`).
+IGNORED_IMPLAUSIBLE = "ignored-implausible"
+
 
 @dataclass(frozen=True)
 class Level:
@@ -55,8 +61,14 @@ class Multiscale:
         Micrometres per level-0 pixel ``(x, y)``; ``None`` when unknown (never
         invented).
     mpp_source : str
-        Where the MPP came from (``"override"``, ``"openslide"``,
-        ``"tiff-resolution"``, ``"ome"``, ``"ngff"`` or ``"missing"``).
+        Where the MPP came from: ``"override"`` (``--mpp``), ``"openslide"``
+        (OpenSlide's ``openslide.mpp-x/y`` properties), ``"tiff-resolution"``
+        (TIFF X/YResolution tags), ``"ome"`` (OME-XML ``PhysicalSizeX/Y``),
+        ``"ngff"`` (OME-Zarr scales), ``"ignored-implausible"`` (the file's
+        value is outside the plausible range and treated as unknown; see
+        ``mpp_ignored``) or ``"missing"``.
+    mpp_ignored : IgnoredMpp or None
+        The implausible value read from the file and ignored, with its source.
     vendor : str
         Format/vendor name (e.g. ``"aperio"``, ``"generic-tiff"``, ``"ome-zarr"``).
     reader : str
@@ -73,6 +85,7 @@ class Multiscale:
     levels: tuple[Level, ...]
     mpp: tuple[float, float] | None = None
     mpp_source: str = "missing"
+    mpp_ignored: IgnoredMpp | None = None
     vendor: str = "unknown"
     reader: str = "memory"
     associated: tuple[str, ...] = ()

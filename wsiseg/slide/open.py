@@ -41,7 +41,8 @@ import numpy as np
 from dask.base import tokenize
 
 from wsiseg.errors import ConfigError, SlideError
-from wsiseg.slide.multiscale import Level, Multiscale
+from wsiseg.mpp import MAX_PLAUSIBLE_MPP, IgnoredMpp, is_plausible_mpp, mpp_pair
+from wsiseg.slide.multiscale import IGNORED_IMPLAUSIBLE, Level, Multiscale
 
 __all__ = ["open_slide", "tiff_resolution_mpp", "MAX_PIXELS"]
 
@@ -96,13 +97,20 @@ def open_slide(path: str | os.PathLike, mpp: float | tuple[float, float] | None 
         DICOM, MIRAX, NDPI, ...), a DICOM series folder (OpenSlide reads the
         folder's other instances itself), or an OME-Zarr directory.
     mpp : float or (float, float), optional
-        Micrometres per level-0 pixel ``(x, y)``; overrides the file's value.
+        Micrometres per level-0 pixel ``(x, y)``; overrides the file's value
+        and is taken as given.
 
     Returns
     -------
     Multiscale
         Levels as dask arrays, one chunk per stored tile; nothing is decoded
-        until a slice is computed.
+        until a slice is computed. The file's MPP is taken from OpenSlide's
+        properties, then the TIFF resolution tags, then OME-XML (or the NGFF
+        scales); a value outside the plausible range of
+        :mod:`wsiseg.mpp` (e.g. a 72 dpi default, 352.8 µm/px) is
+        ignored with a one-line warning: ``mpp`` is then None,
+        ``mpp_source`` ``"ignored-implausible"`` and ``mpp_ignored`` says
+        what was read.
 
     Raises
     ------
@@ -146,27 +154,56 @@ def _open_any(p: Path, override) -> Multiscale:
 
 
 def _check_mpp_override(mpp) -> tuple[float, float] | None:
-    if mpp is None:
-        return None
-    values = (mpp, mpp) if np.isscalar(mpp) else tuple(mpp)
-    try:
-        mx, my = (float(v) for v in values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"--mpp must be a positive number or an (x, y) pair, got {mpp!r}") from exc
-    if not (math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0):
-        raise ConfigError(f"--mpp must be positive and finite, got {mpp!r}")
-    return mx, my
+    # taken as given, even outside the plausible range: the user knows the scan
+    return mpp_pair(mpp, what="--mpp")
 
 
 def _valid_mpp(mx, my) -> tuple[float, float] | None:
     """``(mx, my)`` as floats when both are positive and finite, else None."""
     try:
-        mx, my = float(mx), float(my)
-    except (TypeError, ValueError):
+        return mpp_pair((mx, my))
+    except ConfigError:
         return None
-    if math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0:
-        return mx, my
-    return None
+
+
+def _resolve_mpp(path: Path, override, candidates) -> tuple[tuple[float, float] | None, str, IgnoredMpp | None]:
+    """The level-0 MPP, where it came from, and an implausible file value that was ignored.
+
+    Parameters
+    ----------
+    path : Path
+        The slide, named in the warning.
+    override : (float, float) or None
+        ``--mpp``; wins over the file and is not range-checked.
+    candidates : iterable of (str, callable)
+        ``(source, read)`` in order of preference; ``read()`` gives a valid
+        pair or None. The first plausible value wins.
+
+    Returns
+    -------
+    mpp, source, ignored
+        ``source`` is ``"override"``, the winning candidate's name,
+        :data:`~wsiseg.slide.multiscale.IGNORED_IMPLAUSIBLE` (only
+        implausible values found; ``ignored`` holds the first) or
+        ``"missing"``.
+    """
+    if override is not None:
+        return override, "override", None
+    ignored = None
+    for source, read in candidates:
+        mpp = read()
+        if mpp is None:
+            continue
+        if is_plausible_mpp(mpp):
+            return mpp, source, None
+        ignored = ignored or IgnoredMpp(mpp, source)
+    if ignored is None:
+        return None, "missing", None
+    # one line per opened slide; the value stays visible in `wsiseg info` and report.json
+    hint = " (a default 72/96 dpi tag?)" if max(ignored.mpp) > MAX_PLAUSIBLE_MPP else ""
+    logger.warning("%s: ignored implausible level-0 resolution %s%s; MPP unknown, pass --mpp",
+                   path, ignored.describe(), hint)
+    return None, IGNORED_IMPLAUSIBLE, ignored
 
 
 def _check_dimensions(dims: list[tuple[int, int]], path: Path) -> None:
@@ -581,7 +618,7 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
     props["wsiseg.series"] = main
     props["wsiseg.series-name"] = series.name or ""
 
-    mpp, source = _resolve_tiff_mpp(override, os_props, keyframes[0], ome_xml, main)
+    resolved = _resolve_mpp(p, override, _tiff_mpp_candidates(os_props, keyframes[0], ome_xml, main))
     if os_props and os_props.get("openslide.vendor"):
         vendor = os_props["openslide.vendor"]
     elif tif.is_svs:
@@ -592,7 +629,7 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
         vendor = "generic-tiff"
     if tif.is_ome and vendor == "generic-tiff":
         vendor = "ome-tiff"  # OpenSlide reads OME-TIFF as generic; the OME name says more
-    return _build(p, arrays, mpp, source, vendor, "tifffile", tuple(associated), props)
+    return _build(p, arrays, resolved, vendor, "tifffile", tuple(associated), props)
 
 
 def _squeeze_to_layout(arr: da.Array, axes: str, layout: _TiffLayout) -> da.Array:
@@ -654,21 +691,17 @@ def _openslide_properties(p: Path) -> dict | None:
         return None
 
 
-def _resolve_tiff_mpp(override, os_props, page, ome_xml, series_index):
-    if override is not None:
-        return override, "override"
+def _tiff_mpp_candidates(os_props, page, ome_xml, series_index):
+    """Sources of a TIFF's MPP for :func:`_resolve_mpp`: OpenSlide, resolution tags, OME-XML."""
     if os_props:
-        mpp = _valid_mpp(os_props.get("openslide.mpp-x"), os_props.get("openslide.mpp-y"))
-        if mpp:
-            return mpp, "openslide"
-    mpp = tiff_resolution_mpp(page)
-    if mpp:
-        return mpp, "tiff-resolution"
+        yield "openslide", lambda: _openslide_mpp(os_props)
+    yield "tiff-resolution", lambda: tiff_resolution_mpp(page)
     if ome_xml:
-        mpp = _ome_mpp(ome_xml, series_index)
-        if mpp:
-            return mpp, "ome"
-    return None, "missing"
+        yield "ome", lambda: _ome_mpp(ome_xml, series_index)
+
+
+def _openslide_mpp(props: dict) -> tuple[float, float] | None:
+    return _valid_mpp(props.get("openslide.mpp-x"), props.get("openslide.mpp-y"))
 
 
 def tiff_resolution_mpp(page) -> tuple[float, float] | None:
@@ -841,15 +874,11 @@ def _open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
         raise
     except Exception as exc:
         raise SlideError(f"cannot read slide with OpenSlide ({type(exc).__name__}: {_one_line(exc)})", file) from exc
-    if override is not None:
-        mpp, source = override, "override"
-    else:
-        mpp = _valid_mpp(props.get("openslide.mpp-x"), props.get("openslide.mpp-y"))
-        source = "openslide" if mpp else "missing"
+    resolved = _resolve_mpp(display_path, override, [("openslide", lambda: _openslide_mpp(props))])
     if file != display_path:
         props["wsiseg.file"] = str(file)
     vendor = props.get("openslide.vendor") or fmt
-    return _build(display_path, arrays, mpp, source, vendor, "openslide", associated, props)
+    return _build(display_path, arrays, resolved, vendor, "openslide", associated, props)
 
 
 def _openslide_refusal(fmt: str, file: Path, exc: Exception) -> str:
@@ -932,13 +961,9 @@ def _open_ngff(p: Path, override) -> Multiscale:
             arrays.append(_as_rgb(arr, gray=gray, alpha=alpha))
     except Exception as exc:
         raise SlideError(f"cannot read OME-Zarr arrays ({type(exc).__name__}: {_one_line(exc)})", p) from exc
-    if override is not None:
-        mpp, source = override, "override"
-    else:
-        mpp = _ngff_mpp(ms, axes)
-        source = "ngff" if mpp else "missing"
+    resolved = _resolve_mpp(p, override, [("ngff", lambda: _ngff_mpp(ms, axes))])
     props = {"ngff.version": str(ms.get("version", "")), "ngff.name": str(ms.get("name", ""))}
-    return _build(p, arrays, mpp, source, "ome-zarr", "zarr", (), props)
+    return _build(p, arrays, resolved, "ome-zarr", "zarr", (), props)
 
 
 def _ngff_multiscales(attrs: dict) -> list:
@@ -969,14 +994,17 @@ def _ngff_mpp(ms: dict, axes: list[str]) -> tuple[float, float] | None:
 # ---------------------------------------------------------------------------
 
 
-def _build(path, arrays, mpp, source, vendor, reader, associated, props) -> Multiscale:
+def _build(path, arrays, resolved, vendor, reader, associated, props) -> Multiscale:
+    """The Multiscale of level arrays; ``resolved`` is :func:`_resolve_mpp`'s ``(mpp, source, ignored)``."""
+    mpp, source, ignored = resolved
     h0, w0 = arrays[0].shape[:2]
     levels = tuple(Level(a, (w0 / a.shape[1], h0 / a.shape[0])) for a in arrays)
     return Multiscale(
         path=str(path),
         levels=levels,
         mpp=mpp,
-        mpp_source=source if mpp is not None else "missing",
+        mpp_source=source,
+        mpp_ignored=ignored,
         vendor=vendor,
         reader=reader,
         associated=tuple(associated),
