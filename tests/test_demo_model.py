@@ -90,6 +90,14 @@ def test_segment_takes_a_shipped_model_by_name(slides_dir, tmp_path):
                                   "--no-qc", "--no-geojson", "--progress", "none"])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "o" / "CMU-1-Small-Region.report.json").read_text())
-    assert [c["name"] for c in report["class_areas"]] == ["background", "non-tumour", "tumour"]
+    rows = report["class_areas"]
+    assert [c["name"] for c in rows] == ["background", "non-tumour", "tumour"]
+    # % of tissue over the non-background classes sums to 100 (was 250 with background counted over the whole
+    # slide against the detector's tissue); % of slide over every class too
+    assert rows[0]["percent_of_tissue"] is None
+    assert sum(c["percent_of_tissue"] for c in rows[1:]) == pytest.approx(100.0)
+    assert sum(c["percent_of_slide"] for c in rows) == pytest.approx(100.0)
+    assert report["tissue"]["pixels"] == rows[1]["pixels"] + rows[2]["pixels"]
+    assert report["tissue"]["percent_of_slide"] == pytest.approx(100.0 - rows[0]["percent_of_slide"])
     r = CliRunner().invoke(main, ["segment", str(slide), "--model", "nope", "--out", str(tmp_path / "p")])
     assert r.exit_code == 2

@@ -26,9 +26,11 @@ from wsiseg.output.qc import (
     sample_dots,
 )
 from wsiseg.output.report import (
+    TISSUE_DEFINITION,
     SlideReport,
     class_areas,
     read_report_json,
+    tissue_area,
     versions,
     write_batch_csv,
     write_report_json,
@@ -238,27 +240,53 @@ def test_sample_dots_subsamples():
 
 def test_class_areas_arithmetic():
     counts = {0: 1_000_000, 1: 4_000_000, 2: 5_000_000}
-    rows = class_areas(counts, CLASSES, 0.5, tissue_pixels=8_000_000)
+    rows = class_areas(counts, CLASSES, 0.5)
     by = {r["name"]: r for r in rows}
     assert [r["value"] for r in rows] == [0, 1, 2]
     assert by["stroma"]["pixels"] == 4_000_000
     assert by["stroma"]["area_um2"] == pytest.approx(1e6)  # 4e6 px * 0.25 um^2
     assert by["stroma"]["area_mm2"] == pytest.approx(1.0)
-    assert by["stroma"]["percent_of_tissue"] == pytest.approx(50.0)
+    # tissue = the 9e6 non-background pixels: 4/9 and 5/9 of it; background is not tissue
+    assert by["stroma"]["percent_of_tissue"] == pytest.approx(400 / 9)
+    assert by["tumour"]["percent_of_tissue"] == pytest.approx(500 / 9)
+    assert by["background"]["percent_of_tissue"] is None
     assert by["stroma"]["percent_of_slide"] == pytest.approx(40.0)
     assert by["tumour"]["area_mm2"] == pytest.approx(1.25)
     # a histogram gives the same rows
     hist = np.bincount(np.repeat([0, 1, 2], [1_000_000, 4_000_000, 5_000_000]), minlength=256)
-    assert class_areas(hist, CLASSES, 0.5, tissue_pixels=8_000_000) == rows
+    assert class_areas(hist, CLASSES, 0.5) == rows
     # anisotropic pixels
     assert class_areas({1: 100}, CLASSES, (0.5, 0.25))[1]["area_um2"] == pytest.approx(12.5)
+
+
+@pytest.mark.parametrize("counts", [{0: 987_810, 1: 5_345_579, 2: 253_351}, {0: 3, 1: 1, 2: 1, 9: 1}, {1: 7}])
+def test_percentages_sum_to_100_and_tissue_says_what_it_is(counts):
+    rows = class_areas(counts, CLASSES, 0.499)
+    tissue_rows = [r for r in rows if r["value"] != 0]
+    assert sum(r["percent_of_tissue"] for r in tissue_rows) == pytest.approx(100.0)
+    assert sum(r["percent_of_slide"] for r in rows) == pytest.approx(100.0)
+    tissue = tissue_area(rows)
+    assert tissue["definition"] == TISSUE_DEFINITION and "background (value 0)" in TISSUE_DEFINITION
+    assert tissue["pixels"] == sum(n for v, n in counts.items() if v != 0)
+    assert tissue["area_mm2"] == pytest.approx(tissue["pixels"] * 0.499**2 / 1e6)
+    assert tissue["percent_of_slide"] == pytest.approx(100.0 * tissue["pixels"] / sum(counts.values()))
+
+
+def test_only_background_has_no_tissue_percentages():
+    rows = class_areas({0: 50}, CLASSES, None)
+    assert all(r["percent_of_tissue"] is None for r in rows)
+    assert tissue_area(rows) == {"definition": TISSUE_DEFINITION, "pixels": 0, "area_um2": None, "area_mm2": None,
+                                 "percent_of_slide": 0.0}
 
 
 def test_class_areas_without_mpp_and_unknown_values():
     rows = class_areas(np.array([10, 0, 30, 0, 0, 0, 0, 60]), CLASSES, None)
     by = {r["name"]: r for r in rows}
     assert all(r["area_um2"] is None and r["area_mm2"] is None for r in rows)
-    assert all(r["percent_of_tissue"] is None for r in rows)
+    assert tissue_area(rows)["area_mm2"] is None and tissue_area(rows)["pixels"] == 90
+    # percentages need no MPP; an unknown value is a tissue class like the others
+    assert by["tumour"]["percent_of_tissue"] == pytest.approx(100 / 3)
+    assert by["value 7"]["percent_of_tissue"] == pytest.approx(200 / 3)
     assert by["stroma"]["pixels"] == 0 and by["tumour"]["pixels"] == 30
     assert by["value 7"]["pixels"] == 60 and by["value 7"]["percent_of_slide"] == pytest.approx(60.0)
     for bad in (0.0, -1, float("nan"), (0.5, float("inf"))):
@@ -309,6 +337,9 @@ def test_report_json_round_trip(tmp_path):
     assert d["seconds_total"] is None  # a NaN stage makes the total unknown, not invented
     assert d["config"] == {"threshold": None, "size": [512, 512]}
     assert d["class_areas"][1]["area_mm2"] == pytest.approx(1.0)
+    keys = list(d)
+    assert keys[keys.index("class_areas") + 1] == "tissue"  # the base of percent_of_tissue, next to it
+    assert d["tissue"]["pixels"] == 4_001_000 and d["tissue"]["definition"] == TISSUE_DEFINITION
     assert d["mpp_ignored"] is None
     assert d["status"] == "ok" and d["error"] is None
     assert d["versions"]["numpy"] == np.__version__ and d["versions"]["python"]

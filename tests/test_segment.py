@@ -194,6 +194,15 @@ def test_report_areas_add_up(cmu_run, slides_dir):
     assert [a["pixels"] for a in report["class_areas"]] == counts[:3].tolist()
     mpp = report["mpp"][0]
     assert report["class_areas"][1]["area_um2"] == pytest.approx(counts[1] * mpp * report["mpp"][1])
+    # tissue = the non-background classes: their shares sum to 100 %, every class's % of slide too
+    rows, tissue = report["class_areas"], report["tissue"]
+    assert tissue["pixels"] == counts[1:].sum() and "background (value 0)" in tissue["definition"]
+    assert rows[0]["percent_of_tissue"] is None
+    assert sum(r["percent_of_tissue"] for r in rows[1:]) == pytest.approx(100.0)
+    assert sum(r["percent_of_slide"] for r in rows) == pytest.approx(100.0)
+    assert tissue["area_mm2"] == pytest.approx(sum(r["area_mm2"] for r in rows[1:]))
+    assert 0 < report["detected_tissue_pixels"] < level0.size  # the detector's estimate, kept apart
+    assert (report["mpp"], report["mpp_source"], report["mpp_ignored"]) == ([0.499, 0.499], "openslide", None)
     assert 0 < report["fraction_sampled"] < 0.01
     assert report["model_hash"] and report["status"] == "ok"
     assert set(report["timings"]) >= {"open", "regions", "sample+segment", "mask", "total"}

@@ -9,6 +9,13 @@ resolved configuration.
 Areas are in square micrometres and millimetres only when the slide's pixel
 size is known; otherwise they are ``None`` (never guessed) and the pixel
 counts are the only areas reported.
+
+Tissue is defined once, as :data:`TISSUE_DEFINITION` says (the text goes
+into every report): the segmented pixels of every class except background
+(value 0). ``percent_of_tissue`` of a class is its share of those pixels, so
+the tissue classes sum to 100 % and background has none; ``percent_of_slide``
+is the share of all level-0 pixels and sums to 100 % over all classes. The
+tissue detector's own estimate is kept apart as ``detected_tissue_pixels``.
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ from wsiseg.output.classes import ClassInfo
 
 __all__ = [
     "REPORT_FORMAT",
+    "BACKGROUND_VALUE",
+    "TISSUE_DEFINITION",
     "class_areas",
+    "tissue_area",
     "SlideReport",
     "versions",
     "to_jsonable",
@@ -46,6 +56,15 @@ __all__ = [
 
 #: Identifies report files and their layout version.
 REPORT_FORMAT = {"format": "wsiseg-report", "format_version": 1}
+
+#: The class value that is not tissue (glass); value 0 by the convention of :mod:`wsiseg.output.classes`.
+BACKGROUND_VALUE = 0
+
+#: What ``percent_of_tissue`` is a share of, written into every report as ``tissue["definition"]``.
+TISSUE_DEFINITION = (
+    "tissue = the segmented level-0 pixels of every class except background (value 0); a class's "
+    "percent_of_tissue is its share of them (the tissue classes sum to 100, background has none)"
+)
 
 # Distribution names whose versions go into every report (import name in the key).
 _DISTRIBUTIONS = {
@@ -75,7 +94,6 @@ def class_areas(
     counts: Mapping[int, int] | np.ndarray,
     classes: Iterable[ClassInfo],
     mpp: float | tuple[float, float] | None,
-    tissue_pixels: int | None = None,
     slide_pixels: int | None = None,
 ) -> list[dict]:
     """Area of every class from level-0 pixel counts.
@@ -90,8 +108,6 @@ def class_areas(
         counted but missing from the table get a row named ``"value N"``.
     mpp : float or (float, float) or None
         Level-0 micrometres per pixel ``(x, y)``; None when unknown.
-    tissue_pixels : int, optional
-        Level-0 tissue pixels, for ``percent_of_tissue``.
     slide_pixels : int, optional
         Level-0 pixels of the slide, for ``percent_of_slide``; default the
         sum of ``counts`` (a histogram of the whole mask).
@@ -101,8 +117,9 @@ def class_areas(
     list of dict
         Sorted by value, each with ``value``, ``name``, ``pixels``,
         ``area_um2`` and ``area_mm2`` (None without ``mpp``),
-        ``percent_of_tissue`` (None without ``tissue_pixels``) and
-        ``percent_of_slide``.
+        ``percent_of_tissue`` (share of the non-background pixels, see
+        :data:`TISSUE_DEFINITION`; None for background and when no pixel is
+        tissue) and ``percent_of_slide``.
 
     Raises
     ------
@@ -120,6 +137,7 @@ def class_areas(
         raise ValueError("pixel counts must not be negative")
     px_um2 = _pixel_area_um2(mpp)
     total = sum(table.values()) if slide_pixels is None else int(slide_pixels)
+    tissue = sum(n for v, n in table.items() if v != BACKGROUND_VALUE)
     names = {c.value: c.name for c in classes}
     values = sorted(set(names) | {v for v, n in table.items() if n})
     rows = []
@@ -133,11 +151,41 @@ def class_areas(
                 "pixels": n,
                 "area_um2": um2,
                 "area_mm2": None if um2 is None else um2 / 1e6,
-                "percent_of_tissue": 100.0 * n / tissue_pixels if tissue_pixels else None,
+                "percent_of_tissue": 100.0 * n / tissue if tissue and v != BACKGROUND_VALUE else None,
                 "percent_of_slide": 100.0 * n / total if total else None,
             }
         )
     return rows
+
+
+def tissue_area(rows: Iterable[Mapping]) -> dict:
+    """The tissue that ``percent_of_tissue`` refers to, from :func:`class_areas` rows.
+
+    Parameters
+    ----------
+    rows : iterable of mapping
+        Rows of :func:`class_areas` (or read back from a report).
+
+    Returns
+    -------
+    dict
+        ``definition`` (:data:`TISSUE_DEFINITION`), ``pixels``, ``area_um2``
+        and ``area_mm2`` (None without an MPP) and ``percent_of_slide``
+        (None for an empty slide), summed over the non-background rows.
+    """
+    tissue = [r for r in rows if r["value"] != BACKGROUND_VALUE]
+
+    def total(key):
+        values = [r.get(key) for r in tissue]
+        return None if any(v is None for v in values) else float(sum(values))
+
+    return {
+        "definition": TISSUE_DEFINITION,
+        "pixels": sum(int(r["pixels"]) for r in tissue),
+        "area_um2": total("area_um2"),
+        "area_mm2": total("area_mm2"),
+        "percent_of_slide": total("percent_of_slide"),
+    }
 
 
 def versions() -> dict[str, str | None]:
@@ -200,7 +248,8 @@ class SlideReport:
         Processed level-0 regions (:class:`~wsiseg.slide.tissue.Region`
         objects are accepted and stored as boxes).
     class_areas : list of dict
-        Rows of :func:`class_areas`.
+        Rows of :func:`class_areas`; the report adds ``tissue``
+        (:func:`tissue_area` of them, with its definition).
     fraction_sampled : float or None
         Sampled positions over level-0 pixels of the slide.
     samples_on_glass : dict or None
@@ -214,8 +263,10 @@ class SlideReport:
         sub-boxes segmented), or ``{"mode": "pixels", "reason": ...}`` by
         the pixel rule (e.g. ``"slide has no MPP; pass --mpp"``); None for
         sliding windows.
-    tissue_pixels : int or None
-        Level-0 pixels detected as tissue.
+    detected_tissue_pixels : int or None
+        Level-0 pixels that the low-resolution tissue detector marked as
+        tissue: for comparison only, not the base of ``percent_of_tissue``
+        (the segmentation covers whole region boxes, glass included).
     gather : dict
         Read statistics (chunks and pixels decoded per level...).
     timings : dict of str to float
@@ -248,7 +299,7 @@ class SlideReport:
     fraction_sampled: float | None = None
     samples_on_glass: dict[str, float] | None = None
     scale: dict | None = None
-    tissue_pixels: int | None = None
+    detected_tissue_pixels: int | None = None
     gather: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict = field(default_factory=versions)
@@ -258,13 +309,22 @@ class SlideReport:
     error: str | None = None
 
     @property
+    def tissue(self) -> dict | None:
+        """:func:`tissue_area` of ``class_areas``; None when there are none."""
+        return tissue_area(self.class_areas) if self.class_areas else None
+
+    @property
     def seconds_total(self) -> float | None:
         """``timings["total"]`` when recorded, else the sum of the stages."""
         return _seconds_total(self.timings)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict, format tag first."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {}
+        for f in dataclasses.fields(self):
+            d[f.name] = getattr(self, f.name)
+            if f.name == "class_areas":  # the base of percent_of_tissue, next to it
+                d["tissue"] = self.tissue
         d["slide"] = os.fspath(self.slide)
         d["regions"] = [_box(r) for r in self.regions]
         d["seconds_total"] = self.seconds_total
