@@ -54,8 +54,10 @@ __all__ = [
     "write_batch_csv",
 ]
 
+# Version 2: percent_of_tissue is a share of the non-background classes (sums to 100), a tissue
+# block, tissue_pixels renamed detected_tissue_pixels, mpp_ignored.
 #: Identifies report files and their layout version.
-REPORT_FORMAT = {"format": "wsiseg-report", "format_version": 1}
+REPORT_FORMAT = {"format": "wsiseg-report", "format_version": 2}
 
 #: The class value that is not tissue (glass); value 0 by the convention of :mod:`wsiseg.output.classes`.
 BACKGROUND_VALUE = 0
