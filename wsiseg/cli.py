@@ -509,8 +509,14 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
 @click.option("--format", "formats", type=_Formats(), multiple=True, default=["tiff"], show_default=True,
               help="Mask formats, repeated or comma-separated: tiff (<name>.mask.tif and .overlay.tif; always "
                    "written, the other outputs are made from it), ome-tiff (<name>.mask.ome.tif: OME-TIFF, "
-                   "reduced levels as SubIFDs), ome-zarr (<name>.ome.zarr: OME-Zarr NGFF 0.4 label image). "
+                   "reduced levels as SubIFDs), ome-zarr (<name>.ome.zarr: OME-Zarr NGFF 0.4 image of the slide's "
+                   "RGB pyramid with the mask as its label image labels/segmentation, on the same levels). "
                    "The extra formats are copied from the finished mask, not segmented again.")
+@click.option("--ome-zarr-megapixels", type=click.FloatRange(min=0), default=256, show_default=True,
+              help="Largest finest level of <name>.ome.zarr in millions of pixels: a larger slide's store (RGB and "
+                   "labels alike) starts at the first mask level within it, as an RGB copy of a whole slide at "
+                   "level 0 takes several times the slide's size (the full-resolution mask stays in "
+                   "<name>.mask.tif). 0: always level 0.")
 @click.option("--progress", type=click.Choice(["auto", "tty", "jsonl", "none"]), default="auto", show_default=True,
               help="Progress bars on a terminal, JSON lines otherwise.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
@@ -520,8 +526,8 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
               help="Run on a local dask cluster of N worker processes (one slide each at a time).")
 @click.pass_context
 def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, regions, tissue_threshold, grid_size,
-                    long_side, max_grid, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, formats, progress, scheduler,
-                    workers, mode) -> None:
+                    long_side, max_grid, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, formats,
+                    ome_zarr_megapixels, progress, scheduler, workers, mode) -> None:
     """Segment SLIDES (files, folders, globs or CSV manifests) into OUT.
 
     Per slide: <name>.mask.tif (pyramidal BigTIFF label mask, opens in
@@ -530,8 +536,9 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
     <name>.qc.png and <name>.report.json (with the fraction of level-0
     pixels sampled, of sampling points on glass, and the scale: sampled
     at the model's recorded spacing in um, or by pixel size and why); with --format also
-    <name>.mask.ome.tif (OME-TIFF) and/or <name>.ome.zarr (OME-Zarr); per
-    batch status.csv and report.csv. Every slide is attempted; finished
+    <name>.mask.ome.tif (OME-TIFF) and/or <name>.ome.zarr (OME-Zarr: the
+    slide's RGB pyramid with the mask as its label image); per batch
+    status.csv and report.csv. Every slide is attempted; finished
     slides are skipped on a rerun with the same model and options (a
     changed --format redoes them). Exit code 0 only if no slide failed, 1
     otherwise, 2 for bad options, model or inputs.
@@ -542,7 +549,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
         regions=regions, tissue_threshold=tissue_threshold,
         out_size=_hw(grid_size), long_side=long_side, max_grid=_hw(max_grid), interp=interp,
         gather_mode=gather_mode, lod_bias=lod_bias, device=device, amp=amp, tile=tile, mpp=mpp, geojson=geojson, qc=qc,
-        mode=mode, formats=[f for group in formats for f in group],
+        mode=mode, formats=[f for group in formats for f in group], ome_zarr_megapixels=ome_zarr_megapixels,
     )
     if scheduler is not None and workers is not None:
         raise click.UsageError("--scheduler and --workers exclude each other")

@@ -40,7 +40,13 @@ import torch
 from wsiseg.device import resolve_device, usable_cpus
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.models.io import LoadedModel
-from wsiseg.output.ome import FORMAT_SUFFIXES, ome_tiff_from_mask, ome_zarr_from_mask, parse_formats
+from wsiseg.output.ome import (
+    FORMAT_SUFFIXES,
+    MAX_MEGAPIXELS,
+    ome_tiff_from_mask,
+    ome_zarr_from_mask,
+    parse_formats,
+)
 from wsiseg.sampling.coords import to_pixels, uniform_grid
 from wsiseg.sampling.edges import uniform_density
 from wsiseg.sampling.geometry import PhysicalScale, split_region
@@ -127,6 +133,10 @@ class SegmentOptions:
         ``"ome-zarr"``, made from the finished TIFF mask. Normalised by
         :func:`wsiseg.output.ome.parse_formats` (a comma-separated string
         is accepted too).
+    ome_zarr_megapixels : float
+        Largest finest level of the ``ome-zarr`` output in millions of
+        pixels (image and labels; 0: no limit), see
+        :func:`wsiseg.output.ome.ome_zarr_from_mask`.
     """
 
     regions: str = "tissue"
@@ -145,9 +155,12 @@ class SegmentOptions:
     qc: bool = True
     mode: str = "deformed"
     formats: tuple[str, ...] = ("tiff",)
+    ome_zarr_megapixels: float = MAX_MEGAPIXELS
 
     def __post_init__(self):
         object.__setattr__(self, "formats", parse_formats(self.formats))  # frozen: normalise in place
+        if not self.ome_zarr_megapixels >= 0:
+            raise ConfigError(f"OME-Zarr megapixels must be >= 0 (0: no limit), got {self.ome_zarr_megapixels}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.regions not in ("tissue", "whole"):
@@ -178,6 +191,10 @@ class SegmentOptions:
             d.pop("formats")
         if d["max_grid"] == MAX_GRID:
             d.pop("max_grid")  # likewise for --max-grid
+        if "ome-zarr" not in self.formats:
+            # only the OME-Zarr depends on it; with one, the key also sets apart the stores that
+            # held labels alone (before the RGB image was added): a resume redoes them
+            d.pop("ome_zarr_megapixels")
         return d
 
 
@@ -786,7 +803,8 @@ def segment_slide(
         timings["ome-tiff"] = time.perf_counter() - t
     if "ome-zarr" in paths:
         t = stage("ome-zarr")
-        ome_zarr_from_mask(paths["mask"], paths["ome-zarr"], model.classes, mpp=ms.mpp, overwrite=True)
+        ome_zarr_from_mask(paths["mask"], paths["ome-zarr"], model.classes, slide=ms, mpp=ms.mpp,
+                           max_megapixels=options.ome_zarr_megapixels, overwrite=True)
         timings["ome-zarr"] = time.perf_counter() - t
 
     if options.geojson:

@@ -40,7 +40,7 @@ from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.slide.multiscale import Multiscale
 from wsiseg.slide.open import open_slide
 
-__all__ = ["convert_to_ngff", "ngff_multiscale", "ngff_multiscales_metadata"]
+__all__ = ["convert_to_ngff", "ngff_multiscale", "ngff_multiscales_metadata", "rgb_level_array", "write_rgb_level"]
 
 # Pixels per written piece: bounds memory (16 Mpx = 48 MiB of RGB) while
 # giving dask enough source tiles to decode in parallel.
@@ -120,7 +120,6 @@ def _check_output(out: Path, src: Path, overwrite: bool) -> None:
 
 
 def _write_ngff(ms: Multiscale, path: Path, *, chunk: int, name: str, progress: bool | None) -> None:
-    import numcodecs
     import zarr
     from tqdm.auto import tqdm
 
@@ -134,27 +133,18 @@ def _write_ngff(ms: Multiscale, path: Path, *, chunk: int, name: str, progress: 
             shapes.append((h, w))
             computed += 1
     total = sum(math.ceil(h / chunk) * math.ceil(w / chunk) for h, w in shapes)
-    compressor = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
     with tqdm(
         total=total, unit="chunk", desc=f"convert {Path(ms.path).name}", disable=None if progress is None else not progress
     ) as bar:
         previous = None
         for i, (h, w) in enumerate(shapes):
-            zarr_arr = group.create_array(
-                str(i),
-                shape=(3, h, w),
-                chunks=(3, chunk, chunk),
-                dtype="uint8",
-                compressors=[compressor],
-                chunk_key_encoding={"name": "v2", "separator": "/"},
-                fill_value=255,
-            )
+            zarr_arr = rgb_level_array(group, str(i), (h, w), chunk)
             if i < len(ms.levels):
                 src = ms.levels[i].array
             else:
                 # Downsample from the level just written (bounded, no re-read of level 0).
                 src = _mean_downsample_2x(da.from_zarr(previous).transpose(1, 2, 0))
-            _write_level(zarr_arr, src, chunk, bar)
+            write_rgb_level(zarr_arr, src, chunk, bar)
             previous = zarr_arr
     h0, w0 = shapes[0]
     downsamples = [(w0 / w, h0 / h) for h, w in shapes]
@@ -182,8 +172,59 @@ def _mean_downsample_2x(arr: da.Array) -> da.Array:
     return da.floor(mean + 0.5).astype(np.uint8)
 
 
-def _write_level(zarr_arr, src: da.Array, chunk: int, bar) -> None:
-    """Copy one ``(H, W, 3)`` dask level into a ``(3, H, W)`` zarr array piece by piece."""
+def rgb_level_array(group, path: str, shape: tuple[int, int], chunk: int):
+    """Create one level of an RGB pyramid in a zarr (format 2) group, as ``wsiseg convert`` stores it.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The image group.
+    path : str
+        The array's name (the level's dataset path).
+    shape : (int, int)
+        ``(height, width)`` in pixels.
+    chunk : int
+        Square chunk edge.
+
+    Returns
+    -------
+    zarr.Array
+        ``(3, height, width)`` uint8, chunks ``(3, chunk, chunk)``, Blosc/zstd,
+        nested ``/`` keys, fill value 255 (all-white chunks are not stored).
+    """
+    import numcodecs
+
+    h, w = shape
+    return group.create_array(
+        path,
+        shape=(3, h, w),
+        chunks=(3, chunk, chunk),
+        dtype="uint8",
+        compressors=[numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)],
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        fill_value=255,
+    )
+
+
+def write_rgb_level(zarr_arr, src: da.Array, chunk: int, bar=None) -> None:
+    """Copy one ``(H, W, 3)`` dask level into a ``(3, H, W)`` zarr array piece by piece.
+
+    Parameters
+    ----------
+    zarr_arr : zarr.Array
+        From :func:`rgb_level_array`, of the same height and width as ``src``.
+    src : dask.array.Array
+        ``(H, W, 3)`` uint8.
+    chunk : int
+        The array's chunk edge: pieces are whole chunks.
+    bar : tqdm, optional
+        Advanced by the chunks written.
+
+    Notes
+    -----
+    Pieces are one band of source tiles high (whole chunks) and at most 16
+    Mpx, so memory is bounded and each source tile is decoded once.
+    """
     _, h, w = zarr_arr.shape
     if src.shape[:2] != (h, w):
         raise WsisegError(f"internal size mismatch {src.shape[:2]} != {(h, w)}")
@@ -197,7 +238,8 @@ def _write_level(zarr_arr, src: da.Array, chunk: int, bar) -> None:
         for x0 in range(0, w, step_x):
             x1 = min(x0 + step_x, w)
             _write_piece(zarr_arr, src, y0, y1, x0, x1)
-            bar.update(math.ceil((x1 - x0) / chunk))
+            if bar is not None:
+                bar.update(math.ceil((x1 - x0) / chunk))
 
 
 def _write_piece(zarr_arr, src: da.Array, y0: int, y1: int, x0: int, x1: int) -> None:
@@ -220,9 +262,12 @@ def ngff_multiscale(
     Parameters
     ----------
     downsamples : list of (float, float)
-        Per level ``(x, y)`` level-0 pixels per level pixel, level 0 first.
+        Per dataset ``(x, y)`` level-0 pixels per dataset pixel, finest
+        first. The first need not be ``(1, 1)``: a store that starts at a
+        reduced level (:mod:`wsiseg.output.ome`) gets its scale and
+        translation in the source's level-0 frame too.
     mpp : (float, float) or None
-        Micrometres per level-0 pixel; None writes unitless scales.
+        Micrometres per source level-0 pixel; None writes unitless scales.
     name : str
         Image name.
     method : str
@@ -247,7 +292,7 @@ def ngff_multiscale(
     datasets = []
     for i, (sx, sy) in enumerate(downsamples):
         transforms = [{"type": "scale", "scale": [*c_scale, py * sy, px * sx]}]
-        if i > 0:
+        if i > 0 or (sx, sy) != (1.0, 1.0):  # a store may start at a reduced level (wsiseg.output.ome)
             # Pixel centres: level pixel j sits at level-0 index s*j + (s-1)/2.
             transforms.append({"type": "translation", "translation": [*c_shift, py * (sy - 1) / 2, px * (sx - 1) / 2]})
         datasets.append({"path": str(i), "coordinateTransformations": transforms})

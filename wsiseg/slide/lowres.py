@@ -10,6 +10,8 @@ from skimage.transform import resize
 
 from wsiseg.slide.multiscale import Multiscale
 
+__all__ = ["area_mean", "read_lowres", "thumbnail"]
+
 
 def _mean32(block: np.ndarray, axis=None) -> np.ndarray:
     # float32 halves the memory and time of float64 and is exact enough for colour means.
@@ -77,3 +79,59 @@ def thumbnail(ms: Multiscale, max_size: int = 1024) -> tuple[np.ndarray, tuple[f
     th, tw = max(1, round(ms.height * scale)), max(1, round(ms.width * scale))
     rgb = read_lowres(ms, (0, 0, ms.width, ms.height), (th, tw))
     return (rgb * 255.0 + 0.5).astype(np.uint8), (tw / ms.width, th / ms.height)
+
+
+def area_mean(a: np.ndarray, row_edges: np.ndarray, col_edges: np.ndarray) -> np.ndarray:
+    """Exact box average of an image over a grid of fractional pixel intervals.
+
+    Output pixel ``(i, j)`` is the mean of ``a`` over the rectangle
+    ``[row_edges[i], row_edges[i + 1]) x [col_edges[j], col_edges[j + 1])``
+    in ``a``'s pixel coordinates (pixel ``k`` covers ``[k, k + 1)``), each
+    input pixel weighted by the area it shares with it: the area-preserving
+    downsample at any ratio, integer or not.
+
+    Parameters
+    ----------
+    a : numpy.ndarray
+        ``(H, W)`` or ``(H, W, C)`` image.
+    row_edges, col_edges : numpy.ndarray
+        Increasing interval edges, ``h + 1`` and ``w + 1`` of them; clipped
+        to ``[0, H]`` and ``[0, W]``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(h, w)`` or ``(h, w, C)``, float32 (float64 for a float64 ``a``).
+
+    Examples
+    --------
+    >>> area_mean(np.array([[0.0, 2.0, 4.0]]), np.array([0.0, 1.0]), np.array([0.0, 1.5, 3.0]))
+    array([[0.66666667, 3.33333333]])
+    """
+    a = np.asarray(a)
+    dtype = np.result_type(a.dtype, np.float32)
+    rows = _interval_mean(a, np.asarray(row_edges, np.float64), 0, dtype)
+    return _interval_mean(rows, np.asarray(col_edges, np.float64), 1, dtype)
+
+
+def _interval_mean(a: np.ndarray, edges: np.ndarray, axis: int, dtype) -> np.ndarray:
+    """Means of ``a`` along ``axis`` over ``[edges[k], edges[k + 1])``, as ``dtype``.
+
+    A sum of shifted copies ("taps"): tap ``t`` of output ``k`` is input
+    ``floor(edges[k]) + t``, weighted by the length it shares with the
+    interval. Only output-sized arrays are made (the input is never converted).
+    """
+    n = a.shape[axis]
+    edges = np.clip(edges, 0.0, n)
+    lo, hi = edges[:-1], edges[1:]
+    first = np.floor(lo).astype(np.intp)
+    shape = [1] * a.ndim
+    shape[axis] = len(lo)
+    out = None
+    for tap in range(int(np.ceil((hi - lo).max())) + 1):
+        index = first + tap
+        weight = np.clip(np.minimum(index + 1, hi) - np.maximum(index, lo), 0.0, None) / (hi - lo)
+        term = np.take(a, np.minimum(index, n - 1), axis=axis).astype(dtype)
+        term *= weight.astype(dtype).reshape(shape)
+        out = term if out is None else np.add(out, term, out=out)
+    return out
