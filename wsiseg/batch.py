@@ -144,6 +144,7 @@ from typing import IO, Any, Literal, Protocol
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.limits import mpp_problem
 from wsiseg.slide.open import has_dicom_magic
 
 __all__ = [
@@ -562,13 +563,10 @@ def _read_manifest(csv_path: Path) -> list[tuple[str, str | None, dict[str, Any]
             overrides: dict[str, Any] = {}
             mpp = row.pop("mpp", "")
             if mpp:
-                try:
-                    value = float(mpp)
-                except ValueError:
-                    value = math.nan
-                if not (math.isfinite(value) and value > 0):
-                    raise bad(line, f"mpp must be a positive number, got {mpp!r}")
-                overrides["mpp"] = value
+                problem = mpp_problem(mpp)
+                if problem:
+                    raise bad(line, problem)
+                overrides["mpp"] = float(mpp)
             overrides.update({k: v for k, v in row.items() if v})
             rows.append((os.path.abspath(_slide_path(p)), name, overrides))
     except csv.Error as exc:

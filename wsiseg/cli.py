@@ -14,6 +14,10 @@ import click
 
 from wsiseg import __version__
 from wsiseg.errors import WsisegError
+from wsiseg.limits import MPP_RANGE
+
+# Micrometres per pixel on the command line: the bounds of every MPP read from a file.
+_MPP = click.FloatRange(*MPP_RANGE)
 
 
 class _Group(click.Group):
@@ -63,7 +67,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @main.command("info")
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of dicts instead of text.")
-@click.option("--mpp", type=float, default=None, help="Override micrometres per level-0 pixel.")
+@click.option("--mpp", type=float, default=None,
+              help=f"Override micrometres per level-0 pixel ({MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}).")
 @click.pass_context
 def info_command(ctx: click.Context, slides: tuple[str, ...], as_json: bool, mpp: float | None) -> None:
     """Show each SLIDE's pyramid: levels, downsamples, chunks, MPP, vendor.
@@ -101,7 +106,8 @@ def info_command(ctx: click.Context, slides: tuple[str, ...], as_json: bool, mpp
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--chunk", type=click.IntRange(min=16), default=512, show_default=True, help="Chunk size in pixels.")
 @click.option("--ngff", "ngff_version", type=click.Choice(["0.4"]), default="0.4", show_default=True, help="NGFF version.")
-@click.option("--mpp", type=float, default=None, help="Override micrometres per level-0 pixel.")
+@click.option("--mpp", type=float, default=None,
+              help=f"Override micrometres per level-0 pixel ({MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}).")
 def convert_command(slide: str, out: str, overwrite: bool, chunk: int, ngff_version: str, mpp: float | None) -> None:
     """Convert SLIDE to an OME-Zarr (NGFF 0.4) multiscale RGB image OUT.
 
@@ -488,7 +494,7 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
 @click.option("--gather", "gather_mode", type=click.Choice(["lod", "exact"]), default="lod", show_default=True,
               help="Level-of-detail pyramid reads, or bilinear at level 0 (paper).")
 @click.option("--lod-bias", type=float, default=0.0, show_default=True, help="Octaves added to the level choice.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--mpp", type=_MPP, default=None,
               help="Micrometres per level-0 pixel for every slide (a manifest's mpp column wins); slides without "
                    "one are sampled by pixel size, with a warning, when the model records its scale.")
 @click.option("--tile", type=click.IntRange(min=16), default=512, show_default=True, help="Output TIFF tile size.")
@@ -594,7 +600,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--ignore-unmapped", is_flag=True, help="Annotation classes missing from --classes become ignored.")
 @click.option("--value-names", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Label-mask value -> class name table (CSV, e.g. BCSS GTcodes.csv).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--mpp", type=_MPP, default=None,
               help="Micrometres per level-0 pixel of every image, e.g. for PNG/JPEG tiles that carry none (a CSV's "
                    "mpp column wins). The model records the physical scale it was trained at, so `wsiseg segment` "
                    "samples slides as densely; without any MPP it records none and segments by pixel size.")
@@ -735,7 +741,7 @@ def demo_command(ctx, out_dir, device, overwrite, model_name) -> None:
 @click.option("--ignore-unmapped", is_flag=True, help="Annotation classes missing from --classes become ignored.")
 @click.option("--value-names", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Label-mask value -> class name table (CSV, e.g. BCSS GTcodes.csv).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--mpp", type=_MPP, default=None,
               help="Micrometres per level-0 pixel of every image (a CSV's mpp column wins). A model that records "
                    "its scale samples regions with an MPP at its sample spacing in um, as segment does.")
 def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, device, batch_size, compare,

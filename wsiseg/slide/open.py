@@ -41,13 +41,14 @@ import numpy as np
 from dask.base import tokenize
 
 from wsiseg.errors import ConfigError, SlideError
+from wsiseg.limits import MAX_SLIDE_PIXELS, MAX_SLIDE_SIDE, mpp_problem
 from wsiseg.slide.multiscale import Level, Multiscale
 
 __all__ = ["open_slide", "tiff_resolution_mpp", "MAX_PIXELS"]
 
-#: Refuse levels claiming more pixels than this (a 1,000,000 x 1,000,000
-#: slide); real WSIs are below 1e11, so larger claims are broken headers.
-MAX_PIXELS = 10**12
+#: Refuse levels claiming more pixels than this (see :mod:`wsiseg.limits`;
+#: levels are also refused above ``MAX_SLIDE_SIDE`` pixels a side).
+MAX_PIXELS = MAX_SLIDE_PIXELS
 
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _ASSOCIATED_NAMES = {"label", "macro", "thumbnail", "overview", "barcode", "map"}
@@ -153,20 +154,19 @@ def _check_mpp_override(mpp) -> tuple[float, float] | None:
         mx, my = (float(v) for v in values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--mpp must be a positive number or an (x, y) pair, got {mpp!r}") from exc
-    if not (math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0):
-        raise ConfigError(f"--mpp must be positive and finite, got {mpp!r}")
+    problem = mpp_problem(mx) or mpp_problem(my)
+    if problem:
+        raise ConfigError(f"--{problem}")
     return mx, my
 
 
 def _valid_mpp(mx, my) -> tuple[float, float] | None:
-    """``(mx, my)`` as floats when both are positive and finite, else None."""
-    try:
-        mx, my = float(mx), float(my)
-    except (TypeError, ValueError):
+    """``(mx, my)`` as floats when both are within the MPP bounds, else None (a slide without MPP)."""
+    if mpp_problem(mx) or mpp_problem(my):
+        if mx is not None or my is not None:
+            logger.debug("ignoring the file's MPP %r x %r: %s", mx, my, mpp_problem(mx) or mpp_problem(my))
         return None
-    if math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0:
-        return mx, my
-    return None
+    return float(mx), float(my)
 
 
 def _check_dimensions(dims: list[tuple[int, int]], path: Path) -> None:
@@ -182,6 +182,12 @@ def _check_dimensions(dims: list[tuple[int, int]], path: Path) -> None:
     for i, (w, h) in enumerate(dims):
         if w < 1 or h < 1:
             raise SlideError(f"level {i} has an empty size {w}x{h}", path)
+        if max(w, h) > MAX_SLIDE_SIDE:
+            raise SlideError(
+                f"level {i} claims an absurd size {w}x{h} (a side over {MAX_SLIDE_SIDE:,} pixels); "
+                "the header is corrupt",
+                path,
+            )
         if w * h > MAX_PIXELS:
             raise SlideError(
                 f"level {i} claims an absurd size {w}x{h} (> {MAX_PIXELS:.0e} pixels); the header is corrupt", path
