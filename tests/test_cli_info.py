@@ -96,3 +96,22 @@ def test_convert_cli(slides_dir, tmp_path):
     res = _run("convert", tmp_path / "missing.svs", tmp_path / "m.zarr")
     assert res.exit_code == 2 and "no such file" in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "m.zarr").exists()
+
+
+def test_info_on_every_real_slide_prints_nothing_on_stderr(slides_dir):
+    """Library warnings (unclosed files, tifffile/OpenSlide notes) go to the log, not stderr, on success.
+
+    Run as a real process with every warning enabled (``-W always``, as a developer or CI may
+    have it), so that nothing is hidden by Python's default filters or by pytest's capture.
+    """
+    import os
+    import subprocess
+    import sys
+
+    slides = sorted(p for p in slides_dir.iterdir() if "grayscale" not in p.name)  # that one is refused
+    env = {**os.environ, "PYTHONWARNINGS": "always"}
+    out = subprocess.run([sys.executable, "-m", "wsiseg", "info", *map(str, slides)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    assert out.stdout.count("vendor:") == len(slides)

@@ -3,10 +3,13 @@
 Each command parses and validates its options and calls one library
 function. User-facing errors (:class:`wsiseg.errors.WsisegError`) become one
 line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+Other libraries' log records and Python warnings go to the log, reaching
+stderr only with ``--debug``; wsiseg's own warnings are printed as lines.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -46,6 +49,43 @@ class _Group(click.Group):
             sys.exit(1)
 
 
+class _StderrLog(logging.Handler):
+    """wsiseg's own warnings as bare lines on the current ``sys.stderr``; other libraries' only with --debug.
+
+    OpenSlide, tifffile, shapely and Python warnings (``warnings.warn``,
+    captured into logging) report things wsiseg handles itself; on a good
+    run they are noise, so they go to the log at their level and reach
+    stderr only with ``--debug`` (or as errors).
+    """
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.debug = False
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == "wsiseg" or record.name.startswith("wsiseg.")
+        return self.debug or record.levelno >= logging.ERROR or (ours and record.levelno >= logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")  # looked up now: click's test runner swaps it
+        except Exception:
+            self.handleError(record)
+
+
+_LOG = _StderrLog()
+
+
+def _route_logs(debug: bool) -> None:
+    root = logging.getLogger()
+    if _LOG not in root.handlers:
+        root.addHandler(_LOG)
+    _LOG.debug = debug
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.captureWarnings(True)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsiseg")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
@@ -58,6 +98,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    _route_logs(debug)
 
 
 # Commands are defined in their own modules and registered here.
