@@ -630,7 +630,9 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--freeze-encoder-epochs", type=click.IntRange(min=0), default=None, metavar="N",
               help="The encoder's weights get no updates for the first N epochs (its BatchNorm statistics still "
                    "adapt) [default: 0].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size [default: 4].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Batch size [default: 4]; batches hold regions of one shape, and a region alone in its batch "
+                   "whose grid is too small for BatchNorm to train on one sample is left out, with a warning.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate [default: 1e-3].")
 @click.option("--patience", type=click.IntRange(min=0), default=None,
               help="Early stopping after N epochs without improvement, 0 = never [default: 10].")
