@@ -459,3 +459,19 @@ def test_region_alone_in_its_batch_is_left_out_or_refused_never_a_crash(nucls, t
     # (4, 4): a pair, the third item's batch of one dropped; (2, 2) cannot train alone: dropped; (8, 8) can: kept.
     assert [4] in batches and sorted(len(b) for b in batches) == [1, 2] and not any(3 in b for b in batches)
     assert sorted(size_batches(shapes, 2, shuffle=False)) == [[0, 1], [2], [3], [4]]
+
+
+def test_hostile_checkpoint_metadata_is_refused_in_one_line(tmp_path):
+    """--resume reads a checkpoint's JSON: deep nesting and ``format_version: true`` are refused, not crashes."""
+    from safetensors.torch import save_file
+
+    from wsiseg.train import CHECKPOINT_FORMAT, _META_KEY
+
+    path = tmp_path / "checkpoint.safetensors"
+    head = '{"format": "%s", "format_version": %s' % (CHECKPOINT_FORMAT, "%s")
+    for version, extra, fragment in (("1", ', "x": ' + "[" * 100_000 + "]" * 100_000, "nested deeper"),
+                                     ("true", "", "format version True")):
+        save_file({"w": torch.zeros(1)}, str(path), metadata={_META_KEY: head % version + extra + "}"})
+        with pytest.raises(WsisegError, match=fragment) as err:
+            load_checkpoint(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)

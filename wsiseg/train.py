@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsiseg.atomic import atomic_output
 from wsiseg.device import resolve_device
 from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.limits import loads_json
 from wsiseg.metrics import ConfusionMatrix
 from wsiseg.models.losses import EDGE_NORMS, LOSS_NAMES, JointLoss
 from wsiseg.models.net import IMAGE_SAMPLING, SAMPLERS, DeformSegNet
@@ -944,13 +945,15 @@ def _read_checkpoint_meta(path: Path) -> tuple[dict, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        doc = json.loads(header[_META_KEY])
+        doc = loads_json(header[_META_KEY])
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise WsisegError(f"not a readable wsiseg training checkpoint ({str(exc).strip()[:200]})", path) from exc
     if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
         raise WsisegError("not a wsiseg training checkpoint", path)
     version = doc.get("format_version")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:  # bool is an int: refuse true
+        raise WsisegError(f"invalid checkpoint format version {version!r} (expected an integer >= 1)", path)
+    if version > CHECKPOINT_VERSION:
         raise WsisegError(f"checkpoint format version {version!r} is newer than this wsiseg understands", path)
     return doc, doc.pop("state", None)
 
