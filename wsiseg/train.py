@@ -735,7 +735,8 @@ def trains_alone(net: DeformSegNet, shape: tuple[int, int]) -> bool:
     geometry = net.geometry(int(shape[0]), int(shape[1]))
     parts = [(net.segmenter, geometry.grid)] + ([(net.deform, geometry.map)] if net.deform is not None else [])
     for module, (h, w) in parts:
-        state = {k: torch.empty_like(v, device="meta") for k, v in (*module.named_parameters(), *module.named_buffers())}
+        tensors = (*module.named_parameters(), *module.named_buffers())
+        state = {k: torch.empty_like(v, device="meta") for k, v in tensors}
         was_training = module.training
         module.train()
         try:

@@ -322,7 +322,8 @@ def _net_problem(net, classes) -> str | None:
         return f"'classes' must be a list of 1..{MAX_CLASSES} classes"
     for key in ("out_size", "map_size"):
         v = net.get(key)
-        if v is not None and not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and 1 <= x <= MAX_MODEL_SIDE for x in v)):
+        sides_ok = isinstance(v, list) and len(v) == 2 and all(_is_int(x) and 1 <= x <= MAX_MODEL_SIDE for x in v)
+        if v is not None and not sides_ok:
             return f"net.{key} must be two integers in 1..{MAX_MODEL_SIDE}, got {_short(v)}"
     for key in ("sigma", "edge_radius"):
         v = net.get(key)
@@ -333,7 +334,8 @@ def _net_problem(net, classes) -> str | None:
         return f"net.support must be an odd integer in 1..{MAX_SUPPORT}, got {_short(v)}"
     seg = net.get("segmenter")
     seg = seg if isinstance(seg, dict) else {}
-    for where, v in (("net.in_channels", net.get("in_channels", 3)), ("net.segmenter.in_channels", seg.get("in_channels", 3))):
+    channels = (("net.in_channels", net.get("in_channels", 3)), ("net.segmenter.in_channels", seg.get("in_channels", 3)))
+    for where, v in channels:
         if not (_is_int(v) and 1 <= v <= MAX_CHANNELS):
             return f"{where} must be an integer in 1..{MAX_CHANNELS}, got {_short(v)}"
     v = seg.get("num_classes", 2)
