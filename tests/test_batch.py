@@ -184,8 +184,10 @@ def test_manifest_relative_path_mpp_name_and_extra_columns(slides_dir, tmp_path)
     ("text", "fragment"),
     [
         ("file,mpp\nsmall.svs,0.5\n", "line 1: manifest header has no 'path' column"),
-        ("path,mpp\n{small},0.5\n{small2},abc\n", "line 3: mpp must be a positive number, got 'abc'"),
-        ("path,mpp\n{small},-1\n", "line 2: mpp must be a positive number"),
+        ("path,mpp\n{small},0.5\n{small2},abc\n", "line 3: mpp must be a number of micrometres per pixel in [0.01, 1000]"),
+        ("path,mpp\n{small},-1\n", "line 2: mpp must be a number of micrometres per pixel"),
+        ("path,mpp\n{small},1e-300\n",
+         "line 2: mpp must be a number of micrometres per pixel in [0.01, 1000], got '1e-300'"),
         ("path\n{small}\nmissing.svs\n", "line 3: slide not found"),
         ("path,name\n{small},../x\n", "line 2: output name '../x' contains a path separator"),
         ("path,name\n{small},a\n{boxes},A\n", "output name(s) used for more than one slide: a"),
@@ -653,3 +655,31 @@ def test_slide_finished_by_a_lost_attempt_of_the_same_batch_is_ok_not_skipped(go
     assert outcome.status == "ok" and outcome.outputs == {"thumbnail": "small.thumb.png"} and again.calls == []
     other = batch.execute_slide(job, out, again, fingerprint=FP, run_id="batch-2")
     assert other.status == "skipped" and "by another run" in other.error
+
+
+def test_status_of_two_runs_sharing_a_folder_shows_both(good_jobs, tmp_path):
+    """Each run merges its rows with the file's under a lock: both runs' slides show, each with its latest outcome."""
+    out = tmp_path / "out"
+    small, boxes, dicom = good_jobs
+    old = "2020-01-01T00:00:00+00:00"
+    out.mkdir()
+    (out / "status.csv").write_text(
+        "slide,name,status,seconds,error,finished_at\n"
+        f"{small.path},small,failed,1.000,an earlier run,{old}\n/gone.svs,gone,ok,1.000,,{old}\n"
+        "/dead.svs,dead,pending,,,\n"
+    )
+    a = batch.BatchRecorder([small, boxes], out, "none", io.StringIO())
+    assert read_status(out)["small"]["status"] == "pending"  # an earlier run's outcome is not this run's
+    b = batch.BatchRecorder([boxes, dicom], out, "none", io.StringIO())
+    a.slide_done(0, SlideOutcome("ok"))
+    b.slide_done(0, SlideOutcome("skipped", error="being processed by another run (pid 1 on here)"))
+    b.slide_done(1, SlideOutcome("ok"))
+    assert {n: r["status"] for n, r in read_status(out).items()} == {
+        "small": "ok", "boxes": "skipped", "dicom-boxes": "ok", "gone": "ok",
+    }
+    a.slide_done(1, SlideOutcome("ok"))
+    b.abort()  # B writes its view again: A's outcome for boxes is newer than B's skip
+    rows = read_status(out)
+    statuses = {n: r["status"] for n, r in rows.items()}
+    assert statuses == {"small": "ok", "boxes": "ok", "dicom-boxes": "ok", "gone": "ok"}
+    assert "dead" not in rows and leftovers(out) == []

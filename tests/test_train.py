@@ -436,3 +436,42 @@ def test_cli_train_with_mpp_records_the_scale(nucls, tmp_path):
     assert training_scale(net, ds).sample_spacing_um == 2.0
     thin = training_scale(net, [{"labels": torch.zeros(128, 64), "mpp": 0.5}])
     assert (thin.sample_spacing_um, thin.source) == (1.0, "items")
+
+
+def test_region_alone_in_its_batch_is_left_out_or_refused_never_a_crash(nucls, tmp_path):
+    """A batch of one region whose grid is 1 x 1 at the encoder's deepest level breaks BatchNorm in training."""
+    from wsiseg.train import size_batches
+
+    # Depth 5 (stride 32) on a 32 x 32 grid: the deepest maps are 1 x 1, so one region alone cannot train.
+    deep = TrainConfig(**{**TINY, "encoder_depth": 5, "decoder_channels": (32, 16, 8, 8, 8), "epochs": 1})
+    pair = NuclsTiles(nucls / "train", 2)  # two 128 x 128 regions: one batch of two
+    odd = NuclsTiles(nucls / "test", 1, size=(96, 96))  # the only region of its shape
+    said: list[str] = []
+    train(deep, torch.utils.data.ConcatDataset([pair, odd]), None, CLASSES, tmp_path / "a", progress=False,
+          log=said.append)
+    assert any("1 of 3 training regions are left out" in line for line in said), said
+    with pytest.raises(WsisegError, match="no training batch can run") as err:
+        train(deep, odd, None, CLASSES, tmp_path / "b", progress=False)
+    assert "\n" not in str(err.value)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 4), (4, 4), (4, 4), (2, 2), (8, 8)]
+    batches = size_batches(shapes, 2, shuffle=True, generator=gen, alone=lambda s: s != (2, 2))
+    # (4, 4): a pair, the third item's batch of one dropped; (2, 2) cannot train alone: dropped; (8, 8) can: kept.
+    assert [4] in batches and sorted(len(b) for b in batches) == [1, 2] and not any(3 in b for b in batches)
+    assert sorted(size_batches(shapes, 2, shuffle=False)) == [[0, 1], [2], [3], [4]]
+
+
+def test_hostile_checkpoint_metadata_is_refused_in_one_line(tmp_path):
+    """--resume reads a checkpoint's JSON: deep nesting and ``format_version: true`` are refused, not crashes."""
+    from safetensors.torch import save_file
+
+    from wsiseg.train import CHECKPOINT_FORMAT, _META_KEY
+
+    path = tmp_path / "checkpoint.safetensors"
+    head = '{"format": "%s", "format_version": %s' % (CHECKPOINT_FORMAT, "%s")
+    for version, extra, fragment in (("1", ', "x": ' + "[" * 100_000 + "]" * 100_000, "nested deeper"),
+                                     ("true", "", "format version True")):
+        save_file({"w": torch.zeros(1)}, str(path), metadata={_META_KEY: head % version + extra + "}"})
+        with pytest.raises(WsisegError, match=fragment) as err:
+            load_checkpoint(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)

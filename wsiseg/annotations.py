@@ -46,6 +46,7 @@ from shapely.geometry import LineString, MultiPoint, MultiPolygon, Point, Polygo
 from shapely.geometry.base import BaseGeometry
 
 from wsiseg.errors import WsisegError
+from wsiseg.limits import coordinates_problem, read_capped
 from wsiseg.output.classes import ClassInfo, default_palette
 from wsiseg.output.geojson import read_qupath_geojson
 from wsiseg.slide.tissue import Region
@@ -264,8 +265,10 @@ def read_asap_xml(path: str | os.PathLike) -> list[tuple[str, BaseGeometry]]:
     (or missing), then ``Name``. Coordinates are taken in ``Order``;
     decimal commas (written by ASAP under some locales) are accepted.
 
-    Files that declare a DOCTYPE or entities are refused before parsing
-    (no entity expansion, no external resources).
+    Files that declare a DOCTYPE or entities, in any encoding (UTF-16
+    without a byte-order mark included), are refused before parsing (no
+    entity expansion, no external resources), as are files larger than
+    :data:`~wsiseg.limits.MAX_ANNOTATION_BYTES`.
 
     Parameters
     ----------
@@ -280,18 +283,15 @@ def read_asap_xml(path: str | os.PathLike) -> list[tuple[str, BaseGeometry]]:
     Raises
     ------
     WsisegError
-        Unreadable file, DOCTYPE/entity declarations, not ASAP XML.
+        Unreadable or too large file, DOCTYPE/entity declarations, not ASAP XML.
     """
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise WsisegError(f"cannot read ASAP XML: {exc.strerror or exc}", path) from exc
-    text = data
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        text = data.decode("utf-16").encode("utf-8")
-    upper = text.upper()
-    if b"<!DOCTYPE" in upper or b"<!ENTITY" in upper:
-        raise WsisegError("refusing XML with DOCTYPE or ENTITY declarations", path)
+        data = read_capped(path)
+    except ValueError as exc:
+        raise WsisegError(f"refused: {exc}", path) from exc
+    except (OSError, EOFError) as exc:
+        raise WsisegError(f"cannot read ASAP XML: {getattr(exc, 'strerror', None) or exc}", path) from exc
+    _refuse_dtd(data, path)
     try:
         parser = ET.XMLParser()
         parser.feed(data)
@@ -326,6 +326,34 @@ def read_asap_xml(path: str | os.PathLike) -> list[tuple[str, BaseGeometry]]:
             geom = LineString(xy) if len(xy) >= 2 else LineString()
         out.append((name, geom))
     return out
+
+
+class _Declaration(Exception):
+    """A DOCTYPE or ENTITY declaration met while pre-scanning XML."""
+
+
+def _refuse_dtd(data: bytes, path) -> None:
+    """Refuse XML that declares a DOCTYPE or entities, in whatever encoding expat detects.
+
+    A byte search misses UTF-16 without a byte-order mark (and other
+    encodings): expat itself decodes the document here, with handlers that
+    stop at the first declaration, before anything is expanded.
+    """
+    from xml.parsers import expat
+
+    def stop(*_args):
+        raise _Declaration
+
+    scanner = expat.ParserCreate()
+    scanner.StartDoctypeDeclHandler = stop
+    scanner.EntityDeclHandler = stop
+    try:
+        scanner.Parse(data, True)
+    except _Declaration:
+        raise WsisegError("refusing XML with DOCTYPE or ENTITY declarations", path) from None
+    except expat.ExpatError as exc:
+        raise WsisegError(f"not valid XML: {expat.ErrorString(exc.code)}: line {exc.lineno}, column {exc.offset}",
+                          path) from None
 
 
 # ---------------------------------------------------------------------------
@@ -452,6 +480,9 @@ def clean_shapes(
         if geom is None or (geom.is_empty and not _is_area_type(geom)):
             report.dropped_empty += 1
             continue
+        problem = coordinates_problem(geom)
+        if problem:  # NaN or huge coordinates would fail deep inside GEOS
+            raise WsisegError(f"annotation {report.read} ({name!r}): {problem}", path)
         if not _is_area_type(geom):
             non_area[geom.geom_type] += 1
             continue

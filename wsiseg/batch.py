@@ -49,7 +49,10 @@ Output folder
     ``status`` is ``ok``, ``failed`` or ``skipped`` (``error`` then holds the
     error or the reason for the skip), or ``pending`` for slides not reached
     yet. Rewritten atomically after every slide, so a crash leaves a truthful
-    file. It describes the latest run only.
+    file. Runs sharing a folder merge their rows under an flock on the folder:
+    each slide keeps its most recent outcome, a run's slides not reached yet
+    show ``pending`` unless another run finished them meanwhile, and rows of
+    earlier runs stay unless pending.
 ``<name>.done.json``
     The completion certificate, written last and atomically after the process
     function returned ``ok`` and all its outputs exist: slide fingerprint,
@@ -144,6 +147,7 @@ from typing import IO, Any, Literal, Protocol
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.limits import mpp_problem
 from wsiseg.slide.open import has_dicom_magic
 
 __all__ = [
@@ -562,13 +566,10 @@ def _read_manifest(csv_path: Path) -> list[tuple[str, str | None, dict[str, Any]
             overrides: dict[str, Any] = {}
             mpp = row.pop("mpp", "")
             if mpp:
-                try:
-                    value = float(mpp)
-                except ValueError:
-                    value = math.nan
-                if not (math.isfinite(value) and value > 0):
-                    raise bad(line, f"mpp must be a positive number, got {mpp!r}")
-                overrides["mpp"] = value
+                problem = mpp_problem(mpp)
+                if problem:
+                    raise bad(line, problem)
+                overrides["mpp"] = float(mpp)
             overrides.update({k: v for k, v in row.items() if v})
             rows.append((os.path.abspath(_slide_path(p)), name, overrides))
     except csv.Error as exc:
@@ -1235,12 +1236,19 @@ def _checked_progress(progress: ProgressFn | None, lock: _Lock) -> ProgressFn:
 
 
 class _StatusFile:
-    """``status.csv``, rewritten atomically; failures become warnings."""
+    """``status.csv``: this run's rows merged with the file's, under a lock, rewritten atomically.
+
+    Two runs may share a folder, each with its own slides: every write reads
+    the file under an flock on its folder and keeps each slide's most recent
+    outcome (:func:`_merge_status`), so the file shows both runs. Failures
+    to write become one warning.
+    """
 
     def __init__(self, path: Path, jobs: list[SlideJob], reporter: _Reporter):
         self.path = path
         self.jobs = jobs
         self.reporter = reporter
+        self.started = datetime.now().astimezone()
         self._warned = False
 
     def write(self, results: Sequence[SlideResult | None]) -> None:
@@ -1251,15 +1259,94 @@ class _StatusFile:
             else:
                 rows.append((job.path, job.name, r.status, f"{r.seconds:.3f}", _one_line(r.error or ""), r.finished_at))
         try:
-            with atomic_output(self.path, overwrite=True) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-                w = csv.writer(fh)
-                w.writerow(STATUS_COLUMNS)
-                w.writerows(rows)
+            with _dir_lock(self.path.parent):
+                rows = _merge_status(_read_status_rows(self.path), rows, self.started)
+                with atomic_output(self.path, overwrite=True) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+                    w = csv.writer(fh)
+                    w.writerow(STATUS_COLUMNS)
+                    w.writerows(rows)
         except (OSError, WsisegError) as exc:
             # A full disk must not stop the batch: say so (once) and go on.
             if not self._warned:
                 self._warned = True
                 self.reporter.warning(f"cannot write {self.path}: {_describe_error(exc)}")
+
+
+@contextlib.contextmanager
+def _dir_lock(path: Path):
+    """Hold an exclusive ``flock`` on the folder ``path`` itself (no lock file to leave behind or unlink)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rows may race, as before the lock existed
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_status_rows(path: Path) -> list[tuple[str, ...]]:
+    """The rows of an existing ``status.csv`` (none when missing or not ours)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            table = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    if not table or tuple(table[0]) != STATUS_COLUMNS:
+        return []
+    return [tuple(r) for r in table[1:] if len(r) == len(STATUS_COLUMNS)]
+
+
+# On equal times (status.csv keeps seconds) an outcome beats a skip, and a skip beats nothing.
+_STATUS_RANK = {"pending": 0, "skipped": 1, "ok": 2, "failed": 2}
+
+
+def _merge_status(disk: Sequence[tuple[str, ...]], ours: Sequence[tuple[str, ...]], started: datetime) -> list:
+    """This run's rows merged with those another run wrote: each slide's most recent row.
+
+    Parameters
+    ----------
+    disk : sequence of rows
+        ``status.csv`` as found (``STATUS_COLUMNS`` order).
+    ours : sequence of rows
+        This run's view, one row per job.
+    started : datetime
+        When this run started: a finished row on disk older than that is a
+        previous run's and never hides this run's ``pending``.
+
+    Returns
+    -------
+    list of rows
+        This run's slides in job order, then the other slides the file
+        holds that are not pending (pending rows of a run that died would
+        stay forever; a live run writes its own back).
+    """
+
+    def when(row) -> datetime | None:
+        try:
+            t = datetime.fromisoformat(row[5]) if row[5] else None
+        except (ValueError, TypeError):
+            return None
+        return t.astimezone() if t is not None else None  # a time without offset is local
+
+    def newer(theirs, mine) -> bool:
+        t, m = when(theirs), when(mine)
+        if t is None:
+            return False
+        if m is None:
+            return t >= started  # another run finished it while this one had not
+        if t != m:
+            return t > m
+        return _STATUS_RANK.get(theirs[2], 0) > _STATUS_RANK.get(mine[2], 0)
+
+    found = {row[1].casefold(): row for row in disk}
+    mine = {row[1].casefold() for row in ours}
+    merged = [found[row[1].casefold()] if newer(found.get(row[1].casefold(), ("",) * 6), row) else row for row in ours]
+    merged += [row for key, row in found.items() if key not in mine and row[2] != "pending"]
+    return merged
 
 
 def _describe_oserror(exc: OSError) -> str:

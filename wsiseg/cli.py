@@ -3,10 +3,13 @@
 Each command parses and validates its options and calls one library
 function. User-facing errors (:class:`wsiseg.errors.WsisegError`) become one
 line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+Other libraries' log records and Python warnings go to the log, reaching
+stderr only with ``--debug``; wsiseg's own warnings are printed as lines.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -14,7 +17,11 @@ import click
 
 from wsiseg import __version__
 from wsiseg.errors import WsisegError
+from wsiseg.limits import MPP_RANGE
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
+
+# Micrometres per pixel on the command line: the bounds of every MPP read from a file.
+_MPP = click.FloatRange(*MPP_RANGE)
 
 
 class _Group(click.Group):
@@ -43,6 +50,43 @@ class _Group(click.Group):
             sys.exit(1)
 
 
+class _StderrLog(logging.Handler):
+    """wsiseg's own warnings as bare lines on the current ``sys.stderr``; other libraries' only with --debug.
+
+    OpenSlide, tifffile, shapely and Python warnings (``warnings.warn``,
+    captured into logging) report things wsiseg handles itself; on a good
+    run they are noise, so they go to the log at their level and reach
+    stderr only with ``--debug`` (or as errors).
+    """
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.debug = False
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == "wsiseg" or record.name.startswith("wsiseg.")
+        return self.debug or record.levelno >= logging.ERROR or (ours and record.levelno >= logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")  # looked up now: click's test runner swaps it
+        except Exception:
+            self.handleError(record)
+
+
+_LOG = _StderrLog()
+
+
+def _route_logs(debug: bool) -> None:
+    root = logging.getLogger()
+    if _LOG not in root.handlers:
+        root.addHandler(_LOG)
+    _LOG.debug = debug
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.captureWarnings(True)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsiseg")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
@@ -55,6 +99,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    _route_logs(debug)
 
 
 # the --mpp options' shared sentence (wsiseg.mpp imports nothing heavy)
@@ -72,7 +117,8 @@ _IMPLAUSIBLE_MPP_HELP = (
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of dicts instead of text.")
 @click.option("--mpp", type=float, default=None,
-              help=f"Override micrometres per level-0 pixel, taken as given. {_IMPLAUSIBLE_MPP_HELP}")
+              help=f"Override micrometres per level-0 pixel ({MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}), taken as "
+                   f"given. {_IMPLAUSIBLE_MPP_HELP}")
 @click.pass_context
 def info_command(ctx: click.Context, slides: tuple[str, ...], as_json: bool, mpp: float | None) -> None:
     """Show each SLIDE's pyramid: levels, downsamples, chunks, MPP and its source, vendor.
@@ -112,7 +158,8 @@ def info_command(ctx: click.Context, slides: tuple[str, ...], as_json: bool, mpp
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--chunk", type=click.IntRange(min=16), default=512, show_default=True, help="Chunk size in pixels.")
 @click.option("--ngff", "ngff_version", type=click.Choice(["0.4"]), default="0.4", show_default=True, help="NGFF version.")
-@click.option("--mpp", type=float, default=None, help="Override micrometres per level-0 pixel.")
+@click.option("--mpp", type=float, default=None,
+              help=f"Override micrometres per level-0 pixel ({MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}).")
 def convert_command(slide: str, out: str, overwrite: bool, chunk: int, ngff_version: str, mpp: float | None) -> None:
     """Convert SLIDE to an OME-Zarr (NGFF 0.4) multiscale RGB image OUT.
 
@@ -499,7 +546,7 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
 @click.option("--gather", "gather_mode", type=click.Choice(["lod", "exact"]), default="lod", show_default=True,
               help="Level-of-detail pyramid reads, or bilinear at level 0 (paper).")
 @click.option("--lod-bias", type=float, default=0.0, show_default=True, help="Octaves added to the level choice.")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--mpp", type=_MPP, default=None,
               help="Micrometres per level-0 pixel for every slide (a manifest's mpp column wins), taken as given. "
                    f"{_IMPLAUSIBLE_MPP_HELP} Slides without an MPP get no areas in um2 and are sampled by pixel "
                    "size, with a warning, when the model records its scale.")
@@ -602,7 +649,9 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--freeze-encoder-epochs", type=click.IntRange(min=0), default=None, metavar="N",
               help="The encoder's weights get no updates for the first N epochs (its BatchNorm statistics still "
                    "adapt) [default: 0].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size [default: 4].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Batch size [default: 4]; batches hold regions of one shape, and a region alone in its batch "
+                   "whose grid is too small for BatchNorm to train on one sample is left out, with a warning.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate [default: 1e-3].")
 @click.option("--patience", type=click.IntRange(min=0), default=None,
               help="Early stopping after N epochs without improvement, 0 = never [default: 10].")
@@ -613,7 +662,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--ignore-unmapped", is_flag=True, help="Annotation classes missing from --classes become ignored.")
 @click.option("--value-names", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Label-mask value -> class name table (CSV, e.g. BCSS GTcodes.csv).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--mpp", type=_MPP, default=None,
               help="Micrometres per level-0 pixel of every image, e.g. for PNG/JPEG tiles that carry none (a CSV's "
                    "mpp column wins). The model records the physical scale it was trained at, so `wsiseg segment` "
                    "samples slides as densely; without any MPP it records none and segments by pixel size.")
@@ -754,7 +803,7 @@ def demo_command(ctx, out_dir, device, overwrite, model_name) -> None:
 @click.option("--ignore-unmapped", is_flag=True, help="Annotation classes missing from --classes become ignored.")
 @click.option("--value-names", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Label-mask value -> class name table (CSV, e.g. BCSS GTcodes.csv).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--mpp", type=_MPP, default=None,
               help="Micrometres per level-0 pixel of every image (a CSV's mpp column wins). A model that records "
                    "its scale samples regions with an MPP at its sample spacing in um, as segment does.")
 def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, device, batch_size, compare,

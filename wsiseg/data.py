@@ -62,6 +62,7 @@ from wsiseg.annotations import (
 )
 from wsiseg.batch import SLIDE_EXTENSIONS
 from wsiseg.errors import WsisegError
+from wsiseg.limits import mpp_problem
 from wsiseg.slide import Multiscale, open_slide
 from wsiseg.slide.tissue import Region, slide_regions, whole_region
 
@@ -254,6 +255,8 @@ def _pairs_from_csv(path: Path) -> list[TrainingPair]:
                 raise err(f"{col} must be a number, got {v!r}") from None
             if not (math.isfinite(nums[col]) and nums[col] > 0):
                 raise err(f"{col} must be positive, got {v!r}")
+            if col == "mpp" and mpp_problem(v):
+                raise err(mpp_problem(v) or "")
         try:
             split = _norm_split(rec.get("split"), path)
         except WsisegError as exc:

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 from wsiseg.errors import ConfigError
+from wsiseg.limits import mpp_problem
 
 __all__ = [
     "MIN_PLAUSIBLE_MPP",
@@ -67,7 +68,7 @@ class IgnoredMpp:
         return f"{format_mpp(self.mpp)} um/px from {self.source}, outside {MIN_PLAUSIBLE_MPP:g}-{MAX_PLAUSIBLE_MPP:g} um/px"
 
 
-def mpp_pair(mpp, *, what: str = "mpp") -> tuple[float, float] | None:
+def mpp_pair(mpp, *, what: str = "mpp", bounded: bool = True) -> tuple[float, float] | None:
     """An MPP as a positive, finite ``(x, y)`` pair of floats.
 
     Parameters
@@ -76,6 +77,10 @@ def mpp_pair(mpp, *, what: str = "mpp") -> tuple[float, float] | None:
         One value for both axes, or ``(x, y)``; numbers or numeric strings.
     what : str
         The name used in the error message (``"--mpp"``, ``"mpp"``).
+    bounded : bool
+        Also require :data:`wsiseg.limits.MPP_RANGE` (the bounds of any MPP
+        wsiseg uses); False for a slide file's value, which is then judged
+        by :func:`is_plausible_mpp` and ignored, not refused.
 
     Returns
     -------
@@ -85,7 +90,8 @@ def mpp_pair(mpp, *, what: str = "mpp") -> tuple[float, float] | None:
     Raises
     ------
     ConfigError
-        Not a number or a pair of numbers, or not positive and finite.
+        Not a number or a pair of numbers, not positive and finite, or
+        (``bounded``) outside ``MPP_RANGE``.
     """
     if mpp is None:
         return None
@@ -99,6 +105,9 @@ def mpp_pair(mpp, *, what: str = "mpp") -> tuple[float, float] | None:
         raise ConfigError(f"{what} must be a positive number or an (x, y) pair, got {mpp!r}") from None
     if not (math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0):
         raise ConfigError(f"{what} must be positive and finite, got {mpp!r}")
+    problem = bounded and (mpp_problem(mx) or mpp_problem(my))
+    if problem:
+        raise ConfigError(what + problem.removeprefix("mpp"))
     return mx, my
 
 

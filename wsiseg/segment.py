@@ -39,6 +39,7 @@ import torch
 
 from wsiseg.device import resolve_device, usable_cpus
 from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.limits import mpp_problem
 from wsiseg.models.io import LoadedModel
 from wsiseg.output.ome import (
     FORMAT_SUFFIXES,
@@ -171,8 +172,8 @@ class SegmentOptions:
             raise ConfigError(f"gather mode must be 'lod' or 'exact', got {self.gather_mode!r}")
         if self.tissue_threshold is not None and not 0 < self.tissue_threshold < 1:
             raise ConfigError(f"tissue threshold must be in (0, 1), got {self.tissue_threshold}")
-        if self.mpp is not None and not self.mpp > 0:
-            raise ConfigError(f"mpp must be positive, got {self.mpp}")
+        if self.mpp is not None and mpp_problem(self.mpp):
+            raise ConfigError(f"--{mpp_problem(self.mpp)}")
         try:
             max_grid = tuple(int(v) for v in self.max_grid)
         except (TypeError, ValueError):

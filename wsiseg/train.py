@@ -71,6 +71,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsiseg.atomic import atomic_output
 from wsiseg.device import resolve_device
 from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.limits import loads_json
 from wsiseg.metrics import ConfusionMatrix
 from wsiseg.models.losses import EDGE_NORMS, LOSS_NAMES, JointLoss
 from wsiseg.models.net import IMAGE_SAMPLING, SAMPLERS, DeformSegNet
@@ -93,6 +94,7 @@ __all__ = [
     "save_checkpoint",
     "size_batches",
     "train",
+    "trains_alone",
     "training_scale",
 ]
 
@@ -651,7 +653,12 @@ def _say_scale(say: Callable[[str], None], scale: ModelScale) -> None:
 
 
 def size_batches(
-    shapes: Sequence[tuple[int, int]], batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
+    shapes: Sequence[tuple[int, int]],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    alone: Callable[[tuple[int, int]], bool] | None = None,
 ) -> list[list[int]]:
     """Batches of item indices whose shapes agree, so regions are never padded.
 
@@ -665,13 +672,19 @@ def size_batches(
         with ``generator`` only: the batches of an epoch depend on nothing
         else, so a resumed run sees the same ones.
     generator : torch.Generator, optional
+    alone : callable, optional
+        ``alone(shape)``: whether a batch of one item of that shape can
+        train (:func:`trains_alone`). When shuffling (training), a batch of
+        one item whose shape cannot is dropped.
 
     Returns
     -------
     list of list of int
-        Every index exactly once. When shuffling, a last batch of one item
-        in a shape that has more than ``batch_size`` items is dropped (a
-        batch of one breaks BatchNorm in training).
+        Every index exactly once, but for the dropped batches of one item.
+        When shuffling, a last batch of one item in a shape that has more
+        than ``batch_size`` items is dropped (a batch of one breaks
+        BatchNorm in training; the shuffle puts another item last next
+        epoch), and so is any batch of one whose shape ``alone`` refuses.
     """
     n = len(shapes)
     order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
@@ -679,9 +692,11 @@ def size_batches(
     for i in order:
         groups.setdefault(tuple(shapes[i]), []).append(i)
     batches: list[list[int]] = []
-    for idx in groups.values():
+    for shape, idx in groups.items():
         chunks = [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
-        if shuffle and len(idx) > batch_size and len(chunks[-1]) == 1:
+        if shuffle and alone is not None and not alone(shape):
+            chunks = [c for c in chunks if len(c) > 1]
+        elif shuffle and len(idx) > batch_size and len(chunks[-1]) == 1:
             chunks.pop()
         batches.extend(chunks)
     if shuffle:
@@ -689,11 +704,95 @@ def size_batches(
     return batches
 
 
-def _make_loader(ds: Dataset, config: TrainConfig, *, shuffle: bool, generator: torch.Generator, device) -> DataLoader:
+# BatchNorm's refusal of a batch with one value per channel, and why it happens here.
+_BATCHNORM_ALONE = "more than 1 value per channel"
+_ALONE_WHY = "BatchNorm needs more than one value per channel; the grid is too small for the encoder's depth"
+
+
+def trains_alone(net: DeformSegNet, shape: tuple[int, int]) -> bool:
+    """Whether a batch of one region of ``shape`` can train ``net``.
+
+    BatchNorm in training needs more than one value per channel; with one
+    region, a layer whose maps are ``1 x 1`` (a small grid at the deepest
+    encoder level, DeepLab's image pooling) fails. The deformation net and
+    the segmenter run at the region's geometry on the meta device: shapes
+    only, no memory and no arithmetic.
+
+    Parameters
+    ----------
+    net : DeformSegNet
+    shape : (int, int)
+        ``(h, w)`` of the region's working raster.
+
+    Returns
+    -------
+    bool
+        False when BatchNorm would refuse; True otherwise (also when a
+        layer cannot run on the meta device: the real step then tells).
+    """
+    from torch.func import functional_call
+
+    geometry = net.geometry(int(shape[0]), int(shape[1]))
+    parts = [(net.segmenter, geometry.grid)] + ([(net.deform, geometry.map)] if net.deform is not None else [])
+    for module, (h, w) in parts:
+        tensors = (*module.named_parameters(), *module.named_buffers())
+        state = {k: torch.empty_like(v, device="meta") for k, v in tensors}
+        was_training = module.training
+        module.train()
+        try:
+            functional_call(module, state, (torch.empty(1, net.in_channels, h, w, device="meta"),))
+        except ValueError as exc:
+            return _BATCHNORM_ALONE not in str(exc)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return True
+        finally:
+            module.train(was_training)
+    return True
+
+
+def _alone_checker(net: DeformSegNet, ds: Dataset, config: TrainConfig, say: Callable[[str], None]):
+    """:func:`trains_alone` for the training set's shapes, cached; says how many regions it leaves out.
+
+    Raises
+    ------
+    WsisegError
+        Every training region would be left out.
+    """
+    cache: dict[tuple[int, int], bool] = {}
+
+    def alone(shape: tuple[int, int]) -> bool:
+        if shape not in cache:
+            cache[shape] = trains_alone(net, shape)
+        return cache[shape]
+
+    shapes = [_item_shape(ds, i) for i in range(len(ds))]
+    lone = _lone_regions(shapes, config.batch_size, alone)
+    why = f"a batch of one region of their shape cannot train ({_ALONE_WHY})"
+    if shapes and lone == len(shapes):
+        raise WsisegError(
+            f"no training batch can run: {why}; use --batch-size 2 or more with regions of equal shape, "
+            "or a larger --out-size"
+        )
+    if lone:
+        say(f"warning: {lone} of {len(shapes)} training regions are left out: each is alone in its batch and {why}")
+    return alone
+
+
+def _lone_regions(shapes: Sequence[tuple[int, int]], batch_size: int, alone: Callable[[tuple[int, int]], bool]) -> int:
+    """How many training regions :func:`size_batches` leaves out every epoch because they cannot train alone."""
+    counts: dict[tuple[int, int], int] = {}
+    for s in shapes:
+        counts[tuple(s)] = counts.get(tuple(s), 0) + 1
+    return sum(n for s, n in counts.items() if (n == 1 or batch_size == 1) and not alone(s))
+
+
+def _make_loader(
+    ds: Dataset, config: TrainConfig, *, shuffle: bool, generator: torch.Generator, device, alone=None
+) -> DataLoader:
     shapes = [_item_shape(ds, i) for i in range(len(ds))]
     return DataLoader(
         ds,
-        batch_sampler=size_batches(shapes, config.batch_size, shuffle=shuffle, generator=generator),
+        batch_sampler=size_batches(shapes, config.batch_size, shuffle=shuffle, generator=generator, alone=alone),
         num_workers=config.num_workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
@@ -847,13 +946,15 @@ def _read_checkpoint_meta(path: Path) -> tuple[dict, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        doc = json.loads(header[_META_KEY])
+        doc = loads_json(header[_META_KEY])
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise WsisegError(f"not a readable wsiseg training checkpoint ({str(exc).strip()[:200]})", path) from exc
     if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
         raise WsisegError("not a wsiseg training checkpoint", path)
     version = doc.get("format_version")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:  # bool is an int: refuse true
+        raise WsisegError(f"invalid checkpoint format version {version!r} (expected an integer >= 1)", path)
+    if version > CHECKPOINT_VERSION:
         raise WsisegError(f"checkpoint format version {version!r} is newer than this wsiseg understands", path)
     return doc, doc.pop("state", None)
 
@@ -1408,6 +1509,7 @@ def train(
         train_set: Dataset = train_ds
     else:
         train_set = _Augmented(train_ds, cfg)
+    alone = _alone_checker(net, train_set, cfg, say)
     val_loader = (
         _make_loader(val_ds, cfg, shuffle=False, generator=torch.Generator().manual_seed(0), device=device)
         if has_val
@@ -1436,7 +1538,9 @@ def train(
             train_set.epoch = epoch
         else:
             train_set.set_epoch(epoch)
-        loader = _make_loader(train_set, cfg, shuffle=True, generator=_epoch_generator(cfg.seed, epoch), device=device)
+        loader = _make_loader(
+            train_set, cfg, shuffle=True, generator=_epoch_generator(cfg.seed, epoch), device=device, alone=alone
+        )
         lr = float(optimizer.param_groups[0]["lr"])
         for p in encoder_params:  # frozen: no gradient, so Adam skips them (BatchNorm statistics still adapt)
             p.requires_grad_(epoch > cfg.freeze_encoder_epochs)
@@ -1455,9 +1559,15 @@ def train(
                 image = _to_float(batch["image"].to(device, non_blocking=True))
                 labels = batch["labels"].to(device, non_blocking=True)
                 _check_labels(labels, num_classes, cfg.ignore_index, batch["name"])
-                with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
-                    out_ = net(None, image, labels, ignore_index=cfg.ignore_index)
-                    terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target, out_.edge_valid)
+                try:
+                    with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
+                        out_ = net(None, image, labels, ignore_index=cfg.ignore_index)
+                        terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target, out_.edge_valid)
+                except ValueError as exc:  # a layer trains_alone could not foresee on the meta device
+                    if _BATCHNORM_ALONE not in str(exc):
+                        raise
+                    raise WsisegError(f"cannot train on a batch of one region of shape {tuple(image.shape[-2:])}: "
+                                      f"{_ALONE_WHY}; use --batch-size 2 or more, or a larger --out-size") from exc
                 values = torch.stack([terms.total.detach(), terms.seg.detach(), terms.edge.detach()]).double().cpu()
                 if not torch.isfinite(values).all():
                     what = "NaN" if torch.isnan(values).any() else "infinite"

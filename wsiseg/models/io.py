@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,16 @@ import torch
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import WsisegError
+from wsiseg.limits import (
+    MAX_CHANNELS,
+    MAX_CLASSES,
+    MAX_LAYER_WIDTH,
+    MAX_MODEL_SIDE,
+    MAX_SIGMA,
+    MAX_SPEC_LIST,
+    MAX_SUPPORT,
+    loads_json,
+)
 
 FORMAT = "wsiseg-model"
 FORMAT_VERSION = 1
@@ -92,13 +103,18 @@ def read_metadata(path: str | os.PathLike) -> dict:
     if _KEY not in header:
         raise ModelFileError("safetensors file without wsiseg metadata: not a wsiseg model", p)
     try:
-        meta = json.loads(header[_KEY])
+        meta = loads_json(header[_KEY])
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"damaged wsiseg metadata ({exc.msg})", p) from exc
+    except ValueError as exc:
+        raise ModelFileError(f"damaged wsiseg metadata ({exc})", p) from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError("not a wsiseg model (unknown metadata format)", p)
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    # bool is an int in Python: ``true`` must not pass as version 1.
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ModelFileError(f"invalid model format version {version!r} (expected an integer >= 1)", p)
+    if version > FORMAT_VERSION:
         raise ModelFileError(
             f"model format version {version!r} is newer than this wsiseg understands ({FORMAT_VERSION}); "
             "upgrade wsiseg",
@@ -222,19 +238,21 @@ def load_deformseg(path: str | os.PathLike, *, device: str | torch.device = "cpu
         Not a wsiseg model, damaged, from a newer version, or its weights
         or classes do not match its own configuration.
     """
-    from wsiseg.errors import ConfigError
     from wsiseg.models.net import DeformSegNet
     from wsiseg.output.classes import ClassInfo
 
-    state, meta = load_model_file(path, device="cpu")
-    seg_spec = meta.get("net", {}).get("segmenter") if isinstance(meta.get("net"), dict) else None
+    meta = read_metadata(path)
+    check_net_metadata(meta, path)
+    seg_spec = meta["net"].get("segmenter")
     if isinstance(seg_spec, dict) and seg_spec.get("encoder_weights") is not None:
         # Trained weights are all in the file: loading never downloads or reads another file.
         raise ModelFileError("model metadata asks for encoder weights to load; a model file holds its weights", path)
+    _check_weight_shapes(meta["net"], path)
+    state, _ = load_model_file(path, device="cpu")
     try:
         net = DeformSegNet.from_config(meta["net"])
         classes = [ClassInfo(int(c["value"]), str(c["name"]), tuple(int(v) for v in c["color"])) for c in meta["classes"]]
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+    except (KeyError, TypeError, ValueError, WsisegError) as exc:
         raise ModelFileError(f"model metadata is incomplete or invalid ({_first_line(exc)})", path) from exc
     _check_classes(net, classes, path)
     try:
@@ -245,6 +263,122 @@ def load_deformseg(path: str | os.PathLike, *, device: str | torch.device = "cpu
     model = LoadedModel(net=net, classes=classes, metadata=meta, path=os.fspath(path), hash=file_hash(path))
     model.scale  # noqa: B018 - a malformed scale entry fails here, before any slide is read
     return model
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _spec_value_problem(key: str, v, depth: int = 0) -> str | None:
+    """Why a segmenter argument is outside the bounds, or None (ints, floats, strings and short lists only)."""
+    if v is None or isinstance(v, (bool, str)) and len(str(v)) <= 200:
+        return None
+    if _is_int(v):
+        return None if 0 <= v <= MAX_LAYER_WIDTH else f"net.segmenter.{key} must be in 0..{MAX_LAYER_WIDTH}"
+    if isinstance(v, float):
+        return None if math.isfinite(v) and abs(v) <= MAX_LAYER_WIDTH else f"net.segmenter.{key} is out of range"
+    if isinstance(v, list) and len(v) <= MAX_SPEC_LIST and depth < 2:
+        return next((p for x in v if (p := _spec_value_problem(key, x, depth + 1))), None)
+    return f"net.segmenter.{key} must be a number, a string or a list of at most {MAX_SPEC_LIST} of them"
+
+
+def check_net_metadata(meta: dict, path: str | os.PathLike) -> None:
+    """Refuse model metadata whose sizes are outside :mod:`wsiseg.limits`, before anything is built from them.
+
+    Checks the grid and map sizes, kernel sigma, support and edge radius,
+    channel and class counts, normalisation and every number of the
+    segmenter's specification (decoder channels, depths, ...).
+
+    Parameters
+    ----------
+    meta : dict
+        As :func:`read_metadata` returns it.
+    path : path-like
+        The model file, for messages.
+
+    Raises
+    ------
+    ModelFileError
+        One line naming the file and the first value out of bounds.
+    """
+    problem = _net_problem(meta.get("net"), meta.get("classes"))
+    if problem:
+        raise ModelFileError(f"model metadata is invalid ({problem})", path)
+
+
+def _net_problem(net, classes) -> str | None:
+    if not isinstance(net, dict):
+        return "'net' must be a mapping"
+    if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
+        return f"'classes' must be a list of 1..{MAX_CLASSES} classes"
+    for key in ("out_size", "map_size"):
+        v = net.get(key)
+        sides_ok = isinstance(v, list) and len(v) == 2 and all(_is_int(x) and 1 <= x <= MAX_MODEL_SIDE for x in v)
+        if v is not None and not sides_ok:
+            return f"net.{key} must be two integers in 1..{MAX_MODEL_SIDE}, got {_short(v)}"
+    for key in ("sigma", "edge_radius"):
+        v = net.get(key)
+        if v is not None and not (_is_number(v) and 0 < v <= MAX_SIGMA):
+            return f"net.{key} must be a number in (0, {MAX_SIGMA:g}], got {_short(v)}"
+    v = net.get("support")
+    if v is not None and not (_is_int(v) and 1 <= v <= MAX_SUPPORT and v % 2 == 1):
+        return f"net.support must be an odd integer in 1..{MAX_SUPPORT}, got {_short(v)}"
+    seg = net.get("segmenter")
+    seg = seg if isinstance(seg, dict) else {}
+    channels = (("net.in_channels", net.get("in_channels", 3)), ("net.segmenter.in_channels", seg.get("in_channels", 3)))
+    for where, v in channels:
+        if not (_is_int(v) and 1 <= v <= MAX_CHANNELS):
+            return f"{where} must be an integer in 1..{MAX_CHANNELS}, got {_short(v)}"
+    v = seg.get("num_classes", 2)
+    if not (_is_int(v) and 1 <= v <= MAX_CLASSES):
+        return f"net.segmenter.num_classes must be an integer in 1..{MAX_CLASSES}, got {_short(v)}"
+    for key in ("image_mean", "image_std"):
+        v = net.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) <= MAX_CHANNELS and all(_is_number(x) for x in v)):
+            return f"net.{key} must be at most {MAX_CHANNELS} finite numbers, got {_short(v)}"
+    return next((p for k, x in seg.items() if (p := _spec_value_problem(str(k), x))), None)
+
+
+def _check_weight_shapes(net_config: dict, path: str | os.PathLike) -> None:
+    """Build the net on the meta device (no memory) and compare its tensor shapes with the file's header.
+
+    A configuration whose layers do not match the stored weights is refused
+    before a single parameter is allocated, whatever sizes it asks for.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from wsiseg.errors import ConfigError
+    from wsiseg.models.net import DeformSegNet
+
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in DeformSegNet.from_config(net_config).state_dict().items()}
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise ModelFileError(f"model metadata is incomplete or invalid ({_first_line(exc)})", path) from exc
+    except (NotImplementedError, RuntimeError):
+        return  # an architecture that cannot be built on the meta device: the strict load below still checks
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"damaged model weights ({_first_line(exc)})", path) from exc
+    wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if wrong:
+        k = wrong[0]
+        raise ModelFileError(
+            f"weights do not match the model's configuration ({len(wrong)} tensors differ, e.g. {k!r}: "
+            f"configuration {expected.get(k, 'none')}, file {found.get(k, 'none')})",
+            path,
+        )
 
 
 def _check_classes(net, classes, path) -> None:

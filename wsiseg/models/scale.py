@@ -32,6 +32,7 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 
+from wsiseg.limits import MAX_SAMPLE_SPACING_UM, MPP_RANGE
 from wsiseg.sampling.geometry import SamplingGeometry
 
 __all__ = ["SCALE_SOURCES", "ModelScale", "measure_scale"]
@@ -88,12 +89,13 @@ class ModelScale:
         if not isinstance(entry, Mapping):
             raise ValueError(f"scale metadata must be a mapping, got {type(entry).__name__}")
 
-        def positive(key: str) -> float | None:
+        def positive(key: str, hi: float) -> float | None:
             v = entry.get(key)
             if v is None:
                 return None
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-                raise ValueError(f"scale.{key} must be a positive number or null, got {v!r}")
+            lo = MPP_RANGE[0]  # a spacing is at least one pixel of the finest MPP
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and lo <= v <= hi):
+                raise ValueError(f"scale.{key} must be a number in [{lo:g}, {hi:g}] or null, got {v!r}")
             return float(v)
 
         source = entry.get("source", "unknown")
@@ -102,7 +104,9 @@ class ModelScale:
         counts = [entry.get(k, 0) for k in ("regions", "regions_without_mpp")]
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
             raise ValueError(f"scale region counts must be non-negative integers, got {counts}")
-        return cls(positive("mpp_working"), positive("sample_spacing_um"), source, *counts)
+        return cls(
+            positive("mpp_working", MPP_RANGE[1]), positive("sample_spacing_um", MAX_SAMPLE_SPACING_UM), source, *counts
+        )
 
 
 def measure_scale(

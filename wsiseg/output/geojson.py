@@ -35,6 +35,7 @@ from skimage import measure
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import WsisegError
+from wsiseg.limits import loads_json, read_capped
 from wsiseg.mpp import mpp_pair
 from wsiseg.output.classes import ClassInfo, validate_classes
 
@@ -343,19 +344,26 @@ def read_qupath_geojson(path: str | os.PathLike) -> list[tuple[str, BaseGeometry
     Raises
     ------
     WsisegError
-        Unreadable file or not GeoJSON.
+        Unreadable file, not GeoJSON, nested deeper than
+        :data:`~wsiseg.limits.MAX_JSON_DEPTH`, or larger than
+        :data:`~wsiseg.limits.MAX_ANNOTATION_BYTES` (after decompression;
+        decompression stops there).
     """
     try:
-        data = Path(path).read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            data = _gzip.decompress(data)
-        doc = json.loads(data.decode("utf-8-sig"))
+        data = read_capped(path)
+    except ValueError as exc:
+        raise WsisegError(f"refused: {exc}", path) from exc
+    except (OSError, EOFError) as exc:
+        raise WsisegError(f"not QuPath GeoJSON: {exc}", path) from exc
+    try:
+        doc = loads_json(data.decode("utf-8-sig"))
         out = []
-        for f in _features(doc):
-            if not isinstance(f, dict) or not f.get("geometry"):
-                continue
-            out.append((_class_name(f.get("properties") or {}), shape(f["geometry"])))
-    except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            shapely.errors.ShapelyError) as exc:
+        # NaN coordinates are refused by the caller, with the file's name; numpy need not warn of them here.
+        with np.errstate(invalid="ignore"):
+            for f in _features(doc):
+                if not isinstance(f, dict) or not f.get("geometry"):
+                    continue
+                out.append((_class_name(f.get("properties") or {}), shape(f["geometry"])))
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, shapely.errors.ShapelyError) as exc:
         raise WsisegError(f"not QuPath GeoJSON: {exc}", path) from exc
     return out

@@ -41,14 +41,15 @@ import numpy as np
 from dask.base import tokenize
 
 from wsiseg.errors import ConfigError, SlideError
+from wsiseg.limits import MAX_SLIDE_PIXELS, MAX_SLIDE_SIDE
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, IgnoredMpp, is_plausible_mpp, mpp_pair
 from wsiseg.slide.multiscale import IGNORED_IMPLAUSIBLE, Level, Multiscale
 
 __all__ = ["open_slide", "tiff_resolution_mpp", "MAX_PIXELS"]
 
-#: Refuse levels claiming more pixels than this (a 1,000,000 x 1,000,000
-#: slide); real WSIs are below 1e11, so larger claims are broken headers.
-MAX_PIXELS = 10**12
+#: Refuse levels claiming more pixels than this (see :mod:`wsiseg.limits`;
+#: levels are also refused above ``MAX_SLIDE_SIDE`` pixels a side).
+MAX_PIXELS = MAX_SLIDE_PIXELS
 
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _ASSOCIATED_NAMES = {"label", "macro", "thumbnail", "overview", "barcode", "map"}
@@ -161,7 +162,7 @@ def _check_mpp_override(mpp) -> tuple[float, float] | None:
 def _valid_mpp(mx, my) -> tuple[float, float] | None:
     """``(mx, my)`` as floats when both are positive and finite, else None."""
     try:
-        return mpp_pair((mx, my))
+        return mpp_pair((mx, my), bounded=False)  # out-of-range values are ignored later, not refused
     except ConfigError:
         return None
 
@@ -219,6 +220,12 @@ def _check_dimensions(dims: list[tuple[int, int]], path: Path) -> None:
     for i, (w, h) in enumerate(dims):
         if w < 1 or h < 1:
             raise SlideError(f"level {i} has an empty size {w}x{h}", path)
+        if max(w, h) > MAX_SLIDE_SIDE:
+            raise SlideError(
+                f"level {i} claims an absurd size {w}x{h} (a side over {MAX_SLIDE_SIDE:,} pixels); "
+                "the header is corrupt",
+                path,
+            )
         if w * h > MAX_PIXELS:
             raise SlideError(
                 f"level {i} claims an absurd size {w}x{h} (> {MAX_PIXELS:.0e} pixels); the header is corrupt", path
