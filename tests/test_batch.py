@@ -157,6 +157,26 @@ def test_identical_paths_are_deduplicated(slides_dir, tmp_path):
     assert len(jobs) == 10
 
 
+@pytest.mark.timeout(60)  # before the fix, reading the FIFO blocked the batch until a writer came
+def test_fifo_in_a_folder_or_manifest_fails_only_its_slide(slides_dir, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copyfile(slides_dir / "small.svs", src / "small.svs")
+    os.mkfifo(src / "pipe.svs")
+    os.mkfifo(tmp_path / "listed.tiff")
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text("path\nlisted.tiff\n")
+    out = tmp_path / "out"
+    result = run(expand_inputs([src, manifest]), out, ThumbnailProcess())
+    rows = read_status(out)
+    assert {n: r["status"] for n, r in rows.items()} == {"pipe": "failed", "small": "ok", "listed": "failed"}
+    for name, path in (("pipe", src / "pipe.svs"), ("listed", tmp_path / "listed.tiff")):
+        assert rows[name]["error"] == (
+            f"{path}: not a regular file (a FIFO); a slide is a file, a DICOM folder or an OME-Zarr store"
+        )
+    assert result.exit_code == 1 and leftovers(out) == []
+
+
 def test_manifest_relative_path_mpp_name_and_extra_columns(slides_dir, tmp_path):
     manifest = tmp_path / "lists" / "manifest.csv"
     manifest.parent.mkdir()
