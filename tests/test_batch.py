@@ -157,6 +157,30 @@ def test_identical_paths_are_deduplicated(slides_dir, tmp_path):
     assert len(jobs) == 10
 
 
+@pytest.mark.timeout(60)  # before the fix, glob.glob followed the two loops for ever
+def test_recursive_glob_survives_symlink_loops_and_keeps_linked_slides(slides_dir, tmp_path):
+    root = tmp_path / "data"
+    deep = root / "site-a" / "case-1"
+    deep.mkdir(parents=True)
+    shutil.copyfile(slides_dir / "small.svs", deep / "small.svs")
+    (root / "site-a" / "up").symlink_to("..")  # two loops: glob.glob would walk 2**40 paths
+    (deep / "top").symlink_to("../..")
+    (root / "linked.svs").symlink_to(slides_dir / "CMU-1-Small-Region.svs")  # a symlinked slide file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(slides_dir / "small.svs", elsewhere / "other.svs")
+    (root / "site-b").symlink_to(elsewhere)  # a symlinked folder outside the loops is still searched
+    (root / "self").symlink_to("self")  # a link to itself (ELOOP) is skipped
+    jobs = expand_inputs([str(root / "**" / "*.svs")])
+    assert [(j.name, j.path) for j in jobs] == [
+        ("linked", str(root / "linked.svs")),
+        ("small", str(deep / "small.svs")),
+        ("other", str(root / "site-b" / "other.svs")),
+    ]
+    # folders matched by a trailing ** are scanned, the looping ones once
+    assert {j.name for j in expand_inputs([str(root / "**")])} == {"linked", "small", "other", "self"}
+
+
 @pytest.mark.timeout(60)  # before the fix, reading the FIFO blocked the batch until a writer came
 def test_fifo_in_a_folder_or_manifest_fails_only_its_slide(slides_dir, tmp_path):
     src = tmp_path / "in"

@@ -28,7 +28,9 @@ Each input is, in this order of precedence:
   are ignored. For deeper trees use a glob such as ``'data/**/*.svs'``.
 * a **glob** pattern (``*``, ``?``, ``[...]``; ``**`` recurses): every match
   is treated exactly as if it had been typed as an input, as a shell would
-  expand it.
+  expand it. ``**`` follows symlinked folders but enters each real folder
+  once, so symlink loops (``a/up -> ..``) cannot make the expansion endless;
+  symlinked slide files match like any file.
 
 A DICOM instance file (``.dcm``) stands for its series folder, so the
 several files of one slide become one job. Anything under ``exclude`` (the
@@ -123,6 +125,7 @@ import csv
 import dataclasses
 import enum
 import errno
+import fnmatch
 import glob
 import hashlib
 import io
@@ -136,7 +139,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -426,6 +429,98 @@ def _scan_dir(d: Path) -> list[Path]:
     return found
 
 
+def _walk_once(top: str) -> Iterator[tuple[str, list[str]]]:
+    """``top`` and every folder below it, each *real* folder once, with its other entries.
+
+    Hidden entries are skipped, as ``**`` skips them. Symlinked folders are
+    entered (data is often linked in from other disks) but a folder already
+    visited under another path is not: a symlink loop (``a/up -> ..``)
+    would otherwise be followed until paths grow too long, and two such
+    links make ``glob.glob`` take forever.
+
+    Yields
+    ------
+    (folder, entries)
+        Sorted paths of the folder's non-folder entries (files, symlinks to
+        files, broken symlinks).
+    """
+    seen: set[str] = set()
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder or ".")
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder or "."), key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable folders are skipped, as glob.glob skips them
+        folders, others = [], []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:  # e.g. a symlink to itself (ELOOP)
+                is_dir = False
+            (folders if is_dir else others).append(os.path.join(folder, e.name))
+        yield folder, others
+        stack.extend(reversed(folders))
+
+
+def _glob_parts(base: str, parts: list[str]) -> Iterator[str]:
+    """Paths under ``base`` matching the pattern components ``parts`` (see :func:`_glob`)."""
+    if not parts:
+        yield base
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "**":
+        for folder, others in _walk_once(base):
+            if rest:
+                yield from _glob_parts(folder, rest)
+            else:  # a trailing ** matches every folder and file below
+                yield folder
+                yield from others
+    elif part == "":  # 'a//b' or a trailing '/': folders only
+        if os.path.isdir(base or "."):
+            yield from _glob_parts(base, rest)
+    elif glob.has_magic(part):
+        try:
+            names = os.listdir(base or ".")
+        except OSError:
+            return
+        if not part.startswith("."):
+            names = [n for n in names if not n.startswith(".")]
+        for name in sorted(fnmatch.filter(names, part)):
+            path = os.path.join(base, name)
+            if not rest:
+                yield path
+            elif os.path.isdir(path):
+                yield from _glob_parts(path, rest)
+    else:
+        path = os.path.join(base, part)
+        if not rest:
+            if os.path.lexists(path):
+                yield path
+        elif os.path.isdir(path):
+            yield from _glob_parts(path, rest)
+
+
+def _glob(pattern: str) -> list[str]:
+    """Sorted matches of a glob pattern, like ``glob.glob(pattern, recursive=True)``.
+
+    The difference: ``**`` enters each real folder once (:func:`_walk_once`),
+    so symlink loops cannot make the expansion endless. Symlinked slide files
+    and symlinked folders outside the loop are matched as before.
+    """
+    parts = pattern.split("/")
+    base = "/" if parts[0] == "" and len(parts) > 1 else ""
+    if base:
+        parts = parts[1:]
+    return sorted(dict.fromkeys(_glob_parts(base, parts)))
+
+
 def _under(p: Path, roots: Sequence[Path]) -> bool:
     rp = Path(os.path.realpath(p))
     return any(rp == r or r in rp.parents for r in roots)
@@ -625,7 +720,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], *, exclude: Sequence[str 
                     p,
                 )
         elif glob.has_magic(text):
-            matches = sorted(glob.glob(text, recursive=True))
+            matches = _glob(text)
             found = []
             for m in matches:
                 found.extend(_expand_path(Path(m), roots, explicit=False))
