@@ -95,7 +95,10 @@ batch goes on. ``KeyboardInterrupt`` marks the current slide ``failed`` with
 ``interrupted``, writes the status, releases the lock and propagates (the CLI
 exits 130). Writes go through :func:`wsiseg.atomic.atomic_output`, so no
 partial file is ever left under a final name; if even ``status.csv`` cannot be
-written, a warning is reported and the batch goes on.
+written, a warning is reported and the batch goes on. A run killed outright
+(``kill -9``) leaves its lock and temporaries (``.NAME.*.tmp-PID``,
+``.NAME.*.old-PID``); the next run that takes over the stale lock removes
+them.
 
 Progress
 --------
@@ -1106,22 +1109,29 @@ def _acquire_lock(path: Path, timeout: float, run_id: str | None = None) -> _Loc
     return _HeldBy(last)  # lost every race: someone else is busy with it
 
 
+#: Temporaries of a slide, by the pid that wrote them: :func:`wsiseg.atomic.atomic_output`'s
+#: ``.FILE.tmp-PID`` and ``.FILE.old-PID`` (the previous output, moved aside for a moment) and
+#: the sliding-window label store ``.NAME.sliding-window.tmp-PID``.
+_ORPHAN_PATTERNS = (".{name}.*.tmp-{pid}", ".{name}.*.old-{pid}")
+
+
 def _remove_orphans(out_dir: Path, name: str, owner: dict | None) -> None:
     """Remove the temporaries of slide ``name`` left by the dead owner of a stale lock.
 
-    :func:`wsiseg.atomic.atomic_output` names them ``.FILE.tmp-PID``; a
-    process killed mid-write (SIGKILL, a lost dask worker) cannot remove its
-    own. Only the dead owner's pid is matched, so other runs' files are safe.
+    A process killed mid-write (SIGKILL, a lost dask worker) cannot remove
+    its own (:data:`_ORPHAN_PATTERNS`). Only the dead owner's pid is matched,
+    so other runs' files are safe.
     """
     pid = (owner or {}).get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return
-    for p in out_dir.glob(f".{glob.escape(name)}.*.tmp-{pid}"):
-        with contextlib.suppress(OSError):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+    for pattern in _ORPHAN_PATTERNS:
+        for p in out_dir.glob(pattern.format(name=glob.escape(name), pid=pid)):
+            with contextlib.suppress(OSError):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
 
 
 def release_lost_slide(job: SlideJob, out_dir: str | os.PathLike, run_id: str) -> bool:
