@@ -681,3 +681,24 @@ def test_old_model_and_fixed_grids_use_the_pixel_rule(cmu_run, model_file, scale
     assert scale_plan(scaled, None, SegmentOptions()).reason == "slide has no MPP; pass --mpp"
     with pytest.raises(ConfigError):
         SegmentOptions(max_grid=(0, 5))
+
+
+def test_cli_slide_timeout_fails_a_slow_slide_and_a_generous_one_changes_nothing(slides_dir, model_file, tmp_path):
+    out = tmp_path / "out"
+    base = [str(slides_dir / "boxes.tiff"), "--model", str(model_file), "--out", str(out), "--progress", "none",
+            "--no-qc", "--no-geojson"]
+    r = _segment([*base, "--slide-timeout", "0"])
+    assert r.exit_code == 2 and "--slide-timeout" in r.output and not out.exists()
+    # 0.2 s: less than a worker process takes to start Python and torch
+    r = _segment([*base, "--slide-timeout", "0.2"])
+    assert r.exit_code == 1 and "0 ok, 0 skipped, 1 failed" in r.output
+    rows = {row["name"]: row for row in csv.DictReader(io.StringIO((out / "status.csv").read_text()))}
+    assert (rows["boxes"]["status"], rows["boxes"]["error"]) == ("failed", "timed out after 0.2 s")
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "status.csv"]  # no temporaries, no lock
+    # in time: the slide, segmented in its own process, gives the mask an in-process run gives
+    r = _segment([*base, "--slide-timeout", "300"])
+    assert r.exit_code == 0 and "1 ok" in r.output, r.output
+    inline = tmp_path / "inline"
+    r = _segment([*base[:4], str(inline), *base[5:]])
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(tifffile.imread(out / "boxes.mask.tif"), tifffile.imread(inline / "boxes.mask.tif"))

@@ -100,6 +100,19 @@ written, a warning is reported and the batch goes on. A run killed outright
 ``.NAME.*.old-PID``); the next run that takes over the stale lock removes
 them.
 
+Time limit
+----------
+Without a limit (the default) every slide runs in the batch's own process,
+and a slide that never finishes (a read that blocks, a library stuck in a
+loop) stalls the batch. With ``slide_timeout`` each slide runs in a worker
+process of its own (:mod:`wsiseg.isolated`), which is killed when the time
+is up: the slide is ``failed`` with ``timed out after N s``, its temporaries
+are removed and the batch goes on. A worker process that dies (a segfault,
+the out-of-memory killer) fails only its slide too. The worker's pid is
+recorded in the slide's lock. Each slide then pays for a new interpreter
+(and, for ``wsiseg segment``, for loading the model again). Distributed
+batches apply the same limit on their workers.
+
 Progress
 --------
 ``"tty"``: tqdm bars on ``stream``, one for slides (with ETA) and one for the
@@ -978,6 +991,7 @@ class _Lock:
     token: str
     last_touch: float = 0.0
     previous: dict | None = None  # owner of the stale lock this one replaced
+    owner: dict = field(default_factory=dict)  # what the lock file says
 
     def touch(self) -> None:
         now = time.monotonic()
@@ -985,6 +999,23 @@ class _Lock:
             self.last_touch = now
             with contextlib.suppress(OSError):
                 os.utime(self.path)
+
+    def note_child(self, pid: int) -> None:
+        """Record the worker process the slide runs in (slide timeout) in the lock file.
+
+        A later run then waits for that process too, and removes its
+        temporaries when it takes the lock over. Replaced atomically, so
+        readers see the old or the new owner; best effort, like the heartbeat.
+        """
+        stat = _proc_stat(pid)
+        self.owner = {**self.owner, "child": pid, "child_start": stat[1] if stat else None}
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(self.owner) + "\n", encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def release(self) -> None:
         _HELD.discard(str(self.path))
@@ -1022,7 +1053,11 @@ def _lock_live(owner: dict | None, age: float, timeout: float, path: Path, run_i
     if pid == os.getpid():
         return str(path) in _HELD
     start = owner.get("start")
-    return _pid_alive(pid, None if start is None else str(start))
+    if _pid_alive(pid, None if start is None else str(start)):
+        return True
+    # The slide's worker process (slide timeout) dies with its owner; until it has, the slide is busy.
+    child, child_start = owner.get("child"), owner.get("child_start")
+    return isinstance(child, int) and _pid_alive(child, None if child_start is None else str(child_start))
 
 
 def _read_lock(path: Path) -> tuple[bytes, dict | None, float] | None:
@@ -1105,7 +1140,7 @@ def _acquire_lock(path: Path, timeout: float, run_id: str | None = None) -> _Loc
                 path.unlink()
             raise
         _HELD.add(str(path))
-        return _Lock(path, token, time.monotonic(), previous=broken)
+        return _Lock(path, token, time.monotonic(), previous=broken, owner=owner)
     return _HeldBy(last)  # lost every race: someone else is busy with it
 
 
@@ -1115,16 +1150,8 @@ def _acquire_lock(path: Path, timeout: float, run_id: str | None = None) -> _Loc
 _ORPHAN_PATTERNS = (".{name}.*.tmp-{pid}", ".{name}.*.old-{pid}")
 
 
-def _remove_orphans(out_dir: Path, name: str, owner: dict | None) -> None:
-    """Remove the temporaries of slide ``name`` left by the dead owner of a stale lock.
-
-    A process killed mid-write (SIGKILL, a lost dask worker) cannot remove
-    its own (:data:`_ORPHAN_PATTERNS`). Only the dead owner's pid is matched,
-    so other runs' files are safe.
-    """
-    pid = (owner or {}).get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return
+def _remove_temporaries(out_dir: Path, name: str, pid: int) -> None:
+    """Remove the temporaries of slide ``name`` written by process ``pid`` (:data:`_ORPHAN_PATTERNS`)."""
     for pattern in _ORPHAN_PATTERNS:
         for p in out_dir.glob(pattern.format(name=glob.escape(name), pid=pid)):
             with contextlib.suppress(OSError):
@@ -1132,6 +1159,20 @@ def _remove_orphans(out_dir: Path, name: str, owner: dict | None) -> None:
                     shutil.rmtree(p)
                 else:
                     p.unlink()
+
+
+def _remove_orphans(out_dir: Path, name: str, owner: dict | None) -> None:
+    """Remove the temporaries of slide ``name`` left by the dead owner of a stale lock.
+
+    A process killed mid-write (SIGKILL, a lost dask worker) cannot remove
+    its own. Only the dead owner's pid, and that of the worker process it
+    ran the slide in (``child``, with a slide timeout), are matched, so
+    other runs' files are safe.
+    """
+    for key in ("pid", "child"):
+        pid = (owner or {}).get(key)
+        if isinstance(pid, int) and pid > 0:
+            _remove_temporaries(out_dir, name, pid)
 
 
 def release_lost_slide(job: SlideJob, out_dir: str | os.PathLike, run_id: str) -> bool:
@@ -1436,6 +1477,7 @@ def execute_slide(
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     progress: ProgressFn | None = None,
     run_id: str | None = None,
+    timeout: float | None = None,
 ) -> SlideOutcome:
     """Lock, process and certify one slide that :func:`plan_slide` chose to process.
 
@@ -1464,6 +1506,12 @@ def execute_slide(
         Identifies one distributed batch. A lock written under the same id is
         an earlier attempt of this task whose worker was lost, and is taken
         over even when it comes from another host.
+    timeout : float, optional
+        Seconds the slide may take. Given, ``process`` runs in a worker
+        process of its own (:mod:`wsiseg.isolated`; it must be picklable),
+        which is killed when the time is up: the slide then fails with
+        ``timed out after N s``, and one whose worker process dies fails
+        too. None: ``process`` runs in this thread, without a limit.
 
     Returns
     -------
@@ -1497,7 +1545,14 @@ def execute_slide(
         try:
             # A stale certificate must not survive a redo that dies half-way.
             _marker_path(out, job.name).unlink(missing_ok=True)
-            outcome = process(job, out, fingerprint=sfp, overwrite=True, progress=_checked_progress(progress, lock))
+            report = _checked_progress(progress, lock)
+            if timeout is None:
+                outcome = process(job, out, fingerprint=sfp, overwrite=True, progress=report)
+            else:
+                from wsiseg.isolated import run_isolated
+
+                outcome = run_isolated(process, job, out, fingerprint=sfp, overwrite=True, progress=report,
+                                       timeout=timeout, started=lock.note_child)
             if not isinstance(outcome, SlideOutcome):
                 raise TypeError(f"the process function returned {type(outcome).__name__}, not SlideOutcome")
         except Exception as exc:  # noqa: BLE001 - any bug in one slide must not stop the batch
@@ -1620,6 +1675,7 @@ def run_batch(
     progress: Literal["auto", "tty", "jsonl", "none"] = "auto",
     stream: IO[str] | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    slide_timeout: float | None = None,
 ) -> BatchResult:
     """Run ``process`` on every slide, recording status and certifying results.
 
@@ -1646,6 +1702,11 @@ def run_batch(
         Where progress goes; ``sys.stderr`` (at call time) by default.
     lock_timeout : float
         Seconds after which a lock from another host is considered stale.
+    slide_timeout : float, optional
+        Seconds each slide may take (see Time limit in the module
+        docstring); ``process`` then runs in a worker process per slide and
+        must be picklable. None (the default): no limit, slides run in this
+        process.
 
     Returns
     -------
@@ -1655,13 +1716,20 @@ def run_batch(
     Raises
     ------
     WsisegError
-        The output folder cannot be created or written, or the jobs are
-        invalid (duplicate names), before any slide is attempted.
+        The output folder cannot be created or written, the jobs are invalid
+        (duplicate names), the slide timeout is not a positive number, or
+        ``process`` cannot be sent to a worker process: before any slide is
+        attempted.
     KeyboardInterrupt
         After recording the current slide as interrupted.
     """
+    from wsiseg.isolated import check_runnable, check_timeout
+
     stream = sys.stderr if stream is None else stream
     jobs = check_batch(jobs, fingerprint=fingerprint, lock_timeout=lock_timeout)
+    slide_timeout = check_timeout(slide_timeout)
+    if slide_timeout is not None:
+        check_runnable(process)
     rec = BatchRecorder(jobs, out_dir, progress, stream)
     try:
         for i, job in enumerate(jobs):
@@ -1675,6 +1743,7 @@ def run_batch(
                     outcome = execute_slide(
                         job, rec.out, process, fingerprint=fingerprint, overwrite=overwrite,
                         lock_timeout=lock_timeout, progress=lambda stage, f, i=i: rec.stage(i, stage, f),
+                        timeout=slide_timeout,
                     )
             except BaseException as exc:  # Ctrl-C, SystemExit: record the truth, then let it go
                 reason = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else f"aborted ({type(exc).__name__})"

@@ -902,6 +902,7 @@ def run_segment(
     stream=None,
     scheduler: str | None = None,
     workers: int | None = None,
+    slide_timeout: float | None = None,
 ):
     """Segment a batch of slides: the library behind ``wsiseg segment``.
 
@@ -927,6 +928,11 @@ def run_segment(
         on its workers (:mod:`wsiseg.distributed`); paths must be shared.
     workers : int, optional
         Run on a local cluster of this many worker processes instead.
+    slide_timeout : float, optional
+        Seconds each slide may take; a slide past it is killed and fails
+        with ``timed out after N s`` and the batch goes on. Each slide then
+        runs in a worker process of its own that loads the model again
+        (:mod:`wsiseg.isolated`). Default: no limit.
 
     Returns
     -------
@@ -939,13 +945,17 @@ def run_segment(
         scheduler: before any slide is touched.
     """
     from wsiseg.batch import SlideOutcome, expand_inputs, make_fingerprint, run_batch
+    from wsiseg.distributed import SlideSegmenter
+    from wsiseg.isolated import check_timeout
     from wsiseg.models.io import load_deformseg
     from wsiseg.output.report import read_report_json, write_batch_csv
 
     out_dir = Path(out_dir)
+    slide_timeout = check_timeout(slide_timeout)
     distributed = scheduler is not None or workers is not None
-    # On a cluster the workers pick their own device; the client only checks the model.
-    device = "cpu" if distributed else resolve_device(options.device)
+    # On a cluster, or with a time limit (a worker process per slide), the slides' processes pick their own
+    # device and load the model themselves; this one only checks it.
+    device = "cpu" if distributed or slide_timeout is not None else resolve_device(options.device)
     model = load_deformseg(model_path, device=device)
     check_model_for_slides(model)
     jobs = expand_inputs(list(inputs), exclude=(out_dir,))
@@ -959,15 +969,16 @@ def run_segment(
         )
         return SlideOutcome("ok", outputs=outputs)
 
+    segmenter = SlideSegmenter(str(Path(model_path).absolute()), model.hash, options)
     if distributed:
-        from wsiseg.distributed import SlideSegmenter, run_batch_distributed
+        from wsiseg.distributed import run_batch_distributed
 
-        segmenter = SlideSegmenter(str(Path(model_path).absolute()), model.hash, options)
         result = run_batch_distributed(jobs, out_dir, segmenter, fingerprint=fingerprint, scheduler=scheduler,
-                                       workers=workers, overwrite=overwrite, progress=progress, stream=stream)
+                                       workers=workers, overwrite=overwrite, progress=progress, stream=stream,
+                                       slide_timeout=slide_timeout)
     else:
-        result = run_batch(jobs, out_dir, process, fingerprint=fingerprint, overwrite=overwrite, progress=progress,
-                           stream=stream)
+        result = run_batch(jobs, out_dir, process if slide_timeout is None else segmenter, fingerprint=fingerprint,
+                           overwrite=overwrite, progress=progress, stream=stream, slide_timeout=slide_timeout)
     reports = []
     for r in result.results:
         path = out_dir / f"{r.job.name}{OUTPUT_SUFFIXES['report']}"
