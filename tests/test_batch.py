@@ -157,6 +157,50 @@ def test_identical_paths_are_deduplicated(slides_dir, tmp_path):
     assert len(jobs) == 10
 
 
+@pytest.mark.timeout(60)  # before the fix, glob.glob followed the two loops for ever
+def test_recursive_glob_survives_symlink_loops_and_keeps_linked_slides(slides_dir, tmp_path):
+    root = tmp_path / "data"
+    deep = root / "site-a" / "case-1"
+    deep.mkdir(parents=True)
+    shutil.copyfile(slides_dir / "small.svs", deep / "small.svs")
+    (root / "site-a" / "up").symlink_to("..")  # two loops: glob.glob would walk 2**40 paths
+    (deep / "top").symlink_to("../..")
+    (root / "linked.svs").symlink_to(slides_dir / "CMU-1-Small-Region.svs")  # a symlinked slide file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(slides_dir / "small.svs", elsewhere / "other.svs")
+    (root / "site-b").symlink_to(elsewhere)  # a symlinked folder outside the loops is still searched
+    (root / "self").symlink_to("self")  # a link to itself (ELOOP) is skipped
+    jobs = expand_inputs([str(root / "**" / "*.svs")])
+    assert [(j.name, j.path) for j in jobs] == [
+        ("linked", str(root / "linked.svs")),
+        ("small", str(deep / "small.svs")),
+        ("other", str(root / "site-b" / "other.svs")),
+    ]
+    # folders matched by a trailing ** are scanned, the looping ones once
+    assert {j.name for j in expand_inputs([str(root / "**")])} == {"linked", "small", "other", "self"}
+
+
+@pytest.mark.timeout(60)  # before the fix, reading the FIFO blocked the batch until a writer came
+def test_fifo_in_a_folder_or_manifest_fails_only_its_slide(slides_dir, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copyfile(slides_dir / "small.svs", src / "small.svs")
+    os.mkfifo(src / "pipe.svs")
+    os.mkfifo(tmp_path / "listed.tiff")
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text("path\nlisted.tiff\n")
+    out = tmp_path / "out"
+    result = run(expand_inputs([src, manifest]), out, ThumbnailProcess())
+    rows = read_status(out)
+    assert {n: r["status"] for n, r in rows.items()} == {"pipe": "failed", "small": "ok", "listed": "failed"}
+    for name, path in (("pipe", src / "pipe.svs"), ("listed", tmp_path / "listed.tiff")):
+        assert rows[name]["error"] == (
+            f"{path}: not a regular file (a FIFO); a slide is a file, a DICOM folder or an OME-Zarr store"
+        )
+    assert result.exit_code == 1 and leftovers(out) == []
+
+
 def test_manifest_relative_path_mpp_name_and_extra_columns(slides_dir, tmp_path):
     manifest = tmp_path / "lists" / "manifest.csv"
     manifest.parent.mkdir()
@@ -683,3 +727,91 @@ def test_status_of_two_runs_sharing_a_folder_shows_both(good_jobs, tmp_path):
     statuses = {n: r["status"] for n, r in rows.items()}
     assert statuses == {"small": "ok", "boxes": "ok", "dicom-boxes": "ok", "gone": "ok"}
     assert "dead" not in rows and leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------
+# per-slide time limit
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie whose parent died counts as gone)."""
+    return not batch._pid_alive(pid, None)
+
+
+def test_slide_timeout_kills_a_hung_slide_and_the_batch_goes_on(tmp_path):
+    from _faults import Faulty, Stamp
+
+    out, log = tmp_path / "out", tmp_path / "log"
+    log.mkdir()
+    jobs = [SlideJob(f"/nonexistent/{n}.svs", n) for n in ("a", "hang", "crash", "b")]
+    stream = io.StringIO()
+    t0 = time.monotonic()
+    # "hang" writes part of its mask, then sleeps 120 s; "crash" kills its process
+    result = run(jobs, out, Faulty(Stamp(), str(log), slow="hang", crash="crash"), slide_timeout=8,
+                 progress="jsonl", stream=stream)
+    assert time.monotonic() - t0 < 60
+    rows = read_status(out)
+    assert {n: (r["status"], r["error"]) for n, r in rows.items()} == {
+        "a": ("ok", ""),
+        "hang": ("failed", "timed out after 8 s"),
+        "crash": ("failed", "its worker process exited with code 3 before it finished"),
+        "b": ("ok", ""),
+    }
+    assert result.exit_code == 1 and sorted((log / "completed.log").read_text().split()) == ["a", "b"]
+    assert _gone(int((log / "slow.pid").read_text()))  # killed, not left running
+    assert leftovers(out) == []  # its half-written mask's temporary went with it
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert {e["name"] for e in events if e["event"] == "stage"} == {"a", "b"}  # progress comes back from the workers
+
+
+def test_slide_timeout_is_checked_before_any_work(good_jobs, tmp_path):
+    for bad in (0, -1, float("nan"), "soon"):
+        with pytest.raises(ConfigError, match="slide timeout must be a positive number"):
+            run(good_jobs, tmp_path / "out", ThumbnailProcess(), slide_timeout=bad)
+    with open(tmp_path / "held.txt", "w") as fh:
+        def unpicklable(job, out_dir, **kw):  # holds an open file: cannot go to another process
+            return SlideOutcome("ok", outputs={"f": fh.name})
+
+        with pytest.raises(ConfigError, match="cannot be sent there"):
+            run(good_jobs, tmp_path / "out", unpicklable, slide_timeout=60)
+    assert not (tmp_path / "out").exists()
+
+
+_TIMED_RUN = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from _faults import Faulty, Stamp
+from wsiseg.batch import SlideJob, run_batch
+
+out, log = Path(sys.argv[1]), sys.argv[2]
+run_batch([SlideJob("/nonexistent/hang.svs", "hang")], out, Faulty(Stamp(), log, slow="hang"), fingerprint="fp",
+          progress="none", slide_timeout=300)
+"""
+
+
+def test_batch_killed_outright_takes_its_slide_process_along_and_the_next_run_cleans_up(tmp_path):
+    from _faults import Stamp
+
+    out, log = tmp_path / "out", tmp_path / "log"
+    log.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, "-c", _TIMED_RUN, str(out), str(log), str(Path(__file__).parent)],
+                              env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log / "slow.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int((log / "slow.pid").read_text())
+        owner = json.loads((out / "hang.lock").read_text())
+        assert (owner["pid"], owner["child"]) == (parent.pid, child)  # the lock names the slide's process
+    finally:
+        parent.kill()  # SIGKILL: no cleanup of its own
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(child)  # it died with the batch instead of running on unowned
+    assert (out / f".hang.mask.tif.tmp-{child}").exists() and (out / "hang.lock").exists()
+    assert run([SlideJob("/nonexistent/hang.svs", "hang")], out, Stamp(), fingerprint="fp").exit_code == 0
+    assert leftovers(out) == []

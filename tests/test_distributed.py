@@ -230,3 +230,20 @@ def test_gpu_workers_get_one_slide_per_gpu():
     gpu = FakeClient([{"nthreads": 4, "resources": {"GPU": 1}}, {"nthreads": 4, "resources": {"GPU": 2}}])
     assert wd._has_gpu_workers(gpu) and wd._capacity(gpu, gpu=True) == 3
 
+
+
+def test_slide_timeout_on_the_cluster_fails_only_the_slow_slide(client, tmp_path):
+    from wsiseg.batch import SlideJob
+
+    out, log = tmp_path / "out", tmp_path / "log"
+    log.mkdir()
+    client.wait_for_workers(2, timeout=120)  # an earlier test's killed worker may still be restarting
+    workers = set(client.scheduler_info()["workers"])
+    jobs = [SlideJob(f"/nonexistent/{n}.svs", n) for n in ("a", "hang", "b")]
+    result = run_batch_distributed(jobs, out, Faulty(Stamp(), str(log), slow="hang"), fingerprint="fp",
+                                   client=client, progress="none", slide_timeout=8)
+    status = {n: (r["status"], r["error"]) for n, r in read_status(out).items()}
+    assert status == {"a": ("ok", ""), "hang": ("failed", "timed out after 8 s"), "b": ("ok", "")}, status
+    assert result.exit_code == 1 and completed(log) == ["a", "b"]
+    assert leftovers(out) == []
+    assert set(client.scheduler_info()["workers"]) == workers  # the slide's process died, not its worker

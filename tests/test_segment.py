@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import gzip
+import io
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import openslide
@@ -462,7 +469,7 @@ def test_sliding_window_store_removed_when_segmenter_fails(slides_dir, colour_mo
         def forward(self, x):
             calls["n"] += 1
             if calls["n"] == 3:
-                assert list(tmp_path.glob(".cmu.sliding-window-*"))  # the store is there mid-way
+                assert list(tmp_path.glob(f".cmu.sliding-window.tmp-{os.getpid()}"))  # the store is there mid-way
                 raise RuntimeError("segmenter failed mid-way")
             return real(x)
 
@@ -493,6 +500,114 @@ def test_cli_sliding_window_on_boxes(slides_dir, model_file, tmp_path):
     assert r.exit_code == 0 and "1 ok" in r.output
     assert json.loads((out / "boxes.report.json").read_text())["mode"] == "deformed"
 
+
+
+def _small_disk_available() -> bool:
+    """Whether this machine lets an unprivileged process mount a tmpfs in its own user and mount namespace."""
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+                               timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _small_disk_available(), reason="needs `unshare --user --mount` to mount a small tmpfs")
+def test_full_disk_in_sliding_window_mode_fails_the_slide_not_the_batch(slides_dir, model_file, tmp_path):
+    """A real full disk: a 1 MiB tmpfs, mounted in a private namespace, as the output folder.
+
+    CMU-1-Small-Region's level-0 labels need 6.6 MB; the label store used to be a memory map, and
+    writing to it on a full disk killed the whole batch with SIGBUS.
+    """
+    disk, out = tmp_path / "disk", tmp_path / "disk" / "out"
+    disk.mkdir()
+    script = f"""
+        mount -t tmpfs -o size=1m tmpfs {disk} || exit 97
+        {sys.executable} -m wsiseg segment {slides_dir / "CMU-1-Small-Region.svs"} {slides_dir / "boxes.tiff"} \\
+            --model {model_file} --out {out} --mode sliding-window --regions whole --no-qc --no-geojson \\
+            --progress none >/dev/null
+        echo "exit=$?"
+        echo "--- status"
+        cat {out}/status.csv
+        echo "--- files"
+        ls -a {out}
+    """
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", textwrap.dedent(script)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    head, rest = r.stdout.split("--- status\n")
+    status_text, files = rest.split("--- files\n")
+    assert head.strip() == "exit=1", r.stdout + r.stderr  # SIGBUS was exit=135, with no status for either slide
+    rows = {row["name"]: row for row in csv.DictReader(io.StringIO(status_text))}
+    assert rows["CMU-1-Small-Region"]["status"] == "failed"
+    assert rows["CMU-1-Small-Region"]["error"].startswith("disk full: No space left on device")
+    assert rows["boxes"]["status"] == "ok"  # the batch went on
+    names = files.split()
+    assert "boxes.mask.tif" in names and "CMU-1-Small-Region.mask.tif" not in names
+    assert not [n for n in names if ".tmp" in n or n.endswith(".lock")]  # the label store is gone too
+
+
+def test_write_error_in_the_label_store_fails_the_slide_and_the_batch_goes_on(slides_dir, model_file, tmp_path,
+                                                                              monkeypatch):
+    """Where no small disk can be mounted: the store's first write fails as a full disk does."""
+    real, calls = os.pwrite, []
+
+    def full_once(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_once)
+    out = tmp_path / "out"
+    r = _segment([str(slides_dir / "boxes.tiff"), str(slides_dir / "small.svs"), "--model", str(model_file), "--out",
+                  str(out), "--mode", "sliding-window", "--progress", "none", "--no-qc", "--no-geojson"])
+    assert r.exit_code == 1
+    rows = {row["name"]: row for row in csv.DictReader(io.StringIO((out / "status.csv").read_text()))}
+    assert rows["boxes"]["status"] == "failed" and rows["small"]["status"] == "ok"
+    assert rows["boxes"]["error"] == (
+        f"disk full: No space left on device ({out / f'.boxes.sliding-window.tmp-{os.getpid()}'})"
+    )
+    assert not list(out.glob(".*")) and not list(out.glob("boxes.*"))
+
+
+_KILLED_SLIDING_WINDOW = """
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from wsiseg.batch import SlideJob, execute_slide
+from wsiseg.segment import LabelStore
+
+out, slide, name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+def process(job, out_dir, *, fingerprint, overwrite, progress):
+    store = LabelStore(out_dir, job.name, 2220, 2967)  # what sliding-window mode holds while it runs
+    store.write(0, 0, np.ones((64, 64), np.uint8))
+    (out_dir / f".{job.name}.mask.tif.old-{os.getpid()}").write_bytes(b"the previous mask, moved aside")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+execute_slide(SlideJob(slide, name), out, process, fingerprint="fp")
+"""
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next_run(slides_dir, model_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    slide, name = slides_dir / "CMU-1-Small-Region.svs", "CMU-1-Small-Region"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_SLIDING_WINDOW, str(out), str(slide), name], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    pid = json.loads((out / f"{name}.lock").read_text())["pid"]
+    assert (out / f".{name}.mask.tif.old-{pid}").exists()
+    assert list(out.glob(f".{name}.sliding-window*"))  # the label store the killed run held
+    r = _segment([str(slide), "--model", str(model_file), "--out", str(out), "--progress", "none", "--no-qc",
+                  "--no-geojson"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".lock") == []
 
 
 # --- physical scale: a model that records its sample spacing in micrometres
@@ -599,3 +714,24 @@ def test_old_model_and_fixed_grids_use_the_pixel_rule(cmu_run, model_file, scale
     assert scale_plan(scaled, None, SegmentOptions()).reason == "slide has no MPP; pass --mpp"
     with pytest.raises(ConfigError):
         SegmentOptions(max_grid=(0, 5))
+
+
+def test_cli_slide_timeout_fails_a_slow_slide_and_a_generous_one_changes_nothing(slides_dir, model_file, tmp_path):
+    out = tmp_path / "out"
+    base = [str(slides_dir / "boxes.tiff"), "--model", str(model_file), "--out", str(out), "--progress", "none",
+            "--no-qc", "--no-geojson"]
+    r = _segment([*base, "--slide-timeout", "0"])
+    assert r.exit_code == 2 and "--slide-timeout" in r.output and not out.exists()
+    # 0.2 s: less than a worker process takes to start Python and torch
+    r = _segment([*base, "--slide-timeout", "0.2"])
+    assert r.exit_code == 1 and "0 ok, 0 skipped, 1 failed" in r.output
+    rows = {row["name"]: row for row in csv.DictReader(io.StringIO((out / "status.csv").read_text()))}
+    assert (rows["boxes"]["status"], rows["boxes"]["error"]) == ("failed", "timed out after 0.2 s")
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "status.csv"]  # no temporaries, no lock
+    # in time: the slide, segmented in its own process, gives the mask an in-process run gives
+    r = _segment([*base, "--slide-timeout", "300"])
+    assert r.exit_code == 0 and "1 ok" in r.output, r.output
+    inline = tmp_path / "inline"
+    r = _segment([*base[:4], str(inline), *base[5:]])
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(tifffile.imread(out / "boxes.mask.tif"), tifffile.imread(inline / "boxes.mask.tif"))

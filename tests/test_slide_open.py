@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import struct
@@ -175,7 +176,7 @@ def test_default_dpi_resolution_is_ignored_with_one_warning(slides_dir, caplog, 
     assert ms.mpp is None and ms.mpp_source == "ignored-implausible"
     assert ms.mpp_ignored.mpp == pytest.approx((DEFAULT_DPI[name],) * 2, abs=1e-3)
     assert ms.mpp_ignored.source == "openslide"
-    (msg,) = [r.getMessage() for r in caplog.records]
+    (msg,) = [r.getMessage() for r in caplog.records if r.name == "wsiseg.slide.open"]  # not tifffile's notes
     assert msg.startswith(f"{path}: ") and f"{DEFAULT_DPI[name]} um/px" in msg and "\n" not in msg
     assert "ignored" in msg and "--mpp" in msg
 
@@ -426,3 +427,68 @@ def test_dicom_file_inside_folder_and_file_itself(slides_dir, tmp_path):
     folder.mkdir()
     shutil.copy(slides_dir / "dicom-sm" / "sm_image.dcm", folder / "IMG0001")
     assert open_slide(folder).dimensions == (50, 50)
+
+
+def _loop_ifd_chain(src: Path, dst: Path, last: int, target: int) -> Path:
+    """Copy ``src`` with IFD ``last``'s next-IFD offset pointed back at IFD ``target`` (a circular chain)."""
+    with tifffile.TiffFile(src) as tif:
+        offsets = [page.offset for page in tif.pages]
+        fmt = tif.tiff
+    data = bytearray(src.read_bytes())
+    start = offsets[last]
+    (count,) = struct.unpack(fmt.tagnoformat, data[start : start + fmt.tagnosize])
+    at = start + fmt.tagnosize + count * fmt.tagsize
+    data[at : at + fmt.offsetsize] = struct.pack(fmt.offsetformat, offsets[target])
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.timeout(60)  # before the fix, tifffile walked the loop forever with its offset list growing
+@pytest.mark.parametrize(
+    ("name", "last", "target"),
+    [("boxes.tiff", 3, 0), ("boxes.tiff", 2, 2), ("CMU-1-Small-Region.svs", 3, 1), ("yb10kx5k.zstd.tiff", 4, 0)],
+)
+def test_circular_ifd_chain_is_refused_quickly(slides_dir, tmp_path, name, last, target):
+    path = _loop_ifd_chain(slides_dir / name, tmp_path / f"loop-{name}", last, target)
+    # OpenSlide (libtiff) refuses such a file too, only without saying why.
+    with pytest.raises(openslide.OpenSlideError):
+        openslide.OpenSlide(str(path))
+    with pytest.raises(SlideError) as err:
+        open_slide(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg
+    assert "loops back" in msg and f"IFD {last}" in msg and f"IFD {target}" in msg
+
+
+@pytest.mark.timeout(60)  # before the fix, tifffile followed this loop with its offset list growing (GBs)
+def test_long_ifd_chain_that_loops_late_is_refused(tmp_path):
+    # tifffile looks for a repeated offset only at the 100th IFD: a loop after it went unnoticed.
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for i in range(120):
+            tw.write(np.full((8, 8), i, np.uint8), photometric="minisblack", contiguous=False)
+    _loop_ifd_chain(path, path, 119, 110)
+    with pytest.raises(SlideError, match="loops back"):
+        open_slide(path)
+
+
+@pytest.mark.timeout(60)  # before the fix, reading a FIFO blocked until a writer came
+def test_non_regular_files_are_refused_before_any_read(tmp_path):
+    import socket
+
+    fifo = tmp_path / "pipe.svs"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock.tiff"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    link = tmp_path / "link.svs"
+    link.symlink_to(fifo)
+    try:
+        for path, kind in [(fifo, "a FIFO"), (link, "a FIFO"), (sock_path, "a socket"),
+                           (Path("/dev/null"), "a character device")]:
+            with pytest.raises(SlideError) as err:
+                open_slide(path)
+            msg = str(err.value)
+            assert msg == f"{path}: not a regular file ({kind}); a slide is a file, a DICOM folder or an OME-Zarr store"
+    finally:
+        sock.close()

@@ -28,7 +28,9 @@ Each input is, in this order of precedence:
   are ignored. For deeper trees use a glob such as ``'data/**/*.svs'``.
 * a **glob** pattern (``*``, ``?``, ``[...]``; ``**`` recurses): every match
   is treated exactly as if it had been typed as an input, as a shell would
-  expand it.
+  expand it. ``**`` follows symlinked folders but enters each real folder
+  once, so symlink loops (``a/up -> ..``) cannot make the expansion endless;
+  symlinked slide files match like any file.
 
 A DICOM instance file (``.dcm``) stands for its series folder, so the
 several files of one slide become one job. Anything under ``exclude`` (the
@@ -96,7 +98,23 @@ batch goes on. ``KeyboardInterrupt`` marks the current slide ``failed`` with
 ``interrupted``, writes the status, releases the lock and propagates (the CLI
 exits 130). Writes go through :func:`wsiseg.atomic.atomic_output`, so no
 partial file is ever left under a final name; if even ``status.csv`` cannot be
-written, a warning is reported and the batch goes on.
+written, a warning is reported and the batch goes on. A run killed outright
+(``kill -9``) leaves its lock and temporaries (``.NAME.*.tmp-PID``,
+``.NAME.*.old-PID``); the next run that takes over the stale lock removes
+them.
+
+Time limit
+----------
+Without a limit (the default) every slide runs in the batch's own process,
+and a slide that never finishes (a read that blocks, a library stuck in a
+loop) stalls the batch. With ``slide_timeout`` each slide runs in a worker
+process of its own (:mod:`wsiseg.isolated`), which is killed when the time
+is up: the slide is ``failed`` with ``timed out after N s``, its temporaries
+are removed and the batch goes on. A worker process that dies (a segfault,
+the out-of-memory killer) fails only its slide too. The worker's pid is
+recorded in the slide's lock. Each slide then pays for a new interpreter
+(and, for ``wsiseg segment``, for loading the model again). Distributed
+batches apply the same limit on their workers.
 
 Progress
 --------
@@ -126,6 +144,7 @@ import csv
 import dataclasses
 import enum
 import errno
+import fnmatch
 import glob
 import hashlib
 import io
@@ -139,7 +158,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -430,6 +449,98 @@ def _scan_dir(d: Path) -> list[Path]:
     return found
 
 
+def _walk_once(top: str) -> Iterator[tuple[str, list[str]]]:
+    """``top`` and every folder below it, each *real* folder once, with its other entries.
+
+    Hidden entries are skipped, as ``**`` skips them. Symlinked folders are
+    entered (data is often linked in from other disks) but a folder already
+    visited under another path is not: a symlink loop (``a/up -> ..``)
+    would otherwise be followed until paths grow too long, and two such
+    links make ``glob.glob`` take forever.
+
+    Yields
+    ------
+    (folder, entries)
+        Sorted paths of the folder's non-folder entries (files, symlinks to
+        files, broken symlinks).
+    """
+    seen: set[str] = set()
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder or ".")
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder or "."), key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable folders are skipped, as glob.glob skips them
+        folders, others = [], []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+            except OSError:  # e.g. a symlink to itself (ELOOP)
+                is_dir = False
+            (folders if is_dir else others).append(os.path.join(folder, e.name))
+        yield folder, others
+        stack.extend(reversed(folders))
+
+
+def _glob_parts(base: str, parts: list[str]) -> Iterator[str]:
+    """Paths under ``base`` matching the pattern components ``parts`` (see :func:`_glob`)."""
+    if not parts:
+        yield base
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "**":
+        for folder, others in _walk_once(base):
+            if rest:
+                yield from _glob_parts(folder, rest)
+            else:  # a trailing ** matches every folder and file below
+                yield folder
+                yield from others
+    elif part == "":  # 'a//b' or a trailing '/': folders only
+        if os.path.isdir(base or "."):
+            yield from _glob_parts(base, rest)
+    elif glob.has_magic(part):
+        try:
+            names = os.listdir(base or ".")
+        except OSError:
+            return
+        if not part.startswith("."):
+            names = [n for n in names if not n.startswith(".")]
+        for name in sorted(fnmatch.filter(names, part)):
+            path = os.path.join(base, name)
+            if not rest:
+                yield path
+            elif os.path.isdir(path):
+                yield from _glob_parts(path, rest)
+    else:
+        path = os.path.join(base, part)
+        if not rest:
+            if os.path.lexists(path):
+                yield path
+        elif os.path.isdir(path):
+            yield from _glob_parts(path, rest)
+
+
+def _glob(pattern: str) -> list[str]:
+    """Sorted matches of a glob pattern, like ``glob.glob(pattern, recursive=True)``.
+
+    The difference: ``**`` enters each real folder once (:func:`_walk_once`),
+    so symlink loops cannot make the expansion endless. Symlinked slide files
+    and symlinked folders outside the loop are matched as before.
+    """
+    parts = pattern.split("/")
+    base = "/" if parts[0] == "" and len(parts) > 1 else ""
+    if base:
+        parts = parts[1:]
+    return sorted(dict.fromkeys(_glob_parts(base, parts)))
+
+
 def _under(p: Path, roots: Sequence[Path]) -> bool:
     rp = Path(os.path.realpath(p))
     return any(rp == r or r in rp.parents for r in roots)
@@ -626,7 +737,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], *, exclude: Sequence[str 
                     p,
                 )
         elif glob.has_magic(text):
-            matches = sorted(glob.glob(text, recursive=True))
+            matches = _glob(text)
             found = []
             for m in matches:
                 found.extend(_expand_path(Path(m), roots, explicit=False))
@@ -881,6 +992,7 @@ class _Lock:
     token: str
     last_touch: float = 0.0
     previous: dict | None = None  # owner of the stale lock this one replaced
+    owner: dict = field(default_factory=dict)  # what the lock file says
 
     def touch(self) -> None:
         now = time.monotonic()
@@ -888,6 +1000,23 @@ class _Lock:
             self.last_touch = now
             with contextlib.suppress(OSError):
                 os.utime(self.path)
+
+    def note_child(self, pid: int) -> None:
+        """Record the worker process the slide runs in (slide timeout) in the lock file.
+
+        A later run then waits for that process too, and removes its
+        temporaries when it takes the lock over. Replaced atomically, so
+        readers see the old or the new owner; best effort, like the heartbeat.
+        """
+        stat = _proc_stat(pid)
+        self.owner = {**self.owner, "child": pid, "child_start": stat[1] if stat else None}
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(self.owner) + "\n", encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def release(self) -> None:
         _HELD.discard(str(self.path))
@@ -925,7 +1054,11 @@ def _lock_live(owner: dict | None, age: float, timeout: float, path: Path, run_i
     if pid == os.getpid():
         return str(path) in _HELD
     start = owner.get("start")
-    return _pid_alive(pid, None if start is None else str(start))
+    if _pid_alive(pid, None if start is None else str(start)):
+        return True
+    # The slide's worker process (slide timeout) dies with its owner; until it has, the slide is busy.
+    child, child_start = owner.get("child"), owner.get("child_start")
+    return isinstance(child, int) and _pid_alive(child, None if child_start is None else str(child_start))
 
 
 def _read_lock(path: Path) -> tuple[bytes, dict | None, float] | None:
@@ -1008,26 +1141,39 @@ def _acquire_lock(path: Path, timeout: float, run_id: str | None = None) -> _Loc
                 path.unlink()
             raise
         _HELD.add(str(path))
-        return _Lock(path, token, time.monotonic(), previous=broken)
+        return _Lock(path, token, time.monotonic(), previous=broken, owner=owner)
     return _HeldBy(last)  # lost every race: someone else is busy with it
+
+
+#: Temporaries of a slide, by the pid that wrote them: :func:`wsiseg.atomic.atomic_output`'s
+#: ``.FILE.tmp-PID`` and ``.FILE.old-PID`` (the previous output, moved aside for a moment) and
+#: the sliding-window label store ``.NAME.sliding-window.tmp-PID``.
+_ORPHAN_PATTERNS = (".{name}.*.tmp-{pid}", ".{name}.*.old-{pid}")
+
+
+def _remove_temporaries(out_dir: Path, name: str, pid: int) -> None:
+    """Remove the temporaries of slide ``name`` written by process ``pid`` (:data:`_ORPHAN_PATTERNS`)."""
+    for pattern in _ORPHAN_PATTERNS:
+        for p in out_dir.glob(pattern.format(name=glob.escape(name), pid=pid)):
+            with contextlib.suppress(OSError):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
 
 
 def _remove_orphans(out_dir: Path, name: str, owner: dict | None) -> None:
     """Remove the temporaries of slide ``name`` left by the dead owner of a stale lock.
 
-    :func:`wsiseg.atomic.atomic_output` names them ``.FILE.tmp-PID``; a
-    process killed mid-write (SIGKILL, a lost dask worker) cannot remove its
-    own. Only the dead owner's pid is matched, so other runs' files are safe.
+    A process killed mid-write (SIGKILL, a lost dask worker) cannot remove
+    its own. Only the dead owner's pid, and that of the worker process it
+    ran the slide in (``child``, with a slide timeout), are matched, so
+    other runs' files are safe.
     """
-    pid = (owner or {}).get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return
-    for p in out_dir.glob(f".{glob.escape(name)}.*.tmp-{pid}"):
-        with contextlib.suppress(OSError):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+    for key in ("pid", "child"):
+        pid = (owner or {}).get(key)
+        if isinstance(pid, int) and pid > 0:
+            _remove_temporaries(out_dir, name, pid)
 
 
 def release_lost_slide(job: SlideJob, out_dir: str | os.PathLike, run_id: str) -> bool:
@@ -1418,6 +1564,7 @@ def execute_slide(
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     progress: ProgressFn | None = None,
     run_id: str | None = None,
+    timeout: float | None = None,
 ) -> SlideOutcome:
     """Lock, process and certify one slide that :func:`plan_slide` chose to process.
 
@@ -1446,6 +1593,12 @@ def execute_slide(
         Identifies one distributed batch. A lock written under the same id is
         an earlier attempt of this task whose worker was lost, and is taken
         over even when it comes from another host.
+    timeout : float, optional
+        Seconds the slide may take. Given, ``process`` runs in a worker
+        process of its own (:mod:`wsiseg.isolated`; it must be picklable),
+        which is killed when the time is up: the slide then fails with
+        ``timed out after N s``, and one whose worker process dies fails
+        too. None: ``process`` runs in this thread, without a limit.
 
     Returns
     -------
@@ -1479,7 +1632,14 @@ def execute_slide(
         try:
             # A stale certificate must not survive a redo that dies half-way.
             _marker_path(out, job.name).unlink(missing_ok=True)
-            outcome = process(job, out, fingerprint=sfp, overwrite=True, progress=_checked_progress(progress, lock))
+            report = _checked_progress(progress, lock)
+            if timeout is None:
+                outcome = process(job, out, fingerprint=sfp, overwrite=True, progress=report)
+            else:
+                from wsiseg.isolated import run_isolated
+
+                outcome = run_isolated(process, job, out, fingerprint=sfp, overwrite=True, progress=report,
+                                       timeout=timeout, started=lock.note_child)
             if not isinstance(outcome, SlideOutcome):
                 raise TypeError(f"the process function returned {type(outcome).__name__}, not SlideOutcome")
         except Exception as exc:  # noqa: BLE001 - any bug in one slide must not stop the batch
@@ -1602,6 +1762,7 @@ def run_batch(
     progress: Literal["auto", "tty", "jsonl", "none"] = "auto",
     stream: IO[str] | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    slide_timeout: float | None = None,
 ) -> BatchResult:
     """Run ``process`` on every slide, recording status and certifying results.
 
@@ -1628,6 +1789,11 @@ def run_batch(
         Where progress goes; ``sys.stderr`` (at call time) by default.
     lock_timeout : float
         Seconds after which a lock from another host is considered stale.
+    slide_timeout : float, optional
+        Seconds each slide may take (see Time limit in the module
+        docstring); ``process`` then runs in a worker process per slide and
+        must be picklable. None (the default): no limit, slides run in this
+        process.
 
     Returns
     -------
@@ -1637,13 +1803,20 @@ def run_batch(
     Raises
     ------
     WsisegError
-        The output folder cannot be created or written, or the jobs are
-        invalid (duplicate names), before any slide is attempted.
+        The output folder cannot be created or written, the jobs are invalid
+        (duplicate names), the slide timeout is not a positive number, or
+        ``process`` cannot be sent to a worker process: before any slide is
+        attempted.
     KeyboardInterrupt
         After recording the current slide as interrupted.
     """
+    from wsiseg.isolated import check_runnable, check_timeout
+
     stream = sys.stderr if stream is None else stream
     jobs = check_batch(jobs, fingerprint=fingerprint, lock_timeout=lock_timeout)
+    slide_timeout = check_timeout(slide_timeout)
+    if slide_timeout is not None:
+        check_runnable(process)
     rec = BatchRecorder(jobs, out_dir, progress, stream)
     try:
         for i, job in enumerate(jobs):
@@ -1657,6 +1830,7 @@ def run_batch(
                     outcome = execute_slide(
                         job, rec.out, process, fingerprint=fingerprint, overwrite=overwrite,
                         lock_timeout=lock_timeout, progress=lambda stage, f, i=i: rec.stage(i, stage, f),
+                        timeout=slide_timeout,
                     )
             except BaseException as exc:  # Ctrl-C, SystemExit: record the truth, then let it go
                 reason = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else f"aborted ({type(exc).__name__})"

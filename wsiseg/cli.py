@@ -54,9 +54,9 @@ class _StderrLog(logging.Handler):
     """wsiseg's own warnings as bare lines on the current ``sys.stderr``; other libraries' only with --debug.
 
     OpenSlide, tifffile, shapely and Python warnings (``warnings.warn``,
-    captured into logging) report things wsiseg handles itself; on a good
-    run they are noise, so they go to the log at their level and reach
-    stderr only with ``--debug`` (or as errors).
+    captured into logging) report things wsiseg handles itself: on a good
+    run they are noise, and on a bad input wsiseg says what failed in its
+    own one line, so they reach stderr only with ``--debug``.
     """
 
     def __init__(self):
@@ -66,7 +66,8 @@ class _StderrLog(logging.Handler):
 
     def filter(self, record: logging.LogRecord) -> bool:
         ours = record.name == "wsiseg" or record.name.startswith("wsiseg.")
-        return self.debug or record.levelno >= logging.ERROR or (ours and record.levelno >= logging.WARNING)
+        # a library's error (tifffile on a corrupt file) is followed by wsiseg's own one-line error
+        return self.debug or (ours and record.levelno >= logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -571,10 +572,15 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
                    "slides, model and OUT must have the same paths on every worker.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Run on a local dask cluster of N worker processes (one slide each at a time).")
+@click.option("--slide-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Time limit per slide: a slide still running after SECONDS is killed and marked failed "
+                   "('timed out after N s') and the batch goes on. Each slide then runs in a process of its own "
+                   "that loads the model again (a few seconds per slide); also with --workers/--scheduler. "
+                   "[default: no limit]")
 @click.pass_context
 def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, regions, tissue_threshold, grid_size,
                     long_side, max_grid, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, formats,
-                    ome_zarr_megapixels, progress, scheduler, workers, mode) -> None:
+                    ome_zarr_megapixels, progress, scheduler, workers, mode, slide_timeout) -> None:
     """Segment SLIDES (files, folders, globs or CSV manifests) into OUT.
 
     Per slide: <name>.mask.tif (pyramidal BigTIFF label mask, opens in
@@ -605,7 +611,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 
         model_path = str(demo_model("mosaic" if model_path == "demo" else model_path))
     result = run_segment(slides, model_path, out_dir, options, overwrite=overwrite, progress=progress,
-                         scheduler=scheduler, workers=workers)
+                         scheduler=scheduler, workers=workers, slide_timeout=slide_timeout)
     counts = result.counts
     click.echo(
         f"{counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} failed "

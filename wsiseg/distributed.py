@@ -33,6 +33,10 @@ Assumptions and guarantees
   --resources GPU=1``), each slide asks for one, so one slide runs per GPU.
 * **Scheduler unreachable**: a :class:`~wsiseg.errors.WsisegError` naming the
   address, before any output is written.
+* ``slide_timeout``: a slide past its time limit is killed on its worker
+  (it runs in a process of its own there, :mod:`wsiseg.isolated`) and
+  ``failed`` with ``timed out after N s``, as in a local run; the worker is
+  not lost and the batch goes on.
 * Ctrl-C in the client marks the slides in flight ``interrupted`` (a
   ``--workers`` cluster is shut down; on a shared cluster a running slide may
   still finish and certify itself, and is then skipped on the next run).
@@ -67,6 +71,7 @@ from wsiseg.batch import (
     release_lost_slide,
 )
 from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.isolated import check_timeout
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -242,12 +247,13 @@ def _slide_task(
     lock_timeout: float,
     run_id: str,
     topic: str,
+    slide_timeout: float | None = None,
 ) -> SlideOutcome:
-    """The dask task of one slide: the same lock/process/marker rules as a local run."""
+    """The dask task of one slide: the same lock/process/marker rules (and time limit) as a local run."""
     with _local_dask():
         return execute_slide(
             job, out_dir, process, fingerprint=fingerprint, overwrite=overwrite, lock_timeout=lock_timeout,
-            progress=_stage_reporter(topic, job.name), run_id=run_id,
+            progress=_stage_reporter(topic, job.name), run_id=run_id, timeout=slide_timeout,
         )
 
 
@@ -378,6 +384,7 @@ def run_batch_distributed(
     retries: int = 1,
     connect_timeout: float | None = None,
     gpu: bool | None = None,
+    slide_timeout: float | None = None,
 ) -> BatchResult:
     """:func:`wsiseg.batch.run_batch` with one dask task per slide.
 
@@ -402,6 +409,11 @@ def run_batch_distributed(
     gpu : bool, optional
         Ask for one ``GPU`` resource per slide; default: when any worker
         advertises one.
+    slide_timeout : float, optional
+        Seconds each slide may take, as for :func:`wsiseg.batch.run_batch`:
+        on its worker the slide runs in a process of its own, killed when
+        the time is up (the slide fails with ``timed out after N s``; the
+        worker and the batch go on).
 
     Returns
     -------
@@ -419,11 +431,12 @@ def run_batch_distributed(
         for j in jobs
     ]
     jobs = check_batch(jobs, fingerprint=fingerprint, lock_timeout=lock_timeout)
+    slide_timeout = check_timeout(slide_timeout)
     _check_picklable(process)
     out = Path(os.path.abspath(out_dir))
     kwargs = dict(
         fingerprint=fingerprint, overwrite=overwrite, progress=progress, stream=stream, lock_timeout=lock_timeout,
-        retries=retries, gpu=gpu,
+        retries=retries, gpu=gpu, slide_timeout=slide_timeout,
     )
     if client is not None:
         if scheduler is not None or workers is not None:
@@ -433,7 +446,8 @@ def run_batch_distributed(
         return _drive(c, jobs, out, process, **kwargs)
 
 
-def _drive(client, jobs, out: Path, process, *, fingerprint, overwrite, progress, stream, lock_timeout, retries, gpu):
+def _drive(client, jobs, out: Path, process, *, fingerprint, overwrite, progress, stream, lock_timeout, retries, gpu,
+           slide_timeout):
     from distributed import as_completed
 
     run_id = uuid.uuid4().hex
@@ -477,6 +491,7 @@ def _drive(client, jobs, out: Path, process, *, fingerprint, overwrite, progress
                 rec.slide_start(i, "process", reason)
                 fut = client.submit(
                     _slide_task, jobs[i], str(out), process, fingerprint, overwrite, lock_timeout, run_id, topic,
+                    slide_timeout,
                     key=f"wsiseg-slide-{run_id[:8]}-{i}", pure=False, retries=retries,
                     resources={"GPU": 1} if use_gpu else None,
                 )

@@ -26,9 +26,9 @@ memory. Both modes share the regions, the output writers, QC and report.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -454,15 +454,26 @@ class LabelStore:
 
     The sliding-window mode writes each window's labels here and the mask
     writer reads them back tile by tile, so no full-resolution array is ever
-    held in memory. The file is a raw row-major ``uint8`` raster under a
-    hidden temporary name, created sparse (all 0: background) and mapped one
-    band of rows at a time. It is a ``tile_source`` for
-    :func:`wsiseg.output.mask.write_label_pyramid`: reduced levels pick the
-    level-0 pixel under each level pixel's centre (level pixel ``j`` has its
-    centre at level-0 ``(j + 0.5) * s``, :mod:`wsiseg.sampling.coords`, inside
-    pixel ``floor((j + 0.5) * s)``), the nearest rule of the deformed mode.
+    held in memory. The file is a raw row-major ``uint8`` raster, created
+    sparse (all 0: background) and read one band of rows at a time. It is a
+    ``tile_source`` for :func:`wsiseg.output.mask.write_label_pyramid`:
+    reduced levels pick the level-0 pixel under each level pixel's centre
+    (level pixel ``j`` has its centre at level-0 ``(j + 0.5) * s``,
+    :mod:`wsiseg.sampling.coords`, inside pixel ``floor((j + 0.5) * s)``),
+    the nearest rule of the deformed mode.
 
-    Use it as a context manager: the file is deleted on exit, errors included.
+    Reads and writes are plain ``pread``/``pwrite`` calls, not a memory map:
+    a full disk then raises ``OSError`` (ENOSPC) at the write that hits it,
+    which fails the slide, where a store to a mapped page of a sparse file
+    killed the whole process with SIGBUS (on tmpfs even a mapped read of a
+    hole allocates). The file stays sparse, so only the windows' rows take
+    disk space.
+
+    The file is named ``.NAME.sliding-window.tmp-PID`` like the temporaries
+    of :func:`wsiseg.atomic.atomic_output`, so that a run killed outright
+    (``kill -9``, a lost dask worker) leaves one that the next run on the
+    folder removes when it takes over the slide's stale lock. Use the store
+    as a context manager: the file is deleted on exit, errors included.
 
     Parameters
     ----------
@@ -480,18 +491,17 @@ class LabelStore:
     """
 
     def __init__(self, folder: str | os.PathLike, name: str, width: int, height: int):
-        fd, path = tempfile.mkstemp(prefix=f".{name}.sliding-window-", suffix=".tmp", dir=folder)
-        self.path = Path(path)
+        self.path = Path(folder) / f".{name}.sliding-window.tmp-{os.getpid()}"
+        self.path.unlink(missing_ok=True)  # left by a dead process whose pid this one now has
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, int(width) * int(height))  # sparse: reads as 0 until written
+            os.ftruncate(self._fd, int(width) * int(height))  # sparse: reads as 0 until written
         except BaseException:
-            self.path.unlink(missing_ok=True)
+            self.close()
             raise
-        finally:
-            os.close(fd)
         self.width, self.height = int(width), int(height)
         self.counts = np.zeros(256, np.int64)
-        self._band: tuple[int, int, np.memmap] | None = None
+        self._band: tuple[tuple[int, int, int], np.ndarray] | None = None
 
     def __enter__(self) -> LabelStore:
         return self
@@ -500,40 +510,67 @@ class LabelStore:
         self.close()
 
     def close(self) -> None:
-        """Unmap and delete the file."""
+        """Close and delete the file."""
         self._band = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.path.unlink(missing_ok=True)
 
-    def _rows(self, start: int, stop: int, mode: str = "r") -> np.memmap:
-        # only these rows are mapped: resident memory stays at one band whatever the slide's size
-        return np.memmap(self.path, np.uint8, mode, offset=start * self.width, shape=(stop - start, self.width))
-
     def write(self, x: int, y: int, labels: np.ndarray) -> None:
-        """Store ``labels`` ``(h, w)`` uint8 at level-0 ``(x, y)``."""
+        """Store ``labels`` ``(h, w)`` uint8 at level-0 ``(x, y)``.
+
+        Raises
+        ------
+        OSError
+            The disk is full (ENOSPC) or the file cannot be written; it names
+            the store's file.
+        """
         self._band = None
-        h, w = labels.shape
-        band = self._rows(y, y + h, "r+")
-        band[:, x : x + w] = labels
-        del band  # unmapped; the page cache keeps the data for the reads
+        labels = np.ascontiguousarray(labels, dtype=np.uint8)
+        try:
+            for r, row in enumerate(labels):
+                data = memoryview(row)
+                at = (y + r) * self.width + x
+                while data:
+                    n = os.pwrite(self._fd, data, at)
+                    data, at = data[n:], at + n
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def __call__(self, level, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         sx, sy = level.downsample
         if level.index == 0:
-            band = self._band_rows(y0, y0 + h)
+            band = self._band_rows(0, y0, np.arange(y0, y0 + h))
             out = np.array(band[:, x0 : x0 + w])
             self.counts += np.bincount(out.ravel(), minlength=256)
             return out
         rows = np.minimum(((np.arange(y0, y0 + h) + 0.5) * sy).astype(np.int64), self.height - 1)
         cols = np.minimum(((np.arange(x0, x0 + w) + 0.5) * sx).astype(np.int64), self.width - 1)
-        band = self._band_rows(int(rows[0]), int(rows[-1]) + 1)
-        return band[np.ix_(rows - rows[0], cols)]
+        return self._band_rows(level.index, y0, rows)[:, cols]
 
-    def _band_rows(self, start: int, stop: int) -> np.memmap:
-        # tiles come row by row: one mapping serves a whole row of tiles
-        if self._band is None or self._band[:2] != (start, stop):
-            self._band = None
-            self._band = (start, stop, self._rows(start, stop))
-        return self._band[2]
+    def _band_rows(self, level: int, y0: int, rows: np.ndarray) -> np.ndarray:
+        # tiles come row by row: one read of the band's rows serves a whole row of tiles
+        key = (level, y0, len(rows))
+        if self._band is None or self._band[0] != key:
+            self._band = None  # freed before the next band is read (peak memory)
+            self._band = (key, self._read_rows(rows))
+        return self._band[1]
+
+    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Full-width rows ``rows`` (ascending) of the raster; consecutive rows are one read."""
+        out = np.empty((len(rows), self.width), np.uint8)
+        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # first index of each run of consecutive rows
+        for i, j in zip(starts, [*starts[1:], len(rows)]):
+            buf = memoryview(out[i:j]).cast("B")
+            at = int(rows[i]) * self.width
+            while buf:
+                chunk = os.pread(self._fd, min(len(buf), 1 << 26), at)
+                if not chunk:
+                    raise OSError(errno.EIO, "label store is shorter than the slide", str(self.path))
+                buf[: len(chunk)] = chunk
+                buf, at = buf[len(chunk) :], at + len(chunk)
+        return out
 
 
 @dataclass
@@ -885,6 +922,7 @@ def run_segment(
     stream=None,
     scheduler: str | None = None,
     workers: int | None = None,
+    slide_timeout: float | None = None,
 ):
     """Segment a batch of slides: the library behind ``wsiseg segment``.
 
@@ -910,6 +948,11 @@ def run_segment(
         on its workers (:mod:`wsiseg.distributed`); paths must be shared.
     workers : int, optional
         Run on a local cluster of this many worker processes instead.
+    slide_timeout : float, optional
+        Seconds each slide may take; a slide past it is killed and fails
+        with ``timed out after N s`` and the batch goes on. Each slide then
+        runs in a worker process of its own that loads the model again
+        (:mod:`wsiseg.isolated`). Default: no limit.
 
     Returns
     -------
@@ -922,13 +965,17 @@ def run_segment(
         scheduler: before any slide is touched.
     """
     from wsiseg.batch import SlideOutcome, expand_inputs, make_fingerprint, run_batch
+    from wsiseg.distributed import SlideSegmenter
+    from wsiseg.isolated import check_timeout
     from wsiseg.models.io import load_deformseg
     from wsiseg.output.report import read_report_json, write_batch_csv
 
     out_dir = Path(out_dir)
+    slide_timeout = check_timeout(slide_timeout)
     distributed = scheduler is not None or workers is not None
-    # On a cluster the workers pick their own device; the client only checks the model.
-    device = "cpu" if distributed else resolve_device(options.device)
+    # On a cluster, or with a time limit (a worker process per slide), the slides' processes pick their own
+    # device and load the model themselves; this one only checks it.
+    device = "cpu" if distributed or slide_timeout is not None else resolve_device(options.device)
     model = load_deformseg(model_path, device=device)
     check_model_for_slides(model)
     jobs = expand_inputs(list(inputs), exclude=(out_dir,))
@@ -942,15 +989,16 @@ def run_segment(
         )
         return SlideOutcome("ok", outputs=outputs)
 
+    segmenter = SlideSegmenter(str(Path(model_path).absolute()), model.hash, options)
     if distributed:
-        from wsiseg.distributed import SlideSegmenter, run_batch_distributed
+        from wsiseg.distributed import run_batch_distributed
 
-        segmenter = SlideSegmenter(str(Path(model_path).absolute()), model.hash, options)
         result = run_batch_distributed(jobs, out_dir, segmenter, fingerprint=fingerprint, scheduler=scheduler,
-                                       workers=workers, overwrite=overwrite, progress=progress, stream=stream)
+                                       workers=workers, overwrite=overwrite, progress=progress, stream=stream,
+                                       slide_timeout=slide_timeout)
     else:
-        result = run_batch(jobs, out_dir, process, fingerprint=fingerprint, overwrite=overwrite, progress=progress,
-                           stream=stream)
+        result = run_batch(jobs, out_dir, process if slide_timeout is None else segmenter, fingerprint=fingerprint,
+                           overwrite=overwrite, progress=progress, stream=stream, slide_timeout=slide_timeout)
     reports = []
     for r in result.results:
         path = out_dir / f"{r.job.name}{OUTPUT_SUFFIXES['report']}"

@@ -18,7 +18,11 @@ Every level is ``(H, W, 3)`` uint8: alpha is composited on white and
 grayscale is expanded to RGB, lazily and chunk by chunk. Data that is not
 8-bit brightfield (16-bit, more than three colour channels, fluorescence) is
 refused with :class:`~wsiseg.errors.SlideError`, as is every broken file;
-no raw library exception escapes :func:`open_slide`.
+no raw library exception escapes :func:`open_slide`. Paths that are not
+regular files (FIFOs, devices, sockets) are refused before anything is read
+(opening a FIFO would block), and a TIFF whose chain of image directories
+loops back on itself is refused before tifffile or OpenSlide walks it
+(tifffile would follow most such loops for ever).
 
 Like OpenSlide, the TIFF ``Orientation`` tag is ignored: pixels are returned
 in stored order so that coordinates agree with OpenSlide-based tools.
@@ -31,6 +35,7 @@ import logging
 import math
 import os
 import re
+import stat
 import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -116,8 +121,10 @@ def open_slide(path: str | os.PathLike, mpp: float | tuple[float, float] | None 
     Raises
     ------
     SlideError
-        The path is missing, not a slide, empty, truncated, corrupt, claims an
-        absurd size, is in an unsupported format, or is not 8-bit brightfield.
+        The path is missing, not a slide, not a regular file (FIFO, device,
+        socket), empty, truncated, corrupt (e.g. a TIFF whose IFD chain
+        loops), claims an absurd size, is in an unsupported format, or is
+        not 8-bit brightfield.
         The message is one line and names the file.
     ConfigError
         ``mpp`` is not a positive finite number.
@@ -133,12 +140,17 @@ def open_slide(path: str | os.PathLike, mpp: float | tuple[float, float] | None 
 
 
 def _open_any(p: Path, override) -> Multiscale:
-    if not p.exists():
-        raise SlideError("no such file or directory", p)
-    if p.is_dir():
-        return _open_directory(p, override)
     try:
-        size = p.stat().st_size
+        st = p.stat()
+    except FileNotFoundError:
+        raise SlideError("no such file or directory", p) from None
+    except OSError as exc:
+        raise SlideError(f"cannot read file: {exc.strerror or exc}", p) from exc
+    if stat.S_ISDIR(st.st_mode):
+        return _open_directory(p, override)
+    check_regular_file(p, st)
+    try:
+        size = st.st_size
         with open(p, "rb") as fh:
             head = fh.read(132)
     except OSError as exc:
@@ -148,6 +160,44 @@ def _open_any(p: Path, override) -> Multiscale:
     if head[:4] in _TIFF_MAGICS:
         return _open_tiff_family(p, override)
     return _open_openslide(p, override, display_path=p)
+
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def check_regular_file(path: str | os.PathLike, st: os.stat_result | None = None) -> None:
+    """Refuse anything but a regular file (after symlinks), before it is opened.
+
+    Opening a FIFO blocks until a writer comes and reading a terminal blocks
+    for input, so one such path would stall a whole batch.
+
+    Parameters
+    ----------
+    path : path-like
+        The slide file.
+    st : os.stat_result, optional
+        ``os.stat(path)``, when the caller has it already.
+
+    Raises
+    ------
+    SlideError
+        The path is a FIFO, device, socket or directory (or missing); the
+        message is one line and names the file and its kind.
+    """
+    if st is None:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise SlideError(f"cannot read file: {exc.strerror or exc}", path) from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a file")
+        raise SlideError(f"not a regular file ({kind}); a slide is a file, a DICOM folder or an OME-Zarr store", path)
 
 
 # ---------------------------------------------------------------------------
@@ -348,8 +398,10 @@ def _find_dicom_file(folder: Path) -> Path | None:
 
 
 def has_dicom_magic(path: Path) -> bool:
-    """True when a file carries the DICOM preamble magic ``DICM`` at byte 128."""
+    """True when a regular file carries the DICOM preamble magic ``DICM`` at byte 128 (FIFOs are never opened)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as fh:
             fh.seek(128)
             return fh.read(4) == b"DICM"
@@ -424,7 +476,53 @@ def _fmt_key(key) -> str:
     return "[" + ", ".join(parts) + "]"
 
 
+def _check_ifd_chain(p: Path) -> None:
+    """Refuse a TIFF whose chain of IFDs (image file directories) loops back on itself.
+
+    tifffile compares offsets only once, at the 100th IFD, and otherwise
+    follows a circular chain forever, its list of offsets growing; OpenSlide
+    refuses such a file without saying why. The chain is walked here with
+    the IFD layout tifffile detected (classic, BigTIFF, NDPI), reading only
+    each IFD's tag count and next offset. Offsets past the end of the file
+    are left to the readers, which report the file as truncated.
+    """
+    import struct
+
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(str(p))
+    except Exception:  # noqa: BLE001 - not a readable TIFF: the readers say why
+        return
+    with tif:
+        fmt, fh = tif.tiff, tif.filehandle
+        size = fh.size
+        try:
+            offset = tif.pages.first.offset
+        except IndexError:
+            return
+        index_of: dict[int, int] = {}
+        while offset:
+            if offset in index_of:
+                raise SlideError(
+                    f"corrupt TIFF: its chain of image directories loops back (IFD {len(index_of) - 1} points to "
+                    f"IFD {index_of[offset]} at byte {offset})",
+                    p,
+                )
+            index_of[offset] = len(index_of)
+            if offset + fmt.tagnosize > size:
+                return
+            fh.seek(offset)
+            (count,) = struct.unpack(fmt.tagnoformat, fh.read(fmt.tagnosize))
+            at = offset + fmt.tagnosize + count * fmt.tagsize
+            if at + fmt.offsetsize > size:
+                return
+            fh.seek(at)
+            (offset,) = struct.unpack(fmt.offsetformat, fh.read(fmt.offsetsize))
+
+
 def _open_tiff_family(p: Path, override) -> Multiscale:
+    _check_ifd_chain(p)  # first: tifffile would hang on a circular chain
     os_vendor = _openslide_detect(p)
     if os_vendor in _OPENSLIDE_FIRST:
         return _open_openslide(p, override, display_path=p)
