@@ -41,7 +41,7 @@ from wsiseg.device import resolve_device, usable_cpus
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.models.io import LoadedModel
 from wsiseg.output.ome import FORMAT_SUFFIXES, ome_tiff_from_mask, ome_zarr_from_mask, parse_formats
-from wsiseg.sampling.coords import to_pixels, uniform_grid
+from wsiseg.sampling.coords import level_source_index, to_pixels, uniform_grid
 from wsiseg.sampling.edges import uniform_density
 from wsiseg.sampling.geometry import PhysicalScale, split_region
 from wsiseg.sampling.sizes import sample_fraction
@@ -440,9 +440,9 @@ class LabelStore:
     hidden temporary name, created sparse (all 0: background) and mapped one
     band of rows at a time. It is a ``tile_source`` for
     :func:`wsiseg.output.mask.write_label_pyramid`: reduced levels pick the
-    level-0 pixel under each level pixel's centre (level pixel ``j`` has its
-    centre at level-0 ``(j + 0.5) * s``, :mod:`wsiseg.sampling.coords`, inside
-    pixel ``floor((j + 0.5) * s)``), the nearest rule of the deformed mode.
+    level-0 pixel under each level pixel's centre
+    (:func:`wsiseg.sampling.coords.level_source_index`), the pyramid rule of
+    the deformed mode.
 
     Use it as a context manager: the file is deleted on exit, errors included.
 
@@ -499,14 +499,13 @@ class LabelStore:
         del band  # unmapped; the page cache keeps the data for the reads
 
     def __call__(self, level, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        sx, sy = level.downsample
         if level.index == 0:
             band = self._band_rows(y0, y0 + h)
             out = np.array(band[:, x0 : x0 + w])
             self.counts += np.bincount(out.ravel(), minlength=256)
             return out
-        rows = np.minimum(((np.arange(y0, y0 + h) + 0.5) * sy).astype(np.int64), self.height - 1)
-        cols = np.minimum(((np.arange(x0, x0 + w) + 0.5) * sx).astype(np.int64), self.width - 1)
+        rows = level_source_index(self.height, level.height)[y0 : y0 + h]
+        cols = level_source_index(self.width, level.width)[x0 : x0 + w]
         band = self._band_rows(int(rows[0]), int(rows[-1]) + 1)
         return band[np.ix_(rows - rows[0], cols)]
 

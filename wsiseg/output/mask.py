@@ -22,9 +22,14 @@ Tile sources
 ``[x0, x0 + w) x [y0, y0 + h)`` of ``level`` (a :class:`LevelGeometry`, in
 that level's own pixels) as a ``(h, w)`` uint8 array, or a plain ``int``
 meaning "every pixel has this label". Levels are *not* computed from level 0
-here: the caller evaluates each level at its own scale (nearest, see
-:mod:`wsiseg.sampling.coords`), which keeps reduced levels exact and costs a
-third of level 0 at most.
+here, and no level is ever held: wsiseg's sources (the reverse sampler, the
+sliding-window label store) return for a reduced level exactly level 0
+subsampled at the level's pixel centres
+(:func:`wsiseg.sampling.coords.reduce_nearest`: pixel ``j`` is level-0 pixel
+``floor((j + 0.5) * W0 / Wk)``; at 2x the lower-right pixel of each 2 x 2
+block), evaluating just those level-0 pixels. The pyramid is thus consistent
+(the labels a viewer shows do not change with zoom) and the reduced levels
+cost a third of level 0 at most.
 
 Constant tiles (an ``int``, or an array with a single value) are written as
 one encoded tile per label value, compressed once and reused, so large
@@ -538,8 +543,9 @@ def write_label_pyramid(
         :class:`LevelGeometry` and the region in that level's pixels; returns
         a ``(h, w)`` uint8 label array or an ``int`` (the whole region has
         that label). Called once per tile, row-major within each level, level
-        0 first, always from the calling thread. Each level is evaluated at its
-        own scale by the source; nothing is downsampled here.
+        0 first, always from the calling thread. Reduced levels come from
+        the source as they are, nothing is downsampled here; wsiseg's sources
+        return level 0 subsampled (:func:`wsiseg.sampling.coords.reduce_nearest`).
     tile : int
         Tile edge in pixels (multiple of 16).
     mpp : float or (float, float), optional
