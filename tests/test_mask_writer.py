@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import openslide
 import pytest
+import pyvips
 import tifffile
 import zarr
 
@@ -144,7 +145,8 @@ def test_tifffile_layout_and_every_level(written):
         for g, page in zip(levels, tf.pages):
             assert page.shape == (g.height, g.width)
             assert page.dtype == np.uint8
-            assert page.is_tiled and (page.tilelength, page.tilewidth) == (tile, tile)
+            edge = tile if g.index < len(levels) - 1 else g.tile_edge(tile)  # the last level fits one tile
+            assert page.is_tiled and (page.tilelength, page.tilewidth) == (edge, edge)
             assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
             assert page.photometric == tifffile.PHOTOMETRIC.MINISBLACK
             assert page.subfiletype == (1 if g.index else 0)
@@ -166,8 +168,46 @@ def test_zarr_view(written):
         group = zarr.open(store, mode="r")
         for g in levels:
             arr = group[str(g.index)]
-            assert arr.shape == (g.height, g.width) and arr.chunks == (tile, tile)
+            assert arr.shape == (g.height, g.width) and arr.chunks == (g.tile_edge(tile),) * 2
             np.testing.assert_array_equal(arr[:], source.full(g))
+
+
+def test_tile_edge_of_small_levels():
+    # Levels larger than a tile keep it; a smaller one is one tile of the smallest multiple of 16 covering it.
+    assert [g.tile_edge(512) for g in mask_levels(3000, 2000)] == [512, 512, 512, 384]
+    assert [g.tile_edge(256) for g in mask_levels(1234, 777, 256)] == [256, 256, 256, 160]
+    assert [g.tile_edge(512) for g in mask_levels(16, 16)] == [16]
+    assert [g.tile_edge(512) for g in mask_levels(1, 1)] == [16]
+    assert [g.tile_edge(512) for g in mask_levels(513, 3)] == [512, 272]
+    assert [g.tile_edge(512) for g in mask_levels(300, 250)] == [304]
+
+
+def _read_vips(path, **kwargs) -> np.ndarray:
+    """Every pixel of one TIFF image as libvips decodes it (the cache off: files are rewritten in place)."""
+    pyvips.cache_set_max(0)
+    image = pyvips.Image.new_from_file(str(path), **kwargs)
+    return np.ndarray(
+        buffer=image.write_to_memory(), dtype=np.uint8, shape=(image.height, image.width, image.bands)
+    )
+
+
+@pytest.mark.parametrize(("width", "height", "tile"), [(1, 1, 512), (16, 16, 512), (50, 50, 512), (128, 128, 512),
+                                                       (120, 20, 512), (300, 250, 512), (700, 600, 256)])
+def test_small_masks_open_in_libvips(tmp_path, width, height, tile):
+    # libvips 8.18 refused 512 tiles on images of 128 x 128 or less ("tile size out of range").
+    source = Discs(((0.5 * width, 0.5 * height, 0.3 * max(width, height), 2),))
+    mask, overlay = tmp_path / "m.tiff", tmp_path / "o.tiff"
+    write_label_pyramid(mask, width, height, source, tile=tile)
+    write_overlay_pyramid(overlay, width, height, source, CLASSES, tile=tile)
+    colours = np.zeros((256, 3), np.uint8)
+    for c in CLASSES:
+        colours[c.value] = c.color
+    for g in mask_levels(width, height, tile):
+        expect = source.full(g)
+        np.testing.assert_array_equal(_read_vips(mask, page=g.index)[..., 0], expect)
+        np.testing.assert_array_equal(_read_vips(overlay, page=g.index)[..., :3], colours[expect])  # the palette
+    with tifffile.TiffFile(mask) as tf:
+        assert all(p.tilelength == p.tilewidth == g.tile_edge(tile) for p, g in zip(tf.pages, mask_levels(width, height, tile)))
 
 
 def test_stats_and_constant_tiles(written, tmp_path):

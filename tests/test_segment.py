@@ -31,7 +31,7 @@ from wsiseg.models.net import DeformSegNet
 from wsiseg.output.classes import default_classes
 from wsiseg.output.geojson import read_qupath_geojson
 from wsiseg.output.mask import mask_levels
-from wsiseg.sampling.coords import uniform_grid
+from wsiseg.sampling.coords import level_source_index, reduce_nearest, uniform_grid
 from wsiseg.sampling.grid import density_to_grid
 from wsiseg.sampling.reverse import reverse_sample
 from wsiseg.sampling.tiles import RegionPrediction, ReverseTiler, coarse_inverse
@@ -85,7 +85,8 @@ def test_deformed_grid_matches_in_memory_reverse_sampler():
 @pytest.mark.parametrize(("mode", "chunk"), [("nearest", 2048), ("linear", 2048), ("nearest", 72)])
 def test_block_classification_is_exact_on_noisy_labels(mode, chunk):
     # Noisy labels (an untrained net) put boundaries everywhere: the blocks proven constant
-    # and the pixels read one by one must together equal reading every pixel, at every level.
+    # and the pixels read one by one must together equal reading every pixel, at every level
+    # (a reduced level's pixel is read at the centre of the level-0 pixel it stands for).
     rng = np.random.default_rng(3)
     torch.manual_seed(3)
     d = (torch.rand(1, 1, 12, 9) ** 3 + 0.05).double()
@@ -97,16 +98,45 @@ def test_block_classification_is_exact_on_noisy_labels(mode, chunk):
     W, H = 760, 1130
     # regions split into column chunks (72: not a multiple of the tile): the same pixels
     tiler = ReverseTiler([reg], W, H, mode=mode, chunk=chunk)
+    level0 = render(ReverseTiler([reg], W, H, mode=mode), W, H, 128)
     for level in (0, 1, 2):
         lv = mask_levels(W, H, 128)[level]
         out = render(tiler, W, H, 128, level)
-        xs, ys = (np.arange(lv.width) + 0.5) * lv.downsample[0], (np.arange(lv.height) + 0.5) * lv.downsample[1]
+        xs, ys = level_source_index(W, lv.width) + 0.5, level_source_index(H, lv.height) + 0.5
         cx, cy = (xs >= 13) & (xs < 713), (ys >= 7) & (ys < 1107)
         assert np.array_equal(out[np.ix_(cy, cx)], reg.read(xs[cx], ys[cy], mode))
         assert (out[~cy] == 0).all() and (out[:, ~cx] == 0).all()
-    level0 = render(ReverseTiler([reg], W, H, mode=mode), W, H, 128)
+        assert np.array_equal(out, reduce_nearest(level0, out.shape))
     assert tiler.counts.tolist() == np.bincount(level0.ravel(), minlength=256).tolist()
     assert 0 < tiler.pixels_refined < 3 * W * H  # some blocks were painted
+
+
+@given(
+    st.integers(0, 2**31 - 1),
+    st.integers(40, 300),
+    st.integers(40, 300),
+    st.sampled_from([16, 32]),
+    st.sampled_from(["nearest", "linear"]),
+)
+@settings(deadline=None, max_examples=25)
+def test_every_reduced_level_is_level0_subsampled(seed, W, H, tile, mode):
+    # The pyramid rule (wsiseg.sampling.coords): every reduced level is level 0 read at the
+    # level's pixel centres, so a viewer shows the same labels at every zoom.
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    h, w = int(rng.integers(3, 30)), int(rng.integers(3, 30))
+    grid = density_to_grid((torch.rand(1, 1, 8, 8) ** 3 + 0.05).double(), 1.5, 5, out_size=(h, w))
+    scores = rng.random((3, h, w)).astype(np.float32)
+    values = np.array([0, 2, 5], np.uint8)
+    bx, by = int(rng.integers(0, W // 4)), int(rng.integers(0, H // 4))
+    bw, bh = int(rng.integers(W // 2, W - bx + 1)), int(rng.integers(H // 2, H - by + 1))
+    reg = RegionPrediction((bx, by, bw, bh), values[scores.argmax(0)], coarse_inverse(grid, (bh, bw)), scores, values)
+    tiler = ReverseTiler([reg], W, H, background=1, mode=mode)
+    levels = mask_levels(W, H, tile)
+    level0 = render(tiler, W, H, tile)
+    assert len(levels) > 1
+    for lv in levels[1:]:
+        assert np.array_equal(render(tiler, W, H, tile, lv.index), reduce_nearest(level0, (lv.height, lv.width)))
 
 
 def test_tiles_in_any_order_and_counted_once():
@@ -143,9 +173,9 @@ def test_regions_and_background_and_constant_tiles():
     expect[0:50, 0:50] = 2
     expect[20:80, 100:140] = 1
     assert np.array_equal(out, expect)
-    # A reduced level is computed at its own scale, by pixel centres.
+    # A reduced level is level 0 subsampled: at 2x, the lower-right pixel of each 2 x 2 block.
     lv1 = render(tiler, 200, 100, 32, level=1)
-    assert np.array_equal(lv1, expect[::2, ::2][: lv1.shape[0], : lv1.shape[1]])
+    assert np.array_equal(lv1, expect[1::2, 1::2])
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,10 @@
 """Benchmark of the pyramidal mask writer on a realistic synthetic mask.
 
 The mask is a few large ellipses ("tissue" with "tumour" islands) evaluated
-analytically per tile at each level's own scale, as the segmenter's reverse
-sampler does: tiles entirely inside or outside every ellipse are reported as
+analytically per tile at each level's own pixel centres (the segmenter's
+sources evaluate a reduced level at the level-0 pixels under those centres,
+:func:`wsiseg.sampling.coords.reduce_nearest`, at the same cost per pixel):
+tiles entirely inside or outside every ellipse are reported as
 constant, boundary tiles are rendered pixel by pixel. Most tiles of a real
 whole-slide mask are background or single-class, and the fraction of boundary
 tiles falls as the slide grows (perimeter over area), as here.

@@ -551,7 +551,9 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
               help="Micrometres per level-0 pixel for every slide (a manifest's mpp column wins), taken as given. "
                    f"{_IMPLAUSIBLE_MPP_HELP} Slides without an MPP get no areas in um2 and are sampled by pixel "
                    "size, with a warning, when the model records its scale.")
-@click.option("--tile", type=click.IntRange(min=16), default=512, show_default=True, help="Output TIFF tile size.")
+@click.option("--tile", type=click.IntRange(min=16), default=512, show_default=True,
+              help="Output TIFF tile size (a multiple of 16); a level smaller than one tile is one tile of the "
+                   "smallest multiple of 16 that covers it.")
 @click.option("--geojson/--no-geojson", default=True, show_default=True, help="Write QuPath GeoJSON.")
 @click.option("--qc/--no-qc", default=True, show_default=True, help="Write the QC figure.")
 @click.option("--format", "formats", type=_Formats(), multiple=True, default=["tiff"], show_default=True,

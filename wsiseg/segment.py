@@ -48,7 +48,7 @@ from wsiseg.output.ome import (
     ome_zarr_from_mask,
     parse_formats,
 )
-from wsiseg.sampling.coords import to_pixels, uniform_grid
+from wsiseg.sampling.coords import level_source_index, to_pixels, uniform_grid
 from wsiseg.sampling.edges import uniform_density
 from wsiseg.sampling.geometry import PhysicalScale, split_region
 from wsiseg.sampling.sizes import sample_fraction
@@ -458,9 +458,8 @@ class LabelStore:
     sparse (all 0: background) and read one band of rows at a time. It is a
     ``tile_source`` for :func:`wsiseg.output.mask.write_label_pyramid`:
     reduced levels pick the level-0 pixel under each level pixel's centre
-    (level pixel ``j`` has its centre at level-0 ``(j + 0.5) * s``,
-    :mod:`wsiseg.sampling.coords`, inside pixel ``floor((j + 0.5) * s)``),
-    the nearest rule of the deformed mode.
+    (:func:`wsiseg.sampling.coords.level_source_index`), the pyramid rule of
+    the deformed mode.
 
     Reads and writes are plain ``pread``/``pwrite`` calls, not a memory map:
     a full disk then raises ``OSError`` (ENOSPC) at the write that hits it,
@@ -539,14 +538,13 @@ class LabelStore:
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def __call__(self, level, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        sx, sy = level.downsample
         if level.index == 0:
             band = self._band_rows(0, y0, np.arange(y0, y0 + h))
             out = np.array(band[:, x0 : x0 + w])
             self.counts += np.bincount(out.ravel(), minlength=256)
             return out
-        rows = np.minimum(((np.arange(y0, y0 + h) + 0.5) * sy).astype(np.int64), self.height - 1)
-        cols = np.minimum(((np.arange(x0, x0 + w) + 0.5) * sx).astype(np.int64), self.width - 1)
+        rows = level_source_index(self.height, level.height)[y0 : y0 + h]
+        cols = level_source_index(self.width, level.width)[x0 : x0 + w]
         return self._band_rows(level.index, y0, rows)[:, cols]
 
     def _band_rows(self, level: int, y0: int, rows: np.ndarray) -> np.ndarray:

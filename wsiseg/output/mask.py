@@ -7,7 +7,12 @@ memory.
 File layout (opens in OpenSlide as ``generic-tiff``, in QuPath, tifffile and
 zarr):
 
-* BigTIFF, square tiles (512 by default), uint8 samples, lossless Deflate.
+* BigTIFF, square tiles (512 by default), uint8 samples, lossless Deflate. A
+  level smaller than one tile (the last level, or level 0 of a small slide)
+  gets the smallest multiple of 16 that covers it instead
+  (:meth:`LevelGeometry.tile_edge`): libvips (8.18) refuses to open a TIFF
+  whose tiles are far larger than the image ("tile size out of range", e.g.
+  512 tiles on 128 x 128 pixels or less), and a smaller tile pads less.
 * One IFD per level in the *main* IFD chain, level 0 first, reduced levels
   marked NewSubfileType=1 (OpenSlide ignores SubIFD pyramids).
 * Level 0 has exactly the slide's level-0 size; each next level is
@@ -22,9 +27,14 @@ Tile sources
 ``[x0, x0 + w) x [y0, y0 + h)`` of ``level`` (a :class:`LevelGeometry`, in
 that level's own pixels) as a ``(h, w)`` uint8 array, or a plain ``int``
 meaning "every pixel has this label". Levels are *not* computed from level 0
-here: the caller evaluates each level at its own scale (nearest, see
-:mod:`wsiseg.sampling.coords`), which keeps reduced levels exact and costs a
-third of level 0 at most.
+here, and no level is ever held: wsiseg's sources (the reverse sampler, the
+sliding-window label store) return for a reduced level exactly level 0
+subsampled at the level's pixel centres
+(:func:`wsiseg.sampling.coords.reduce_nearest`: pixel ``j`` is level-0 pixel
+``floor((j + 0.5) * W0 / Wk)``; at 2x the lower-right pixel of each 2 x 2
+block), evaluating just those level-0 pixels. The pyramid is thus consistent
+(the labels a viewer shows do not change with zoom) and the reduced levels
+cost a third of level 0 at most.
 
 Constant tiles (an ``int``, or an array with a single value) are written as
 one encoded tile per label value, compressed once and reused, so large
@@ -98,6 +108,31 @@ class LevelGeometry:
         """Number of tiles at tile size ``tile``."""
         across, down = self.tile_grid(tile)
         return across * down
+
+    def tile_edge(self, tile: int) -> int:
+        """TIFF tile edge of this level in a pyramid tiled ``tile``.
+
+        Parameters
+        ----------
+        tile : int
+            The pyramid's tile edge, a positive multiple of 16.
+
+        Returns
+        -------
+        int
+            ``tile``, or for a level smaller than one tile the smallest
+            multiple of 16 that covers its longer side: still one tile, which
+            libvips accepts (it refuses tiles far larger than the image) and
+            which pads less.
+
+        Examples
+        --------
+        >>> LevelGeometry(0, 16, 16, (1.0, 1.0)).tile_edge(512)
+        16
+        >>> LevelGeometry(3, 278, 371, (8.0, 8.0)).tile_edge(512)
+        384
+        """
+        return min(int(tile), -(-max(self.width, self.height) // 16) * 16)
 
 
 def _check_tile(tile: int) -> int:
@@ -247,23 +282,22 @@ class _Counter:
 
 
 class _ConstantTiles:
-    """Encoded constant tiles, one per label value.
+    """Encoded constant tiles, one per label value and tile edge.
 
     TIFF tiles always have the full tile size; the padding beyond the image
     edge is unspecified, so it is filled with the tile's own value and one
-    encoded blob serves every constant tile, edge tiles included.
+    encoded blob serves every constant tile of that edge, edge tiles included.
     """
 
-    def __init__(self, tile: int, codec: _Codec):
-        self._tile = tile
+    def __init__(self, codec: _Codec):
         self._codec = codec
-        self._cache: dict[int, bytes] = {}
+        self._cache: dict[tuple[int, int], bytes] = {}
 
-    def __getitem__(self, value: int) -> bytes:
-        blob = self._cache.get(value)
+    def get(self, value: int, tile: int) -> bytes:
+        blob = self._cache.get((value, tile))
         if blob is None:
-            full = np.full((self._tile, self._tile), value, np.uint8)
-            blob = self._cache[value] = self._codec.encode(full, self._codec.best_level)
+            full = np.full((tile, tile), value, np.uint8)
+            blob = self._cache[value, tile] = self._codec.encode(full, self._codec.best_level)
         return blob
 
 
@@ -337,8 +371,10 @@ def _level_tiles(
 
     Data tiles are encoded on ``pool`` in batches while the calling thread
     evaluates the next tiles; a bounded number of tiles is in flight, so
-    memory stays at a few tiles whatever the level size.
+    memory stays at a few tiles whatever the level size. ``tile`` is the
+    pyramid's; the level is tiled at :meth:`LevelGeometry.tile_edge`.
     """
+    tile = level.tile_edge(tile)
     # entries in file order: encoded bytes, or (batch, index in batch)
     pending: deque[bytes | tuple[_Batch, int]] = deque()
     batch: _Batch | None = None
@@ -380,7 +416,7 @@ def _level_tiles(
                 res = _as_label_tile(tile_source(level, x0, y0, w, h), level, x0, y0, w, h)
                 if isinstance(res, int):
                     counter.constant += 1
-                    pending.append(constants[res])
+                    pending.append(constants.get(res, tile))
                 elif pool is None:
                     pending.append(_encode_data_tile(res, tile, codec, level_arg))
                 else:
@@ -454,7 +490,7 @@ def _write_pyramid(
     level_arg = codec.fast_level if compression_level is None else int(compression_level)
     workers = max(0, int(workers))
     counter = _Counter()
-    constants = _ConstantTiles(tile, codec)
+    constants = _ConstantTiles(codec)
     total = sum(lv.n_tiles(tile) for lv in levels)
     # enough queued batches to keep every worker busy, few enough to bound memory
     max_pending = (2 * workers + 1) * _BATCH
@@ -471,7 +507,7 @@ def _write_pyramid(
                         ),
                         shape=(lv.height, lv.width),
                         dtype=np.uint8,
-                        tile=(tile, tile),
+                        tile=(lv.tile_edge(tile),) * 2,
                         compression=codec.tiff,
                         photometric=photometric,
                         colormap=colormap,
@@ -525,10 +561,12 @@ def write_label_pyramid(
         :class:`LevelGeometry` and the region in that level's pixels; returns
         a ``(h, w)`` uint8 label array or an ``int`` (the whole region has
         that label). Called once per tile, row-major within each level, level
-        0 first, always from the calling thread. Each level is evaluated at its
-        own scale by the source; nothing is downsampled here.
+        0 first, always from the calling thread. Reduced levels come from
+        the source as they are, nothing is downsampled here; wsiseg's sources
+        return level 0 subsampled (:func:`wsiseg.sampling.coords.reduce_nearest`).
     tile : int
-        Tile edge in pixels (multiple of 16).
+        Tile edge in pixels (multiple of 16); a level smaller than one tile
+        is one tile of :meth:`LevelGeometry.tile_edge`.
     mpp : float or (float, float), optional
         Micrometres per level-0 pixel ``(x, y)``. Written as X/YResolution in
         pixels per centimetre, scaled by each level's downsample.

@@ -313,8 +313,8 @@ def ome_zarr_from_mask(
                             downsamples,
                             level0_mpp,
                             name=label_name,
-                            method="copied from the wsiseg label mask; every level was evaluated at its own "
-                            "scale (the label under each level pixel's centre)",
+                            method="copied from the wsiseg label mask; every reduced level is level 0 "
+                            "subsampled: the level-0 pixel under each level pixel's centre",
                             channel_axis=False,
                             kind="nearest",
                         )

@@ -43,6 +43,26 @@ Nearest and bilinear reads
   on a uniform grid at integer factor ``k`` is exactly ``np.repeat`` by
   ``k``: forward then reverse sampling equals nearest down/up-sampling, with
   no half-pixel bias.
+
+Pyramid levels of label masks
+-----------------------------
+A reduced level of ``n`` pixels along an axis of ``n0`` level-0 pixels
+(downsample ``s = n0 / n``, not always a power of two: sizes are rounded up)
+is level 0 read by the nearest rule at its pixel centres: pixel ``j`` takes
+level-0 pixel ``floor((j + 0.5) * s)`` (:func:`level_source_index`, in exact
+integer arithmetic), so every level is a subsampling of level 0
+(:func:`reduce_nearest`) and every label a viewer shows at any zoom is the
+label of a level-0 pixel that the level pixel covers. At ``s = 2`` that is
+the lower-right pixel of each 2 x 2 block (``Y[1::2, 1::2]``); at an integer
+``s = k``, ``Y[k // 2 :: k]``, the block centre of the nearest rule above.
+The reverse sampler evaluates reduced levels at those level-0 pixel centres
+(:class:`wsiseg.sampling.tiles.ReverseTiler`), never at the level's own
+centres: those fall on level-0 pixel edges at even downsamples and can read
+another label than level 0 has there, even one that no level-0 pixel under
+the level pixel has. Nearest rather than the block mode: a level pixel
+costs one evaluation, as a level-0 pixel does, where the mode needs every
+level-0 pixel under it, so levels are still streamed tile by tile without
+reading level 0 back.
 """
 
 from __future__ import annotations
@@ -139,3 +159,59 @@ def normalised_nearest_index(x: torch.Tensor, size: int) -> torch.Tensor:
     r = torch.round(p)
     p = torch.where((p - r).abs() <= tol, r, p)
     return torch.clamp(torch.floor(p), 0, size - 1).long()
+
+
+def level_source_index(n0: int, n: int) -> np.ndarray:
+    """Level-0 pixel read by each pixel of a reduced level, along one axis.
+
+    Parameters
+    ----------
+    n0 : int
+        Level-0 size along the axis (>= 1).
+    n : int
+        Reduced level's size along the axis (>= 1; ``n > n0`` up-samples,
+        repeating level-0 pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` int64: ``floor((j + 0.5) * n0 / n)``, the level-0 pixel under
+        pixel ``j``'s centre, computed as ``(2 j + 1) n0 // (2 n)`` (exact
+        for any size, always in ``[0, n0 - 1]``). Identity for ``n == n0``.
+
+    Examples
+    --------
+    >>> level_source_index(8, 4).tolist()
+    [1, 3, 5, 7]
+    >>> level_source_index(5, 3).tolist()
+    [0, 2, 4]
+    """
+    n0, n = int(n0), int(n)
+    if n0 < 1 or n < 1:
+        raise ValueError(f"sizes must be positive, got {n0} and {n}")
+    return (2 * np.arange(n, dtype=np.int64) + 1) * n0 // (2 * n)
+
+
+def reduce_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A reduced pyramid level of a label map: level 0 read at the level's pixel centres.
+
+    The rule of every label pyramid wsiseg writes (see *Pyramid levels of
+    label masks* above); the writers produce the same pixels tile by tile
+    without holding level 0.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        ``(H, W)`` level-0 labels.
+    shape : (int, int)
+        ``(h, w)`` of the level, both >= 1.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(h, w)``, same dtype: ``labels[level_source_index(H, h)][:, level_source_index(W, w)]``.
+    """
+    labels = np.asarray(labels)
+    rows = level_source_index(labels.shape[0], shape[0])
+    cols = level_source_index(labels.shape[1], shape[1])
+    return labels[np.ix_(rows, cols)]

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from wsiseg.sampling.coords import normalised_nearest_index, to_torch_grid, uniform_grid
+from wsiseg.sampling.coords import level_source_index, normalised_nearest_index, to_torch_grid
 
 __all__ = ["downsample_labels", "grid_spacing", "sample_image", "sample_image_lod", "sample_labels"]
 
@@ -160,7 +160,9 @@ def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     """Uniform nearest down-sampling of labels (``Y_lr`` for the edge loss).
 
     Reads the label under each pixel centre of an ``h x w`` raster over the
-    map; at an integer factor ``k`` this is ``labels[:, k // 2 :: k, k // 2 :: k]``.
+    map (:func:`wsiseg.sampling.coords.level_source_index`, the rule of the
+    mask pyramids); at an integer factor ``k`` this is
+    ``labels[:, k // 2 :: k, k // 2 :: k]``.
 
     Parameters
     ----------
@@ -174,8 +176,10 @@ def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     torch.Tensor
         Shape ``(B, h, w)``.
     """
-    h, w = int(size[0]), int(size[1])
-    # float64 keeps pixel centres far from edges at any factor (float32 can
-    # blur them together for large, non-integer factors); MPS lacks float64.
-    dtype = torch.float32 if labels.device.type == "mps" else torch.float64
-    return sample_labels(labels, uniform_grid(h, w, dtype=dtype, device=labels.device).unsqueeze(0))
+    if labels.dim() != 3:
+        raise ValueError(f"labels must have shape (B, H, W), got {tuple(labels.shape)}")
+    _, hh, ww = labels.shape
+    # integer indices: exact at any size and factor, on every device
+    rows = torch.as_tensor(level_source_index(hh, size[0]), device=labels.device)
+    cols = torch.as_tensor(level_source_index(ww, size[1]), device=labels.device)
+    return labels[:, rows[:, None], cols[None, :]]
