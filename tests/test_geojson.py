@@ -10,6 +10,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import shapely
+from _polygons import rasterise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -28,21 +29,6 @@ BCSS = {1: "mostly_tumor", 2: "mostly_stroma", 3: "mostly_lymphocytic_infiltrate
         13: "normal_acinus_or_duct", 18: "blood_vessel"}
 CLASSES = [ClassInfo(v, n, (v * 13 % 256, 100, 200)) for v, n in BCSS.items()]
 K = 5  # nearest downsampling of the 4542x4594 map, to ~1000 px
-
-
-def rasterise(items, shape, downsample, lut) -> np.ndarray:
-    """Label raster from level-0 geometries: a pixel takes the class whose geometry holds its centre."""
-    out = np.zeros(shape, np.uint8)
-    scale = np.array(downsample, dtype=np.float64)
-    for name, geom in items:
-        g = shapely.transform(geom, lambda xy: xy / scale)
-        x0, y0, x1, y1 = g.bounds
-        c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-        c1, r1 = min(shape[1], int(np.ceil(x1))), min(shape[0], int(np.ceil(y1)))
-        yy, xx = np.mgrid[r0:r1, c0:c1] + 0.5
-        shapely.prepare(g)
-        out[r0:r1, c0:c1][shapely.contains_xy(g, xx, yy)] = lut[name]
-    return out
 
 
 @pytest.fixture(scope="module")
