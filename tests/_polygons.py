@@ -19,3 +19,12 @@ def rasterise(items, shape, downsample, lut) -> np.ndarray:
         shapely.prepare(g)
         out[r0:r1, c0:c1][shapely.contains_xy(g, xx, yy)] = lut[name]
     return out
+
+
+def overlap_areas(items) -> np.ndarray:
+    """Intersection areas of all pairs of geometries of different classes that meet."""
+    names = np.array([name for name, _ in items])
+    geoms = np.array([g for _, g in items], dtype=object)
+    a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    pair = (a < b) & (names[a] != names[b])
+    return shapely.area(shapely.intersection(geoms[a[pair]], geoms[b[pair]]))
