@@ -1,26 +1,34 @@
-"""QuPath GeoJSON: exact vectorisation, round trips on real labels, reading QuPath exports."""
+"""QuPath GeoJSON: exact vectorisation, classes that tile the raster, round trips on real labels, reading QuPath
+exports."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import tempfile
+from pathlib import Path
+from unittest import mock
 
 import dask.array as da
 import numpy as np
 import pytest
 import shapely
+from _polygons import overlap_areas, rasterise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
+from scipy import ndimage as ndi
 from shapely.geometry import MultiPolygon, Polygon
 from skimage.draw import polygon2mask
 
 from wsiseg.errors import WsisegError
 from wsiseg.output import geojson as gj
+from wsiseg.output import tracing
 from wsiseg.output.classes import ClassInfo
 from wsiseg.output.geojson import label_polygons, read_qupath_geojson, write_qupath_geojson
+from wsiseg.output.tracing import trace_regions
 from wsiseg.slide.multiscale import Level
 
 # BCSS class values present in the label map (names from sample_GTcodes.csv).
@@ -28,21 +36,6 @@ BCSS = {1: "mostly_tumor", 2: "mostly_stroma", 3: "mostly_lymphocytic_infiltrate
         13: "normal_acinus_or_duct", 18: "blood_vessel"}
 CLASSES = [ClassInfo(v, n, (v * 13 % 256, 100, 200)) for v, n in BCSS.items()]
 K = 5  # nearest downsampling of the 4542x4594 map, to ~1000 px
-
-
-def rasterise(items, shape, downsample, lut) -> np.ndarray:
-    """Label raster from level-0 geometries: a pixel takes the class whose geometry holds its centre."""
-    out = np.zeros(shape, np.uint8)
-    scale = np.array(downsample, dtype=np.float64)
-    for name, geom in items:
-        g = shapely.transform(geom, lambda xy: xy / scale)
-        x0, y0, x1, y1 = g.bounds
-        c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-        c1, r1 = min(shape[1], int(np.ceil(x1))), min(shape[0], int(np.ceil(y1)))
-        yy, xx = np.mgrid[r0:r1, c0:c1] + 0.5
-        shapely.prepare(g)
-        out[r0:r1, c0:c1][shapely.contains_xy(g, xx, yy)] = lut[name]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +72,29 @@ def test_bcss_exact_round_trip(bcss, bcss_written):
 
 
 def test_bcss_simplified_round_trip(bcss, bcss_written):
-    path, n, items = bcss_written[1.0]
+    _, n, items = bcss_written[1.0]
     assert n == bcss_written[0.0][1]
     assert all(g.is_valid for _, g in items)
+    # Simplified boundaries keep every pixel centre on its side: the raster comes back exactly.
     back = rasterise(items, bcss.shape, (K, K), LUT)
-    assert (back == bcss).mean() > 0.98  # measured 0.995
+    assert np.array_equal(back, bcss)
     # Simplification is the point: far fewer vertices than the exact outlines.
-    exact_size = os.path.getsize(bcss_written[0.0][0])
-    assert os.path.getsize(path) < exact_size / 2
+    def vertices(kept):
+        return sum(shapely.get_num_coordinates(g) for _, g in kept)
+
+    assert vertices(items) < vertices(bcss_written[0.0][2]) / 2
+
+
+def test_bcss_classes_tile_without_overlaps(bcss, bcss_written):
+    # Before shared-boundary simplification: 45 overlapping pairs, 466 level-0 px^2 in all.
+    _, _, items = bcss_written[1.0]
+    areas = overlap_areas(items)
+    assert len(areas) > 50  # neighbours do meet, along their shared boundaries
+    assert areas.max() == 0
+    # No gaps either: the polygons cover exactly the non-background pixels' area.
+    union = shapely.union_all([g for _, g in items])
+    assert union.area == pytest.approx(sum(g.area for _, g in items), abs=1e-6)
+    assert union.area == pytest.approx((bcss != 0).sum() * K * K, rel=1e-4)  # measured 6e-6
 
 
 def test_coordinates_are_level0(bcss, bcss_written):
@@ -170,6 +178,90 @@ def test_exact_tracing_property(lab):
     items = [(str(v), g) for v in (1, 2, 3) for g in label_polygons(lab, v)]
     back = rasterise(items, lab.shape, (1, 1), {"1": 1, "2": 2, "3": 3})
     assert np.array_equal(back, lab)
+
+
+def components(lab: np.ndarray) -> int:
+    """Number of 4-connected regions of all values."""
+    return sum(ndi.label(lab == v)[1] for v in np.unique(lab))
+
+
+# Random maps (pixel noise: pinches everywhere) and blocky ones (long straight and staircase
+# boundaries that simplification does shorten).
+LABEL_MAPS = st.one_of(
+    arrays(np.uint8, st.tuples(st.integers(1, 14), st.integers(1, 14)), elements=st.integers(1, 3)),
+    st.builds(lambda small, k: np.kron(small, np.ones((k, k), np.uint8)),
+              arrays(np.uint8, st.tuples(st.integers(1, 6), st.integers(1, 6)), elements=st.integers(1, 3)),
+              st.integers(2, 6)),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(LABEL_MAPS, st.sampled_from([0.0, 0.3, 1.0, 4.0]))
+def test_classes_tile_the_raster_property(lab, tol):
+    # Every value is a class, so the written polygons must tile the raster: no overlap, no gap.
+    classes = [ClassInfo(v, f"c{v}", (v, v, v)) for v in (1, 2, 3)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "a.geojson"
+        n = write_qupath_geojson(path, (lab, 1), classes, simplify_tolerance=tol)
+        items = read_qupath_geojson(path)
+    h, w = lab.shape
+    assert n == len(items) == components(lab)
+    assert all(g.is_valid for _, g in items)
+    union = shapely.union_all([g for _, g in items])
+    assert union.bounds == (0, 0, w, h)
+    assert union.area == pytest.approx(h * w, abs=1e-9)
+    assert sum(g.area for _, g in items) == pytest.approx(h * w, abs=1e-9)  # so no overlaps
+    # Every pixel centre stays in its own region, simplified or not.
+    back = rasterise(items, lab.shape, (1, 1), {c.name: c.value for c in classes})
+    assert np.array_equal(back, lab)
+
+
+@settings(max_examples=80, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 16), st.integers(1, 16)), elements=st.integers(0, 3)),
+       st.sampled_from([0.0, 0.5, 2.0]))
+def test_traced_polygons_need_no_repair_property(lab, tol):
+    # Valid as traced and simplified: the make_valid fallback is never used.
+    with mock.patch.object(tracing, "_repaired", side_effect=AssertionError("invalid polygon")):
+        items = list(trace_regions(lab, [1, 2, 3], simplify_tolerance=tol))
+    assert all(isinstance(g, Polygon) and g.is_valid for _, g in items)
+    assert len(items) == components(lab) - ndi.label(lab == 0)[1]
+    geoms = [g for _, g in items]
+    if geoms:
+        assert shapely.union_all(geoms).area == pytest.approx(sum(g.area for g in geoms), abs=1e-9)
+    back = rasterise([(str(v), g) for v, g in items], lab.shape, (1, 1), {"1": 1, "2": 2, "3": 3})
+    assert np.array_equal(back, lab)
+
+
+def test_regions_touching_at_a_corner():
+    # A C-shaped region closing on itself at a corner, around a pixel of another class: an exterior
+    # and a hole that touch at that corner (OGC-valid), not one ring through the corner twice.
+    c_shape = np.zeros((5, 5), np.uint8)
+    c_shape[1:4, 1:4] = 1
+    c_shape[2, 2] = c_shape[3, 3] = 2
+    # A hole made of two pixels that touch at a corner: two holes touching there.
+    eight = np.ones((4, 5), np.uint8)
+    eight[1, 1] = eight[2, 2] = 2
+    for lab, holes in ((c_shape, 1), (eight, 2)):
+        for tol in (0.0, 1.0):
+            with mock.patch.object(tracing, "_repaired", side_effect=AssertionError("invalid polygon")):
+                items = list(trace_regions(lab, [1, 2], simplify_tolerance=tol))
+            assert [v for v, _ in items] == [1, 2, 2]
+            one = items[0][1]
+            assert one.is_valid and len(one.interiors) == holes
+            if tol == 0:
+                assert one.area == (lab == 1).sum()
+            rings = [one.exterior, *one.interiors] if holes == 1 else list(one.interiors)
+            assert shapely.intersection(*rings).geom_type == "Point"
+
+
+def test_any_integer_labels():
+    # Negative and large values: the raster's outside must not be taken for one of them.
+    lab = np.array([[-5, -5, 2**40], [np.iinfo(np.int64).max, -5, 2**40]], np.int64)
+    assert [g.area for g in label_polygons(lab, -5)] == [3.0]
+    assert [g.area for g in label_polygons(lab, 2**40)] == [2.0]
+    assert [g.area for g in label_polygons(lab, np.iinfo(np.int64).max)] == [1.0]
+    with pytest.raises(WsisegError, match="reserved"):
+        list(label_polygons(np.array([[np.iinfo(np.int64).min]]), 0))
 
 
 def test_anisotropic_downsample_and_lazy_level(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from _polygons import overlap_areas, rasterise
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,7 +36,7 @@ from wsiseg.sampling.coords import level_source_index, reduce_nearest, uniform_g
 from wsiseg.sampling.grid import density_to_grid
 from wsiseg.sampling.reverse import reverse_sample
 from wsiseg.sampling.tiles import RegionPrediction, ReverseTiler, coarse_inverse
-from wsiseg.segment import SegmentOptions, segment_region, segment_slide
+from wsiseg.segment import SegmentOptions, _reduced_mask_level, segment_region, segment_slide
 from wsiseg.slide import open_slide
 
 SEG = {"arch": "unet", "encoder": "resnet18", "num_classes": 3, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
@@ -295,6 +296,19 @@ def test_geojson_rasterises_back_onto_mask(cmu_run):
             raster[m] = names[name]
     ref = level0[ds // 2 :: ds, ds // 2 :: ds][:h, :w]
     assert (raster == ref).mean() > 0.95
+
+
+def test_geojson_classes_tile_the_traced_level(cmu_run):
+    # Neighbouring classes share their simplified boundaries: no overlaps, no gaps, every pixel centre
+    # of the traced mask level in its own class's polygon (background: in none).
+    out, outputs = cmu_run
+    items = read_qupath_geojson(out / outputs["geojson"])
+    labels, ds = _reduced_mask_level(out / outputs["mask"], 8192)  # what segment_slide traces
+    assert len({name for name, _ in items}) == 2  # both classes, with shared boundaries
+    areas = overlap_areas(items)
+    assert len(areas) and areas.max() == 0
+    back = rasterise(items, labels.shape, ds, {c.name: c.value for c in default_classes(3)})
+    assert np.array_equal(back, labels)
 
 
 def test_qc_png_written(cmu_run):

@@ -7,12 +7,15 @@ class, in level-0 pixel coordinates.
 
 Vectorisation is exact: every polygon follows pixel edges, so at
 ``simplify_tolerance=0`` its area is its pixel count and rasterising it back
-by pixel centres gives the raster again. Coordinates follow
-:mod:`wsiseg.sampling.coords`: raster pixel ``(i, j)`` is the square
+by pixel centres gives the raster again. Simplification works on the
+boundaries between regions (:mod:`wsiseg.output.tracing`): each is simplified
+once and shared by the regions on its two sides, so the polygons of
+neighbouring classes tile the raster without gaps or overlaps. Coordinates
+follow :mod:`wsiseg.sampling.coords`: raster pixel ``(i, j)`` is the square
 ``[j, j + 1) x [i, i + 1)``, scaled by the raster's downsample to level 0.
 
-The output is streamed feature by feature and components are traced on their
-bounding-box crops, so memory stays of the order of the raster itself.
+The output is streamed feature by feature; tracing works on the boundary
+pixel edges only, so memory stays of the order of the raster itself.
 """
 
 from __future__ import annotations
@@ -27,21 +30,19 @@ from typing import Iterable, Iterator
 import dask.array as da
 import numpy as np
 import shapely
-from scipy import ndimage as ndi
 from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.geometry.polygon import orient
-from skimage import measure
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import WsisegError
 from wsiseg.limits import loads_json, read_capped
 from wsiseg.mpp import mpp_pair
 from wsiseg.output.classes import ClassInfo, validate_classes
+from wsiseg.output.tracing import trace_regions
 
 __all__ = ["write_qupath_geojson", "read_qupath_geojson", "label_polygons"]
 
-_FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
 _COORD_DECIMALS = 3  # a thousandth of a level-0 pixel
 
 
@@ -66,84 +67,6 @@ def _as_raster(label_source) -> tuple[np.ndarray, tuple[float, float]]:
     return labels, (float(dx), float(dy))
 
 
-def _ring_corners(contour: np.ndarray) -> np.ndarray:
-    """Pixel-edge corners of a closed marching-squares contour.
-
-    On a binary image contoured at 0.5, every contour vertex is the midpoint
-    of a pixel edge, and two consecutive vertices lie in the same 2x2 block
-    of pixel centres. When one is on a horizontal edge and the other on a
-    vertical one, the contour cuts a pixel corner, and that corner is the
-    block's centre: the x of the vertical-edge midpoint and the y of the
-    horizontal-edge one. Keeping only these corners gives the exact outline.
-
-    Parameters
-    ----------
-    contour : numpy.ndarray
-        ``(N, 2)`` closed ``(row, col)`` contour of a 1-padded binary image.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(K, 2)`` integer ``(x, y)`` corners in continuous pixel coordinates
-        of the unpadded image (ring not repeated at the end).
-    """
-    # Doubled continuous coordinates are exact integers: x = col - 1 + 0.5.
-    q = np.rint(contour[:-1, ::-1] * 2.0).astype(np.int64) - 1
-    nxt = np.roll(q, -1, axis=0)
-    horizontal = q[:, 1] % 2 == 0  # y on a pixel edge: midpoint of a horizontal edge
-    turn = horizontal != np.roll(horizontal, -1)
-    cx = np.where(horizontal, nxt[:, 0], q[:, 0])
-    cy = np.where(horizontal, q[:, 1], nxt[:, 1])
-    return np.stack([cx[turn], cy[turn]], axis=1) // 2
-
-
-def _signed_area(ring: np.ndarray) -> float:
-    x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
-
-
-def _polygonal(geom: BaseGeometry) -> Polygon | MultiPolygon | None:
-    """The polygonal part of a geometry (``make_valid`` can add lines/points)."""
-    if geom.is_empty:
-        return None
-    if isinstance(geom, (Polygon, MultiPolygon)):
-        return geom
-    parts = [g for g in getattr(geom, "geoms", []) if isinstance(g, (Polygon, MultiPolygon))]
-    polys = [p for g in parts for p in (g.geoms if isinstance(g, MultiPolygon) else [g])]
-    if not polys:
-        return None
-    return polys[0] if len(polys) == 1 else MultiPolygon(polys)
-
-
-def _valid(geom: BaseGeometry) -> Polygon | MultiPolygon | None:
-    if not geom.is_valid:
-        geom = shapely.make_valid(geom)
-    return _polygonal(geom)
-
-
-def _trace_component(crop: np.ndarray, min_hole: int) -> Polygon | MultiPolygon | None:
-    """Exact outline of one 4-connected component given as a bool crop.
-
-    Returns the polygon in the crop's continuous pixel coordinates, with
-    holes of at least ``min_hole`` pixels.
-    """
-    contours = measure.find_contours(np.pad(crop, 1).astype(np.float32), 0.5, fully_connected="low")
-    rings = [_ring_corners(c) for c in contours if len(c) > 3]
-    rings = [r for r in rings if len(r) >= 4]
-    if not rings:
-        return None
-    areas = np.array([_signed_area(r) for r in rings])
-    outer = int(np.argmax(np.abs(areas)))
-    sign = np.sign(areas[outer])
-    holes = [r for k, r in enumerate(rings) if k != outer and np.sign(areas[k]) != sign and abs(areas[k]) >= min_hole]
-    others = [r for k, r in enumerate(rings) if k != outer and np.sign(areas[k]) == sign]
-    geom: BaseGeometry = Polygon(rings[outer], holes)
-    if others:
-        # Not expected for a 4-connected component; let shapely sort it out.
-        geom = shapely.union_all([shapely.make_valid(geom)] + [shapely.make_valid(Polygon(r)) for r in others])
-    return _valid(geom)
-
-
 def label_polygons(
     labels: np.ndarray, value: int, *, min_area: int = 1
 ) -> Iterator[Polygon | MultiPolygon]:
@@ -165,17 +88,8 @@ def label_polygons(
         ``(i, j)`` is ``[j, j + 1) x [i, i + 1)``), in raster order of the
         regions' first pixels. Unsimplified, its area is the pixel count.
     """
-    comp, n = ndi.label(labels == value, structure=_FOUR_CONNECTED, output=np.int32)
-    for k, sl in enumerate(ndi.find_objects(comp), start=1):
-        if sl is None:
-            continue
-        crop = comp[sl] == k
-        if int(crop.sum()) < min_area:
-            continue
-        geom = _trace_component(crop, max(1, min_area))
-        if geom is not None:
-            offset = np.array([sl[1].start, sl[0].start], dtype=np.float64)
-            yield shapely.transform(geom, lambda xy: xy + offset)
+    for _, geom in trace_regions(labels, [value], min_area=min_area):
+        yield geom
 
 
 def _coords(arr: np.ndarray) -> list:
@@ -233,8 +147,13 @@ def write_qupath_geojson(
     mpp : float or (float, float), optional
         Level-0 micrometres per pixel, for areas in µm².
     simplify_tolerance : float
-        Douglas-Peucker tolerance in raster pixels (topology preserving);
-        0 keeps the exact pixel outlines.
+        Douglas-Peucker tolerance in raster pixels, applied once to each
+        boundary between two regions, which both regions then share: no
+        gaps, no overlaps, valid polygons. A simplified boundary also keeps
+        every pixel centre on its side, so it stays within about half a
+        pixel of the pixel edges (tolerances above ~0.7 change nothing) and
+        the polygons rasterise back to the raster exactly. 0 keeps the exact
+        pixel outlines. See :func:`wsiseg.output.tracing.trace_regions`.
     min_area : int
         Regions, and holes, smaller than this many raster pixels are dropped
         (holes are filled).
@@ -265,24 +184,22 @@ def write_qupath_geojson(
             binary = _gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if gzip else raw
             with io.TextIOWrapper(binary, encoding="utf-8") as out:
                 out.write('{"type": "FeatureCollection", "features": [')
-                for c in classes:
-                    for feature in _class_features(labels, c, (dx, dy), mpp, simplify_tolerance, min_area):
-                        out.write(",\n" if n else "\n")
-                        out.write(json.dumps(feature, separators=(",", ":")))
-                        n += 1
+                for feature in _region_features(labels, classes, (dx, dy), mpp, simplify_tolerance, min_area):
+                    out.write(",\n" if n else "\n")
+                    out.write(json.dumps(feature, separators=(",", ":")))
+                    n += 1
                 out.write("\n]}\n")
         finally:
             raw.close()
     return n
 
 
-def _class_features(labels, c: ClassInfo, ds, mpp, tolerance: float, min_area: int) -> Iterator[dict]:
+def _region_features(labels, classes: list[ClassInfo], ds, mpp, tolerance: float, min_area: int) -> Iterator[dict]:
     dx, dy = ds
-    for geom in label_polygons(labels, c.value, min_area=min_area):
-        if tolerance > 0:
-            geom = _valid(geom.simplify(tolerance, preserve_topology=True))
-            if geom is None:
-                continue
+    by_value = {c.value: c for c in classes}
+    regions = trace_regions(labels, list(by_value), simplify_tolerance=tolerance, min_area=min_area)
+    for value, geom in regions:
+        c = by_value[value]
         geom = shapely.transform(geom, lambda xy: xy * np.array([dx, dy]))
         area = float(geom.area)
         measurements = {"Area px^2": round(area, 3)}
