@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -101,3 +102,40 @@ def test_segment_takes_a_shipped_model_by_name(slides_dir, tmp_path):
     assert report["tissue"]["percent_of_slide"] == pytest.approx(100.0 - rows[0]["percent_of_slide"])
     r = CliRunner().invoke(main, ["segment", str(slide), "--model", "nope", "--out", str(tmp_path / "p")])
     assert r.exit_code == 2
+
+
+def test_glass_is_background_by_the_tissue_detector(slides_dir, tmp_path):
+    """The tumour model calls glass inside its region boxes non-tumour; --background tissue (default) fixes that."""
+    import tifffile
+    from click.testing import CliRunner
+
+    from wsiseg.cli import main
+    from wsiseg.slide.open import open_slide
+    from wsiseg.slide.tissue import detect_tissue
+
+    slide = slides_dir / "CMU-1-Small-Region.svs"
+    masks = {}
+    for background in ("tissue", "model"):
+        out = tmp_path / background
+        r = CliRunner().invoke(main, ["segment", str(slide), "--model", "tumour", "--out", str(out), "--no-qc",
+                                      "--no-geojson", "--progress", "none", "--background", background])
+        assert r.exit_code == 0, r.output
+        masks[background] = tifffile.imread(out / "CMU-1-Small-Region.mask.tif", key=0)
+    ms = open_slide(slide)
+    h, w = masks["tissue"].shape
+    on_tissue = detect_tissue(ms).tissue_block(np.arange(w), np.arange(h))
+    gated, raw = masks["tissue"], masks["model"]
+    assert (gated[~on_tissue] == 0).all()
+    assert np.array_equal(gated[on_tissue], raw[on_tissue])  # the net's labels on tissue, untouched
+    # what the gate removes: the model's tissue labels on glass (measured: 2.97 M of the 6.6 M pixels)
+    assert (raw[~on_tissue] > 0).mean() > 0.5
+
+
+def test_background_option_is_checked_and_in_the_resume_fingerprint():
+    from wsiseg.errors import ConfigError
+    from wsiseg.segment import SegmentOptions
+
+    assert SegmentOptions().background == "tissue"
+    assert SegmentOptions(background="model").resolved() != SegmentOptions().resolved()  # a rerun redoes the slide
+    with pytest.raises(ConfigError, match="background must be one of tissue, model"):
+        SegmentOptions(background="glass")

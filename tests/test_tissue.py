@@ -12,6 +12,7 @@ from skimage.transform import downscale_local_mean
 from wsiseg.errors import ConfigError
 from wsiseg.slide.multiscale import Multiscale
 from wsiseg.slide.tissue import (
+    TissueGate,
     Region,
     TissueMask,
     detect_tissue,
@@ -270,3 +271,39 @@ def test_bad_arguments():
         Region(0, 0, 0, 5)
     r = Region(3, 4, 10, 20)
     assert (r.x1, r.y1, r.bounds, r.area) == (13, 24, (3, 4, 13, 24), 200)
+
+
+def test_tissue_gate_puts_glass_to_background_on_every_level(cmu, tmp_path):
+    """Glass (by the detector) is 0 in the written mask; tissue keeps the net's label; levels stay level 0 subsampled."""
+    import tifffile
+
+    from wsiseg.output.mask import write_label_pyramid
+    from wsiseg.sampling.coords import level_source_index
+
+    img, ms = cmu
+    tissue = detect_tissue(ms)
+    h, w = img.shape[:2]
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(1, 3, size=(h, w), dtype=np.uint8)  # a net that calls every pixel tissue (1 or 2)
+    noisy[:, 600:] = 2
+
+    def source(level, x0, y0, tw, th):
+        rows = level_source_index(h, level.height)[y0 : y0 + th]
+        cols = level_source_index(w, level.width)[x0 : x0 + tw]
+        block = noisy[np.ix_(rows, cols)]
+        return 2 if (block == 2).all() else block  # constant tiles as ints, as the reverse sampler gives them
+
+    gate = TissueGate(source, tissue, w, h)
+    write_label_pyramid(tmp_path / "m.tif", w, h, gate, tile=256)
+    with tifffile.TiffFile(tmp_path / "m.tif") as tif:
+        levels = [p.asarray() for p in tif.pages]
+    level0 = levels[0]
+    on_tissue = tissue.tissue_block(np.arange(w), np.arange(h))
+    assert 0.3 < on_tissue.mean() < 0.55
+    assert (level0[~on_tissue] == 0).all()  # glass
+    assert (level0[on_tissue] > 0).all()  # the net's labels kept on tissue
+    assert np.array_equal(gate.counts[:3], np.bincount(level0.ravel(), minlength=3))
+    for lv in levels[1:]:
+        rows = level_source_index(h, lv.shape[0])
+        cols = level_source_index(w, lv.shape[1])
+        assert np.array_equal(lv, level0[np.ix_(rows, cols)])

@@ -533,6 +533,10 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
               help="Sample per detected tissue region (biopsy core) or the whole slide at once.")
 @click.option("--tissue-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Tissue score threshold (default: Otsu).")
+@click.option("--background", type=click.Choice(["tissue", "model"]), default="tissue", show_default=True,
+              help="Who labels glass: 'tissue', every pixel the tissue detector calls glass is background (0) "
+                   "whatever the net says (nets see whole region boxes and may call glass inside them tissue); "
+                   "'model', the net's labels everywhere.")
 @click.option("--size", "grid_size", type=_Size(), default=None,
               help="Sampling grid WIDTHxHEIGHT per region [default: one sample per the model's recorded sample "
                    "spacing in um when the slide's MPP is known, else the model's grid by the dynamic size rule].")
@@ -580,8 +584,8 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
                    "that loads the model again (a few seconds per slide); also with --workers/--scheduler. "
                    "[default: no limit]")
 @click.pass_context
-def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, regions, tissue_threshold, grid_size,
-                    long_side, max_grid, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, formats,
+def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, regions, tissue_threshold, background,
+                    grid_size, long_side, max_grid, interp, gather_mode, lod_bias, mpp, tile, geojson, qc, formats,
                     ome_zarr_megapixels, progress, scheduler, workers, mode, slide_timeout) -> None:
     """Segment SLIDES (files, folders, globs or CSV manifests) into OUT.
 
@@ -601,7 +605,7 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
     from wsiseg.segment import SegmentOptions, run_segment
 
     options = SegmentOptions(
-        regions=regions, tissue_threshold=tissue_threshold,
+        regions=regions, tissue_threshold=tissue_threshold, background=background,
         out_size=_hw(grid_size), long_side=long_side, max_grid=_hw(max_grid), interp=interp,
         gather_mode=gather_mode, lod_bias=lod_bias, device=device, amp=amp, tile=tile, mpp=mpp, geojson=geojson, qc=qc,
         mode=mode, formats=[f for group in formats for f in group], ome_zarr_megapixels=ome_zarr_megapixels,

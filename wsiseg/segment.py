@@ -77,6 +77,9 @@ OUTPUT_SUFFIXES = {
 #: Segmentation modes: deformed sampling, or the net on every level-0 window.
 MODES = ("deformed", "sliding-window")
 
+#: Who labels glass in the mask (``SegmentOptions.background``): the tissue detector, or the net.
+BACKGROUNDS = ("tissue", "model")
+
 #: Sliding-window mode: side of the level-0 windows whose labels are kept, the
 #: context read around them on each side (its predictions are cropped away),
 #: and windows per forward pass.
@@ -97,6 +100,11 @@ class SegmentOptions:
         the whole slide.
     tissue_threshold : float, optional
         Override of the tissue score threshold (0..1).
+    background : {"tissue", "model"}
+        Who decides glass in the mask: ``"tissue"``, every pixel the tissue
+        detector calls glass is background (value 0) whatever the net said
+        (:class:`wsiseg.slide.tissue.TissueGate`); ``"model"``, the net's
+        labels everywhere in the region boxes.
     out_size : (int, int), optional
         Grid size ``(h, w)`` per region; default: the model's sample
         spacing in micrometres when it records one and the slide's MPP is
@@ -142,6 +150,7 @@ class SegmentOptions:
 
     regions: str = "tissue"
     tissue_threshold: float | None = None
+    background: str = "tissue"
     out_size: tuple[int, int] | None = None
     long_side: int | None = None
     max_grid: tuple[int, int] = MAX_GRID
@@ -166,6 +175,8 @@ class SegmentOptions:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.regions not in ("tissue", "whole"):
             raise ConfigError(f"regions must be 'tissue' or 'whole', got {self.regions!r}")
+        if self.background not in BACKGROUNDS:
+            raise ConfigError(f"background must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
         if self.interp not in ("nearest", "linear"):
             raise ConfigError(f"interp must be 'nearest' or 'linear', got {self.interp!r}")
         if self.gather_mode not in ("lod", "exact"):
@@ -779,6 +790,7 @@ def segment_slide(
     from wsiseg.output.overlay import overlay_from_mask
     from wsiseg.output.report import SlideReport, class_areas, write_report_json
     from wsiseg.slide.open import open_slide
+    from wsiseg.slide.tissue import TissueGate
 
     report_progress = progress or (lambda stage, fraction: None)
     out_dir = Path(out_dir)
@@ -819,6 +831,8 @@ def segment_slide(
         _trim_heap()
 
         t = stage("mask")
+        if options.background == "tissue":
+            seg.tile_source = TissueGate(seg.tile_source, tissue, ms.width, ms.height)
         # data tiles Deflate-encoded on a second core while this thread computes the next ones
         write_label_pyramid(
             paths["mask"], ms.width, ms.height, seg.tile_source, tile=options.tile, mpp=ms.mpp, overwrite=True,

@@ -23,13 +23,14 @@ from scipy import ndimage as ndi
 from skimage import color, filters, measure, morphology
 
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.sampling.coords import nearest_index
+from wsiseg.sampling.coords import level_source_index, nearest_index
 from wsiseg.slide.multiscale import Multiscale
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TissueMask",
+    "TissueGate",
     "Region",
     "detect_tissue",
     "threshold_tissue",
@@ -113,6 +114,84 @@ class TissueMask:
         j = nearest_index(p[..., 0] / self.downsample[0], w)
         i = nearest_index(p[..., 1] / self.downsample[1], h)
         return self.mask[i, j]
+
+    def tissue_block(self, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Tissue at the centres of a block of level-0 pixels.
+
+        Parameters
+        ----------
+        cols, rows : numpy.ndarray
+            Integer level-0 pixel indices (x and y) of the block's columns
+            and rows.
+
+        Returns
+        -------
+        numpy.ndarray
+            Bool ``(len(rows), len(cols))``: the mask pixel holding each
+            level-0 pixel's centre, as :meth:`tissue_at`.
+        """
+        h, w = self.mask.shape
+        j = nearest_index((np.asarray(cols) + 0.5) / self.downsample[0], w)
+        i = nearest_index((np.asarray(rows) + 0.5) / self.downsample[1], h)
+        return self.mask[np.ix_(i, j)]
+
+
+class TissueGate:
+    """A label tile source whose pixels on glass are background (value 0).
+
+    Wraps a ``tile_source`` of :func:`wsiseg.output.mask.write_label_pyramid`
+    (the reverse sampler, or the sliding-window label store): every pixel the
+    tissue detector calls glass gets label 0, whatever the segmentation net
+    said. The nets see whole region boxes, and a model can call glass inside
+    a box tissue (the real-tissue demo model calls it non-tumour); the
+    detector's tissue outline is the better judge there. Reduced levels are
+    gated at the level-0 pixel each level pixel reads
+    (:func:`wsiseg.sampling.coords.level_source_index`), so the pyramid stays
+    level 0 subsampled.
+
+    Parameters
+    ----------
+    source : callable
+        ``source(level, x0, y0, w, h)``: ``(h, w)`` uint8 labels, or an int
+        for a constant tile (kept one where it can be).
+    tissue : TissueMask
+        The slide's tissue mask.
+    width, height : int
+        Level-0 size of the slide.
+
+    Attributes
+    ----------
+    counts : numpy.ndarray
+        ``(256,)`` int64 level-0 pixels per label value after gating.
+    """
+
+    def __init__(self, source, tissue: TissueMask, width: int, height: int):
+        self.source = source
+        self.tissue = tissue
+        self.width, self.height = int(width), int(height)
+        self.counts = np.zeros(256, np.int64)
+        self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, level, x0: int, y0: int, w: int, h: int):
+        labels = self.source(level, x0, y0, w, h)  # (h, w) uint8, or an int for a constant tile
+        if level.index not in self._index:  # once per level, not per tile
+            self._index[level.index] = (level_source_index(self.width, level.width),
+                                        level_source_index(self.height, level.height))
+        cols, rows = self._index[level.index]
+        glass = ~self.tissue.tissue_block(cols[x0 : x0 + w], rows[y0 : y0 + h])
+        constant = np.ndim(labels) == 0
+        if glass.any() and not (constant and int(labels) == 0):
+            if glass.all():
+                labels, constant = 0, True  # stays a constant tile: the writer shares one encoded copy
+            else:
+                labels = np.where(glass, np.uint8(0), np.asarray(labels, dtype=np.uint8))
+                constant = False
+        if level.index == 0:
+            if constant:
+                self.counts[int(labels)] += w * h
+            else:
+                self.counts += np.bincount(np.asarray(labels).ravel(), minlength=256)
+        return labels
 
 
 @dataclass(frozen=True)
