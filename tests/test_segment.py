@@ -460,7 +460,8 @@ def test_sliding_window_option_is_validated_and_part_of_the_fingerprint():
 
 def test_sliding_window_mask_on_cmu(slides_dir, colour_model, tmp_path):
     slide = slides_dir / "CMU-1-Small-Region.svs"
-    options = SegmentOptions(mode="sliding-window", geojson=False, qc=False)  # QC: see the CLI test
+    # the net's own labels (--background model), to compare them pixel by pixel; QC: see the CLI test
+    options = SegmentOptions(mode="sliding-window", background="model", geojson=False, qc=False)
     outputs = segment_slide(str(slide), colour_model, tmp_path, "cmu", options)
     src = openslide.OpenSlide(str(slide))
     mask = openslide.OpenSlide(str(tmp_path / outputs["mask"]))
