@@ -45,3 +45,20 @@ def test_readme_python_example_runs(tmp_path):
     assert lines[1] == "demo.mask.tif demo.report.json"
     assert "no-such-slide.svs" in lines[2] and "no such file" in lines[2]
     assert (tmp_path / "api-out" / "demo.mask.tif").stat().st_size > 0
+
+
+def test_every_module_declares_all_and_its_names_exist():
+    import importlib
+    import pkgutil
+
+    missing, broken = [], []
+    for info in pkgutil.walk_packages(wsiseg.__path__, "wsiseg."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        names = getattr(module, "__all__", None)
+        if names is None:
+            missing.append(info.name)
+        else:
+            broken += [f"{info.name}.{n}" for n in names if not hasattr(module, n)]
+    assert missing == [] and broken == []

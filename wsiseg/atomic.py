@@ -15,6 +15,10 @@ from typing import Iterator
 
 from wsiseg.errors import WsisegError
 
+__all__ = [
+    "atomic_output",
+]
+
 
 def _umask() -> int:
     mask = os.umask(0)

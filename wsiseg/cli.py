@@ -20,6 +20,10 @@ from wsiseg.errors import WsisegError
 from wsiseg.limits import MPP_RANGE
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 
+__all__ = [
+    "main",
+]
+
 # Micrometres per pixel on the command line: the bounds of every MPP read from a file.
 _MPP = click.FloatRange(*MPP_RANGE)
 

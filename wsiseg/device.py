@@ -6,6 +6,11 @@ import torch
 
 from wsiseg.errors import ConfigError
 
+__all__ = [
+    "resolve_device",
+    "usable_cpus",
+]
+
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else is checked.

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 
+__all__ = [
+    "WsisegError",
+    "SlideError",
+    "ConfigError",
+]
+
 
 class WsisegError(Exception):
     """A user-facing error: bad input, refused data, unwritable output.

@@ -60,6 +60,28 @@ from wsiseg.slide.multiscale import Multiscale
 if TYPE_CHECKING:  # the tissue detector (scikit-image) is imported when regions are found
     from wsiseg.slide.tissue import TissueMask
 
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "MODES",
+    "BACKGROUNDS",
+    "MAX_GRID",
+    "SegmentOptions",
+    "NO_MODEL_SCALE",
+    "NO_SLIDE_MPP",
+    "ScalePlan",
+    "scale_plan",
+    "RegionResult",
+    "segment_region",
+    "sliding_window",
+    "LabelStore",
+    "find_regions",
+    "samples_on_glass",
+    "output_paths",
+    "segment_slide",
+    "check_model_for_slides",
+    "run_segment",
+]
+
 logger = logging.getLogger(__name__)
 
 #: Output files per slide: kind -> suffix after the slide's name.

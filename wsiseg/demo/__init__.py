@@ -24,6 +24,14 @@ from pathlib import Path
 
 from wsiseg.errors import WsisegError
 
+__all__ = [
+    "MODEL",
+    "TUMOUR_MODEL",
+    "MODEL_NAMES",
+    "demo_model",
+    "demo_slide",
+]
+
 HERE = Path(__file__).resolve().parent
 REGION = HERE / "cmu1-region.jpg"
 MODEL = HERE / "model.safetensors"

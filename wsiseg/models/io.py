@@ -32,6 +32,20 @@ from wsiseg.limits import (
     loads_json,
 )
 
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ModelFileError",
+    "file_hash",
+    "save_model",
+    "read_metadata",
+    "load_model_file",
+    "save_deformseg",
+    "LoadedModel",
+    "load_deformseg",
+    "check_net_metadata",
+]
+
 FORMAT = "wsiseg-model"
 FORMAT_VERSION = 1
 _KEY = "wsiseg"

@@ -70,6 +70,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+__all__ = [
+    "uniform_grid",
+    "to_torch_grid",
+    "to_pixels",
+    "nearest_index",
+    "normalised_nearest_index",
+    "level_source_index",
+    "reduce_nearest",
+]
+
 
 def uniform_grid(h: int, w: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """Uniform normalised grid of ``h x w`` pixel centres.

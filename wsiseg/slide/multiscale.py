@@ -8,6 +8,12 @@ import dask.array as da
 
 from wsiseg.mpp import IgnoredMpp
 
+__all__ = [
+    "IGNORED_IMPLAUSIBLE",
+    "Level",
+    "Multiscale",
+]
+
 #: ``Multiscale.mpp_source`` when the file's only MPP was implausible and is
 #: treated as unknown (see :mod:`wsiseg.mpp`).
 IGNORED_IMPLAUSIBLE = "ignored-implausible"
