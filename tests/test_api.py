@@ -62,3 +62,15 @@ def test_every_module_declares_all_and_its_names_exist():
         else:
             broken += [f"{info.name}.{n}" for n in names if not hasattr(module, n)]
     assert missing == [] and broken == []
+
+
+def test_no_private_name_is_imported_from_another_module():
+    import ast
+
+    found = []
+    for path in sorted((REPO / "wsiseg").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("wsiseg"):
+                found += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []

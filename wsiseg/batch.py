@@ -190,6 +190,8 @@ __all__ = [
     "release_lost_slide",
     "run_batch",
     "slide_fingerprint",
+    "describe_error",
+    "remove_temporaries",
 ]
 
 #: File extensions taken as slides when a directory is scanned (lower case).
@@ -1151,7 +1153,7 @@ def _acquire_lock(path: Path, timeout: float, run_id: str | None = None) -> _Loc
 _ORPHAN_PATTERNS = (".{name}.*.tmp-{pid}", ".{name}.*.old-{pid}")
 
 
-def _remove_temporaries(out_dir: Path, name: str, pid: int) -> None:
+def remove_temporaries(out_dir: Path, name: str, pid: int) -> None:
     """Remove the temporaries of slide ``name`` written by process ``pid`` (:data:`_ORPHAN_PATTERNS`)."""
     for pattern in _ORPHAN_PATTERNS:
         for p in out_dir.glob(pattern.format(name=glob.escape(name), pid=pid)):
@@ -1173,7 +1175,7 @@ def _remove_orphans(out_dir: Path, name: str, owner: dict | None) -> None:
     for key in ("pid", "child"):
         pid = (owner or {}).get(key)
         if isinstance(pid, int) and pid > 0:
-            _remove_temporaries(out_dir, name, pid)
+            remove_temporaries(out_dir, name, pid)
 
 
 def release_lost_slide(job: SlideJob, out_dir: str | os.PathLike, run_id: str) -> bool:
@@ -1415,7 +1417,7 @@ class _StatusFile:
             # A full disk must not stop the batch: say so (once) and go on.
             if not self._warned:
                 self._warned = True
-                self.reporter.warning(f"cannot write {self.path}: {_describe_error(exc)}")
+                self.reporter.warning(f"cannot write {self.path}: {describe_error(exc)}")
 
 
 @contextlib.contextmanager
@@ -1504,7 +1506,7 @@ def _describe_oserror(exc: OSError) -> str:
     return reason
 
 
-def _describe_error(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """One line for a status row: user errors as they are, bugs as bugs."""
     if isinstance(exc, WsisegError):
         return _one_line(exc)
@@ -1643,14 +1645,14 @@ def execute_slide(
             if not isinstance(outcome, SlideOutcome):
                 raise TypeError(f"the process function returned {type(outcome).__name__}, not SlideOutcome")
         except Exception as exc:  # noqa: BLE001 - any bug in one slide must not stop the batch
-            return timed(SlideOutcome("failed", error=_describe_error(exc)))
+            return timed(SlideOutcome("failed", error=describe_error(exc)))
         if outcome.status == "failed":
             return timed(dataclasses.replace(outcome, error=_one_line(outcome.error or "failed (no reason given)")))
         if outcome.status == "ok":
             try:
                 _write_marker(job, out, sfp, dict(outcome.outputs), run_id)
             except WsisegError as exc:  # e.g. a reported output that does not exist
-                return timed(SlideOutcome("failed", error=_describe_error(exc)))
+                return timed(SlideOutcome("failed", error=describe_error(exc)))
             except OSError as exc:
                 return timed(SlideOutcome("failed", error=f"cannot write done marker: {_describe_oserror(exc)}"))
         return timed(outcome)

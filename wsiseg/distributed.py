@@ -334,13 +334,13 @@ def _future_outcome(fut, allowed: int | None) -> SlideOutcome:
     """A finished future -> the slide's outcome; cluster-side failures become ``failed``."""
     from distributed import KilledWorker
 
-    from wsiseg.batch import _describe_error
+    from wsiseg.batch import describe_error
 
     if fut.status == "finished":
         try:
             outcome = fut.result()
         except Exception as exc:  # noqa: BLE001 - e.g. the result cannot be unpickled here
-            return SlideOutcome("failed", error=f"cannot fetch the result from the cluster: {_describe_error(exc)}")
+            return SlideOutcome("failed", error=f"cannot fetch the result from the cluster: {describe_error(exc)}")
         if isinstance(outcome, SlideOutcome):
             return outcome
         return SlideOutcome("failed", error=f"the cluster returned {type(outcome).__name__}, not SlideOutcome")
@@ -351,7 +351,7 @@ def _future_outcome(fut, allowed: int | None) -> SlideOutcome:
             exc = err
         if isinstance(exc, KilledWorker):
             return SlideOutcome("failed", error=_killed_message(exc, allowed))
-        return SlideOutcome("failed", error=f"task failed on the cluster: {_describe_error(exc)}")
+        return SlideOutcome("failed", error=f"task failed on the cluster: {describe_error(exc)}")
     return SlideOutcome("failed", error=f"task {fut.status} on the cluster (scheduler restarted or connection lost?)")
 
 

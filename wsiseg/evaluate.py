@@ -735,7 +735,7 @@ def draw_class_frequency(
     """
     from PIL import Image, ImageDraw
 
-    from wsiseg.train import _tick_label, _ticks
+    from wsiseg.train import tick_label, chart_ticks
 
     series = [("original", _COLORS["original"], list(original))]
     series += [(method_label(m), _method_color(m, n), list(v)) for n, (m, v) in enumerate(sampled.items())]
@@ -763,10 +763,10 @@ def draw_class_frequency(
     def py(v: float) -> float:
         return bottom - v / yhi * (bottom - top)
 
-    for t in _ticks(0.0, yhi):
+    for t in chart_ticks(0.0, yhi):
         if t <= yhi + 1e-12:
             draw.line([(left, py(t)), (right, py(t))], fill=grey)
-            draw.text((left - 6, py(t)), _tick_label(t), fill=dark, font=font, anchor="rm")
+            draw.text((left - 6, py(t)), tick_label(t), fill=dark, font=font, anchor="rm")
     span = (right - left) / max(k, 1)
     for c, cname in enumerate(class_names):
         gx = left + c * span + (span - nb * bar) / 2

@@ -198,7 +198,7 @@ def run_isolated(
     """
     import cloudpickle
 
-    from wsiseg.batch import SlideOutcome, _remove_temporaries
+    from wsiseg.batch import SlideOutcome, remove_temporaries
 
     out = Path(out_dir)
     frames = [_frame(pickle.dumps(list(sys.path))),
@@ -253,7 +253,7 @@ def run_isolated(
         _kill(child)
         pump.join(timeout=5)
         reader.close()
-        _remove_temporaries(out, job.name, child.pid)
+        remove_temporaries(out, job.name, child.pid)
 
 
 # ---------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def _child_main(fd: int, parent: int) -> None:
         with contextlib.suppress(Exception):
             send(("stage", str(stage), float(fraction)))
 
-    from wsiseg.batch import _describe_error
+    from wsiseg.batch import describe_error
 
     try:
         process, job, out_dir, fingerprint, overwrite = pickle.loads(_read_frame(sys.stdin.buffer) or b"")
@@ -304,7 +304,7 @@ def _child_main(fd: int, parent: int) -> None:
     try:
         msg = ("done", process(job, Path(out_dir), fingerprint=fingerprint, overwrite=overwrite, progress=progress))
     except Exception as exc:  # noqa: BLE001 - reported as execute_slide reports it in process
-        msg = ("error", _describe_error(exc))
+        msg = ("error", describe_error(exc))
     try:
         send(msg)
     except Exception as exc:  # noqa: BLE001 - e.g. an outcome that cannot be pickled

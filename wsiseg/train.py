@@ -96,6 +96,8 @@ __all__ = [
     "train",
     "trains_alone",
     "training_scale",
+    "chart_ticks",
+    "tick_label",
 ]
 
 MODEL_NAME = "model.safetensors"
@@ -1055,7 +1057,8 @@ def _nice_step(span: float, target: int = 5) -> float:
     return 10.0 * mag
 
 
-def _ticks(lo: float, hi: float, target: int = 5) -> list[float]:
+def chart_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
+    """About ``target`` round tick values (1, 2, 5 x 10^k steps) covering ``[lo, hi]`` of a chart axis."""
     step = _nice_step(hi - lo, target)
     first = math.ceil(lo / step - 1e-9) * step
     out, v = [], first
@@ -1065,7 +1068,8 @@ def _ticks(lo: float, hi: float, target: int = 5) -> list[float]:
     return out
 
 
-def _tick_label(v: float) -> str:
+def tick_label(v: float) -> str:
+    """A short axis label for tick value ``v`` (``"0"``, ``"0.25"``, ``"1e-04"``)."""
     if v == 0:
         return "0"
     a = abs(v)
@@ -1142,22 +1146,22 @@ def chart_panel(
         mult = (1.0,) if math.floor(yhi) - math.ceil(ylo) >= 2 else (1.0, 2.0, 5.0)
         yt = [math.log10(m * 10.0**e) for e in decades for m in mult]
     else:
-        yt = _ticks(ylo, yhi)
+        yt = chart_ticks(ylo, yhi)
     for t in yt:
         if ylo - 1e-9 <= t <= yhi + 1e-9:
             y = py(t)
             draw.line([(left, y), (right, y)], fill=grey)
             draw.line([(left - 4, y), (left, y)], fill=dark)
-            label = _tick_label(float(f"{10.0**t:.3g}") if log_y else t)
+            label = tick_label(float(f"{10.0**t:.3g}") if log_y else t)
             draw.text((left - 6, y), label, fill=dark, font=font, anchor="rm")
     if integer_x:
-        xt = [t for t in _ticks(xlo, xhi, 6) if float(t).is_integer() and xlo <= t <= xhi] or [xlo]
+        xt = [t for t in chart_ticks(xlo, xhi, 6) if float(t).is_integer() and xlo <= t <= xhi] or [xlo]
     else:
-        xt = [t for t in _ticks(xlo, xhi, 5) if xlo - 1e-9 <= t <= xhi + 1e-9]
+        xt = [t for t in chart_ticks(xlo, xhi, 5) if xlo - 1e-9 <= t <= xhi + 1e-9]
     for t in xt:
         x = px(t)
         draw.line([(x, bottom), (x, bottom + 4)], fill=dark)
-        draw.text((x, bottom + 6), str(int(t)) if integer_x else _tick_label(t), fill=dark, font=font, anchor="mt")
+        draw.text((x, bottom + 6), str(int(t)) if integer_x else tick_label(t), fill=dark, font=font, anchor="mt")
     draw.rectangle([left, top, right, bottom], outline=dark)
     draw.text(((left + right) // 2, y1 - 4), x_label, fill=dark, font=font, anchor="mb")
     if not shown:

@@ -69,6 +69,7 @@ __all__ = [
     "mask_levels",
     "write_label_pyramid",
     "COMPRESSIONS",
+    "write_pyramid",
 ]
 
 TileSource = Callable[["LevelGeometry", int, int, int, int], Union[np.ndarray, int]]
@@ -465,7 +466,7 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="tile", desc="mask")
 
 
-def _write_pyramid(
+def write_pyramid(
     path: str | os.PathLike,
     width: int,
     height: int,
@@ -608,7 +609,7 @@ def write_label_pyramid(
     Memory is bounded by a few tiles (plus one offset/bytecount per tile that
     the TIFF directory needs), independent of the slide area.
     """
-    return _write_pyramid(
+    return write_pyramid(
         path,
         width,
         height,

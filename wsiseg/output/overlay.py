@@ -22,7 +22,7 @@ import tifffile
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import WsisegError
 from wsiseg.output.classes import ClassInfo, class_colormap
-from wsiseg.output.mask import SOFTWARE, MaskWriteStats, TileSource, _write_pyramid
+from wsiseg.output.mask import SOFTWARE, MaskWriteStats, TileSource, write_pyramid
 
 __all__ = ["copy_mask_pyramid", "mask_pages", "overlay_from_mask", "write_overlay_pyramid"]
 
@@ -69,7 +69,7 @@ def write_overlay_pyramid(
     overlay_from_mask : the same file from an existing mask, without
         re-evaluating the source.
     """
-    return _write_pyramid(
+    return write_pyramid(
         path,
         width,
         height,
