@@ -19,7 +19,8 @@ from click.testing import CliRunner
 import wsiseg.distributed as wd
 from wsiseg.batch import expand_inputs, make_fingerprint, run_batch
 from wsiseg.cli import main
-from wsiseg.distributed import SlideSegmenter, run_batch_distributed
+from wsiseg.distributed import run_batch_distributed
+from wsiseg.segment import SlideSegmenter
 from wsiseg.errors import WsisegError
 from wsiseg.models.io import file_hash, save_deformseg
 from wsiseg.models.net import DeformSegNet

@@ -53,7 +53,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Literal
 
@@ -76,7 +75,6 @@ from wsiseg.isolated import check_timeout
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "DEFAULT_ALLOWED_FAILURES",
-    "SlideSegmenter",
     "cluster_client",
     "run_batch_distributed",
 ]
@@ -87,7 +85,6 @@ CONNECT_TIMEOUT_S = 10.0
 DEFAULT_ALLOWED_FAILURES = 2
 _POLL_S = 2.0  # how often the client re-reads the cluster's capacity while waiting
 _STAGE_INTERVAL_S = 1.0  # worker-side throttle of forwarded stage events
-_MAX_MODELS = 2  # models cached per worker process
 
 
 # ---------------------------------------------------------------------------
@@ -257,64 +254,6 @@ def _slide_task(
         )
 
 
-_MODELS: dict[tuple[str, str, str], Any] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class SlideSegmenter:
-    """The per-slide function of ``wsiseg segment``, picklable for dask workers.
-
-    Loads the model once per worker process (cached by path, hash and
-    device) and calls :func:`wsiseg.segment.segment_slide`, as a local run
-    does.
-
-    Attributes
-    ----------
-    model_path : str
-        Absolute path of the model file, the same on every worker.
-    model_hash : str
-        :func:`wsiseg.models.io.file_hash` seen by the client; a worker whose
-        file differs fails the slide instead of writing other results.
-    options : SegmentOptions
-    """
-
-    model_path: str
-    model_hash: str
-    options: Any  # wsiseg.segment.SegmentOptions (not imported here: keeps torch out of the client's import)
-
-    def model(self):
-        """The loaded model of this worker process."""
-        from wsiseg.device import resolve_device
-        from wsiseg.models.io import load_deformseg
-
-        key = (self.model_path, self.model_hash, str(self.options.device))
-        with _MODELS_LOCK:
-            model = _MODELS.get(key)
-            if model is None:
-                model = load_deformseg(self.model_path, device=resolve_device(self.options.device))
-                if model.hash != self.model_hash:
-                    raise WsisegError(
-                        f"the model file on this worker differs from the client's (hash {model.hash}, expected "
-                        f"{self.model_hash}); workers need the same file on shared storage",
-                        self.model_path,
-                    )
-                while len(_MODELS) >= _MAX_MODELS:
-                    _MODELS.pop(next(iter(_MODELS)))
-                _MODELS[key] = model
-            return model
-
-    def __call__(self, job, out_dir, *, fingerprint, overwrite, progress):
-        from wsiseg.segment import segment_slide
-
-        mpp = job.overrides.get("mpp")
-        outputs = segment_slide(
-            job.path, self.model(), out_dir, job.name, self.options,
-            mpp=float(mpp) if mpp not in (None, "") else None, progress=progress,
-        )
-        return SlideOutcome("ok", outputs=outputs)
-
-
 # ---------------------------------------------------------------------------
 # the client
 
@@ -395,7 +334,7 @@ def run_batch_distributed(
         be reachable at the same absolute paths on every worker.
     process : ProcessFn
         Picklable per-slide function (top-level function or instance of a
-        top-level class, e.g. :class:`SlideSegmenter`), run on the workers.
+        top-level class, e.g. :class:`wsiseg.segment.SlideSegmenter`), run on the workers.
     scheduler, workers, client
         Exactly one: a scheduler address, a number of local worker processes,
         or a connected :class:`distributed.Client`.

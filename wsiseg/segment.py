@@ -29,10 +29,11 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -79,6 +80,7 @@ __all__ = [
     "output_paths",
     "segment_slide",
     "check_model_for_slides",
+    "SlideSegmenter",
     "run_segment",
 ]
 
@@ -945,6 +947,65 @@ def check_model_for_slides(model: LoadedModel) -> None:
         )
 
 
+_MAX_MODELS = 2  # models cached per worker process
+_MODELS: dict[tuple[str, str, str], Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class SlideSegmenter:
+    """The per-slide function of ``wsiseg segment``, picklable for dask workers.
+
+    Loads the model once per worker process (cached by path, hash and
+    device) and calls :func:`segment_slide`, as a local run
+    does.
+
+    Attributes
+    ----------
+    model_path : str
+        Absolute path of the model file, the same on every worker.
+    model_hash : str
+        :func:`wsiseg.models.io.file_hash` seen by the client; a worker whose
+        file differs fails the slide instead of writing other results.
+    options : SegmentOptions
+    """
+
+    model_path: str
+    model_hash: str
+    options: SegmentOptions
+
+    def model(self):
+        """The loaded model of this worker process."""
+        from wsiseg.models.io import load_deformseg
+
+        key = (self.model_path, self.model_hash, str(self.options.device))
+        with _MODELS_LOCK:
+            model = _MODELS.get(key)
+            if model is None:
+                model = load_deformseg(self.model_path, device=resolve_device(self.options.device))
+                if model.hash != self.model_hash:
+                    raise WsisegError(
+                        f"the model file on this worker differs from the client's (hash {model.hash}, expected "
+                        f"{self.model_hash}); workers need the same file on shared storage",
+                        self.model_path,
+                    )
+                while len(_MODELS) >= _MAX_MODELS:
+                    _MODELS.pop(next(iter(_MODELS)))
+                _MODELS[key] = model
+            return model
+
+    def __call__(self, job, out_dir, *, fingerprint, overwrite, progress):
+        from wsiseg.batch import SlideOutcome
+
+        mpp = job.overrides.get("mpp")
+        outputs = segment_slide(
+            job.path, self.model(), out_dir, job.name, self.options,
+            mpp=float(mpp) if mpp not in (None, "") else None, progress=progress,
+        )
+        return SlideOutcome("ok", outputs=outputs)
+
+
+
 def run_segment(
     inputs,
     model_path: str | Path,
@@ -999,7 +1060,6 @@ def run_segment(
         scheduler: before any slide is touched.
     """
     from wsiseg.batch import SlideOutcome, expand_inputs, make_fingerprint, run_batch
-    from wsiseg.distributed import SlideSegmenter
     from wsiseg.isolated import check_timeout
     from wsiseg.models.io import load_deformseg
     from wsiseg.output.report import read_report_json, write_batch_csv
