@@ -45,7 +45,7 @@ import shapely
 from shapely.geometry import LineString, MultiPoint, MultiPolygon, Point, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from wsiseg.errors import WsisegError
+from wsiseg.errors import WsisegError, one_line
 from wsiseg.limits import coordinates_problem, read_capped
 from wsiseg.output.classes import ClassInfo, default_palette
 from wsiseg.output.geojson import read_qupath_geojson
@@ -198,7 +198,7 @@ def load_class_map(path: str | os.PathLike) -> ClassMap:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise WsisegError(f"cannot read classes YAML: {_one_line(exc)}", path) from exc
+        raise WsisegError(f"cannot read classes YAML: {one_line(exc)}", path) from exc
     ignore: list[str] = []
     if isinstance(doc, dict):
         unknown = set(doc) - {"classes", "ignore"}
@@ -244,7 +244,7 @@ def load_class_map(path: str | os.PathLike) -> ClassMap:
             for i, (v, name, color, _) in enumerate(specs)
         )
     except (WsisegError, TypeError) as exc:
-        raise WsisegError(f"bad class entry: {_one_line(exc)}", path) from exc
+        raise WsisegError(f"bad class entry: {one_line(exc)}", path) from exc
     aliases = {a: v for v, _, _, al in specs for a in al}
     for name in ignore:
         aliases[str(name)] = IGNORE_INDEX
@@ -725,7 +725,7 @@ def read_value_names(path: str | os.PathLike) -> dict[int, str]:
     try:
         rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline="")))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise WsisegError(f"cannot read value table: {_one_line(exc)}", path) from exc
+        raise WsisegError(f"cannot read value table: {one_line(exc)}", path) from exc
     if not rows:
         raise WsisegError("value table is empty", path)
     cols = {c.strip().lower(): c for c in rows[0] if c}
@@ -823,7 +823,7 @@ class LabelMaskAnnotation(Annotation):
         except FileNotFoundError as exc:
             raise WsisegError("no such file", p) from exc
         except Exception as exc:  # any decoder error: one line naming the file
-            raise WsisegError(f"cannot read label mask: {_one_line(exc)}", p) from exc
+            raise WsisegError(f"cannot read label mask: {one_line(exc)}", p) from exc
         if len(shape) != 2:
             raise WsisegError(f"label mask must be single-channel, got shape {tuple(shape)}", p)
         return int(shape[0]), int(shape[1])
@@ -851,7 +851,7 @@ class LabelMaskAnnotation(Annotation):
                 with Image.open(p) as im:
                     arr = np.asarray(im)
         except Exception as exc:
-            raise WsisegError(f"cannot read label mask: {_one_line(exc)}", p) from exc
+            raise WsisegError(f"cannot read label mask: {one_line(exc)}", p) from exc
         if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
             raise WsisegError(f"label mask must hold integers, got {arr.dtype}", p)
         return arr
@@ -872,7 +872,7 @@ class LabelMaskAnnotation(Annotation):
         except WsisegError:
             raise
         except Exception as exc:
-            raise WsisegError(f"cannot decode label mask window: {_one_line(exc)}", self.path) from exc
+            raise WsisegError(f"cannot decode label mask window: {one_line(exc)}", self.path) from exc
 
     def labels(self, box: Region, out_shape: tuple[int, int]) -> np.ndarray:
         h, w = (int(s) for s in out_shape)
@@ -959,9 +959,6 @@ def _is_tiff(path: str) -> bool:
     except OSError:
         return False
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def annotation_kind(path: str | os.PathLike) -> str:

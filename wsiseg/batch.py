@@ -165,7 +165,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from wsiseg.atomic import atomic_output
-from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.errors import ConfigError, WsisegError, one_line
 from wsiseg.limits import mpp_problem
 from wsiseg.slide.open import has_dicom_magic
 
@@ -1209,9 +1209,6 @@ def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
 
 class _Reporter:
     """Silent reporter; the base of the others. Methods never raise."""
@@ -1405,7 +1402,7 @@ class _StatusFile:
             if r is None:
                 rows.append((job.path, job.name, "pending", "", "", ""))
             else:
-                rows.append((job.path, job.name, r.status, f"{r.seconds:.3f}", _one_line(r.error or ""), r.finished_at))
+                rows.append((job.path, job.name, r.status, f"{r.seconds:.3f}", one_line(r.error or ""), r.finished_at))
         try:
             with _dir_lock(self.path.parent):
                 rows = _merge_status(_read_status_rows(self.path), rows, self.started)
@@ -1498,7 +1495,7 @@ def _merge_status(disk: Sequence[tuple[str, ...]], ours: Sequence[tuple[str, ...
 
 
 def _describe_oserror(exc: OSError) -> str:
-    reason = exc.strerror or _one_line(exc) or type(exc).__name__
+    reason = exc.strerror or one_line(exc) or type(exc).__name__
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         reason = f"disk full: {reason}"
     if exc.filename:
@@ -1509,12 +1506,12 @@ def _describe_oserror(exc: OSError) -> str:
 def describe_error(exc: BaseException) -> str:
     """One line for a status row: user errors as they are, bugs as bugs."""
     if isinstance(exc, WsisegError):
-        return _one_line(exc)
+        return one_line(exc)
     if isinstance(exc, OSError):
         return _describe_oserror(exc)
     if isinstance(exc, MemoryError):
         return "out of memory (MemoryError)"
-    return f"internal error: {type(exc).__name__}: {_one_line(exc)}"
+    return f"internal error: {type(exc).__name__}: {one_line(exc)}"
 
 
 def _check_jobs(jobs: list[SlideJob]) -> None:
@@ -1647,7 +1644,7 @@ def execute_slide(
         except Exception as exc:  # noqa: BLE001 - any bug in one slide must not stop the batch
             return timed(SlideOutcome("failed", error=describe_error(exc)))
         if outcome.status == "failed":
-            return timed(dataclasses.replace(outcome, error=_one_line(outcome.error or "failed (no reason given)")))
+            return timed(dataclasses.replace(outcome, error=one_line(outcome.error or "failed (no reason given)")))
         if outcome.status == "ok":
             try:
                 _write_marker(job, out, sfp, dict(outcome.outputs), run_id)

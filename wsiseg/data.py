@@ -61,7 +61,7 @@ from wsiseg.annotations import (
     load_annotation,
 )
 from wsiseg.batch import SLIDE_EXTENSIONS
-from wsiseg.errors import WsisegError
+from wsiseg.errors import WsisegError, one_line
 from wsiseg.limits import mpp_problem
 from wsiseg.slide import Multiscale, open_slide
 from wsiseg.slide.tissue import Region, slide_regions, whole_region
@@ -456,7 +456,7 @@ def _open_image(path: str, mpp: float | None) -> Multiscale:
     except FileNotFoundError as exc:
         raise WsisegError("image not found", path) from exc
     except Exception as exc:  # decoder errors: one line naming the file
-        raise WsisegError(f"cannot read image: {' '.join(str(exc).split())}", path) from exc
+        raise WsisegError(f"cannot read image: {one_line(exc)}", path) from exc
     chunk = max(256, min(4096, max(arr.shape[:2])))
     xy = None if mpp is None else (float(mpp), float(mpp))  # (x, y), as open_slide gives it
     return Multiscale.from_arrays([arr], path=path, mpp=xy, chunks=chunk, vendor="image", reader="pillow")

@@ -69,7 +69,7 @@ from wsiseg.batch import (
     plan_slide,
     release_lost_slide,
 )
-from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.errors import ConfigError, WsisegError, one_line
 from wsiseg.isolated import check_timeout
 
 __all__ = [
@@ -133,7 +133,7 @@ def cluster_client(
             # reads while planning, reports) stay local.
             client = Client(scheduler, timeout=connect_timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError, TypeError) as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
+            reason = one_line(exc)
             raise WsisegError(
                 f"cannot reach the dask scheduler at {scheduler} within {connect_timeout:g} s ({reason}); "
                 "is `dask scheduler` running there and the port open?"

@@ -8,6 +8,7 @@ __all__ = [
     "WsisegError",
     "SlideError",
     "ConfigError",
+    "one_line",
 ]
 
 
@@ -34,3 +35,13 @@ class SlideError(WsisegError):
 
 class ConfigError(WsisegError):
     """An option or configuration value is invalid."""
+
+
+def one_line(text: object) -> str:
+    """``text`` (a message or an exception) on one line: whitespace runs and newlines become one space.
+
+    An exception with an empty message gives its type's name, so a status
+    row or error line never ends up blank.
+    """
+    line = " ".join(str(text).split())
+    return line or (type(text).__name__ if isinstance(text, BaseException) else "")

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from wsiseg.errors import ConfigError
+from wsiseg.errors import ConfigError, one_line
 
 __all__ = ["check_runnable", "check_timeout", "run_isolated"]
 
@@ -94,7 +94,7 @@ def check_runnable(process: Callable) -> None:
     except Exception as exc:  # noqa: BLE001 - any pickling failure means the same thing
         raise ConfigError(
             f"with a slide timeout each slide runs in a worker process, but the per-slide function cannot be sent "
-            f"there ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            f"there ({type(exc).__name__}: {one_line(exc)})"
         ) from exc
 
 
@@ -299,7 +299,7 @@ def _child_main(fd: int, parent: int) -> None:
         process, job, out_dir, fingerprint, overwrite = pickle.loads(_read_frame(sys.stdin.buffer) or b"")
     except Exception as exc:  # noqa: BLE001
         send(("error", f"internal error: the worker process cannot load the per-slide function "
-                       f"({type(exc).__name__}: {' '.join(str(exc).split())})"))
+                       f"({type(exc).__name__}: {one_line(exc)})"))
         os._exit(0)
     try:
         msg = ("done", process(job, Path(out_dir), fingerprint=fingerprint, overwrite=overwrite, progress=progress))

@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 
 from wsiseg.atomic import atomic_output
-from wsiseg.errors import WsisegError
+from wsiseg.errors import WsisegError, one_line
 
 __all__ = [
     "DEFAULT_SPLITS",
@@ -149,7 +149,7 @@ def _read_label_map(path: Path) -> np.ndarray:
     except WsisegError:
         raise
     except Exception as exc:
-        raise WsisegError(f"cannot read label map: {' '.join(str(exc).split())}", path) from exc
+        raise WsisegError(f"cannot read label map: {one_line(exc)}", path) from exc
     if arr.ndim != 2 or arr.size == 0 or arr.max() > 255 or arr.min() < 0:
         raise WsisegError("label map must be a non-empty 2-D image with values 0..255", path)
     return arr.astype(np.uint8)
@@ -170,7 +170,7 @@ def _read_texture(path: Path) -> np.ndarray:
     except FileNotFoundError as exc:
         raise WsisegError("texture not found", path) from exc
     except Exception as exc:
-        raise WsisegError(f"cannot read texture: {' '.join(str(exc).split())}", path) from exc
+        raise WsisegError(f"cannot read texture: {one_line(exc)}", path) from exc
 
 
 def _code_lut(
@@ -595,7 +595,7 @@ def load_spec(path: str | os.PathLike, data_root: str | os.PathLike) -> dict[str
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise WsisegError(f"cannot read mosaic spec: {' '.join(str(exc).split())}", path) from exc
+        raise WsisegError(f"cannot read mosaic spec: {one_line(exc)}", path) from exc
     if not isinstance(doc, dict):
         raise WsisegError("mosaic spec must be a mapping", path)
     unknown = sorted(set(doc) - _SPEC_KEYS)

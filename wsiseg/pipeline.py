@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsiseg.errors import ConfigError
+from wsiseg.errors import ConfigError, one_line
 
 __all__ = ["JOBS", "PIPELINE_VERSION", "Pipeline", "load_pipeline", "parse_overrides", "validate_file"]
 
@@ -245,7 +245,7 @@ def _read_yaml(path: Path) -> Any:
     except OSError as exc:
         raise ConfigError(f"cannot read pipeline: {exc.strerror or exc}", path) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {' '.join(str(exc).split())}", path) from exc
+        raise ConfigError(f"not valid YAML: {one_line(exc)}", path) from exc
 
 
 def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Pipeline:

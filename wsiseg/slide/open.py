@@ -45,7 +45,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from wsiseg.errors import ConfigError, SlideError
+from wsiseg.errors import ConfigError, SlideError, one_line
 from wsiseg.limits import MAX_SLIDE_PIXELS, MAX_SLIDE_SIDE
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, IgnoredMpp, is_plausible_mpp, mpp_pair
 from wsiseg.slide.multiscale import IGNORED_IMPLAUSIBLE, Level, Multiscale
@@ -136,7 +136,7 @@ def open_slide(path: str | os.PathLike, mpp: float | tuple[float, float] | None 
     except (SlideError, KeyboardInterrupt):
         raise
     except Exception as exc:  # last resort: a bad file must never leak a library traceback
-        raise SlideError(f"cannot open slide ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+        raise SlideError(f"cannot open slide ({type(exc).__name__}: {one_line(exc)})", p) from exc
 
 
 def _open_any(p: Path, override) -> Multiscale:
@@ -672,7 +672,7 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
         _raise_if_corrupt(records, p)  # the logged cause says more than the exception
         if isinstance(exc, (SlideError, _NotReadable)):
             raise
-        raise SlideError(f"cannot read TIFF ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+        raise SlideError(f"cannot read TIFF ({type(exc).__name__}: {one_line(exc)})", p) from exc
     try:
         _raise_if_corrupt(records, p)
     except SlideError:
@@ -714,7 +714,7 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
         tif.close()
         if isinstance(exc, (SlideError, _NotReadable)) or not isinstance(exc, Exception):
             raise
-        raise SlideError(f"cannot read TIFF ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+        raise SlideError(f"cannot read TIFF ({type(exc).__name__}: {one_line(exc)})", p) from exc
 
     props: dict = {}
     os_props = _openslide_properties(p) if os_vendor else None
@@ -750,7 +750,7 @@ def _raise_if_corrupt(records, p: Path) -> None:
     for r in records:
         msg = r.getMessage()
         if any(pat in msg for pat in _TIFF_CORRUPT_PATTERNS):
-            raise SlideError(f"truncated or corrupt TIFF ({_one_line(msg)})", p)
+            raise SlideError(f"truncated or corrupt TIFF ({one_line(msg)})", p)
 
 
 def _check_tiff_extent(p: Path, tif, levels) -> None:
@@ -783,7 +783,7 @@ def _probe_decode(zarr_level) -> None:
     try:
         zarr_level[tuple(slice(0, min(c, n)) for c, n in zip(zarr_level.chunks, zarr_level.shape))]
     except Exception as exc:
-        raise _NotReadable(f"tiles cannot be decoded ({type(exc).__name__}: {_one_line(exc)})") from None
+        raise _NotReadable(f"tiles cannot be decoded ({type(exc).__name__}: {one_line(exc)})") from None
 
 
 def _openslide_properties(p: Path) -> dict | None:
@@ -978,7 +978,7 @@ def _open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
     except SlideError:
         raise
     except Exception as exc:
-        raise SlideError(f"cannot read slide with OpenSlide ({type(exc).__name__}: {_one_line(exc)})", file) from exc
+        raise SlideError(f"cannot read slide with OpenSlide ({type(exc).__name__}: {one_line(exc)})", file) from exc
     resolved = _resolve_mpp(display_path, override, [("openslide", lambda: _openslide_mpp(props))])
     if file != display_path:
         props["wsiseg.file"] = str(file)
@@ -988,7 +988,7 @@ def _open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
 
 def _openslide_refusal(fmt: str, file: Path, exc: Exception) -> str:
     # OpenSlide prefixes "Reading <path>: "; the path is already named once.
-    msg = _one_line(exc).replace(f"Reading {file}: ", "")
+    msg = one_line(exc).replace(f"Reading {file}: ", "")
     m = re.search(r"BitsAllocated value (\d+)", msg)
     if m:
         return (
@@ -997,9 +997,6 @@ def _openslide_refusal(fmt: str, file: Path, exc: Exception) -> str:
         )
     return f"OpenSlide cannot open this {fmt} slide: {msg}"
 
-
-def _one_line(exc) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -1013,7 +1010,7 @@ def _open_ngff(p: Path, override) -> Multiscale:
         group = zarr.open_group(str(p), mode="r")
         attrs = dict(group.attrs)
     except Exception as exc:
-        raise SlideError(f"cannot open zarr store ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+        raise SlideError(f"cannot open zarr store ({type(exc).__name__}: {one_line(exc)})", p) from exc
     ms_list = _ngff_multiscales(attrs)
     if not ms_list and ("bioformats2raw.layout" in attrs or "bioformats2raw.layout" in (attrs.get("ome") or {})):
         # bioformats2raw puts the first image in the child group "0".
@@ -1021,7 +1018,7 @@ def _open_ngff(p: Path, override) -> Multiscale:
             group = group["0"]
             attrs = dict(group.attrs)
         except Exception as exc:
-            raise SlideError(f"bioformats2raw layout without image '0' ({_one_line(exc)})", p) from exc
+            raise SlideError(f"bioformats2raw layout without image '0' ({one_line(exc)})", p) from exc
         ms_list = _ngff_multiscales(attrs)
     if not ms_list:
         raise SlideError("zarr store has no OME-NGFF 'multiscales' metadata", p)
@@ -1031,7 +1028,7 @@ def _open_ngff(p: Path, override) -> Multiscale:
         datasets = ms["datasets"]
         zarrays = [group[d["path"]] for d in datasets]
     except Exception as exc:
-        raise SlideError(f"invalid OME-NGFF multiscales metadata ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+        raise SlideError(f"invalid OME-NGFF multiscales metadata ({type(exc).__name__}: {one_line(exc)})", p) from exc
     if not axes:  # NGFF < 0.4 wrote no axes: assume the 5-D default
         axes = list("tczyx")[-zarrays[0].ndim :]
     if len(axes) != zarrays[0].ndim or "y" not in axes or "x" not in axes:
@@ -1065,7 +1062,7 @@ def _open_ngff(p: Path, override) -> Multiscale:
                 arr = arr[..., 0]
             arrays.append(_as_rgb(arr, gray=gray, alpha=alpha))
     except Exception as exc:
-        raise SlideError(f"cannot read OME-Zarr arrays ({type(exc).__name__}: {_one_line(exc)})", p) from exc
+        raise SlideError(f"cannot read OME-Zarr arrays ({type(exc).__name__}: {one_line(exc)})", p) from exc
     resolved = _resolve_mpp(p, override, [("ngff", lambda: _ngff_mpp(ms, axes))])
     props = {"ngff.version": str(ms.get("version", "")), "ngff.name": str(ms.get("name", ""))}
     return _build(p, arrays, resolved, "ome-zarr", "zarr", (), props)
