@@ -64,6 +64,7 @@ from wsiseg.batch import SLIDE_EXTENSIONS
 from wsiseg.errors import WsisegError, one_line
 from wsiseg.limits import mpp_problem
 from wsiseg.slide import Multiscale, open_slide
+from wsiseg.slide.open import pil_rgb_on_white
 from wsiseg.slide.tissue import Region, slide_regions, whole_region
 
 __all__ = [
@@ -447,12 +448,7 @@ def _open_image(path: str, mpp: float | None) -> Multiscale:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                arr = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-            else:
-                arr = np.asarray(im.convert("RGB"))
+            arr = pil_rgb_on_white(im)
     except FileNotFoundError as exc:
         raise WsisegError("image not found", path) from exc
     except Exception as exc:  # decoder errors: one line naming the file

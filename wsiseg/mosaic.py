@@ -159,14 +159,12 @@ def _read_texture(path: Path) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB; RGBA composited on white."""
     from PIL import Image
 
+    from wsiseg.slide.open import pil_rgb_on_white
+
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-            return np.asarray(im.convert("RGB"))
+            return pil_rgb_on_white(im)
     except FileNotFoundError as exc:
         raise WsisegError("texture not found", path) from exc
     except Exception as exc:

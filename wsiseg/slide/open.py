@@ -50,7 +50,7 @@ from wsiseg.limits import MAX_SLIDE_PIXELS, MAX_SLIDE_SIDE
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, IgnoredMpp, is_plausible_mpp, mpp_pair
 from wsiseg.slide.multiscale import IGNORED_IMPLAUSIBLE, Level, Multiscale
 
-__all__ = ["open_slide", "tiff_resolution_mpp", "MAX_PIXELS"]
+__all__ = ["open_slide", "pil_rgb_on_white", "tiff_resolution_mpp", "MAX_PIXELS"]
 
 #: Refuse levels claiming more pixels than this (see :mod:`wsiseg.limits`;
 #: levels are also refused above ``MAX_SLIDE_SIDE`` pixels a side).
@@ -286,6 +286,25 @@ def _check_dimensions(dims: list[tuple[int, int]], path: Path) -> None:
             raise SlideError(
                 f"inconsistent pyramid: level {i} ({w}x{h}) is larger than level {i - 1} ({pw}x{ph})", path
             )
+
+
+def pil_rgb_on_white(im) -> np.ndarray:
+    """A loaded PIL image as ``(H, W, 3)`` uint8 RGB; transparency composited over white.
+
+    Plain images (PNG, JPEG) get the same background as slides with an alpha
+    channel (:func:`_composite_on_white`): white, the colour of glass.
+
+    Parameters
+    ----------
+    im : PIL.Image.Image
+    """
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(im.convert("RGB"))
 
 
 def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray, premultiplied: bool = False) -> np.ndarray:
