@@ -211,7 +211,10 @@ def test_invalid_geometry_repaired_and_empty_dropped(tmp_path):
 def test_gzipped_geojson(tmp_path):
     import gzip
 
-    doc = {"type": "FeatureCollection", "features": [_feature(json.loads(json.dumps(sbox(0, 0, 4, 4).__geo_interface__)))]}
+    doc = {
+        "type": "FeatureCollection",
+        "features": [_feature(json.loads(json.dumps(sbox(0, 0, 4, 4).__geo_interface__)))],
+    }
     p = tmp_path / "a.geojson.gz"
     p.write_bytes(gzip.compress(json.dumps(doc).encode()))
     ann = load_annotation(p, ClassMap.from_names(["background", "Tumor"]))
@@ -378,7 +381,8 @@ def test_label_mask_png_and_tiff_agree(tmp_path):
     cm = ClassMap.from_names(["bg", "a", "b"])
     png = load_annotation(tmp_path / "m.png", cm, downsample=2)
     tif = load_annotation(tmp_path / "m.tif", cm, downsample=2)
-    for box, shape in [(Region(0, 0, 106, 74), (37, 53)), (Region(5, 9, 60, 40), (17, 31)), (Region(3, 3, 7, 7), (14, 14))]:
+    boxes = [(Region(0, 0, 106, 74), (37, 53)), (Region(5, 9, 60, 40), (17, 31)), (Region(3, 3, 7, 7), (14, 14))]
+    for box, shape in boxes:
         a, b = png.labels(box, shape), tif.labels(box, shape)
         assert np.array_equal(a, b)
         xs = box.x + (np.arange(shape[1]) + 0.5) * box.width / shape[1]

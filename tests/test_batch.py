@@ -228,7 +228,8 @@ def test_manifest_relative_path_mpp_name_and_extra_columns(slides_dir, tmp_path)
     ("text", "fragment"),
     [
         ("file,mpp\nsmall.svs,0.5\n", "line 1: manifest header has no 'path' column"),
-        ("path,mpp\n{small},0.5\n{small2},abc\n", "line 3: mpp must be a number of micrometres per pixel in [0.01, 1000]"),
+        ("path,mpp\n{small},0.5\n{small2},abc\n",
+         "line 3: mpp must be a number of micrometres per pixel in [0.01, 1000]"),
         ("path,mpp\n{small},-1\n", "line 2: mpp must be a number of micrometres per pixel"),
         ("path,mpp\n{small},1e-300\n",
          "line 2: mpp must be a number of micrometres per pixel in [0.01, 1000], got '1e-300'"),

@@ -28,7 +28,8 @@ def few_ocdc(shared_data: Path, tmp_path_factory) -> Path:
     if not src.is_dir():
         pytest.skip(f"labelled regions not found at {src}")
     root = tmp_path_factory.mktemp("shared")
-    stems = list(bq.QUALITY_SETS["ocdc"].test) + [s for s in bq.region_stems(src) if s not in bq.QUALITY_SETS["ocdc"].test][:2]
+    test_stems = bq.QUALITY_SETS["ocdc"].test
+    stems = list(test_stems) + [s for s in bq.region_stems(src) if s not in test_stems][:2]
     for stem in stems:
         for kind in ("images", "masks"):
             dst = root / "labelled-regions" / "ocdc_oral_scc" / kind / f"{stem}.jpg"
@@ -65,7 +66,8 @@ def test_cost_to_reach_and_goals_arithmetic():
     assert report._cost_to_reach([(0.001, 0.9)], 0.6) == 0.001
     rows = []
     for seed, (lm, um) in enumerate([(0.80, 0.70), (0.82, 0.71), (0.78, 0.69)]):
-        for m, v, g in (("learned", lm, 16), ("uniform", um, 16), ("learned", lm + 0.05, 32), ("uniform", um + 0.05, 32)):
+        runs = (("learned", lm, 16), ("uniform", um, 16), ("learned", lm + 0.05, 32), ("uniform", um + 0.05, 32))
+        for m, v, g in runs:
             rows.append({"set": "s", "encoder": "random", "seed": seed, "method": m, "out_height": g,
                          "cost": 0.001 * (g / 16) ** 2, "miou_full": v, "upsampling_miou": 0.9,
                          "samples_on_glass": {"model": 0.1}})

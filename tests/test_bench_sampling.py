@@ -71,7 +71,9 @@ def test_bench_sampling_tiny_run_writes_every_method_and_budget(few_nucls, tmp_p
 
     (run_dir,) = work.glob("nucls-*")
     doc = json.loads((run_dir / "sweep.json").read_text())
-    assert [(row["method"], row["out_width"]) for row in doc["rows"]] == [(m, s) for s in (8, 16) for m in SWEEP_METHODS]
+    assert [(row["method"], row["out_width"]) for row in doc["rows"]] == [
+        (m, s) for s in (8, 16) for m in SWEEP_METHODS
+    ]
     assert doc["threads"] == 1
     for size in ("8x8", "16x16"):
         # "single" is the learned sampler with the edge loss off; "learned" has it on (gamma 100).

@@ -161,7 +161,11 @@ def test_reads_ngff_05_and_channel_last(tmp_path):
     group = zarr.open_group(str(tmp_path / "v05.zarr"), mode="w", zarr_format=3)
     group.create_array("s0", data=rgb, chunks=(16, 16, 3))
     group.create_array("s1", data=rgb[::2, ::2], chunks=(16, 16, 3))
-    axes = [{"name": "y", "type": "space", "unit": "nanometer"}, {"name": "x", "type": "space", "unit": "nanometer"}, {"name": "c", "type": "channel"}]
+    axes = [
+        {"name": "y", "type": "space", "unit": "nanometer"},
+        {"name": "x", "type": "space", "unit": "nanometer"},
+        {"name": "c", "type": "channel"},
+    ]
     datasets = [
         {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [250.0, 500.0, 1.0]}]},
         {"path": "s1", "coordinateTransformations": [{"type": "scale", "scale": [500.0, 1000.0, 1.0]}]},
@@ -177,7 +181,11 @@ def test_reads_ngff_05_and_channel_last(tmp_path):
     g2.create_array("0", data=gray, chunks=(1, 1, 1, 16, 16))
     axes5 = [{"name": n, "type": t} for n, t in zip("tczyx", ["time", "channel", "space", "space", "space"])]
     g2.attrs["multiscales"] = [
-        {"version": "0.4", "axes": axes5, "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * 5}]}]}
+        {
+            "version": "0.4",
+            "axes": axes5,
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * 5}]}],
+        }
     ]
     ms = open_slide(tmp_path / "gray.zarr")
     assert ms.mpp is None  # no units: not a physical size

@@ -212,7 +212,9 @@ def test_slide_that_crashes_its_worker_fails_after_the_retry_limit(client, jobs,
     result = run_batch_distributed(jobs, out, process, fingerprint="fp", client=client, progress="none")
     status = read_status(out)
     assert result.exit_code == 1, status
-    assert {n: r["status"] for n, r in status.items()} == {j.name: ("failed" if j.name == "small" else "ok") for j in jobs}
+    assert {n: r["status"] for n, r in status.items()} == {
+        j.name: ("failed" if j.name == "small" else "ok") for j in jobs
+    }
     assert "worker died 2 times" in status["small"]["error"] and "allowed-failures" in status["small"]["error"]
     assert completed(log) == sorted(j.name for j in jobs if j.name != "small"), status
     assert not list(out.glob("small.*")) and leftovers(out) == [], sorted(p.name for p in out.iterdir())

@@ -110,9 +110,12 @@ def test_dockerfile_installs_the_package_as_the_makefile_does(name):
     assert project()["readme"] == "README.md"
     run = " && ".join(pick(ins, "RUN"))
     steps = [s.strip() for s in run.split("&&")]
+
+    def norm(s):
+        return re.sub(r"\s+", " ", s.replace("$(BIN)/python", "python").replace("--quiet ", "")).strip()
+
     # The Makefile's first pip step, verbatim but for --quiet and the venv path.
     upgrade, install = makefile_pip_lines()
-    norm = lambda s: re.sub(r"\s+", " ", s.replace("$(BIN)/python", "python").replace("--quiet ", "")).strip()
     assert norm(upgrade) in steps
     # The Makefile installs the checkout editable with test extras; the image installs it plainly.
     assert "-e '.[test]'" in install

@@ -186,7 +186,9 @@ def test_pixel_centres_reproduce_pixels_exactly(pyr, n):
     pts = np.stack([j + 0.5, i + 0.5], axis=-1)[None].astype(np.float64)
     res = gather(ms, pts, "exact")
     np.testing.assert_array_equal(res.image[0], arrays[0][i, j])
-    np.testing.assert_array_equal(gather(ms, pts, "exact", dtype=np.float32).image[0], arrays[0][i, j].astype(np.float32))
+    np.testing.assert_array_equal(
+        gather(ms, pts, "exact", dtype=np.float32).image[0], arrays[0][i, j].astype(np.float32)
+    )
     # a centre touches only its own chunk
     assert set(counters[0].reads) == {((r // chunk) * chunk, (c // chunk) * chunk) for r, c in zip(i, j)}
 
@@ -197,7 +199,9 @@ def test_spacing_and_levels():
     np.testing.assert_allclose(sample_spacing(pts[:1]), 10.0)  # one row: only the j direction
     assert sample_spacing(pts[:1, :1]).item() == 0.0
     ms = Multiscale.from_arrays([np.zeros((64 // 2**k, 64 // 2**k, 3), np.uint8) for k in range(4)])
-    np.testing.assert_array_equal(choose_levels(ms, np.array([0.0, 1.0, 1.9, 2.0, 7.9, 8.0, 100.0])), [0, 0, 0, 1, 2, 3, 3])
+    np.testing.assert_array_equal(
+        choose_levels(ms, np.array([0.0, 1.0, 1.9, 2.0, 7.9, 8.0, 100.0])), [0, 0, 0, 1, 2, 3, 3]
+    )
     np.testing.assert_array_equal(choose_levels(ms, np.array([1.0, 4.0]), bias=1.0), [1, 3])
 
 

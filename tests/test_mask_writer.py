@@ -207,7 +207,9 @@ def test_small_masks_open_in_libvips(tmp_path, width, height, tile):
         np.testing.assert_array_equal(_read_vips(mask, page=g.index)[..., 0], expect)
         np.testing.assert_array_equal(_read_vips(overlay, page=g.index)[..., :3], colours[expect])  # the palette
     with tifffile.TiffFile(mask) as tf:
-        assert all(p.tilelength == p.tilewidth == g.tile_edge(tile) for p, g in zip(tf.pages, mask_levels(width, height, tile)))
+        assert all(
+            p.tilelength == p.tilewidth == g.tile_edge(tile) for p, g in zip(tf.pages, mask_levels(width, height, tile))
+        )
 
 
 def test_stats_and_constant_tiles(written, tmp_path):

@@ -192,7 +192,8 @@ def test_gather_callable_matches_tensor_path(tiny_segmenter):
 
     def gather(grid):
         seen.append(grid)
-        return (sample_image_lod(x_hr, grid) * 255).round().to(torch.uint8).numpy()  # raw pixels, read as the tensor path reads them
+        # raw pixels, read as the tensor path reads them
+        return (sample_image_lod(x_hr, grid) * 255).round().to(torch.uint8).numpy()
 
     with torch.no_grad():
         ref = net(x_lr, x_hr)

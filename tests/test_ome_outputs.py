@@ -147,7 +147,9 @@ def _assert_levels_line_up(root, label_levels: list[np.ndarray]) -> None:
     for k, (im, lab, expected) in enumerate(zip(image_sets, label_sets, label_levels)):
         assert im["path"] == lab["path"] == str(k)
         assert root[str(k)].shape == (3, *expected.shape)
-        assert [t["type"] for t in im["coordinateTransformations"]] == [t["type"] for t in lab["coordinateTransformations"]]
+        assert [t["type"] for t in im["coordinateTransformations"]] == [
+            t["type"] for t in lab["coordinateTransformations"]
+        ]
         for t_im, t_lab in zip(im["coordinateTransformations"], lab["coordinateTransformations"]):
             key = t_im["type"]
             assert t_im[key][0] == (1.0 if key == "scale" else 0.0)  # the channel axis
@@ -240,7 +242,8 @@ def test_area_mean_is_the_overlap_weighted_mean():
         got = area_mean(img, rows, cols)
         expected = [[_box_mean(img, rows[i], rows[i + 1], cols[j], cols[j + 1]) for j in range(w)] for i in range(h)]
         assert np.allclose(got, expected)
-    assert area_mean(img[..., 0], np.array([0.0, 37.0]), np.array([0.0, 29.0]))[0, 0] == pytest.approx(img[..., 0].mean())
+    whole = area_mean(img[..., 0], np.array([0.0, 37.0]), np.array([0.0, 29.0]))
+    assert whole[0, 0] == pytest.approx(img[..., 0].mean())
 
 
 def test_ome_zarr_megapixels_reaches_the_writer(monkeypatch, tmp_path):

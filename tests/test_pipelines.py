@@ -85,8 +85,10 @@ def test_training_config_file_is_not_a_pipeline_but_says_how_to_use_it(tmp_path)
         ("version: 1\njob: segment\nslides: [a]\nout: o\n", "model: required"),
         ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\nqc: maybe\n", "qc: expected true or false"),
         ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\nsize: [64, 32]\n", "WIDTHxHEIGHT"),
-        ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\nregions: blobs\n", "regions: 'blobs' is not one of"),
-        ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\ntile: many\n", "tile: 'many' is not a valid integer"),
+        ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\nregions: blobs\n",
+         "regions: 'blobs' is not one of"),
+        ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\ntile: many\n",
+         "tile: 'many' is not a valid integer"),
         ("version: 1\njob: segment\nslides: [a]\nmodel: ${NO_SUCH_VAR_HERE}\nout: o\n", "NO_SUCH_VAR_HERE is not set"),
         ("version: 1\njob: bench\nbenchmark: nothing\n", "benchmark: expected one of"),
         ("version: 1\njob: train\nbenchmark: cluster\n", "benchmark: only for job: bench"),
@@ -167,7 +169,8 @@ def trained(shared_data, tmp_path_factory):
         pytest.skip("NuCLS tiles absent")
     out = tmp_path_factory.mktemp("train") / "run"
     data = shared_data / "labelled-tiles" / "nucls" / "square" / "train"
-    r = run(REPO / "pipelines" / "train-biopsies.yaml", "--set", f"data={data}", "--set", f"out={out}", "--set", "epochs=1",
+    r = run(REPO / "pipelines" / "train-biopsies.yaml", "--set", f"data={data}", "--set", f"out={out}",
+            "--set", "epochs=1",
             "--set", "out_size=32x32", "--set", "map_size=16x16", "--set", "hr_size=128x128",
             "--set", "encoder=tu-resnet10t", "--set", "device=cpu")
     assert r.exit_code == 0, r.output

@@ -238,7 +238,8 @@ def test_synthetic_tiff_variants(tmp_path):
     rgb = rng.integers(0, 256, (130, 150, 3), dtype=np.uint8)
 
     ome = tmp_path / "rgb.ome.tif"
-    tifffile.imwrite(ome, rgb, tile=(64, 64), photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.26})
+    tifffile.imwrite(ome, rgb, tile=(64, 64), photometric="rgb",
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.26})
     ms = open_slide(ome)
     assert (ms.vendor, ms.mpp, ms.mpp_source) == ("ome-tiff", (0.25, 0.26), "ome")
     assert np.array_equal(ms.levels[0].array.compute(), rgb)

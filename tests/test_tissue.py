@@ -274,7 +274,8 @@ def test_bad_arguments():
 
 
 def test_tissue_gate_puts_glass_to_background_on_every_level(cmu, tmp_path):
-    """Glass (by the detector) is 0 in the written mask; tissue keeps the net's label; levels stay level 0 subsampled."""
+    """Glass (by the detector) is 0 in the written mask; tissue keeps the net's label; levels stay level 0
+    subsampled."""
     import tifffile
 
     from wsiseg.output.mask import write_label_pyramid

@@ -201,7 +201,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(data, tmp_pa
             return out
 
     monkeypatch.setattr(T, "JointLoss", Poisoned)
-    with pytest.raises(WsisegError, match=r"training diverged: loss is NaN at epoch 2 step 3; the last good checkpoint"):
+    with pytest.raises(WsisegError,
+                       match=r"training diverged: loss is NaN at epoch 2 step 3; the last good checkpoint"):
         train(_cfg(epochs=3), *data, CLASSES, tmp_path, progress=False)
     ck = load_checkpoint(tmp_path / "checkpoint.safetensors")
     assert ck.meta["run"]["epoch"] == 1 and ck.meta["run"]["step"] == 2

@@ -934,7 +934,9 @@ class LabelMaskAnnotation(Annotation):
         return f"LabelMaskAnnotation({self.path!r}, {self.width}x{self.height}, downsample={self.downsample:g})"
 
 
-def _value_lut(class_map: ClassMap, value_names: Mapping[int, str] | None) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+def _value_lut(
+    class_map: ClassMap, value_names: Mapping[int, str] | None
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Mask value -> class value (uint8, unmapped -> ignore), the unmapped flags, and value names."""
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     unmapped = np.ones(256, dtype=bool)

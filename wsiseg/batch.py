@@ -1406,7 +1406,10 @@ class _StatusFile:
         try:
             with _dir_lock(self.path.parent):
                 rows = _merge_status(_read_status_rows(self.path), rows, self.started)
-                with atomic_output(self.path, overwrite=True) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+                with (
+                    atomic_output(self.path, overwrite=True) as tmp,
+                    open(tmp, "w", newline="", encoding="utf-8") as fh,
+                ):
                     w = csv.writer(fh)
                     w.writerow(STATUS_COLUMNS)
                     w.writerows(rows)
@@ -1538,7 +1541,9 @@ def _prepare_out_dir(out: Path) -> None:
         raise WsisegError("output folder is not writable", out)
 
 
-def plan_slide(job: SlideJob, out_dir: str | os.PathLike, fingerprint: str, *, overwrite: bool = False) -> tuple[str, str]:
+def plan_slide(
+    job: SlideJob, out_dir: str | os.PathLike, fingerprint: str, *, overwrite: bool = False
+) -> tuple[str, str]:
     """Whether a batch should process or skip ``job``: the planner of :func:`run_batch`.
 
     Returns
@@ -1657,7 +1662,9 @@ def execute_slide(
         lock.release()
 
 
-def check_batch(jobs: Iterable[SlideJob], *, fingerprint: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> list[SlideJob]:
+def check_batch(
+    jobs: Iterable[SlideJob], *, fingerprint: str, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+) -> list[SlideJob]:
     """Validate a batch's arguments before any work; returns the jobs as a list.
 
     Raises

@@ -269,7 +269,6 @@ def grid_capacity(
     list of CapacityRow
     """
     import numpy as np
-    import torch
     import torch.nn.functional as F
 
     from wsiseg.metrics import ConfusionMatrix
@@ -519,7 +518,9 @@ def bench_quality(
 
     say = log or (lambda _m: None)
     if "imagenet" in encoders and not imagenet_weights:
-        raise ConfigError("the imagenet encoder runs need --imagenet-weights PATH (e.g. the offline EfficientNet-Lite0)")
+        raise ConfigError(
+            "the imagenet encoder runs need --imagenet-weights PATH (e.g. the offline EfficientNet-Lite0)"
+        )
     rows: list[dict] = []
     for qs in sets:
         train_ds, test_ds, classes, data_hash = _datasets(prepare_set(data_root, workdir, qs), qs, Path(classes_file))
@@ -583,10 +584,10 @@ def density_differences(
 ) -> list[dict]:
     """How far apart the densities of learned (joint), learned (single) and the edge oracle are.
 
-    For each budget of the random-encoder runs of ``seed`` made from ``base`` (:func:`bench_quality`): every test image's density of each method,
-    normalised to sum 1, compared pairwise by total-variation distance (0 = identical, 1 = disjoint),
-    and each method's share of density mass on the true label boundaries' neighbourhood (the edge
-    oracle's own support above its floor), averaged over the test images.
+    For each budget of the random-encoder runs of ``seed`` made from ``base`` (:func:`bench_quality`): every test
+    image's density of each method, normalised to sum 1, compared pairwise by total-variation distance
+    (0 = identical, 1 = disjoint), and each method's share of density mass on the true label boundaries'
+    neighbourhood (the edge oracle's own support above its floor), averaged over the test images.
 
     Returns
     -------

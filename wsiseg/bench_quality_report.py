@@ -133,7 +133,8 @@ def goals(cells: dict[tuple[str, str, str, int], Cell]) -> list[str]:
                 ceil = ""
                 if lc.ceiling and uc.ceiling and enc == "random":
                     cg = 100 * (statistics.fmean(lc.ceiling) - statistics.fmean(uc.ceiling))
-                    ceil = f"; own ceiling mIoU(Y', Y) {cg:+.1f} points vs uniform's (goal >= +3: {'met' if cg >= 3 else 'missed'})"
+                    ceil = (f"; own ceiling mIoU(Y', Y) {cg:+.1f} points vs uniform's "
+                            f"(goal >= +3: {'met' if cg >= 3 else 'missed'})")
                 out.append(f"- {s}, {enc} encoder, {100 * lc.cost:.2f} % of level-0 px: learned (joint) "
                            f"{lc.text()} vs uniform {uc.text()}: {gap:+.1f} points, sd {noise:.1f} "
                            f"(goal >= +3 and above the sd: {'met' if ok else 'missed'}){ceil}.")
@@ -144,7 +145,8 @@ def goals(cells: dict[tuple[str, str, str, int], Cell]) -> list[str]:
                 reach = _cost_to_reach(learned, best)
                 if reach is None:
                     out.append(f"- {s}, {enc}: learned never reaches uniform's best mIoU {best:.3f} "
-                               f"(at {100 * best_cost:.2f} %) within the budgets (goal: at <= 50 % of its cost: missed).")
+                               f"(at {100 * best_cost:.2f} %) within the budgets "
+                               "(goal: at <= 50 % of its cost: missed).")
                 else:
                     ratio = reach / best_cost
                     out.append(f"- {s}, {enc}: learned reaches uniform's best mIoU {best:.3f} at {100 * reach:.2f} % "
@@ -185,7 +187,9 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
     for i, enc in enumerate(encs):
         for j, s in enumerate(sets):
             grids = sorted({k[3] for k in cells if k[:2] == (s, enc) and k[2] != FULL})
-            xs = [math.log10(100 * cells[next(k for k in cells if k[:2] == (s, enc) and k[3] == g)].cost) for g in grids]
+            xs = [
+                math.log10(100 * cells[next(k for k in cells if k[:2] == (s, enc) and k[3] == g)].cost) for g in grids
+            ]
             series = []
             for m in ("learned", "single", "uniform", "edge"):
                 ys = [cells[(s, enc, m, g)].mean if (s, enc, m, g) in cells else None for g in grids]
@@ -339,7 +343,8 @@ def format_section(work: Path, base: TrainConfig, machine: dict, command: str, f
         lines += [
             "", "### Loss balance: which term steers the sampler?", "",
             f"Learned sampler (joint loss) on {doc['set']}, {doc['grid']}x{doc['grid']} grid, 15 epochs, seed 0, "
-            f"random encoder, {doc.get('image_sampling', 'bilinear point samples')}: medians over the epochs after the first third of the L2 norm of the deformation net's "
+            f"random encoder, {doc.get('image_sampling', 'bilinear point samples')}: "
+            "medians over the epochs after the first third of the L2 norm of the deformation net's "
             "gradient from the segmentation term and from gamma x the edge term (`grad_seg`, `grad_edge` in "
             "`log.csv`), the terms themselves, and the held-out mIoU (one seed: indicative only).", "",
             format_balance(brows),
@@ -352,7 +357,8 @@ def format_section(work: Path, base: TrainConfig, machine: dict, command: str, f
             "Random-encoder runs of seed 0: densities of the test images, each normalised to sum 1; total-variation "
             "distance between methods (0 = identical, 1 = disjoint) and each method's share of density mass in "
             "the oracle's boundary band (where the edge density exceeds 1.5x its floor).", "",
-            "| set | grid | TV learned-single | TV learned-edge | TV single-edge | boundary mass learned / single / edge |",
+            "| set | grid | TV learned-single | TV learned-edge | TV single-edge "
+            "| boundary mass learned / single / edge |",
             "|---|---|---|---|---|---|",
         ]
         for d in drows:
@@ -388,7 +394,8 @@ def _sampling_aside(point_rows: Sequence[dict], rows: Sequence[dict]) -> list[st
            "The same runs with `image_sampling: bilinear` (the paper's point samples at working resolution, "
            "aliased where samples are sparse) instead of level of detail (each sample from the area-averaged "
            "level matching the local spacing, as `wsiseg segment` reads slides):", "",
-           "| set | encoder | seed | method | grid | mIoU point samples | mIoU level of detail |", "|---|---|---|---|---|---|---|"]
+           "| set | encoder | seed | method | grid | mIoU point samples | mIoU level of detail |",
+           "|---|---|---|---|---|---|---|"]
     for p, q in sorted(pairs, key=lambda t: key(t[0])):
         out.append(f"| {p['set']} | {p['encoder']} | {p['seed']} | {p['method']} | {p['out_height']} | "
                    f"{fmt_score(p['miou_full'], 3)} | {fmt_score(q['miou_full'], 3)} |")

@@ -165,7 +165,9 @@ class SamplingBench:
 # data sets
 
 
-def nucls_dataset(data_root: str | os.PathLike, epochs: int, *, classes: str | os.PathLike = _NUCLS_CLASSES) -> BenchDataset:
+def nucls_dataset(
+    data_root: str | os.PathLike, epochs: int, *, classes: str | os.PathLike = _NUCLS_CLASSES
+) -> BenchDataset:
     """The NuCLS square tiles of the shared data (10 train, 5 test tiles of 256 x 256).
 
     Parameters
@@ -442,7 +444,8 @@ def format_sampling_section(b: SamplingBench, command: str) -> str:
         f"{f' + colour jitter {c.color_jitter:g}' if c.color_jitter else ''}, seed {c.seed}, one run per "
         "method and budget (a single seed: differences of a few hundredths of mIoU can be run-to-run noise).",
         (f"- Working resolution {c.hr_size[1]}x{c.hr_size[0]} (the whole tile); density map side = "
-        f"{c.map_size[0] / c.out_size[0]:g} x the grid side (min 4). Budgets (cost = samples / working-resolution pixels): {budgets}."),
+        f"{c.map_size[0] / c.out_size[0]:g} x the grid side (min 4). "
+        f"Budgets (cost = samples / working-resolution pixels): {budgets}."),
         ("- Methods: *learned (joint loss)* = deformation net trained by segmentation + edge loss (the paper's); "
         "*learned (single loss)* = the same with the segmentation loss only; *uniform* = regular grid; "
         "*edge (oracle)* = density from the label boundaries, also at test time (an upper-bound-style baseline "

@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 #: The untrained bench model: the tiny net of the test suite, fixed seed.
-TINY_NET = {"arch": "unet", "encoder": "resnet18", "num_classes": 3, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+TINY_NET = {
+    "arch": "unet", "encoder": "resnet18", "num_classes": 3, "encoder_depth": 3, "decoder_channels": [32, 16, 8]
+}
 STANDARD_NET = {"arch": "unet", "encoder": "resnet34", "num_classes": 3}
 
 # Issue targets (2-core machine, 40k x 30k JPEG pyramid).
@@ -402,7 +404,8 @@ def bench_segment(
     else:
         tiny = tiny_model(workdir)
         plan = [
-            ("untrained tiny net", tiny, "model", "the tiny test net (UNet, ResNet-18 encoder of depth 3, grid 64 x 64, "
+            ("untrained tiny net", tiny, "model",
+             "the tiny test net (UNet, ResNet-18 encoder of depth 3, grid 64 x 64, "
              "density map 32 x 32, 3 classes), untrained with a fixed seed: it predicts a different class at almost "
              "every grid node, so the label map has boundaries everywhere, the worst case for the tile writer (few "
              "constant tiles, many pixels read one by one) and the GeoJSON (thousands of polygons)"),
@@ -596,7 +599,9 @@ def format_memory_section(b: MemoryBench, command: str) -> str:
         s, m = r.spec, r.run
         built = "?" if r.write_seconds is None else f"{r.write_seconds:.0f}" + (" (cached)" if r.reused else "")
         samples = sum(g["grid"][0] * g["grid"][1] for g in m.report["gather"].get("regions", ()))
-        stages = ", ".join(f"{m.timings[k]:.1f}" for k in ("open", "regions", "sample+segment", "mask", "geojson", "qc"))
+        stages = ", ".join(
+            f"{m.timings[k]:.1f}" for k in ("open", "regions", "sample+segment", "mask", "geojson", "qc")
+        )
         lines.append(
             f"| {s.width} x {s.height} | {s.width * s.height / 1e9:.2f} | {built} | {r.file_bytes / 2**20:.0f} | "
             f"{len(m.report['regions'])} | {samples} | **{m.peak_rss_mb:.0f}** | {m.rss_before_mb:.0f} | "
@@ -607,10 +612,12 @@ def format_memory_section(b: MemoryBench, command: str) -> str:
         lines.append(f"- Skipped for disk space ({b.disk_free_gib:.0f} GiB free): " + ", ".join(b.skipped) + ".")
     if b.runs:
         peaks = [r.run.peak_rss_mb for r in b.runs]
+        first, last = b.runs[0].spec, b.runs[-1].spec
         lines += [
             "",
             f"- Issue target: peak RSS <= 1.5 GiB, flat in slide area: largest peak {max(peaks):.0f} MiB "
-            f"({_mark(max(peaks) <= TARGET_RSS_MB)}); spread over a {b.runs[-1].spec.width * b.runs[-1].spec.height / (b.runs[0].spec.width * b.runs[0].spec.height):.0f}x "
+            f"({_mark(max(peaks) <= TARGET_RSS_MB)}); spread over a "
+            f"{last.width * last.height / (first.width * first.height):.0f}x "
             f"range of areas: {max(peaks) - min(peaks):.0f} MiB.",
         ]
     return "\n".join(lines)

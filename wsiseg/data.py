@@ -313,7 +313,8 @@ def _pairs_from_folder(folder: Path, split: str | None) -> list[TrainingPair]:
     pairs = []
     for key, g in sorted(groups.items()):
         imgs, anns = sorted(g["img"], key=_image_rank, reverse=True), g["ann"]
-        if not anns and len(imgs) == 2 and _image_rank(imgs[0]) > _image_rank(imgs[1]) and _suffix(imgs[1]) in MASK_SUFFIXES:
+        if (not anns and len(imgs) == 2 and _image_rank(imgs[0]) > _image_rank(imgs[1])
+                and _suffix(imgs[1]) in MASK_SUFFIXES):
             imgs, anns = imgs[:1], imgs[1:]
         if len(imgs) == 1 and len(anns) == 1:
             pairs.append(TrainingPair(str(imgs[0]), str(anns[0]), split))
@@ -814,7 +815,9 @@ def augment(
     """
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     if image.ndim != 3 or labels.ndim != 2 or image.shape[-2:] != labels.shape:
-        raise ValueError(f"image (C, H, W) and labels (H, W) must match, got {tuple(image.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"image (C, H, W) and labels (H, W) must match, got {tuple(image.shape)}, {tuple(labels.shape)}"
+        )
     if flips:
         if rng.random() < 0.5:
             image, labels = image.flip(-1), labels.flip(-1)

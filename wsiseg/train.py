@@ -422,7 +422,8 @@ class TrainConfig:
         unknown = sorted(str(k) for k in data if k not in known)
         if unknown:
             raise ConfigError(
-                f"unknown training option {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                f"unknown training option {unknown[0]!r}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
                 + f"; known options: {', '.join(sorted(known))}"
             )
         return cls(**dict(data))

@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -265,7 +266,11 @@ def load_deformseg(path: str | os.PathLike, *, device: str | torch.device = "cpu
     state, _ = load_model_file(path, device="cpu")
     try:
         net = DeformSegNet.from_config(meta["net"])
-        classes = [ClassInfo(int(c["value"]), str(c["name"]), tuple(int(v) for v in c["color"])) for c in meta["classes"]]
+        # ClassInfo checks that the colour has three values
+        classes = [
+            ClassInfo(int(c["value"]), str(c["name"]), cast(tuple[int, int, int], tuple(int(v) for v in c["color"])))
+            for c in meta["classes"]
+        ]
     except (KeyError, TypeError, ValueError, WsisegError) as exc:
         raise ModelFileError(f"model metadata is incomplete or invalid ({_first_line(exc)})", path) from exc
     _check_classes(net, classes, path)
@@ -348,7 +353,10 @@ def _net_problem(net, classes) -> str | None:
         return f"net.support must be an odd integer in 1..{MAX_SUPPORT}, got {_short(v)}"
     seg = net.get("segmenter")
     seg = seg if isinstance(seg, dict) else {}
-    channels = (("net.in_channels", net.get("in_channels", 3)), ("net.segmenter.in_channels", seg.get("in_channels", 3)))
+    channels = (
+        ("net.in_channels", net.get("in_channels", 3)),
+        ("net.segmenter.in_channels", seg.get("in_channels", 3)),
+    )
     for where, v in channels:
         if not (_is_int(v) and 1 <= v <= MAX_CHANNELS):
             return f"{where} must be an integer in 1..{MAX_CHANNELS}, got {_short(v)}"

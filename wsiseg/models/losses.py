@@ -72,6 +72,8 @@ class CrossEntropyLoss(nn.Module):
         Per-class weights ``(K,)``.
     """
 
+    weight: torch.Tensor | None  # buffer registered in __init__
+
     def __init__(self, ignore_index: int = 255, weight=None):
         super().__init__()
         self.ignore_index = int(ignore_index)
@@ -114,6 +116,8 @@ class FocalLoss(nn.Module):
     ``0 < gamma < 1`` the factor's derivative is infinite at ``p = 1``;
     there ``1 - p`` is clamped to ``1e-6``.
     """
+
+    weight: torch.Tensor | None  # buffer registered in __init__
 
     def __init__(self, gamma: float = 2.0, ignore_index: int = 255, weight=None):
         super().__init__()

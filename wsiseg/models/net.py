@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -219,6 +219,10 @@ class DeformSegNet(nn.Module):
     are those of ``deform`` (learned sampler only) and ``segmenter``.
     """
 
+    # buffers registered in __init__ (typed here: nn.Module.__getattr__ would give Tensor | Module)
+    image_mean: torch.Tensor
+    image_std: torch.Tensor
+
     def __init__(
         self,
         segmenter: nn.Module | dict,
@@ -274,7 +278,8 @@ class DeformSegNet(nn.Module):
         ``"segmenter"`` holds :func:`build_segmenter`'s arguments when the
         segmenter came from it (else ``None``: rebuild needs the module).
         """
-        seg_cfg = self.segmenter.config() if hasattr(self.segmenter, "config") else None
+        # any module with a config() (nn.Module's typed __getattr__ does not know it)
+        seg_cfg = cast(Any, self.segmenter).config() if hasattr(self.segmenter, "config") else None
         return {
             "sampler": self.sampler,
             "map_size": list(self.map_size),
@@ -326,7 +331,7 @@ class DeformSegNet(nn.Module):
         # A support that is just the default of the model's sigma scales with
         # each region's sigma; only an explicitly different one stays fixed.
         fixed = self.support if self.support != default_support(self.sigma) else None
-        return GeometryRule(tuple(self.out_size), tuple(self.map_size), self.sigma, fixed)
+        return GeometryRule(self.out_size, self.map_size, self.sigma, fixed)
 
     def geometry(
         self,
@@ -345,8 +350,8 @@ class DeformSegNet(nn.Module):
         recorded sample spacing) samples it at the model's physical scale.
         """
         return region_geometry(
-            height, width, self.geometry_rule(), grid=tuple(grid) if grid is not None else None, long_side=long_side,
-            physical=physical,
+            height, width, self.geometry_rule(), grid=cast(tuple[int, int], tuple(grid)) if grid is not None else None,
+            long_side=long_side, physical=physical,
         )
 
     def density(
@@ -377,6 +382,7 @@ class DeformSegNet(nn.Module):
         if self.sampler == "learned":
             if x_lr is None:
                 raise ValueError("the learned sampler needs the low-resolution view x_lr")
+            assert self.deform is not None  # built in __init__ for the learned sampler
             return self.deform(self.standardise(x_lr))
         if self.sampler == "edge":
             if labels_lr is None:
@@ -410,7 +416,7 @@ class DeformSegNet(nn.Module):
     # -- forward -------------------------------------------------------------
     def reference_geometry(self) -> SamplingGeometry:
         """The geometry of the model's reference shape: ``out_size``, ``map_size``, its sigma and support."""
-        return SamplingGeometry(tuple(self.out_size), tuple(self.map_size), self.sigma, self.support)
+        return SamplingGeometry(self.out_size, self.map_size, self.sigma, self.support)
 
     def forward(
         self,
@@ -479,16 +485,18 @@ class DeformSegNet(nn.Module):
             raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
 
         labels_lr = downsample_labels(labels, (hd, wd)) if labels is not None else None
-        valid_lr = label_validity(labels_lr, ignore_index=ignore_index) if labels is not None else None
+        valid_lr = label_validity(labels_lr, ignore_index=ignore_index) if labels_lr is not None else None
         batch = labels.shape[0] if labels is not None else None
         d = self.density(x_lr, labels_lr, batch=batch, map_size=(hd, wd), valid=valid_lr)
         grid = self.grid(d, geometry)
 
         if is_tensor:
-            image = sample_image_lod(source, grid) if self.image_sampling == "lod" else sample_image(source, grid)
+            hr = cast(torch.Tensor, source)  # made a float tensor above
+            image = sample_image_lod(hr, grid) if self.image_sampling == "lod" else sample_image(hr, grid)
         else:
+            gather = cast(Gather, source)
             with torch.no_grad():
-                image = source(grid.detach())
+                image = gather(grid.detach())
             image = _to_float_image(image).to(device=grid.device)
             want = (grid.shape[0], self.in_channels, *geometry.grid)
             if tuple(image.shape) != want:
@@ -497,6 +505,7 @@ class DeformSegNet(nn.Module):
 
         out = DeformSegOutput(d=d, grid=grid, image=image, logits=logits)
         if labels is not None:
+            assert labels_lr is not None and valid_lr is not None  # computed above from labels
             out.labels = sample_labels(labels, grid)
             out.labels_lr = labels_lr
             out.edge_target = edge_target(labels_lr, valid=valid_lr)

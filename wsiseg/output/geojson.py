@@ -24,7 +24,6 @@ import gzip as _gzip
 import io
 import json
 import os
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import dask.array as da

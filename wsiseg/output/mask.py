@@ -307,7 +307,9 @@ def _as_label_tile(out, level: LevelGeometry, x0: int, y0: int, w: int, h: int) 
     if isinstance(out, (int, np.integer)) and not isinstance(out, (bool, np.bool_)):
         value = int(out)
         if not 0 <= value <= 255:
-            raise ValueError(f"tile_source returned label {value} outside 0..255 (level {level.index}, x0={x0}, y0={y0})")
+            raise ValueError(
+                f"tile_source returned label {value} outside 0..255 (level {level.index}, x0={x0}, y0={y0})"
+            )
         return value
     arr = np.asarray(out)
     if arr.dtype == np.bool_:

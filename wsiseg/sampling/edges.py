@@ -37,6 +37,7 @@ counts. The oracle :func:`edge_density` treats them the same way.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -80,9 +81,10 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     r = (g.numel() - 1) // 2
     h, w = x.shape[-2:]
     xp = F.pad(x, (r, r, 0, 0), mode="replicate")
-    y = sum(g[t] * xp[..., :, t : t + w] for t in range(2 * r + 1))
+    # sum() of tensors is a tensor (its start 0 only types as int)
+    y = cast(torch.Tensor, sum(g[t] * xp[..., :, t : t + w] for t in range(2 * r + 1)))
     yp = F.pad(y, (0, 0, r, r), mode="replicate")
-    return sum(g[t] * yp[..., t : t + h, :] for t in range(2 * r + 1))
+    return cast(torch.Tensor, sum(g[t] * yp[..., t : t + h, :] for t in range(2 * r + 1)))
 
 
 def _laplace8(x: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,8 @@ class DeformedGrid(torch.nn.Module):
     saved in the state dict but is never trained.
     """
 
+    kernel: torch.Tensor  # buffer registered in __init__
+
     def __init__(self, sigma: float, support: int | None = None) -> None:
         super().__init__()
         self.sigma = float(sigma)

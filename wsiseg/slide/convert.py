@@ -134,7 +134,10 @@ def _write_ngff(ms: Multiscale, path: Path, *, chunk: int, name: str, progress: 
             computed += 1
     total = sum(math.ceil(h / chunk) * math.ceil(w / chunk) for h, w in shapes)
     with tqdm(
-        total=total, unit="chunk", desc=f"convert {Path(ms.path).name}", disable=None if progress is None else not progress
+        total=total,
+        unit="chunk",
+        desc=f"convert {Path(ms.path).name}",
+        disable=None if progress is None else not progress,
     ) as bar:
         previous = None
         for i, (h, w) in enumerate(shapes):
@@ -341,5 +344,8 @@ def ngff_multiscales_metadata(
         }
         for label, color in (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
     ]
-    omero = {"name": name, "version": "0.4", "channels": channels, "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0}}
+    omero = {
+        "name": name, "version": "0.4", "channels": channels,
+        "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
+    }
     return {"multiscales": [multiscale], "omero": omero}

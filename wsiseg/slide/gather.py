@@ -49,7 +49,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dask
 import dask.array as da
@@ -58,6 +58,9 @@ from dask.highlevelgraph import HighLevelGraph
 
 from wsiseg.errors import WsisegError
 from wsiseg.slide.multiscale import Level, Multiscale
+
+if TYPE_CHECKING:
+    from dask.typing import Key
 
 __all__ = ["GatherResult", "GatherStats", "LevelStats", "choose_levels", "gather", "sample_spacing"]
 
@@ -264,7 +267,7 @@ def _plan_level(level: Level, k: int, flat: np.ndarray, ids: np.ndarray) -> _Lev
 
     name = f"wsiseg-gather-{uuid.uuid4().hex}"
     extra = (0,) * (arr.ndim - 2)
-    dsk = {}
+    dsk: dict[Key, Any] = {}
     sizes = []
     pixels = 0
     for t, (u, a, b) in enumerate(zip(uniq.tolist(), starts.tolist(), ends.tolist())):
@@ -274,7 +277,8 @@ def _plan_level(level: Level, k: int, flat: np.ndarray, ids: np.ndarray) -> _Lev
         dsk[(name, t, 0)] = (_take, (arr.name, bi, bj, *extra), lr, lc)
         sizes.append(b - a)
         pixels += int(arr.chunks[0][bi]) * int(arr.chunks[1][bj])
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[arr])
+    # dask's stubs: its own Array does not match its DaskCollection protocol (__dask_scheduler__)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[arr])  # type: ignore[list-item]
     channels = arr.shape[2] if arr.ndim == 3 else 1
     picked = da.Array(graph, name, chunks=(tuple(sizes), (channels,)), dtype=arr.dtype)
     stats = LevelStats(k, ds, int(ids.size), len(sizes), pixels)
@@ -349,6 +353,7 @@ def gather(
     for p in plans:
         if p.picked is None:
             continue
+        assert p.weights is not None  # set together with picked (_plan_level)
         m = p.ids.size
         got = next(picked)
         vals = np.empty((4 * m, channels), dtype=got.dtype)

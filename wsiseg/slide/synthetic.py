@@ -80,6 +80,7 @@ def load_source_region(source: str | os.PathLike, max_size: int = 4096) -> np.nd
             if not series.axes.startswith("YX"):
                 raise SlideError(f"source series must be a YX(S) image, got axes {series.axes!r}", path)
             z = zarr.open(series.aszarr(level=0), mode="r")
+            assert isinstance(z, zarr.Array)  # one level of one series: an array, never a group
             h, w = z.shape[:2]
             y0, x0 = max(0, (h - max_size) // 2), max(0, (w - max_size) // 2)
             arr = np.asarray(z[y0 : y0 + max_size, x0 : x0 + max_size])
@@ -134,10 +135,15 @@ def _period_images(src: np.ndarray, n_levels: int) -> list[np.ndarray]:
 
 def _encode(tile: np.ndarray, quality: int) -> bytes:
     # YCbCr 4:2:0 inside the JPEG stream, as Aperio and most scanners write it
-    return imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling="420")
+    # imagecodecs' stub says bytes | bytearray; without out= it returns bytes
+    return imagecodecs.jpeg8_encode(  # type: ignore[return-value]
+        tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling="420"
+    )
 
 
-def _tiles(period: np.ndarray, shape: tuple[int, int], tile: int, quality: int, pool: ThreadPoolExecutor) -> Iterator[bytes]:
+def _tiles(
+    period: np.ndarray, shape: tuple[int, int], tile: int, quality: int, pool: ThreadPoolExecutor
+) -> Iterator[bytes]:
     """Encoded tiles of one level in TIFF order (row-major), in bounded batches."""
     # wrap-padding by one tile lets every tile be a plain slice, edge tiles included
     ext = np.pad(period, ((0, tile), (0, tile), (0, 0)), mode="wrap")
