@@ -493,3 +493,15 @@ def test_non_regular_files_are_refused_before_any_read(tmp_path):
             assert msg == f"{path}: not a regular file ({kind}); a slide is a file, a DICOM folder or an OME-Zarr store"
     finally:
         sock.close()
+
+
+def test_ngff_dataset_that_names_a_group_is_refused(tmp_path):
+    """A multiscales dataset path pointing at a group (not an array) is a one-line SlideError, not a crash."""
+    import zarr
+
+    root = zarr.open_group(str(tmp_path / "bad.zarr"), mode="w", zarr_format=2)
+    root.create_group("0")
+    root.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y"}, {"name": "x"}, {"name": "c"}],
+                                  "datasets": [{"path": "0"}]}]
+    with pytest.raises(SlideError, match="names a group, not an array"):
+        open_slide(tmp_path / "bad.zarr")

@@ -351,9 +351,14 @@ def _as_rgb(arr: da.Array, *, gray: bool, alpha: str | None) -> da.Array:
         return arr
     chunks = (arr.chunks[0], arr.chunks[1], (3,))
     meta = np.empty((0, 0, 3), dtype=np.uint8)
+    # dask's stub types Array.map_blocks as a decorator; the call is dask's documented form
     if arr.ndim == 2:
-        return arr.map_blocks(_block_to_rgb, gray=gray, alpha=alpha, dtype=np.uint8, chunks=chunks, new_axis=2, meta=meta)
-    return arr.map_blocks(_block_to_rgb, gray=gray, alpha=alpha, dtype=np.uint8, chunks=chunks, meta=meta)
+        return arr.map_blocks(  # type: ignore[call-arg]
+            _block_to_rgb, gray=gray, alpha=alpha, dtype=np.uint8, chunks=chunks, new_axis=2, meta=meta,  # type: ignore[arg-type]
+        )
+    return arr.map_blocks(  # type: ignore[call-arg]
+        _block_to_rgb, gray=gray, alpha=alpha, dtype=np.uint8, chunks=chunks, meta=meta,  # type: ignore[arg-type]
+    )
 
 
 def _file_token(path: Path) -> str:
@@ -600,7 +605,9 @@ def _tiff_layout(series, page, ome_xml: str | None) -> _TiffLayout:
     extra = {a: n for a, n in zip(axes, shape) if (a not in "YXSC" or (a == "C" and has_samples)) and n > 1}
     if extra:
         desc = ", ".join(f"{a}={n}" for a, n in extra.items())
-        raise _Refused(f"image has more than one plane ({desc}, axes {axes}); only single-plane 2-D slides are supported")
+        raise _Refused(
+            f"image has more than one plane ({desc}, axes {axes}); only single-plane 2-D slides are supported"
+        )
     photometric = page.photometric
     nchan = 1
     chan_axis = None
@@ -972,7 +979,7 @@ def _open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
     except Exception as exc:
         raise SlideError(_openslide_refusal(fmt, file, exc), file) from exc
     try:
-        dims = [tuple(int(v) for v in d) for d in osr.level_dimensions]
+        dims = [(int(w), int(h)) for w, h in osr.level_dimensions]
         _check_dimensions(dims, file)
         props = dict(osr.properties)
         token = _file_token(file)
@@ -1031,13 +1038,16 @@ def _open_ngff(p: Path, override) -> Multiscale:
     except Exception as exc:
         raise SlideError(f"cannot open zarr store ({type(exc).__name__}: {one_line(exc)})", p) from exc
     ms_list = _ngff_multiscales(attrs)
-    if not ms_list and ("bioformats2raw.layout" in attrs or "bioformats2raw.layout" in (attrs.get("ome") or {})):
+    ome = attrs.get("ome")
+    if not ms_list and ("bioformats2raw.layout" in attrs or (isinstance(ome, dict) and "bioformats2raw.layout" in ome)):
         # bioformats2raw puts the first image in the child group "0".
         try:
-            group = group["0"]
-            attrs = dict(group.attrs)
+            image = group["0"]
         except Exception as exc:
             raise SlideError(f"bioformats2raw layout without image '0' ({one_line(exc)})", p) from exc
+        if not isinstance(image, zarr.Group):
+            raise SlideError("bioformats2raw layout whose '0' is an array, not an image group", p)
+        group, attrs = image, dict(image.attrs)
         ms_list = _ngff_multiscales(attrs)
     if not ms_list:
         raise SlideError("zarr store has no OME-NGFF 'multiscales' metadata", p)
@@ -1045,9 +1055,12 @@ def _open_ngff(p: Path, override) -> Multiscale:
     try:
         axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes", [])]
         datasets = ms["datasets"]
-        zarrays = [group[d["path"]] for d in datasets]
+        nodes = [group[d["path"]] for d in datasets]
     except Exception as exc:
         raise SlideError(f"invalid OME-NGFF multiscales metadata ({type(exc).__name__}: {one_line(exc)})", p) from exc
+    zarrays = [n for n in nodes if isinstance(n, zarr.Array)]
+    if not zarrays or len(zarrays) != len(nodes):
+        raise SlideError("invalid OME-NGFF multiscales metadata: a dataset path names a group, not an array", p)
     if not axes:  # NGFF < 0.4 wrote no axes: assume the 5-D default
         axes = list("tczyx")[-zarrays[0].ndim :]
     if len(axes) != zarrays[0].ndim or "y" not in axes or "x" not in axes:
@@ -1061,7 +1074,9 @@ def _open_ngff(p: Path, override) -> Multiscale:
     nchan = int(zarrays[0].shape[cidx]) if cidx is not None else 1
     extra = {a: int(n) for a, n in zip(axes, zarrays[0].shape) if a not in ("y", "x", "c") and n > 1}
     if extra:
-        raise SlideError(f"refused: image has more than one plane ({extra}); only single-plane 2-D slides are supported", p)
+        raise SlideError(
+            f"refused: image has more than one plane ({extra}); only single-plane 2-D slides are supported", p
+        )
     if nchan not in (1, 2, 3, 4):
         raise SlideError(f"refused: {nchan} channels; only brightfield RGB(A) or grayscale slides are supported", p)
     gray = nchan in (1, 2)
