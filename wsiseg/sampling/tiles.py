@@ -469,7 +469,10 @@ class ReverseTiler:
             je, ie = np.minimum(ja + size, w) - 1, np.minimum(ia + size, h) - 1
             centres = ((xs[ja] + xs[je]) / 2, (ys[ia] + ys[ie]) / 2, (xs[je] - xs[ja]) / 2, (ys[ie] - ys[ia]) / 2)
             # a column of f finest columns is bounded by their largest bound (their rectangles cover it)
-            slopes = fine_slopes if f == 1 else np.maximum.reduceat(fine_slopes, np.arange(0, fine_slopes.shape[-1], f), axis=-1)
+            slopes = (
+                fine_slopes if f == 1
+                else np.maximum.reduceat(fine_slopes, np.arange(0, fine_slopes.shape[-1], f), axis=-1)
+            )
             if values is None:
                 whole = reg.block_labels(
                     np.array([(xs[0] + xs[-1]) / 2]), np.array([(ys[0] + ys[-1]) / 2]),
@@ -490,6 +493,7 @@ class ReverseTiler:
                 si, sj = np.nonzero(parent_mixed)
                 bi, bj = _children(si * step, sj * step, step, 1, ia.size, ja.size)
                 values[bi, bj] = reg.block_labels(*centres, slopes, self.mode, points=(bj, bi))
+        assert values is not None  # _LEVELS is not empty: the loop set it or returned
         nby = values.shape[0]
         # paint every block (mixed ones are overwritten): blocks widened to pixel rows, then each
         # row copied down its block (contiguous copies, several times faster than a 4-D broadcast)
@@ -498,7 +502,7 @@ class ReverseTiler:
             target.reshape(nby, b, w)[...] = rows[:, None, :]
         else:
             target[...] = np.repeat(rows, b, axis=0)[:h]
-        mixed = values < 0
+        mixed: np.ndarray = values < 0
         if counts is not None:
             counts += _block_counts(values, b, h - ia[-1], w - ja[-1])
         if mixed.any():  # the pixels of mixed blocks, one by one
