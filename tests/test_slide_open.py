@@ -492,3 +492,60 @@ def test_non_regular_files_are_refused_before_any_read(tmp_path):
             assert msg == f"{path}: not a regular file ({kind}); a slide is a file, a DICOM folder or an OME-Zarr store"
     finally:
         sock.close()
+
+
+def _retag(src: Path, dst: Path, ifd: int, code: int, value: int) -> Path:
+    """Copy ``src`` with tag ``code`` of IFD ``ifd`` made a LONG (LONG8 in a BigTIFF) holding ``value``."""
+    with tifffile.TiffFile(src) as tif:
+        tag = tif.pages[ifd].tags[code]
+        fmt = tif.tiff
+    data = bytearray(src.read_bytes())
+    typ, vfmt = (16, "Q") if fmt.offsetsize == 8 else (4, "I")
+    value_field = bytearray(fmt.offsetsize)
+    struct.pack_into(fmt.byteorder + vfmt, value_field, 0, value)
+    entry = struct.pack(fmt.byteorder + "HH", code, typ) + struct.pack(fmt.offsetformat, 1) + value_field
+    data[tag.offset : tag.offset + len(entry)] = entry
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("code", "value"), [(322, 2**31 - 1), (323, 2**31 - 1), (322, 2**20)])
+def test_huge_tiles_are_refused_not_an_abort(slides_dir, tmp_path, code, value):
+    """Found by `wsiseg bench fuzz` (seed 0, case 969): a coarse level claiming 2**31-px wide tiles.
+
+    tifffile cannot decode such a tile, so the slide went to OpenSlide, which
+    allocates a whole tile to read one pixel and aborts the process (GLib:
+    "failed to allocate 8796093018112 bytes", SIGABRT) instead of raising.
+    Run in a child process: before the fix the abort took the test process down.
+    """
+    import subprocess
+    import sys
+
+    path = _retag(slides_dir / "yb10kx5k.zstd.tiff", tmp_path / "tiles.tiff", 4, code, value)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    res = subprocess.run([sys.executable, "-m", "wsiseg", "info", str(path)], capture_output=True, text=True,
+                         env=env, timeout=100)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wsiseg: error: {path}: "), res.stderr
+    assert "tiles of" in lines[0] and "the header is corrupt" in lines[0], lines[0]
+    # The OpenSlide reader checks its own tile sizes too (DICOM and the vendor formats go there first).
+    code = ("import sys; from pathlib import Path; from wsiseg.errors import SlideError; "
+            "from wsiseg.slide.open import _open_openslide\n"
+            "try:\n    _open_openslide(Path(sys.argv[1]), None, display_path=Path(sys.argv[1]))\n"
+            "except SlideError as exc:\n    print(exc)")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=100)
+    assert res.returncode == 0 and "level 4 claims tiles of" in res.stdout, (res.returncode, res.stdout, res.stderr)
+
+
+def test_check_tiles():
+    from wsiseg.limits import MAX_TILE_PIXELS
+    from wsiseg.slide.open import _check_tiles, _openslide_tile
+
+    _check_tiles([(240, 240), (0, 0), (16384, 16384)], Path("x"))
+    assert 16384 * 16384 == MAX_TILE_PIXELS
+    with pytest.raises(SlideError, match="level 1 claims tiles of 16384x16385 pixels"):
+        _check_tiles([(240, 240), (16384, 16385)], Path("x"))
+    props = {"openslide.level[0].tile-width": "512", "openslide.level[0].tile-height": "x"}
+    assert _openslide_tile(props, 0) == (512, 0) and _openslide_tile(props, 1) == (0, 0)

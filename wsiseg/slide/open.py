@@ -46,7 +46,7 @@ import numpy as np
 from dask.base import tokenize
 
 from wsiseg.errors import ConfigError, SlideError
-from wsiseg.limits import MAX_SLIDE_PIXELS, MAX_SLIDE_SIDE
+from wsiseg.limits import MAX_SLIDE_PIXELS, MAX_SLIDE_SIDE, MAX_TILE_PIXELS
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, IgnoredMpp, is_plausible_mpp, mpp_pair
 from wsiseg.slide.multiscale import IGNORED_IMPLAUSIBLE, Level, Multiscale
 
@@ -285,6 +285,30 @@ def _check_dimensions(dims: list[tuple[int, int]], path: Path) -> None:
         if w > pw or h > ph:
             raise SlideError(
                 f"inconsistent pyramid: level {i} ({w}x{h}) is larger than level {i - 1} ({pw}x{ph})", path
+            )
+
+
+def _check_tiles(tiles: list[tuple[int, int]], path: Path) -> None:
+    """Refuse levels whose stored tiles are absurdly large, before any tile is read.
+
+    Parameters
+    ----------
+    tiles : list of (width, height)
+        Tile size of each level, level 0 first; ``(0, 0)`` where the reader
+        does not say.
+
+    Raises
+    ------
+    SlideError
+        A tile of more than :data:`~wsiseg.limits.MAX_TILE_PIXELS` pixels:
+        reading one pixel would allocate the whole tile, and OpenSlide
+        aborts the process when that fails.
+    """
+    for i, (w, h) in enumerate(tiles):
+        if w * h > MAX_TILE_PIXELS:
+            raise SlideError(
+                f"level {i} claims tiles of {w}x{h} pixels (more than {MAX_TILE_PIXELS:,}); the header is corrupt",
+                path,
             )
 
 
@@ -682,6 +706,7 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
     try:
         dims = [(int(kf.imagewidth), int(kf.imagelength)) for kf in keyframes]
         _check_dimensions(dims, p)
+        _check_tiles([(int(kf.tilewidth), int(kf.tilelength)) for kf in keyframes], p)
         ome_xml = tif.ome_metadata if tif.is_ome else None
         try:
             layout = _tiff_layout(series, keyframes[0], ome_xml)
@@ -920,14 +945,21 @@ class _OpenSlideLevelSource:
         return rgb[:, :, key[2]]
 
 
+def _openslide_tile(props: dict, level: int) -> tuple[int, int]:
+    """(width, height) of a level's tiles as OpenSlide reports them; 0 where it does not."""
+    out = []
+    for name in ("width", "height"):
+        try:
+            out.append(max(int(props.get(f"openslide.level[{level}].tile-{name}", 0)), 0))
+        except ValueError:
+            out.append(0)
+    return out[0], out[1]
+
+
 def _openslide_chunk(props: dict, level: int) -> tuple[int, int]:
     """(rows, cols) of one dask chunk: OpenSlide's tile, grown to >= 256 px."""
     out = []
-    for name in ("height", "width"):
-        try:
-            t = int(props.get(f"openslide.level[{level}].tile-{name}", 0))
-        except ValueError:
-            t = 0
+    for t in reversed(_openslide_tile(props, level)):
         if t <= 0:
             t = _OPENSLIDE_DEFAULT_TILE
         # Tiny tiles (DICOM can use 10 px) would make millions of dask tasks:
@@ -956,6 +988,7 @@ def _open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
         dims = [tuple(int(v) for v in d) for d in osr.level_dimensions]
         _check_dimensions(dims, file)
         props = dict(osr.properties)
+        _check_tiles([_openslide_tile(props, lv) for lv in range(len(dims))], file)
         token = _file_token(file)
         arrays = []
         for lv, (w, h) in enumerate(dims):
