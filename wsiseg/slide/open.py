@@ -622,7 +622,9 @@ def _tiff_layout(series, page, ome_xml: str | None) -> _TiffLayout:
         gray = True
         ncolour = 1
     else:
-        raise _NotReadable(f"photometric {photometric.name} is not handled by the tifffile reader")
+        # an unknown value stays a plain int (a damaged tag): named by its number
+        name = getattr(photometric, "name", photometric)
+        raise _NotReadable(f"photometric {name} is not handled by the tifffile reader")
     if chan_axis == "C" and gray:
         raise _Refused(
             f"{nchan} separate grayscale channels (axes {axes}) look like fluorescence; "
@@ -713,7 +715,12 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
         except _Refused as exc:
             raise SlideError(f"refused: {exc}", p) from None
         _check_tiff_extent(p, tif, levels)
-        if int(keyframes[0].compression) == 33003:
+        compression = keyframes[0].compression
+        try:
+            compression = int(compression)
+        except (TypeError, ValueError):  # a Compression tag whose type was damaged holds bytes or text
+            raise SlideError(f"corrupt TIFF: compression {compression!r} is not a number", p) from None
+        if compression == 33003:
             # Aperio YCbCr JPEG 2000: the codestream does not flag the colour
             # transform; OpenSlide applies it, tifffile would return YCbCr.
             raise _NotReadable("Aperio YCbCr JPEG 2000 tiles need OpenSlide's colour conversion")
@@ -779,7 +786,7 @@ def _raise_if_corrupt(records, p: Path) -> None:
 
 
 def _check_tiff_extent(p: Path, tif, levels) -> None:
-    """Refuse files whose tile/strip data lies past the end of the file (truncated)."""
+    """Refuse files whose tile/strip data lies past the end of the file (truncated), or whose offsets and byte counts differ in number."""
     size = tif.filehandle.size
     for i, lv in enumerate(levels):
         for page in lv.pages:
@@ -787,6 +794,10 @@ def _check_tiff_extent(p: Path, tif, levels) -> None:
                 continue
             offsets = np.asarray(page.dataoffsets, dtype=np.int64)
             counts = np.asarray(page.databytecounts, dtype=np.int64)
+            if offsets.size != counts.size:
+                raise SlideError(
+                    f"corrupt TIFF: level {i} has {offsets.size} tile offsets but {counts.size} byte counts", p
+                )
             if offsets.size == 0:
                 continue
             used = counts > 0  # sparse (missing) tiles have offset 0 and count 0
