@@ -254,3 +254,22 @@ def test_fuzz_long_run_has_no_failures(slides_dir, tmp_path):
     from dataclasses import asdict
 
     _assert_no_failures(asdict(report))
+
+
+def test_section_counts_outcomes_and_quoted_exceptions():
+    from wsiseg.bench_fuzz import CaseResult, CommandResult, FuzzReport, format_fuzz_section
+
+    machine = {"platform": "p", "processor": "x", "cpus": "2", "ram_gib": 1, "date": "d", "load": "0", "versions": "v"}
+    report = FuzzReport(0, 0, ("info", "convert"), 10, 60.0, 4096, ("boxes.tiff",), machine=machine, seconds=3.0)
+    report.cases = [
+        CaseResult(0, "boxes.tiff", "truncate", "truncated to 9 bytes",
+                   (CommandResult("info", "refused", "wsiseg: error: b: cannot read TIFF (TypeError: x)", 0.1, 60, 2),)),
+        CaseResult(1, "boxes.tiff", "ifd-loop", "IFD 1 points back to IFD 0",
+                   (CommandResult("info", "ok", "", 0.2, 60, 0), CommandResult("convert", "hang", "still", 9.0, 70, -9))),
+    ]
+    text = format_fuzz_section(report, "wsiseg bench fuzz")
+    assert "**Failures: 0 internal-error, 0 crash, 1 hang, 0 memory, 0 unclear**" in text
+    assert "| info | 2 | 1 | 1 | 0 | 0 | 0 | 0 | 0 |" in text and "| convert | 1 | 0 | 0 | 0 | 0 | 1 | 0 | 0 |" in text
+    assert "(named by the exception rather than the damage; by command and type): info: TypeError 1." in text
+    assert "| ifd-loop | 1 | 1 | 0 | 1 |" in text and "| truncate | 1 | 0 | 1 | 0 |" in text
+    assert "- case 1 `boxes.tiff` ifd-loop (IFD 1 points back to IFD 0): convert hang: still" in text

@@ -47,6 +47,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import resource
 import select
 import shutil
@@ -85,6 +86,10 @@ OUTCOMES = ("ok", "refused", "internal-error", "crash", "hang", "memory", "uncle
 #: The outcomes that are bugs.
 FAILURES = ("internal-error", "crash", "hang", "memory", "unclear")
 COMMANDS = ("info", "convert", "segment")
+# Python's own exceptions quoted in a refusal: a library (or wsiseg) failed on the damage, and the message
+# names that failure instead of the damage. Clean refusals still; counted apart in the section.
+_PYTHON_ERRORS = re.compile(r"\b(TypeError|ValueError|IndexError|KeyError|AttributeError|ZeroDivisionError|"
+                            r"OverflowError|AssertionError|RuntimeError|UnboundLocalError|NameError)\b")
 _MEMORY_MARKERS = ("MemoryError", "Unable to allocate", "bad_alloc", "Cannot allocate memory", "out of memory")
 # Modules the fork server imports once, so that each child starts with them loaded.
 _PRELOAD = ("wsiseg.cli", "wsiseg.slide.open", "wsiseg.slide.info", "wsiseg.slide.convert", "tifffile",
@@ -623,6 +628,16 @@ def _count_cells(counts: Counter) -> str:
     return " | ".join(str(counts.get(o, 0)) for o in OUTCOMES)
 
 
+def _quoted_exceptions(runs: list[CommandResult]) -> str:
+    """``"info: TypeError 12, ..."`` for the refusals that quote one of Python's exceptions, or ``"none"``."""
+    found = Counter()
+    for r in runs:
+        m = _PYTHON_ERRORS.search(r.detail) if r.outcome == "refused" else None
+        if m:
+            found[r.command, m.group(1)] += 1
+    return ", ".join(f"{cmd}: {name} {n}" for (cmd, name), n in sorted(found.items())) or "none"
+
+
 def format_fuzz_section(report: FuzzReport, command: str) -> str:
     """Markdown for the ``fuzz`` section of docs/benchmarks.md."""
     from wsiseg.bench import machine_lines
@@ -648,6 +663,8 @@ def format_fuzz_section(report: FuzzReport, command: str) -> str:
         "blowup). Refused = exit code 2 and exactly one stderr line `wsiseg: error: ...` naming the file "
         "(segment: the slide failed in status.csv with an error naming it).",
         f"- **Failures: {verdict}**; {len(runs)} commands in {report.seconds:.0f} s.",
+        f"- Refusals quoting a Python exception raised on the damage (named by the exception rather than the "
+        f"damage; by command and type): {_quoted_exceptions(runs)}.",
         "",
         f"| command | runs | {' | '.join(OUTCOMES)} | median s | max s | max RSS MiB |",
         "|---|---|" + "---|" * len(OUTCOMES) + "---|---|---|",
