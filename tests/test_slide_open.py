@@ -505,3 +505,102 @@ def test_ngff_dataset_that_names_a_group_is_refused(tmp_path):
                                   "datasets": [{"path": "0"}]}]
     with pytest.raises(SlideError, match="names a group, not an array"):
         open_slide(tmp_path / "bad.zarr")
+
+
+def _edit_entry(src: Path, dst: Path, ifd: int, code: int, *, value: int | None = None, typ: int | None = None,
+                count: int | None = None) -> Path:
+    """Copy ``src`` with the entry of tag ``code`` in IFD ``ifd`` changed.
+
+    ``value`` makes the tag one LONG (LONG8 in a BigTIFF) holding it; ``typ``
+    and ``count`` only overwrite the entry's type and count fields.
+    """
+    with tifffile.TiffFile(src) as tif:
+        tag = tif.pages[ifd].tags[code]
+        fmt = tif.tiff
+    data = bytearray(src.read_bytes())
+    if value is not None:
+        typ, count = (16, 1) if fmt.offsetsize == 8 else (4, 1)
+        struct.pack_into(fmt.byteorder + ("Q" if fmt.offsetsize == 8 else "I"), data, tag.offset + 4 + fmt.offsetsize,
+                         value)
+    if typ is not None:
+        struct.pack_into(fmt.byteorder + "H", data, tag.offset + 2, typ)
+    if count is not None:
+        struct.pack_into(fmt.offsetformat, data, tag.offset + 4, count)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("code", "value"), [(322, 2**31 - 1), (323, 2**31 - 1), (322, 2**20)])
+def test_huge_tiles_are_refused_not_an_abort(slides_dir, tmp_path, code, value):
+    """Found by `wsiseg bench fuzz` (seed 0, case 969): a coarse level claiming 2**31-px wide tiles.
+
+    tifffile cannot decode such a tile, so the slide went to OpenSlide, which
+    allocates a whole tile to read one pixel and aborts the process (GLib:
+    "failed to allocate 8796093018112 bytes", SIGABRT) instead of raising.
+    Run in a child process: before the fix the abort took the test process down.
+    """
+    import subprocess
+    import sys
+
+    path = _edit_entry(slides_dir / "yb10kx5k.zstd.tiff", tmp_path / "tiles.tiff", 4, code, value=value)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    res = subprocess.run([sys.executable, "-m", "wsiseg", "info", str(path)], capture_output=True, text=True,
+                         env=env, timeout=100)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wsiseg: error: {path}: "), res.stderr
+    assert "tiles of" in lines[0] and "the header is corrupt" in lines[0], lines[0]
+    # The OpenSlide reader checks its own tile sizes too (DICOM and the vendor formats go there first).
+    code = ("import sys; from pathlib import Path; from wsiseg.errors import SlideError; "
+            "from wsiseg.slide.open import _open_openslide\n"
+            "try:\n    _open_openslide(Path(sys.argv[1]), None, display_path=Path(sys.argv[1]))\n"
+            "except SlideError as exc:\n    print(exc)")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=100)
+    assert res.returncode == 0 and "level 4 claims tiles of" in res.stdout, (res.returncode, res.stdout, res.stderr)
+
+
+def test_check_tiles():
+    from wsiseg.limits import MAX_TILE_PIXELS
+    from wsiseg.slide.open import _check_tiles, _openslide_tile
+
+    _check_tiles([(240, 240), (0, 0), (16384, 16384)], Path("x"))
+    assert 16384 * 16384 == MAX_TILE_PIXELS
+    with pytest.raises(SlideError, match="level 1 claims tiles of 16384x16385 pixels"):
+        _check_tiles([(240, 240), (16384, 16385)], Path("x"))
+    props = {"openslide.level[0].tile-width": "512", "openslide.level[0].tile-height": "x"}
+    assert _openslide_tile(props, 0) == (512, 0) and _openslide_tile(props, 1) == (0, 0)
+
+
+# Found by `wsiseg bench fuzz` (seed 0, cases 15, 139, 921): wsiseg's own checks raised on hostile tag
+# values (AttributeError, ValueError, IndexError) and the last-resort catch turned that into "cannot read
+# TIFF (IndexError: boolean index did not match ...)" instead of saying what is wrong with the file.
+@pytest.mark.parametrize(
+    ("name", "ifd", "code", "edit", "words"),
+    [
+        # tifffile's reader declines the unknown photometric (by its number) and OpenSlide says why it cannot
+        ("rgba_geotiff.tiff", 0, 262, {"value": 481986}, "OpenSlide cannot open this generic-tiff slide: Cannot get "
+                                                          "required TIFF tag: 262"),
+        ("yb10kx5k.zstd.tiff", 0, 259, {"typ": 7}, "corrupt TIFF: compression b'P' is not a number"),
+        ("boxes.tiff", 0, 325, {"count": 255}, "corrupt TIFF: level 0 has 20 tile offsets but 255 byte counts"),
+        ("boxes.tiff", 0, 324, {"count": 19}, "corrupt TIFF: level 0 has 19 tile offsets but 20 byte counts"),
+    ],
+)
+def test_hostile_tag_values_are_described_not_an_exception(slides_dir, tmp_path, name, ifd, code, edit, words):
+    path = _edit_entry(slides_dir / name, tmp_path / name, ifd, code, **edit)
+    with pytest.raises(SlideError) as err:
+        open_slide(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg
+    assert words in msg, msg
+    assert not isinstance(err.value.__cause__, (AttributeError, ValueError, IndexError, TypeError)), msg
+
+
+def test_unknown_photometric_is_named_by_its_number(slides_dir, tmp_path):
+    from wsiseg.slide.open import _NotReadable, _tiff_layout
+
+    path = _edit_entry(slides_dir / "rgba_geotiff.tiff", tmp_path / "p.tiff", 0, 262, value=481986)
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        with pytest.raises(_NotReadable, match="photometric 481986 is not handled by the tifffile reader"):
+            _tiff_layout(series, series.keyframe, None)

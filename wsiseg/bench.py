@@ -49,6 +49,7 @@ __all__ = [
     "format_gather_section",
     "machine_info",
     "machine_lines",
+    "shared_data_dir",
     "uniform_points",
     "write_section",
 ]
@@ -60,15 +61,19 @@ _DEFAULT_SOURCE = Path("slides") / "CMU-1-Small-Region.svs"
 # environment
 
 
-def default_source() -> Path:
-    """The default real source region: CMU-1-Small-Region.svs of the shared test data.
+def shared_data_dir() -> Path:
+    """The shared test data: ``$WSISEG_SHARED_DATA`` if set, else ``../shared/data`` from the working directory.
 
-    Looked up in ``$WSISEG_SHARED_DATA`` if set, else in ``../shared/data``
-    relative to the working directory (the project's documented layout).
+    ``../shared/data`` relative to the project root is the project's
+    documented layout; the folder may not exist.
     """
     root = os.environ.get("WSISEG_SHARED_DATA")
-    base = Path(root) if root else Path.cwd().parent / "shared" / "data"
-    path = base / _DEFAULT_SOURCE
+    return Path(root) if root else Path.cwd().parent / "shared" / "data"
+
+
+def default_source() -> Path:
+    """The default real source region: CMU-1-Small-Region.svs of the shared test data (:func:`shared_data_dir`)."""
+    path = shared_data_dir() / _DEFAULT_SOURCE
     if not path.is_file():
         raise ConfigError(f"no --source given and the default source {path} does not exist (set WSISEG_SHARED_DATA)")
     return path

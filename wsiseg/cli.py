@@ -359,6 +359,66 @@ def bench_memory_command(size, model_path, workdir, source, tile, out) -> None:
     click.echo(f"wrote {write_section(out, 'memory', format_memory_section(result, command_line()))}")
 
 
+@bench_group.command("fuzz")
+@click.option("--cases", type=click.IntRange(min=1), default=1000, show_default=True, help="Mutated slides to run.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the mutations.")
+@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Index of the first case (with --cases 1: reproduce one case of a report).")
+@click.option("--slides", "slides_dir", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+              help="Folder of real slides to mutate (TIFF files, DICOM series folders) [default: slides/ of "
+                   "$WSISEG_SHARED_DATA or ../shared/data].")
+@click.option("--commands", default="info,convert,segment", show_default=True, metavar="CMD,CMD,...",
+              help="info (every case), convert (every case info opened), segment (see --segment-every).")
+@click.option("--segment-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Segment one case in every N with the demo model (case k*N + k%N of block k, so that the "
+                   "segmented cases take the sources in turn).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds per command; a command still running is killed and counts as a hang.")
+@click.option("--memory", "memory_mib", type=click.IntRange(min=64), default=4096, show_default=True,
+              help="MiB of address space a command may map beyond what it inherits (RLIMIT_AS).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Where the cases are written (each removed after it) [default: a temporary folder].")
+@click.option("--keep", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Move the folders of failed cases (mutated slide, outputs) here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Also write every case's outcomes as JSON.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
+              show_default=True, help="Markdown file whose section is replaced.")
+@click.pass_context
+def bench_fuzz_command(ctx, cases, seed, first, slides_dir, commands, segment_every, timeout, memory_mib, workdir,
+                       keep, json_path, out) -> None:
+    """wsiseg info, convert and segment on mutated real slides: counts of ok, refused, hangs, crashes, errors.
+
+    Exit code 1 when any command hung, crashed, ran out of memory, raised
+    an internal error or ended unclearly (the section is written anyway).
+    """
+    import json
+
+    from wsiseg.bench import command_line, shared_data_dir, write_section
+    from wsiseg.bench_fuzz import COMMANDS, format_fuzz_section, run_fuzz
+    from wsiseg.errors import ConfigError
+    from wsiseg.fuzz import find_sources
+
+    chosen = tuple(c.strip() for c in commands.split(",") if c.strip())
+    if "info" not in chosen or set(chosen) - set(COMMANDS):
+        raise ConfigError(f"--commands: info and any of {', '.join(COMMANDS[1:])}, comma-separated; got {commands!r}")
+    folder = slides_dir or shared_data_dir() / "slides"
+    if not os.path.isdir(folder):
+        raise ConfigError(f"no --slides given and {folder} does not exist (set WSISEG_SHARED_DATA)")
+    sources = find_sources(folder)
+    if not sources:
+        raise ConfigError(f"{folder}: no TIFF files or DICOM series folders to mutate")
+    report = run_fuzz(sources, cases=cases, seed=seed, first=first, workdir=workdir, commands=chosen,
+                      segment_every=segment_every, timeout=timeout, memory_mib=memory_mib, keep=keep, log=click.echo)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump(report.to_json(), fh, indent=1, default=str)
+    click.echo(f"wrote {write_section(out, 'fuzz', format_fuzz_section(report, command_line()))}")
+    if report.failures():
+        click.echo(f"{len(report.failures())} of {len(report.cases)} cases failed", err=True)
+        ctx.exit(1)
+
+
 @bench_group.command("sampling")
 @click.option("--sizes", default="16,32,64", show_default=True, metavar="N,WxH,...",
               help="Sampling grids (budgets), N or WIDTHxHEIGHT; cost = grid points / working-resolution pixels "
@@ -509,12 +569,12 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
     """Run every benchmark with its defaults, writing each section of OUT.
 
     Not `memory`: it builds a 100k x 100k slide (3.4 GiB, ~75 s) and segments
-    three slides up to 10 Gpx, minutes on its own; nor `sampling` and
-    `quality`: they train tens to hundreds of models (hours on one thread).
-    Run them by name.
+    three slides up to 10 Gpx, minutes on its own; nor `fuzz` (1000 mutated
+    slides, about ten minutes); nor `sampling` and `quality`: they train tens
+    to hundreds of models (hours on one thread). Run them by name.
     """
     for name, cmd in sorted(bench_group.commands.items()):
-        if name in ("all", "memory", "sampling", "quality"):
+        if name in ("all", "memory", "fuzz", "sampling", "quality"):
             continue
         click.echo(f"== bench {name}")
         kwargs = {"out": out} if any(p.name == "out" for p in cmd.params) else {}

@@ -32,6 +32,7 @@ __all__ = [
     "MAX_SLIDE_SIDE",
     "MAX_SPEC_LIST",
     "MAX_SUPPORT",
+    "MAX_TILE_PIXELS",
     "MPP_RANGE",
     "check_json_depth",
     "coordinates_problem",
@@ -49,6 +50,11 @@ MAX_SLIDE_SIDE = 500_000
 #: Most pixels of a slide level: 1e11, e.g. 316,000 x 316,000 (a 75 x 50 mm
 #: large-format slide at 0.25 um/px has 6e10).
 MAX_SLIDE_PIXELS = 10**11
+#: Most pixels of one stored tile of a slide level: 2**28, a 16,384 x 16,384
+#: tile (1 GiB as RGBA). Scanners write tiles of 240 to 4,096 px; OpenSlide
+#: allocates a whole tile to read one pixel of it and, when that allocation
+#: fails, aborts the process (GLib) instead of raising.
+MAX_TILE_PIXELS = 2**28
 #: Accepted micrometres per pixel, inclusive: 10 nm (beyond any light
 #: microscope) to 1 mm (a macro photograph of the glass).
 MPP_RANGE = (0.01, 1000.0)

@@ -46,7 +46,7 @@ import numpy as np
 from dask.base import tokenize
 
 from wsiseg.errors import ConfigError, SlideError, one_line
-from wsiseg.limits import MAX_SLIDE_PIXELS, MAX_SLIDE_SIDE
+from wsiseg.limits import MAX_SLIDE_PIXELS, MAX_SLIDE_SIDE, MAX_TILE_PIXELS
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, IgnoredMpp, is_plausible_mpp, mpp_pair
 from wsiseg.slide.multiscale import IGNORED_IMPLAUSIBLE, Level, Multiscale
 
@@ -305,6 +305,30 @@ def pil_rgb_on_white(im) -> np.ndarray:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
     return np.asarray(im.convert("RGB"))
+
+
+def _check_tiles(tiles: list[tuple[int, int]], path: Path) -> None:
+    """Refuse levels whose stored tiles are absurdly large, before any tile is read.
+
+    Parameters
+    ----------
+    tiles : list of (width, height)
+        Tile size of each level, level 0 first; ``(0, 0)`` where the reader
+        does not say.
+
+    Raises
+    ------
+    SlideError
+        A tile of more than :data:`~wsiseg.limits.MAX_TILE_PIXELS` pixels:
+        reading one pixel would allocate the whole tile, and OpenSlide
+        aborts the process when that fails.
+    """
+    for i, (w, h) in enumerate(tiles):
+        if w * h > MAX_TILE_PIXELS:
+            raise SlideError(
+                f"level {i} claims tiles of {w}x{h} pixels (more than {MAX_TILE_PIXELS:,}); the header is corrupt",
+                path,
+            )
 
 
 def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray, premultiplied: bool = False) -> np.ndarray:
@@ -624,7 +648,9 @@ def _tiff_layout(series, page, ome_xml: str | None) -> _TiffLayout:
         gray = True
         ncolour = 1
     else:
-        raise _NotReadable(f"photometric {photometric.name} is not handled by the tifffile reader")
+        # an unknown value stays a plain int (a damaged tag): named by its number
+        name = getattr(photometric, "name", photometric)
+        raise _NotReadable(f"photometric {name} is not handled by the tifffile reader")
     if chan_axis == "C" and gray:
         raise _Refused(
             f"{nchan} separate grayscale channels (axes {axes}) look like fluorescence; "
@@ -708,13 +734,19 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
     try:
         dims = [(int(kf.imagewidth), int(kf.imagelength)) for kf in keyframes]
         _check_dimensions(dims, p)
+        _check_tiles([(int(kf.tilewidth), int(kf.tilelength)) for kf in keyframes], p)
         ome_xml = tif.ome_metadata if tif.is_ome else None
         try:
             layout = _tiff_layout(series, keyframes[0], ome_xml)
         except _Refused as exc:
             raise SlideError(f"refused: {exc}", p) from None
         _check_tiff_extent(p, tif, levels)
-        if int(keyframes[0].compression) == 33003:
+        compression = keyframes[0].compression
+        try:
+            compression = int(compression)
+        except (TypeError, ValueError):  # a Compression tag whose type was damaged holds bytes or text
+            raise SlideError(f"corrupt TIFF: compression {compression!r} is not a number", p) from None
+        if compression == 33003:
             # Aperio YCbCr JPEG 2000: the codestream does not flag the colour
             # transform; OpenSlide applies it, tifffile would return YCbCr.
             raise _NotReadable("Aperio YCbCr JPEG 2000 tiles need OpenSlide's colour conversion")
@@ -780,7 +812,7 @@ def _raise_if_corrupt(records, p: Path) -> None:
 
 
 def _check_tiff_extent(p: Path, tif, levels) -> None:
-    """Refuse files whose tile/strip data lies past the end of the file (truncated)."""
+    """Refuse files whose tile/strip data lies past the end of the file (truncated), or whose offsets and byte counts differ in number."""
     size = tif.filehandle.size
     for i, lv in enumerate(levels):
         for page in lv.pages:
@@ -788,6 +820,10 @@ def _check_tiff_extent(p: Path, tif, levels) -> None:
                 continue
             offsets = np.asarray(page.dataoffsets, dtype=np.int64)
             counts = np.asarray(page.databytecounts, dtype=np.int64)
+            if offsets.size != counts.size:
+                raise SlideError(
+                    f"corrupt TIFF: level {i} has {offsets.size} tile offsets but {counts.size} byte counts", p
+                )
             if offsets.size == 0:
                 continue
             used = counts > 0  # sparse (missing) tiles have offset 0 and count 0
@@ -946,14 +982,21 @@ class _OpenSlideLevelSource:
         return rgb[:, :, key[2]]
 
 
+def _openslide_tile(props: dict, level: int) -> tuple[int, int]:
+    """(width, height) of a level's tiles as OpenSlide reports them; 0 where it does not."""
+    out = []
+    for name in ("width", "height"):
+        try:
+            out.append(max(int(props.get(f"openslide.level[{level}].tile-{name}", 0)), 0))
+        except ValueError:
+            out.append(0)
+    return out[0], out[1]
+
+
 def _openslide_chunk(props: dict, level: int) -> tuple[int, int]:
     """(rows, cols) of one dask chunk: OpenSlide's tile, grown to >= 256 px."""
     out = []
-    for name in ("height", "width"):
-        try:
-            t = int(props.get(f"openslide.level[{level}].tile-{name}", 0))
-        except ValueError:
-            t = 0
+    for t in reversed(_openslide_tile(props, level)):
         if t <= 0:
             t = _OPENSLIDE_DEFAULT_TILE
         # Tiny tiles (DICOM can use 10 px) would make millions of dask tasks:
@@ -982,6 +1025,7 @@ def _open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
         dims = [(int(w), int(h)) for w, h in osr.level_dimensions]
         _check_dimensions(dims, file)
         props = dict(osr.properties)
+        _check_tiles([_openslide_tile(props, lv) for lv in range(len(dims))], file)
         token = _file_token(file)
         arrays = []
         for lv, (w, h) in enumerate(dims):
