@@ -20,6 +20,8 @@ demo: $(STAMP)
 	$(BIN)/wsiseg demo --out demo-out
 
 test: $(STAMP)
+	$(BIN)/ruff check wsiseg tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow" -q
 
 bench: $(STAMP)

@@ -240,7 +240,8 @@ def test_fuzz_sample_has_no_hang_crash_or_internal_error(slides_dir, tmp_path):
     assert runs["info", "ok"] >= 5 and runs["info", "refused"] >= 5, runs  # both paths exercised
     assert runs["convert", "ok"] >= 3, runs
     text = out.read_text()
-    assert "<!-- bench:fuzz -->" in text and "**Failures: 0 internal-error, 0 crash, 0 hang, 0 memory, 0 unclear**" in text
+    assert "<!-- bench:fuzz -->" in text
+    assert "**Failures: 0 internal-error, 0 crash, 0 hang, 0 memory, 0 unclear**" in text
     assert not (tmp_path / "failed").exists() and not any((tmp_path / "work").iterdir())  # nothing left behind
 
 
@@ -263,9 +264,11 @@ def test_section_counts_outcomes_and_quoted_exceptions():
     report = FuzzReport(0, 0, ("info", "convert"), 10, 60.0, 4096, ("boxes.tiff",), machine=machine, seconds=3.0)
     report.cases = [
         CaseResult(0, "boxes.tiff", "truncate", "truncated to 9 bytes",
-                   (CommandResult("info", "refused", "wsiseg: error: b: cannot read TIFF (TypeError: x)", 0.1, 60, 2),)),
+                   (CommandResult("info", "refused", "wsiseg: error: b: cannot read TIFF (TypeError: x)",
+                                  0.1, 60, 2),)),
         CaseResult(1, "boxes.tiff", "ifd-loop", "IFD 1 points back to IFD 0",
-                   (CommandResult("info", "ok", "", 0.2, 60, 0), CommandResult("convert", "hang", "still", 9.0, 70, -9))),
+                   (CommandResult("info", "ok", "", 0.2, 60, 0),
+                    CommandResult("convert", "hang", "still", 9.0, 70, -9))),
     ]
     text = format_fuzz_section(report, "wsiseg bench fuzz")
     assert "**Failures: 0 internal-error, 0 crash, 1 hang, 0 memory, 0 unclear**" in text

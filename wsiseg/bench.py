@@ -349,7 +349,8 @@ def bench_gather(
                 opens.append(t_open)
             s = res.stats
             run = GatherRun(gname, mode, tuple(times), tuple(opens), s.levels, s.chunks, s.pixels, s.fraction)
-            say(f"  {gname:8s} {mode:5s} {run.median:8.3f} s  {s.chunks:6d} chunks  {100 * s.fraction:7.3f} % of level 0")
+            say(f"  {gname:8s} {mode:5s} {run.median:8.3f} s  {s.chunks:6d} chunks  "
+                f"{100 * s.fraction:7.3f} % of level 0")
             runs.append(run)
     return GatherBench(
         slide=path,
@@ -370,7 +371,9 @@ def _per_level(levels) -> str:
     parts = []
     for st in levels:
         if st.samples:
-            parts.append(f"L{st.level} (x{max(st.downsample):.4g}): {st.samples} smp, {st.chunks} ch, {st.pixels / 1e6:.3g} MP")
+            parts.append(
+                f"L{st.level} (x{max(st.downsample):.4g}): {st.samples} smp, {st.chunks} ch, {st.pixels / 1e6:.3g} MP"
+            )
     return "; ".join(parts)
 
 
@@ -397,7 +400,8 @@ def format_gather_section(b: GatherBench, command: str) -> str:
         f"- Slide: synthetic {s.width} x {s.height} ({s.width * s.height / 1e9:.2f} Gpx) BigTIFF, JPEG q{s.quality}, "
         f"tiles {s.tile}, {len(b.levels)} levels ({', '.join(f'{w}x{h}' for w, h in b.levels)}), "
         f"{b.file_bytes / 2**20:.0f} MiB, mirror-tiled from `{s.source.name}`; {built}.",
-        f"- Grids: {b.samples[1]} x {b.samples[0]} (w x h) samples; *uniform* over the whole slide; *deformed* = separable "
+        f"- Grids: {b.samples[1]} x {b.samples[0]} (w x h) samples; *uniform* over the whole slide; "
+        "*deformed* = separable "
         "warp `u + 0.99 sin(2 pi u) / (2 pi)` per axis (spacing 0.01x uniform at the centre, 1.99x at the edges).",
         "- Cold runs: every run opens the slide afresh (no decoded chunk is reused; the OS page cache may hold "
         f"the file). Time = `gather()` wall time, median of the runs; open = `open_slide()`. "
@@ -409,7 +413,8 @@ def format_gather_section(b: GatherBench, command: str) -> str:
         "- Issue target: 512 x 512 samples on a 40k x 30k JPEG pyramid decode <= 1 % of level-0 pixels in < 1 s on "
         "2 cores (uniform LOD row).",
         "",
-        "| grid | mode | time s (runs) | open s | chunks | decoded Mpx | % of level-0 px | per level: samples, chunks, Mpx |",
+        "| grid | mode | time s (runs) | open s | chunks | decoded Mpx | % of level-0 px "
+        "| per level: samples, chunks, Mpx |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in b.runs:
@@ -654,7 +659,8 @@ def format_cluster_section(b: ClusterBench, command: str) -> str:
         f"Load average at the end: {b.load_after}. When other work already keeps the cores busy (load average "
         "near or above the CPU count), more worker processes than free cores only add contention.",
         "",
-        "| run | wall s | slides/h (wall) | batch s | slides/h (batch) | median s per slide | speed-up vs first row (wall) "
+        "| run | wall s | slides/h (wall) | batch s | slides/h (batch) | median s per slide "
+        "| speed-up vs first row (wall) "
         "| all runs: wall s |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -676,7 +676,7 @@ def format_fuzz_section(report: FuzzReport, command: str) -> str:
         secs = [r.seconds for r in rs]
         lines.append(f"| {cmd} | {len(rs)} | {_count_cells(report.counts(cmd))} | {statistics.median(secs):.3f} | "
                      f"{max(secs):.2f} | {max(r.max_rss_mib for r in rs):.0f} |")
-    lines += ["", f"Per mutation (outcome of `info`; failures count every command):", "",
+    lines += ["", "Per mutation (outcome of `info`; failures count every command):", "",
               "| mutation | cases | info ok | info refused | failures |", "|---|---|---|---|---|"]
     for kind in MUTATIONS:
         cs = [c for c in report.cases if c.kind == kind]

@@ -162,7 +162,8 @@ def info_command(ctx: click.Context, slides: tuple[str, ...], as_json: bool, mpp
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--chunk", type=click.IntRange(min=16), default=512, show_default=True, help="Chunk size in pixels.")
-@click.option("--ngff", "ngff_version", type=click.Choice(["0.4"]), default="0.4", show_default=True, help="NGFF version.")
+@click.option("--ngff", "ngff_version", type=click.Choice(["0.4"]), default="0.4", show_default=True,
+              help="NGFF version.")
 @click.option("--mpp", type=float, default=None,
               help=f"Override micrometres per level-0 pixel ({MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}).")
 def convert_command(slide: str, out: str, overwrite: bool, chunk: int, ngff_version: str, mpp: float | None) -> None:
@@ -328,7 +329,8 @@ def bench_cluster_command(size, slides, worker_counts, in_process, repeats, mode
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="Model file, measured as it is and with constant labels [default: rows for a fixed-seed "
                    "untrained tiny net (noisy labels: the tile writer's worst case), the same with constant labels, "
-                   "the shipped demo model and an untrained smp U-Net ResNet-34 (a typical net's sliding-window cost)].")
+                   "the shipped demo model and an untrained smp U-Net ResNet-34 "
+                   "(a typical net's sliding-window cost)].")
 @click.option("--window", type=click.IntRange(min=64), default=4096, show_default=True,
               help="Side of the square slide on which the sliding-window baseline is timed (then extrapolated).")
 @_bench_common
@@ -708,7 +710,8 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--sampler", type=click.Choice(["learned", "uniform", "edge"]), default=None,
               help="Learned deformation, or the uniform / oracle edge baselines [default: learned].")
 @click.option("--loss", type=click.Choice(["focal", "ce"]), default=None, help="Segmentation loss [default: focal].")
-@click.option("--gamma-edge", type=click.FloatRange(min=0), default=None, help="Edge-loss weight (the paper's is 100; 10 balances the two loss terms' gradients on "
+@click.option("--gamma-edge", type=click.FloatRange(min=0), default=None,
+              help="Edge-loss weight (the paper's is 100; 10 balances the two loss terms' gradients on "
                    "the deformation net, docs/benchmarks.md) [default: 10].")
 @click.option("--image-sampling", type=click.Choice(["lod", "bilinear"]), default=None,
               help="How regions are sampled at the grid in training: level of detail, as segment reads slides, "
@@ -728,7 +731,8 @@ def segment_command(ctx, slides, model_path, out_dir, overwrite, device, amp, re
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Batch size [default: 4]; batches hold regions of one shape, and a region alone in its batch "
                    "whose grid is too small for BatchNorm to train on one sample is left out, with a warning.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Adam learning rate [default: 1e-3].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Adam learning rate [default: 1e-3].")
 @click.option("--patience", type=click.IntRange(min=0), default=None,
               help="Early stopping after N epochs without improvement, 0 = never [default: 10].")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -774,7 +778,8 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     given = {
         "epochs": epochs, "out_size": _hw(out_size), "map_size": _hw(map_size), "hr_size": _hw(hr_size),
         "sampler": sampler,
-        "loss": loss, "gamma_edge": gamma_edge, "image_sampling": image_sampling, "edge_norm": edge_norm, "arch": arch, "encoder": encoder, "encoder_weights": encoder_weights,
+        "loss": loss, "gamma_edge": gamma_edge, "image_sampling": image_sampling, "edge_norm": edge_norm,
+        "arch": arch, "encoder": encoder, "encoder_weights": encoder_weights,
         "freeze_encoder_epochs": freeze_encoder_epochs, "batch_size": batch_size, "lr": lr,
         "patience": patience, "val_fraction": val_fraction, "seed": seed, "device": device,
     }
@@ -857,13 +862,15 @@ def demo_command(ctx, out_dir, device, overwrite, model_name) -> None:
               help="Output folder: eval.json, class_frequency.png, baselines/, sweep files.")
 @click.option("--json", "as_json", is_flag=True, help="Print eval.json instead of the table.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Regions per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Regions per forward pass.")
 @click.option("--compare", default=None, metavar="uniform,edge",
               help="Baselines to compare at the same budget; trained with the model's training config "
                    "(only the sampler changed) into OUT/baselines/NAME unless given with --baseline.")
 @click.option("--baseline", "baseline_specs", multiple=True, metavar="NAME=PATH",
               help="Ready baseline model file (repeatable), e.g. uniform=runs/uniform/model.safetensors.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs for trained baselines [default: the model's].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs for trained baselines [default: the model's].")
 @click.option("--sweep", default=None, metavar="32,48,64,96",
               help="Cost-performance sweep: output sizes (N or WIDTHxHEIGHT); learned (joint loss), learned "
                    "(single loss: no edge term), uniform and edge are trained at each into OUT/sweep/METHOD-WxH "

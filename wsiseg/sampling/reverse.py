@@ -298,7 +298,8 @@ def inverse_map(
         )
         cx = cx.reshape(1, -1).to(dtype=dtype, device=device).expand(b, -1)
         cy = cy.reshape(1, -1).to(dtype=dtype, device=device).expand(b, -1)
-        r, c = _solve(g, cx, cy, *_first_guess(g, cx, cy), max_iter, tol)
+        r0, c0 = _first_guess(g, cx, cy)
+        r, c = _solve(g, cx, cy, r0, c0, max_iter, tol)
         coarse = torch.stack([r, c], dim=1).reshape(b, 2, ch, cw)
     out = torch.empty(b, rh * rw, 2, dtype=dtype, device=device)
     for s in range(0, rh * rw, chunk):

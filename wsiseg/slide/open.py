@@ -812,7 +812,10 @@ def _raise_if_corrupt(records, p: Path) -> None:
 
 
 def _check_tiff_extent(p: Path, tif, levels) -> None:
-    """Refuse files whose tile/strip data lies past the end of the file (truncated), or whose offsets and byte counts differ in number."""
+    """Refuse files whose tile/strip data lies past the end of the file (truncated).
+
+    Also those whose offsets and byte counts differ in number.
+    """
     size = tif.filehandle.size
     for i, lv in enumerate(levels):
         for page in lv.pages:
