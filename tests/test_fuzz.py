@@ -14,7 +14,6 @@ import os
 import random
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -23,7 +22,15 @@ tifffile = pytest.importorskip("tifffile")
 
 from wsiseg.bench_fuzz import FAILURES, ForkServer, Run, classify  # noqa: E402
 from wsiseg.cli import main  # noqa: E402
-from wsiseg.fuzz import MUTATIONS, _m_ifd_loop, _m_swap_tiles, find_sources, make_case, parse_tiff, write_case  # noqa: E402
+from wsiseg.fuzz import (  # noqa: E402
+    MUTATIONS,
+    _m_ifd_loop,
+    _m_swap_tiles,
+    find_sources,
+    make_case,
+    parse_tiff,
+    write_case,
+)
 
 TIFFS = ["CMU-1-Small-Region.svs", "boxes.tiff", "rgba_geotiff.tiff", "small.svs", "test_orient0.tif",
          "yb10kx5k.zstd.tiff"]
@@ -84,7 +91,7 @@ def test_cases_are_deterministic_cover_everything_and_change_the_file(sources):
     assert len(kinds_per_source) == 40  # the first cases already mix sources and kinds
 
 
-def test_ifd_loop_and_swap_tiles_do_what_they_say(slides_dir):
+def test_ifd_loop_and_swap_tiles_do_what_they_say(slides_dir, tmp_path):
     data = (slides_dir / "boxes.tiff").read_bytes()
     tmap = parse_tiff(data)
     looped = bytearray(data)
@@ -94,16 +101,12 @@ def test_ifd_loop_and_swap_tiles_do_what_they_say(slides_dir):
     assert len(parse_tiff(bytes(looped)).ifds) == last + 1  # the walk stopped where the chain came back
     swapped = bytearray(data)
     text = _m_swap_tiles(swapped, tmap, random.Random(5))
-    path_a, path_b = Path("a.tiff"), Path("b.tiff")
-    try:
-        path_a.write_bytes(data)
-        path_b.write_bytes(bytes(swapped))
-        with tifffile.TiffFile(path_a) as a, tifffile.TiffFile(path_b) as b:
-            changed = [(i, pa.dataoffsets, pb.dataoffsets) for i, (pa, pb) in enumerate(zip(a.pages, b.pages))
-                       if pa.dataoffsets != pb.dataoffsets]
-    finally:
-        path_a.unlink()
-        path_b.unlink()
+    path_a, path_b = tmp_path / "a.tiff", tmp_path / "b.tiff"
+    path_a.write_bytes(data)
+    path_b.write_bytes(bytes(swapped))
+    with tifffile.TiffFile(path_a) as a, tifffile.TiffFile(path_b) as b:
+        changed = [(i, pa.dataoffsets, pb.dataoffsets) for i, (pa, pb) in enumerate(zip(a.pages, b.pages))
+                   if pa.dataoffsets != pb.dataoffsets]
     assert len(changed) == 1, text
     i, before, after = changed[0]
     assert f"IFD {i}:" in text and sorted(before) == sorted(after)
@@ -258,7 +261,12 @@ def test_fuzz_long_run_has_no_failures(slides_dir, tmp_path):
 
 
 def test_section_counts_outcomes_and_quoted_exceptions():
-    from wsiseg.bench_fuzz import CaseResult, CommandResult, FuzzReport, format_fuzz_section
+    from wsiseg.bench_fuzz import (
+        CaseResult,
+        CommandResult,
+        FuzzReport,
+        format_fuzz_section,
+    )
 
     machine = {"platform": "p", "processor": "x", "cpus": "2", "ram_gib": 1, "date": "d", "load": "0", "versions": "v"}
     report = FuzzReport(0, 0, ("info", "convert"), 10, 60.0, 4096, ("boxes.tiff",), machine=machine, seconds=3.0)

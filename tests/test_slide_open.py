@@ -572,16 +572,21 @@ def test_check_tiles():
     assert _openslide_tile(props, 0) == (512, 0) and _openslide_tile(props, 1) == (0, 0)
 
 
-# Found by `wsiseg bench fuzz` (seed 0, cases 15, 139, 921): wsiseg's own checks raised on hostile tag
-# values (AttributeError, ValueError, IndexError) and the last-resort catch turned that into "cannot read
-# TIFF (IndexError: boolean index did not match ...)" instead of saying what is wrong with the file.
+# Found by `wsiseg bench fuzz` (seed 0, cases 15, 139, 491, 595, 708, 921): wsiseg's own checks raised on
+# hostile tag values (AttributeError, ValueError, TypeError, IndexError, OverflowError) and the last-resort
+# catch turned that into "cannot read TIFF (IndexError: boolean index did not match ...)" instead of saying
+# what is wrong with the file.
 @pytest.mark.parametrize(
     ("name", "ifd", "code", "edit", "words"),
     [
         # tifffile's reader declines the unknown photometric (by its number) and OpenSlide says why it cannot
         ("rgba_geotiff.tiff", 0, 262, {"value": 481986}, "OpenSlide cannot open this generic-tiff slide: Cannot get "
                                                           "required TIFF tag: 262"),
-        ("yb10kx5k.zstd.tiff", 0, 259, {"typ": 7}, "corrupt TIFF: compression b'P' is not a number"),
+        ("yb10kx5k.zstd.tiff", 0, 259, {"typ": 7}, "corrupt TIFF: Compression b'P' is not an integer"),
+        ("test_orient3.tif", 1, 322, {"typ": 1}, "corrupt TIFF: level 1 TileWidth b'@' is not an integer"),
+        ("rgba_geotiff.tiff", 0, 322, {"typ": 5}, "corrupt TIFF: level 0 TileWidth (0, 3489660928) is not an integer"),
+        # tile offsets read as LONG8: past 2**63, an OverflowError in int64
+        ("boxes.tiff", 0, 324, {"typ": 16}, "truncated file: level 0 image data ends at byte 1"),
         ("boxes.tiff", 0, 325, {"count": 255}, "corrupt TIFF: level 0 has 20 tile offsets but 255 byte counts"),
         ("boxes.tiff", 0, 324, {"count": 19}, "corrupt TIFF: level 0 has 19 tile offsets but 20 byte counts"),
     ],
@@ -593,7 +598,7 @@ def test_hostile_tag_values_are_described_not_an_exception(slides_dir, tmp_path,
     msg = str(err.value)
     assert msg.startswith(f"{path}: ") and "\n" not in msg
     assert words in msg, msg
-    assert not isinstance(err.value.__cause__, (AttributeError, ValueError, IndexError, TypeError)), msg
+    assert not isinstance(err.value.__cause__, (AttributeError, ValueError, IndexError, TypeError, OverflowError)), msg
 
 
 def test_unknown_photometric_is_named_by_its_number(slides_dir, tmp_path):

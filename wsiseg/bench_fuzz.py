@@ -59,9 +59,9 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from wsiseg.fuzz import MUTATIONS, Source, find_sources, make_case, write_case
 
@@ -510,6 +510,27 @@ class FuzzReport:
         return asdict(self)
 
 
+def _run_case(server: ForkServer, slide: str, folder: Path, convert: bool, segment: bool, timeout: float,
+              memory: int) -> tuple[CommandResult, ...]:
+    """``info`` on one written case, then ``convert`` (when asked and info opened it) and ``segment`` (when asked)."""
+    results = []
+
+    def run(command: str, argv: list[str], out_dir: Path | None = None) -> str:
+        r = server.run("wsiseg.bench_fuzz:run_cli", [argv], cwd=folder, timeout=timeout, memory=memory)
+        outcome, detail = classify(r, slide, command, out_dir)
+        results.append(CommandResult(command, outcome, detail, r.seconds, r.max_rss_mib, r.returncode))
+        return outcome
+
+    opened = run("info", ["info", slide]) == "ok"
+    if convert and opened:
+        run("convert", ["convert", slide, str(folder / "out.zarr")])
+    if segment:
+        seg = folder / "segment"
+        run("segment", ["segment", slide, "--model", "demo", "--out", str(seg), "--progress", "none",
+                        "--device", "cpu"], seg)
+    return tuple(results)
+
+
 def run_fuzz(
     sources: Sequence[Source] | str | os.PathLike,
     *,
@@ -582,22 +603,9 @@ def run_fuzz(
             folder = root / case.label
             shutil.rmtree(folder, ignore_errors=True)
             slide = str(write_case(case, folder).resolve())
-            results = []
-
-            def run(command: str, argv: list[str], out_dir: Path | None = None) -> str:
-                r = server.run("wsiseg.bench_fuzz:run_cli", [argv], cwd=folder, timeout=timeout, memory=memory)
-                outcome, detail = classify(r, slide, command, out_dir)
-                results.append(CommandResult(command, outcome, detail, r.seconds, r.max_rss_mib, r.returncode))
-                return outcome
-
-            opened = run("info", ["info", slide]) == "ok"
-            if "convert" in commands and opened:
-                run("convert", ["convert", slide, str(folder / "out.zarr")])
-            if "segment" in commands and segments(index, segment_every):
-                seg = folder / "segment"
-                run("segment", ["segment", slide, "--model", "demo", "--out", str(seg), "--progress", "none",
-                                "--device", "cpu"], seg)
-            result = CaseResult(index, case.source.name, case.kind, case.description, tuple(results))
+            segment = "segment" in commands and segments(index, segment_every)
+            results = _run_case(server, slide, folder, "convert" in commands, segment, timeout, memory)
+            result = CaseResult(index, case.source.name, case.kind, case.description, results)
             report.cases.append(result)
             if result.failed:
                 for r in result.results:

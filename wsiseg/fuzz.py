@@ -20,13 +20,13 @@ from __future__ import annotations
 import random
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 __all__ = [
-    "Case",
     "MUTATIONS",
+    "Case",
     "Source",
     "TiffEntry",
     "TiffIfd",

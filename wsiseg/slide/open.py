@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import os
 import re
 import stat
@@ -732,21 +733,18 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
         raise
 
     try:
-        dims = [(int(kf.imagewidth), int(kf.imagelength)) for kf in keyframes]
+        dims = [(_tiff_int(kf.imagewidth, f"level {i} ImageWidth", p),
+                 _tiff_int(kf.imagelength, f"level {i} ImageLength", p)) for i, kf in enumerate(keyframes)]
         _check_dimensions(dims, p)
-        _check_tiles([(int(kf.tilewidth), int(kf.tilelength)) for kf in keyframes], p)
+        _check_tiles([(_tiff_int(kf.tilewidth, f"level {i} TileWidth", p),
+                       _tiff_int(kf.tilelength, f"level {i} TileLength", p)) for i, kf in enumerate(keyframes)], p)
         ome_xml = tif.ome_metadata if tif.is_ome else None
         try:
             layout = _tiff_layout(series, keyframes[0], ome_xml)
         except _Refused as exc:
             raise SlideError(f"refused: {exc}", p) from None
         _check_tiff_extent(p, tif, levels)
-        compression = keyframes[0].compression
-        try:
-            compression = int(compression)
-        except (TypeError, ValueError):  # a Compression tag whose type was damaged holds bytes or text
-            raise SlideError(f"corrupt TIFF: compression {compression!r} is not a number", p) from None
-        if compression == 33003:
+        if _tiff_int(keyframes[0].compression, "Compression", p) == 33003:
             # Aperio YCbCr JPEG 2000: the codestream does not flag the colour
             # transform; OpenSlide applies it, tifffile would return YCbCr.
             raise _NotReadable("Aperio YCbCr JPEG 2000 tiles need OpenSlide's colour conversion")
@@ -811,6 +809,23 @@ def _raise_if_corrupt(records, p: Path) -> None:
             raise SlideError(f"truncated or corrupt TIFF ({one_line(msg)})", p)
 
 
+def _tiff_int(value, what: str, p: Path) -> int:
+    """A TIFF tag value that must be a whole number, as an int.
+
+    Raises
+    ------
+    SlideError
+        Damage to the tag's type made it bytes, text, a fraction or a list:
+        ``corrupt TIFF: <what> <value> is not an integer``.
+    """
+    try:
+        return operator.index(value)
+    except TypeError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise SlideError(f"corrupt TIFF: {what} {shown} is not an integer", p) from None
+
+
 def _check_tiff_extent(p: Path, tif, levels) -> None:
     """Refuse files whose tile/strip data lies past the end of the file (truncated).
 
@@ -821,8 +836,11 @@ def _check_tiff_extent(p: Path, tif, levels) -> None:
         for page in lv.pages:
             if page is None:
                 continue
-            offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-            counts = np.asarray(page.databytecounts, dtype=np.int64)
+            try:  # as floats: damaged tags may claim offsets past 2**63, and their sums past 2**64
+                offsets = np.asarray(page.dataoffsets, dtype=np.float64)
+                counts = np.asarray(page.databytecounts, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise SlideError(f"corrupt TIFF: level {i} tile offsets or byte counts are not numbers", p) from None
             if offsets.size != counts.size:
                 raise SlideError(
                     f"corrupt TIFF: level {i} has {offsets.size} tile offsets but {counts.size} byte counts", p
