@@ -12,7 +12,16 @@ from wsiseg.metrics import ConfusionMatrix, upsampling_error
 from wsiseg.sampling.coords import uniform_grid
 from wsiseg.sampling.edges import edge_density
 from wsiseg.sampling.grid import density_to_grid
-from wsiseg.sampling.reverse import grid_at_index, inverse_map, lookup_linear, lookup_nearest, reverse_sample
+from wsiseg.sampling.reverse import (
+    _augment,
+    _newton_inverse,
+    _scan_inverse,
+    grid_at_index,
+    inverse_map,
+    lookup_linear,
+    lookup_nearest,
+    reverse_sample,
+)
 from wsiseg.sampling.sample import downsample_labels, sample_image, sample_labels
 
 FAST = settings(deadline=None, max_examples=50)
@@ -219,6 +228,12 @@ def test_reverse_on_deformed_grid_matches_brute_force(seed, h, w, sigma, contras
     want = pred[0, ib[..., 0].clamp(0, h - 1), ib[..., 1].clamp(0, w - 1)]
     clear = ((brute - torch.floor(brute) - 0.5).abs() > 1e-6).all(dim=-1)
     assert torch.equal(got[clear], want[clear])
+    # 4. without folds every centre lies in a cell, whose closed form gives it; Newton's method
+    # (still used near folded cells) solves the same equation to its tolerance
+    g, window = _augment(grid), (0, 0, oh, ow)
+    assert _scan_inverse(g.numpy(), (oh, ow), window, 1e-9, 1 << 20)[1].all()
+    newton = _newton_inverse(g, (oh, ow), window, torch.arange(oh * ow), 30, 1e-9, 1 << 20) - 1.0
+    assert torch.allclose(idx, newton.reshape(oh, ow, 2), atol=1e-6)
 
 
 def test_inverse_map_handles_clamped_border_nodes():
@@ -261,14 +276,63 @@ def test_inverse_map_degenerate_grid_sizes():
         assert torch.allclose(idx[0, 0, :, 1], cols, atol=1e-5)
 
 
-def test_large_output_uses_coarse_guess_and_stays_exact():
+def test_large_output_stays_exact():
     grid = random_grid(7, 12, 10, 2.0, 1.0)
-    idx = inverse_map(grid, (300, 257))  # > 4x the coarse raster: coarse-to-fine path
+    idx = inverse_map(grid, (300, 257))  # many output pixels per cell
     back = grid_at_index(grid, idx)
     err = ((back - uniform_grid(300, 257, dtype=F64)) * torch.tensor([10, 12])).abs().max()
     assert err < 1e-6
-    small = inverse_map(grid, (300, 257), region=(100, 100, 20, 20))  # direct path
+    small = inverse_map(grid, (300, 257), region=(100, 100, 20, 20))  # a window of it
     assert torch.allclose(small, idx[:, 100:120, 100:120], atol=1e-6)
+
+
+def folded_grid(h: int = 6, w: int = 7) -> torch.Tensor:
+    """A uniform grid with one node pushed past its right-hand neighbour: its cells fold."""
+    g = uniform_grid(h, w, dtype=F64).clone()
+    g[2, 3, 0] = g[2, 4, 0] + 0.3 / w
+    return g[None]
+
+
+@pytest.mark.parametrize("size", [(30, 35), (200, 180)])  # the larger one: Newton from a coarse raster
+def test_folded_cells_keep_the_newton_solution(size):
+    # Folded cells overlap others: a pixel centre they may cover can have several preimages, so it
+    # gets Newton's best effort, as before. Every other centre has one, the closed form's. An
+    # unfolded grid in the same batch is not affected.
+    oh, ow = size
+    grid = folded_grid()
+    ring = mirrored_ring(grid[0].numpy())
+    assert folds(torch.from_numpy(ring)[None]) > 0
+    g = _augment(grid)
+    _, claimed = _scan_inverse(g.numpy(), size, (0, 0, oh, ow), 1e-9, 1 << 20)
+    claimed = claimed.reshape(oh, ow)
+    near_fold = np.zeros(size, bool)
+    px = ring * [ow, oh] - 0.5  # pixel (i, j) has its centre at (j, i)
+    for i in range(ring.shape[0] - 1):
+        for j in range(ring.shape[1] - 1):
+            if folds(torch.from_numpy(ring[i : i + 2, j : j + 2])[None]):
+                c = px[i : i + 2, j : j + 2].reshape(-1, 2)
+                lo, hi = np.ceil(c.min(0)).astype(int), np.floor(c.max(0)).astype(int)
+                near_fold[max(lo[1], 0) : hi[1] + 1, max(lo[0], 0) : hi[0] + 1] = True
+    assert near_fold.any() and not claimed[near_fold].any()
+    assert claimed.mean() > 0.8  # the rest of the map is solved in closed form
+    rc = _newton_inverse(g, size, (0, 0, oh, ow), torch.arange(oh * ow), 30, 1e-9, 1 << 20) - 1.0
+    newton = torch.stack([rc[:, 0].clamp(-0.5, 5.5), rc[:, 1].clamp(-0.5, 6.5)], dim=-1).reshape(oh, ow, 2)
+    smooth = random_grid(2, 6, 7, 2.0, 1.0)
+    both = inverse_map(torch.cat([grid, smooth]), size)
+    unclaimed = torch.from_numpy(~claimed)
+    assert torch.equal(both[0][unclaimed], newton[unclaimed])
+    assert torch.allclose(both[0], newton, atol=1e-9)
+    assert torch.equal(both[1:], inverse_map(smooth, size))
+
+
+def test_inverse_map_chunks_change_nothing():
+    # Candidates are processed in chunks that split cells; centres on shared cell edges
+    # (a uniform grid at an odd factor has them) go to the same cell whatever the chunk.
+    grids = torch.cat([random_grid(5, 9, 11, 2.0, 1.5), uniform_grid(9, 11, dtype=F64)[None]])
+    full = inverse_map(grids, (90, 77))
+    for chunk in (13, 101):
+        assert torch.equal(inverse_map(grids, (90, 77), chunk=chunk), full)
+    assert torch.equal(inverse_map(grids[1:], (90, 77)), full[1:])
 
 
 # ---------------------------------------------------------------- real labels (BCSS)

@@ -13,23 +13,32 @@ output pixel centre ``p`` (see :mod:`wsiseg.sampling.coords`)
 ``[-0.5, h - 0.5] x [-0.5, w - 0.5]``. On a uniform grid this is exactly the
 convention's read-back index ``(x + 0.5) * w / W - 0.5``.
 
-Method (no global scatter-and-fill): an initial guess from inverting the
-separable 1-D marginals (mean node ``x`` per column, mean node ``y`` per
-row; both monotone) -- for large outputs, instead, from interpolating the
-inverse solved first on a raster twice the grid's size -- then Newton
-iterations on the piecewise bilinear map,
-re-selecting the cell that contains the current estimate at every step,
-with step halving when the residual grows and, in collapsed cells (nodes
-clamped together at a border), a half-cell step in the direction that
-monotonicity implies. Only unconverged points keep iterating; queries are
-processed in chunks, so memory is bounded whatever ``out_size`` is.
+Method: scan conversion, at the cost of the output. Each cell of the
+(augmented) grid is a quadrilateral in the image; the output pixel centres
+in its bounding box are tested against it, and the bilinear map is
+inverted in closed form there (a quadratic; see :func:`_scan_inverse`). A
+centre inside the cell (within the tolerance) takes that solution. The work
+is a few array operations per output pixel, whatever the grid's
+deformation; candidates are processed in chunks, so memory is bounded
+whatever ``out_size`` is. (Newton iterations from interpolated first
+guesses, the method before, cost several times as much: see the notes on
+issue 12 in ``docs/benchmarks.md``.)
 
-The solution is unique and found wherever the grid does not fold (cells
-stay convex and consistently oriented), which holds for the Gaussian
-attraction of :mod:`wsiseg.sampling.grid` at moderate density contrast.
-Extreme contrast with a small kernel can fold a few cells; there the map
-has no unique inverse and the returned index is the last Newton iterate
-(best effort, not guaranteed to be the nearest node).
+The solution is unique wherever the grid does not fold (cells stay convex
+and consistently oriented), which holds for the Gaussian attraction of
+:mod:`wsiseg.sampling.grid` at moderate density contrast. Extreme contrast
+with a small kernel can fold a few cells; a pixel centre such a cell may
+cover (its bounding box) can have several preimages, and gets Newton's
+method as before: an initial guess from inverting the separable 1-D
+marginals (mean node ``x`` per column, mean node ``y`` per row; both
+monotone) -- for large outputs, instead, from interpolating the inverse
+solved on a raster twice the grid's size -- then Newton iterations on the
+piecewise bilinear map, re-selecting the cell that contains the current
+estimate at every step, with step halving when the residual grows and, in
+collapsed cells (nodes clamped together at a border), a half-cell step in
+the direction that monotonicity implies. There the returned index is the
+last Newton iterate (best effort, not guaranteed to be the nearest node).
+Every other centre has exactly one preimage, the closed form's.
 
 Read-back
 ---------
@@ -46,6 +55,7 @@ interpolate the index map to a tile's pixels before the lookup.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -226,6 +236,175 @@ def _first_guess(grid, px, py):
     return _invert_1d(my, py), _invert_1d(mx, px)
 
 
+def _folded(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``(B, h-1, w-1)`` bool: cells of the node grid ``(x, y)`` ``(B, h, w)`` turning the wrong way at a corner.
+
+    Collinear corners (nodes clamped together at a border) are not folds:
+    such cells stay convex.
+    """
+    x00, x01, x10, x11 = x[:, :-1, :-1], x[:, :-1, 1:], x[:, 1:, :-1], x[:, 1:, 1:]
+    y00, y01, y10, y11 = y[:, :-1, :-1], y[:, :-1, 1:], y[:, 1:, :-1], y[:, 1:, 1:]
+    # corners in turn: p00 -> p01 -> p11 -> p10
+    ring = ((x00, y00), (x01, y01), (x11, y11), (x10, y10))
+    folded = np.zeros(x00.shape, bool)
+    for k in range(4):
+        (ax, ay), (bx, by), (cx, cy) = ring[k], ring[(k + 1) % 4], ring[(k + 2) % 4]
+        folded |= (bx - ax) * (cy - by) - (by - ay) * (cx - bx) < 0
+    return folded
+
+
+#: Owner of the pixels a folded cell may cover: above every candidate number, so it always wins.
+_FOLD = np.iinfo(np.int64).max
+
+
+def _scan_inverse(nodes: np.ndarray, out_size, region, tol: float, chunk: int):
+    """Closed-form inverse of every cell at the output pixel centres inside it (scan conversion).
+
+    ``nodes`` is the augmented grid ``(B, h, w, 2)`` (float64). Each cell is
+    a quadrilateral; the pixel centres in its bounding box are candidates.
+    Eliminating ``a`` from ``p00 + b e + a (v + b f) = p`` leaves
+    ``qa b^2 + qb b + qc = 0``; of its two roots the one inside a
+    consistently oriented (convex) cell is where the Jacobian
+    ``cross(e + a f, v + b f) = -(2 qa b + qb)`` is positive, i.e.
+    ``(-qb - sqrt(disc)) / (2 qa)``, taken in the cancellation-free form so
+    near-parallelogram cells (``qa ~ 0``) keep it. A candidate is claimed
+    when its ``(a, b)`` lies in the unit square and maps back onto the
+    centre, both within ``tol`` cell units. The work is a few operations per
+    output pixel, not per pixel and Newton iteration.
+
+    Folded cells overlap others, so a centre they may cover can have several
+    preimages: every centre in a folded cell's bounding box is left
+    unclaimed. Any other centre has exactly one (the map has degree one and
+    its other cells keep their orientation), which is the claimed one.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        ``(B, height * width, 2)`` float64 augmented-grid indices, and
+        ``(B, height * width)`` bool: claimed by a cell.
+    """
+    hh, ww = out_size
+    top, left, rh, rw = region
+    b, h, w, _ = nodes.shape
+    # Node positions in window pixels: the window's pixel (i, j) has its centre at (j, i).
+    x = nodes[..., 0] * ww - (left + 0.5)
+    y = nodes[..., 1] * hh - (top + 0.5)
+    x00, x01, x10, x11 = x[:, :-1, :-1], x[:, :-1, 1:], x[:, 1:, :-1], x[:, 1:, 1:]
+    y00, y01, y10, y11 = y[:, :-1, :-1], y[:, :-1, 1:], y[:, 1:, :-1], y[:, 1:, 1:]
+    # A cell lies in the convex hull of its corners (a bilinear patch does), so in their bounding box.
+    slack = 1e-6
+    x0 = np.maximum(np.ceil(np.minimum(np.minimum(x00, x01), np.minimum(x10, x11)) - slack), 0)
+    x1 = np.minimum(np.floor(np.maximum(np.maximum(x00, x01), np.maximum(x10, x11)) + slack), rw - 1)
+    y0 = np.maximum(np.ceil(np.minimum(np.minimum(y00, y01), np.minimum(y10, y11)) - slack), 0)
+    y1 = np.minimum(np.floor(np.maximum(np.maximum(y00, y01), np.maximum(y10, y11)) + slack), rh - 1)
+    nx = np.maximum(x1 - x0 + 1, 0)
+    count = (nx * np.maximum(y1 - y0 + 1, 0)).astype(np.int64).ravel()
+    ends = np.cumsum(count)
+    starts = ends - count
+    plane = rh * rw
+    ii, jj = np.meshgrid(np.arange(h - 1.0), np.arange(w - 1.0), indexing="ij")
+    # Per cell, one row per quantity (repeated per candidate below): first candidate, columns,
+    # first candidate's position relative to p00, e = p01 - p00, v = p10 - p00,
+    # f = p11 - p10 - p01 + p00, the quadratic's qa and cross(e, v), first candidate's flat
+    # pixel index, the cell's (row, col) in the augmented grid, and whether it folds.
+    ex, ey, vx, vy = x01 - x00, y01 - y00, x10 - x00, y10 - y00
+    fx, fy = x11 - x10 - ex, y11 - y10 - ey
+    base = np.arange(b)[:, None, None] * plane + y0 * rw + x0
+    tab = np.stack(np.broadcast_arrays(
+        starts.reshape(x00.shape), nx, x0 - x00, y0 - y00, ex, ey, vx, vy, fx, fy,
+        fx * ey - fy * ex, ex * vy - ey * vx, base, ii, jj, _folded(x, y),
+    )).reshape(16, -1)
+    # residuals in uniform-cell units, as in _solve
+    sx, sy = (w - 2) / ww, (h - 2) / hh
+    out = np.empty((b * plane, 2))
+    owner = np.full(b * plane, -1, np.int64)  # claiming candidate of each pixel, or _FOLD
+    total = int(ends[-1])
+    for s in range(0, total, chunk):
+        e = min(s + chunk, total)
+        c0, c1 = int(np.searchsorted(ends, s, side="right")), int(np.searchsorted(ends, e - 1, side="right")) + 1
+        part = np.minimum(ends[c0:c1], e) - np.maximum(starts[c0:c1], s)
+        start, ncol, ox, oy, ex, ey, vx, vy, fx, fy, qa, cev, base, ci, cj, fold = np.repeat(
+            tab[:, c0:c1], part, axis=1
+        )
+        loc = np.arange(s, e, dtype=np.float64) - start
+        row = np.floor(loc / ncol)  # exact: small integers in float64
+        col = loc - row * ncol
+        qx, qy = ox + col, oy + row
+        qb = qx * fy - qy * fx - cev
+        qc = qx * vy - qy * vx
+        qq = -0.5 * (qb + np.copysign(np.sqrt(np.maximum(qb * qb - 4.0 * qa * qc, 0.0)), qb))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rb = np.where(qb >= 0, qq / qa, qc / qq)  # inf or nan in degenerate cells: not claimed
+            dx, dy = vx + rb * fx, vy + rb * fy
+            tx, ty = qx - rb * ex, qy - rb * ey
+            ra = (tx * dx + ty * dy) / (dx * dx + dy * dy)
+            err = np.maximum(np.abs(tx - ra * dx) * sx, np.abs(ty - ra * dy) * sy)
+            ok = (ra >= -tol) & (ra <= 1.0 + tol) & (rb >= -tol) & (rb <= 1.0 + tol) & (err <= tol)
+        fold = fold != 0
+        sel = np.flatnonzero(ok | fold)
+        pid = (base[sel] + row[sel] * rw + col[sel]).astype(np.int64)
+        # A centre on a shared edge is claimed by each cell there (the same index up to
+        # rounding): the last candidate wins, whatever order numpy assigns in.
+        np.maximum.at(owner, pid, np.where(fold[sel], _FOLD, s + sel))
+        keep = owner[pid] == s + sel
+        sel, pid = sel[keep], pid[keep]
+        out[pid, 0] = ci[sel] + ra[sel]
+        out[pid, 1] = cj[sel] + rb[sel]
+    return out.reshape(b, plane, 2), ((owner >= 0) & (owner != _FOLD)).reshape(b, plane)
+
+
+def _newton_inverse(g, out_size, region, points, max_iter, tol, chunk):
+    """Newton's method for the output pixels ``points`` (flat indices into ``region``) of one grid.
+
+    ``g`` is the augmented ``(1, h, w, 2)`` grid. The first guess comes from
+    the separable marginals or, for a large ``region``, from interpolating
+    the inverse solved first on a raster twice the grid's size (at the
+    raster nodes the points interpolate from, each solved as if all were).
+    Returns ``(len(points), 2)`` augmented-grid indices, dtype of ``g``.
+    """
+    hh, ww = out_size
+    top, left, rh, rw = region
+    _, h, w, _ = g.shape
+    dtype, device = g.dtype, g.device
+    points = points.to(device)
+    qy = ((top + torch.div(points, rw, rounding_mode="floor")).double() + 0.5) / hh
+    qx = ((left + points % rw).double() + 0.5) / ww
+    # Coarse to fine: the inverse is smooth, so interpolating it from a raster about
+    # twice the grid's size gives each point a first guess a step or two from the answer.
+    ch, cw = min(hh, 2 * (h - 2)), min(ww, 2 * (w - 2))
+    coarse = None
+    if rh * rw > 4 * ch * cw:
+        # the raster nodes around each point (one more each side than bilinear reads, for rounding)
+        iy = torch.floor(qy * ch - 0.5).long()
+        ix = torch.floor(qx * cw - 0.5).long()
+        need = torch.zeros(ch, cw, dtype=torch.bool, device=device)
+        for dy in (-1, 0, 1, 2):
+            for dx in (-1, 0, 1, 2):
+                need[(iy + dy).clamp(0, ch - 1), (ix + dx).clamp(0, cw - 1)] = True
+        nodes = torch.nonzero(need.reshape(-1)).squeeze(1)
+        cy = ((torch.div(nodes, cw, rounding_mode="floor")).double() + 0.5) / ch
+        cx = ((nodes % cw).double() + 0.5) / cw
+        cx, cy = cx.to(dtype)[None], cy.to(dtype)[None]
+        r, c = _solve(g, cx, cy, *_first_guess(g, cx, cy), max_iter, tol)
+        coarse = torch.zeros(2, ch * cw, dtype=dtype, device=device)
+        coarse[0, nodes], coarse[1, nodes] = r[0], c[0]
+        coarse = coarse.reshape(1, 2, ch, cw)
+    qx, qy = qx.to(dtype)[None], qy.to(dtype)[None]
+    out = torch.empty(points.numel(), 2, dtype=dtype, device=device)
+    for s in range(0, points.numel(), chunk):
+        px, py = qx[:, s : s + chunk], qy[:, s : s + chunk]
+        if coarse is None:
+            r0, c0 = _first_guess(g, px, py)
+        else:
+            pos = to_torch_grid(torch.stack([px, py], dim=-1)).unsqueeze(1)
+            rc = F.grid_sample(coarse, pos, mode="bilinear", padding_mode="border", align_corners=False)
+            r0, c0 = rc[:, 0, 0], rc[:, 1, 0]
+        r, c = _solve(g, px, py, r0, c0, max_iter, tol)
+        out[s : s + chunk, 0] = r[0]
+        out[s : s + chunk, 1] = c[0]
+    return out
+
+
 def inverse_map(
     grid: torch.Tensor,
     out_size: tuple[int, int],
@@ -247,13 +426,14 @@ def inverse_map(
         ``(top, left, height, width)`` sub-rectangle of that raster to
         evaluate (pixel units); default the whole raster.
     max_iter : int
-        Newton iterations at most.
+        Newton iterations at most (pixels no cell claims).
     tol : float, optional
-        Convergence tolerance on the residual, in uniform-cell units;
-        default ``1e-4`` (float32) or ``1e-9`` (float64), raised to
-        ``32 * eps * max(h, w)`` for large grids.
+        Tolerance on the residual, in uniform-cell units, and on a claimed
+        pixel's position in its cell; default ``1e-4`` (float32) or
+        ``1e-9`` (float64), raised to ``32 * eps * max(h, w)`` for large grids.
     chunk : int
-        Query points per batch element processed at once (bounds memory).
+        Candidate pixels (or Newton query points) processed at once (bounds
+        memory).
 
     Returns
     -------
@@ -279,41 +459,19 @@ def inverse_map(
         eps = torch.finfo(grid.dtype).eps
         tol = max(1e-4 if grid.dtype != torch.float64 else 1e-9, 32 * eps * max(h, w))
     g = _augment(grid.detach())
-    dtype, device = grid.dtype, grid.device
-    ys = (torch.arange(top, top + rh, dtype=torch.float64) + 0.5) / hh
-    xs = (torch.arange(left, left + rw, dtype=torch.float64) + 0.5) / ww
-    qy, qx = torch.meshgrid(ys, xs, indexing="ij")
-    qx = qx.reshape(1, -1).to(dtype=dtype, device=device).expand(b, -1)
-    qy = qy.reshape(1, -1).to(dtype=dtype, device=device).expand(b, -1)
-    # Coarse to fine: solve on a raster about twice the grid's size first;
-    # interpolating that (smooth) inverse gives fine queries a first guess a
-    # Newton step or two from the answer.
-    ch, cw = min(hh, 2 * h), min(ww, 2 * w)
-    coarse = None
-    if rh * rw > 4 * ch * cw:
-        cy, cx = torch.meshgrid(
-            (torch.arange(ch, dtype=torch.float64) + 0.5) / ch,
-            (torch.arange(cw, dtype=torch.float64) + 0.5) / cw,
-            indexing="ij",
-        )
-        cx = cx.reshape(1, -1).to(dtype=dtype, device=device).expand(b, -1)
-        cy = cy.reshape(1, -1).to(dtype=dtype, device=device).expand(b, -1)
-        r0, c0 = _first_guess(g, cx, cy)
-        r, c = _solve(g, cx, cy, r0, c0, max_iter, tol)
-        coarse = torch.stack([r, c], dim=1).reshape(b, 2, ch, cw)
-    out = torch.empty(b, rh * rw, 2, dtype=dtype, device=device)
-    for s in range(0, rh * rw, chunk):
-        e = min(s + chunk, rh * rw)
-        px, py = qx[:, s:e], qy[:, s:e]
-        if coarse is None:
-            r0, c0 = _first_guess(g, px, py)
-        else:
-            pos = to_torch_grid(torch.stack([px, py], dim=-1)).unsqueeze(1)
-            rc = F.grid_sample(coarse, pos, mode="bilinear", padding_mode="border", align_corners=False)
-            r0, c0 = rc[:, 0, 0], rc[:, 1, 0]
-        r, c = _solve(g, px, py, r0, c0, max_iter, tol)
-        out[:, s:e, 0] = (r - 1.0).clamp(-0.5, h - 0.5)
-        out[:, s:e, 1] = (c - 1.0).clamp(-0.5, w - 0.5)
+    window = (top, left, rh, rw)
+    idx, claimed = _scan_inverse(g.double().cpu().numpy(), (hh, ww), window, tol, chunk)
+    # augmented -> grid indices, in numpy: a handful of small torch operations costs more here
+    idx -= 1.0
+    np.clip(idx[..., 0], -0.5, h - 0.5, out=idx[..., 0])
+    np.clip(idx[..., 1], -0.5, w - 0.5, out=idx[..., 1])
+    out = torch.from_numpy(idx).to(device=grid.device, dtype=grid.dtype)
+    # Newton where no cell claimed a pixel: near folded cells, and centres that rounding left between cells.
+    for k in np.flatnonzero(~claimed.all(axis=1)):
+        missing = torch.from_numpy(np.flatnonzero(~claimed[k])).to(grid.device)
+        rc = _newton_inverse(g[k : k + 1], (hh, ww), window, missing, max_iter, tol, chunk)
+        out[k, missing, 0] = (rc[:, 0] - 1.0).clamp(-0.5, h - 0.5)
+        out[k, missing, 1] = (rc[:, 1] - 1.0).clamp(-0.5, w - 0.5)
     return out.reshape(b, rh, rw, 2)
 
 
