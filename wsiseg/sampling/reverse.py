@@ -253,6 +253,11 @@ def _folded(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return folded
 
 
+#: Candidates scanned at once at most: a chunk's arrays stay small (measured on a 2048 x 2048 map of a
+#: 512 x 512 grid: 0.6-0.9 s and 163 MB more peak memory, against 2.7 s and 565 MB with chunks of 2**20;
+#: the 80 maps of docs/benchmarks.md, issue 12: 0.6-0.7 s CPU against 1.5 s).
+_SCAN_CHUNK = 1 << 15
+
 #: Owner of the pixels a folded cell may cover: above every candidate number, so it always wins.
 _FOLD = np.iinfo(np.int64).max
 
@@ -432,8 +437,8 @@ def inverse_map(
         pixel's position in its cell; default ``1e-4`` (float32) or
         ``1e-9`` (float64), raised to ``32 * eps * max(h, w)`` for large grids.
     chunk : int
-        Candidate pixels (or Newton query points) processed at once (bounds
-        memory).
+        Candidate pixels (at most 32768) or Newton query points processed
+        at once (bounds memory).
 
     Returns
     -------
@@ -460,7 +465,7 @@ def inverse_map(
         tol = max(1e-4 if grid.dtype != torch.float64 else 1e-9, 32 * eps * max(h, w))
     g = _augment(grid.detach())
     window = (top, left, rh, rw)
-    idx, claimed = _scan_inverse(g.double().cpu().numpy(), (hh, ww), window, tol, chunk)
+    idx, claimed = _scan_inverse(g.double().cpu().numpy(), (hh, ww), window, tol, min(chunk, _SCAN_CHUNK))
     # augmented -> grid indices, in numpy: a handful of small torch operations costs more here
     idx -= 1.0
     np.clip(idx[..., 0], -0.5, h - 0.5, out=idx[..., 0])
