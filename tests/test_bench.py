@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from wsiseg.bench import deformed_points, uniform_points, write_section
+from wsiseg.bench.common import deformed_points, uniform_points, write_section
 from wsiseg.cli import main
 from wsiseg.errors import WsisegError
 
@@ -57,7 +57,7 @@ def test_cli_bench_gather_small(slides_dir, tmp_path):
 
 
 def test_cli_bench_segment_small(slides_dir, tmp_path, monkeypatch):
-    import wsiseg.bench_segment as bs
+    import wsiseg.bench.segment as bs
 
     # In-process runs keep the test fast (each child process would pay torch's imports);
     # the benchmark itself runs every measurement in a fresh process. No demo or standard-net rows here.
@@ -86,7 +86,7 @@ def test_cli_bench_segment_small(slides_dir, tmp_path, monkeypatch):
 
 def test_bench_standard_model_is_smp_default_unet(tmp_path):
     # The sliding-window row for a typical net: smp's default U-Net on ResNet-34, built once, loadable.
-    import wsiseg.bench_segment as bs
+    import wsiseg.bench.segment as bs
     from wsiseg.models.io import load_deformseg
 
     path = bs.standard_model(tmp_path)

@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from wsiseg import bench_quality as bq
-from wsiseg import bench_quality_report as report
+from wsiseg.bench import quality as bq
+from wsiseg.bench import quality_report as report
 from wsiseg.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

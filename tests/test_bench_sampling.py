@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from wsiseg.bench_sampling import _epochs_config, bench_config
+from wsiseg.bench.sampling import _epochs_config, bench_config
 from wsiseg.cli import main
 from wsiseg.evaluate import SWEEP_METHODS
 from wsiseg.models.io import read_metadata

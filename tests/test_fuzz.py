@@ -1,4 +1,4 @@
-"""The slide mutator (wsiseg.fuzz), the fork-server runner and a fast fuzz sample (wsiseg.bench_fuzz).
+"""The slide mutator (wsiseg.bench.mutate), the fork-server runner and a fast fuzz sample (wsiseg.bench.fuzz).
 
 The sample runs ``wsiseg bench fuzz`` on 40 mutated real slides (every
 source, most kinds of damage) with info and convert: no command may hang,
@@ -20,9 +20,9 @@ from click.testing import CliRunner
 
 tifffile = pytest.importorskip("tifffile")
 
-from wsiseg.bench_fuzz import FAILURES, ForkServer, Run, classify  # noqa: E402
+from wsiseg.bench.fuzz import FAILURES, ForkServer, Run, classify  # noqa: E402
 from wsiseg.cli import main  # noqa: E402
-from wsiseg.fuzz import (  # noqa: E402
+from wsiseg.bench.mutate import (  # noqa: E402
     MUTATIONS,
     _m_ifd_loop,
     _m_swap_tiles,
@@ -179,9 +179,9 @@ def test_fork_server_limits_and_outcomes(slides_dir, tmp_path):
         def run(target, args, timeout=30.0, memory=None):
             return server.run(target, args, cwd=tmp_path, timeout=timeout, memory=memory)
 
-        r = run("wsiseg.bench_fuzz:run_cli", [["info", slide]])
+        r = run("wsiseg.bench.fuzz:run_cli", [["info", slide]])
         assert classify(r, slide)[0] == "ok" and "generic-tiff" in r.stdout and r.seconds < 20
-        r = run("wsiseg.bench_fuzz:run_cli", [["info", missing]])
+        r = run("wsiseg.bench.fuzz:run_cli", [["info", missing]])
         assert classify(r, missing) == ("refused", f"wsiseg: error: {missing}: no such file or directory")
         t0 = time.monotonic()
         r = run("time:sleep", [60], timeout=1.0)
@@ -204,7 +204,7 @@ def test_fork_server_limits_and_outcomes(slides_dir, tmp_path):
         else:
             pytest.fail(f"sleep {pid} outlived its timed-out parent")
         # the server survived all of that
-        assert classify(run("wsiseg.bench_fuzz:run_cli", [["info", slide]]), slide)[0] == "ok"
+        assert classify(run("wsiseg.bench.fuzz:run_cli", [["info", slide]]), slide)[0] == "ok"
 
 
 # ---------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def _assert_no_failures(report: dict) -> None:
 
 
 def test_segmented_cases_take_the_sources_in_turn(sources):
-    from wsiseg.bench_fuzz import segments
+    from wsiseg.bench.fuzz import segments
 
     picked = [i for i in range(400) if segments(i, 10)]
     assert len(picked) == 40 and all(len([i for i in picked if k * 10 <= i < k * 10 + 10]) == 1 for k in range(40))
@@ -252,7 +252,7 @@ def test_fuzz_sample_has_no_hang_crash_or_internal_error(slides_dir, tmp_path):
 @pytest.mark.timeout(3600)
 def test_fuzz_long_run_has_no_failures(slides_dir, tmp_path):
     """The long version: 400 cases of seed 1 (the benchmark runs seed 0), info, convert, segment every 40th."""
-    from wsiseg.bench_fuzz import run_fuzz
+    from wsiseg.bench.fuzz import run_fuzz
 
     report = run_fuzz(slides_dir, cases=400, seed=1, workdir=tmp_path, segment_every=40, timeout=120)
     from dataclasses import asdict
@@ -261,7 +261,7 @@ def test_fuzz_long_run_has_no_failures(slides_dir, tmp_path):
 
 
 def test_section_counts_outcomes_and_quoted_exceptions():
-    from wsiseg.bench_fuzz import (
+    from wsiseg.bench.fuzz import (
         CaseResult,
         CommandResult,
         FuzzReport,

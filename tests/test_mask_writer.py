@@ -13,7 +13,7 @@ import pyvips
 import tifffile
 import zarr
 
-from wsiseg.bench_output import bench_mask_write, random_blobs
+from wsiseg.bench.output import bench_mask_write, random_blobs
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.output import (
     ClassInfo,

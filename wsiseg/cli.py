@@ -257,7 +257,7 @@ def _bench_common(f):
 def _bench_spec(size, source, tile):
     from pathlib import Path
 
-    from wsiseg.bench import SlideSpec, default_source
+    from wsiseg.bench.common import SlideSpec, default_source
 
     return SlideSpec(width=size[0], height=size[1], source=Path(source) if source else default_source(), tile=tile)
 
@@ -275,7 +275,7 @@ def bench_group() -> None:
 @_bench_common
 def bench_gather_command(size, samples, repeats, bias, workdir, source, tile, out) -> None:
     """Level-of-detail vs exact gather: time, chunks and pixels decoded."""
-    from wsiseg.bench import bench_gather, command_line, format_gather_section, write_section
+    from wsiseg.bench.common import bench_gather, command_line, format_gather_section, write_section
 
     result = bench_gather(
         _bench_spec(size, source, tile), workdir, (samples[1], samples[0]), repeats=repeats, bias=bias, log=click.echo
@@ -289,7 +289,7 @@ def bench_gather_command(size, samples, repeats, bias, workdir, source, tile, ou
 @_bench_common
 def bench_convert_command(size, chunk, workdir, source, tile, out) -> None:
     """OME-Zarr conversion throughput (level-0 Mpx/s) on a synthetic slide."""
-    from wsiseg.bench import bench_convert, command_line, format_convert_section, write_section
+    from wsiseg.bench.common import bench_convert, command_line, format_convert_section, write_section
 
     result = bench_convert(_bench_spec(size, source, tile), workdir, chunk=chunk, log=click.echo)
     click.echo(f"wrote {write_section(out, 'convert', format_convert_section(result, command_line()))}")
@@ -310,7 +310,7 @@ def bench_convert_command(size, chunk, workdir, source, tile, out) -> None:
 def bench_cluster_command(size, slides, worker_counts, in_process, repeats, model_path, workdir, source, tile,
                           out) -> None:
     """Slides per hour of wsiseg segment: in-process vs 1, 2, ... worker processes."""
-    from wsiseg.bench import bench_cluster, command_line, format_cluster_section, write_section
+    from wsiseg.bench.common import bench_cluster, command_line, format_cluster_section, write_section
     from wsiseg.errors import ConfigError
 
     try:
@@ -336,8 +336,8 @@ def bench_cluster_command(size, slides, worker_counts, in_process, repeats, mode
 @_bench_common
 def bench_segment_command(size, model_path, window, workdir, source, tile, out) -> None:
     """wsiseg segment end to end: stage times, peak memory, mask write rate, sliding-window ratio."""
-    from wsiseg.bench import command_line, write_section
-    from wsiseg.bench_segment import bench_segment, format_segment_section
+    from wsiseg.bench.common import command_line, write_section
+    from wsiseg.bench.segment import bench_segment, format_segment_section
 
     result = bench_segment(_bench_spec(size, source, tile), workdir, model=model_path, window=window, log=click.echo)
     click.echo(f"wrote {write_section(out, 'segment', format_segment_section(result, command_line()))}")
@@ -351,8 +351,8 @@ def bench_segment_command(size, model_path, window, workdir, source, tile, out) 
 @_bench_common
 def bench_memory_command(size, model_path, workdir, source, tile, out) -> None:
     """Peak memory of wsiseg segment on slides of growing area (should stay flat)."""
-    from wsiseg.bench import command_line, write_section
-    from wsiseg.bench_segment import bench_memory, format_memory_section
+    from wsiseg.bench.common import command_line, write_section
+    from wsiseg.bench.segment import bench_memory, format_memory_section
 
     w, h = size
     sizes = [(max(1, w // 4), max(1, h // 4)), (max(1, w // 2), max(1, h // 2)), (w, h)]
@@ -396,10 +396,10 @@ def bench_fuzz_command(ctx, cases, seed, first, slides_dir, commands, segment_ev
     """
     import json
 
-    from wsiseg.bench import command_line, shared_data_dir, write_section
-    from wsiseg.bench_fuzz import COMMANDS, format_fuzz_section, run_fuzz
+    from wsiseg.bench.common import command_line, shared_data_dir, write_section
+    from wsiseg.bench.fuzz import COMMANDS, format_fuzz_section, run_fuzz
     from wsiseg.errors import ConfigError
-    from wsiseg.fuzz import find_sources
+    from wsiseg.bench.mutate import find_sources
 
     chosen = tuple(c.strip() for c in commands.split(",") if c.strip())
     if "info" not in chosen or set(chosen) - set(COMMANDS):
@@ -458,8 +458,8 @@ def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_
     iteration. Long (most of an hour with the defaults on one thread); run
     from the project root.
     """
-    from wsiseg.bench import command_line, write_section
-    from wsiseg.bench_sampling import (
+    from wsiseg.bench.common import command_line, write_section
+    from wsiseg.bench.sampling import (
         bench_config,
         bench_sampling,
         format_sampling_section,
@@ -532,10 +532,10 @@ def bench_quality_command(parts, sets, seeds, encoders, imagenet_weights, config
     can run separately (or in parallel on other seeds/encoders). Run from
     the project root.
     """
-    from wsiseg.bench import command_line, write_section
-    from wsiseg.bench_quality import QUALITY_SETS
-    from wsiseg.bench_quality_report import run_parts
-    from wsiseg.bench_sampling import bench_config
+    from wsiseg.bench.common import command_line, write_section
+    from wsiseg.bench.quality import QUALITY_SETS
+    from wsiseg.bench.quality_report import run_parts
+    from wsiseg.bench.sampling import bench_config
     from wsiseg.errors import ConfigError
     from wsiseg.mosaic import default_data_root
 

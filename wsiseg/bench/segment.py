@@ -9,11 +9,11 @@ it linearly to the tissue area of the large slide. ``wsiseg bench memory``
 records the peak memory of the same run on slides of growing area.
 
 Every measurement runs in a fresh Python process (``python -m
-wsiseg.bench_segment``), so the peak resident memory of one run (``VmHWM``
+wsiseg.bench.segment``), so the peak resident memory of one run (``VmHWM``
 on Linux) never includes another's, and each run pays its own imports and
 model load (reported apart from the segmentation).
 Sections of ``docs/benchmarks.md`` are written by
-:func:`wsiseg.bench.write_section`.
+:func:`wsiseg.bench.common.write_section`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsiseg.bench import SlideSpec, machine_lines, cached_synthetic_slide, machine_info
+from wsiseg.bench.common import SlideSpec, machine_lines, cached_synthetic_slide, machine_info
 from wsiseg.errors import ConfigError, WsisegError
 
 __all__ = [
@@ -237,7 +237,7 @@ def _run(argv: list[str]) -> dict:
 def _run_child(argv: list[str]) -> dict:
     """:func:`_run` in a fresh Python process, so that its peak memory is its own."""
     proc = subprocess.run(
-        [sys.executable, "-m", "wsiseg.bench_segment", *argv], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "wsiseg.bench.segment", *argv], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -474,7 +474,7 @@ def format_segment_section(b: SegmentBench, command: str) -> str:
         "- Models (speed does not depend on the weights, but the tile writer and the GeoJSON do depend on how "
         "many label boundaries there are):",
         *[f"  - *{r.label}*: `{r.model}`, {r.note}." for r in b.rows],
-        "- Each run is a fresh `python -m wsiseg.bench_segment` process on the CPU (peak RSS = `VmHWM` of that "
+        "- Each run is a fresh `python -m wsiseg.bench.segment` process on the CPU (peak RSS = `VmHWM` of that "
         "process, imports and model included); times are the report's stages of `segment_slide` with every output "
         "(mask, overlay, classes, GeoJSON, QC, report). *mask* = reverse sampling + pyramidal TIFF + overlay; "
         "mask Mpx/s = level-0 Mpx / mask seconds. CPU s = process CPU time of `segment_slide` (all threads); wall "

@@ -14,7 +14,7 @@ held-out test split. Training and evaluation are those of
 ``wsiseg evaluate --sweep`` (:func:`wsiseg.evaluate.run_sweep`); this module
 only prepares the data, pins the thread count and writes the
 ``<!-- bench:sampling -->`` section of ``docs/benchmarks.md``
-(:func:`wsiseg.bench.write_section`).
+(:func:`wsiseg.bench.common.write_section`).
 
 Runs are kept in ``workdir/<dataset>-<digest>/sweep/<method>-<W>x<H>/``,
 the digest naming the training config, the epochs and the training data: a
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsiseg.bench import machine_lines, machine_info
+from wsiseg.bench.common import machine_lines, machine_info
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.evaluate import (
     SWEEP_METHODS,
@@ -144,7 +144,7 @@ class SamplingBench:
     seconds : float
         Wall time of the whole call.
     machine : dict
-        :func:`wsiseg.bench.machine_info` at the start.
+        :func:`wsiseg.bench.common.machine_info` at the start.
     versions : str
         torch, segmentation-models-pytorch and timm versions.
     load_after : str

@@ -1,6 +1,6 @@
 """``wsiseg bench fuzz``: wsiseg's commands on mutated real slides, each outcome classified.
 
-Every case of :mod:`wsiseg.fuzz` (a real slide with one kind of damage) is
+Every case of :mod:`wsiseg.bench.mutate` (a real slide with one kind of damage) is
 written to a folder of its own and given to ``wsiseg info``; a case that
 opens is also converted (``wsiseg convert``), and one case in every
 ``segment_every`` is segmented with the demo model (``wsiseg segment --model
@@ -63,7 +63,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from wsiseg.fuzz import MUTATIONS, Source, find_sources, make_case, write_case
+from wsiseg.bench.mutate import MUTATIONS, Source, find_sources, make_case, write_case
 
 __all__ = [
     "COMMANDS",
@@ -291,7 +291,7 @@ class ForkServer:
         env = dict(os.environ, **_SERVER_ENV)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the same wsiseg as this process
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from wsiseg.bench_fuzz import serve; serve()"],
+            [sys.executable, "-c", "from wsiseg.bench.fuzz import serve; serve()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         self.threads = self._ask({"preload": list(preload)})["threads"]
@@ -315,7 +315,7 @@ class ForkServer:
         Parameters
         ----------
         target : str
-            ``"module:function"``, e.g. ``"wsiseg.bench_fuzz:run_cli"``.
+            ``"module:function"``, e.g. ``"wsiseg.bench.fuzz:run_cli"``.
         args : sequence
             JSON-serialisable arguments.
         cwd : path-like
@@ -516,7 +516,7 @@ def _run_case(server: ForkServer, slide: str, folder: Path, convert: bool, segme
     results = []
 
     def run(command: str, argv: list[str], out_dir: Path | None = None) -> str:
-        r = server.run("wsiseg.bench_fuzz:run_cli", [argv], cwd=folder, timeout=timeout, memory=memory)
+        r = server.run("wsiseg.bench.fuzz:run_cli", [argv], cwd=folder, timeout=timeout, memory=memory)
         outcome, detail = classify(r, slide, command, out_dir)
         results.append(CommandResult(command, outcome, detail, r.seconds, r.max_rss_mib, r.returncode))
         return outcome
@@ -551,11 +551,11 @@ def run_fuzz(
     ----------
     sources : list of Source, or a folder
         The real slides to mutate (a folder is read with
-        :func:`wsiseg.fuzz.find_sources`).
+        :func:`wsiseg.bench.mutate.find_sources`).
     cases : int
         How many cases.
     seed, first : int
-        Which cases (:func:`wsiseg.fuzz.make_case`).
+        Which cases (:func:`wsiseg.bench.mutate.make_case`).
     workdir : path-like, optional
         Where each case's folder is written (and removed after it); a
         temporary folder by default.
@@ -579,7 +579,7 @@ def run_fuzz(
     -------
     FuzzReport
     """
-    from wsiseg.bench import machine_info
+    from wsiseg.bench.common import machine_info
 
     say = log or (lambda msg: None)
     if not isinstance(sources, (list, tuple)):
@@ -648,7 +648,7 @@ def _quoted_exceptions(runs: list[CommandResult]) -> str:
 
 def format_fuzz_section(report: FuzzReport, command: str) -> str:
     """Markdown for the ``fuzz`` section of docs/benchmarks.md."""
-    from wsiseg.bench import machine_lines
+    from wsiseg.bench.common import machine_lines
 
     n = len(report.cases)
     last = report.first + n - 1
@@ -661,7 +661,7 @@ def format_fuzz_section(report: FuzzReport, command: str) -> str:
         f"- Command: `{command}`",
         *machine_lines(report.machine),
         f"- Cases {report.first} to {last} of seed {report.seed} ({n} mutated slides from "
-        f"{', '.join(f'`{s}`' for s in report.sources)}; one kind of damage each, see `wsiseg/fuzz.py`). "
+        f"{', '.join(f'`{s}`' for s in report.sources)}; one kind of damage each, see `wsiseg/bench/mutate.py`). "
         "`wsiseg info` runs on every case, `convert` on every case that info opened"
         + (f", `segment --model demo --device cpu` on one case in every {report.segment_every} (case "
            f"`k * {report.segment_every} + k % {report.segment_every}` of block k)"

@@ -293,7 +293,7 @@ def bench_mask_write(
 
 
 if __name__ == "__main__":
-    # python -m wsiseg.bench_output [WIDTH [HEIGHT [WORKERS [N_ISLANDS]]]]; one size per
+    # python -m wsiseg.bench.output [WIDTH [HEIGHT [WORKERS [N_ISLANDS]]]]; one size per
     # process, so that peak RSS is comparable between sizes
     args = [int(a) for a in sys.argv[1:]]
     w = args[0] if args else 100_000

@@ -28,7 +28,7 @@ Masks are JPEG as published: thresholded at 128 (the data's README) into
 ``workdir`` under folders named by a digest of their config and data, so a
 rerun reuses finished runs and resumes unfinished ones.
 
-:mod:`wsiseg.bench_quality_report` runs the parts and writes the section of
+:mod:`wsiseg.bench.quality_report` runs the parts and writes the section of
 docs/benchmarks.md; :mod:`wsiseg.demo.data` builds the real-tissue demo
 model's data from the same sets.
 """

@@ -1,6 +1,6 @@
 """The ``quality`` section of docs/benchmarks.md: run the parts of ``wsiseg bench quality``, then report.
 
-:func:`run_parts` runs the asked parts of :mod:`wsiseg.bench_quality` (each
+:func:`run_parts` runs the asked parts of :mod:`wsiseg.bench.quality` (each
 stores its results in the work folder) and writes the section from every
 stored result: mean +- sd over seeds per set, encoder, method and budget
 (:func:`aggregate`), each goal of issue 10 as met or missed with its gap
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wsiseg.bench_quality import (
+from wsiseg.bench.quality import (
     EPOCHS,
     FULL,
     GRIDS,
@@ -260,7 +260,7 @@ def run_parts(
     """
     import torch
 
-    from wsiseg.bench import machine_lines, machine_info
+    from wsiseg.bench.common import machine_lines, machine_info
 
     say = log or (lambda _m: None)
     work = Path(workdir)
