@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsiseg import batch
+from wsiseg.batch import runner as batch
 from wsiseg.atomic import atomic_output
-from wsiseg.batch import (
+from wsiseg.batch.runner import (
     DONE_REASON,
     SlideJob,
     SlideOutcome,
@@ -469,7 +469,7 @@ _CONCURRENT_RUN = """
 import sys, time
 from pathlib import Path
 from wsiseg.atomic import atomic_output
-from wsiseg.batch import SlideJob, SlideOutcome, run_batch
+from wsiseg.batch.runner import SlideJob, SlideOutcome, run_batch
 
 out = Path(sys.argv[1])
 names = sys.argv[2:]
@@ -783,7 +783,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from _faults import Faulty, Stamp
-from wsiseg.batch import SlideJob, run_batch
+from wsiseg.batch.runner import SlideJob, run_batch
 
 out, log = Path(sys.argv[1]), sys.argv[2]
 run_batch([SlideJob("/nonexistent/hang.svs", "hang")], out, Faulty(Stamp(), log, slow="hang"), fingerprint="fp",

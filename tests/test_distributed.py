@@ -16,10 +16,10 @@ import torch
 from _faults import Faulty, Stamp
 from click.testing import CliRunner
 
-import wsiseg.distributed as wd
-from wsiseg.batch import expand_inputs, make_fingerprint, run_batch
+import wsiseg.batch.dask as wd
+from wsiseg.batch.runner import expand_inputs, make_fingerprint, run_batch
 from wsiseg.cli import main
-from wsiseg.distributed import run_batch_distributed
+from wsiseg.batch.dask import run_batch_distributed
 from wsiseg.segment import SlideSegmenter
 from wsiseg.errors import WsisegError
 from wsiseg.models.io import file_hash, save_deformseg
@@ -236,7 +236,7 @@ def test_gpu_workers_get_one_slide_per_gpu():
 
 
 def test_slide_timeout_on_the_cluster_fails_only_the_slow_slide(client, tmp_path):
-    from wsiseg.batch import SlideJob
+    from wsiseg.batch.runner import SlideJob
 
     out, log = tmp_path / "out", tmp_path / "log"
     log.mkdir()

@@ -995,7 +995,7 @@ class SlideSegmenter:
             return model
 
     def __call__(self, job, out_dir, *, fingerprint, overwrite, progress):
-        from wsiseg.batch import SlideOutcome
+        from wsiseg.batch.runner import SlideOutcome
 
         mpp = job.overrides.get("mpp")
         outputs = segment_slide(
@@ -1059,8 +1059,8 @@ def run_segment(
         Bad model, bad options, inputs that match nothing or an unreachable
         scheduler: before any slide is touched.
     """
-    from wsiseg.batch import SlideOutcome, expand_inputs, make_fingerprint, run_batch
-    from wsiseg.isolated import check_timeout
+    from wsiseg.batch.runner import SlideOutcome, expand_inputs, make_fingerprint, run_batch
+    from wsiseg.batch.isolated import check_timeout
     from wsiseg.models.io import load_deformseg
     from wsiseg.output.report import read_report_json, write_batch_csv
 
@@ -1085,7 +1085,7 @@ def run_segment(
 
     segmenter = SlideSegmenter(str(Path(model_path).absolute()), model.hash, options)
     if distributed:
-        from wsiseg.distributed import run_batch_distributed
+        from wsiseg.batch.dask import run_batch_distributed
 
         result = run_batch_distributed(jobs, out_dir, segmenter, fingerprint=fingerprint, scheduler=scheduler,
                                        workers=workers, overwrite=overwrite, progress=progress, stream=stream,

@@ -94,7 +94,7 @@ _MEMORY_MARKERS = ("MemoryError", "Unable to allocate", "bad_alloc", "Cannot all
 # Modules the fork server imports once, so that each child starts with them loaded.
 _PRELOAD = ("wsiseg.cli", "wsiseg.slide.open", "wsiseg.slide.info", "wsiseg.slide.convert", "tifffile",
             "imagecodecs", "openslide", "zarr", "dask.array")
-_PRELOAD_SEGMENT = ("torch", "wsiseg.segment", "wsiseg.batch", "wsiseg.models.io", "segmentation_models_pytorch")
+_PRELOAD_SEGMENT = ("torch", "wsiseg.segment", "wsiseg.batch.runner", "wsiseg.models.io", "segmentation_models_pytorch")
 _SERVER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

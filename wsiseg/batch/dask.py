@@ -3,12 +3,12 @@
 ``wsiseg segment --scheduler tcp://HOST:8786`` uses an existing cluster,
 ``--workers N`` starts a :class:`distributed.LocalCluster` of ``N`` worker
 processes (one thread each) for the run; without either, slides run in this
-process (:func:`wsiseg.batch.run_batch`).
+process (:func:`wsiseg.batch.runner.run_batch`).
 
-The client plans (:func:`wsiseg.batch.plan_slide`: skip slides already done)
-and records (:class:`wsiseg.batch.BatchRecorder`: ``status.csv`` and the
+The client plans (:func:`wsiseg.batch.runner.plan_slide`: skip slides already done)
+and records (:class:`wsiseg.batch.runner.BatchRecorder`: ``status.csv`` and the
 progress events, forwarded from the workers as dask events); each worker
-runs :func:`wsiseg.batch.execute_slide` (lock, process, done marker) on its
+runs :func:`wsiseg.batch.runner.execute_slide` (lock, process, done marker) on its
 slide, writing straight into the output folder. So a distributed run writes
 the same files, follows the same resume and lock rules and reports the same
 progress and summary as a local one.
@@ -34,7 +34,7 @@ Assumptions and guarantees
 * **Scheduler unreachable**: a :class:`~wsiseg.errors.WsisegError` naming the
   address, before any output is written.
 * ``slide_timeout``: a slide past its time limit is killed on its worker
-  (it runs in a process of its own there, :mod:`wsiseg.isolated`) and
+  (it runs in a process of its own there, :mod:`wsiseg.batch.isolated`) and
   ``failed`` with ``timed out after N s``, as in a local run; the worker is
   not lost and the batch goes on.
 * Ctrl-C in the client marks the slides in flight ``interrupted`` (a
@@ -56,7 +56,7 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Any, Iterable, Literal
 
-from wsiseg.batch import (
+from wsiseg.batch.runner import (
     DEFAULT_LOCK_TIMEOUT,
     DONE_REASON,
     BatchRecorder,
@@ -70,7 +70,7 @@ from wsiseg.batch import (
     release_lost_slide,
 )
 from wsiseg.errors import ConfigError, WsisegError, one_line
-from wsiseg.isolated import check_timeout
+from wsiseg.batch.isolated import check_timeout
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -273,7 +273,7 @@ def _future_outcome(fut, allowed: int | None) -> SlideOutcome:
     """A finished future -> the slide's outcome; cluster-side failures become ``failed``."""
     from distributed import KilledWorker
 
-    from wsiseg.batch import describe_error
+    from wsiseg.batch.runner import describe_error
 
     if fut.status == "finished":
         try:
@@ -325,12 +325,12 @@ def run_batch_distributed(
     gpu: bool | None = None,
     slide_timeout: float | None = None,
 ) -> BatchResult:
-    """:func:`wsiseg.batch.run_batch` with one dask task per slide.
+    """:func:`wsiseg.batch.runner.run_batch` with one dask task per slide.
 
     Parameters
     ----------
     jobs, out_dir, fingerprint, overwrite, progress, stream, lock_timeout
-        As for :func:`wsiseg.batch.run_batch`. ``out_dir`` and the slides must
+        As for :func:`wsiseg.batch.runner.run_batch`. ``out_dir`` and the slides must
         be reachable at the same absolute paths on every worker.
     process : ProcessFn
         Picklable per-slide function (top-level function or instance of a
@@ -349,7 +349,7 @@ def run_batch_distributed(
         Ask for one ``GPU`` resource per slide; default: when any worker
         advertises one.
     slide_timeout : float, optional
-        Seconds each slide may take, as for :func:`wsiseg.batch.run_batch`:
+        Seconds each slide may take, as for :func:`wsiseg.batch.runner.run_batch`:
         on its worker the slide runs in a process of its own, killed when
         the time is up (the slide fails with ``timed out after N s``; the
         worker and the batch go on).

@@ -108,7 +108,7 @@ Time limit
 Without a limit (the default) every slide runs in the batch's own process,
 and a slide that never finishes (a read that blocks, a library stuck in a
 loop) stalls the batch. With ``slide_timeout`` each slide runs in a worker
-process of its own (:mod:`wsiseg.isolated`), which is killed when the time
+process of its own (:mod:`wsiseg.batch.isolated`), which is killed when the time
 is up: the slide is ``failed`` with ``timed out after N s``, its temporaries
 are removed and the batch goes on. A worker process that dies (a segfault,
 the out-of-memory killer) fails only its slide too. The worker's pid is
@@ -129,7 +129,7 @@ Where slides run
 A batch is three parts: :func:`plan_slide` decides run or skip (the resume
 rules), :func:`execute_slide` locks, processes and certifies one slide, and
 :class:`BatchRecorder` writes ``status.csv`` and the progress events.
-:func:`run_batch` runs them in this process; :mod:`wsiseg.distributed` plans
+:func:`run_batch` runs them in this process; :mod:`wsiseg.batch.dask` plans
 and records in the client and runs :func:`execute_slide` on dask workers
 that share the output folder, so both follow the same rules. A dask
 scheduler reruns a task only after losing the worker that ran it, so a lock
@@ -1599,7 +1599,7 @@ def execute_slide(
         over even when it comes from another host.
     timeout : float, optional
         Seconds the slide may take. Given, ``process`` runs in a worker
-        process of its own (:mod:`wsiseg.isolated`; it must be picklable),
+        process of its own (:mod:`wsiseg.batch.isolated`; it must be picklable),
         which is killed when the time is up: the slide then fails with
         ``timed out after N s``, and one whose worker process dies fails
         too. None: ``process`` runs in this thread, without a limit.
@@ -1640,7 +1640,7 @@ def execute_slide(
             if timeout is None:
                 outcome = process(job, out, fingerprint=sfp, overwrite=True, progress=report)
             else:
-                from wsiseg.isolated import run_isolated
+                from wsiseg.batch.isolated import run_isolated
 
                 outcome = run_isolated(process, job, out, fingerprint=sfp, overwrite=True, progress=report,
                                        timeout=timeout, started=lock.note_child)
@@ -1685,7 +1685,7 @@ def check_batch(
 class BatchRecorder:
     """The truth about a batch: ``status.csv`` and progress events.
 
-    Shared by :func:`run_batch` and :func:`wsiseg.distributed.run_batch_distributed`
+    Shared by :func:`run_batch` and :func:`wsiseg.batch.dask.run_batch_distributed`
     so that local and cluster runs report alike. Thread-safe: distributed
     progress arrives on another thread.
 
@@ -1775,7 +1775,7 @@ def run_batch(
     See the module docstring for resume, locking and error handling. The
     work is :func:`plan_slide` (run or skip), :func:`execute_slide` (lock,
     process, certify) and :class:`BatchRecorder` (status and progress); the
-    distributed driver (:mod:`wsiseg.distributed`) uses the same three.
+    distributed driver (:mod:`wsiseg.batch.dask`) uses the same three.
 
     Parameters
     ----------
@@ -1816,7 +1816,7 @@ def run_batch(
     KeyboardInterrupt
         After recording the current slide as interrupted.
     """
-    from wsiseg.isolated import check_runnable, check_timeout
+    from wsiseg.batch.isolated import check_runnable, check_timeout
 
     stream = sys.stderr if stream is None else stream
     jobs = check_batch(jobs, fingerprint=fingerprint, lock_timeout=lock_timeout)

@@ -1,6 +1,6 @@
 """Run one slide's process function in a worker process of its own, under a time limit.
 
-Used by :func:`wsiseg.batch.execute_slide` when a batch has a per-slide time
+Used by :func:`wsiseg.batch.runner.execute_slide` when a batch has a per-slide time
 limit (``wsiseg segment --slide-timeout``). A thread cannot be stopped while
 it is stuck in a read, a C library or an endless loop, so the slide runs in a
 child process that can be: when the limit passes, the child and anything it
@@ -14,7 +14,7 @@ so a parent that already uses CUDA or threads is safe, and it works inside
 daemonic dask worker processes, which may not use :mod:`multiprocessing`.
 It receives the parent's ``sys.path`` and, pickled with cloudpickle, the
 process function and the job; it sends back the progress reports and the
-:class:`~wsiseg.batch.SlideOutcome`. The price is a new interpreter per slide
+:class:`~wsiseg.batch.runner.SlideOutcome`. The price is a new interpreter per slide
 that imports its libraries and, for ``wsiseg segment``, loads the model again:
 a few seconds per slide.
 
@@ -22,7 +22,7 @@ The child is started in a session of its own (Ctrl-C reaches the parent,
 which kills the child and records the slide as interrupted) and, on Linux,
 is killed when the thread that started it dies, so a parent killed outright
 leaves no child running. Its pid is written into the slide's lock
-(:func:`wsiseg.batch.execute_slide`), so the next run also removes the
+(:func:`wsiseg.batch.runner.execute_slide`), so the next run also removes the
 temporaries of such a child.
 """
 
@@ -54,7 +54,7 @@ _BOOTSTRAP = (
     "import pickle, struct, sys; "
     "(n,) = struct.unpack('<Q', sys.stdin.buffer.read(8)); "
     "sys.path[:] = pickle.loads(sys.stdin.buffer.read(n)); "
-    "from wsiseg.isolated import _child_main; "
+    "from wsiseg.batch.isolated import _child_main; "
     "_child_main(int(sys.argv[1]), int(sys.argv[2]))"
 )
 
@@ -167,7 +167,7 @@ def run_isolated(
     Parameters
     ----------
     process : ProcessFn
-        The per-slide function (:class:`wsiseg.batch.ProcessFn`); it must be
+        The per-slide function (:class:`wsiseg.batch.runner.ProcessFn`); it must be
         picklable by cloudpickle (:func:`check_runnable`).
     job : SlideJob
     out_dir : path-like
@@ -188,7 +188,7 @@ def run_isolated(
     SlideOutcome
         What ``process`` returned; ``failed`` with ``timed out after N s``,
         with how the child died, or with the error ``process`` raised (as
-        :func:`wsiseg.batch.execute_slide` words it).
+        :func:`wsiseg.batch.runner.execute_slide` words it).
 
     Raises
     ------
@@ -198,7 +198,7 @@ def run_isolated(
     """
     import cloudpickle
 
-    from wsiseg.batch import SlideOutcome, remove_temporaries
+    from wsiseg.batch.runner import SlideOutcome, remove_temporaries
 
     out = Path(out_dir)
     frames = [_frame(pickle.dumps(list(sys.path))),
@@ -293,7 +293,7 @@ def _child_main(fd: int, parent: int) -> None:
         with contextlib.suppress(Exception):
             send(("stage", str(stage), float(fraction)))
 
-    from wsiseg.batch import describe_error
+    from wsiseg.batch.runner import describe_error
 
     try:
         process, job, out_dir, fingerprint, overwrite = pickle.loads(_read_frame(sys.stdin.buffer) or b"")
