@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from wsiseg.atomic import atomic_output
-from wsiseg.batch.runner import SlideOutcome
+from wsiseg.batch.jobs import SlideOutcome
 
 
 @dataclass(frozen=True)

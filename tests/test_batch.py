@@ -20,18 +20,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsiseg.batch import runner as batch
 from wsiseg.atomic import atomic_output
-from wsiseg.batch.runner import (
-    DONE_REASON,
-    SlideJob,
-    SlideOutcome,
-    expand_inputs,
-    is_done,
-    make_fingerprint,
-    run_batch,
-    slide_fingerprint,
-)
+from wsiseg.batch import locks, runner
+from wsiseg.batch import progress as batch_progress
+from wsiseg.batch.inputs import expand_inputs
+from wsiseg.batch.jobs import SlideJob, SlideOutcome
+from wsiseg.batch.markers import DONE_REASON, is_done, make_fingerprint, slide_fingerprint
+from wsiseg.batch.runner import run_batch
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.slide import open_slide
 
@@ -469,7 +464,8 @@ _CONCURRENT_RUN = """
 import sys, time
 from pathlib import Path
 from wsiseg.atomic import atomic_output
-from wsiseg.batch.runner import SlideJob, SlideOutcome, run_batch
+from wsiseg.batch.jobs import SlideJob, SlideOutcome
+from wsiseg.batch.runner import run_batch
 
 out = Path(sys.argv[1])
 names = sys.argv[2:]
@@ -574,14 +570,14 @@ def test_disk_full_mid_write_fails_the_slide_and_the_batch_goes_on(good_jobs, tm
 
 
 def test_unwritable_status_is_a_warning_not_a_stop(good_jobs, tmp_path, monkeypatch):
-    real = batch.atomic_output
+    real = batch_progress.atomic_output
 
     def full_for_status(path, **kw):
         if Path(path).name == "status.csv":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, **kw)
 
-    monkeypatch.setattr(batch, "atomic_output", full_for_status)
+    monkeypatch.setattr(batch_progress, "atomic_output", full_for_status)
     stream = io.StringIO()
     result = run(good_jobs, tmp_path / "out", ThumbnailProcess(), progress="jsonl", stream=stream)
     assert result.exit_code == 0 and result.counts["ok"] == 3
@@ -651,10 +647,10 @@ def test_lock_of_the_same_distributed_batch_is_taken_over_even_from_another_host
     (out / ".small.thumb.png.tmp-4242").write_bytes(b"half a thumbnail")  # left by the killed attempt
     proc = ThumbnailProcess()
     # Another batch's lock from another host: respected.
-    outcome = batch.execute_slide(job, out, proc, fingerprint=FP, run_id="batch-2")
+    outcome = runner.execute_slide(job, out, proc, fingerprint=FP, run_id="batch-2")
     assert outcome.status == "skipped" and "elsewhere.example" in outcome.error and proc.calls == []
     # The same batch's: an earlier attempt whose worker was lost; taken over, its temporaries removed.
-    outcome = batch.execute_slide(job, out, proc, fingerprint=FP, run_id="batch-1")
+    outcome = runner.execute_slide(job, out, proc, fingerprint=FP, run_id="batch-1")
     assert outcome.status == "ok" and proc.calls == ["small"]
     assert is_done(job, out, FP) and leftovers(out) == []
 
@@ -666,26 +662,26 @@ def test_lost_slide_release_only_touches_its_own_batch(good_jobs, tmp_path):
     (out / "small.lock").write_text(json.dumps({"pid": 4242, "host": "elsewhere.example", "run": "batch-1"}))
     (out / ".small.mask.tif.tmp-4242").write_bytes(b"partial")
     (out / ".small.mask.tif.tmp-999").write_bytes(b"someone else's")
-    assert not batch.release_lost_slide(job, out, "batch-2")
+    assert not locks.release_lost_slide(job, out, "batch-2")
     assert (out / "small.lock").exists()
-    assert batch.release_lost_slide(job, out, "batch-1")
+    assert locks.release_lost_slide(job, out, "batch-1")
     assert sorted(p.name for p in out.iterdir()) == [".small.mask.tif.tmp-999"]
 
 
 def test_plan_execute_record_are_the_parts_of_run_batch(good_jobs, tmp_path):
     out = tmp_path / "out"
-    jobs = batch.check_batch(good_jobs, fingerprint=FP)
-    rec = batch.BatchRecorder(jobs, out, "none", io.StringIO())
+    jobs = runner.check_batch(good_jobs, fingerprint=FP)
+    rec = runner.BatchRecorder(jobs, out, "none", io.StringIO())
     assert read_status(out)["small"]["status"] == "pending"
     proc = ThumbnailProcess()
     for i, job in enumerate(jobs):
-        action, reason = batch.plan_slide(job, out, FP)
+        action, reason = runner.plan_slide(job, out, FP)
         assert (action, reason) == ("process", "not done yet")
         rec.slide_start(i, action, reason)
-        rec.slide_done(i, batch.execute_slide(job, out, proc, fingerprint=FP))
+        rec.slide_done(i, runner.execute_slide(job, out, proc, fingerprint=FP))
     assert rec.finish().counts == {"ok": 3, "failed": 0, "skipped": 0}
-    assert batch.plan_slide(jobs[0], out, FP) == ("skip", DONE_REASON)
-    assert batch.plan_slide(jobs[0], out, FP, overwrite=True) == ("process", "--overwrite")
+    assert runner.plan_slide(jobs[0], out, FP) == ("skip", DONE_REASON)
+    assert runner.plan_slide(jobs[0], out, FP, overwrite=True) == ("process", "--overwrite")
 
 
 def test_slide_finished_by_a_lost_attempt_of_the_same_batch_is_ok_not_skipped(good_jobs, tmp_path):
@@ -693,12 +689,12 @@ def test_slide_finished_by_a_lost_attempt_of_the_same_batch_is_ok_not_skipped(go
     out.mkdir()
     job = next(j for j in good_jobs if j.name == "small")
     first = ThumbnailProcess()
-    assert batch.execute_slide(job, out, first, fingerprint=FP, run_id="batch-1").status == "ok"
+    assert runner.execute_slide(job, out, first, fingerprint=FP, run_id="batch-1").status == "ok"
     # The worker died before reporting; the scheduler reruns the task: the work is not redone.
     again = ThumbnailProcess()
-    outcome = batch.execute_slide(job, out, again, fingerprint=FP, run_id="batch-1")
+    outcome = runner.execute_slide(job, out, again, fingerprint=FP, run_id="batch-1")
     assert outcome.status == "ok" and outcome.outputs == {"thumbnail": "small.thumb.png"} and again.calls == []
-    other = batch.execute_slide(job, out, again, fingerprint=FP, run_id="batch-2")
+    other = runner.execute_slide(job, out, again, fingerprint=FP, run_id="batch-2")
     assert other.status == "skipped" and "by another run" in other.error
 
 
@@ -713,9 +709,9 @@ def test_status_of_two_runs_sharing_a_folder_shows_both(good_jobs, tmp_path):
         f"{small.path},small,failed,1.000,an earlier run,{old}\n/gone.svs,gone,ok,1.000,,{old}\n"
         "/dead.svs,dead,pending,,,\n"
     )
-    a = batch.BatchRecorder([small, boxes], out, "none", io.StringIO())
+    a = runner.BatchRecorder([small, boxes], out, "none", io.StringIO())
     assert read_status(out)["small"]["status"] == "pending"  # an earlier run's outcome is not this run's
-    b = batch.BatchRecorder([boxes, dicom], out, "none", io.StringIO())
+    b = runner.BatchRecorder([boxes, dicom], out, "none", io.StringIO())
     a.slide_done(0, SlideOutcome("ok"))
     b.slide_done(0, SlideOutcome("skipped", error="being processed by another run (pid 1 on here)"))
     b.slide_done(1, SlideOutcome("ok"))
@@ -736,7 +732,7 @@ def test_status_of_two_runs_sharing_a_folder_shows_both(good_jobs, tmp_path):
 
 def _gone(pid: int) -> bool:
     """The process has exited (a zombie whose parent died counts as gone)."""
-    return not batch._pid_alive(pid, None)
+    return not locks._pid_alive(pid, None)
 
 
 def test_slide_timeout_kills_a_hung_slide_and_the_batch_goes_on(tmp_path):
@@ -783,7 +779,8 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from _faults import Faulty, Stamp
-from wsiseg.batch.runner import SlideJob, run_batch
+from wsiseg.batch.jobs import SlideJob
+from wsiseg.batch.runner import run_batch
 
 out, log = Path(sys.argv[1]), sys.argv[2]
 run_batch([SlideJob("/nonexistent/hang.svs", "hang")], out, Faulty(Stamp(), log, slow="hang"), fingerprint="fp",

@@ -17,7 +17,9 @@ from _faults import Faulty, Stamp
 from click.testing import CliRunner
 
 import wsiseg.batch.dask as wd
-from wsiseg.batch.runner import expand_inputs, make_fingerprint, run_batch
+from wsiseg.batch.inputs import expand_inputs
+from wsiseg.batch.markers import make_fingerprint
+from wsiseg.batch.runner import run_batch
 from wsiseg.cli import main
 from wsiseg.batch.dask import run_batch_distributed
 from wsiseg.segment import SlideSegmenter
@@ -236,7 +238,7 @@ def test_gpu_workers_get_one_slide_per_gpu():
 
 
 def test_slide_timeout_on_the_cluster_fails_only_the_slow_slide(client, tmp_path):
-    from wsiseg.batch.runner import SlideJob
+    from wsiseg.batch.jobs import SlideJob
 
     out, log = tmp_path / "out", tmp_path / "log"
     log.mkdir()

@@ -16,7 +16,7 @@ import zarr
 from click.testing import CliRunner
 from ome_zarr_models.v04 import Image, ImageLabel, Labels
 
-from wsiseg.batch.runner import BatchResult
+from wsiseg.batch.jobs import BatchResult
 from wsiseg.cli import main
 from wsiseg.demo import demo_model
 from wsiseg.errors import ConfigError, WsisegError

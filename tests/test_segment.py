@@ -623,7 +623,8 @@ _KILLED_SLIDING_WINDOW = """
 import os, signal, sys
 from pathlib import Path
 import numpy as np
-from wsiseg.batch.runner import SlideJob, execute_slide
+from wsiseg.batch.jobs import SlideJob
+from wsiseg.batch.runner import execute_slide
 from wsiseg.segment import LabelStore
 
 out, slide, name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -60,7 +60,7 @@ from wsiseg.annotations import (
     ClassMap,
     load_annotation,
 )
-from wsiseg.batch.runner import SLIDE_EXTENSIONS
+from wsiseg.batch.inputs import SLIDE_EXTENSIONS
 from wsiseg.errors import WsisegError, one_line
 from wsiseg.limits import mpp_problem
 from wsiseg.slide import Multiscale, open_slide

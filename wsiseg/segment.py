@@ -995,7 +995,7 @@ class SlideSegmenter:
             return model
 
     def __call__(self, job, out_dir, *, fingerprint, overwrite, progress):
-        from wsiseg.batch.runner import SlideOutcome
+        from wsiseg.batch.jobs import SlideOutcome
 
         mpp = job.overrides.get("mpp")
         outputs = segment_slide(
@@ -1059,7 +1059,10 @@ def run_segment(
         Bad model, bad options, inputs that match nothing or an unreachable
         scheduler: before any slide is touched.
     """
-    from wsiseg.batch.runner import SlideOutcome, expand_inputs, make_fingerprint, run_batch
+    from wsiseg.batch.inputs import expand_inputs
+    from wsiseg.batch.jobs import SlideOutcome
+    from wsiseg.batch.markers import make_fingerprint
+    from wsiseg.batch.runner import run_batch
     from wsiseg.batch.isolated import check_timeout
     from wsiseg.models.io import load_deformseg
     from wsiseg.output.report import read_report_json, write_batch_csv

@@ -1,7 +1,9 @@
-"""Many slides: batch semantics around a per-slide function. :mod:`.runner` expands the inputs, plans, runs and
-certifies every slide (status.csv, done markers, locks, progress), :mod:`.isolated` runs one slide in a worker
-process of its own under a time limit, and :mod:`.dask` runs a batch on a dask.distributed cluster by the same
-rules. Nothing here knows what a slide's processing is: ``wsiseg segment`` hands in its per-slide function.
+"""Many slides: batch semantics around a per-slide function. :mod:`.inputs` turns files, folders, globs and
+manifests into :mod:`.jobs`; :mod:`.runner` plans, runs and certifies every slide, with :mod:`.markers` (done
+markers, fingerprints: resume), :mod:`.locks` (one run per slide) and :mod:`.progress` (progress events and
+``status.csv``); :mod:`.isolated` runs one slide in a worker process of its own under a time limit, and
+:mod:`.dask` runs a batch on a dask.distributed cluster by the same rules. Nothing here knows what a slide's
+processing is: ``wsiseg segment`` hands in its per-slide function.
 """
 
-__all__: list[str] = []  # the modules are the API: wsiseg.batch.runner, .isolated, .dask
+__all__: list[str] = []  # the modules are the API: wsiseg.batch.inputs, .runner, .dask, ...

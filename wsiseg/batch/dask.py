@@ -56,21 +56,12 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Any, Iterable, Literal
 
-from wsiseg.batch.runner import (
-    DEFAULT_LOCK_TIMEOUT,
-    DONE_REASON,
-    BatchRecorder,
-    BatchResult,
-    ProcessFn,
-    SlideJob,
-    SlideOutcome,
-    check_batch,
-    execute_slide,
-    plan_slide,
-    release_lost_slide,
-)
-from wsiseg.errors import ConfigError, WsisegError, one_line
 from wsiseg.batch.isolated import check_timeout
+from wsiseg.batch.jobs import BatchResult, ProcessFn, SlideJob, SlideOutcome, describe_error
+from wsiseg.batch.locks import DEFAULT_LOCK_TIMEOUT, release_lost_slide
+from wsiseg.batch.markers import DONE_REASON
+from wsiseg.batch.runner import BatchRecorder, check_batch, execute_slide, plan_slide
+from wsiseg.errors import ConfigError, WsisegError, one_line
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -273,7 +264,6 @@ def _future_outcome(fut, allowed: int | None) -> SlideOutcome:
     """A finished future -> the slide's outcome; cluster-side failures become ``failed``."""
     from distributed import KilledWorker
 
-    from wsiseg.batch.runner import describe_error
 
     if fut.status == "finished":
         try:

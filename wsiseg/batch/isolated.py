@@ -14,7 +14,7 @@ so a parent that already uses CUDA or threads is safe, and it works inside
 daemonic dask worker processes, which may not use :mod:`multiprocessing`.
 It receives the parent's ``sys.path`` and, pickled with cloudpickle, the
 process function and the job; it sends back the progress reports and the
-:class:`~wsiseg.batch.runner.SlideOutcome`. The price is a new interpreter per slide
+:class:`~wsiseg.batch.jobs.SlideOutcome`. The price is a new interpreter per slide
 that imports its libraries and, for ``wsiseg segment``, loads the model again:
 a few seconds per slide.
 
@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from wsiseg.batch.jobs import SlideOutcome, describe_error
+from wsiseg.batch.locks import remove_temporaries
 from wsiseg.errors import ConfigError, one_line
 
 __all__ = ["check_runnable", "check_timeout", "run_isolated"]
@@ -167,7 +169,7 @@ def run_isolated(
     Parameters
     ----------
     process : ProcessFn
-        The per-slide function (:class:`wsiseg.batch.runner.ProcessFn`); it must be
+        The per-slide function (:class:`wsiseg.batch.jobs.ProcessFn`); it must be
         picklable by cloudpickle (:func:`check_runnable`).
     job : SlideJob
     out_dir : path-like
@@ -197,8 +199,6 @@ def run_isolated(
         its temporaries removed.
     """
     import cloudpickle
-
-    from wsiseg.batch.runner import SlideOutcome, remove_temporaries
 
     out = Path(out_dir)
     frames = [_frame(pickle.dumps(list(sys.path))),
@@ -292,8 +292,6 @@ def _child_main(fd: int, parent: int) -> None:
     def progress(stage: str, fraction: float) -> None:
         with contextlib.suppress(Exception):
             send(("stage", str(stage), float(fraction)))
-
-    from wsiseg.batch.runner import describe_error
 
     try:
         process, job, out_dir, fingerprint, overwrite = pickle.loads(_read_frame(sys.stdin.buffer) or b"")
