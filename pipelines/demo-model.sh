@@ -32,7 +32,7 @@ export OMP_NUM_THREADS="${WSISEG_THREADS:-1}" MKL_NUM_THREADS="${WSISEG_THREADS:
 export PYTHONHASHSEED=0
 
 echo "== 1/4 mosaics: $DATA -> $WORK/data"
-"$PYTHON" -m wsiseg.mosaic pipelines/demo-data.yaml --data "$DATA" --out "$WORK/data" --overwrite
+"$PYTHON" -m wsiseg.training.mosaic pipelines/demo-data.yaml --data "$DATA" --out "$WORK/data" --overwrite
 
 echo "== 2/4 train -> $WORK/train"
 start=$(date +%s)

@@ -13,7 +13,7 @@ from PIL import Image
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry import box as sbox
 
-from wsiseg.annotations import (
+from wsiseg.training.annotations import (
     IGNORE_INDEX,
     ClassMap,
     LabelMaskAnnotation,

@@ -20,7 +20,7 @@ def test_every_exported_name_resolves_and_is_listed():
     assert set(wsiseg.__all__) <= set(dir(wsiseg))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         wsiseg.nope  # noqa: B018
-    assert wsiseg.load_model.__name__ == "load_deformseg" and wsiseg.train_model.__module__ == "wsiseg.train"
+    assert wsiseg.load_model.__name__ == "load_deformseg" and wsiseg.train_model.__module__ == "wsiseg.training.loop"
     assert issubclass(wsiseg.ModelFileError, wsiseg.WsisegError) and issubclass(wsiseg.SlideError, wsiseg.WsisegError)
 
 

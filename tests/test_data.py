@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from wsiseg.annotations import IGNORE_INDEX, ClassMap
-from wsiseg.data import (
+from wsiseg.training.annotations import IGNORE_INDEX, ClassMap
+from wsiseg.training.dataset import (
     TrainingPair,
     augment,
     build_dataset,

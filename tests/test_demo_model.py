@@ -12,7 +12,7 @@ import yaml
 from wsiseg import demo
 from wsiseg.errors import WsisegError
 from wsiseg.models.io import load_deformseg, read_metadata
-from wsiseg.train import TrainConfig
+from wsiseg.training.loop import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +61,9 @@ def test_tumour_model_is_shipped_small_and_matches_its_pipeline():
 
 def test_tumour_model_on_held_out_real_tissue(shared_data, tmp_path):
     """The benchmark's fixed test tiles (never trained on): better than chance, as docs/demo-model.md reports."""
-    from wsiseg.annotations import load_class_map
+    from wsiseg.training.annotations import load_class_map
     from wsiseg.demo.data import prepare_demo_data
-    from wsiseg.data import build_dataset, load_pairs
+    from wsiseg.training.dataset import build_dataset, load_pairs
     from wsiseg.evaluate import evaluate_model
 
     if not (shared_data / "labelled-regions").is_dir():

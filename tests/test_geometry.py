@@ -70,13 +70,13 @@ def test_same_region_gets_the_same_grid_on_every_path(shared_data, tmp_path, mon
     import torch
     from PIL import Image
 
-    from wsiseg.data import _open_image
+    from wsiseg.training.dataset import _open_image
     from wsiseg.evaluate import evaluate_model
     from wsiseg.models.io import LoadedModel
     from wsiseg.models.net import DeformSegNet
     from wsiseg.output.classes import default_classes
     from wsiseg.segment import SegmentOptions, segment_region
-    from wsiseg.train import TrainConfig, build_net, train
+    from wsiseg.training.loop import TrainConfig, build_net, train
 
     src = shared_data / "labelled-regions" / "bcss_mostly_tumor_large"
     if not src.is_dir():

@@ -1,4 +1,4 @@
-"""Texture mosaics on label-map geometry (wsiseg.mosaic)."""
+"""Texture mosaics on label-map geometry (wsiseg.training.mosaic)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import yaml
 from PIL import Image
 from scipy import ndimage as ndi
 
-from wsiseg.annotations import load_class_map
-from wsiseg.data import load_pairs
+from wsiseg.training.annotations import load_class_map
+from wsiseg.training.dataset import load_pairs
 from wsiseg.errors import WsisegError
-from wsiseg.mosaic import build_mosaics, build_mosaics_from_spec, load_spec, main
+from wsiseg.training.mosaic import build_mosaics, build_mosaics_from_spec, load_spec, main
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"background": (235, 235, 235), "red": (200, 40, 40), "blue": (40, 40, 200)}

@@ -47,8 +47,8 @@ def shared_env(monkeypatch, request):
 def test_every_yaml_in_pipelines_validates(path, monkeypatch):
     monkeypatch.chdir(REPO)
     data = yaml.safe_load(path.read_text())
-    if isinstance(data, dict) and "label_map" in data:  # a mosaic spec (python -m wsiseg.mosaic)
-        mosaic = pytest.importorskip("wsiseg.mosaic")
+    if isinstance(data, dict) and "label_map" in data:  # a mosaic spec (python -m wsiseg.training.mosaic)
+        mosaic = pytest.importorskip("wsiseg.training.mosaic")
         from conftest import SHARED_DATA
 
         if not SHARED_DATA.is_dir():

@@ -13,7 +13,7 @@ from PIL import Image
 
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.output.classes import default_classes
-from wsiseg.train import (
+from wsiseg.training.loop import (
     LOG_COLUMNS,
     TrainConfig,
     load_checkpoint,
@@ -41,7 +41,7 @@ CLASSES = default_classes(["background", "non-tumour nucleus", "tumour nucleus"]
 
 
 class NuclsTiles(torch.utils.data.Dataset):
-    """Real NuCLS tiles in the data set item format of wsiseg.data (resized to HR)."""
+    """Real NuCLS tiles in the data set item format of wsiseg.training.dataset (resized to HR)."""
 
     def __init__(self, folder: Path, n: int, size=HR):
         self.files = sorted((folder / "images").glob("*.png"))[:n]
@@ -139,7 +139,7 @@ def test_refuses_to_clobber_a_previous_run(trained, data):
 
 
 def test_resume_matches_an_uninterrupted_run(data, tmp_path):
-    pytest.importorskip("wsiseg.data")  # flips and rotations come from wsiseg.data.augment
+    pytest.importorskip("wsiseg.training.dataset")  # flips and rotations come from wsiseg.training.dataset.augment
     aug = {"flips": True, "rot90": True, "color_jitter": 0.1}
     straight = train(_cfg(epochs=2, **aug), *data, CLASSES, tmp_path / "a", progress=False)
     train(_cfg(epochs=1, **aug), *data, CLASSES, tmp_path / "b", progress=False)
@@ -164,7 +164,7 @@ def test_resume_matches_an_uninterrupted_run(data, tmp_path):
 
 
 def test_checkpoint_state_round_trips_without_pickle(tmp_path):
-    from wsiseg.train import _pack, _unpack
+    from wsiseg.training.loop import _pack, _unpack
 
     state = {
         "optimizer": {"state": {0: {"step": torch.tensor(3.0), "m": torch.ones(2)}}, "param_groups": [
@@ -187,7 +187,7 @@ def test_checkpoint_state_round_trips_without_pickle(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(data, tmp_path, monkeypatch):
-    import wsiseg.train as T
+    import wsiseg.training.loop as T
 
     real = T.JointLoss
     calls = {"n": 0}
@@ -215,7 +215,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(data, tmp_pa
 
 
 def test_early_stopping(data, tmp_path, monkeypatch):
-    import wsiseg.train as T
+    import wsiseg.training.loop as T
 
     monkeypatch.setattr(T, "_validate", lambda *a, **k: T._Scores(0.5, 0.5, 3))
     r = train(_cfg(epochs=20, patience=1), data[0], data[1], CLASSES, tmp_path, progress=False)
@@ -320,7 +320,7 @@ def test_unavailable_device_and_unknown_encoder(data, tmp_path):
 
 
 def test_cli_train_end_to_end(nucls, tmp_path):
-    pytest.importorskip("wsiseg.data")
+    pytest.importorskip("wsiseg.training.dataset")
     from click.testing import CliRunner
 
     from wsiseg.cli import main
@@ -356,7 +356,7 @@ def test_cli_train_end_to_end(nucls, tmp_path):
 def test_gradient_norms_split_the_two_terms(data, tmp_path):
     """grad_seg + grad_edge are the two terms' shares of the deformation net's gradient."""
     from wsiseg.models.losses import JointLoss
-    from wsiseg.train import _edge_gradient, _gradient_norms, build_net
+    from wsiseg.training.loop import _edge_gradient, _gradient_norms, build_net
 
     torch.manual_seed(0)
     net = build_net(_cfg(), len(CLASSES))
@@ -407,11 +407,11 @@ def test_cli_train_with_mpp_records_the_scale(nucls, tmp_path):
     pixel, one sample every 128 * 0.5 / 32 = 2 um."""
     from click.testing import CliRunner
 
-    from wsiseg.annotations import load_class_map
+    from wsiseg.training.annotations import load_class_map
     from wsiseg.cli import main
-    from wsiseg.data import build_dataset, load_pairs, with_mpp
+    from wsiseg.training.dataset import build_dataset, load_pairs, with_mpp
     from wsiseg.models.io import load_deformseg
-    from wsiseg.train import build_net, training_scale
+    from wsiseg.training.loop import build_net, training_scale
 
     classes = tmp_path / "classes.yaml"
     classes.write_text("classes:\n  - {value: 1, name: non-tumour nucleus}\n  - {value: 2, name: tumour nucleus}\n")
@@ -441,7 +441,7 @@ def test_cli_train_with_mpp_records_the_scale(nucls, tmp_path):
 
 def test_region_alone_in_its_batch_is_left_out_or_refused_never_a_crash(nucls, tmp_path):
     """A batch of one region whose grid is 1 x 1 at the encoder's deepest level breaks BatchNorm in training."""
-    from wsiseg.train import size_batches
+    from wsiseg.training.loop import size_batches
 
     # Depth 5 (stride 32) on a 32 x 32 grid: the deepest maps are 1 x 1, so one region alone cannot train.
     deep = TrainConfig(**{**TINY, "encoder_depth": 5, "decoder_channels": (32, 16, 8, 8, 8), "epochs": 1})
@@ -466,7 +466,7 @@ def test_hostile_checkpoint_metadata_is_refused_in_one_line(tmp_path):
     """--resume reads a checkpoint's JSON: deep nesting and ``format_version: true`` are refused, not crashes."""
     from safetensors.torch import save_file
 
-    from wsiseg.train import CHECKPOINT_FORMAT, _META_KEY
+    from wsiseg.training.loop import CHECKPOINT_FORMAT, _META_KEY
 
     path = tmp_path / "checkpoint.safetensors"
     head = '{"format": "%s", "format_version": %s' % (CHECKPOINT_FORMAT, "%s")

@@ -37,10 +37,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "demo_model": ("wsiseg.demo", "demo_model"),
     "demo_slide": ("wsiseg.demo", "demo_slide"),
     # training and evaluation
-    "TrainConfig": ("wsiseg.train", "TrainConfig"),
-    # not "train": importing the submodule wsiseg.train rebinds that attribute to the module
-    "train_model": ("wsiseg.train", "train"),
-    "build_dataset": ("wsiseg.data", "build_dataset"),
+    "TrainConfig": ("wsiseg.training.loop", "TrainConfig"),
+    # not "train": that was the name of the training module (now wsiseg.training), whose import rebound it
+    "train_model": ("wsiseg.training.loop", "train"),
+    "build_dataset": ("wsiseg.training.dataset", "build_dataset"),
     "evaluate_model": ("wsiseg.evaluate", "evaluate_model"),
     # errors: every refusal of a bad input is a WsisegError
     "WsisegError": ("wsiseg.errors", "WsisegError"),
@@ -52,7 +52,6 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
-    from wsiseg.data import build_dataset
     from wsiseg.demo import demo_model, demo_slide
     from wsiseg.errors import ConfigError, SlideError, WsisegError
     from wsiseg.evaluate import evaluate_model
@@ -61,8 +60,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from wsiseg.segment import SegmentOptions, run_segment, segment_slide
     from wsiseg.slide.multiscale import Multiscale
     from wsiseg.slide.open import open_slide
-    from wsiseg.train import TrainConfig
-    from wsiseg.train import train as train_model
+    from wsiseg.training.dataset import build_dataset
+    from wsiseg.training.loop import TrainConfig
+    from wsiseg.training.loop import train as train_model
 
 
 def __getattr__(name: str) -> Any:

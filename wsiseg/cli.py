@@ -468,7 +468,7 @@ def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_
     )
     from wsiseg.errors import ConfigError
     from wsiseg.evaluate import parse_sizes
-    from wsiseg.mosaic import default_data_root
+    from wsiseg.training.mosaic import default_data_root
 
     keys = [k.strip() for k in datasets.split(",") if k.strip()]
     unknown = sorted(set(keys) - {"nucls", "mosaics"})
@@ -537,7 +537,7 @@ def bench_quality_command(parts, sets, seeds, encoders, imagenet_weights, config
     from wsiseg.bench.quality_report import run_parts
     from wsiseg.bench.sampling import bench_config
     from wsiseg.errors import ConfigError
-    from wsiseg.mosaic import default_data_root
+    from wsiseg.training.mosaic import default_data_root
 
     names = [k.strip() for k in sets.split(",") if k.strip()]
     bad = sorted(set(names) - set(QUALITY_SETS))
@@ -761,9 +761,9 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     `wsiseg segment --model`; it records its physical scale (micrometres per
     working pixel and sample spacing) when the images' MPP is known.
     """
-    from wsiseg.annotations import load_class_map
-    from wsiseg.data import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
-    from wsiseg.train import (
+    from wsiseg.training.annotations import load_class_map
+    from wsiseg.training.dataset import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
+    from wsiseg.training.loop import (
         TrainConfig,
         check_output_dir,
         load_train_config,

@@ -443,7 +443,7 @@ def _item_size(item: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def _batch_key(item: Mapping[str, Any]) -> tuple:
-    from wsiseg.data import known_mpp
+    from wsiseg.training.dataset import known_mpp
 
     # the grid depends on the size and, at a model's physical scale, on the micrometres per pixel
     return _item_size(item), known_mpp(item)
@@ -676,7 +676,7 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     """
     from PIL import Image, ImageDraw
 
-    from wsiseg.train import chart_panel
+    from wsiseg.training.loop import chart_panel
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     # One x position per cost (methods at one size share the cost: same grid, same regions).
@@ -735,7 +735,7 @@ def draw_class_frequency(
     """
     from PIL import Image, ImageDraw
 
-    from wsiseg.train import tick_label, chart_ticks
+    from wsiseg.training.loop import tick_label, chart_ticks
 
     series = [("original", _COLORS["original"], list(original))]
     series += [(method_label(m), _method_color(m, n), list(v)) for n, (m, v) in enumerate(sampled.items())]
@@ -867,7 +867,7 @@ def _label_lut(model, class_map, classes_path, ignore_index: int = 255) -> np.nd
 
 def _model_train_config(model):
     """The model's training config (metadata), or one rebuilt from its net config."""
-    from wsiseg.train import TrainConfig
+    from wsiseg.training.loop import TrainConfig
 
     cfg = (model.metadata.get("training") or {}).get("config")
     if isinstance(cfg, dict):
@@ -889,7 +889,7 @@ def _model_train_config(model):
 
 
 def _select_pairs(pairs, split: str, cfg, data, say) -> list:
-    from wsiseg.data import split_pairs
+    from wsiseg.training.dataset import split_pairs
 
     if split == "all":
         return list(pairs)
@@ -907,7 +907,7 @@ def _select_pairs(pairs, split: str, cfg, data, say) -> list:
 
 def ensure_trained(cfg, out: Path, train_ds, val_ds, classes, data_hash, say, name: str | None = None) -> Path:
     """Train into ``out`` unless done: resume an unfinished run, reuse a model without a checkpoint."""
-    from wsiseg.train import CHECKPOINT_NAME, MODEL_NAME, train
+    from wsiseg.training.loop import CHECKPOINT_NAME, MODEL_NAME, train
 
     model, ckpt = out / MODEL_NAME, out / CHECKPOINT_NAME
     if model.is_file() and not ckpt.is_file():
@@ -1205,8 +1205,8 @@ def run_evaluation(
         classes that do not match the model's, no pairs to evaluate, training
         data overlapping the evaluated data.
     """
-    from wsiseg.annotations import load_class_map
-    from wsiseg.data import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
+    from wsiseg.training.annotations import load_class_map
+    from wsiseg.training.dataset import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
     from wsiseg.models.io import load_deformseg
 
     say = log or (lambda _m: None)

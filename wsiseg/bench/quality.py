@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from wsiseg.errors import ConfigError, WsisegError
 
 if TYPE_CHECKING:
-    from wsiseg.train import TrainConfig
+    from wsiseg.training.loop import TrainConfig
 
 __all__ = [
     "QUALITY_SETS",
@@ -346,8 +346,8 @@ def _quality_config(base: TrainConfig, qs: QualitySet, *, epochs: int, seed: int
 
 
 def _datasets(csv_path: Path, qs: QualitySet, classes_file: Path):
-    from wsiseg.annotations import load_class_map
-    from wsiseg.data import build_dataset, dataset_hash, load_pairs
+    from wsiseg.training.annotations import load_class_map
+    from wsiseg.training.dataset import build_dataset, dataset_hash, load_pairs
 
     class_map = load_class_map(classes_file)
     pairs = load_pairs(csv_path)
@@ -368,7 +368,7 @@ def _digest(config: dict, data_hash: str) -> str:
 
 
 def _read_log(run: Path) -> list[dict]:
-    from wsiseg.train import LOG_NAME
+    from wsiseg.training.loop import LOG_NAME
 
     try:
         with open(run / LOG_NAME, newline="", encoding="utf-8") as f:
@@ -494,7 +494,7 @@ def bench_quality(
     data_root, workdir : path-like
         Shared data; run folders and the prepared labels.
     sets : sequence of QualitySet
-    base : wsiseg.train.TrainConfig
+    base : wsiseg.training.loop.TrainConfig
         Segmenter, optimiser and sampling defaults; each run sets the
         working resolution, its size, method, seed and encoder weights.
     seeds : sequence of int

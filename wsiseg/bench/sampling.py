@@ -48,7 +48,7 @@ from wsiseg.evaluate import (
 )
 
 if TYPE_CHECKING:
-    from wsiseg.train import TrainConfig
+    from wsiseg.training.loop import TrainConfig
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -83,7 +83,7 @@ class BenchDataset:
         Heading of its results.
     data : pathlib.Path
         Pairs with ``train``/``test`` (and optionally ``val``) split marks
-        (:func:`wsiseg.data.load_pairs`).
+        (:func:`wsiseg.training.dataset.load_pairs`).
     classes : pathlib.Path
         Classes YAML.
     epochs : int
@@ -134,7 +134,7 @@ class SamplingBench:
     Attributes
     ----------
     runs : tuple of DatasetRun
-    config : wsiseg.train.TrainConfig
+    config : wsiseg.training.loop.TrainConfig
         The base training config (before each data set's epochs and each
         run's size and method).
     sizes : tuple of (int, int)
@@ -207,7 +207,7 @@ def mosaic_dataset(
     """BCSS-geometry texture mosaics of ``spec`` with ``counts`` per split, built once in ``workdir``.
 
     Mosaic ``i`` of a split depends only on the spec and ``i``
-    (:mod:`wsiseg.mosaic`), so fewer mosaics are the first ones of the
+    (:mod:`wsiseg.training.mosaic`), so fewer mosaics are the first ones of the
     spec's full set.
 
     Parameters
@@ -223,7 +223,7 @@ def mosaic_dataset(
     epochs : int
     log : callable, optional
     """
-    from wsiseg.mosaic import CLASSES_NAME, build_mosaics, load_spec
+    from wsiseg.training.mosaic import CLASSES_NAME, build_mosaics, load_spec
 
     say = log or (lambda _m: None)
     spec = Path(spec)
@@ -256,9 +256,9 @@ def bench_config(path: str | os.PathLike = DEFAULT_CONFIG, **overrides: Any) -> 
 
     Returns
     -------
-    wsiseg.train.TrainConfig
+    wsiseg.training.loop.TrainConfig
     """
-    from wsiseg.train import TrainConfig, load_train_config
+    from wsiseg.training.loop import TrainConfig, load_train_config
 
     if not Path(path).is_file():
         raise ConfigError(f"training config {path} not found (run from the project root or pass --config)")
@@ -302,7 +302,7 @@ def bench_sampling(
     Parameters
     ----------
     datasets : sequence of BenchDataset
-    config : wsiseg.train.TrainConfig
+    config : wsiseg.training.loop.TrainConfig
         Base config (:func:`bench_config`); each data set sets its epochs
         (the step decay scaled alike), each run its size and method
         (:func:`wsiseg.evaluate.run_sweep`).
@@ -322,8 +322,8 @@ def bench_sampling(
     """
     import torch
 
-    from wsiseg.annotations import load_class_map
-    from wsiseg.data import dataset_hash, load_pairs, split_pairs
+    from wsiseg.training.annotations import load_class_map
+    from wsiseg.training.dataset import dataset_hash, load_pairs, split_pairs
 
     say = log or (lambda _m: None)
     if threads < 1:
@@ -375,7 +375,7 @@ def bench_sampling(
 
 def _epochs_done(run: Path) -> int:
     """Epochs a run folder has logged (``log.csv``: a header and one line per epoch); 0 if none."""
-    from wsiseg.train import LOG_NAME
+    from wsiseg.training.loop import LOG_NAME
 
     try:
         return max(0, len((run / LOG_NAME).read_text(encoding="utf-8").splitlines()) - 1)
@@ -388,7 +388,7 @@ def _epochs_done(run: Path) -> int:
 
 
 def _build(pairs, *, class_map, cfg):
-    from wsiseg.data import build_dataset
+    from wsiseg.training.dataset import build_dataset
 
     return build_dataset(pairs, class_map, hr_size=cfg.hr_size, regions=cfg.regions, seed=cfg.seed)
 

@@ -12,7 +12,7 @@ by ``pipelines/tumour-model.sh`` (random encoder weights; see
 stroma; ~7 MB), rebuilt bit for bit by ``pipelines/demo-model.sh`` from
 ``pipelines/demo-data.yaml`` and ``pipelines/demo-model.yaml``. It was trained
 on texture mosaics built on real BCSS label geometry with real H&E textures
-(:mod:`wsiseg.mosaic`), not on real annotated slides: it is a demonstration,
+(:mod:`wsiseg.training.mosaic`), not on real annotated slides: it is a demonstration,
 not a diagnostic tool. Its metadata holds the training config, data hash and
 validation scores; ``docs/demo-model.md`` records the data, licences,
 held-out test scores and limitations.

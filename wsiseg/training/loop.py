@@ -555,7 +555,7 @@ class _Augmented(Dataset):
         self.active = config.flips or config.rot90 or config.color_jitter > 0
         self._augment = None
         if self.active:
-            from wsiseg.data import augment  # the data side owns the augmentations
+            from wsiseg.training.dataset import augment  # the data side owns the augmentations
 
             self._augment = augment
 
@@ -621,7 +621,7 @@ def _item_shape(ds: Dataset, i: int) -> tuple[int, int]:
 def _item_mpp(ds: Dataset, i: int) -> tuple[float | None, str]:
     """Micrometres per working pixel of item ``i`` and its source, from the data set's description.
 
-    A data set that describes itself (``item_mpp``, :class:`wsiseg.data.RegionDataset`) or wraps one
+    A data set that describes itself (``item_mpp``, :class:`wsiseg.training.dataset.RegionDataset`) or wraps one
     (``base``) is asked without reading pixels; a list of item dicts by their ``mpp``; anything else
     is unknown.
     """
@@ -632,7 +632,7 @@ def _item_mpp(ds: Dataset, i: int) -> tuple[float | None, str]:
     if base is not None:
         return _item_mpp(base, i)
     if isinstance(ds, (list, tuple)):
-        from wsiseg.data import known_mpp
+        from wsiseg.training.dataset import known_mpp
 
         mpp = known_mpp(ds[i])
         return (mpp, "items") if mpp is not None else (None, "unknown")
@@ -1422,7 +1422,7 @@ def train(
     progress : bool
         tqdm progress bars (only when stderr is a terminal).
     data_hash : str, optional
-        Fingerprint of the training data (``wsiseg.data.dataset_hash``),
+        Fingerprint of the training data (``wsiseg.training.dataset.dataset_hash``),
         stored with the model; a resume on different data is refused.
     overwrite : bool
         Start afresh even if ``out_dir`` holds a previous run.

@@ -31,7 +31,7 @@ Output folder
 -------------
 ``{train,val,test}/images/NAME.png`` and ``{...}/labels/NAME.png``
     RGB mosaics and their uint8 label images (values ``0 .. n - 1``), the
-    split-folder layout that :func:`wsiseg.data.load_pairs` reads.
+    split-folder layout that :func:`wsiseg.training.dataset.load_pairs` reads.
 ``pairs.csv``
     The same pairs as ``image,annotation,split`` (relative paths).
 ``classes.yaml``
@@ -45,7 +45,7 @@ The whole folder is written under a temporary name and renamed when complete
 
 Command line::
 
-    python -m wsiseg.mosaic SPEC.yaml --data ../shared/data --out DIR
+    python -m wsiseg.training.mosaic SPEC.yaml --data ../shared/data --out DIR
 
 where ``SPEC.yaml`` holds the parameters (see :func:`load_spec`).
 """
@@ -178,7 +178,7 @@ def _code_lut(
     """uint8 LUT label-map code -> class value (255 for codes that are absent and unmapped)."""
     names: dict[str, int] = {}
     if codes_csv is not None:
-        from wsiseg.annotations import read_value_names
+        from wsiseg.training.annotations import read_value_names
 
         names = {n.casefold(): v for v, n in read_value_names(codes_csv).items()}
     value_of = {n: i for i, n in enumerate(class_names)}
@@ -653,9 +653,9 @@ def default_data_root() -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m wsiseg.mosaic SPEC --out DIR [--data ROOT] [--overwrite]``."""
+    """``python -m wsiseg.training.mosaic SPEC --out DIR [--data ROOT] [--overwrite]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m wsiseg.mosaic",
+        prog="python -m wsiseg.training.mosaic",
         description="Build labelled texture mosaics on real label-map geometry (train/val/test held out).",
     )
     parser.add_argument("spec", help="mosaic spec YAML (e.g. pipelines/demo-data.yaml)")

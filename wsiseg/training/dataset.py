@@ -22,7 +22,7 @@ whole), then anti-aliased (Gaussian, ``sigma = (s - 1) / 2`` for the
 residual factor ``s < 2``) and bilinearly sampled at the raster's pixel
 centres (:mod:`wsiseg.sampling.coords`). At ``t = 1`` on level 0 this is an
 exact copy. Labels are produced for the same box and raster, by pixel-centre
-rasterisation or nearest reads (:meth:`wsiseg.annotations.Annotation.labels`),
+rasterisation or nearest reads (:meth:`wsiseg.training.annotations.Annotation.labels`),
 so image and labels align exactly.
 
 No padding
@@ -31,7 +31,7 @@ Items are the working raster itself, never padded: a region is sampled on
 its own extent with the geometry every path shares
 (:mod:`wsiseg.sampling.geometry`), so padding can neither attract samples
 nor take part in the grid. Training batches group items of equal shape
-(:func:`wsiseg.train.size_batches`). ``item["size"]`` is the ``(h, w)``.
+(:func:`wsiseg.training.loop.size_batches`). ``item["size"]`` is the ``(h, w)``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from wsiseg.annotations import (
+from wsiseg.training.annotations import (
     MASK_SUFFIXES,
     VECTOR_SUFFIXES,
     Annotation,
