@@ -14,7 +14,7 @@ from wsiseg.bench.sampling import _epochs_config, bench_config
 from wsiseg.cli import main
 from wsiseg.evaluate import SWEEP_METHODS
 from wsiseg.models.io import read_metadata
-from wsiseg.training.loop import LOG_NAME, MODEL_NAME
+from wsiseg.training.checkpoint import LOG_NAME, MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import yaml
 from wsiseg import demo
 from wsiseg.errors import WsisegError
 from wsiseg.models.io import load_deformseg, read_metadata
-from wsiseg.training.loop import TrainConfig
+from wsiseg.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -261,7 +261,7 @@ def test_sweep_figure_names_every_method_and_fits_its_legend(tmp_path):
 
 
 def test_sweep_methods_change_only_the_sampler_and_the_loss():
-    from wsiseg.training.loop import TrainConfig
+    from wsiseg.training.config import TrainConfig
 
     base = TrainConfig(out_size=(64, 64), map_size=(32, 32), sigma=2.0, joint=True, epochs=20)
     cfgs = {m: _scaled_config(base, (32, 16), m, 3, "cpu") for m in SWEEP_METHODS}
@@ -349,7 +349,8 @@ def model(nucls, classes_yaml, tmp_path_factory) -> Path:
     """A tiny model trained for one epoch on 4 NuCLS training tiles."""
     from wsiseg.training.annotations import load_class_map
     from wsiseg.training.dataset import build_dataset, load_pairs
-    from wsiseg.training.loop import TrainConfig, train
+    from wsiseg.training.config import TrainConfig
+    from wsiseg.training.loop import train
 
     cmap = load_class_map(classes_yaml)
     ds = build_dataset(load_pairs(nucls / "train")[:4], cmap, hr_size=HR)

@@ -76,7 +76,8 @@ def test_same_region_gets_the_same_grid_on_every_path(shared_data, tmp_path, mon
     from wsiseg.models.net import DeformSegNet
     from wsiseg.output.classes import default_classes
     from wsiseg.segment import SegmentOptions, segment_region
-    from wsiseg.training.loop import TrainConfig, build_net, train
+    from wsiseg.training.config import TrainConfig, build_net
+    from wsiseg.training.loop import train
 
     src = shared_data / "labelled-regions" / "bcss_mostly_tumor_large"
     if not src.is_dir():

@@ -221,7 +221,7 @@ def test_efficientnet_lite0_package_maps_onto_every_encoder_tensor():
 
 
 def test_train_config_options():
-    from wsiseg.training.loop import TrainConfig
+    from wsiseg.training.config import TrainConfig
 
     cfg = TrainConfig(encoder_weights="ImageNet", freeze_encoder_epochs="2")
     assert (cfg.encoder_weights, cfg.freeze_encoder_epochs) == ("imagenet", 2)
@@ -247,7 +247,9 @@ def test_frozen_encoder_keeps_the_file_weights_then_trains_and_resumes_exactly(d
     from test_train import CLASSES, TINY
 
     from wsiseg.models.io import load_deformseg
-    from wsiseg.training.loop import TrainConfig, build_net, load_checkpoint, train
+    from wsiseg.training.checkpoint import load_checkpoint
+    from wsiseg.training.config import TrainConfig, build_net
+    from wsiseg.training.loop import train
 
     torch.manual_seed(99)  # other initial weights than the run's seed would give
     enc = find_encoder(build_net(TrainConfig(**TINY), len(CLASSES)))

@@ -13,14 +13,10 @@ from PIL import Image
 
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.output.classes import default_classes
-from wsiseg.training.loop import (
-    LOG_COLUMNS,
-    TrainConfig,
-    load_checkpoint,
-    load_train_config,
-    read_checkpoint_config,
-    train,
-)
+from wsiseg.training.charts import LOG_COLUMNS
+from wsiseg.training.checkpoint import load_checkpoint, read_checkpoint_config
+from wsiseg.training.config import TrainConfig, load_train_config
+from wsiseg.training.loop import train
 
 HR = (128, 128)
 # A tiny segmenter (about 0.4 M parameters) keeps every run to a second or two on a CPU.
@@ -164,7 +160,7 @@ def test_resume_matches_an_uninterrupted_run(data, tmp_path):
 
 
 def test_checkpoint_state_round_trips_without_pickle(tmp_path):
-    from wsiseg.training.loop import _pack, _unpack
+    from wsiseg.training.checkpoint import _pack, _unpack
 
     state = {
         "optimizer": {"state": {0: {"step": torch.tensor(3.0), "m": torch.ones(2)}}, "param_groups": [
@@ -356,7 +352,8 @@ def test_cli_train_end_to_end(nucls, tmp_path):
 def test_gradient_norms_split_the_two_terms(data, tmp_path):
     """grad_seg + grad_edge are the two terms' shares of the deformation net's gradient."""
     from wsiseg.models.losses import JointLoss
-    from wsiseg.training.loop import _edge_gradient, _gradient_norms, build_net
+    from wsiseg.training.config import build_net
+    from wsiseg.training.loop import _edge_gradient, _gradient_norms
 
     torch.manual_seed(0)
     net = build_net(_cfg(), len(CLASSES))
@@ -411,7 +408,8 @@ def test_cli_train_with_mpp_records_the_scale(nucls, tmp_path):
     from wsiseg.cli import main
     from wsiseg.training.dataset import build_dataset, load_pairs, with_mpp
     from wsiseg.models.io import load_deformseg
-    from wsiseg.training.loop import build_net, training_scale
+    from wsiseg.training.batches import training_scale
+    from wsiseg.training.config import build_net
 
     classes = tmp_path / "classes.yaml"
     classes.write_text("classes:\n  - {value: 1, name: non-tumour nucleus}\n  - {value: 2, name: tumour nucleus}\n")
@@ -441,7 +439,7 @@ def test_cli_train_with_mpp_records_the_scale(nucls, tmp_path):
 
 def test_region_alone_in_its_batch_is_left_out_or_refused_never_a_crash(nucls, tmp_path):
     """A batch of one region whose grid is 1 x 1 at the encoder's deepest level breaks BatchNorm in training."""
-    from wsiseg.training.loop import size_batches
+    from wsiseg.training.batches import size_batches
 
     # Depth 5 (stride 32) on a 32 x 32 grid: the deepest maps are 1 x 1, so one region alone cannot train.
     deep = TrainConfig(**{**TINY, "encoder_depth": 5, "decoder_channels": (32, 16, 8, 8, 8), "epochs": 1})
@@ -466,7 +464,7 @@ def test_hostile_checkpoint_metadata_is_refused_in_one_line(tmp_path):
     """--resume reads a checkpoint's JSON: deep nesting and ``format_version: true`` are refused, not crashes."""
     from safetensors.torch import save_file
 
-    from wsiseg.training.loop import CHECKPOINT_FORMAT, _META_KEY
+    from wsiseg.training.checkpoint import CHECKPOINT_FORMAT, _META_KEY
 
     path = tmp_path / "checkpoint.safetensors"
     head = '{"format": "%s", "format_version": %s' % (CHECKPOINT_FORMAT, "%s")

@@ -37,7 +37,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "demo_model": ("wsiseg.demo", "demo_model"),
     "demo_slide": ("wsiseg.demo", "demo_slide"),
     # training and evaluation
-    "TrainConfig": ("wsiseg.training.loop", "TrainConfig"),
+    "TrainConfig": ("wsiseg.training.config", "TrainConfig"),
     # not "train": that was the name of the training module (now wsiseg.training), whose import rebound it
     "train_model": ("wsiseg.training.loop", "train"),
     "build_dataset": ("wsiseg.training.dataset", "build_dataset"),
@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from wsiseg.slide.multiscale import Multiscale
     from wsiseg.slide.open import open_slide
     from wsiseg.training.dataset import build_dataset
-    from wsiseg.training.loop import TrainConfig
+    from wsiseg.training.config import TrainConfig
     from wsiseg.training.loop import train as train_model
 
 

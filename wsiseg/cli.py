@@ -763,13 +763,9 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     """
     from wsiseg.training.annotations import load_class_map
     from wsiseg.training.dataset import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
-    from wsiseg.training.loop import (
-        TrainConfig,
-        check_output_dir,
-        load_train_config,
-        read_checkpoint_config,
-        train,
-    )
+    from wsiseg.training.checkpoint import check_output_dir, read_checkpoint_config
+    from wsiseg.training.config import TrainConfig, load_train_config
+    from wsiseg.training.loop import train
 
     check_output_dir(out_dir, resume=resume, overwrite=overwrite)  # fail before reading any data
     options: dict = dict(read_checkpoint_config(out_dir) or {}) if resume else {}

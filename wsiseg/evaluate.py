@@ -676,7 +676,7 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     """
     from PIL import Image, ImageDraw
 
-    from wsiseg.training.loop import chart_panel
+    from wsiseg.training.charts import chart_panel
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     # One x position per cost (methods at one size share the cost: same grid, same regions).
@@ -735,7 +735,7 @@ def draw_class_frequency(
     """
     from PIL import Image, ImageDraw
 
-    from wsiseg.training.loop import tick_label, chart_ticks
+    from wsiseg.training.charts import chart_ticks, tick_label
 
     series = [("original", _COLORS["original"], list(original))]
     series += [(method_label(m), _method_color(m, n), list(v)) for n, (m, v) in enumerate(sampled.items())]
@@ -867,7 +867,7 @@ def _label_lut(model, class_map, classes_path, ignore_index: int = 255) -> np.nd
 
 def _model_train_config(model):
     """The model's training config (metadata), or one rebuilt from its net config."""
-    from wsiseg.training.loop import TrainConfig
+    from wsiseg.training.config import TrainConfig
 
     cfg = (model.metadata.get("training") or {}).get("config")
     if isinstance(cfg, dict):
@@ -907,7 +907,8 @@ def _select_pairs(pairs, split: str, cfg, data, say) -> list:
 
 def ensure_trained(cfg, out: Path, train_ds, val_ds, classes, data_hash, say, name: str | None = None) -> Path:
     """Train into ``out`` unless done: resume an unfinished run, reuse a model without a checkpoint."""
-    from wsiseg.training.loop import CHECKPOINT_NAME, MODEL_NAME, train
+    from wsiseg.training.checkpoint import CHECKPOINT_NAME, MODEL_NAME
+    from wsiseg.training.loop import train
 
     model, ckpt = out / MODEL_NAME, out / CHECKPOINT_NAME
     if model.is_file() and not ckpt.is_file():

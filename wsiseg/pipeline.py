@@ -14,7 +14,7 @@ arguments by their name: ``slides``, ``data``, ``model``)::
 
 ``job: bench`` also needs ``benchmark:`` (``gather``, ``convert``,
 ``cluster``). A ``train`` job's ``config:`` is a training-options YAML
-(:class:`wsiseg.training.loop.TrainConfig`, e.g. ``pipelines/demo-model.yaml``), as
+(:class:`wsiseg.training.config.TrainConfig`, e.g. ``pipelines/demo-model.yaml``), as
 for ``wsiseg train --config``; it is validated too.
 
 Values: flags are ``true``/``false``; lists become repeated options
@@ -212,7 +212,7 @@ def _check_train_config(pipe: Pipeline) -> None:
     ref = pipe.options.get("config")
     if not isinstance(ref, str) or not Path(ref).is_file():
         return  # a missing file is reported by `wsiseg train` when it runs
-    from wsiseg.training.loop import TrainConfig, load_train_config
+    from wsiseg.training.config import TrainConfig, load_train_config
 
     try:
         TrainConfig.from_dict(load_train_config(ref))
@@ -272,7 +272,7 @@ def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None =
     if "job" not in data:
         hint = ""
         try:
-            from wsiseg.training.loop import TrainConfig
+            from wsiseg.training.config import TrainConfig
 
             TrainConfig.from_dict(data)
             hint = ("; it is a training config: use it as 'config:' of a train pipeline or with "
@@ -335,7 +335,7 @@ def validate_file(path: str | os.PathLike) -> str:
     if isinstance(data, dict) and "job" in data:
         load_pipeline(path)
         return "pipeline"
-    from wsiseg.training.loop import TrainConfig, load_train_config
+    from wsiseg.training.config import TrainConfig, load_train_config
 
     TrainConfig.from_dict(load_train_config(path))
     return "train config"

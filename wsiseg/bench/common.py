@@ -550,7 +550,7 @@ def _bench_model(workdir: Path) -> Path:
 
         from wsiseg.models.io import save_deformseg
         from wsiseg.output.classes import default_classes
-        from wsiseg.training.loop import TrainConfig, build_net
+        from wsiseg.training.config import TrainConfig, build_net
 
         torch.manual_seed(0)
         save_deformseg(path, build_net(TrainConfig(), 3).eval(), default_classes(3))

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from wsiseg.errors import ConfigError, WsisegError
 
 if TYPE_CHECKING:
-    from wsiseg.training.loop import TrainConfig
+    from wsiseg.training.config import TrainConfig
 
 __all__ = [
     "QUALITY_SETS",
@@ -368,7 +368,7 @@ def _digest(config: dict, data_hash: str) -> str:
 
 
 def _read_log(run: Path) -> list[dict]:
-    from wsiseg.training.loop import LOG_NAME
+    from wsiseg.training.checkpoint import LOG_NAME
 
     try:
         with open(run / LOG_NAME, newline="", encoding="utf-8") as f:
@@ -494,7 +494,7 @@ def bench_quality(
     data_root, workdir : path-like
         Shared data; run folders and the prepared labels.
     sets : sequence of QualitySet
-    base : wsiseg.training.loop.TrainConfig
+    base : wsiseg.training.config.TrainConfig
         Segmenter, optimiser and sampling defaults; each run sets the
         working resolution, its size, method, seed and encoder weights.
     seeds : sequence of int

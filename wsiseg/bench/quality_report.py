@@ -42,7 +42,7 @@ from wsiseg.bench.quality import (
 )
 
 if TYPE_CHECKING:
-    from wsiseg.training.loop import TrainConfig
+    from wsiseg.training.config import TrainConfig
 
 __all__ = ["Cell", "aggregate", "draw_quality", "format_quality", "format_section", "goals", "run_parts"]
 
@@ -176,7 +176,7 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
 
     from wsiseg.atomic import atomic_output
     from wsiseg.evaluate import chart_font
-    from wsiseg.training.loop import chart_panel
+    from wsiseg.training.charts import chart_panel
 
     sets = list(dict.fromkeys(k[0] for k in cells))
     encs = list(dict.fromkeys(k[1] for k in cells))

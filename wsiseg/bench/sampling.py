@@ -48,7 +48,7 @@ from wsiseg.evaluate import (
 )
 
 if TYPE_CHECKING:
-    from wsiseg.training.loop import TrainConfig
+    from wsiseg.training.config import TrainConfig
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -134,7 +134,7 @@ class SamplingBench:
     Attributes
     ----------
     runs : tuple of DatasetRun
-    config : wsiseg.training.loop.TrainConfig
+    config : wsiseg.training.config.TrainConfig
         The base training config (before each data set's epochs and each
         run's size and method).
     sizes : tuple of (int, int)
@@ -256,9 +256,9 @@ def bench_config(path: str | os.PathLike = DEFAULT_CONFIG, **overrides: Any) -> 
 
     Returns
     -------
-    wsiseg.training.loop.TrainConfig
+    wsiseg.training.config.TrainConfig
     """
-    from wsiseg.training.loop import TrainConfig, load_train_config
+    from wsiseg.training.config import TrainConfig, load_train_config
 
     if not Path(path).is_file():
         raise ConfigError(f"training config {path} not found (run from the project root or pass --config)")
@@ -302,7 +302,7 @@ def bench_sampling(
     Parameters
     ----------
     datasets : sequence of BenchDataset
-    config : wsiseg.training.loop.TrainConfig
+    config : wsiseg.training.config.TrainConfig
         Base config (:func:`bench_config`); each data set sets its epochs
         (the step decay scaled alike), each run its size and method
         (:func:`wsiseg.evaluate.run_sweep`).
@@ -375,7 +375,7 @@ def bench_sampling(
 
 def _epochs_done(run: Path) -> int:
     """Epochs a run folder has logged (``log.csv``: a header and one line per epoch); 0 if none."""
-    from wsiseg.training.loop import LOG_NAME
+    from wsiseg.training.checkpoint import LOG_NAME
 
     try:
         return max(0, len((run / LOG_NAME).read_text(encoding="utf-8").splitlines()) - 1)

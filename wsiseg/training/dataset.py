@@ -31,7 +31,7 @@ Items are the working raster itself, never padded: a region is sampled on
 its own extent with the geometry every path shares
 (:mod:`wsiseg.sampling.geometry`), so padding can neither attract samples
 nor take part in the grid. Training batches group items of equal shape
-(:func:`wsiseg.training.loop.size_batches`). ``item["size"]`` is the ``(h, w)``.
+(:func:`wsiseg.training.batches.size_batches`). ``item["size"]`` is the ``(h, w)``.
 """
 
 from __future__ import annotations

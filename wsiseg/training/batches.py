@@ -1,0 +1,292 @@
+"""What the training loop is fed: augmented items, collation and label checks, the working scale of a data set,
+batch sizes that fit, and the data loader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from wsiseg.errors import WsisegError
+from wsiseg.models.net import DeformSegNet
+from wsiseg.models.scale import ModelScale, measure_scale
+from wsiseg.training.config import TrainConfig
+
+__all__ = [
+    "ALONE_WHY",
+    "BATCHNORM_ALONE",
+    "Augmented",
+    "alone_checker",
+    "check_labels",
+    "make_loader",
+    "say_scale",
+    "size_batches",
+    "to_float",
+    "training_scale",
+    "trains_alone",
+]
+
+# ---------------------------------------------------------------------------
+# data plumbing
+# ---------------------------------------------------------------------------
+
+
+class Augmented(Dataset):
+    """Training items augmented with an RNG derived from (seed, epoch, index)."""
+
+    def __init__(self, base: Dataset, config: TrainConfig):
+        self.base = base
+        self.seed = config.seed
+        self.epoch = 0
+        self.flips, self.rot90, self.color_jitter = config.flips, config.rot90, config.color_jitter
+        self.active = config.flips or config.rot90 or config.color_jitter > 0
+        self._augment = None
+        if self.active:
+            from wsiseg.training.dataset import augment  # the data side owns the augmentations
+
+            self._augment = augment
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.base[i]
+        if not self.active:
+            return item
+        item = dict(item)
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        item["image"], item["labels"] = self._augment(
+            item["image"], item["labels"], rng, flips=self.flips, rot90=self.rot90, color_jitter=self.color_jitter
+        )
+        return item
+
+
+def _collate(items: list[dict]) -> dict:
+    """Stack images and labels; keep names (boxes may be None, so no default_collate)."""
+    try:
+        image = torch.stack([torch.as_tensor(it["image"]) for it in items])
+        labels = torch.stack([torch.as_tensor(it["labels"]).long() for it in items])
+    except RuntimeError as exc:
+        shapes = sorted({tuple(torch.as_tensor(it["image"]).shape) for it in items})
+        raise WsisegError(
+            f"training regions in one batch differ in size {shapes}"
+        ) from exc
+    return {"image": image, "labels": labels, "name": [str(it.get("name", "")) for it in items]}
+
+
+def to_float(image: torch.Tensor) -> torch.Tensor:
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int, names: list[str]) -> None:
+    valid = labels[labels != ignore_index]
+    if valid.numel() == 0:
+        return
+    lo, hi = int(valid.min()), int(valid.max())
+    if lo < 0 or hi >= num_classes:
+        bad = hi if hi >= num_classes else lo
+        raise WsisegError(
+            f"label value {bad} in {', '.join(n for n in names if n) or 'a training region'} is not a class "
+            f"index in 0..{num_classes - 1} (or the ignore value {ignore_index})"
+        )
+
+
+def _item_shape(ds: Dataset, i: int) -> tuple[int, int]:
+    """Unpadded ``(h, w)`` of item ``i``, from the data set's own description when it has one."""
+    shape_of = getattr(ds, "item_shape", None)
+    if callable(shape_of):
+        return tuple(int(v) for v in shape_of(i))  # type: ignore[return-value]
+    items = getattr(ds, "items", None)
+    if items is not None and hasattr(items[i], "shape"):
+        return tuple(int(v) for v in items[i].shape)  # type: ignore[return-value]
+    base = getattr(ds, "base", None)
+    if base is not None:
+        return _item_shape(base, i)
+    return tuple(int(v) for v in torch.as_tensor(ds[i]["labels"]).shape[-2:])  # type: ignore[return-value]
+
+
+def _item_mpp(ds: Dataset, i: int) -> tuple[float | None, str]:
+    """Micrometres per working pixel of item ``i`` and its source, from the data set's description.
+
+    A data set that describes itself (``item_mpp``, :class:`wsiseg.training.dataset.RegionDataset`) or wraps one
+    (``base``) is asked without reading pixels; a list of item dicts by their ``mpp``; anything else
+    is unknown.
+    """
+    describe = getattr(ds, "item_mpp", None)
+    if describe is not None:
+        return describe(i)
+    base = getattr(ds, "base", None)
+    if base is not None:
+        return _item_mpp(base, i)
+    if isinstance(ds, (list, tuple)):
+        from wsiseg.training.dataset import known_mpp
+
+        mpp = known_mpp(ds[i])
+        return (mpp, "items") if mpp is not None else (None, "unknown")
+    return None, "unknown"
+
+
+def training_scale(net: DeformSegNet, ds: Dataset) -> ModelScale:
+    """The physical scale of training on ``ds`` with ``net``'s geometry (:func:`~wsiseg.models.scale.measure_scale`)."""
+    regions = ((_item_shape(ds, i), *_item_mpp(ds, i)) for i in range(len(ds)))
+    return measure_scale(regions, net.geometry)
+
+
+def say_scale(say: Callable[[str], None], scale: ModelScale) -> None:
+    if not scale.known:
+        say("no MPP known for the training regions: the model records no physical scale and segments by pixel "
+            "size (pass --mpp or an mpp column to record it)")
+        return
+    missing = f"; {scale.regions_without_mpp} regions without MPP left out" if scale.regions_without_mpp else ""
+    say(f"scale: {scale.mpp_working:.4g} um per working pixel, one sample every {scale.sample_spacing_um:.4g} um "
+        f"({scale.source}, {scale.regions} regions{missing})")
+
+
+def size_batches(
+    shapes: Sequence[tuple[int, int]],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    alone: Callable[[tuple[int, int]], bool] | None = None,
+) -> list[list[int]]:
+    """Batches of item indices whose shapes agree, so regions are never padded.
+
+    Parameters
+    ----------
+    shapes : sequence of (int, int)
+        Shape of every item.
+    batch_size : int
+    shuffle : bool
+        Shuffle the items (within each shape) and the order of the batches,
+        with ``generator`` only: the batches of an epoch depend on nothing
+        else, so a resumed run sees the same ones.
+    generator : torch.Generator, optional
+    alone : callable, optional
+        ``alone(shape)``: whether a batch of one item of that shape can
+        train (:func:`trains_alone`). When shuffling (training), a batch of
+        one item whose shape cannot is dropped.
+
+    Returns
+    -------
+    list of list of int
+        Every index exactly once, but for the dropped batches of one item.
+        When shuffling, a last batch of one item in a shape that has more
+        than ``batch_size`` items is dropped (a batch of one breaks
+        BatchNorm in training; the shuffle puts another item last next
+        epoch), and so is any batch of one whose shape ``alone`` refuses.
+    """
+    n = len(shapes)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in order:
+        groups.setdefault(tuple(shapes[i]), []).append(i)
+    batches: list[list[int]] = []
+    for shape, idx in groups.items():
+        chunks = [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
+        if shuffle and alone is not None and not alone(shape):
+            chunks = [c for c in chunks if len(c) > 1]
+        elif shuffle and len(idx) > batch_size and len(chunks[-1]) == 1:
+            chunks.pop()
+        batches.extend(chunks)
+    if shuffle:
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+# BatchNorm's refusal of a batch with one value per channel, and why it happens here.
+BATCHNORM_ALONE = "more than 1 value per channel"
+ALONE_WHY = "BatchNorm needs more than one value per channel; the grid is too small for the encoder's depth"
+
+
+def trains_alone(net: DeformSegNet, shape: tuple[int, int]) -> bool:
+    """Whether a batch of one region of ``shape`` can train ``net``.
+
+    BatchNorm in training needs more than one value per channel; with one
+    region, a layer whose maps are ``1 x 1`` (a small grid at the deepest
+    encoder level, DeepLab's image pooling) fails. The deformation net and
+    the segmenter run at the region's geometry on the meta device: shapes
+    only, no memory and no arithmetic.
+
+    Parameters
+    ----------
+    net : DeformSegNet
+    shape : (int, int)
+        ``(h, w)`` of the region's working raster.
+
+    Returns
+    -------
+    bool
+        False when BatchNorm would refuse; True otherwise (also when a
+        layer cannot run on the meta device: the real step then tells).
+    """
+    from torch.func import functional_call
+
+    geometry = net.geometry(int(shape[0]), int(shape[1]))
+    parts = [(net.segmenter, geometry.grid)] + ([(net.deform, geometry.map)] if net.deform is not None else [])
+    for module, (h, w) in parts:
+        tensors = (*module.named_parameters(), *module.named_buffers())
+        state = {k: torch.empty_like(v, device="meta") for k, v in tensors}
+        was_training = module.training
+        module.train()
+        try:
+            functional_call(module, state, (torch.empty(1, net.in_channels, h, w, device="meta"),))
+        except ValueError as exc:
+            return BATCHNORM_ALONE not in str(exc)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return True
+        finally:
+            module.train(was_training)
+    return True
+
+
+def alone_checker(net: DeformSegNet, ds: Dataset, config: TrainConfig, say: Callable[[str], None]):
+    """:func:`trains_alone` for the training set's shapes, cached; says how many regions it leaves out.
+
+    Raises
+    ------
+    WsisegError
+        Every training region would be left out.
+    """
+    cache: dict[tuple[int, int], bool] = {}
+
+    def alone(shape: tuple[int, int]) -> bool:
+        if shape not in cache:
+            cache[shape] = trains_alone(net, shape)
+        return cache[shape]
+
+    shapes = [_item_shape(ds, i) for i in range(len(ds))]
+    lone = _lone_regions(shapes, config.batch_size, alone)
+    why = f"a batch of one region of their shape cannot train ({ALONE_WHY})"
+    if shapes and lone == len(shapes):
+        raise WsisegError(
+            f"no training batch can run: {why}; use --batch-size 2 or more with regions of equal shape, "
+            "or a larger --out-size"
+        )
+    if lone:
+        say(f"warning: {lone} of {len(shapes)} training regions are left out: each is alone in its batch and {why}")
+    return alone
+
+
+def _lone_regions(shapes: Sequence[tuple[int, int]], batch_size: int, alone: Callable[[tuple[int, int]], bool]) -> int:
+    """How many training regions :func:`size_batches` leaves out every epoch because they cannot train alone."""
+    counts: dict[tuple[int, int], int] = {}
+    for s in shapes:
+        counts[tuple(s)] = counts.get(tuple(s), 0) + 1
+    return sum(n for s, n in counts.items() if (n == 1 or batch_size == 1) and not alone(s))
+
+
+def make_loader(
+    ds: Dataset, config: TrainConfig, *, shuffle: bool, generator: torch.Generator, device, alone=None
+) -> DataLoader:
+    shapes = [_item_shape(ds, i) for i in range(len(ds))]
+    return DataLoader(
+        ds,
+        batch_sampler=size_batches(shapes, config.batch_size, shuffle=shuffle, generator=generator, alone=alone),
+        num_workers=config.num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
