@@ -13,18 +13,9 @@ from PIL import Image
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry import box as sbox
 
-from wsiseg.training.annotations import (
-    IGNORE_INDEX,
-    ClassMap,
-    LabelMaskAnnotation,
-    VectorAnnotation,
-    clean_shapes,
-    load_annotation,
-    load_class_map,
-    rasterise,
-    read_asap_xml,
-    read_value_names,
-)
+from wsiseg.training.annotations import LabelMaskAnnotation, VectorAnnotation, load_annotation, read_value_names
+from wsiseg.training.classmap import IGNORE_INDEX, ClassMap, load_class_map
+from wsiseg.training.vectors import clean_shapes, rasterise, read_asap_xml
 from wsiseg.errors import WsisegError
 from wsiseg.output.geojson import read_qupath_geojson
 from wsiseg.slide.tissue import Region

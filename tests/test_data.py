@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wsiseg.training.annotations import IGNORE_INDEX, ClassMap
+from wsiseg.training.classmap import IGNORE_INDEX, ClassMap
 from wsiseg.training.dataset import (
     TrainingPair,
     augment,

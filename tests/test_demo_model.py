@@ -61,7 +61,7 @@ def test_tumour_model_is_shipped_small_and_matches_its_pipeline():
 
 def test_tumour_model_on_held_out_real_tissue(shared_data, tmp_path):
     """The benchmark's fixed test tiles (never trained on): better than chance, as docs/demo-model.md reports."""
-    from wsiseg.training.annotations import load_class_map
+    from wsiseg.training.classmap import load_class_map
     from wsiseg.demo.data import prepare_demo_data
     from wsiseg.training.dataset import build_dataset, load_pairs
     from wsiseg.evaluate import evaluate_model

@@ -404,7 +404,7 @@ def test_cli_train_with_mpp_records_the_scale(nucls, tmp_path):
     pixel, one sample every 128 * 0.5 / 32 = 2 um."""
     from click.testing import CliRunner
 
-    from wsiseg.training.annotations import load_class_map
+    from wsiseg.training.classmap import load_class_map
     from wsiseg.cli import main
     from wsiseg.training.dataset import build_dataset, load_pairs, with_mpp
     from wsiseg.models.io import load_deformseg

@@ -1206,7 +1206,7 @@ def run_evaluation(
         classes that do not match the model's, no pairs to evaluate, training
         data overlapping the evaluated data.
     """
-    from wsiseg.training.annotations import load_class_map
+    from wsiseg.training.classmap import load_class_map
     from wsiseg.training.dataset import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
     from wsiseg.models.io import load_deformseg
 

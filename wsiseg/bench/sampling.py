@@ -322,7 +322,7 @@ def bench_sampling(
     """
     import torch
 
-    from wsiseg.training.annotations import load_class_map
+    from wsiseg.training.classmap import load_class_map
     from wsiseg.training.dataset import dataset_hash, load_pairs, split_pairs
 
     say = log or (lambda _m: None)

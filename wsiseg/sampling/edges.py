@@ -47,7 +47,7 @@ from scipy import ndimage as ndi
 __all__ = ["IGNORE_INDEX", "blur", "edge_density", "edge_target", "label_validity", "uniform_density"]
 
 #: Label of pixels without supervision; the data pipeline pads regions with it
-#: (the same value as :data:`wsiseg.training.annotations.IGNORE_INDEX`, kept here so
+#: (the same value as :data:`wsiseg.training.classmap.IGNORE_INDEX`, kept here so
 #: this low-level module needs no annotation readers).
 IGNORE_INDEX = 255
 

@@ -1,5 +1,6 @@
 """Training: from labelled images to a model file. :mod:`.annotations` reads annotations (GeoJSON, ASAP XML,
-label masks) and class maps into label rasters, :mod:`.dataset` pairs images with annotations and cuts them into
+label masks) into label rasters, with :mod:`.classmap` (class names -> values) and :mod:`.vectors` (ASAP XML,
+cleaning, rasterisation); :mod:`.dataset` pairs images with annotations and cuts them into
 fixed-size regions, :mod:`.mosaic` builds labelled texture mosaics from unpaired label maps; :mod:`.loop` trains
 the deformation and segmentation nets jointly, from :mod:`.config` (the validated config, the net, seeds),
 :mod:`.batches` (augmentation, batch sizes, the loader), :mod:`.checkpoint` (resumable checkpoints, the files of a

@@ -53,19 +53,14 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from wsiseg.training.annotations import (
-    MASK_SUFFIXES,
-    VECTOR_SUFFIXES,
-    Annotation,
-    ClassMap,
-    load_annotation,
-)
 from wsiseg.batch.inputs import SLIDE_EXTENSIONS
 from wsiseg.errors import WsisegError, one_line
 from wsiseg.limits import mpp_problem
 from wsiseg.slide import Multiscale, open_slide
 from wsiseg.slide.open import pil_rgb_on_white
 from wsiseg.slide.tissue import Region, slide_regions, whole_region
+from wsiseg.training.annotations import MASK_SUFFIXES, VECTOR_SUFFIXES, Annotation, load_annotation
+from wsiseg.training.classmap import ClassMap
 
 __all__ = [
     "PLAIN_IMAGE_SUFFIXES",
