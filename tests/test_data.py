@@ -13,17 +13,8 @@ import torch
 from PIL import Image
 
 from wsiseg.training.classmap import IGNORE_INDEX, ClassMap
-from wsiseg.training.dataset import (
-    TrainingPair,
-    augment,
-    build_dataset,
-    dataset_hash,
-    load_pairs,
-    read_region,
-    slide_regions,
-    split_pairs,
-    working_shape,
-)
+from wsiseg.training.dataset import augment, build_dataset, read_region, slide_regions, working_shape
+from wsiseg.training.pairs import TrainingPair, dataset_hash, load_pairs, split_pairs
 from wsiseg.errors import WsisegError
 from wsiseg.slide import Multiscale, open_slide
 from wsiseg.slide.tissue import Region

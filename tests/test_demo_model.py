@@ -63,7 +63,8 @@ def test_tumour_model_on_held_out_real_tissue(shared_data, tmp_path):
     """The benchmark's fixed test tiles (never trained on): better than chance, as docs/demo-model.md reports."""
     from wsiseg.training.classmap import load_class_map
     from wsiseg.demo.data import prepare_demo_data
-    from wsiseg.training.dataset import build_dataset, load_pairs
+    from wsiseg.training.dataset import build_dataset
+    from wsiseg.training.pairs import load_pairs
     from wsiseg.evaluate import evaluate_model
 
     if not (shared_data / "labelled-regions").is_dir():

@@ -348,7 +348,8 @@ def classes_yaml(tmp_path_factory) -> Path:
 def model(nucls, classes_yaml, tmp_path_factory) -> Path:
     """A tiny model trained for one epoch on 4 NuCLS training tiles."""
     from wsiseg.training.classmap import load_class_map
-    from wsiseg.training.dataset import build_dataset, load_pairs
+    from wsiseg.training.dataset import build_dataset
+    from wsiseg.training.pairs import load_pairs
     from wsiseg.training.config import TrainConfig
     from wsiseg.training.loop import train
 

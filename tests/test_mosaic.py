@@ -11,7 +11,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from wsiseg.training.classmap import load_class_map
-from wsiseg.training.dataset import load_pairs
+from wsiseg.training.pairs import load_pairs
 from wsiseg.errors import WsisegError
 from wsiseg.training.mosaic import build_mosaics, build_mosaics_from_spec, load_spec, main
 

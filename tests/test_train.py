@@ -406,7 +406,8 @@ def test_cli_train_with_mpp_records_the_scale(nucls, tmp_path):
 
     from wsiseg.training.classmap import load_class_map
     from wsiseg.cli import main
-    from wsiseg.training.dataset import build_dataset, load_pairs, with_mpp
+    from wsiseg.training.dataset import build_dataset
+    from wsiseg.training.pairs import load_pairs, with_mpp
     from wsiseg.models.io import load_deformseg
     from wsiseg.training.batches import training_scale
     from wsiseg.training.config import build_net

@@ -762,7 +762,8 @@ def train_command(data, classes_path, out_dir, config_path, epochs, out_size, ma
     working pixel and sample spacing) when the images' MPP is known.
     """
     from wsiseg.training.classmap import load_class_map
-    from wsiseg.training.dataset import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
+    from wsiseg.training.dataset import build_dataset
+    from wsiseg.training.pairs import dataset_hash, load_pairs, split_pairs, with_mpp
     from wsiseg.training.checkpoint import check_output_dir, read_checkpoint_config
     from wsiseg.training.config import TrainConfig, load_train_config
     from wsiseg.training.loop import train

@@ -889,7 +889,7 @@ def _model_train_config(model):
 
 
 def _select_pairs(pairs, split: str, cfg, data, say) -> list:
-    from wsiseg.training.dataset import split_pairs
+    from wsiseg.training.pairs import split_pairs
 
     if split == "all":
         return list(pairs)
@@ -1207,7 +1207,8 @@ def run_evaluation(
         data overlapping the evaluated data.
     """
     from wsiseg.training.classmap import load_class_map
-    from wsiseg.training.dataset import build_dataset, dataset_hash, load_pairs, split_pairs, with_mpp
+    from wsiseg.training.dataset import build_dataset
+    from wsiseg.training.pairs import dataset_hash, load_pairs, split_pairs, with_mpp
     from wsiseg.models.io import load_deformseg
 
     say = log or (lambda _m: None)

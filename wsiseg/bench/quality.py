@@ -347,7 +347,8 @@ def _quality_config(base: TrainConfig, qs: QualitySet, *, epochs: int, seed: int
 
 def _datasets(csv_path: Path, qs: QualitySet, classes_file: Path):
     from wsiseg.training.classmap import load_class_map
-    from wsiseg.training.dataset import build_dataset, dataset_hash, load_pairs
+    from wsiseg.training.dataset import build_dataset
+    from wsiseg.training.pairs import dataset_hash, load_pairs
 
     class_map = load_class_map(classes_file)
     pairs = load_pairs(csv_path)

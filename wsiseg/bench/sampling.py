@@ -83,7 +83,7 @@ class BenchDataset:
         Heading of its results.
     data : pathlib.Path
         Pairs with ``train``/``test`` (and optionally ``val``) split marks
-        (:func:`wsiseg.training.dataset.load_pairs`).
+        (:func:`wsiseg.training.pairs.load_pairs`).
     classes : pathlib.Path
         Classes YAML.
     epochs : int
@@ -323,7 +323,7 @@ def bench_sampling(
     import torch
 
     from wsiseg.training.classmap import load_class_map
-    from wsiseg.training.dataset import dataset_hash, load_pairs, split_pairs
+    from wsiseg.training.pairs import dataset_hash, load_pairs, split_pairs
 
     say = log or (lambda _m: None)
     if threads < 1:

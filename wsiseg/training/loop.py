@@ -295,7 +295,7 @@ def train(
     progress : bool
         tqdm progress bars (only when stderr is a terminal).
     data_hash : str, optional
-        Fingerprint of the training data (``wsiseg.training.dataset.dataset_hash``),
+        Fingerprint of the training data (``wsiseg.training.pairs.dataset_hash``),
         stored with the model; a resume on different data is refused.
     overwrite : bool
         Start afresh even if ``out_dir`` holds a previous run.

@@ -1,5 +1,8 @@
 """Texture mosaics on real label geometry: labelled training images from an unpaired label map.
 
+(Some 680 lines: :func:`build_mosaics` alone is 236, one function along its sections; splitting it is
+issue 13's item 4.)
+
 A real tissue-class label map (e.g. a BCSS ``mag-BASE`` PNG, whose RGB image
 is not available) supplies realistic region *geometry*; real H&E image
 regions without labels supply realistic *textures*. Each mosaic is a random
@@ -31,7 +34,7 @@ Output folder
 -------------
 ``{train,val,test}/images/NAME.png`` and ``{...}/labels/NAME.png``
     RGB mosaics and their uint8 label images (values ``0 .. n - 1``), the
-    split-folder layout that :func:`wsiseg.training.dataset.load_pairs` reads.
+    split-folder layout that :func:`wsiseg.training.pairs.load_pairs` reads.
 ``pairs.csv``
     The same pairs as ``image,annotation,split`` (relative paths).
 ``classes.yaml``
