@@ -71,13 +71,14 @@ from torch.utils.data import DataLoader, Dataset
 from wsiseg.atomic import atomic_output
 from wsiseg.device import resolve_device
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.limits import loads_json
+from wsiseg.limits import MAX_SAMPLE_SPACING_UM, loads_json
 from wsiseg.metrics import ConfusionMatrix
 from wsiseg.models.losses import EDGE_NORMS, LOSS_NAMES, JointLoss
 from wsiseg.models.net import IMAGE_SAMPLING, SAMPLERS, DeformSegNet
 from wsiseg.models.pretrained import IMAGENET, describe_encoder_init, find_encoder
 from wsiseg.models.scale import ModelScale, measure_scale
 from wsiseg.models.segmenter import build_segmenter
+from wsiseg.sampling.geometry import PhysicalScale, SamplingGeometry
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -95,6 +96,7 @@ __all__ = [
     "size_batches",
     "train",
     "trains_alone",
+    "training_geometry",
     "training_scale",
     "chart_ticks",
     "tick_label",
@@ -244,6 +246,15 @@ class TrainConfig:
         against 0.3-1.1 at half the grid's side; docs/benchmarks.md).
     sigma, support : float, int, optional
         Attraction kernel (defaults of :class:`~wsiseg.models.net.DeformSegNet`).
+    sample_spacing_um : float, optional
+        Physical mode: every training and validation region is sampled
+        one node per this many micrometres (its grid is its extent over
+        the spacing, :func:`wsiseg.sampling.geometry.physical_grid`), so
+        regions of different resolutions and sizes are all seen at one
+        scale, the one ``segment`` and ``evaluate`` then sample slides at.
+        Every region needs an MPP (the images', ``--mpp`` or the pairs
+        CSV's ``mpp`` column). ``None``: the pixel rule (each region gets
+        the model's grid by the dynamic size rule, whatever its extent).
     sampler : {"learned", "uniform", "edge"}
         Learned deformation, or the paper's uniform / oracle edge baselines
         (no trainable deformation net; the edge term is then off).
@@ -273,6 +284,15 @@ class TrainConfig:
         Random flips / 90-degree rotations of training regions.
     color_jitter : float
         Colour jitter strength (0: off).
+    scale_jitter : float
+        Scale augmentation (1: off). Each training batch is sampled on a
+        grid whose sides are the region's grid times a factor drawn
+        log-uniformly from ``[1 / scale_jitter, scale_jitter]`` (the density
+        map and kernel follow, :func:`wsiseg.sampling.geometry.region_geometry`),
+        so the segmenter sees its tissue at sample spacings around the
+        trained one: a model trained at one spacing alone mislabels
+        regions sampled 1.5x denser (docs/demo-model.md). Validation uses
+        the region's own grid.
     val_fraction : float
         Fraction of the training pairs held out for validation (used by
         the caller when splitting).
@@ -326,6 +346,8 @@ class TrainConfig:
     flips: bool = True
     rot90: bool = False
     color_jitter: float = 0.0
+    scale_jitter: float = 1.0
+    sample_spacing_um: float | None = None
     val_fraction: float = 0.2
     patience: int | None = 10
     min_delta: float = 0.0
@@ -379,6 +401,9 @@ class TrainConfig:
         self.flips = _as_bool("flips", self.flips)
         self.rot90 = _as_bool("rot90", self.rot90)
         self.color_jitter = _as_float("color_jitter", self.color_jitter, 0.0, 1.0)
+        self.scale_jitter = _as_float("scale_jitter", self.scale_jitter, 1.0, 4.0)
+        self.sample_spacing_um = _as_float("sample_spacing_um", self.sample_spacing_um, 0.0, MAX_SAMPLE_SPACING_UM,
+                                           open_lo=True, optional=True)
         self.val_fraction = _as_float("val_fraction", self.val_fraction, 0.0, 1.0, open_hi=True)
         self.patience = _as_int("patience", self.patience, 0, optional=True) or None
         self.min_delta = _as_float("min_delta", self.min_delta, 0.0)
@@ -531,6 +556,41 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def training_geometry(
+    net: DeformSegNet, shape: tuple[int, int], mpp: float | None, spacing_um: float | None, factor: float = 1.0
+) -> SamplingGeometry:
+    """The geometry a training or validation region of ``shape`` is sampled with.
+
+    Parameters
+    ----------
+    net : DeformSegNet
+    shape : (int, int)
+        ``(h, w)`` of the region's working raster.
+    mpp : float or None
+        Micrometres per working pixel of the region.
+    spacing_um : float or None
+        ``TrainConfig.sample_spacing_um``: physical mode (``mpp`` required),
+        else the pixel rule.
+    factor : float
+        Scale augmentation (``TrainConfig.scale_jitter``): ``factor`` times
+        as densely per axis (``scale`` of
+        :func:`wsiseg.sampling.geometry.region_geometry`).
+
+    Returns
+    -------
+    SamplingGeometry
+        With ``factor`` 1, what ``evaluate`` and ``segment`` give the same
+        region (:meth:`DeformSegNet.geometry`).
+    """
+    h, w = shape
+    if spacing_um is not None:
+        if mpp is None:
+            raise WsisegError("sample_spacing_um needs an MPP for every training region (the images', --mpp or "
+                              "an mpp column in the pairs CSV)")
+        return net.geometry(h, w, physical=PhysicalScale(mpp, spacing_um), scale=factor)
+    return net.geometry(h, w, scale=factor)
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     # Depends only on (seed, epoch): the shuffle of an epoch is the same
     # whether or not the run was resumed before it.
@@ -584,7 +644,10 @@ def _collate(items: list[dict]) -> dict:
         raise WsisegError(
             f"training regions in one batch differ in size {shapes}"
         ) from exc
-    return {"image": image, "labels": labels, "name": [str(it.get("name", "")) for it in items]}
+    from wsiseg.data import known_mpp
+
+    return {"image": image, "labels": labels, "name": [str(it.get("name", "")) for it in items],
+            "mpp": [known_mpp(it) for it in items]}
 
 
 def _to_float(image: torch.Tensor) -> torch.Tensor:
@@ -639,10 +702,23 @@ def _item_mpp(ds: Dataset, i: int) -> tuple[float | None, str]:
     return None, "unknown"
 
 
-def training_scale(net: DeformSegNet, ds: Dataset) -> ModelScale:
-    """The physical scale of training on ``ds`` with ``net``'s geometry (:func:`~wsiseg.models.scale.measure_scale`)."""
-    regions = ((_item_shape(ds, i), *_item_mpp(ds, i)) for i in range(len(ds)))
-    return measure_scale(regions, net.geometry)
+def training_scale(net: DeformSegNet, ds: Dataset, spacing_um: float | None = None) -> ModelScale:
+    """The physical scale of training on ``ds`` with ``net``'s geometry (:func:`~wsiseg.models.scale.measure_scale`).
+
+    ``spacing_um``: physical-mode training (``TrainConfig.sample_spacing_um``), recorded as it is.
+
+    Raises
+    ------
+    WsisegError
+        Physical mode with a region whose MPP is unknown.
+    """
+    regions = [(_item_shape(ds, i), *_item_mpp(ds, i)) for i in range(len(ds))]
+    if spacing_um is not None:
+        missing = sum(mpp is None for _, mpp, _ in regions)
+        if missing:
+            raise WsisegError(f"sample_spacing_um needs an MPP for every training region; {missing} of "
+                              f"{len(regions)} have none (give --mpp or an mpp column in the pairs CSV)")
+    return measure_scale(regions, net.geometry, spacing_um)
 
 
 def _say_scale(say: Callable[[str], None], scale: ModelScale) -> None:
@@ -656,7 +732,7 @@ def _say_scale(say: Callable[[str], None], scale: ModelScale) -> None:
 
 
 def size_batches(
-    shapes: Sequence[tuple[int, int]],
+    shapes: Sequence[tuple],
     batch_size: int,
     *,
     shuffle: bool,
@@ -667,8 +743,9 @@ def size_batches(
 
     Parameters
     ----------
-    shapes : sequence of (int, int)
-        Shape of every item.
+    shapes : sequence of tuple
+        Shape of every item (``(h, w)``, or any key items of one batch
+        must share, e.g. ``(h, w, mpp)``).
     batch_size : int
     shuffle : bool
         Shuffle the items (within each shape) and the order of the batches,
@@ -691,7 +768,7 @@ def size_batches(
     """
     n = len(shapes)
     order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i in order:
         groups.setdefault(tuple(shapes[i]), []).append(i)
     batches: list[list[int]] = []
@@ -712,7 +789,7 @@ _BATCHNORM_ALONE = "more than 1 value per channel"
 _ALONE_WHY = "BatchNorm needs more than one value per channel; the grid is too small for the encoder's depth"
 
 
-def trains_alone(net: DeformSegNet, shape: tuple[int, int]) -> bool:
+def trains_alone(net: DeformSegNet, shape: tuple[int, int], geometry: SamplingGeometry | None = None) -> bool:
     """Whether a batch of one region of ``shape`` can train ``net``.
 
     BatchNorm in training needs more than one value per channel; with one
@@ -726,6 +803,9 @@ def trains_alone(net: DeformSegNet, shape: tuple[int, int]) -> bool:
     net : DeformSegNet
     shape : (int, int)
         ``(h, w)`` of the region's working raster.
+    geometry : SamplingGeometry, optional
+        The region's geometry (default: :meth:`DeformSegNet.geometry` of
+        ``shape``, the pixel rule).
 
     Returns
     -------
@@ -735,7 +815,7 @@ def trains_alone(net: DeformSegNet, shape: tuple[int, int]) -> bool:
     """
     from torch.func import functional_call
 
-    geometry = net.geometry(int(shape[0]), int(shape[1]))
+    geometry = geometry if geometry is not None else net.geometry(int(shape[0]), int(shape[1]))
     parts = [(net.segmenter, geometry.grid)] + ([(net.deform, geometry.map)] if net.deform is not None else [])
     for module, (h, w) in parts:
         tensors = (*module.named_parameters(), *module.named_buffers())
@@ -761,14 +841,16 @@ def _alone_checker(net: DeformSegNet, ds: Dataset, config: TrainConfig, say: Cal
     WsisegError
         Every training region would be left out.
     """
-    cache: dict[tuple[int, int], bool] = {}
+    cache: dict[tuple, bool] = {}
 
-    def alone(shape: tuple[int, int]) -> bool:
-        if shape not in cache:
-            cache[shape] = trains_alone(net, shape)
-        return cache[shape]
+    def alone(key: tuple) -> bool:
+        if key not in cache:
+            shape = (int(key[0]), int(key[1]))
+            mpp = key[2] if len(key) > 2 else None
+            cache[key] = trains_alone(net, shape, training_geometry(net, shape, mpp, config.sample_spacing_um))
+        return cache[key]
 
-    shapes = [_item_shape(ds, i) for i in range(len(ds))]
+    shapes = [_batch_key(ds, i, config) for i in range(len(ds))]
     lone = _lone_regions(shapes, config.batch_size, alone)
     why = f"a batch of one region of their shape cannot train ({_ALONE_WHY})"
     if shapes and lone == len(shapes):
@@ -781,9 +863,15 @@ def _alone_checker(net: DeformSegNet, ds: Dataset, config: TrainConfig, say: Cal
     return alone
 
 
-def _lone_regions(shapes: Sequence[tuple[int, int]], batch_size: int, alone: Callable[[tuple[int, int]], bool]) -> int:
+def _batch_key(ds: Dataset, i: int, config: TrainConfig) -> tuple:
+    """What item ``i`` must share with the others of its batch: its shape, and in physical mode its MPP."""
+    shape = _item_shape(ds, i)
+    return (*shape, _item_mpp(ds, i)[0]) if config.sample_spacing_um is not None else shape
+
+
+def _lone_regions(shapes: Sequence[tuple], batch_size: int, alone: Callable[[tuple], bool]) -> int:
     """How many training regions :func:`size_batches` leaves out every epoch because they cannot train alone."""
-    counts: dict[tuple[int, int], int] = {}
+    counts: dict[tuple, int] = {}
     for s in shapes:
         counts[tuple(s)] = counts.get(tuple(s), 0) + 1
     return sum(n for s, n in counts.items() if (n == 1 or batch_size == 1) and not alone(s))
@@ -792,7 +880,7 @@ def _lone_regions(shapes: Sequence[tuple[int, int]], batch_size: int, alone: Cal
 def _make_loader(
     ds: Dataset, config: TrainConfig, *, shuffle: bool, generator: torch.Generator, device, alone=None
 ) -> DataLoader:
-    shapes = [_item_shape(ds, i) for i in range(len(ds))]
+    shapes = [_batch_key(ds, i, config) for i in range(len(ds))]
     return DataLoader(
         ds,
         batch_sampler=size_batches(shapes, config.batch_size, shuffle=shuffle, generator=generator, alone=alone),
@@ -1263,7 +1351,9 @@ def _validate(net: DeformSegNet, loader: DataLoader, num_classes: int, config: T
         labels = batch["labels"].to(device, non_blocking=True)
         _check_labels(labels, num_classes, config.ignore_index, batch["name"])
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
-            out = net(None, image, labels, ignore_index=config.ignore_index)
+            geometry = training_geometry(net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0],
+                                         config.sample_spacing_um)
+            out = net(None, image, labels, geometry=geometry, ignore_index=config.ignore_index)
         pred = out.logits.argmax(dim=1)
         cm_def.update(pred, out.labels)
         full = reverse_sample(pred, out.grid.float(), tuple(labels.shape[-2:]))
@@ -1500,7 +1590,9 @@ def train(
         say(f"encoder {cfg.encoder}: {describe_encoder_init(encoder_init)}{frozen}")
 
     # The physical scale goes into the model file, so segment samples slides as densely as training did.
-    scale = training_scale(net, train_ds)
+    scale = training_scale(net, train_ds, cfg.sample_spacing_um)
+    if cfg.sample_spacing_um is not None and has_val:
+        training_scale(net, val_ds, cfg.sample_spacing_um)  # every validation region needs an MPP too
     _say_scale(say, scale)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -1550,6 +1642,8 @@ def train(
         for p in encoder_params:  # frozen: no gradient, so Adam skips them (BatchNorm statistics still adapt)
             p.requires_grad_(epoch > cfg.freeze_encoder_epochs)
         net.train()
+        # its own stream, so the shuffle (and runs without scale jitter) stay as they were
+        jitter_rng = _epoch_generator(cfg.seed + 1, epoch)
         sums = torch.zeros(3, dtype=torch.float64)
         grad_sums = torch.zeros(2, dtype=torch.float64)
         n_steps = 0
@@ -1565,8 +1659,14 @@ def train(
                 labels = batch["labels"].to(device, non_blocking=True)
                 _check_labels(labels, num_classes, cfg.ignore_index, batch["name"])
                 try:
+                    factor = 1.0
+                    if cfg.scale_jitter > 1.0:
+                        span = math.log(cfg.scale_jitter)
+                        factor = math.exp(float(torch.empty(()).uniform_(-span, span, generator=jitter_rng)))
+                    geometry = training_geometry(net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0],
+                                                 cfg.sample_spacing_um, factor)
                     with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
-                        out_ = net(None, image, labels, ignore_index=cfg.ignore_index)
+                        out_ = net(None, image, labels, geometry=geometry, ignore_index=cfg.ignore_index)
                         terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target, out_.edge_valid)
                 except ValueError as exc:  # a layer trains_alone could not foresee on the meta device
                     if _BATCHNORM_ALONE not in str(exc):
