@@ -50,13 +50,25 @@ def client():
     import dask
     from distributed import Client, LocalCluster
 
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+    # the scheduler settings of wsiseg's own clusters (distributed.cluster_client), with one retry
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}):
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     c = Client(cluster, set_as_default=False)
     c.wait_for_workers(2, timeout=120)
     yield c
     c.close()
     cluster.close()
+
+
+@pytest.fixture()
+def fresh_client(client):
+    """The module's cluster with both workers up; restarted when a crash test left one down."""
+    try:
+        client.wait_for_workers(2, timeout=30)
+    except TimeoutError:
+        client.restart(timeout=120)
+        client.wait_for_workers(2, timeout=120)
+    return client
 
 
 @pytest.fixture()
@@ -237,12 +249,12 @@ def test_gpu_workers_get_one_slide_per_gpu():
 
 
 
-def test_slide_timeout_on_the_cluster_fails_only_the_slow_slide(client, tmp_path):
+def test_slide_timeout_on_the_cluster_fails_only_the_slow_slide(fresh_client, tmp_path):
     from wsiseg.batch.jobs import SlideJob
 
+    client = fresh_client  # an earlier test's killed worker may still be restarting
     out, log = tmp_path / "out", tmp_path / "log"
     log.mkdir()
-    client.wait_for_workers(2, timeout=120)  # an earlier test's killed worker may still be restarting
     workers = set(client.scheduler_info()["workers"])
     jobs = [SlideJob(f"/nonexistent/{n}.svs", n) for n in ("a", "hang", "b")]
     result = run_batch_distributed(jobs, out, Faulty(Stamp(), str(log), slow="hang"), fingerprint="fp",

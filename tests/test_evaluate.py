@@ -168,16 +168,16 @@ def test_model_scale_samples_items_with_mpp_at_its_spacing():
         assert (r.regions_physical, r.samples) == (0, 3 * 256) and r.to_dict()["scale"]["mode"] == "pixels"
 
 
-def test_samples_on_glass_uses_the_tissue_threshold_of_each_region():
+def test_samples_on_glass_uses_a_fixed_tissue_score():
     """Left half glass (white), right half stain: a uniform grid puts half its points on glass."""
-    from wsiseg.slide.tissue import threshold_tissue
+    from wsiseg.slide.tissue import GLASS_SCORE, tissue_score
 
     item = _block_item(np.random.default_rng(6), "a", (64, 64))[0]
     image = item["image"].clone()
     image[:, :64, :32] = 245  # glass
     image[:, :64, 32:64] = torch.tensor([150, 60, 160], dtype=torch.uint8)[:, None, None]  # eosin-ish stain
     item = {**item, "image": image}
-    assert threshold_tissue(image[:, :64, :64].permute(1, 2, 0).numpy())[0][:, :32].sum() == 0
+    assert (tissue_score(image[:, :64, :32].permute(1, 2, 0).numpy()) <= GLASS_SCORE).all()
     r = evaluate_model(_known_net(), [item], NAMES, device="cpu")
     assert r.samples_on_glass == {"model": 0.5, "uniform": 0.5}  # the uniform sampler's grid is the uniform one
     # A density that packs the samples into the stained half puts fewer of them on glass.
@@ -190,6 +190,34 @@ def test_samples_on_glass_uses_the_tissue_threshold_of_each_region():
     r = evaluate_model(net, [item], NAMES, device="cpu")
     assert r.samples_on_glass["uniform"] == 0.5 and r.samples_on_glass["model"] < 0.4
     assert "samples on glass (model)" in r.format_table()
+
+
+def test_all_tissue_region_has_almost_no_samples_on_glass(shared_data):
+    """A real CAMELYON tile that is all tissue: Otsu per region would call its paler tissue glass, the fixed
+    score does not."""
+    from PIL import Image
+
+    from wsiseg.slide.tissue import threshold_tissue
+
+    path = shared_data / "labelled-regions" / "camelyon_lymphnode" / "images" / "10672.jpg"
+    if not path.is_file():
+        pytest.skip(f"labelled regions not found at {path}")
+    rgb = np.array(Image.open(path).convert("RGB"))
+    assert (~threshold_tissue(rgb)[0]).mean() > 0.05  # what the old per-region Otsu rule called glass
+    item = {"image": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "labels": torch.zeros(512, 512).long(),
+            "name": "camelyon"}
+    r = evaluate_model(_known_net(), [item], NAMES, device="cpu")
+    assert r.samples_on_glass["uniform"] < 0.02
+
+
+def test_grid_scale_samples_every_region_that_much_more_densely():
+    rng = np.random.default_rng(8)
+    items = [_block_item(rng, "a", (64, 64))[0]]
+    base = evaluate_model(_known_net(), items, NAMES, device="cpu")
+    twice = evaluate_model(_known_net(), items, NAMES, device="cpu", grid_scale=2.0)
+    assert twice.samples == 4 * base.samples and twice.cost == pytest.approx(4 * base.cost)
+    assert twice.to_dict()["scale"]["grid_scale"] == 2.0 and "grid scale" in twice.format_table()
+    assert "grid scale" not in base.format_table()
 
 
 def test_trimap_and_upsampling_match_the_metric_functions_on_one_region():

@@ -154,6 +154,32 @@ def test_physical_grid_is_extent_over_spacing():
         PhysicalScale(0.5, 0.0)
 
 
+@given(
+    h=st.integers(8, 5000), w=st.integers(8, 5000), scale=st.floats(0.25, 4.0),
+    mpp=st.floats(0.1, 2.0), spacing=st.floats(1.0, 50.0),
+)
+@settings(max_examples=200, deadline=None)
+def test_scale_samples_that_many_times_as_densely(h, w, scale, mpp, spacing):
+    from wsiseg.sampling.geometry import PhysicalScale
+
+    rule = GeometryRule((64, 64), (128, 128), 4.0)
+    # scale 1 is the region's own geometry, bit for bit, in both modes
+    assert region_geometry(h, w, rule, scale=1.0) == region_geometry(h, w, rule)
+    phys = PhysicalScale(mpp, spacing)
+    assert region_geometry(h, w, rule, physical=phys, scale=1.0) == region_geometry(h, w, rule, physical=phys)
+    # physical mode: the spacing over scale, the same physical kernel in nodes
+    scaled = region_geometry(h, w, rule, physical=phys, scale=scale)
+    assert scaled == region_geometry(h, w, rule, physical=PhysicalScale(mpp, spacing / scale))
+    # pixel rule: each side of the grid times scale, within the region's pixels
+    base = region_geometry(h, w, rule).grid
+    grid = region_geometry(h, w, rule, scale=scale).grid
+    for g, b, n in zip(grid, base, (h, w)):
+        assert g == min(n, max(1, round(b * scale)))
+    assert region_geometry(h, w, rule, scale=scale) == region_geometry(h, w, rule, grid=grid)
+    # a fixed grid still wins
+    assert region_geometry(h, w, rule, grid=(5, 7), scale=scale).grid == (5, 7)
+
+
 def test_same_region_at_two_resolutions_gets_the_model_spacing():
     """One tissue area scanned at 0.5 and at 1.0 um/px: same physical spacing, the pixel rule would differ."""
     from wsiseg.sampling.geometry import PhysicalScale

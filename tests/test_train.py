@@ -136,7 +136,7 @@ def test_refuses_to_clobber_a_previous_run(trained, data):
 
 def test_resume_matches_an_uninterrupted_run(data, tmp_path):
     pytest.importorskip("wsiseg.training.dataset")  # flips and rotations come from wsiseg.training.dataset.augment
-    aug = {"flips": True, "rot90": True, "color_jitter": 0.1}
+    aug = {"flips": True, "rot90": True, "color_jitter": 0.1, "scale_jitter": 1.5}
     straight = train(_cfg(epochs=2, **aug), *data, CLASSES, tmp_path / "a", progress=False)
     train(_cfg(epochs=1, **aug), *data, CLASSES, tmp_path / "b", progress=False)
     resumed = train(_cfg(epochs=2, **aug), *data, CLASSES, tmp_path / "b", resume=True, progress=False)
@@ -157,6 +157,73 @@ def test_resume_matches_an_uninterrupted_run(data, tmp_path):
     assert again.steps == 4 and again.epochs == 2
     with pytest.raises(ConfigError, match="lr"):
         train(_cfg(epochs=3, lr=0.01, **aug), *data, CLASSES, tmp_path / "b", resume=True, progress=False)
+
+
+def test_scale_jitter_samples_each_batch_on_a_rescaled_grid(data, tmp_path, monkeypatch):
+    import wsiseg.training.loop as train_mod
+
+    seen: list[tuple[tuple[int, int], float]] = []
+    real = train_mod.training_geometry
+
+    def spy(net, shape, mpp, spacing_um, factor=1.0):
+        geo = real(net, shape, mpp, spacing_um, factor)
+        seen.append((geo.grid, factor))
+        # the map and kernel follow the grid by the model's rule, as for any region of that grid
+        assert geo == net.geometry(*shape, grid=geo.grid)
+        return geo
+
+    monkeypatch.setattr(train_mod, "training_geometry", spy)
+    train(_cfg(epochs=3, scale_jitter=1.5, val_fraction=0.0), *data, CLASSES, tmp_path / "a", progress=False)
+    train_steps = [(g, f) for g, f in seen if f != 1.0]
+    assert len(train_steps) == 6  # 4 tiles, batch 2, 3 epochs: each batch on its own scale
+    assert all(1 / 1.5 <= f <= 1.5 and g[0] == g[1] == round(32 * f) for g, f in train_steps)
+    assert len({g for g, _ in train_steps}) > 1
+    seen.clear()
+    train(_cfg(epochs=1, val_fraction=0.0), *data, CLASSES, tmp_path / "b", progress=False)
+    assert seen and all(g == (32, 32) and f == 1.0 for g, f in seen)  # off by default: the region's own grid
+
+
+def test_physical_training_samples_every_region_at_one_spacing(nucls, tmp_path, monkeypatch):
+    """Regions of two resolutions, trained at 4 um per sample: grids follow each region's extent."""
+    import wsiseg.training.loop as train_mod
+    from wsiseg.models.io import load_deformseg
+
+    fine, coarse = NuclsTiles(nucls / "train", 4), NuclsTiles(nucls / "train", 2, size=(64, 64))
+
+    class WithMpp(torch.utils.data.Dataset):
+        """Both sets, each with its MPP (as wsiseg.training.dataset.RegionDataset describes its items)."""
+
+        parts = [(fine, 0.25)] * len(fine) + [(coarse, 0.5)] * len(coarse)
+
+        def __len__(self):
+            return len(self.parts)
+
+        def _at(self, i):
+            base, mpp = self.parts[i]
+            return base, i if i < len(fine) else i - len(fine), mpp
+
+        def __getitem__(self, i):
+            base, j, mpp = self._at(i)
+            return {**base[j], "mpp": mpp}
+
+        def item_mpp(self, i):
+            return self._at(i)[2], "items"
+
+    ds = WithMpp()
+    grids = []
+    real = train_mod.training_geometry
+    monkeypatch.setattr(train_mod, "training_geometry",
+                        lambda *a, **k: grids.append(real(*a, **k).grid) or real(*a, **k))
+    out = tmp_path / "run"
+    train(_cfg(epochs=1, sample_spacing_um=4.0, val_fraction=0.0), ds, None, CLASSES, out, progress=False)
+    # 128 px x 0.25 um and 64 px x 0.5 um: both 32 um wide, 8 samples at 4 um (not the 32 x 32 pixel-rule grid)
+    assert grids and set(grids) == {(8, 8)}
+    model = load_deformseg(out / "model.safetensors")
+    assert model.scale.sample_spacing_um == 4.0 and model.scale.regions == 6
+
+    with pytest.raises(WsisegError, match="needs an MPP for every training region"):
+        train(_cfg(epochs=1, sample_spacing_um=4.0, val_fraction=0.0), fine, None, CLASSES, tmp_path / "x",
+              progress=False)
 
 
 def test_checkpoint_state_round_trips_without_pickle(tmp_path):
@@ -290,6 +357,7 @@ def test_config_round_trip_and_validation(tmp_path):
         ({"support": 4}, "'support'"),
         ({"device": "gpu"}, "'device'"),
         ({"gamma_edge": -1}, "'gamma_edge'"),
+        ({"scale_jitter": 0.5}, "'scale_jitter'"),
     ]
     for d, msg in bad:
         with pytest.raises(ConfigError, match=msg):

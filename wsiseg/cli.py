@@ -886,9 +886,12 @@ def demo_command(ctx, out_dir, device, overwrite, model_name) -> None:
 @click.option("--mpp", type=_MPP, default=None,
               help="Micrometres per level-0 pixel of every image (a CSV's mpp column wins). A model that records "
                    "its scale samples regions with an MPP at its sample spacing in um, as segment does.")
+@click.option("--grid-scale", type=click.FloatRange(0.1, 10.0), default=1.0, show_default=True,
+              help="Sample every evaluated region this many times as densely per axis as segment would: how "
+                   "the scores hold up off the model's scale (e.g. a slide whose MPP is wrong).")
 def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, device, batch_size, compare,
                      baseline_specs, epochs, sweep, sweep_epochs, train_data, hr_size, trimap_widths,
-                     ignore_unmapped, value_names, mpp) -> None:
+                     ignore_unmapped, value_names, mpp, grid_scale) -> None:
     """Evaluate MODEL on the labelled pairs in DATA (folder or CSV).
 
     Reports mIoU and per-class IoU in the deformed space (on the sampling
@@ -923,7 +926,7 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
         model_path, data, classes_path, out_dir, split=split, device=device, batch_size=batch_size, widths=widths,
         compare=names, baselines=baselines, epochs=epochs, sweep=parse_sizes(sweep) if sweep else (),
         sweep_epochs=sweep_epochs, train_data=train_data, hr_size=_hw(hr_size), ignore_unmapped=ignore_unmapped,
-        value_names=value_names, mpp=mpp, log=lambda m: click.echo(m, err=True),
+        value_names=value_names, mpp=mpp, log=lambda m: click.echo(m, err=True), grid_scale=grid_scale,
     )
     if as_json:
         click.echo(json.dumps(run.document, indent=2))

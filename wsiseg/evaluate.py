@@ -37,11 +37,13 @@ cost
     its native pixels). The fraction of the working-resolution pixels,
     ``h_out * w_out / (h * w)``, is kept next to it.
 samples on glass
-    Fraction of the grid points that fall on glass by the tissue
-    detector's thresholding (:func:`~wsiseg.slide.tissue.threshold_tissue`)
-    of each region's working image, next to the same fraction for a
-    uniform grid of the same size: how much of the budget a sampler spends
-    on background.
+    Fraction of the grid points that fall on glass, a tissue score
+    (:func:`~wsiseg.slide.tissue.tissue_score`) at most
+    :data:`~wsiseg.slide.tissue.GLASS_SCORE`, of each region's working
+    image, next to the same fraction for a uniform grid of the same size:
+    how much of the budget a sampler spends on background. (A fixed score,
+    not the slide detector's Otsu threshold: regions that are all tissue
+    would be split in two.)
 class frequency
     Fraction of (non-ignored) pixels per class in ``Y`` and among the
     sampled labels: how a sampler shifts the class balance (paper Fig. 13).
@@ -75,6 +77,7 @@ from wsiseg.atomic import atomic_output
 from wsiseg.device import resolve_device
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.metrics import ConfusionMatrix, trimap_counts
+from wsiseg.slide.tissue import GLASS_SCORE, tissue_score
 
 __all__ = [
     "DEFAULT_TRIMAP_WIDTHS",
@@ -177,6 +180,9 @@ class EvalResult:
         Per-region level-0 pixels per working pixel (when the data set says).
     sample_spacing_um : float or None
         The model's recorded sample spacing (None: it records none).
+    grid_scale : float
+        Regions were sampled this many times as densely per axis as their
+        geometry says (1: as ``segment`` samples them).
     regions_physical : int
         Regions sampled at that spacing (the others had no MPP).
     seconds : float
@@ -207,6 +213,7 @@ class EvalResult:
     glass_uniform: int = 0
     downsamples: list[float] = field(default_factory=list)
     sample_spacing_um: float | None = None
+    grid_scale: float = 1.0
     regions_physical: int = 0
     seconds: float = 0.0
     model_path: str | None = None
@@ -309,12 +316,13 @@ class EvalResult:
                         "pixels" if not self.regions_physical else "mixed",
                 "sample_spacing_um": self.sample_spacing_um,
                 "regions_physical": int(self.regions_physical),
+                "grid_scale": self.grid_scale,
                 "what": "grids at the model's sample spacing in um (regions with an MPP, model with a scale) or by "
-                        "the pixel rule",
+                        "the pixel rule; grid_scale: that many times as densely per axis (--grid-scale)",
             },
             "samples_on_glass": {
                 **{k: _nan_to_none(v) for k, v in self.samples_on_glass.items()},
-                "what": "fraction of the grid points on glass by the tissue detector's threshold of each region's "
+                "what": f"fraction of the grid points on glass (tissue score <= {GLASS_SCORE:g}) of each region's "
                         "working image: the model's grids and uniform grids of the same size",
             },
             "deformed": {
@@ -390,6 +398,8 @@ def format_table(results: Sequence[EvalResult]) -> str:
         rows.append((label, [_fmt(v, digits) for v in values]))
 
     rows.append(("grid (out_size)", [_wxh(r.out_size) for r in results]))
+    if any(r.grid_scale != 1.0 for r in results):
+        add("grid scale (x as dense)", [r.grid_scale for r in results], 3)
     rows.append(("cost (% of level-0 px)", [_percent(r.cost) for r in results]))
     if any(not math.isclose(r.cost, r.cost_working) for r in results):
         rows.append(("cost (% of working px)", [_percent(r.cost_working) for r in results]))
@@ -499,6 +509,7 @@ def evaluate_model(
     ignore_index: int = 255,
     name: str | None = None,
     log: Callable[[str], None] | None = None,
+    grid_scale: float = 1.0,
 ) -> EvalResult:
     """Evaluate a model on a data set of labelled regions.
 
@@ -529,6 +540,11 @@ def evaluate_model(
         Method name for tables; default the net's sampler.
     log : callable, optional
         Receives a progress line every few regions.
+    grid_scale : float
+        Sample every region this many times as densely per axis as its
+        geometry says (``scale`` of
+        :func:`wsiseg.sampling.geometry.region_geometry`): how the scores
+        hold up when a slide is sampled off the model's scale.
 
     Returns
     -------
@@ -545,7 +561,6 @@ def evaluate_model(
     from wsiseg.sampling.sample import sample_labels
     from wsiseg.sampling.coords import uniform_grid
     from wsiseg.sampling.sizes import sample_fraction
-    from wsiseg.slide.tissue import threshold_tissue
 
     net = model if isinstance(model, DeformSegNet) else model.net
     scale = None if isinstance(model, DeformSegNet) else getattr(model, "scale", None)
@@ -584,6 +599,7 @@ def evaluate_model(
         model_path=getattr(model, "path", None),
         model_hash=getattr(model, "hash", None),
         sample_spacing_um=spacing,
+        grid_scale=float(grid_scale),
     )
     t0 = time.perf_counter()
     for batch in _batches(dataset, batch_size):
@@ -596,7 +612,7 @@ def evaluate_model(
         mpp = _batch_key(batch[0])[1]  # one per batch (_batches)
         physical = PhysicalScale(float(mpp), spacing) if spacing is not None and mpp is not None else None
         # segment's geometry for this region (training's pixel rule when no physical scale applies)
-        geo = net.geometry(h, w, physical=physical)
+        geo = net.geometry(h, w, physical=physical, scale=grid_scale)
         x_lr = lowres_view(image, geo.map)
         # The edge baseline is an oracle: it places its samples from the labels.
         pred = net.predict_lowres(x_lr, image, labels=labels if net.sampler == "edge" else None, geometry=geo)
@@ -616,9 +632,9 @@ def evaluate_model(
             valid = lab[lab != ignore_index]
             counts += torch.bincount(valid.flatten().cpu(), minlength=k).numpy()[:k]
         gh, gw = grid.shape[1:3]
-        # Glass by the tissue detector's threshold (Otsu per region) of each working image.
+        # Glass by a fixed tissue score: Otsu per region would split an all-tissue region in two.
         rgb = (image * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        tissue = torch.from_numpy(np.stack([threshold_tissue(x)[0] for x in rgb])).to(dev)
+        tissue = torch.from_numpy(np.stack([tissue_score(x) > GLASS_SCORE for x in rgb])).to(dev)
         res.glass_model += int((~sample_labels(tissue, grid)).sum())
         res.glass_uniform += int((~sample_labels(tissue, uniform_grid(gh, gw, device=dev))).sum())
         for it in batch:
@@ -1140,6 +1156,7 @@ def run_evaluation(
     value_names: str | os.PathLike | None = None,
     mpp: float | None = None,
     log: Callable[[str], None] | None = None,
+    grid_scale: float = 1.0,
 ) -> EvaluationRun:
     """The ``wsiseg evaluate`` command: evaluate, compare with baselines, sweep the budget.
 
@@ -1194,6 +1211,10 @@ def run_evaluation(
         baseline training alike.
     log : callable, optional
         Progress messages.
+    grid_scale : float
+        Sample the evaluated regions this many times as densely per axis
+        (``--grid-scale``, :func:`evaluate_model`; baselines and sweeps
+        train as usual).
 
     Returns
     -------
@@ -1247,7 +1268,8 @@ def run_evaluation(
     say(f"evaluating {len(eval_pairs)} {split} pairs ({len(eval_ds)} regions) at working size {_wxh(hr)}")
 
     def evaluate(m, name):
-        return evaluate_model(m, eval_ds, device=dev, batch_size=batch_size, widths=widths, name=name, log=say)
+        return evaluate_model(m, eval_ds, device=dev, batch_size=batch_size, widths=widths, name=name, log=say,
+                              grid_scale=grid_scale)
 
     main_name = model.net.sampler if model.net.sampler not in compare else "model"
     results = [evaluate(model, main_name)]

@@ -207,8 +207,8 @@ class SegmentOptions:
             raise ConfigError(f"gather mode must be 'lod' or 'exact', got {self.gather_mode!r}")
         if self.tissue_threshold is not None and not 0 < self.tissue_threshold < 1:
             raise ConfigError(f"tissue threshold must be in (0, 1), got {self.tissue_threshold}")
-        if self.mpp is not None and mpp_problem(self.mpp):
-            raise ConfigError(f"--{mpp_problem(self.mpp)}")
+        if self.mpp is not None and (problem := mpp_problem(self.mpp)):
+            raise ConfigError(f"--{problem}")
         try:
             max_grid = tuple(int(v) for v in self.max_grid)
         except (TypeError, ValueError):

@@ -136,7 +136,10 @@ def cluster_client(
         return
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers must be a positive integer, got {workers!r}")
-    with dask.config.set({"distributed.scheduler.allowed-failures": int(allowed_failures)}):
+    # One slide per worker thread, none queued on a worker: when a crashing slide kills its worker, dask counts
+    # the death against every task that worker held, so a slide queued behind it would fail with it.
+    with dask.config.set({"distributed.scheduler.allowed-failures": int(allowed_failures),
+                          "distributed.scheduler.worker-saturation": 1.0}):
         # Quiet: worker restarts are reported per slide in status.csv, not as log noise.
         cluster = LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,

@@ -341,17 +341,19 @@ class DeformSegNet(nn.Module):
         grid: Sequence[int] | None = None,
         long_side: int | None = None,
         physical: PhysicalScale | None = None,
+        scale: float = 1.0,
     ) -> SamplingGeometry:
         """Sampling geometry of a ``height x width`` region (:func:`~wsiseg.sampling.geometry.region_geometry`).
 
         Training, validation, ``evaluate`` and ``segment`` all call this, so
         a region gets the same grid, density map and kernel on every path.
         ``physical`` (the region's micrometres per pixel and the model's
-        recorded sample spacing) samples it at the model's physical scale.
+        recorded sample spacing) samples it at the model's physical scale;
+        ``scale`` samples ``scale`` times as densely per axis.
         """
         return region_geometry(
             height, width, self.geometry_rule(), grid=cast(tuple[int, int], tuple(grid)) if grid is not None else None,
-            long_side=long_side, physical=physical,
+            long_side=long_side, physical=physical, scale=scale,
         )
 
     def density(

@@ -112,6 +112,7 @@ class ModelScale:
 def measure_scale(
     regions: Iterable[tuple[tuple[int, int], float | None, str]],
     geometry: Callable[[int, int], SamplingGeometry],
+    spacing_um: float | None = None,
 ) -> ModelScale:
     """The scale of a set of training regions.
 
@@ -122,7 +123,12 @@ def measure_scale(
         pixel (None when unknown) and where that came from.
     geometry : callable
         ``geometry(h, w)``: the training geometry of a region
-        (:meth:`wsiseg.models.net.DeformSegNet.geometry`).
+        (:meth:`wsiseg.models.net.DeformSegNet.geometry`); unused with
+        ``spacing_um``.
+    spacing_um : float, optional
+        The spacing of physical-mode training (``TrainConfig.sample_spacing_um``):
+        recorded as it is, since every region was sampled at it (``segment``
+        then gives a region the grid training gave it).
 
     Returns
     -------
@@ -138,11 +144,13 @@ def measure_scale(
         if mpp is None:
             unknown += 1
             continue
-        gh, gw = geometry(int(h), int(w)).grid
-        spacings.append((h * mpp / gh + w * mpp / gw) / 2.0)  # extent over nodes, mean of the two axes
+        if spacing_um is None:
+            gh, gw = geometry(int(h), int(w)).grid
+            spacings.append((h * mpp / gh + w * mpp / gw) / 2.0)  # extent over nodes, mean of the two axes
         mpps.append(float(mpp))
         sources.add(source)
     if not mpps:
         return ModelScale(None, None, "unknown", 0, unknown)
     source = next(iter(sources)) if len(sources) == 1 else "mixed"
-    return ModelScale(statistics.median(mpps), statistics.median(spacings), source, len(mpps), unknown)
+    spacing = float(spacing_um) if spacing_um is not None else statistics.median(spacings)
+    return ModelScale(statistics.median(mpps), spacing, source, len(mpps), unknown)

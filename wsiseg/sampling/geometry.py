@@ -181,6 +181,7 @@ def region_geometry(
     grid: tuple[int, int] | None = None,
     long_side: int | None = None,
     physical: PhysicalScale | None = None,
+    scale: float = 1.0,
 ) -> SamplingGeometry:
     """The sampling geometry of a region of ``height x width`` pixels.
 
@@ -200,6 +201,13 @@ def region_geometry(
         Physical mode: the grid is :func:`physical_grid` (the region's
         extent over the model's sample spacing) instead of the dynamic
         rule; ``long_side`` is then unused.
+    scale : float
+        Sample ``scale`` times as densely per axis (scale augmentation in
+        training, robustness checks in ``evaluate``): physical mode at
+        ``spacing_um / scale``; the pixel rule with its grid's sides times
+        ``scale`` (rounded, at least 1, at most the region's pixels), the
+        map and kernel following as for a fixed ``grid``. Unused with
+        ``grid``.
 
     Returns
     -------
@@ -215,6 +223,14 @@ def region_geometry(
     """
     if height < 1 or width < 1:
         raise ValueError(f"region size must be positive, got {height}x{width}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive, got {scale}")
+    if scale != 1.0 and grid is None:
+        if physical is not None:
+            physical = PhysicalScale(physical.mpp, physical.spacing_um / scale)
+        else:
+            h, w = region_geometry(height, width, rule, long_side=long_side).grid
+            grid = (min(height, max(1, round(h * scale))), min(width, max(1, round(w * scale))))
     oh, ow = rule.out_size
     if grid is not None:
         h, w = int(grid[0]), int(grid[1])

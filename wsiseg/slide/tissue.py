@@ -39,6 +39,7 @@ __all__ = [
     "tissue_regions",
     "whole_region",
     "OTSU_CLIP",
+    "GLASS_SCORE",
 ]
 
 #: Otsu's threshold on the tissue score is clipped to this range. Glass in
@@ -46,6 +47,9 @@ __all__ = [
 #: clipping keeps Otsu from splitting glass-only noise (empty slide) or
 #: tissue-only stain variation (slide without glass) into two classes.
 OTSU_CLIP = (0.05, 0.2)
+#: Tissue score at or below which a pixel counts as glass where no slide-level threshold applies (labelled
+#: regions that may hold no glass at all): between glass (about 0.03) and faint eosin (about 0.15).
+GLASS_SCORE = 0.1
 #: Pixel size assumed for morphology sizes when the slide has no MPP (20x).
 ASSUMED_MPP = 0.5
 # Morphology sizes in micrometres, converted to mask pixels per slide.

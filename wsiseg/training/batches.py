@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 from wsiseg.errors import WsisegError
 from wsiseg.models.net import DeformSegNet
 from wsiseg.models.scale import ModelScale, measure_scale
-from wsiseg.training.config import TrainConfig
+from wsiseg.sampling.geometry import SamplingGeometry
+from wsiseg.training.config import TrainConfig, training_geometry
 
 __all__ = [
     "ALONE_WHY",
@@ -74,7 +75,10 @@ def _collate(items: list[dict]) -> dict:
         raise WsisegError(
             f"training regions in one batch differ in size {shapes}"
         ) from exc
-    return {"image": image, "labels": labels, "name": [str(it.get("name", "")) for it in items]}
+    from wsiseg.training.dataset import known_mpp
+
+    return {"image": image, "labels": labels, "name": [str(it.get("name", "")) for it in items],
+            "mpp": [known_mpp(it) for it in items]}
 
 
 def to_float(image: torch.Tensor) -> torch.Tensor:
@@ -129,10 +133,23 @@ def _item_mpp(ds: Dataset, i: int) -> tuple[float | None, str]:
     return None, "unknown"
 
 
-def training_scale(net: DeformSegNet, ds: Dataset) -> ModelScale:
-    """The physical scale of training on ``ds`` with ``net``'s geometry (:func:`~wsiseg.models.scale.measure_scale`)."""
-    regions = ((_item_shape(ds, i), *_item_mpp(ds, i)) for i in range(len(ds)))
-    return measure_scale(regions, net.geometry)
+def training_scale(net: DeformSegNet, ds: Dataset, spacing_um: float | None = None) -> ModelScale:
+    """The physical scale of training on ``ds`` with ``net``'s geometry (:func:`~wsiseg.models.scale.measure_scale`).
+
+    ``spacing_um``: physical-mode training (``TrainConfig.sample_spacing_um``), recorded as it is.
+
+    Raises
+    ------
+    WsisegError
+        Physical mode with a region whose MPP is unknown.
+    """
+    regions = [(_item_shape(ds, i), *_item_mpp(ds, i)) for i in range(len(ds))]
+    if spacing_um is not None:
+        missing = sum(mpp is None for _, mpp, _ in regions)
+        if missing:
+            raise WsisegError(f"sample_spacing_um needs an MPP for every training region; {missing} of "
+                              f"{len(regions)} have none (give --mpp or an mpp column in the pairs CSV)")
+    return measure_scale(regions, net.geometry, spacing_um)
 
 
 def say_scale(say: Callable[[str], None], scale: ModelScale) -> None:
@@ -146,7 +163,7 @@ def say_scale(say: Callable[[str], None], scale: ModelScale) -> None:
 
 
 def size_batches(
-    shapes: Sequence[tuple[int, int]],
+    shapes: Sequence[tuple],
     batch_size: int,
     *,
     shuffle: bool,
@@ -157,8 +174,9 @@ def size_batches(
 
     Parameters
     ----------
-    shapes : sequence of (int, int)
-        Shape of every item.
+    shapes : sequence of tuple
+        Shape of every item (``(h, w)``, or any key items of one batch
+        must share, e.g. ``(h, w, mpp)``).
     batch_size : int
     shuffle : bool
         Shuffle the items (within each shape) and the order of the batches,
@@ -181,7 +199,7 @@ def size_batches(
     """
     n = len(shapes)
     order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i in order:
         groups.setdefault(tuple(shapes[i]), []).append(i)
     batches: list[list[int]] = []
@@ -202,7 +220,7 @@ BATCHNORM_ALONE = "more than 1 value per channel"
 ALONE_WHY = "BatchNorm needs more than one value per channel; the grid is too small for the encoder's depth"
 
 
-def trains_alone(net: DeformSegNet, shape: tuple[int, int]) -> bool:
+def trains_alone(net: DeformSegNet, shape: tuple[int, int], geometry: SamplingGeometry | None = None) -> bool:
     """Whether a batch of one region of ``shape`` can train ``net``.
 
     BatchNorm in training needs more than one value per channel; with one
@@ -216,6 +234,9 @@ def trains_alone(net: DeformSegNet, shape: tuple[int, int]) -> bool:
     net : DeformSegNet
     shape : (int, int)
         ``(h, w)`` of the region's working raster.
+    geometry : SamplingGeometry, optional
+        The region's geometry (default: :meth:`DeformSegNet.geometry` of
+        ``shape``, the pixel rule).
 
     Returns
     -------
@@ -225,7 +246,7 @@ def trains_alone(net: DeformSegNet, shape: tuple[int, int]) -> bool:
     """
     from torch.func import functional_call
 
-    geometry = net.geometry(int(shape[0]), int(shape[1]))
+    geometry = geometry if geometry is not None else net.geometry(int(shape[0]), int(shape[1]))
     parts = [(net.segmenter, geometry.grid)] + ([(net.deform, geometry.map)] if net.deform is not None else [])
     for module, (h, w) in parts:
         tensors = (*module.named_parameters(), *module.named_buffers())
@@ -251,14 +272,16 @@ def alone_checker(net: DeformSegNet, ds: Dataset, config: TrainConfig, say: Call
     WsisegError
         Every training region would be left out.
     """
-    cache: dict[tuple[int, int], bool] = {}
+    cache: dict[tuple, bool] = {}
 
-    def alone(shape: tuple[int, int]) -> bool:
-        if shape not in cache:
-            cache[shape] = trains_alone(net, shape)
-        return cache[shape]
+    def alone(key: tuple) -> bool:
+        if key not in cache:
+            shape = (int(key[0]), int(key[1]))
+            mpp = key[2] if len(key) > 2 else None
+            cache[key] = trains_alone(net, shape, training_geometry(net, shape, mpp, config.sample_spacing_um))
+        return cache[key]
 
-    shapes = [_item_shape(ds, i) for i in range(len(ds))]
+    shapes = [_batch_key(ds, i, config) for i in range(len(ds))]
     lone = _lone_regions(shapes, config.batch_size, alone)
     why = f"a batch of one region of their shape cannot train ({ALONE_WHY})"
     if shapes and lone == len(shapes):
@@ -271,9 +294,15 @@ def alone_checker(net: DeformSegNet, ds: Dataset, config: TrainConfig, say: Call
     return alone
 
 
-def _lone_regions(shapes: Sequence[tuple[int, int]], batch_size: int, alone: Callable[[tuple[int, int]], bool]) -> int:
+def _batch_key(ds: Dataset, i: int, config: TrainConfig) -> tuple:
+    """What item ``i`` must share with the others of its batch: its shape, and in physical mode its MPP."""
+    shape = _item_shape(ds, i)
+    return (*shape, _item_mpp(ds, i)[0]) if config.sample_spacing_um is not None else shape
+
+
+def _lone_regions(shapes: Sequence[tuple], batch_size: int, alone: Callable[[tuple], bool]) -> int:
     """How many training regions :func:`size_batches` leaves out every epoch because they cannot train alone."""
-    counts: dict[tuple[int, int], int] = {}
+    counts: dict[tuple, int] = {}
     for s in shapes:
         counts[tuple(s)] = counts.get(tuple(s), 0) + 1
     return sum(n for s, n in counts.items() if (n == 1 or batch_size == 1) and not alone(s))
@@ -282,7 +311,7 @@ def _lone_regions(shapes: Sequence[tuple[int, int]], batch_size: int, alone: Cal
 def make_loader(
     ds: Dataset, config: TrainConfig, *, shuffle: bool, generator: torch.Generator, device, alone=None
 ) -> DataLoader:
-    shapes = [_item_shape(ds, i) for i in range(len(ds))]
+    shapes = [_batch_key(ds, i, config) for i in range(len(ds))]
     return DataLoader(
         ds,
         batch_sampler=size_batches(shapes, config.batch_size, shuffle=shuffle, generator=generator, alone=alone),

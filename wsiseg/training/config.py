@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from wsiseg.atomic import atomic_output
-from wsiseg.errors import ConfigError
+from wsiseg.errors import ConfigError, WsisegError
+from wsiseg.limits import MAX_SAMPLE_SPACING_UM
 from wsiseg.models.losses import EDGE_NORMS, LOSS_NAMES
 from wsiseg.models.net import IMAGE_SAMPLING, SAMPLERS, DeformSegNet
 from wsiseg.models.pretrained import IMAGENET
 from wsiseg.models.segmenter import build_segmenter
+from wsiseg.sampling.geometry import PhysicalScale, SamplingGeometry
 
 __all__ = [
     "TrainConfig",
@@ -30,6 +32,7 @@ __all__ = [
     "epoch_generator",
     "load_train_config",
     "seed_everything",
+    "training_geometry",
 ]
 
 # smp's U-Net default decoder, deepest block first.
@@ -147,6 +150,15 @@ class TrainConfig:
         against 0.3-1.1 at half the grid's side; docs/benchmarks.md).
     sigma, support : float, int, optional
         Attraction kernel (defaults of :class:`~wsiseg.models.net.DeformSegNet`).
+    sample_spacing_um : float, optional
+        Physical mode: every training and validation region is sampled
+        one node per this many micrometres (its grid is its extent over
+        the spacing, :func:`wsiseg.sampling.geometry.physical_grid`), so
+        regions of different resolutions and sizes are all seen at one
+        scale, the one ``segment`` and ``evaluate`` then sample slides at.
+        Every region needs an MPP (the images', ``--mpp`` or the pairs
+        CSV's ``mpp`` column). ``None``: the pixel rule (each region gets
+        the model's grid by the dynamic size rule, whatever its extent).
     sampler : {"learned", "uniform", "edge"}
         Learned deformation, or the paper's uniform / oracle edge baselines
         (no trainable deformation net; the edge term is then off).
@@ -176,6 +188,15 @@ class TrainConfig:
         Random flips / 90-degree rotations of training regions.
     color_jitter : float
         Colour jitter strength (0: off).
+    scale_jitter : float
+        Scale augmentation (1: off). Each training batch is sampled on a
+        grid whose sides are the region's grid times a factor drawn
+        log-uniformly from ``[1 / scale_jitter, scale_jitter]`` (the density
+        map and kernel follow, :func:`wsiseg.sampling.geometry.region_geometry`),
+        so the segmenter sees its tissue at sample spacings around the
+        trained one: a model trained at one spacing alone mislabels
+        regions sampled 1.5x denser (docs/demo-model.md). Validation uses
+        the region's own grid.
     val_fraction : float
         Fraction of the training pairs held out for validation (used by
         the caller when splitting).
@@ -229,6 +250,8 @@ class TrainConfig:
     flips: bool = True
     rot90: bool = False
     color_jitter: float = 0.0
+    scale_jitter: float = 1.0
+    sample_spacing_um: float | None = None
     val_fraction: float = 0.2
     patience: int | None = 10
     min_delta: float = 0.0
@@ -282,6 +305,9 @@ class TrainConfig:
         self.flips = _as_bool("flips", self.flips)
         self.rot90 = _as_bool("rot90", self.rot90)
         self.color_jitter = _as_float("color_jitter", self.color_jitter, 0.0, 1.0)
+        self.scale_jitter = _as_float("scale_jitter", self.scale_jitter, 1.0, 4.0)
+        self.sample_spacing_um = _as_float("sample_spacing_um", self.sample_spacing_um, 0.0, MAX_SAMPLE_SPACING_UM,
+                                           open_lo=True, optional=True)
         self.val_fraction = _as_float("val_fraction", self.val_fraction, 0.0, 1.0, open_hi=True)
         self.patience = _as_int("patience", self.patience, 0, optional=True) or None
         self.min_delta = _as_float("min_delta", self.min_delta, 0.0)
@@ -432,6 +458,41 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def training_geometry(
+    net: DeformSegNet, shape: tuple[int, int], mpp: float | None, spacing_um: float | None, factor: float = 1.0
+) -> SamplingGeometry:
+    """The geometry a training or validation region of ``shape`` is sampled with.
+
+    Parameters
+    ----------
+    net : DeformSegNet
+    shape : (int, int)
+        ``(h, w)`` of the region's working raster.
+    mpp : float or None
+        Micrometres per working pixel of the region.
+    spacing_um : float or None
+        ``TrainConfig.sample_spacing_um``: physical mode (``mpp`` required),
+        else the pixel rule.
+    factor : float
+        Scale augmentation (``TrainConfig.scale_jitter``): ``factor`` times
+        as densely per axis (``scale`` of
+        :func:`wsiseg.sampling.geometry.region_geometry`).
+
+    Returns
+    -------
+    SamplingGeometry
+        With ``factor`` 1, what ``evaluate`` and ``segment`` give the same
+        region (:meth:`DeformSegNet.geometry`).
+    """
+    h, w = shape
+    if spacing_um is not None:
+        if mpp is None:
+            raise WsisegError("sample_spacing_um needs an MPP for every training region (the images', --mpp or "
+                              "an mpp column in the pairs CSV)")
+        return net.geometry(h, w, physical=PhysicalScale(mpp, spacing_um), scale=factor)
+    return net.geometry(h, w, scale=factor)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -98,7 +98,14 @@ from wsiseg.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from wsiseg.training.config import TrainConfig, amp_settings, build_net, epoch_generator, seed_everything
+from wsiseg.training.config import (
+    TrainConfig,
+    amp_settings,
+    build_net,
+    epoch_generator,
+    seed_everything,
+    training_geometry,
+)
 
 __all__ = [
     "TrainResult",
@@ -136,7 +143,9 @@ def _validate(net: DeformSegNet, loader: DataLoader, num_classes: int, config: T
         labels = batch["labels"].to(device, non_blocking=True)
         check_labels(labels, num_classes, config.ignore_index, batch["name"])
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
-            out = net(None, image, labels, ignore_index=config.ignore_index)
+            geometry = training_geometry(net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0],
+                                         config.sample_spacing_um)
+            out = net(None, image, labels, geometry=geometry, ignore_index=config.ignore_index)
         pred = out.logits.argmax(dim=1)
         cm_def.update(pred, out.labels)
         full = reverse_sample(pred, out.grid.float(), tuple(labels.shape[-2:]))
@@ -373,7 +382,9 @@ def train(
         say(f"encoder {cfg.encoder}: {describe_encoder_init(encoder_init)}{frozen}")
 
     # The physical scale goes into the model file, so segment samples slides as densely as training did.
-    scale = training_scale(net, train_ds)
+    scale = training_scale(net, train_ds, cfg.sample_spacing_um)
+    if cfg.sample_spacing_um is not None and has_val:
+        training_scale(net, val_ds, cfg.sample_spacing_um)  # every validation region needs an MPP too
     say_scale(say, scale)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -423,6 +434,8 @@ def train(
         for p in encoder_params:  # frozen: no gradient, so Adam skips them (BatchNorm statistics still adapt)
             p.requires_grad_(epoch > cfg.freeze_encoder_epochs)
         net.train()
+        # its own stream, so the shuffle (and runs without scale jitter) stay as they were
+        jitter_rng = epoch_generator(cfg.seed + 1, epoch)
         sums = torch.zeros(3, dtype=torch.float64)
         grad_sums = torch.zeros(2, dtype=torch.float64)
         n_steps = 0
@@ -438,8 +451,14 @@ def train(
                 labels = batch["labels"].to(device, non_blocking=True)
                 check_labels(labels, num_classes, cfg.ignore_index, batch["name"])
                 try:
+                    factor = 1.0
+                    if cfg.scale_jitter > 1.0:
+                        span = math.log(cfg.scale_jitter)
+                        factor = math.exp(float(torch.empty(()).uniform_(-span, span, generator=jitter_rng)))
+                    geometry = training_geometry(net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0],
+                                                 cfg.sample_spacing_um, factor)
                     with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
-                        out_ = net(None, image, labels, ignore_index=cfg.ignore_index)
+                        out_ = net(None, image, labels, geometry=geometry, ignore_index=cfg.ignore_index)
                         terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target, out_.edge_valid)
                 except ValueError as exc:  # a layer trains_alone could not foresee on the meta device
                     if BATCHNORM_ALONE not in str(exc):
