@@ -1022,14 +1022,14 @@ def run_segment(
     """Segment a batch of slides: the library behind ``wsiseg segment``.
 
     Every slide is attempted even after failures; ``status.csv``, the resume
-    markers and the locks are those of :func:`wsiseg.batch.run_batch`; a
+    markers and the locks are those of :func:`wsiseg.batch.runner.run_batch`; a
     ``report.csv`` summarises every slide that has a report.
 
     Parameters
     ----------
     inputs : sequence of str
         Slide files, folders, globs or CSV manifests
-        (:func:`wsiseg.batch.expand_inputs`).
+        (:func:`wsiseg.batch.inputs.expand_inputs`).
     model_path : path-like
         A wsiseg model file.
     out_dir : path-like
@@ -1040,18 +1040,18 @@ def run_segment(
     progress : {"auto", "tty", "jsonl", "none"}
     scheduler : str, optional
         Address of a dask scheduler (``tcp://host:8786``): one task per slide
-        on its workers (:mod:`wsiseg.distributed`); paths must be shared.
+        on its workers (:mod:`wsiseg.batch.dask`); paths must be shared.
     workers : int, optional
         Run on a local cluster of this many worker processes instead.
     slide_timeout : float, optional
         Seconds each slide may take; a slide past it is killed and fails
         with ``timed out after N s`` and the batch goes on. Each slide then
         runs in a worker process of its own that loads the model again
-        (:mod:`wsiseg.isolated`). Default: no limit.
+        (:mod:`wsiseg.batch.isolated`). Default: no limit.
 
     Returns
     -------
-    wsiseg.batch.BatchResult
+    wsiseg.batch.jobs.BatchResult
 
     Raises
     ------
