@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from wsiseg.bench.common import deformed_points, uniform_points, write_section
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 from wsiseg.errors import WsisegError
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from wsiseg.bench import quality as bq
 from wsiseg.bench import quality_report as report
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8],

@@ -6,7 +6,7 @@ import sys
 from click.testing import CliRunner
 
 from wsiseg import __version__
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 
 
 def test_version_and_help():

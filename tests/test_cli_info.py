@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 from wsiseg.slide import open_slide
 
 from test_slide_open import BAD_NAMES, bad_inputs

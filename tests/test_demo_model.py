@@ -85,7 +85,7 @@ def test_segment_takes_a_shipped_model_by_name(slides_dir, tmp_path):
 
     from click.testing import CliRunner
 
-    from wsiseg.cli import main
+    from wsiseg.cli.app import main
 
     slide = slides_dir / "CMU-1-Small-Region.svs"
     r = CliRunner().invoke(main, ["segment", str(slide), "--model", "tumour", "--out", str(tmp_path / "o"),
@@ -110,7 +110,7 @@ def test_glass_is_background_by_the_tissue_detector(slides_dir, tmp_path):
     import tifffile
     from click.testing import CliRunner
 
-    from wsiseg.cli import main
+    from wsiseg.cli.app import main
     from wsiseg.slide.open import open_slide
     from wsiseg.slide.tissue import detect_tissue
 

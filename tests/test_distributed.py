@@ -20,7 +20,7 @@ import wsiseg.batch.dask as wd
 from wsiseg.batch.inputs import expand_inputs
 from wsiseg.batch.markers import make_fingerprint
 from wsiseg.batch.runner import run_batch
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 from wsiseg.batch.dask import run_batch_distributed
 from wsiseg.segment import SlideSegmenter
 from wsiseg.errors import WsisegError

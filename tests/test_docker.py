@@ -17,7 +17,7 @@ import click
 import pytest
 import yaml
 
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"

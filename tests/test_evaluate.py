@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.evaluate import (
     SWEEP_METHODS,

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 tifffile = pytest.importorskip("tifffile")
 
 from wsiseg.bench.fuzz import FAILURES, ForkServer, Run, classify  # noqa: E402
-from wsiseg.cli import main  # noqa: E402
+from wsiseg.cli.app import main  # noqa: E402
 from wsiseg.bench.mutate import (  # noqa: E402
     MUTATIONS,
     _m_ifd_loop,

@@ -21,7 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 
 SEG = {"arch": "unet", "encoder": "tu-resnet10t", "num_classes": 2, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from ome_zarr_models.v04 import Image, ImageLabel, Labels
 
 from wsiseg.batch.jobs import BatchResult
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 from wsiseg.demo import demo_model
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.models.io import load_deformseg

@@ -11,7 +11,7 @@ import tifffile
 import zarr
 from click.testing import CliRunner
 
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 from wsiseg.output import ome, read_classes_json
 from wsiseg.output.mask import mask_levels
 from wsiseg.sampling.coords import reduce_nearest

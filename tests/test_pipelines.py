@@ -12,12 +12,12 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 from wsiseg.errors import ConfigError
 from wsiseg.models.io import load_deformseg, save_deformseg
 from wsiseg.models.net import DeformSegNet
 from wsiseg.output.classes import default_classes
-from wsiseg.pipeline import load_pipeline, parse_overrides, validate_file
+from wsiseg.cli.pipeline import load_pipeline, parse_overrides, validate_file
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))

@@ -304,7 +304,7 @@ def test_load_encoder_weights_needs_a_name_for_imagenet():
 def test_cli_train_help_names_both_options():
     from click.testing import CliRunner
 
-    from wsiseg.cli import main
+    from wsiseg.cli.app import main
 
     r = CliRunner().invoke(main, ["train", "--help"])
     assert r.exit_code == 0

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 from wsiseg.errors import ConfigError
 from wsiseg.models.io import load_deformseg, save_deformseg
 from wsiseg.models.net import DeformSegNet

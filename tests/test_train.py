@@ -387,7 +387,7 @@ def test_cli_train_end_to_end(nucls, tmp_path):
     pytest.importorskip("wsiseg.training.dataset")
     from click.testing import CliRunner
 
-    from wsiseg.cli import main
+    from wsiseg.cli.app import main
     from wsiseg.models.io import load_deformseg
 
     classes = tmp_path / "classes.yaml"
@@ -473,7 +473,7 @@ def test_cli_train_with_mpp_records_the_scale(nucls, tmp_path):
     from click.testing import CliRunner
 
     from wsiseg.training.classmap import load_class_map
-    from wsiseg.cli import main
+    from wsiseg.cli.app import main
     from wsiseg.training.dataset import build_dataset
     from wsiseg.training.pairs import load_pairs, with_mpp
     from wsiseg.models.io import load_deformseg

@@ -1,5 +1,5 @@
 """``python -m wsiseg`` runs the CLI."""
 
-from wsiseg.cli import main
+from wsiseg.cli.app import main
 
 main()

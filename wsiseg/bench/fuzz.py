@@ -92,7 +92,7 @@ _PYTHON_ERRORS = re.compile(r"\b(TypeError|ValueError|IndexError|KeyError|Attrib
                             r"OverflowError|AssertionError|RuntimeError|UnboundLocalError|NameError)\b")
 _MEMORY_MARKERS = ("MemoryError", "Unable to allocate", "bad_alloc", "Cannot allocate memory", "out of memory")
 # Modules the fork server imports once, so that each child starts with them loaded.
-_PRELOAD = ("wsiseg.cli", "wsiseg.slide.open", "wsiseg.slide.info", "wsiseg.slide.convert", "tifffile",
+_PRELOAD = ("wsiseg.cli.app", "wsiseg.slide.open", "wsiseg.slide.info", "wsiseg.slide.convert", "tifffile",
             "imagecodecs", "openslide", "zarr", "dask.array")
 _PRELOAD_SEGMENT = ("torch", "wsiseg.segment", "wsiseg.batch.runner", "wsiseg.models.io", "segmentation_models_pytorch")
 _SERVER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -159,7 +159,7 @@ def _die_with_parent() -> None:
 
 def run_cli(argv: Sequence[str]) -> None:
     """Run a wsiseg command line in this process, as ``python -m wsiseg ARGV...`` would (ends in SystemExit)."""
-    from wsiseg.cli import main
+    from wsiseg.cli.app import main
 
     sys.argv = ["wsiseg", *argv]
     main.main(args=list(argv), prog_name="wsiseg")

@@ -89,7 +89,7 @@ def _err(path: Path, key: str | None, message: str) -> ConfigError:
 def _command(words: Sequence[str]):
     import click
 
-    from wsiseg.cli import main
+    from wsiseg.cli.app import main
 
     cmd: Any = main
     for w in words:
@@ -293,7 +293,7 @@ def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         raise _err(path, "description", "must be text")
     command: tuple[str, ...] = (job,)
     if job == "bench":
-        from wsiseg.cli import bench_group
+        from wsiseg.cli.app import bench_group
 
         names = sorted(n for n in bench_group.commands if n != "all")
         bench = data.get("benchmark")

@@ -953,7 +953,7 @@ def run_command(ctx, pipeline_path, overrides, dry_run) -> None:
     command, which is printed. The exit code is the job's.
     """
     from wsiseg.errors import ConfigError
-    from wsiseg.pipeline import load_pipeline, parse_overrides
+    from wsiseg.cli.pipeline import load_pipeline, parse_overrides
 
     pipe = load_pipeline(pipeline_path, parse_overrides(overrides))
     click.echo(f"{pipeline_path}: {pipe.command_line()}", err=True)
