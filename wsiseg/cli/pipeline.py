@@ -293,7 +293,7 @@ def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         raise _err(path, "description", "must be text")
     command: tuple[str, ...] = (job,)
     if job == "bench":
-        from wsiseg.cli.app import bench_group
+        from wsiseg.cli.bench import bench_group
 
         names = sorted(n for n in bench_group.commands if n != "all")
         bench = data.get("benchmark")
