@@ -89,9 +89,13 @@ def _err(path: Path, key: str | None, message: str) -> ConfigError:
 def _command(words: Sequence[str]):
     import click
 
-    from wsiseg.cli.app import main
+    # the jobs' commands from their own modules, not the root group: wsiseg.cli.app imports this module (run)
+    from wsiseg.cli.bench import bench_group
+    from wsiseg.cli.evaluate import evaluate_command
+    from wsiseg.cli.segment import segment_command
+    from wsiseg.cli.train import train_command
 
-    cmd: Any = main
+    cmd: Any = click.Group(commands=[segment_command, train_command, evaluate_command, bench_group])
     for w in words:
         if not isinstance(cmd, click.Group) or w not in cmd.commands:
             return None
