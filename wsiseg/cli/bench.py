@@ -222,7 +222,7 @@ def bench_fuzz_command(ctx, cases, seed, first, slides_dir, commands, segment_ev
               help="Base training config (segmenter, optimiser, augmentation); sizes, epochs and the sampler "
                    "are set per run.")
 @click.option("--mosaic-spec", default="pipelines/demo-data.yaml", show_default=True,
-              type=click.Path(dir_okay=False, path_type=str), help="Mosaic spec (python -m wsiseg.mosaic).")
+              type=click.Path(dir_okay=False, path_type=str), help="Mosaic spec (python -m wsiseg.training.mosaic).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False, path_type=str), default=None,
               help="Shared data folder [default: $WSISEG_SHARED_DATA or ../shared/data].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, envvar="WSISEG_THREADS",
