@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -498,48 +499,27 @@ def compose_qc(
     classes = list(classes)
     th, tw = thumb.shape[:2]
     pw, ph = _panel_scale(th, tw, max_panel, min_panel)
-    scale = (pw / tw, ph / th)
     boxes = _boxes(regions)
 
     # Fonts grow a little with the panel so text stays legible on big figures.
     fsize = max(13, min(20, round(pw / 34)))
-    font, small, big = _font(fsize), _font(max(10, fsize - 2)), _font(fsize + 4)
+    fonts = (_font(fsize), _font(max(10, fsize - 2)), _font(fsize + 4))
+    panels = _panel_images(thumb, labels, classes, samples, density, boxes, (pw, ph), vmin, vmax, max_dots, fonts[1])
+    fig_arr, where = _figure(panels, classes, labels, len(boxes), (pw, ph), (tw, th), fonts, title=title,
+                             legend=legend, layout=layout, density_label=density_label)
+    return (fig_arr, where) if return_layout else fig_arr
+
+
+def _figure(panels, classes, labels, n_reg, size, thumb_size, fonts, *, title, legend, layout, density_label):
+    """The panels with captions, legend and colour bar, arranged in a row or a grid, and where each image lies."""
+    pw, ph = size
+    tw, th = thumb_size
+    font, small, big = fonts
     line = _text_size(font, "Hg")[1] + 2
     small_line = _text_size(small, "Hg")[1] + 2
-
-    # -- panel images
-    base = _resize_rgb(thumb, pw, ph)
-    lab = _resize_nearest(labels, pw, ph)
-
-    p_regions = Image.fromarray(base.copy())
-    _draw_boxes(p_regions, boxes, scale, small)
-
-    p_classes = Image.fromarray(overlay_classes(base, lab, classes))
-
-    hits, n_total, n_shown = sample_dots((ph, pw), samples, scale, max_dots=max_dots)
-    dots = _grey(base, lighten=0.5)
-    dots[_dilate(hits, _dot_size(n_shown, pw * ph))] = _DOT_COLOR
-    p_samples = Image.fromarray(dots)
-    _draw_boxes(p_samples, boxes, scale, width=1)
-
-    dens = [(np.asarray(d, dtype=np.float64), box) for d, box in density]
-    finite = [d[np.isfinite(d)] for d, _ in dens]
-    finite = np.concatenate(finite) if finite else np.zeros(0)
-    lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
-    hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
-    grey = _grey(base, lighten=0.15)
-    heat = grey.copy()
-    if dens:
-        field = rasterise_density((ph, pw), dens, scale)
-        inside = np.isfinite(field)
-        t = (field[inside] - lo) / (hi - lo) if hi > lo else np.full(int(inside.sum()), 0.5)
-        blend = (1.0 - HEAT_ALPHA) * grey[inside] + HEAT_ALPHA * colormap(t).astype(np.float64)
-        heat[inside] = np.rint(blend).astype(np.uint8)
-    p_density = Image.fromarray(heat)
-    _draw_boxes(p_density, boxes, scale, width=1)
+    n_total, n_shown, dens, lo, hi = panels.n_total, panels.n_shown, panels.has_density, panels.lo, panels.hi
 
     # -- panel captions and footers
-    n_reg = len(boxes)
     headers = [
         f"1  Thumbnail, {n_reg} region{'s' if n_reg != 1 else ''}",
         "2  Predicted classes",
@@ -574,8 +554,7 @@ def compose_qc(
         draw.text((_MARGIN, _MARGIN), _fit(big, title, width - 2 * _MARGIN), fill=_INK, font=big)
 
     where: dict[str, tuple[int, int, int, int]] = {}
-    images = (p_regions, p_classes, p_samples, p_density)
-    for k, (name, img, header) in enumerate(zip(PANELS, images, headers)):
+    for k, (name, img, header) in enumerate(zip(PANELS, panels.images, headers)):
         cx = _MARGIN + (k % cols) * (pw + _GAP)
         cy = _MARGIN + title_h + (k // cols) * (cell_h + _GAP)
         draw.text((cx, cy + _PAD), _fit(font, header, pw), fill=_INK, font=font)
@@ -599,8 +578,59 @@ def compose_qc(
         elif name == "density" and dens:
             _colour_bar(fig, draw, (cx, fy, pw, bar_h), lo, hi, density_label, small)
 
-    fig_arr = np.asarray(fig).copy()
-    return (fig_arr, where) if return_layout else fig_arr
+    return np.asarray(fig).copy(), where
+
+
+
+
+@dataclass(frozen=True)
+class _Panels:
+    """The four panel images of :func:`compose_qc` and what their captions say."""
+
+    images: tuple[Image.Image, Image.Image, Image.Image, Image.Image]
+    n_total: int  # sampling points
+    n_shown: int  # of them drawn
+    has_density: bool
+    lo: float  # colour-bar range
+    hi: float
+
+
+def _panel_images(thumb, labels, classes, samples, density, boxes, size, vmin, vmax, max_dots, small) -> _Panels:
+    """Thumbnail with regions (box labels in font ``small``), class overlay, sampling points and density heat map,
+    each ``size`` (w, h)."""
+    pw, ph = size
+    th, tw = thumb.shape[:2]
+    scale = (pw / tw, ph / th)
+    base = _resize_rgb(thumb, pw, ph)
+    lab = _resize_nearest(labels, pw, ph)
+
+    p_regions = Image.fromarray(base.copy())
+    _draw_boxes(p_regions, boxes, scale, small)
+
+    p_classes = Image.fromarray(overlay_classes(base, lab, classes))
+
+    hits, n_total, n_shown = sample_dots((ph, pw), samples, scale, max_dots=max_dots)
+    dots = _grey(base, lighten=0.5)
+    dots[_dilate(hits, _dot_size(n_shown, pw * ph))] = _DOT_COLOR
+    p_samples = Image.fromarray(dots)
+    _draw_boxes(p_samples, boxes, scale, width=1)
+
+    dens = [(np.asarray(d, dtype=np.float64), box) for d, box in density]
+    finite = [d[np.isfinite(d)] for d, _ in dens]
+    finite = np.concatenate(finite) if finite else np.zeros(0)
+    lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    grey = _grey(base, lighten=0.15)
+    heat = grey.copy()
+    if dens:
+        field = rasterise_density((ph, pw), dens, scale)
+        inside = np.isfinite(field)
+        t = (field[inside] - lo) / (hi - lo) if hi > lo else np.full(int(inside.sum()), 0.5)
+        blend = (1.0 - HEAT_ALPHA) * grey[inside] + HEAT_ALPHA * colormap(t).astype(np.float64)
+        heat[inside] = np.rint(blend).astype(np.uint8)
+    p_density = Image.fromarray(heat)
+    _draw_boxes(p_density, boxes, scale, width=1)
+    return _Panels((p_regions, p_classes, p_samples, p_density), n_total, n_shown, bool(dens), lo, hi)
 
 
 def _colour_bar(fig, draw, box, lo: float, hi: float, label: str, font) -> None:
