@@ -15,7 +15,7 @@ from torch import nn
 
 from wsiseg.cli.app import main
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.evaluate import (
+from wsiseg.evaluation.run import (
     SWEEP_METHODS,
     EvalResult,
     _scaled_config,
@@ -482,7 +482,7 @@ def test_cli_evaluate_sweep(model, nucls, classes_yaml, train_csv, tmp_path):
 
 def test_cli_evaluate_sweep_fast(model, nucls, classes_yaml, train_csv, tmp_path, monkeypatch):
     """The sweep's plumbing with one size and one method (the full sweep is marked slow)."""
-    import wsiseg.evaluate as ev
+    import wsiseg.evaluation.run as ev
 
     monkeypatch.setattr(ev, "SWEEP_METHODS", ("edge",))
     out = tmp_path / "ev"

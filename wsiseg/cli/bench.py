@@ -251,7 +251,7 @@ def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_
         nucls_dataset,
     )
     from wsiseg.errors import ConfigError
-    from wsiseg.evaluate import parse_sizes
+    from wsiseg.evaluation.run import parse_sizes
     from wsiseg.training.mosaic import default_data_root
 
     keys = [k.strip() for k in datasets.split(",") if k.strip()]

@@ -1,4 +1,4 @@
-"""``wsiseg evaluate``: a model's quality against sampling cost (:mod:`wsiseg.evaluate`)."""
+"""``wsiseg evaluate``: a model's quality against sampling cost (:mod:`wsiseg.evaluation.run`)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
     import json
 
     from wsiseg.errors import ConfigError
-    from wsiseg.evaluate import format_sweep_table, parse_sizes, run_evaluation
+    from wsiseg.evaluation.run import format_sweep_table, parse_sizes, run_evaluation
 
     names = [n.strip() for n in (compare or "").split(",") if n.strip()]
     baselines = {}

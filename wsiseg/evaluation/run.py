@@ -1,6 +1,6 @@
 """Evaluation: segmentation quality against sampling cost, for the learned sampler and its baselines.
 
-Every labelled region of a data set (:func:`wsiseg.data.build_dataset`) is
+Every labelled region of a data set (:func:`wsiseg.training.dataset.build_dataset`) is
 evaluated at its *working resolution*: the unpadded ``h x w`` raster the
 region is read at (``downsample`` level-0 pixels per working pixel). The net
 sees the low-resolution view of that raster (``map_size``) and samples its
@@ -518,7 +518,7 @@ def evaluate_model(
     model : LoadedModel or DeformSegNet
         A loaded model file (:func:`wsiseg.models.io.load_deformseg`) or a net.
     dataset : torch.utils.data.Dataset
-        Items as :func:`wsiseg.data.build_dataset` makes them: ``image``
+        Items as :func:`wsiseg.training.dataset.build_dataset` makes them: ``image``
         uint8 ``(3, H, W)``, ``labels`` int64 ``(H, W)`` holding class
         *indices in channel order* (``ignore_index`` ignored, padding too),
         optional ``size`` (unpadded ``(h, w)``, default the whole item),
@@ -655,7 +655,7 @@ def evaluate_model(
 
 
 # ---------------------------------------------------------------------------
-# figures (Pillow, with the plotting helpers of wsiseg.train)
+# figures (Pillow, with the plotting helpers of wsiseg.training.charts)
 # ---------------------------------------------------------------------------
 
 
@@ -1000,7 +1000,7 @@ def run_sweep(
 
     Parameters
     ----------
-    cfg : wsiseg.train.TrainConfig
+    cfg : wsiseg.training.config.TrainConfig
         Base training config; each run changes only the output size (with
         ``map_size`` and ``sigma`` scaled alike), the epochs, the device and
         the fields of :data:`SWEEP_CONFIG` for its method.
@@ -1008,7 +1008,7 @@ def run_sweep(
         Output sizes ``(h, w)``.
     out_dir : path-like
         Runs go to ``out_dir/<method>-<W>x<H>/``; a finished run there is
-        reused and an unfinished one resumed (:func:`wsiseg.train.train`
+        reused and an unfinished one resumed (:func:`wsiseg.training.loop.train`
         refuses a checkpoint of another config or other data).
     train_ds, val_ds : torch.utils.data.Dataset
         Training and validation regions (``val_ds`` may be None).
@@ -1165,7 +1165,7 @@ def run_evaluation(
     model_path : path-like
         wsiseg model file.
     data : path-like
-        Labelled pairs (folder or CSV, :func:`wsiseg.data.load_pairs`).
+        Labelled pairs (folder or CSV, :func:`wsiseg.training.pairs.load_pairs`).
     classes_path : path-like
         Classes YAML; its class names must be the model's.
     out_dir : path-like
@@ -1204,10 +1204,10 @@ def run_evaluation(
         Working-resolution size ``(H, W)`` of the evaluation; default the
         model's training ``hr_size`` (baselines always train at that).
     ignore_unmapped, value_names
-        As for :func:`wsiseg.data.build_dataset`.
+        As for :func:`wsiseg.training.dataset.build_dataset`.
     mpp : float, optional
         Micrometres per level-0 pixel of every image whose pair gives none
-        (``--mpp``, :func:`wsiseg.data.with_mpp`), for evaluation and
+        (``--mpp``, :func:`wsiseg.training.pairs.with_mpp`), for evaluation and
         baseline training alike.
     log : callable, optional
         Progress messages.
