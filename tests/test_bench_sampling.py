@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from wsiseg.bench.sampling import _epochs_config, bench_config
 from wsiseg.cli.app import main
-from wsiseg.evaluation.run import SWEEP_METHODS
+from wsiseg.evaluation.results import SWEEP_METHODS
 from wsiseg.models.io import read_metadata
 from wsiseg.training.checkpoint import LOG_NAME, MODEL_NAME
 

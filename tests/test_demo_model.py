@@ -65,7 +65,7 @@ def test_tumour_model_on_held_out_real_tissue(shared_data, tmp_path):
     from wsiseg.demo.data import prepare_demo_data
     from wsiseg.training.dataset import build_dataset
     from wsiseg.training.pairs import load_pairs
-    from wsiseg.evaluation.run import evaluate_model
+    from wsiseg.evaluation.scoring import evaluate_model
 
     if not (shared_data / "labelled-regions").is_dir():
         pytest.skip("labelled regions absent")

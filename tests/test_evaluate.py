@@ -15,18 +15,11 @@ from torch import nn
 
 from wsiseg.cli.app import main
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.evaluation.run import (
-    SWEEP_METHODS,
-    EvalResult,
-    _scaled_config,
-    draw_class_frequency,
-    draw_sweep,
-    evaluate_model,
-    format_sweep_table,
-    format_table,
-    method_label,
-    parse_sizes,
-)
+from wsiseg.evaluation.figures import draw_class_frequency, draw_sweep, method_label
+from wsiseg.evaluation.results import SWEEP_METHODS, EvalResult, format_table
+from wsiseg.evaluation.run import parse_sizes
+from wsiseg.evaluation.scoring import evaluate_model
+from wsiseg.evaluation.sweep import _scaled_config, format_sweep_table
 from wsiseg.metrics import trimap_accuracy, upsampling_error
 from wsiseg.models.net import DeformSegNet
 from wsiseg.sampling.coords import uniform_grid
@@ -482,7 +475,7 @@ def test_cli_evaluate_sweep(model, nucls, classes_yaml, train_csv, tmp_path):
 
 def test_cli_evaluate_sweep_fast(model, nucls, classes_yaml, train_csv, tmp_path, monkeypatch):
     """The sweep's plumbing with one size and one method (the full sweep is marked slow)."""
-    import wsiseg.evaluation.run as ev
+    import wsiseg.evaluation.sweep as ev
 
     monkeypatch.setattr(ev, "SWEEP_METHODS", ("edge",))
     out = tmp_path / "ev"

@@ -71,7 +71,7 @@ def test_same_region_gets_the_same_grid_on_every_path(shared_data, tmp_path, mon
     from PIL import Image
 
     from wsiseg.training.dataset import _open_image
-    from wsiseg.evaluation.run import evaluate_model
+    from wsiseg.evaluation.scoring import evaluate_model
     from wsiseg.models.io import LoadedModel
     from wsiseg.models.net import DeformSegNet
     from wsiseg.output.classes import default_classes

@@ -41,7 +41,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     # not "train": that was the name of the training module (now wsiseg.training), whose import rebound it
     "train_model": ("wsiseg.training.loop", "train"),
     "build_dataset": ("wsiseg.training.dataset", "build_dataset"),
-    "evaluate_model": ("wsiseg.evaluation.run", "evaluate_model"),
+    "evaluate_model": ("wsiseg.evaluation.scoring", "evaluate_model"),
     # errors: every refusal of a bad input is a WsisegError
     "WsisegError": ("wsiseg.errors", "WsisegError"),
     "SlideError": ("wsiseg.errors", "SlideError"),
@@ -54,7 +54,7 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from wsiseg.demo import demo_model, demo_slide
     from wsiseg.errors import ConfigError, SlideError, WsisegError
-    from wsiseg.evaluation.run import evaluate_model
+    from wsiseg.evaluation.scoring import evaluate_model
     from wsiseg.models.io import LoadedModel, ModelFileError
     from wsiseg.models.io import load_deformseg as load_model
     from wsiseg.segment import SegmentOptions, run_segment, segment_slide

@@ -419,7 +419,8 @@ def loss_balance(
     The medians of ``grad_seg``/``grad_edge`` (``log.csv``) over the epochs
     after the first third (warm-up) are reported, with the held-out mIoU.
     """
-    from wsiseg.evaluation.run import ensure_trained, evaluate_model
+    from wsiseg.evaluation.scoring import evaluate_model
+    from wsiseg.evaluation.sweep import ensure_trained
     from wsiseg.models.io import load_deformseg
 
     say = log or (lambda _m: None)
@@ -511,11 +512,11 @@ def bench_quality(
     Returns
     -------
     list of dict
-        :func:`wsiseg.evaluation.run.run_sweep` rows with ``set``, ``encoder``
+        :func:`wsiseg.evaluation.sweep.run_sweep` rows with ``set``, ``encoder``
         and ``seed`` added; also written to ``workdir/quality-rows.json``
         as they come.
     """
-    from wsiseg.evaluation.run import run_sweep
+    from wsiseg.evaluation.sweep import run_sweep
 
     say = log or (lambda _m: None)
     if "imagenet" in encoders and not imagenet_weights:
@@ -700,7 +701,8 @@ def full_resolution_ceiling(
     dict
         A quality row (``method`` ``"full"``), also stored as ``rows-<set>-<encoder>-full-s<seed>.json``.
     """
-    from wsiseg.evaluation.run import ensure_trained, sweep_row, evaluate_model
+    from wsiseg.evaluation.scoring import evaluate_model
+    from wsiseg.evaluation.sweep import ensure_trained, sweep_row
     from wsiseg.models.io import load_deformseg
 
     say = log or (lambda _m: None)

@@ -175,7 +175,7 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
     from PIL import Image, ImageDraw
 
     from wsiseg.atomic import atomic_output
-    from wsiseg.evaluation.run import chart_font
+    from wsiseg.evaluation.figures import chart_font
     from wsiseg.training.charts import chart_panel
 
     sets = list(dict.fromkeys(k[0] for k in cells))
@@ -207,7 +207,7 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
 
 def format_quality(cells: dict[tuple[str, str, str, int], Cell]) -> str:
     """Markdown tables: per set and encoder, one line per budget, mean +- sd over seeds per method."""
-    from wsiseg.evaluation.run import method_label
+    from wsiseg.evaluation.figures import method_label
 
     lines: list[str] = []
     for s in dict.fromkeys(k[0] for k in cells):

@@ -2,7 +2,7 @@
 
 Issue 5 of the project asks whether the learned sampler pays off: on the
 NuCLS nucleus tiles and on the BCSS-geometry texture mosaics, the four
-methods of the evaluation sweep (:data:`wsiseg.evaluation.run.SWEEP_METHODS`)
+methods of the evaluation sweep (:data:`wsiseg.evaluation.results.SWEEP_METHODS`)
 
 * ``learned``: learned deformation, joint loss (segmentation + edge loss, the paper's),
 * ``single``: learned deformation, segmentation loss only (the paper's "single loss"),
@@ -11,7 +11,7 @@ methods of the evaluation sweep (:data:`wsiseg.evaluation.run.SWEEP_METHODS`)
 
 are trained from one config at every output size (budget) and scored on the
 held-out test split. Training and evaluation are those of
-``wsiseg evaluate --sweep`` (:func:`wsiseg.evaluation.run.run_sweep`); this module
+``wsiseg evaluate --sweep`` (:func:`wsiseg.evaluation.sweep.run_sweep`); this module
 only prepares the data, pins the thread count and writes the
 ``<!-- bench:sampling -->`` section of ``docs/benchmarks.md``
 (:func:`wsiseg.bench.common.write_section`).
@@ -39,13 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 from wsiseg.bench.common import machine_lines, machine_info
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.evaluation.run import (
-    SWEEP_METHODS,
-    format_sweep_table,
-    method_label,
-    run_sweep,
-    write_sweep_files,
-)
+from wsiseg.evaluation.figures import method_label
+from wsiseg.evaluation.results import SWEEP_METHODS
+from wsiseg.evaluation.sweep import format_sweep_table, run_sweep, write_sweep_files
 
 if TYPE_CHECKING:
     from wsiseg.training.config import TrainConfig
@@ -110,7 +106,7 @@ class DatasetRun:
     pairs : dict of str -> int
         Pairs per split (``train``, ``val``, ``test``).
     rows : list of dict
-        :func:`wsiseg.evaluation.run.run_sweep` rows (one per budget and method).
+        :func:`wsiseg.evaluation.sweep.run_sweep` rows (one per budget and method).
     run_dir : pathlib.Path
         Holds ``sweep/``, ``sweep.json``, ``sweep.csv``, ``sweep.png``.
     seconds : float
@@ -305,7 +301,7 @@ def bench_sampling(
     config : wsiseg.training.config.TrainConfig
         Base config (:func:`bench_config`); each data set sets its epochs
         (the step decay scaled alike), each run its size and method
-        (:func:`wsiseg.evaluation.run.run_sweep`).
+        (:func:`wsiseg.evaluation.sweep.run_sweep`).
     sizes : sequence of (int, int)
         Output sizes ``(h, w)``: the budgets.
     workdir : path-like

@@ -72,7 +72,8 @@ def evaluate_command(model_path, data, classes_path, split, out_dir, as_json, de
     import json
 
     from wsiseg.errors import ConfigError
-    from wsiseg.evaluation.run import format_sweep_table, parse_sizes, run_evaluation
+    from wsiseg.evaluation.run import parse_sizes, run_evaluation
+    from wsiseg.evaluation.sweep import format_sweep_table
 
     names = [n.strip() for n in (compare or "").split(",") if n.strip()]
     baselines = {}
