@@ -15,7 +15,7 @@ from wsiseg.training.pairs import load_pairs
 from wsiseg.errors import WsisegError
 from wsiseg.training.mosaic import build_mosaics, build_mosaics_from_spec, load_spec, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLOURS = {"background": (235, 235, 235), "red": (200, 40, 40), "blue": (40, 40, 200)}
 
 

@@ -492,7 +492,7 @@ def test_two_runs_on_one_folder_process_each_slide_once(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(_CONCURRENT_RUN))
     names = [f"s{i}" for i in range(8)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     runs = [
         subprocess.Popen([sys.executable, str(script), str(out), *order], env=env, stderr=subprocess.PIPE, text=True)
         for order in (names, list(reversed(names)))
@@ -793,9 +793,9 @@ def test_batch_killed_outright_takes_its_slide_process_along_and_the_next_run_cl
 
     out, log = tmp_path / "out", tmp_path / "log"
     log.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    parent = subprocess.Popen([sys.executable, "-c", _TIMED_RUN, str(out), str(log), str(Path(__file__).parent)],
-                              env=env)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    tests = Path(__file__).resolve().parents[1]  # _faults.py
+    parent = subprocess.Popen([sys.executable, "-c", _TIMED_RUN, str(out), str(log), str(tests)], env=env)
     try:
         deadline = time.monotonic() + 120
         while not (log / "slow.pid").exists() and time.monotonic() < deadline:
