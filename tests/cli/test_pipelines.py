@@ -19,7 +19,7 @@ from wsiseg.models.net import DeformSegNet
 from wsiseg.output.classes import default_classes
 from wsiseg.cli.pipeline import load_pipeline, parse_overrides, validate_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
 SEG = {"arch": "unet", "encoder": "resnet18", "num_classes": 3, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
 
