@@ -93,3 +93,27 @@ def test_bench_standard_model_is_smp_default_unet(tmp_path):
     assert bs.standard_model(tmp_path) == path and path.stat().st_size > 50e6  # cached; ~24 M float32 weights
     seg = load_deformseg(path, device="cpu").net.segmenter
     assert sum(p.numel() for p in seg.parameters()) > 20e6
+
+
+def test_cli_bench_segment_layout_small(shared_data, tmp_path, monkeypatch):
+    import wsiseg.bench_segment as bs
+
+    monkeypatch.setattr(bs, "_run_child", bs._run)  # in-process, as above
+    monkeypatch.setattr(bs, "_more_models", lambda workdir: [])
+    out = tmp_path / "bench.md"
+    args = [
+        "bench", "segment", "--layout", "needle", "--size", "2000x1500", "--window", "256",
+        "--workdir", str(tmp_path / "work"), "--out", str(out), "--source", str(shared_data / "textures"),
+    ]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "needle slide 2000x1500: written in" in r.output
+    text = out.read_text()
+    assert "<!-- bench:segment -->" not in text  # the synthetic slide's section is not touched
+    section = text[text.index("<!-- bench:segment-needle -->") : text.index("<!-- /bench:segment-needle -->")]
+    assert "## wsiseg segment end to end: needle biopsies layout" in section
+    assert "`--layout needle --seed 0`" in section and "pieces of tissue covering" in section
+    assert "`target_image.png`" in section and "all tissue (`--layout fill`" in section
+    assert "end to end <= 10 s" in section and "decoded Mpx" in section
+    names = sorted(p.name for p in (tmp_path / "work").glob("layout-*.tiff"))
+    assert [n.split("-")[1] for n in names] == ["fill", "needle"]

@@ -243,10 +243,11 @@ def _bench_common(f):
     )(f)
     f = click.option(
         "--source",
-        type=click.Path(exists=True, dir_okay=False, path_type=str),
+        type=click.Path(exists=True, path_type=str),
         default=None,
         help="Real slide or RGB image to mirror-tile [default: CMU-1-Small-Region.svs of $WSISEG_SHARED_DATA "
-        "or ../shared/data].",
+        "or ../shared/data]; for a layout (bench segment --layout), a folder of H&E images or one image "
+        "[default: the textures folder there].",
     )(f)
     f = click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True, help="Slide tile size.")(f)
     f = click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
@@ -254,12 +255,23 @@ def _bench_common(f):
     return f
 
 
-def _bench_spec(size, source, tile):
+def _bench_spec(size, source, tile, layout="synthetic", seed=0):
+    """The benchmark slide; a layout's default source is the shared data's textures folder."""
     from pathlib import Path
 
-    from wsiseg.bench import SlideSpec, default_source
+    from wsiseg.bench import SlideSpec, default_source, default_textures
 
-    return SlideSpec(width=size[0], height=size[1], source=Path(source) if source else default_source(), tile=tile)
+    if source:
+        src = Path(source)
+    else:
+        src = default_source() if layout == "synthetic" else default_textures()
+    return SlideSpec(width=size[0], height=size[1], source=src, tile=tile, layout=layout, seed=seed)
+
+
+def _layout_size(layout: str) -> tuple[int, int]:
+    from wsiseg.slide.layouts import LAYOUT_SIZES
+
+    return (40000, 30000) if layout in ("synthetic", "fill") else LAYOUT_SIZES[layout]
 
 
 @main.group("bench")
@@ -325,22 +337,36 @@ def bench_cluster_command(size, slides, worker_counts, in_process, repeats, mode
 
 
 @bench_group.command("segment")
-@click.option("--size", default="40000x30000", show_default=True, type=_Size(), help="Slide WIDTHxHEIGHT.")
+@click.option("--layout", type=click.Choice(["synthetic", "tma", "resection", "needle", "fill"]), default="synthetic",
+              show_default=True,
+              help="Slide: 'synthetic' (one H&E region mirror-tiled over the whole slide, the slide of the older "
+                   "tables) or a layout labs scan, tissue on glass with real H&E texture: 'tma' (86 round cores, "
+                   "63 % of the slide), 'resection' (one irregular piece, 70 %), 'needle' (3-6 long thin cores), "
+                   "'fill' (tissue everywhere). Layouts write the section segment-LAYOUT of OUT.")
+@click.option("--size", default=None, type=_Size(),
+              help="Slide WIDTHxHEIGHT [default: 40000x30000; resection 100000x80000].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a layout's shapes and texture quilt.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="Model file, measured as it is and with constant labels [default: rows for a fixed-seed "
-                   "untrained tiny net (noisy labels: the tile writer's worst case), the same with constant labels, "
-                   "the shipped demo model and an untrained smp U-Net ResNet-34 "
-                   "(a typical net's sliding-window cost)].")
+              help="Model file, measured as it is and with constant labels [default: on the synthetic slide, rows "
+                   "for a fixed-seed untrained tiny net (noisy labels: the tile writer's worst case), the same with "
+                   "constant labels, the shipped demo model and an untrained smp U-Net ResNet-34 "
+                   "(a typical net's sliding-window cost); on a layout, the last two].")
 @click.option("--window", type=click.IntRange(min=64), default=4096, show_default=True,
               help="Side of the square slide on which the sliding-window baseline is timed (then extrapolated).")
 @_bench_common
-def bench_segment_command(size, model_path, window, workdir, source, tile, out) -> None:
-    """wsiseg segment end to end: stage times, peak memory, mask write rate, sliding-window ratio."""
-    from wsiseg.bench import command_line, write_section
-    from wsiseg.bench_segment import bench_segment, format_segment_section
+def bench_segment_command(layout, size, seed, model_path, window, workdir, source, tile, out) -> None:
+    """wsiseg segment end to end: stage times, peak memory, mask write rate, sliding-window ratio.
 
-    result = bench_segment(_bench_spec(size, source, tile), workdir, model=model_path, window=window, log=click.echo)
-    click.echo(f"wrote {write_section(out, 'segment', format_segment_section(result, command_line()))}")
+    A layout slide's texture comes from --source (a folder of H&E images or one image) [default: the textures
+    folder of the shared data]; slides are built once per parameter set in --workdir and reused.
+    """
+    from wsiseg.bench import command_line, write_section
+    from wsiseg.bench_segment import bench_segment, format_segment_section, segment_section_name
+
+    spec = _bench_spec(size or _layout_size(layout), source, tile, layout, seed)
+    result = bench_segment(spec, workdir, model=model_path, window=window, log=click.echo)
+    section = segment_section_name(layout)
+    click.echo(f"wrote {write_section(out, section, format_segment_section(result, command_line()))}")
 
 
 @bench_group.command("memory")
