@@ -117,3 +117,30 @@ def test_cli_bench_segment_layout_small(shared_data, tmp_path, monkeypatch):
     assert "end to end <= 10 s" in section and "decoded Mpx" in section
     names = sorted(p.name for p in (tmp_path / "work").glob("layout-*.tiff"))
     assert [n.split("-")[1] for n in names] == ["fill", "needle"]
+
+
+def test_cli_bench_gpu_without_cuda_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = CliRunner().invoke(main, ["bench", "gpu", "--workdir", str(tmp_path), "--out", str(tmp_path / "b.md")])
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0] and "--device cpu" in lines[0]
+    assert not (tmp_path / "b.md").exists()
+
+
+def test_cli_bench_gpu_on_cpu_tiny_layout(shared_data, tmp_path):
+    out = tmp_path / "bench.md"
+    args = [
+        "bench", "gpu", "--device", "cpu", "--layouts", "needle", "--size", "1200x900", "--repeats", "1",
+        "--workdir", str(tmp_path / "work"), "--out", str(out), "--source", str(shared_data / "textures"),
+    ]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "slides/h" in r.output and "labels equal on 100.000 %" in r.output
+    section = out.read_text().split("<!-- bench:gpu -->")[1]
+    assert "| needle | 1200 x 900 |" in section and "(met)" in section
+    assert "Device: cpu" in section and "AMP (float16 autocast): off (CPU)" in section
+    assert list((tmp_path / "work").glob("gpu-*")) == []  # outputs removed

@@ -369,6 +369,51 @@ def bench_segment_command(layout, size, seed, model_path, window, workdir, sourc
     click.echo(f"wrote {write_section(out, section, format_segment_section(result, command_line()))}")
 
 
+@bench_group.command("gpu")
+@click.option("--device", default="cuda", show_default=True,
+              help="cuda, cuda:N, or cpu: the same measurement on the CPU (to test this script where there is no "
+                   "GPU; without CUDA any cuda device exits with a one-line error).")
+@click.option("--layouts", default=None, metavar="NAME,NAME,...",
+              help="Layouts to measure [default: tma,resection,needle on CUDA; needle on the CPU].")
+@click.option("--size", default=None, type=_Size(),
+              help="Slide WIDTHxHEIGHT for every layout [default: each layout's own (40000x30000, resection "
+                   "100000x80000); on the CPU 10000x7500].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the layouts' shapes and texture.")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Timed runs per slide (the fastest counts), after one untimed warm-up run on CUDA.")
+@click.option("--compare-size", type=click.IntRange(min=64), default=16384, show_default=True,
+              help="Labels are compared with the CPU's at the largest mask level with a long side <= this.")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="Model file [default: the shipped demo model].")
+@_bench_common
+def bench_gpu_command(device, layouts, size, seed, repeats, compare_size, model_path, workdir, source, tile,
+                      out) -> None:
+    """GPU slides per hour on the TMA, resection and needle layouts; CUDA labels checked against the CPU's.
+
+    Prepared for a machine with a GPU: segment_slide with every output, AMP on, model loaded once; then one
+    CPU run per slide, whose mask must agree with the GPU's on >= 99.9 % of the pixels (exit 1 otherwise).
+    Writes the section gpu of OUT.
+    """
+    from wsiseg.bench import command_line, write_section
+    from wsiseg.bench_segment import bench_gpu, format_gpu_section
+    from wsiseg.errors import ConfigError
+    from wsiseg.slide.layouts import LAYOUTS
+
+    on_cpu = device == "cpu"
+    names = [v.strip() for v in (layouts or ("needle" if on_cpu else "tma,resection,needle")).split(",") if v.strip()]
+    if not names or any(n not in LAYOUTS for n in names):
+        raise ConfigError(f"--layouts expects some of {', '.join(LAYOUTS)}, got {layouts!r}")
+    if size is None and on_cpu:
+        size = (10000, 7500)
+    specs = [_bench_spec(size or _layout_size(n), source, tile, n, seed) for n in names]
+    result = bench_gpu(specs, workdir, device=device, model=model_path, repeats=repeats, compare_size=compare_size,
+                       log=click.echo)
+    click.echo(f"wrote {write_section(out, 'gpu', format_gpu_section(result, command_line()))}")
+    if not result.ok:
+        click.echo("wsiseg: labels differ from the CPU's on more than 0.1 % of the pixels", err=True)
+        sys.exit(1)
+
+
 @bench_group.command("memory")
 @click.option("--size", default="100000x100000", show_default=True, type=_Size(),
               help="Largest slide WIDTHxHEIGHT; also measured at half and a quarter of its sides.")
@@ -599,10 +644,11 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
     Not `memory`: it builds a 100k x 100k slide (3.4 GiB, ~75 s) and segments
     three slides up to 10 Gpx, minutes on its own; nor `fuzz` (1000 mutated
     slides, about ten minutes); nor `sampling` and `quality`: they train tens
-    to hundreds of models (hours on one thread). Run them by name.
+    to hundreds of models (hours on one thread); nor `gpu` (it needs a CUDA
+    device). Run them by name.
     """
     for name, cmd in sorted(bench_group.commands.items()):
-        if name in ("all", "memory", "fuzz", "sampling", "quality"):
+        if name in ("all", "memory", "fuzz", "sampling", "quality", "gpu"):
             continue
         click.echo(f"== bench {name}")
         kwargs = {"out": out} if any(p.name == "out" for p in cmd.params) else {}
