@@ -5,8 +5,13 @@ synthetic JPEG pyramid (the slide of ``wsiseg bench gather``) and records the
 report's time per stage, peak resident memory, the mask write rate, the
 fraction of pixels sampled and the chunks decoded; then it times
 ``mode="sliding-window"`` on a window-sized synthetic slide and extrapolates
-it linearly to the tissue area of the large slide. ``wsiseg bench memory``
+it linearly to the tissue area of the large slide. With ``--layout``
+(``tma``, ``resection``, ``needle``) the large slide is instead laid out like
+the slides labs scan (:mod:`wsiseg.slide.layouts`) and the sliding window is
+timed on a slide of the same texture, all tissue. ``wsiseg bench memory``
 records the peak memory of the same run on slides of growing area.
+``wsiseg bench gpu`` (:func:`bench_gpu`) measures slides per hour on a CUDA
+device on the layouts and checks its labels against the CPU's.
 
 Every measurement runs in a fresh Python process (``python -m
 wsiseg.bench_segment``), so the peak resident memory of one run (``VmHWM``
