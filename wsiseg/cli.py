@@ -271,7 +271,7 @@ def _bench_spec(size, source, tile, layout="synthetic", seed=0):
 def _layout_size(layout: str) -> tuple[int, int]:
     from wsiseg.slide.layouts import LAYOUT_SIZES
 
-    return (40000, 30000) if layout in ("synthetic", "fill") else LAYOUT_SIZES[layout]
+    return LAYOUT_SIZES.get(layout, (40000, 30000))
 
 
 @main.group("bench")

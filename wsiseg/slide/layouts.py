@@ -38,6 +38,7 @@ __all__ = [
     "GLASS_RGB",
     "LAYOUTS",
     "LAYOUT_SIZES",
+    "LAYOUT_VERSION",
     "Coverage",
     "Layout",
     "layout_coverage",
@@ -51,7 +52,7 @@ __all__ = [
 #: Layout names (:func:`make_layout`).
 LAYOUTS = ("tma", "resection", "needle", "fill")
 #: Default level-0 ``(width, height)`` of each layout (issue 12).
-LAYOUT_SIZES = {"tma": (40000, 30000), "resection": (100000, 80000), "needle": (40000, 30000), "fill": (4096, 4096)}
+LAYOUT_SIZES = {"tma": (40000, 30000), "resection": (100000, 80000), "needle": (40000, 30000), "fill": (40000, 30000)}
 #: Colour of the glass around the tissue (that of ``textures/no-tissue.png`` of the shared data).
 GLASS_RGB = (240, 239, 241)
 #: Bumped whenever the geometry or the texture changes, so cached slides are rebuilt.
