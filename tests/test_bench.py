@@ -93,3 +93,54 @@ def test_bench_standard_model_is_smp_default_unet(tmp_path):
     assert bs.standard_model(tmp_path) == path and path.stat().st_size > 50e6  # cached; ~24 M float32 weights
     seg = load_deformseg(path, device="cpu").net.segmenter
     assert sum(p.numel() for p in seg.parameters()) > 20e6
+
+
+def test_cli_bench_segment_layout_small(shared_data, tmp_path, monkeypatch):
+    import wsiseg.bench.segment as bs
+
+    monkeypatch.setattr(bs, "_run_child", bs._run)  # in-process, as above
+    monkeypatch.setattr(bs, "_more_models", lambda workdir: [])
+    out = tmp_path / "bench.md"
+    args = [
+        "bench", "segment", "--layout", "needle", "--size", "2000x1500", "--window", "256",
+        "--workdir", str(tmp_path / "work"), "--out", str(out), "--source", str(shared_data / "textures"),
+    ]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "needle slide 2000x1500: written in" in r.output
+    text = out.read_text()
+    assert "<!-- bench:segment -->" not in text  # the synthetic slide's section is not touched
+    section = text[text.index("<!-- bench:segment-needle -->") : text.index("<!-- /bench:segment-needle -->")]
+    assert "## wsiseg segment end to end: needle biopsies layout" in section
+    assert "`--layout needle --seed 0`" in section and "pieces of tissue covering" in section
+    assert "`target_image.png`" in section and "all tissue (`--layout fill`" in section
+    assert "end to end <= 10 s" in section and "decoded Mpx" in section
+    names = sorted(p.name for p in (tmp_path / "work").glob("layout-*.tiff"))
+    assert [n.split("-")[1] for n in names] == ["fill", "needle"]
+
+
+def test_cli_bench_gpu_without_cuda_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = CliRunner().invoke(main, ["bench", "gpu", "--workdir", str(tmp_path), "--out", str(tmp_path / "b.md")])
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0] and "--device cpu" in lines[0]
+    assert not (tmp_path / "b.md").exists()
+
+
+def test_cli_bench_gpu_on_cpu_tiny_layout(shared_data, tmp_path):
+    out = tmp_path / "bench.md"
+    args = [
+        "bench", "gpu", "--device", "cpu", "--layouts", "needle", "--size", "1200x900", "--repeats", "1",
+        "--workdir", str(tmp_path / "work"), "--out", str(out), "--source", str(shared_data / "textures"),
+    ]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "slides/h" in r.output and "labels equal on 100.000 %" in r.output
+    section = out.read_text().split("<!-- bench:gpu -->")[1]
+    assert "| needle | 1200 x 900 |" in section and "(met)" in section
+    assert "Device: cpu" in section and "AMP (float16 autocast): off (CPU)" in section
+    assert list((tmp_path / "work").glob("gpu-*")) == []  # outputs removed

@@ -78,6 +78,7 @@ __all__ = [
     "find_regions",
     "samples_on_glass",
     "output_paths",
+    "reduced_mask_level",
     "segment_slide",
     "check_model_for_slides",
     "SlideSegmenter",
@@ -760,7 +761,7 @@ def output_paths(out_dir: Path, name: str, options: SegmentOptions) -> dict[str,
     return {k: Path(out_dir) / f"{name}{OUTPUT_SUFFIXES[k]}" for k in kinds}
 
 
-def _reduced_mask_level(mask_path: Path, max_size: int) -> tuple[np.ndarray, tuple[float, float]]:
+def reduced_mask_level(mask_path: Path, max_size: int) -> tuple[np.ndarray, tuple[float, float]]:
     """The largest level of a written mask whose long side is <= ``max_size`` (or the smallest level)."""
     import tifffile
 
@@ -884,7 +885,7 @@ def segment_slide(
     if options.geojson:
         t = stage("geojson")
         write_qupath_geojson(
-            paths["geojson"], _reduced_mask_level(paths["mask"], 8192), model.classes, mpp=ms.mpp, overwrite=True
+            paths["geojson"], reduced_mask_level(paths["mask"], 8192), model.classes, mpp=ms.mpp, overwrite=True
         )
         timings["geojson"] = time.perf_counter() - t
 
@@ -927,7 +928,7 @@ def _write_qc(path: Path, ms: Multiscale, mask_path: Path, seg: _Segmentation, m
     from wsiseg.output.qc import render_qc
 
     thumb, (fx, fy) = thumbnail(ms, 1024)
-    labels, _ = _reduced_mask_level(mask_path, 2048)
+    labels, _ = reduced_mask_level(mask_path, 2048)
 
     def scaled(b):
         return (b[0] * fx, b[1] * fy, b[2] * fx, b[3] * fy)

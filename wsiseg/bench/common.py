@@ -43,6 +43,7 @@ __all__ = [
     "bench_convert",
     "cached_synthetic_slide",
     "default_source",
+    "default_textures",
     "deformed_points",
     "format_cluster_section",
     "format_convert_section",
@@ -50,6 +51,7 @@ __all__ = [
     "machine_info",
     "machine_lines",
     "shared_data_dir",
+    "slide_sidecar",
     "uniform_points",
     "write_section",
 ]
@@ -76,6 +78,15 @@ def default_source() -> Path:
     path = shared_data_dir() / _DEFAULT_SOURCE
     if not path.is_file():
         raise ConfigError(f"no --source given and the default source {path} does not exist (set WSISEG_SHARED_DATA)")
+    return path
+
+
+def default_textures() -> Path:
+    """The default texture of layout slides: the ``textures`` folder of the shared data (:func:`shared_data_dir`)."""
+    path = shared_data_dir() / "textures"
+    if not path.is_dir():
+        raise ConfigError(f"no --source given and the default textures folder {path} does not exist "
+                          "(set WSISEG_SHARED_DATA)")
     return path
 
 
@@ -149,7 +160,17 @@ def write_section(path: str | os.PathLike, name: str, body: str) -> Path:
 
 @dataclass(frozen=True)
 class SlideSpec:
-    """Parameters of a synthetic benchmark slide (see :func:`write_synthetic_slide`)."""
+    """Parameters of a benchmark slide.
+
+    ``layout="synthetic"`` (the default, as in every benchmark before
+    layouts existed): ``source`` mirror-tiled over the whole slide
+    (:func:`wsiseg.slide.synthetic.write_synthetic_slide`). Any name of
+    :data:`wsiseg.bench.layouts.LAYOUTS` (``"tma"``, ``"resection"``,
+    ``"needle"``, ``"fill"``): tissue pieces laid out like real slides on
+    glass, textured with a quilt of the H&E images of ``source`` (a folder
+    or one image), drawn from ``seed``
+    (:func:`wsiseg.bench.layouts.write_layout_slide`).
+    """
 
     width: int
     height: int
@@ -157,45 +178,71 @@ class SlideSpec:
     tile: int = 256
     quality: int = 90
     mpp: float = 0.5
+    layout: str = "synthetic"
+    seed: int = 0
 
     def cache_name(self) -> str:
+        if self.layout != "synthetic":
+            from wsiseg.bench.layouts import texture_digest
+
+            return (f"layout-{self.layout}-{self.width}x{self.height}-seed{self.seed}-t{self.tile}-q{self.quality}-"
+                    f"mpp{self.mpp:g}-{texture_digest(self.source)}.tiff")
         st = self.source.stat()
         digest = hashlib.sha1(f"{self.source.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
         return f"synthetic-{self.width}x{self.height}-t{self.tile}-q{self.quality}-mpp{self.mpp:g}-{digest}.tiff"
 
 
 def cached_synthetic_slide(spec: SlideSpec, workdir: str | os.PathLike) -> tuple[Path, float | None, bool]:
-    """Path of the synthetic slide for ``spec`` in ``workdir``, writing it if absent.
+    """Path of the benchmark slide for ``spec`` in ``workdir``, writing it if absent.
+
+    The slide is cached by its parameters (:meth:`SlideSpec.cache_name`);
+    a ``.json`` sidecar keeps the seconds its writing took, the machine and,
+    for layouts, what was built (:func:`slide_sidecar`).
 
     Returns
     -------
     (pathlib.Path, float or None)
-        The slide and the seconds its writing took (kept in a ``.json``
-        sidecar, so a reused slide still reports it; ``None`` if unknown).
+        The slide and the seconds its writing took (``None`` if unknown).
     bool
         Whether the slide was reused from ``workdir``.
     """
+    from wsiseg.bench.layouts import write_layout_slide
     from wsiseg.slide.synthetic import write_synthetic_slide
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / spec.cache_name()
-    sidecar = path.with_suffix(".json")
     if path.is_file():
         try:
-            return path, float(json.loads(sidecar.read_text())["write_seconds"]), True
-        except (OSError, ValueError, KeyError, TypeError):
+            return path, float(slide_sidecar(path)["write_seconds"]), True
+        except (ValueError, KeyError, TypeError):
             return path, None, True
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     t0 = time.perf_counter()
+    extra: dict = {}
     try:
-        write_synthetic_slide(tmp, spec.width, spec.height, spec.source, spec.tile, spec.quality, spec.mpp)
+        if spec.layout == "synthetic":
+            write_synthetic_slide(tmp, spec.width, spec.height, spec.source, spec.tile, spec.quality, spec.mpp)
+        else:
+            extra = {"layout": write_layout_slide(tmp, spec.layout, spec.width, spec.height, spec.source,
+                                                  seed=spec.seed, tile=spec.tile, quality=spec.quality,
+                                                  mpp=spec.mpp)}
         seconds = time.perf_counter() - t0
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    sidecar.write_text(json.dumps({"write_seconds": seconds, "machine": machine_info()}, indent=1))
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text(json.dumps({"write_seconds": seconds, "machine": machine_info(), **extra}, indent=1))
     return path, seconds, False
+
+
+def slide_sidecar(path: str | os.PathLike) -> dict:
+    """What :func:`cached_synthetic_slide` recorded next to a slide (``{}`` when nothing readable)."""
+    try:
+        data = json.loads(Path(path).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------------------

@@ -5,8 +5,13 @@ synthetic JPEG pyramid (the slide of ``wsiseg bench gather``) and records the
 report's time per stage, peak resident memory, the mask write rate, the
 fraction of pixels sampled and the chunks decoded; then it times
 ``mode="sliding-window"`` on a window-sized synthetic slide and extrapolates
-it linearly to the tissue area of the large slide. ``wsiseg bench memory``
+it linearly to the tissue area of the large slide. With ``--layout``
+(``tma``, ``resection``, ``needle``) the large slide is instead laid out like
+the slides labs scan (:mod:`wsiseg.bench.layouts`) and the sliding window is
+timed on a slide of the same texture, all tissue. ``wsiseg bench memory``
 records the peak memory of the same run on slides of growing area.
+``wsiseg bench gpu`` (:func:`bench_gpu`) measures slides per hour on a CUDA
+device on the layouts and checks its labels against the CPU's.
 
 Every measurement runs in a fresh Python process (``python -m
 wsiseg.bench.segment``), so the peak resident memory of one run (``VmHWM``
@@ -29,20 +34,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsiseg.bench.common import SlideSpec, machine_lines, cached_synthetic_slide, machine_info
+import numpy as np
+
+from wsiseg.bench.common import SlideSpec, cached_synthetic_slide, machine_info, machine_lines, slide_sidecar
 from wsiseg.errors import ConfigError, WsisegError
 
 __all__ = [
+    "GPU_AGREEMENT",
+    "GpuBench",
+    "GpuRun",
+    "LAYOUT_TARGETS",
     "Measurement",
     "MemoryBench",
     "MemoryRun",
     "SegmentBench",
     "SegmentRow",
+    "bench_gpu",
     "bench_memory",
     "bench_segment",
+    "format_gpu_section",
     "format_memory_section",
     "format_segment_section",
     "measure",
+    "segment_section_name",
     "standard_model",
     "tiny_model",
 ]
@@ -55,6 +69,9 @@ STANDARD_NET = {"arch": "unet", "encoder": "resnet34", "num_classes": 3}
 
 # Issue targets (2-core machine, 40k x 30k JPEG pyramid).
 TARGET_TOTAL_S = 15.0
+#: End-to-end goal in seconds on the 2-core machine per slide layout (issue 12).
+LAYOUT_TARGETS = {"synthetic": TARGET_TOTAL_S, "tma": 15.0, "resection": 30.0, "needle": 10.0, "fill": TARGET_TOTAL_S}
+_LAYOUT_TITLES = {"tma": "TMA-like", "resection": "resection", "needle": "needle biopsies", "fill": "tissue everywhere"}
 TARGET_MASK_MP_S = 500.0
 TARGET_RSS_MB = 1.5 * 1024
 TARGET_RATIO = 100.0
@@ -361,27 +378,30 @@ def bench_segment(
     window: int = 4096,
     log=None,
 ) -> SegmentBench:
-    """Time ``segment_slide`` (deformed) on a synthetic slide and the sliding-window baseline on a window.
+    """Time ``segment_slide`` (deformed) on a benchmark slide and the sliding-window baseline on a window.
 
     Rows: with ``model``, that model and the same with constant labels;
-    without, the untrained :func:`tiny_model` (noisy labels: the worst case
-    for the tile writer and the GeoJSON), the same with constant labels (the
-    best case), the trained demo model when the install ships one, and the
-    untrained :func:`standard_model` (what sliding windows cost with a
-    typical net).
+    without, on the synthetic slide, the untrained :func:`tiny_model` (noisy
+    labels: the worst case for the tile writer and the GeoJSON), the same
+    with constant labels (the best case), the trained demo model when the
+    install ships one, and the untrained :func:`standard_model` (what
+    sliding windows cost with a typical net); on a layout slide (TMA,
+    resection, needle biopsies) only the last two.
 
     Parameters
     ----------
     spec : SlideSpec
-        The large synthetic slide (built in ``workdir`` unless cached there).
+        The large slide (built in ``workdir`` unless cached there): the
+        mirror-tiled synthetic slide or a layout (``spec.layout``).
     workdir : path-like
         Cache of synthetic slides and the bench model; outputs are written
         in temporary folders there and removed.
     model : path-like, optional
         Model file.
     window : int
-        Side of the square synthetic slide (same source, tile and quality)
-        on which the sliding-window mode is timed, whole slide as one region,
+        Side of the square slide (same source, tile and quality; for a
+        layout, the ``fill`` layout: the same texture, all tissue) on which
+        the sliding-window mode is timed, whole slide as one region,
         for each net (the faster of two runs: a conservative estimate of the
         baseline, hence of the speed ratio).
     log : callable, optional
@@ -393,13 +413,19 @@ def bench_segment(
     machine = machine_info()
     workdir = Path(workdir)
     path, write_s, reused = cached_synthetic_slide(spec, workdir)
-    say(f"synthetic slide {spec.width}x{spec.height}: {'reused' if reused else f'written in {write_s:.1f} s'}: {path}")
+    say(f"{spec.layout} slide {spec.width}x{spec.height}: {'reused' if reused else f'written in {write_s:.1f} s'}: "
+        f"{path}")
     if model is not None:
         given = Path(model)
         plan = [
             ("given model", given, "model", "given with `--model`"),
             ("given model, constant labels", given, "constant", "its segmentation net replaced by one predicting a "
              "single class (deformation net, sampling and gather unchanged): the best case for the tile writer"),
+        ]
+    elif spec.layout != "synthetic":
+        # real layouts: the trained demo model (realistic label maps) and the standard-size net
+        plan = [(label, path, "model", note) for label, path, note in _more_models(workdir)] or [
+            ("untrained tiny net", tiny_model(workdir), "model", "the tiny test net, untrained with a fixed seed")
         ]
     else:
         tiny = tiny_model(workdir)
@@ -413,7 +439,9 @@ def bench_segment(
              "predicting a single class (deformation net, sampling and gather unchanged): the best case"),
         ]
         plan += [(label, path, "model", note) for label, path, note in _more_models(workdir)]
-    wspec = SlideSpec(window, window, spec.source, spec.tile, spec.quality, spec.mpp)
+    # the sliding-window rate: a window-sized slide of the same texture, all tissue (a crop's worth, no glass)
+    wlayout = "synthetic" if spec.layout == "synthetic" else "fill"
+    wspec = SlideSpec(window, window, spec.source, spec.tile, spec.quality, spec.mpp, wlayout, spec.seed)
     wpath, _, _ = cached_synthetic_slide(wspec, workdir)
     sliding: dict[Path, Measurement] = {}
     rows = []
@@ -440,22 +468,59 @@ def _mark(ok: bool) -> str:
     return "met" if ok else "**MISSED**"
 
 
+def segment_section_name(layout: str) -> str:
+    """Section of docs/benchmarks.md that ``wsiseg bench segment --layout LAYOUT`` writes.
+
+    ``"segment"`` for the synthetic slide (the section it always had),
+    ``"segment-LAYOUT"`` for the others.
+    """
+    return "segment" if layout == "synthetic" else f"segment-{layout}"
+
+
+def _slide_line(b: SegmentBench, built: str, first: Measurement) -> str:
+    """The markdown line describing the benchmark slide and the regions found on it."""
+    s = b.spec
+    tissue = first.region_pixels
+    found = (f"{len(first.report['regions'])} tissue regions, {tissue / 1e6:.0f} level-0 Mpx in their boxes "
+             f"({100 * tissue / (first.width * first.height):.0f} % of the slide)")
+    size = (f"{s.width} x {s.height} ({s.width * s.height / 1e9:.2f} Gpx) BigTIFF, JPEG q{s.quality}, tiles {s.tile}, "
+            f"{b.file_bytes / 2**20:.0f} MiB")
+    if s.layout == "synthetic":
+        return (f"- Slide: synthetic {size}, mirror-tiled from `{s.source.name}` (the slide of `bench gather`); "
+                f"{built}. {found}.")
+    info = slide_sidecar(b.slide).get("layout", {})
+    textures = ", ".join(f"`{t}`" for t in info.get("textures", [])) or f"`{s.source.name}`"
+    pieces = info.get("pieces", "?")
+    fraction = info.get("tissue_fraction")
+    cover = "" if fraction is None else f" covering {100 * fraction:.1f} % of the slide"
+    return (f"- Slide: {_LAYOUT_TITLES.get(s.layout, s.layout)} layout (`--layout {s.layout} --seed {s.seed}`), "
+            f"{size}: {pieces} pieces of tissue{cover} on glass, real H&E texture quilted from {textures} "
+            f"(512-px patches, random crops, flips and quarter turns; `wsiseg.bench.layouts`); {built}. "
+            f"`segment` found {found}.")
+
+
 def format_segment_section(b: SegmentBench, command: str) -> str:
-    """Markdown for the ``segment`` section of docs/benchmarks.md."""
+    """Markdown for the ``segment`` (or ``segment-LAYOUT``) section of docs/benchmarks.md."""
     s = b.spec
     built = "write time unknown" if b.write_seconds is None else f"written in {b.write_seconds:.1f} s"
     if b.reused:
         built += " (reused from the cache)"
     first = b.rows[0].run
     stages = [k for k in first.timings if k != "total"]
-    tissue = first.region_pixels
+    goal = LAYOUT_TARGETS.get(s.layout, TARGET_TOTAL_S)
+    title = "## wsiseg segment end to end" + (
+        "" if s.layout == "synthetic" else f": {_LAYOUT_TITLES.get(s.layout, s.layout)} layout"
+    )
+    window = ("synthetic slide of the same source" if s.layout == "synthetic"
+              else "slide of the same quilted texture, all tissue (`--layout fill`: a crop's worth of tissue)")
 
     def row(r: SegmentRow) -> str:
         m = r.run
         return (
             f"| {r.label} | " + " | ".join(f"{m.timings.get(k, 0.0):.2f}" for k in stages)
             + f" | **{m.total:.2f}** | {m.cpu_seconds:.2f} | {m.startup_seconds:.2f} | {m.peak_rss_mb:.0f} | "
-            f"{m.mask_mp_per_s:.0f} | {int(m.report['gather'].get('pixels_refined', 0)) / 1e6:.1f} | "
+            f"{m.decoded_fraction * m.width * m.height / 1e6:.0f} | {m.mask_mp_per_s:.0f} | "
+            f"{int(m.report['gather'].get('pixels_refined', 0)) / 1e6:.1f} | "
             f"{r.sliding_rate * 1e6:.2f} | {r.sliding_estimate:.0f} | {r.ratio:.0f}x |"
         )
 
@@ -463,14 +528,11 @@ def format_segment_section(b: SegmentBench, command: str) -> str:
         return f"| {name} | " + " | ".join(f"{fmt(r)} ({_mark(ok(r))})" for r in b.rows) + " |"
 
     lines = [
-        "## wsiseg segment end to end",
+        title,
         "",
         f"- Command: `{command}`",
         *machine_lines(b.machine),
-        f"- Slide: synthetic {s.width} x {s.height} ({s.width * s.height / 1e9:.2f} Gpx) BigTIFF, JPEG q{s.quality}, "
-        f"tiles {s.tile}, {b.file_bytes / 2**20:.0f} MiB, mirror-tiled from `{s.source.name}` (the slide of "
-        f"`bench gather`); {built}. {len(first.report['regions'])} tissue regions, {tissue / 1e6:.0f} level-0 Mpx "
-        f"in their boxes ({100 * tissue / (first.width * first.height):.0f} % of the slide).",
+        _slide_line(b, built, first),
         "- Models (speed does not depend on the weights, but the tile writer and the GeoJSON do depend on how "
         "many label boundaries there are):",
         *[f"  - *{r.label}*: `{r.model}`, {r.note}." for r in b.rows],
@@ -480,13 +542,13 @@ def format_segment_section(b: SegmentBench, command: str) -> str:
         "mask Mpx/s = level-0 Mpx / mask seconds. CPU s = process CPU time of `segment_slide` (all threads); wall "
         "times grow with other load on this shared machine (load average above).",
         f"- Sliding window: `--mode sliding-window` with the same net (512 px windows + 32 px context, batches of "
-        f"4) timed on a {b.window} x {b.window} synthetic slide of the same source, whole slide as one region, no "
+        f"4) timed on a {b.window} x {b.window} {window}, whole slide as one region, no "
         "GeoJSON/QC, the faster of two runs; **extrapolated** (not run) linearly to the region boxes above, plus "
         "the row's own open, regions, GeoJSON and QC times.",
         "",
-        "| deformed mode | " + " | ".join(stages) + " | total s | CPU s | start-up s | peak RSS MiB | mask Mpx/s | "
-        "px read one by one (M) | sliding window s/Mpx | sliding window s (extrapolated) | ratio |",
-        "|---|" + "---|" * (len(stages) + 9),
+        "| deformed mode | " + " | ".join(stages) + " | total s | CPU s | start-up s | peak RSS MiB | decoded Mpx | "
+        "mask Mpx/s | px read one by one (M) | sliding window s/Mpx | sliding window s (extrapolated) | ratio |",
+        "|---|" + "---|" * (len(stages) + 10),
         *[row(r) for r in b.rows],
         "",
         f"- Fraction of level-0 pixels sampled ({b.rows[0].label}): {100 * first.report['fraction_sampled']:.4f} %; "
@@ -498,8 +560,7 @@ def format_segment_section(b: SegmentBench, command: str) -> str:
         "",
         "| issue target | " + " | ".join(r.label for r in b.rows) + " |",
         "|---|" + "---|" * len(b.rows),
-        target(f"end to end <= {TARGET_TOTAL_S:.0f} s", lambda r: f"{r.run.total:.1f} s",
-               lambda r: r.run.total <= TARGET_TOTAL_S),
+        target(f"end to end <= {goal:.0f} s", lambda r: f"{r.run.total:.1f} s", lambda r: r.run.total <= goal),
         target(f"mask write >= {TARGET_MASK_MP_S:.0f} Mpx/s", lambda r: f"{r.run.mask_mp_per_s:.0f} Mpx/s",
                lambda r: r.run.mask_mp_per_s >= TARGET_MASK_MP_S),
         target("peak RSS <= 1.5 GiB", lambda r: f"{r.run.peak_rss_mb:.0f} MiB",
@@ -620,6 +681,219 @@ def format_memory_section(b: MemoryBench, command: str) -> str:
             f"{last.width * last.height / (first.width * first.height):.0f}x "
             f"range of areas: {max(peaks) - min(peaks):.0f} MiB.",
         ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# wsiseg bench gpu
+
+#: Agreement the GPU's labels must reach with the CPU's on the same slide (issue 12).
+GPU_AGREEMENT = 0.999
+
+
+@dataclass(frozen=True)
+class GpuRun:
+    """One layout slide on the measured device, and its labels against a CPU run.
+
+    Attributes
+    ----------
+    spec : SlideSpec
+    seconds : tuple of float
+        ``segment_slide`` end to end (every output), per timed run; the model
+        is loaded and the device warmed up before.
+    timings : dict
+        The report's seconds per stage of the fastest run.
+    regions : int
+        Regions segmented.
+    reference_seconds : float
+        The CPU reference run of the same slide.
+    agreement : float
+        Fraction of equal label pixels between the device's and the CPU's
+        mask, compared at ``compare_level`` (level 0 when it is small enough).
+    compare_level : (int, int)
+        Size ``(width, height)`` of the mask level compared.
+    """
+
+    spec: SlideSpec
+    seconds: tuple[float, ...]
+    timings: dict
+    regions: int
+    reference_seconds: float
+    agreement: float
+    compare_level: tuple[int, int]
+
+    @property
+    def slides_per_hour(self) -> float:
+        """Slides per hour at the fastest run's pace (one slide after another, model loaded once)."""
+        return 3600.0 / min(self.seconds)
+
+
+@dataclass(frozen=True)
+class GpuBench:
+    """Result of :func:`bench_gpu`."""
+
+    device: str
+    device_name: str
+    amp: bool
+    model: str
+    runs: tuple[GpuRun, ...]
+    features: tuple[str, ...]
+    machine: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Every layout's labels agree with the CPU's on at least :data:`GPU_AGREEMENT` of the pixels."""
+        return all(r.agreement >= GPU_AGREEMENT for r in self.runs)
+
+
+def _segment_once(slide: Path, model, out: Path, device: str) -> tuple[float, dict, Path]:
+    """``segment_slide`` with every output on ``device``: seconds, the report, the mask."""
+    from wsiseg.segment import SegmentOptions, segment_slide
+
+    t0 = time.perf_counter()
+    outputs = segment_slide(str(slide), model, out, "bench", SegmentOptions(device=device))
+    seconds = time.perf_counter() - t0
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+    report = json.loads((out / outputs["report"]).read_text())
+    return seconds, report, out / outputs["mask"]
+
+
+def _agreement(mask: Path, reference: Path, max_size: int) -> tuple[float, tuple[int, int]]:
+    """Fraction of equal labels of two masks at their largest level with a long side <= ``max_size``."""
+    from wsiseg.segment import reduced_mask_level
+
+    a, _ = reduced_mask_level(mask, max_size)
+    b, _ = reduced_mask_level(reference, max_size)
+    if a.shape != b.shape:
+        return 0.0, (a.shape[1], a.shape[0])
+    return float(np.mean(a == b)), (a.shape[1], a.shape[0])
+
+
+def bench_gpu(
+    specs: list[SlideSpec],
+    workdir: str | os.PathLike,
+    *,
+    device: str = "cuda",
+    model: str | os.PathLike | None = None,
+    repeats: int = 2,
+    compare_size: int = 16384,
+    log=None,
+) -> GpuBench:
+    """Slides per hour of ``wsiseg segment`` on a GPU, and its labels against the CPU's.
+
+    For each slide of ``specs`` (layout slides, built in ``workdir`` unless
+    cached there): ``repeats`` timed runs of ``segment_slide`` with every
+    output on ``device`` (the model loaded once, AMP on for CUDA, after one
+    untimed warm-up run that pays CUDA's start-up; none on the CPU), then
+    one run on the CPU;
+    the two label masks are compared at their largest level with a long side
+    of at most ``compare_size`` pixels.
+
+    Parameters
+    ----------
+    specs : list of SlideSpec
+    workdir : path-like
+        Slide cache; outputs go to temporary folders there and are removed.
+    device : str
+        ``"cuda"``, ``"cuda:N"`` or ``"cpu"`` (the same measurement on the
+        CPU, for testing the script where there is no GPU).
+    model : path-like, optional
+        Model file; default the shipped demo model.
+    repeats : int
+        Timed runs per slide (the fastest counts).
+    compare_size : int
+        Long-side bound of the mask level compared.
+    log : callable, optional
+        Called with progress lines.
+
+    Raises
+    ------
+    ConfigError
+        ``device`` is a CUDA device and this machine has none.
+    """
+    import torch
+
+    from wsiseg.demo import MODEL as DEMO_MODEL
+    from wsiseg.device import resolve_device
+    from wsiseg.models.io import load_deformseg
+
+    say = log or (lambda msg: None)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("no CUDA device on this machine: `wsiseg bench gpu` measures GPU throughput "
+                          "(`--device cpu` runs the same measurement on the CPU, on a small layout)")
+    dev = resolve_device(device)
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be positive, got {repeats}")
+    machine = machine_info()
+    workdir = Path(workdir)
+    model_path = Path(model) if model else DEMO_MODEL
+    loaded = load_deformseg(model_path, device=str(dev))
+    reference = load_deformseg(model_path, device="cpu") if dev.type != "cpu" else loaded
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} logical CPUs)"
+    features = (
+        f"AMP (float16 autocast): {'on' if dev.type == 'cuda' else 'off (CPU)'}",
+        "regions batched: no, one region per net call (not in this version of segment_slide)",
+        "pinned host memory, gather overlapped with compute: no (not in this version); decode, inverse map, mask "
+        "writer, GeoJSON and QC run on the CPU",
+    )
+    runs = []
+    for k, spec in enumerate(specs):
+        path, write_s, reused = cached_synthetic_slide(spec, workdir)
+        say(f"{spec.layout} slide {spec.width}x{spec.height}: {'reused' if reused else f'written in {write_s:.1f} s'}")
+        root = Path(tempfile.mkdtemp(prefix="gpu-", dir=workdir))
+        try:
+            if k == 0 and dev.type == "cuda":  # CUDA context, cuDNN plans, allocator: paid once, not timed
+                _segment_once(path, loaded, root / "warm-up", str(dev))
+            times, best = [], None
+            for i in range(repeats):
+                seconds, report, mask = _segment_once(path, loaded, root / f"run-{i}", str(dev))
+                times.append(seconds)
+                if best is None or seconds < min(times[:-1]):
+                    best = (report, mask)
+            assert best is not None
+            ref_seconds, _, ref_mask = _segment_once(path, reference, root / "cpu", "cpu")
+            agreement, level = _agreement(best[1], ref_mask, compare_size)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        run = GpuRun(spec, tuple(times), best[0]["timings"], len(best[0]["regions"]), ref_seconds, agreement, level)
+        say(f"  {spec.layout}: {', '.join(f'{t:.2f}' for t in times)} s -> {run.slides_per_hour:.0f} slides/h; "
+            f"CPU reference {ref_seconds:.2f} s; labels equal on {100 * agreement:.3f} % of {level[0]}x{level[1]}")
+        runs.append(run)
+    amp = dev.type == "cuda"
+    return GpuBench(str(dev), name, amp, model_path.name, tuple(runs), features, machine)
+
+
+def format_gpu_section(b: GpuBench, command: str) -> str:
+    """Markdown for the ``gpu`` section of docs/benchmarks.md."""
+    stages = [k for k in b.runs[0].timings if k != "total"] if b.runs else []
+    lines = [
+        "## GPU throughput: slides per hour, labels against the CPU",
+        "",
+        f"- Command: `{command}`",
+        *machine_lines(b.machine),
+        f"- Device: {b.device} ({b.device_name}); model `{b.model}`; " + "; ".join(b.features) + ".",
+        "- Each slide: one `segment_slide` per run with every output (mask, overlay, GeoJSON, QC, report), the "
+        "model loaded once and (CUDA) the device warmed up by an untimed run first; slides/h = 3600 / the fastest "
+        "run. "
+        "Then one run on the CPU; *equal labels* = fraction of equal pixels of the two masks at the level "
+        f"compared (goal >= {100 * GPU_AGREEMENT:.1f} %).",
+        "",
+        "| layout | size | regions | " + " | ".join(stages) + " | total s (runs) | slides/h | CPU reference s | "
+        "level compared | equal labels |",
+        "|---|---|---|" + "---|" * len(stages) + "---|---|---|---|---|",
+    ]
+    for r in b.runs:
+        s = r.spec
+        lines.append(
+            f"| {s.layout} | {s.width} x {s.height} | {r.regions} | "
+            + " | ".join(f"{r.timings.get(k, 0.0):.2f}" for k in stages)
+            + f" | {min(r.seconds):.2f} ({', '.join(f'{t:.2f}' for t in r.seconds)}) | **{r.slides_per_hour:.0f}** | "
+            f"{r.reference_seconds:.2f} | {r.compare_level[0]} x {r.compare_level[1]} | "
+            f"{100 * r.agreement:.3f} % ({_mark(r.agreement >= GPU_AGREEMENT)}) |"
+        )
     return "\n".join(lines)
 
 

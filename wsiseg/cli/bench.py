@@ -27,10 +27,11 @@ def _bench_common(f):
     )(f)
     f = click.option(
         "--source",
-        type=click.Path(exists=True, dir_okay=False, path_type=str),
+        type=click.Path(exists=True, path_type=str),
         default=None,
         help="Real slide or RGB image to mirror-tile [default: CMU-1-Small-Region.svs of $WSISEG_SHARED_DATA "
-        "or ../shared/data].",
+        "or ../shared/data]; for a layout (bench segment --layout), a folder of H&E images or one image "
+        "[default: the textures folder there].",
     )(f)
     f = click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True, help="Slide tile size.")(f)
     f = click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
@@ -38,12 +39,23 @@ def _bench_common(f):
     return f
 
 
-def _bench_spec(size, source, tile):
+def _bench_spec(size, source, tile, layout="synthetic", seed=0):
+    """The benchmark slide; a layout's default source is the shared data's textures folder."""
     from pathlib import Path
 
-    from wsiseg.bench.common import SlideSpec, default_source
+    from wsiseg.bench.common import SlideSpec, default_source, default_textures
 
-    return SlideSpec(width=size[0], height=size[1], source=Path(source) if source else default_source(), tile=tile)
+    if source:
+        src = Path(source)
+    else:
+        src = default_source() if layout == "synthetic" else default_textures()
+    return SlideSpec(width=size[0], height=size[1], source=src, tile=tile, layout=layout, seed=seed)
+
+
+def _layout_size(layout: str) -> tuple[int, int]:
+    from wsiseg.bench.layouts import LAYOUT_SIZES
+
+    return LAYOUT_SIZES.get(layout, (40000, 30000))
 
 
 @click.group("bench")
@@ -109,22 +121,83 @@ def bench_cluster_command(size, slides, worker_counts, in_process, repeats, mode
 
 
 @bench_group.command("segment")
-@click.option("--size", default="40000x30000", show_default=True, type=Size(), help="Slide WIDTHxHEIGHT.")
+@click.option("--layout", type=click.Choice(["synthetic", "tma", "resection", "needle", "fill"]), default="synthetic",
+              show_default=True,
+              help="Slide: 'synthetic' (one H&E region mirror-tiled over the whole slide, the slide of the older "
+                   "tables) or a layout labs scan, tissue on glass with real H&E texture: 'tma' (86 round cores, "
+                   "63 % of the slide), 'resection' (one irregular piece, 70 %), 'needle' (3-6 long thin cores), "
+                   "'fill' (tissue everywhere). Layouts write the section segment-LAYOUT of OUT.")
+@click.option("--size", default=None, type=Size(),
+              help="Slide WIDTHxHEIGHT [default: 40000x30000; resection 100000x80000].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a layout's shapes and texture quilt.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="Model file, measured as it is and with constant labels [default: rows for a fixed-seed "
-                   "untrained tiny net (noisy labels: the tile writer's worst case), the same with constant labels, "
-                   "the shipped demo model and an untrained smp U-Net ResNet-34 "
-                   "(a typical net's sliding-window cost)].")
+              help="Model file, measured as it is and with constant labels [default: on the synthetic slide, rows "
+                   "for a fixed-seed untrained tiny net (noisy labels: the tile writer's worst case), the same with "
+                   "constant labels, the shipped demo model and an untrained smp U-Net ResNet-34 "
+                   "(a typical net's sliding-window cost); on a layout, the last two].")
 @click.option("--window", type=click.IntRange(min=64), default=4096, show_default=True,
               help="Side of the square slide on which the sliding-window baseline is timed (then extrapolated).")
 @_bench_common
-def bench_segment_command(size, model_path, window, workdir, source, tile, out) -> None:
-    """wsiseg segment end to end: stage times, peak memory, mask write rate, sliding-window ratio."""
-    from wsiseg.bench.common import command_line, write_section
-    from wsiseg.bench.segment import bench_segment, format_segment_section
+def bench_segment_command(layout, size, seed, model_path, window, workdir, source, tile, out) -> None:
+    """wsiseg segment end to end: stage times, peak memory, mask write rate, sliding-window ratio.
 
-    result = bench_segment(_bench_spec(size, source, tile), workdir, model=model_path, window=window, log=click.echo)
-    click.echo(f"wrote {write_section(out, 'segment', format_segment_section(result, command_line()))}")
+    A layout slide's texture comes from --source (a folder of H&E images or one image) [default: the textures
+    folder of the shared data]; slides are built once per parameter set in --workdir and reused.
+    """
+    from wsiseg.bench.common import command_line, write_section
+    from wsiseg.bench.segment import bench_segment, format_segment_section, segment_section_name
+
+    spec = _bench_spec(size or _layout_size(layout), source, tile, layout, seed)
+    result = bench_segment(spec, workdir, model=model_path, window=window, log=click.echo)
+    section = segment_section_name(layout)
+    click.echo(f"wrote {write_section(out, section, format_segment_section(result, command_line()))}")
+
+
+@bench_group.command("gpu")
+@click.option("--device", default="cuda", show_default=True,
+              help="cuda, cuda:N, or cpu: the same measurement on the CPU (to test this script where there is no "
+                   "GPU; without CUDA any cuda device exits with a one-line error).")
+@click.option("--layouts", default=None, metavar="NAME,NAME,...",
+              help="Layouts to measure [default: tma,resection,needle on CUDA; needle on the CPU].")
+@click.option("--size", default=None, type=Size(),
+              help="Slide WIDTHxHEIGHT for every layout [default: each layout's own (40000x30000, resection "
+                   "100000x80000); on the CPU 10000x7500].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the layouts' shapes and texture.")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Timed runs per slide (the fastest counts), after one untimed warm-up run on CUDA.")
+@click.option("--compare-size", type=click.IntRange(min=64), default=16384, show_default=True,
+              help="Labels are compared with the CPU's at the largest mask level with a long side <= this.")
+@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="Model file [default: the shipped demo model].")
+@_bench_common
+def bench_gpu_command(device, layouts, size, seed, repeats, compare_size, model_path, workdir, source, tile,
+                      out) -> None:
+    """GPU slides per hour on the TMA, resection and needle layouts; CUDA labels checked against the CPU's.
+
+    Prepared for a machine with a GPU: segment_slide with every output, AMP on, model loaded once; then one
+    CPU run per slide, whose mask must agree with the GPU's on >= 99.9 % of the pixels (exit 1 otherwise).
+    Writes the section gpu of OUT.
+    """
+    import sys
+
+    from wsiseg.bench.common import command_line, write_section
+    from wsiseg.bench.layouts import LAYOUTS
+    from wsiseg.bench.segment import bench_gpu, format_gpu_section
+    from wsiseg.errors import ConfigError
+
+    on_cpu = device == "cpu"
+    names = [v.strip() for v in (layouts or ("needle" if on_cpu else "tma,resection,needle")).split(",") if v.strip()]
+    if not names or any(n not in LAYOUTS for n in names):
+        raise ConfigError(f"--layouts expects some of {', '.join(LAYOUTS)}, got {layouts!r}")
+    if size is None and on_cpu:
+        size = (10000, 7500)
+    specs = [_bench_spec(size or _layout_size(n), source, tile, n, seed) for n in names]
+    result = bench_gpu(specs, workdir, device=device, model=model_path, repeats=repeats, compare_size=compare_size,
+                       log=click.echo)
+    click.echo(f"wrote {write_section(out, 'gpu', format_gpu_section(result, command_line()))}")
+    if not result.ok:
+        click.echo("wsiseg: labels differ from the CPU's on more than 0.1 % of the pixels", err=True)
+        sys.exit(1)
 
 
 @bench_group.command("memory")
@@ -357,10 +430,11 @@ def bench_all_command(ctx: click.Context, out: str) -> None:
     Not `memory`: it builds a 100k x 100k slide (3.4 GiB, ~75 s) and segments
     three slides up to 10 Gpx, minutes on its own; nor `fuzz` (1000 mutated
     slides, about ten minutes); nor `sampling` and `quality`: they train tens
-    to hundreds of models (hours on one thread). Run them by name.
+    to hundreds of models (hours on one thread); nor `gpu` (it needs a CUDA
+    device). Run them by name.
     """
     for name, cmd in sorted(bench_group.commands.items()):
-        if name in ("all", "memory", "fuzz", "sampling", "quality"):
+        if name in ("all", "memory", "fuzz", "sampling", "quality", "gpu"):
             continue
         click.echo(f"== bench {name}")
         kwargs = {"out": out} if any(p.name == "out" for p in cmd.params) else {}

@@ -22,7 +22,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import imagecodecs
 import numpy as np
@@ -141,27 +141,55 @@ def _encode(tile: np.ndarray, quality: int) -> bytes:
     )
 
 
+def _compose_encode(tex: np.ndarray, alpha: np.ndarray, glass: np.ndarray, quality: int) -> bytes:
+    """Blend a texture tile with glass by a coverage tile (``(h, w)`` in [0, 1]) and encode it."""
+    a = alpha[..., None]
+    return _encode(np.rint(tex * a + glass * (1 - a)).astype(np.uint8), quality)
+
+
 def _tiles(
-    period: np.ndarray, shape: tuple[int, int], tile: int, quality: int, pool: ThreadPoolExecutor
+    period: np.ndarray,
+    shape: tuple[int, int],
+    tile: int,
+    quality: int,
+    pool: ThreadPoolExecutor,
+    coverage: Callable[[int, int, int, int], float | np.ndarray] | None = None,
+    glass: np.ndarray | None = None,
 ) -> Iterator[bytes]:
-    """Encoded tiles of one level in TIFF order (row-major), in bounded batches."""
+    """Encoded tiles of one level in TIFF order (row-major), in bounded batches.
+
+    With ``coverage`` (``f(y0, x0, h, w)`` of the level: 0.0 all glass, 1.0
+    all tissue, else a per-pixel array), tiles are the texture blended with
+    the ``glass`` colour; all-glass tiles are encoded once and reused.
+    """
     # wrap-padding by one tile lets every tile be a plain slice, edge tiles included
     ext = np.pad(period, ((0, tile), (0, tile), (0, 0)), mode="wrap")
     ph, pw = period.shape[:2]
     width, height = shape
     coords = [(ty * tile, tx * tile) for ty in range(math.ceil(height / tile)) for tx in range(math.ceil(width / tile))]
+    glass_tile = None if glass is None else np.broadcast_to(glass.astype(np.float32), (tile, tile, 3))
+    glass_bytes = None if glass_tile is None else _encode(np.ascontiguousarray(glass_tile, dtype=np.uint8), quality)
     for b in range(0, len(coords), _BATCH):
-        batch = [
-            np.ascontiguousarray(ext[y % ph : y % ph + tile, x % pw : x % pw + tile]) for y, x in coords[b : b + _BATCH]
+        texture = [ext[y % ph : y % ph + tile, x % pw : x % pw + tile] for y, x in coords[b : b + _BATCH]]
+        if coverage is None or glass_tile is None:
+            yield from pool.map(_encode, [np.ascontiguousarray(t) for t in texture], [quality] * len(texture))
+            continue
+        alphas = [coverage(y, x, tile, tile) for y, x in coords[b : b + _BATCH]]
+        jobs = [
+            None if isinstance(a, float) and a == 0.0
+            else pool.submit(_encode, np.ascontiguousarray(t), quality) if isinstance(a, float)
+            else pool.submit(_compose_encode, t, a, glass_tile, quality)
+            for t, a in zip(texture, alphas)
         ]
-        yield from pool.map(_encode, batch, [quality] * len(batch))
+        for job in jobs:
+            yield glass_bytes if job is None else job.result()  # type: ignore[misc]
 
 
 def write_synthetic_slide(
     path: str | os.PathLike,
     width: int,
     height: int,
-    source: str | os.PathLike,
+    source: str | os.PathLike | np.ndarray,
     tile: int = 256,
     quality: int = 90,
     mpp: float = 0.5,
@@ -169,6 +197,9 @@ def write_synthetic_slide(
     *,
     max_source: int = 4096,
     workers: int | None = None,
+    coverage=None,
+    glass: tuple[int, int, int] = (240, 239, 241),
+    description: str | None = None,
 ) -> Path:
     """Write a pyramidal JPEG-tiled BigTIFF of any size from a real image region.
 
@@ -178,9 +209,10 @@ def write_synthetic_slide(
         Output file (``.tiff``); overwritten.
     width, height : int
         Level-0 size in pixels.
-    source : path
+    source : path or numpy.ndarray
         Real slide or RGB image whose centre region is mirror-tiled (see
-        :func:`load_source_region`).
+        :func:`load_source_region`), or that region itself (``(h, w, 3)``
+        uint8).
     tile : int
         Tile edge in pixels, a multiple of 16 (JPEG 4:2:0 blocks).
     quality : int
@@ -195,6 +227,15 @@ def write_synthetic_slide(
         Largest source region edge read.
     workers : int, optional
         JPEG encoding threads (default: CPU count).
+    coverage : wsiseg.bench.layouts.Coverage, optional
+        Where the tissue is: the mirror-tiled texture is blended with the
+        ``glass`` colour by ``coverage.level(k)`` on every level (a layout
+        slide, :func:`wsiseg.bench.layouts.write_layout_slide`); default
+        tissue everywhere.
+    glass : (int, int, int)
+        RGB of the glass, with ``coverage``.
+    description : str, optional
+        ImageDescription of level 0 (default ``wsiseg synthetic slide WxH``).
 
     Returns
     -------
@@ -213,7 +254,9 @@ def write_synthetic_slide(
     if mpp <= 0:
         raise WsisegError(f"mpp must be positive, got {mpp}")
     shapes = pyramid_shapes(int(width), int(height), tile, levels)
-    periods = _period_images(load_source_region(source, max_source), len(shapes))
+    region = source if isinstance(source, np.ndarray) else load_source_region(source, max_source)
+    periods = _period_images(region, len(shapes))
+    glass_rgb = None if coverage is None else np.asarray(glass, dtype=np.uint8)
     path = Path(path)
     ppcm = 1e4 / mpp  # pixels per centimetre at level 0
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, tifffile.TiffWriter(
@@ -221,7 +264,7 @@ def write_synthetic_slide(
     ) as tif:
         for k, ((w, h), period) in enumerate(zip(shapes, periods)):
             tif.write(
-                _tiles(period, (w, h), tile, quality, pool),
+                _tiles(period, (w, h), tile, quality, pool, None if coverage is None else coverage.level(k), glass_rgb),
                 shape=(h, w, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
@@ -233,7 +276,7 @@ def write_synthetic_slide(
                 resolution=(ppcm * w / width, ppcm * h / height),
                 resolutionunit="CENTIMETER",
                 subfiletype=1 if k else 0,
-                description=f"wsiseg synthetic slide {width}x{height}" if k == 0 else None,
+                description=(description or f"wsiseg synthetic slide {width}x{height}") if k == 0 else None,
                 software="wsiseg",
                 metadata=None,
             )
