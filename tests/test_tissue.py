@@ -228,6 +228,21 @@ def test_min_area_fraction_drops_small_pieces():
     assert both == [Region(40, 40, 360, 320), Region(600, 160, 20, 20)]
 
 
+def test_tissue_microarray_of_600_cores_keeps_every_core():
+    """Real arrays hold 100-600 cores: each is a small fraction of the tissue, but none is a speck."""
+    cols, rows, (h, w) = 30, 20, (1500, 2000)
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = 0.4 * min(w / cols, h / rows)
+    mask = np.zeros((h, w), bool)
+    for i in range(rows):
+        for j in range(cols):
+            mask |= (xx - (j + 0.5) * w / cols) ** 2 + (yy - (i + 0.5) * h / rows) ** 2 < r**2
+    mask[5:7, 5:7] = True  # a speck: 4 px against cores of ~600
+    tissue = TissueMask(mask, (20.0, 20.0), 0.1, "threshold", 0, (40000, 30000))
+    regions = tissue_regions(tissue, pad_px=0)
+    assert len(regions) == cols * rows  # the speck goes, every core stays
+
+
 def test_tissue_at_reads_the_mask_pixel_under_level0_points():
     mask = np.zeros((3, 4), bool)
     mask[1, 2] = True  # level-0 [8, 12) x [4, 8) at downsample 4

@@ -140,6 +140,24 @@ class TissueMask:
         i = nearest_index((np.asarray(rows) + 0.5) / self.downsample[1], h)
         return self.mask[np.ix_(i, j)]
 
+    def block_span(self, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The mask pixels between those of a block's first and last level-0 pixels.
+
+        With ``cols`` and ``rows`` non-decreasing (as a pyramid level's
+        source pixels are), :meth:`tissue_block` reads only pixels of this
+        sub-array: where it is all tissue or all glass, so is the block,
+        without a lookup per pixel.
+
+        Returns
+        -------
+        numpy.ndarray
+            Bool view of ``mask``.
+        """
+        h, w = self.mask.shape
+        j = nearest_index((np.asarray([cols[0], cols[-1]]) + 0.5) / self.downsample[0], w)
+        i = nearest_index((np.asarray([rows[0], rows[-1]]) + 0.5) / self.downsample[1], h)
+        return self.mask[i[0] : i[1] + 1, j[0] : j[1] + 1]
+
 
 class TissueGate:
     """A label tile source whose pixels on glass are background (value 0).
@@ -183,7 +201,15 @@ class TissueGate:
             self._index[level.index] = (level_source_index(self.width, level.width),
                                         level_source_index(self.height, level.height))
         cols, rows = self._index[level.index]
-        glass = ~self.tissue.tissue_block(cols[x0 : x0 + w], rows[y0 : y0 + h])
+        cols, rows = cols[x0 : x0 + w], rows[y0 : y0 + h]
+        # Most tiles lie wholly on tissue or on glass: decide those from the mask pixels they span.
+        span = self.tissue.block_span(cols, rows)
+        if span.all():
+            glass = np.zeros((0,), bool)  # nothing to gate
+        elif not span.any():
+            glass = np.ones((1,), bool)  # all glass
+        else:
+            glass = ~self.tissue.tissue_block(cols, rows)
         constant = np.ndim(labels) == 0
         if glass.any() and not (constant and int(labels) == 0):
             if glass.all():
@@ -438,8 +464,10 @@ def tissue_regions(
         Margin in level-0 pixels. Default when neither is given: two mask
         pixels, which covers the mask's own boundary uncertainty.
     min_area_fraction : float
-        Components smaller than this fraction of the total tissue area are
-        dropped (specks next to real cores).
+        Components smaller than this fraction of the *largest* component are
+        dropped (specks next to real cores). A fraction of the total tissue
+        would drop every core of an array of more than ``1 /
+        min_area_fraction`` equal cores.
     merge_overlapping : bool
         Merge boxes that overlap (touching edges do not count).
 
@@ -472,7 +500,7 @@ def tissue_regions(
     if labels.max() == 0:
         return []
     areas = np.bincount(labels.ravel())[1:]
-    keep_min = min_area_fraction * areas.sum()
+    keep_min = min_area_fraction * areas.max()
     W, H = tissue.slide_size
     dx, dy = tissue.downsample
     boxes = []
