@@ -6,7 +6,8 @@ import struct
 import pytest
 import torch
 
-from wsiseg.models.io import FORMAT_VERSION, ModelFileError, file_hash, load_model_file, read_metadata, save_model
+from wsiseg.hashing import file_hash
+from wsiseg.models.io import FORMAT_VERSION, ModelFileError, load_model_file, read_metadata, save_model
 
 
 @pytest.fixture()

@@ -46,6 +46,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "WsisegError": ("wsiseg.errors", "WsisegError"),
     "SlideError": ("wsiseg.errors", "SlideError"),
     "ConfigError": ("wsiseg.errors", "ConfigError"),
+    "ModelConfigError": ("wsiseg.errors", "ModelConfigError"),
     "ModelFileError": ("wsiseg.models.io", "ModelFileError"),
 }
 
@@ -53,7 +54,7 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from wsiseg.demo import demo_model, demo_slide
-    from wsiseg.errors import ConfigError, SlideError, WsisegError
+    from wsiseg.errors import ConfigError, ModelConfigError, SlideError, WsisegError
     from wsiseg.evaluation.scoring import evaluate_model
     from wsiseg.models.io import LoadedModel, ModelFileError
     from wsiseg.models.io import load_deformseg as load_model

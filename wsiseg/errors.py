@@ -8,6 +8,7 @@ __all__ = [
     "WsisegError",
     "SlideError",
     "ConfigError",
+    "ModelConfigError",
     "one_line",
 ]
 
@@ -35,6 +36,14 @@ class SlideError(WsisegError):
 
 class ConfigError(WsisegError):
     """An option or configuration value is invalid."""
+
+
+class ModelConfigError(ConfigError, ValueError):
+    """An unknown or unsupported model name or option.
+
+    A :class:`ValueError` for library callers and a
+    :class:`wsiseg.errors.ConfigError` for the CLI (one-line message).
+    """
 
 
 def one_line(text: object) -> str:

@@ -966,7 +966,7 @@ class SlideSegmenter:
     model_path : str
         Absolute path of the model file, the same on every worker.
     model_hash : str
-        :func:`wsiseg.models.io.file_hash` seen by the client; a worker whose
+        :func:`wsiseg.hashing.file_hash` seen by the client; a worker whose
         file differs fails the slide instead of writing other results.
     options : SegmentOptions
     """

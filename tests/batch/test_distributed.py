@@ -24,7 +24,8 @@ from wsiseg.cli.app import main
 from wsiseg.batch.dask import run_batch_distributed
 from wsiseg.segment import SlideSegmenter
 from wsiseg.errors import WsisegError
-from wsiseg.models.io import file_hash, save_deformseg
+from wsiseg.hashing import file_hash
+from wsiseg.models.io import save_deformseg
 from wsiseg.models.net import DeformSegNet
 from wsiseg.output.classes import default_classes
 from wsiseg.segment import SegmentOptions

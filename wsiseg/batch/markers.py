@@ -93,7 +93,7 @@ def make_fingerprint(model_hash: str, config: dict) -> str:
     Parameters
     ----------
     model_hash : str
-        E.g. :func:`wsiseg.models.io.file_hash` of the model file.
+        E.g. :func:`wsiseg.hashing.file_hash` of the model file.
     config : dict
         The resolved configuration that affects outputs.
 

@@ -10,7 +10,6 @@ unpickled, so a hostile file cannot run code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import torch
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import WsisegError
+from wsiseg.hashing import file_hash
 from wsiseg.limits import (
     MAX_CHANNELS,
     MAX_CLASSES,
@@ -37,7 +37,6 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "ModelFileError",
-    "file_hash",
     "save_model",
     "read_metadata",
     "load_model_file",
@@ -54,15 +53,6 @@ _KEY = "wsiseg"
 
 class ModelFileError(WsisegError):
     """A model file is missing, not ours, damaged or from a newer wsiseg."""
-
-
-def file_hash(path: str | os.PathLike, *, length: int = 16) -> str:
-    """Short SHA-256 of a file's bytes (model identity for resume and reports)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
 
 
 def save_model(path: str | os.PathLike, state_dict: dict, metadata: dict, *, overwrite: bool = True) -> Path:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsiseg.models.deformation import DeformationNet
-from wsiseg.models.segmenter import ModelConfigError, build_segmenter
+from wsiseg.errors import ModelConfigError
+from wsiseg.models.segmenter import build_segmenter
 from wsiseg.sampling.coords import uniform_grid
 from wsiseg.sampling.edges import IGNORE_INDEX, edge_density, edge_target, label_validity, uniform_density
 from wsiseg.sampling.geometry import GeometryRule, PhysicalScale, SamplingGeometry, default_support, region_geometry

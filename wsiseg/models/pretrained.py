@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsiseg.models.segmenter import ModelConfigError
+from wsiseg.errors import ModelConfigError
 
 __all__ = [
     "IMAGENET",
@@ -278,7 +278,7 @@ def load_encoder_weights(
         the first mismatching tensor), the download failed, or the encoder
         has no ImageNet weights.
     """
-    from wsiseg.models.io import file_hash
+    from wsiseg.hashing import file_hash
 
     wanted = encoder.state_dict()
     if str(source).lower() == IMAGENET:

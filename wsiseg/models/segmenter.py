@@ -30,24 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsiseg.errors import ConfigError
+from wsiseg.errors import ModelConfigError
 
 __all__ = [
-    "ModelConfigError",
     "PaddedSegmenter",
     "available_architectures",
     "available_encoders",
     "build_segmenter",
     "count_parameters",
 ]
-
-
-class ModelConfigError(ConfigError, ValueError):
-    """An unknown or unsupported model name or option.
-
-    A :class:`ValueError` for library callers and a
-    :class:`wsiseg.errors.ConfigError` for the CLI (one-line message).
-    """
 
 
 def _smp():
