@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from wsiseg.errors import ConfigError
-from wsiseg.models.io import file_hash
+from wsiseg.hashing import file_hash
 from wsiseg.models.pretrained import find_encoder, load_encoder_weights, offline_imagenet_weights, read_state_dict
-from wsiseg.models.segmenter import ModelConfigError, build_segmenter
+from wsiseg.errors import ModelConfigError
+from wsiseg.models.segmenter import build_segmenter
 
 SMALL = {"arch": "unet", "encoder": "tu-resnet10t", "num_classes": 3, "encoder_depth": 3,
          "decoder_channels": [32, 16, 8]}
@@ -235,7 +236,7 @@ def test_train_config_options():
 
 @pytest.fixture(scope="module")
 def data(shared_data):
-    from test_train import NuclsTiles
+    from _training import NuclsTiles
 
     root = shared_data / "labelled-tiles" / "nucls" / "square"
     if not root.is_dir():
@@ -244,7 +245,7 @@ def data(shared_data):
 
 
 def test_frozen_encoder_keeps_the_file_weights_then_trains_and_resumes_exactly(data, tmp_path):
-    from test_train import CLASSES, TINY
+    from _training import CLASSES, TINY
 
     from wsiseg.models.io import load_deformseg
     from wsiseg.training.checkpoint import load_checkpoint
