@@ -36,7 +36,7 @@ from wsiseg.sampling.coords import level_source_index, reduce_nearest, uniform_g
 from wsiseg.sampling.grid import density_to_grid
 from wsiseg.sampling.reverse import reverse_sample
 from wsiseg.sampling.tiles import RegionPrediction, ReverseTiler, coarse_inverse
-from wsiseg.segment import SegmentOptions, _reduced_mask_level, segment_region, segment_slide
+from wsiseg.segment import SegmentOptions, reduced_mask_level, segment_region, segment_slide
 from wsiseg.slide import open_slide
 
 SEG = {"arch": "unet", "encoder": "resnet18", "num_classes": 3, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
@@ -303,7 +303,7 @@ def test_geojson_classes_tile_the_traced_level(cmu_run):
     # of the traced mask level in its own class's polygon (background: in none).
     out, outputs = cmu_run
     items = read_qupath_geojson(out / outputs["geojson"])
-    labels, ds = _reduced_mask_level(out / outputs["mask"], 8192)  # what segment_slide traces
+    labels, ds = reduced_mask_level(out / outputs["mask"], 8192)  # what segment_slide traces
     assert len({name for name, _ in items}) == 2  # both classes, with shared boundaries
     areas = overlap_areas(items)
     assert len(areas) and areas.max() == 0

@@ -1,0 +1,203 @@
+"""One region on its deformed grid, the slide's tissue regions, and the samples-on-glass measure."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from wsiseg.errors import WsisegError
+from wsiseg.models.io import LoadedModel
+from wsiseg.sampling.coords import to_pixels, uniform_grid
+from wsiseg.sampling.edges import uniform_density
+from wsiseg.sampling.tiles import RegionPrediction, coarse_inverse
+from wsiseg.slide.gather import gather
+from wsiseg.slide.lowres import read_lowres
+from wsiseg.slide.multiscale import Multiscale
+from wsiseg.segment.options import ScalePlan, SegmentOptions, scale_plan
+
+if TYPE_CHECKING:  # the tissue detector (scikit-image) is imported when regions are found
+    from wsiseg.slide.tissue import TissueMask
+
+__all__ = [
+    "RegionResult",
+    "autocast",
+    "segment_region",
+    "find_regions",
+    "samples_on_glass",
+    "check_model_for_slides",
+]
+
+
+@dataclass
+class RegionResult:
+    """What one region's segmentation produced (for tiles, QC and report)."""
+
+    box: tuple[int, int, int, int]
+    grid_size: tuple[int, int]
+    map_size: tuple[int, int]
+    prediction: RegionPrediction
+    points: np.ndarray
+    density: np.ndarray
+    gather_stats: dict = field(default_factory=dict)
+
+
+def autocast(device: torch.device, amp: bool | None):
+    """Mixed precision (float16) on CUDA unless ``amp`` is False; a no-op context elsewhere."""
+    if device.type == "cuda" and amp is not False:
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def segment_region(
+    ms: Multiscale,
+    box: tuple[int, int, int, int],
+    model: LoadedModel,
+    options: SegmentOptions,
+    device: torch.device,
+    *,
+    plan: ScalePlan | None = None,
+) -> RegionResult:
+    """Segment one level-0 box of a slide on its own deformed grid.
+
+    Parameters
+    ----------
+    ms : Multiscale
+        The slide.
+    box : (x, y, width, height)
+        Level-0 region; in physical mode one whose grid fits ``max_grid``
+        (a sub-box of :meth:`ScalePlan.boxes`).
+    model : LoadedModel
+        From :func:`wsiseg.models.io.load_deformseg`.
+    options : SegmentOptions
+    device : torch.device
+    plan : ScalePlan, optional
+        Default :func:`scale_plan` of the model, the slide's MPP and
+        ``options``.
+
+    Returns
+    -------
+    RegionResult
+
+    Raises
+    ------
+    ValueError
+        In physical mode, a box whose grid exceeds ``max_grid``.
+    """
+    check_model_for_slides(model)
+    net = model.net
+    x, y, bw, bh = box
+    plan = plan if plan is not None else scale_plan(model, ms.mpp, options)
+    geo = net.geometry(bh, bw, grid=options.out_size, long_side=options.long_side, physical=plan.physical)
+    if plan.physical is not None and (geo.grid[0] > plan.max_grid[0] or geo.grid[1] > plan.max_grid[1]):
+        raise ValueError(f"region {box} needs a {geo.grid} grid, over the cap {plan.max_grid}: "
+                         "segment the sub-boxes of ScalePlan.boxes")
+    (h, w), (hd, wd) = geo.grid, geo.map
+    with torch.no_grad(), autocast(device, options.amp):
+        if net.sampler == "learned":
+            x_lr = torch.from_numpy(read_lowres(ms, box, (hd, wd))).permute(2, 0, 1)[None].to(device)
+            d = net.density(x_lr)
+        else:
+            d = uniform_density(1, hd, wd, device=device)
+        grid = net.grid(d.float(), geo)
+        points = to_pixels(grid[0].double().cpu().numpy(), bw, bh, origin=(x, y))
+        g = gather(ms, points, mode=options.gather_mode, bias=options.lod_bias)
+        image = torch.from_numpy(g.image).permute(2, 0, 1)[None].to(device)
+        logits = net.segmenter(net.standardise(image))
+    probs = torch.softmax(logits.float(), dim=1)[0].cpu()
+    values = np.array([c.value for c in model.classes], dtype=np.uint8)
+    labels = values[probs.argmax(dim=0).numpy()]
+    pred = RegionPrediction(
+        box=(x, y, bw, bh),
+        labels=labels,
+        inverse=coarse_inverse(grid[0].cpu(), (bh, bw)),
+        scores=probs.numpy() if options.interp == "linear" else None,
+        values=values,
+    )
+    return RegionResult(
+        box=(x, y, bw, bh),
+        grid_size=(h, w),
+        map_size=(hd, wd),
+        prediction=pred,
+        points=points,
+        density=d[0, 0].float().cpu().numpy(),
+        gather_stats=_gather_dict(g.stats),
+    )
+
+
+def _gather_dict(stats) -> dict:
+    return {
+        "samples": int(stats.samples),
+        "chunks": int(stats.chunks),
+        "pixels": int(stats.pixels),
+        "fraction_level0": float(stats.fraction),
+        "levels": [
+            {k: (float(v) if isinstance(v, float) else v) for k, v in asdict(lv).items()} for lv in stats.levels
+        ],
+    }
+
+
+def find_regions(
+    ms: Multiscale, options: SegmentOptions
+) -> tuple[list[tuple[int, int, int, int]], int | None, TissueMask]:
+    """Level-0 boxes to segment (the same regions training uses), the tissue pixel count and the tissue mask.
+
+    The tissue count is ``None`` for whole-slide runs; the mask is detected
+    in both (on a low-resolution level), for :func:`samples_on_glass`.
+    """
+    from wsiseg.slide.tissue import detect_tissue, slide_regions
+
+    tissue = detect_tissue(ms, threshold=options.tissue_threshold)
+    if options.regions == "whole":
+        return [(0, 0, ms.width, ms.height)], None, tissue
+    regions = slide_regions(ms, "tissue", tissue=tissue)
+    tissue_px = int(round(tissue.mask.sum() * tissue.downsample[0] * tissue.downsample[1]))
+    return [(r.x, r.y, r.width, r.height) for r in regions], tissue_px, tissue
+
+
+def samples_on_glass(
+    tissue: TissueMask, points: list[np.ndarray], boxes: list[tuple[int, int, int, int]]
+) -> dict[str, float] | None:
+    """Fraction of the sampling points on glass, and of a uniform grid of the same size.
+
+    Parameters
+    ----------
+    tissue : TissueMask
+        The slide's tissue mask; glass is where it is False (looked up at
+        each point, nearest mask pixel).
+    points : list of numpy.ndarray
+        Per region, the ``(h, w, 2)`` level-0 sampling points.
+    boxes : list of (x, y, width, height)
+        The regions, in the same order.
+
+    Returns
+    -------
+    dict or None
+        ``{"model": ..., "uniform": ...}``: over all regions' points, the
+        fraction on glass of the model's grids and of uniform ``h x w``
+        grids over the same boxes. None without points (sliding windows).
+    """
+    if not points:
+        return None
+    uniform = [
+        to_pixels(uniform_grid(*p.shape[:2], dtype=torch.float64).numpy(), bw, bh, origin=(x, y))
+        for p, (x, y, bw, bh) in zip(points, boxes)
+    ]
+
+    def glass(pts: list[np.ndarray]) -> float:
+        flat = np.concatenate([p.reshape(-1, 2) for p in pts])
+        return float(1.0 - tissue.tissue_at(flat).mean())
+
+    return {"model": glass(points), "uniform": glass(uniform)}
+
+
+def check_model_for_slides(model: LoadedModel) -> None:
+    """Refuse models that cannot segment unlabelled slides, before any work."""
+    if model.net.sampler == "edge":
+        raise WsisegError(
+            "the model uses the edge sampler, an oracle baseline that needs labels; it cannot segment new slides",
+            model.path,
+        )
