@@ -138,6 +138,11 @@ class TissueMask:
         h, w = self.mask.shape
         j = nearest_index((np.asarray(cols) + 0.5) / self.downsample[0], w)
         i = nearest_index((np.asarray(rows) + 0.5) / self.downsample[1], h)
+        if i.size and j.size and (np.diff(i) >= 0).all() and (np.diff(j) >= 0).all():
+            # Increasing indices (a pyramid level's pixels): each mask pixel repeated over its run of
+            # pixels, several times faster than gathering every pixel.
+            sub = self.mask[i[0] : i[-1] + 1, j[0] : j[-1] + 1]
+            return np.repeat(np.repeat(sub, np.bincount(i - i[0]), axis=0), np.bincount(j - j[0]), axis=1)
         return self.mask[np.ix_(i, j)]
 
     def block_span(self, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
