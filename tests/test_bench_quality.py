@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from wsiseg.bench import quality as bq
+from wsiseg.training.regions import QUALITY_SETS, region_stems
 from wsiseg.bench import quality_report as report
 from wsiseg.cli.app import main
 
@@ -28,8 +29,8 @@ def few_ocdc(shared_data: Path, tmp_path_factory) -> Path:
     if not src.is_dir():
         pytest.skip(f"labelled regions not found at {src}")
     root = tmp_path_factory.mktemp("shared")
-    test_stems = bq.QUALITY_SETS["ocdc"].test
-    stems = list(test_stems) + [s for s in bq.region_stems(src) if s not in test_stems][:2]
+    test_stems = QUALITY_SETS["ocdc"].test
+    stems = list(test_stems) + [s for s in region_stems(src) if s not in test_stems][:2]
     for stem in stems:
         for kind in ("images", "masks"):
             dst = root / "labelled-regions" / "ocdc_oral_scc" / kind / f"{stem}.jpg"
@@ -39,7 +40,7 @@ def few_ocdc(shared_data: Path, tmp_path_factory) -> Path:
 
 
 def test_prepare_set_thresholds_the_jpeg_masks_and_fixes_the_split(few_ocdc, tmp_path):
-    csv_path = bq.prepare_set(few_ocdc, tmp_path, bq.QUALITY_SETS["ocdc"])
+    csv_path = bq.prepare_set(few_ocdc, tmp_path, QUALITY_SETS["ocdc"])
     rows = list(csv.DictReader(open(csv_path)))
     assert sorted(r["split"] for r in rows) == ["test"] * 3 + ["train"] * 2
     for r in rows:
@@ -48,11 +49,11 @@ def test_prepare_set_thresholds_the_jpeg_masks_and_fixes_the_split(few_ocdc, tmp
         assert lab.dtype == np.uint8 and set(np.unique(lab)) <= {0, 1}
         assert np.array_equal(lab, (mask >= 128).astype(np.uint8))
     with pytest.raises(Exception, match="not found"):
-        bq.prepare_set(tmp_path / "nowhere", tmp_path, bq.QUALITY_SETS["ocdc"])
+        bq.prepare_set(tmp_path / "nowhere", tmp_path, QUALITY_SETS["ocdc"])
 
 
 def test_grid_capacity_oracle_beats_uniform_on_real_masks(few_ocdc, tmp_path):
-    rows = bq.grid_capacity(few_ocdc, tmp_path, [bq.QUALITY_SETS["ocdc"]], budgets=(0.004,),
+    rows = bq.grid_capacity(few_ocdc, tmp_path, [QUALITY_SETS["ocdc"]], budgets=(0.004,),
                             configs=[bq.CAPACITY_CONFIGS[4]])
     (r,) = rows
     assert 0.9 < r.uniform < 1.0 and r.cost == pytest.approx(0.004, rel=0.05)

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wsiseg.training.regions import QUALITY_SETS, QualitySet
 from wsiseg.bench.quality import (
     EPOCHS,
     FULL,
     GRIDS,
-    QUALITY_SETS,
     BalanceRow,
     CapacityRow,
-    QualitySet,
     bench_quality,
     density_differences,
     fmt_score,

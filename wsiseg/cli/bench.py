@@ -390,7 +390,7 @@ def bench_quality_command(parts, sets, seeds, encoders, imagenet_weights, config
     the project root.
     """
     from wsiseg.bench.common import command_line, write_section
-    from wsiseg.bench.quality import QUALITY_SETS
+    from wsiseg.training.regions import QUALITY_SETS
     from wsiseg.bench.quality_report import run_parts
     from wsiseg.bench.sampling import bench_config
     from wsiseg.errors import ConfigError

@@ -11,7 +11,7 @@ import csv
 import os
 from pathlib import Path
 
-from wsiseg.bench.quality import QUALITY_SETS, REGIONS_DIR, region_stems
+from wsiseg.training.regions import QUALITY_SETS, REGIONS_DIR, region_stems
 from wsiseg.errors import ConfigError
 
 __all__ = ["DEMO_CLASSES", "IGNORE_LABEL", "prepare_demo_data"]
