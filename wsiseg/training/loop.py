@@ -440,6 +440,15 @@ def train(
         grad_sums = torch.zeros(2, dtype=torch.float64)
         n_steps = 0
         t0 = time.perf_counter()
+        kept = (
+            f"the last good checkpoint is kept at {paths['checkpoint']}"
+            if st.epoch > 0
+            else "no checkpoint was written yet (it diverged in the first epoch)"
+        )
+
+        def diverged(what: str) -> str:
+            return f"training diverged: loss is {what} at epoch {epoch} step {st.step + 1}; {kept} (try a lower --lr)"
+
         bar = None
         if use_bar:
             from tqdm import tqdm
@@ -447,48 +456,9 @@ def train(
             bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="it", leave=False)
         try:
             for batch in loader:
-                image = to_float(batch["image"].to(device, non_blocking=True))
-                labels = batch["labels"].to(device, non_blocking=True)
-                check_labels(labels, num_classes, cfg.ignore_index, batch["name"])
-                try:
-                    factor = 1.0
-                    if cfg.scale_jitter > 1.0:
-                        span = math.log(cfg.scale_jitter)
-                        factor = math.exp(float(torch.empty(()).uniform_(-span, span, generator=jitter_rng)))
-                    geometry = training_geometry(net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0],
-                                                 cfg.sample_spacing_um, factor)
-                    with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
-                        out_ = net(None, image, labels, geometry=geometry, ignore_index=cfg.ignore_index)
-                        terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target, out_.edge_valid)
-                except ValueError as exc:  # a layer trains_alone could not foresee on the meta device
-                    if BATCHNORM_ALONE not in str(exc):
-                        raise
-                    raise WsisegError(f"cannot train on a batch of one region of shape {tuple(image.shape[-2:])}: "
-                                      f"{ALONE_WHY}; use --batch-size 2 or more, or a larger --out-size") from exc
-                values = torch.stack([terms.total.detach(), terms.seg.detach(), terms.edge.detach()]).double().cpu()
-                if not torch.isfinite(values).all():
-                    what = "NaN" if torch.isnan(values).any() else "infinite"
-                    kept = (
-                        f"the last good checkpoint is kept at {paths['checkpoint']}"
-                        if st.epoch > 0
-                        else "no checkpoint was written yet (it diverged in the first epoch)"
-                    )
-                    raise WsisegError(
-                        f"training diverged: loss is {what} at epoch {epoch} step {st.step + 1}; {kept} "
-                        "(try a lower --lr)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                g_edge = _edge_gradient(net, terms.edge, criterion.gamma_edge)
-                if scaler is not None:
-                    scaler.scale(terms.total).backward()
-                    scaler.unscale_(optimizer)  # true gradients for the norms below
-                    grad_sums += _gradient_norms(net, g_edge)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    terms.total.backward()
-                    grad_sums += _gradient_norms(net, g_edge)
-                    optimizer.step()
+                values, norms = _train_step(net, batch, cfg, criterion, optimizer, scaler, amp, device, num_classes,
+                                            jitter_rng, diverged=diverged)
+                grad_sums += norms
                 sums += values
                 n_steps += 1
                 st.step += 1
@@ -581,6 +551,60 @@ def train(
         seconds_per_iter=_median([r.get("sec_per_iter") for r in st.history]),
         history=[dict(r) for r in st.history],
     )
+
+
+def _train_step(net, batch, cfg: TrainConfig, criterion, optimizer, scaler, amp, device, num_classes: int,
+                jitter_rng: torch.Generator, *, diverged: Callable[[str], str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on one batch (at its scale-jittered geometry).
+
+    Returns
+    -------
+    values : torch.Tensor
+        ``(3,)`` float64: the total loss, the segmentation and the edge term.
+    norms : torch.Tensor
+        ``(2,)`` float64: the L2 norms of the two terms' gradients on the
+        deformation net (:func:`_gradient_norms`).
+
+    Raises
+    ------
+    WsisegError
+        A batch of one region BatchNorm refuses, or a loss that is not
+        finite (``diverged(what)`` is the message).
+    """
+    image = to_float(batch["image"].to(device, non_blocking=True))
+    labels = batch["labels"].to(device, non_blocking=True)
+    check_labels(labels, num_classes, cfg.ignore_index, batch["name"])
+    try:
+        factor = 1.0
+        if cfg.scale_jitter > 1.0:
+            span = math.log(cfg.scale_jitter)
+            factor = math.exp(float(torch.empty(()).uniform_(-span, span, generator=jitter_rng)))
+        geometry = training_geometry(net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0],
+                                     cfg.sample_spacing_um, factor)
+        with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
+            out_ = net(None, image, labels, geometry=geometry, ignore_index=cfg.ignore_index)
+            terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target, out_.edge_valid)
+    except ValueError as exc:  # a layer trains_alone could not foresee on the meta device
+        if BATCHNORM_ALONE not in str(exc):
+            raise
+        raise WsisegError(f"cannot train on a batch of one region of shape {tuple(image.shape[-2:])}: "
+                          f"{ALONE_WHY}; use --batch-size 2 or more, or a larger --out-size") from exc
+    values = torch.stack([terms.total.detach(), terms.seg.detach(), terms.edge.detach()]).double().cpu()
+    if not torch.isfinite(values).all():
+        raise WsisegError(diverged("NaN" if torch.isnan(values).any() else "infinite"))
+    optimizer.zero_grad(set_to_none=True)
+    g_edge = _edge_gradient(net, terms.edge, criterion.gamma_edge)
+    if scaler is not None:
+        scaler.scale(terms.total).backward()
+        scaler.unscale_(optimizer)  # true gradients for the norms below
+        norms = _gradient_norms(net, g_edge)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        terms.total.backward()
+        norms = _gradient_norms(net, g_edge)
+        optimizer.step()
+    return values, norms
 
 
 def _save_model(path: Path, net, classes, cfg: TrainConfig, st: _RunState, data_hash, n_train: int, n_val: int,
