@@ -117,6 +117,26 @@ def test_resume_matches_an_uninterrupted_run(data, tmp_path):
         train(_cfg(epochs=3, lr=0.01, **aug), *data, CLASSES, tmp_path / "b", resume=True, progress=False)
 
 
+def test_freeze_bn_after_keeps_running_statistics_fixed(data, tmp_path):
+    runs = {
+        "one": _cfg(epochs=1, val_fraction=0.0),
+        "frozen": _cfg(epochs=3, val_fraction=0.0, freeze_bn_after=1),
+        "free": _cfg(epochs=3, val_fraction=0.0),
+    }
+    state = {}
+    for name, cfg in runs.items():
+        train(cfg, *data, CLASSES, tmp_path / name, progress=False)
+        state[name] = load_checkpoint(tmp_path / name / "checkpoint.safetensors").model
+    keys = [k for k in state["one"] if k.endswith(("running_mean", "running_var"))]
+    assert keys
+    # frozen after epoch 1 (which is the same in all three runs): epochs 2-3 leave the statistics as they were
+    assert all(torch.equal(state["frozen"][k], state["one"][k]) for k in keys)
+    # without freezing they keep moving; the weights train on either way
+    assert any(not torch.equal(state["free"][k], state["one"][k]) for k in keys)
+    weights = [k for k in state["one"] if k.endswith("weight")]
+    assert any(not torch.equal(state["frozen"][k], state["one"][k]) for k in weights)
+
+
 def test_scale_jitter_samples_each_batch_on_a_rescaled_grid(data, tmp_path, monkeypatch):
     import wsiseg.training.loop as train_mod
 

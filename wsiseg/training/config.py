@@ -141,6 +141,13 @@ class TrainConfig:
         epochs (no gradients, so Adam neither steps nor keeps state for
         them); its BatchNorm layers stay in training mode, so their running
         statistics keep adapting to the training images.
+    freeze_bn_after : int, optional
+        From the epoch after this one, every BatchNorm layer normalises with
+        its running statistics, as at inference, and stops updating them.
+        Training batches group regions of one shape (and MPP), so batch
+        statistics are often one source's, and running statistics learnt
+        that way fit no source well (docs/demo-model.md). ``None``: batch
+        statistics throughout.
     out_size : (int, int)
         ``(h, w)`` of the sampling grid, deformed image and logits.
     map_size : (int, int)
@@ -232,6 +239,7 @@ class TrainConfig:
     decoder_channels: tuple[int, ...] | None = None
     encoder_weights: str | None = None
     freeze_encoder_epochs: int = 0
+    freeze_bn_after: int | None = None
     out_size: tuple[int, int] = (64, 64)
     map_size: tuple[int, int] = (128, 128)
     sigma: float | None = None
@@ -285,6 +293,7 @@ class TrainConfig:
                 raise _bad("encoder_weights", "must be imagenet, the path of a weights file, or null", w)
             self.encoder_weights = IMAGENET if w.strip().lower() == IMAGENET else w
         self.freeze_encoder_epochs = _as_int("freeze_encoder_epochs", self.freeze_encoder_epochs, 0)
+        self.freeze_bn_after = _as_int("freeze_bn_after", self.freeze_bn_after, 0, optional=True)
         for key in ("out_size", "map_size", "hr_size"):
             setattr(self, key, _as_pair(key, getattr(self, key)))
         self.sigma = _as_float("sigma", self.sigma, 0.0, open_lo=True, optional=True)

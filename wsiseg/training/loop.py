@@ -434,6 +434,12 @@ def train(
         for p in encoder_params:  # frozen: no gradient, so Adam skips them (BatchNorm statistics still adapt)
             p.requires_grad_(epoch > cfg.freeze_encoder_epochs)
         net.train()
+        if cfg.freeze_bn_after is not None and epoch > cfg.freeze_bn_after:
+            # BatchNorm on its running statistics, as at inference: batches group regions of one shape, so
+            # batch statistics are one source's and the running ones fit none (docs/demo-model.md)
+            for m in net.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         # its own stream, so the shuffle (and runs without scale jitter) stay as they were
         jitter_rng = epoch_generator(cfg.seed + 1, epoch)
         sums = torch.zeros(3, dtype=torch.float64)
