@@ -182,7 +182,7 @@ def bench_gpu_command(device, layouts, size, seed, repeats, compare_size, model_
 
     from wsiseg.bench.common import command_line, write_section
     from wsiseg.bench.layouts import LAYOUTS
-    from wsiseg.bench.segment import bench_gpu, format_gpu_section
+    from wsiseg.bench.gpu import bench_gpu, format_gpu_section
     from wsiseg.errors import ConfigError
 
     on_cpu = device == "cpu"
