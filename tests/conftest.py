@@ -20,5 +20,14 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def nucls(shared_data: Path) -> Path:
+    """The square NuCLS tiles (``train/``, ``test/``); skips when they are absent."""
+    root = shared_data / "labelled-tiles" / "nucls" / "square"
+    if not root.is_dir():
+        pytest.skip(f"NuCLS tiles not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
 def slides_dir(shared_data: Path) -> Path:
     return shared_data / "slides"

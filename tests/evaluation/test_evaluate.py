@@ -351,14 +351,6 @@ CLASSES_YAML = "classes:\n  - {value: 1, name: non-tumour nucleus}\n  - {value: 
 
 
 @pytest.fixture(scope="module")
-def nucls(shared_data: Path) -> Path:
-    root = shared_data / "labelled-tiles" / "nucls" / "square"
-    if not root.is_dir():
-        pytest.skip(f"NuCLS tiles not found at {root}")
-    return root
-
-
-@pytest.fixture(scope="module")
 def classes_yaml(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("cls") / "classes.yaml"
     p.write_text(CLASSES_YAML)

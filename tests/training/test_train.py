@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,14 +16,6 @@ from wsiseg.training.charts import LOG_COLUMNS
 from wsiseg.training.checkpoint import load_checkpoint, read_checkpoint_config
 from wsiseg.training.config import TrainConfig, load_train_config
 from wsiseg.training.loop import train
-
-
-@pytest.fixture(scope="module")
-def nucls(shared_data: Path) -> Path:
-    root = shared_data / "labelled-tiles" / "nucls" / "square"
-    if not root.is_dir():
-        pytest.skip(f"NuCLS tiles not found at {root}")
-    return root
 
 
 @pytest.fixture(scope="module")
