@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check wsiseg tests
+	$(BIN)/ruff format --check wsiseg tests
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow" -q
 

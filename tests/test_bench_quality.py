@@ -18,8 +18,17 @@ from wsiseg.bench import quality_report as report
 from wsiseg.cli.app import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8],
-        "batch_size": 2, "flips": False, "device": "cpu", "gamma_edge": 10.0, "image_sampling": "bilinear"}
+TINY = {
+    "arch": "unet",
+    "encoder": "resnet18",
+    "encoder_depth": 3,
+    "decoder_channels": [16, 8, 8],
+    "batch_size": 2,
+    "flips": False,
+    "device": "cpu",
+    "gamma_edge": 10.0,
+    "image_sampling": "bilinear",
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +62,9 @@ def test_prepare_set_thresholds_the_jpeg_masks_and_fixes_the_split(few_ocdc, tmp
 
 
 def test_grid_capacity_oracle_beats_uniform_on_real_masks(few_ocdc, tmp_path):
-    rows = bq.grid_capacity(few_ocdc, tmp_path, [QUALITY_SETS["ocdc"]], budgets=(0.004,),
-                            configs=[bq.CAPACITY_CONFIGS[4]])
+    rows = bq.grid_capacity(
+        few_ocdc, tmp_path, [QUALITY_SETS["ocdc"]], budgets=(0.004,), configs=[bq.CAPACITY_CONFIGS[4]]
+    )
     (r,) = rows
     assert 0.9 < r.uniform < 1.0 and r.cost == pytest.approx(0.004, rel=0.05)
     assert r.gain > 0.5  # boundaries get the samples: measurably better than uniform on real masks
@@ -62,18 +72,37 @@ def test_grid_capacity_oracle_beats_uniform_on_real_masks(few_ocdc, tmp_path):
 
 
 def test_cost_to_reach_and_goals_arithmetic():
-    assert report._cost_to_reach([(0.001, 0.5), (0.01, 0.7)], 0.6) == pytest.approx(10 ** -2.5)
+    assert report._cost_to_reach([(0.001, 0.5), (0.01, 0.7)], 0.6) == pytest.approx(10**-2.5)
     assert report._cost_to_reach([(0.001, 0.5), (0.01, 0.7)], 0.8) is None
     assert report._cost_to_reach([(0.001, 0.9)], 0.6) == 0.001
     rows = []
     for seed, (lm, um) in enumerate([(0.80, 0.70), (0.82, 0.71), (0.78, 0.69)]):
         runs = (("learned", lm, 16), ("uniform", um, 16), ("learned", lm + 0.05, 32), ("uniform", um + 0.05, 32))
         for m, v, g in runs:
-            rows.append({"set": "s", "encoder": "random", "seed": seed, "method": m, "out_height": g,
-                         "cost": 0.001 * (g / 16) ** 2, "miou_full": v, "upsampling_miou": 0.9,
-                         "samples_on_glass": {"model": 0.1}})
-        rows.append({"set": "s", "encoder": "random", "seed": seed, "method": bq.FULL, "out_height": 512,
-                     "cost": 1.0, "miou_full": 0.8})
+            rows.append(
+                {
+                    "set": "s",
+                    "encoder": "random",
+                    "seed": seed,
+                    "method": m,
+                    "out_height": g,
+                    "cost": 0.001 * (g / 16) ** 2,
+                    "miou_full": v,
+                    "upsampling_miou": 0.9,
+                    "samples_on_glass": {"model": 0.1},
+                }
+            )
+        rows.append(
+            {
+                "set": "s",
+                "encoder": "random",
+                "seed": seed,
+                "method": bq.FULL,
+                "out_height": 512,
+                "cost": 1.0,
+                "miou_full": 0.8,
+            }
+        )
     cells = report.aggregate(rows)
     c = cells[("s", "random", "learned", 16)]
     assert c.mean == pytest.approx(0.80) and c.sd == pytest.approx(0.02) and c.text() == "0.800 ± 0.020"
@@ -92,13 +121,32 @@ def test_bench_quality_tiny_run_writes_the_section(few_ocdc, tmp_path, monkeypat
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     out, work, fig = tmp_path / "bench.md", tmp_path / "work", tmp_path / "quality.png"
-    args = ["bench", "quality", "--parts", "capacity,quality,full,densities", "--sets", "ocdc", "--seeds", "0,1",
-            "--encoders", "random", "--config", str(config), "--data", str(few_ocdc), "--workdir", str(work),
-            "--out", str(out), "--figure", str(fig)]
+    args = [
+        "bench",
+        "quality",
+        "--parts",
+        "capacity,quality,full,densities",
+        "--sets",
+        "ocdc",
+        "--seeds",
+        "0,1",
+        "--encoders",
+        "random",
+        "--config",
+        str(config),
+        "--data",
+        str(few_ocdc),
+        "--workdir",
+        str(work),
+        "--out",
+        str(out),
+        "--figure",
+        str(fig),
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     text = out.read_text()
-    section = text[text.index("<!-- bench:quality -->"):text.index("<!-- /bench:quality -->")]
+    section = text[text.index("<!-- bench:quality -->") : text.index("<!-- /bench:quality -->")]
     assert "Grid capacity" in section and "| ocdc |" in section
     assert "Held-out mIoU against cost" in section and "±" in section and "#### Goals" in section
     assert "sliding-window ceiling" in section

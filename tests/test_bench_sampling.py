@@ -19,10 +19,24 @@ from wsiseg.training.checkpoint import LOG_NAME, MODEL_NAME
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny segmenter at a 64 px working size: the benchmark's plumbing, not its numbers.
-TINY = {"arch": "unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 8],
-        "out_size": [16, 16], "map_size": [8, 8], "hr_size": [64, 64], "regions": "whole", "batch_size": 2,
-        "epochs": 1, "step_size": None, "patience": None, "val_fraction": 0.0, "flips": False, "device": "cpu",
-        "seed": 0}
+TINY = {
+    "arch": "unet",
+    "encoder": "resnet18",
+    "encoder_depth": 3,
+    "decoder_channels": [16, 8, 8],
+    "out_size": [16, 16],
+    "map_size": [8, 8],
+    "hr_size": [64, 64],
+    "regions": "whole",
+    "batch_size": 2,
+    "epochs": 1,
+    "step_size": None,
+    "patience": None,
+    "val_fraction": 0.0,
+    "flips": False,
+    "device": "cpu",
+    "seed": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +56,11 @@ def few_nucls(shared_data: Path, tmp_path_factory) -> Path:
 
 
 def _rows(section: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
-            if line.startswith("| ") and not line.startswith("| grid") and "%" in line.split("|")[1]]
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| grid") and "%" in line.split("|")[1]
+    ]
 
 
 def test_bench_sampling_tiny_run_writes_every_method_and_budget(few_nucls, tmp_path, monkeypatch):
@@ -51,13 +68,30 @@ def test_bench_sampling_tiny_run_writes_every_method_and_budget(few_nucls, tmp_p
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     out, work = tmp_path / "bench.md", tmp_path / "work"
-    args = ["bench", "sampling", "--datasets", "nucls", "--sizes", "8,16", "--nucls-epochs", "1",
-            "--config", str(config), "--data", str(few_nucls), "--threads", "1", "--workdir", str(work),
-            "--out", str(out)]
+    args = [
+        "bench",
+        "sampling",
+        "--datasets",
+        "nucls",
+        "--sizes",
+        "8,16",
+        "--nucls-epochs",
+        "1",
+        "--config",
+        str(config),
+        "--data",
+        str(few_nucls),
+        "--threads",
+        "1",
+        "--workdir",
+        str(work),
+        "--out",
+        str(out),
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     text = out.read_text()
-    section = text[text.index("<!-- bench:sampling -->"):text.index("<!-- /bench:sampling -->")]
+    section = text[text.index("<!-- bench:sampling -->") : text.index("<!-- /bench:sampling -->")]
     assert "**1 torch CPU thread**" in section and "3 train / 2 test pairs" in section
     rows = _rows(section)
     labels = ["learned (joint loss)", "learned (single loss)", "uniform", "edge (oracle)"]
@@ -77,8 +111,10 @@ def test_bench_sampling_tiny_run_writes_every_method_and_budget(few_nucls, tmp_p
     assert doc["threads"] == 1
     for size in ("8x8", "16x16"):
         # "single" is the learned sampler with the edge loss off; "learned" has it on (gamma 100).
-        cfgs = {m: read_metadata(run_dir / "sweep" / f"{m}-{size}" / MODEL_NAME)["training"]["config"]
-                for m in ("learned", "single")}
+        cfgs = {
+            m: read_metadata(run_dir / "sweep" / f"{m}-{size}" / MODEL_NAME)["training"]["config"]
+            for m in ("learned", "single")
+        }
         assert cfgs["single"]["sampler"] == cfgs["learned"]["sampler"] == "learned"
         assert cfgs["single"]["joint"] is False and cfgs["learned"]["joint"] is True
         assert {k for k in cfgs["learned"] if cfgs["learned"][k] != cfgs["single"][k]} == {"joint"}
@@ -88,7 +124,11 @@ def test_bench_sampling_tiny_run_writes_every_method_and_budget(few_nucls, tmp_p
                 edge[m] = [float(row["edge"]) for row in csv.DictReader(f)]
         assert all(e == 0 for e in edge["single"]) and all(e > 0 for e in edge["learned"])
     assert {row["method"]: row["joint"] for row in doc["rows"]} == {
-        "learned": True, "single": False, "uniform": False, "edge": False}
+        "learned": True,
+        "single": False,
+        "uniform": False,
+        "edge": False,
+    }
     with open(run_dir / "sweep.csv") as f:
         assert [row["label"] for row in csv.DictReader(f)] == labels * 2
 
@@ -109,7 +149,10 @@ def test_bench_config_is_the_demo_config_with_its_schedule_scaled():
 
 def test_bench_sampling_bad_options(tmp_path):
     base = ["bench", "sampling", "--workdir", str(tmp_path), "--out", str(tmp_path / "b.md")]
-    for extra, msg in ((["--datasets", "camelyon"], "--datasets"), (["--mosaics", "10,2"], "--mosaics"),
-                       (["--sizes", "0"], "bad size")):
+    for extra, msg in (
+        (["--datasets", "camelyon"], "--datasets"),
+        (["--mosaics", "10,2"], "--mosaics"),
+        (["--sizes", "0"], "bad size"),
+    ):
         r = CliRunner().invoke(main, base + extra)
         assert r.exit_code == 2 and msg in r.output, r.output

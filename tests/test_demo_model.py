@@ -88,8 +88,21 @@ def test_segment_takes_a_shipped_model_by_name(slides_dir, tmp_path):
     from wsiseg.cli.app import main
 
     slide = slides_dir / "CMU-1-Small-Region.svs"
-    r = CliRunner().invoke(main, ["segment", str(slide), "--model", "tumour", "--out", str(tmp_path / "o"),
-                                  "--no-qc", "--no-geojson", "--progress", "none"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "segment",
+            str(slide),
+            "--model",
+            "tumour",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-qc",
+            "--no-geojson",
+            "--progress",
+            "none",
+        ],
+    )
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "o" / "CMU-1-Small-Region.report.json").read_text())
     rows = report["class_areas"]
@@ -118,8 +131,23 @@ def test_glass_is_background_by_the_tissue_detector(slides_dir, tmp_path):
     masks = {}
     for background in ("tissue", "model"):
         out = tmp_path / background
-        r = CliRunner().invoke(main, ["segment", str(slide), "--model", "tumour", "--out", str(out), "--no-qc",
-                                      "--no-geojson", "--progress", "none", "--background", background])
+        r = CliRunner().invoke(
+            main,
+            [
+                "segment",
+                str(slide),
+                "--model",
+                "tumour",
+                "--out",
+                str(out),
+                "--no-qc",
+                "--no-geojson",
+                "--progress",
+                "none",
+                "--background",
+                background,
+            ],
+        )
         assert r.exit_code == 0, r.output
         masks[background] = tifffile.imread(out / "CMU-1-Small-Region.mask.tif", key=0)
     ms = open_slide(slide)

@@ -32,8 +32,14 @@ from wsiseg.bench.mutate import (  # noqa: E402
     write_case,
 )
 
-TIFFS = ["CMU-1-Small-Region.svs", "boxes.tiff", "rgba_geotiff.tiff", "small.svs", "test_orient0.tif",
-         "yb10kx5k.zstd.tiff"]
+TIFFS = [
+    "CMU-1-Small-Region.svs",
+    "boxes.tiff",
+    "rgba_geotiff.tiff",
+    "small.svs",
+    "test_orient0.tif",
+    "yb10kx5k.zstd.tiff",
+]
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +111,11 @@ def test_ifd_loop_and_swap_tiles_do_what_they_say(slides_dir, tmp_path):
     path_a.write_bytes(data)
     path_b.write_bytes(bytes(swapped))
     with tifffile.TiffFile(path_a) as a, tifffile.TiffFile(path_b) as b:
-        changed = [(i, pa.dataoffsets, pb.dataoffsets) for i, (pa, pb) in enumerate(zip(a.pages, b.pages))
-                   if pa.dataoffsets != pb.dataoffsets]
+        changed = [
+            (i, pa.dataoffsets, pb.dataoffsets)
+            for i, (pa, pb) in enumerate(zip(a.pages, b.pages))
+            if pa.dataoffsets != pb.dataoffsets
+        ]
     assert len(changed) == 1, text
     i, before, after = changed[0]
     assert f"IFD {i}:" in text and sorted(before) == sorted(after)
@@ -140,17 +149,21 @@ def test_classify():
     assert classify(_run(0, "/x/slide.svs: ignored implausible MPP\n"), s)[0] == "ok"
     assert classify(_run(2, f"wsiseg: error: {s}: corrupt\n"), s) == ("refused", f"wsiseg: error: {s}: corrupt")
     assert classify(_run(2, f"{s}: ignored implausible MPP\nwsiseg: error: {s}: corrupt\n"), s)[0] == "refused"
-    for unclear in (f"wsiseg: error: {s}: a\nwsiseg: error: {s}: b\n",  # two errors
-                    "wsiseg: error: /other.svs: corrupt\n",  # not naming the slide
-                    f"TIFFReadDirectory: warning\nwsiseg: error: {s}: corrupt\n",  # a library's noise
-                    f"wsiseg: error: {s}: corrupt\n{s}: a warning after the error\n"):
+    for unclear in (
+        f"wsiseg: error: {s}: a\nwsiseg: error: {s}: b\n",  # two errors
+        "wsiseg: error: /other.svs: corrupt\n",  # not naming the slide
+        f"TIFFReadDirectory: warning\nwsiseg: error: {s}: corrupt\n",  # a library's noise
+        f"wsiseg: error: {s}: corrupt\n{s}: a warning after the error\n",
+    ):
         assert classify(_run(2, unclear), s)[0] == "unclear", unclear
     assert classify(_run(3), s)[0] == "unclear"
     assert classify(_run(1, "wsiseg: internal error: KeyError: 3 (rerun with --debug)\n"), s)[0] == "internal-error"
     assert classify(_run(0, "Traceback (most recent call last):\n  ...\nValueError: x\n"), s)[0] == "internal-error"
     assert classify(_run(2, f"wsiseg: error: {s}: cannot read (MemoryError: )\n"), s)[0] == "memory"
     assert classify(_run(-6, "GLib-ERROR: failed to allocate\n"), s) == (
-        "crash", "killed by SIGABRT: GLib-ERROR: failed to allocate")
+        "crash",
+        "killed by SIGABRT: GLib-ERROR: failed to allocate",
+    )
     assert classify(_run(-9, timed_out=True), s)[0] == "hang"
 
 
@@ -212,8 +225,13 @@ def test_fork_server_limits_and_outcomes(slides_dir, tmp_path):
 
 
 def _assert_no_failures(report: dict) -> None:
-    failed = [f"case {c['index']} {c['source']} {c['kind']} ({c['description']}): {r['command']} {r['outcome']}: "
-              f"{r['detail']}" for c in report["cases"] for r in c["results"] if r["outcome"] in FAILURES]
+    failed = [
+        f"case {c['index']} {c['source']} {c['kind']} ({c['description']}): {r['command']} {r['outcome']}: "
+        f"{r['detail']}"
+        for c in report["cases"]
+        for r in c["results"]
+        if r["outcome"] in FAILURES
+    ]
     assert not failed, "\n".join(failed)
 
 
@@ -229,9 +247,28 @@ def test_segmented_cases_take_the_sources_in_turn(sources):
 def test_fuzz_sample_has_no_hang_crash_or_internal_error(slides_dir, tmp_path):
     """40 mutated slides through info and convert: refused or read, never worse (segment: the slow test)."""
     out, js = tmp_path / "bench.md", tmp_path / "fuzz.json"
-    args = ["bench", "fuzz", "--cases", "40", "--seed", "0", "--commands", "info,convert", "--timeout", "60",
-            "--slides", str(slides_dir), "--workdir", str(tmp_path / "work"), "--keep", str(tmp_path / "failed"),
-            "--json", str(js), "--out", str(out)]
+    args = [
+        "bench",
+        "fuzz",
+        "--cases",
+        "40",
+        "--seed",
+        "0",
+        "--commands",
+        "info,convert",
+        "--timeout",
+        "60",
+        "--slides",
+        str(slides_dir),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--keep",
+        str(tmp_path / "failed"),
+        "--json",
+        str(js),
+        "--out",
+        str(out),
+    ]
     res = CliRunner().invoke(main, args)
     report = json.loads(js.read_text()) if js.exists() else None
     assert report is not None, res.output
@@ -271,12 +308,20 @@ def test_section_counts_outcomes_and_quoted_exceptions():
     machine = {"platform": "p", "processor": "x", "cpus": "2", "ram_gib": 1, "date": "d", "load": "0", "versions": "v"}
     report = FuzzReport(0, 0, ("info", "convert"), 10, 60.0, 4096, ("boxes.tiff",), machine=machine, seconds=3.0)
     report.cases = [
-        CaseResult(0, "boxes.tiff", "truncate", "truncated to 9 bytes",
-                   (CommandResult("info", "refused", "wsiseg: error: b: cannot read TIFF (TypeError: x)",
-                                  0.1, 60, 2),)),
-        CaseResult(1, "boxes.tiff", "ifd-loop", "IFD 1 points back to IFD 0",
-                   (CommandResult("info", "ok", "", 0.2, 60, 0),
-                    CommandResult("convert", "hang", "still", 9.0, 70, -9))),
+        CaseResult(
+            0,
+            "boxes.tiff",
+            "truncate",
+            "truncated to 9 bytes",
+            (CommandResult("info", "refused", "wsiseg: error: b: cannot read TIFF (TypeError: x)", 0.1, 60, 2),),
+        ),
+        CaseResult(
+            1,
+            "boxes.tiff",
+            "ifd-loop",
+            "IFD 1 points back to IFD 0",
+            (CommandResult("info", "ok", "", 0.2, 60, 0), CommandResult("convert", "hang", "still", 9.0, 70, -9)),
+        ),
     ]
     text = format_fuzz_section(report, "wsiseg bench fuzz")
     assert "**Failures: 0 internal-error, 0 crash, 1 hang, 0 memory, 0 unclear**" in text

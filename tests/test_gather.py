@@ -36,6 +36,7 @@ def ref_bilinear(img: np.ndarray, xl: np.ndarray, yl: np.ndarray) -> np.ndarray:
 
 def ref_spacing(p: np.ndarray) -> np.ndarray:
     """Jacobian spacing written out by hand: central differences, one-sided at the border."""
+
     def diff(axis):
         q = np.moveaxis(p, axis, 0)
         d = np.zeros_like(q)

@@ -32,8 +32,14 @@ from wsiseg.output.tracing import trace_regions
 from wsiseg.slide.multiscale import Level
 
 # BCSS class values present in the label map (names from sample_GTcodes.csv).
-BCSS = {1: "mostly_tumor", 2: "mostly_stroma", 3: "mostly_lymphocytic_infiltrate", 7: "exclude",
-        13: "normal_acinus_or_duct", 18: "blood_vessel"}
+BCSS = {
+    1: "mostly_tumor",
+    2: "mostly_stroma",
+    3: "mostly_lymphocytic_infiltrate",
+    7: "exclude",
+    13: "normal_acinus_or_duct",
+    18: "blood_vessel",
+}
 CLASSES = [ClassInfo(v, n, (v * 13 % 256, 100, 200)) for v, n in BCSS.items()]
 K = 5  # nearest downsampling of the 4542x4594 map, to ~1000 px
 
@@ -78,6 +84,7 @@ def test_bcss_simplified_round_trip(bcss, bcss_written):
     # Simplified boundaries keep every pixel centre on its side: the raster comes back exactly.
     back = rasterise(items, bcss.shape, (K, K), LUT)
     assert np.array_equal(back, bcss)
+
     # Simplification is the point: far fewer vertices than the exact outlines.
     def vertices(kept):
         return sum(shapely.get_num_coordinates(g) for _, g in kept)
@@ -142,6 +149,7 @@ def test_holes_are_preserved(tmp_path):
     assert a.area == (lab == 1).sum() * 16 and b.area == (lab == 2).sum() * 16
     # Independent rasteriser: skimage polygon2mask on pixel-centre index coordinates.
     for poly, value in ((a, 1), (b, 2)):
+
         def mask(ring):
             xy = np.asarray(ring.coords) / 4 - 0.5
             return polygon2mask(lab.shape, xy[:, ::-1])
@@ -163,7 +171,7 @@ def test_tolerance_keeps_holes_and_min_area_fills_them(tmp_path):
     assert len(read_qupath_geojson(p)[0][1].interiors) == 1
     p2 = tmp_path / "b.geojson"
     assert write_qupath_geojson(p2, (lab, 1), classes, min_area=10) == 1
-    (_, g), = read_qupath_geojson(p2)
+    ((_, g),) = read_qupath_geojson(p2)
     assert len(g.interiors) == 0 and g.area == 50 * 50
 
 
@@ -189,9 +197,11 @@ def components(lab: np.ndarray) -> int:
 # boundaries that simplification does shorten).
 LABEL_MAPS = st.one_of(
     arrays(np.uint8, st.tuples(st.integers(1, 14), st.integers(1, 14)), elements=st.integers(1, 3)),
-    st.builds(lambda small, k: np.kron(small, np.ones((k, k), np.uint8)),
-              arrays(np.uint8, st.tuples(st.integers(1, 6), st.integers(1, 6)), elements=st.integers(1, 3)),
-              st.integers(2, 6)),
+    st.builds(
+        lambda small, k: np.kron(small, np.ones((k, k), np.uint8)),
+        arrays(np.uint8, st.tuples(st.integers(1, 6), st.integers(1, 6)), elements=st.integers(1, 3)),
+        st.integers(2, 6),
+    ),
 )
 
 
@@ -217,8 +227,10 @@ def test_classes_tile_the_raster_property(lab, tol):
 
 
 @settings(max_examples=80, deadline=None)
-@given(arrays(np.uint8, st.tuples(st.integers(1, 16), st.integers(1, 16)), elements=st.integers(0, 3)),
-       st.sampled_from([0.0, 0.5, 2.0]))
+@given(
+    arrays(np.uint8, st.tuples(st.integers(1, 16), st.integers(1, 16)), elements=st.integers(0, 3)),
+    st.sampled_from([0.0, 0.5, 2.0]),
+)
 def test_traced_polygons_need_no_repair_property(lab, tol):
     # Valid as traced and simplified: the make_valid fallback is never used.
     with mock.patch.object(tracing, "_repaired", side_effect=AssertionError("invalid polygon")):
@@ -270,7 +282,7 @@ def test_anisotropic_downsample_and_lazy_level(tmp_path):
     level = Level(da.from_array(lab, chunks=16), (4.02, 8.09))
     p = tmp_path / "a.geojson"
     write_qupath_geojson(p, level, [ClassInfo(1, "a", (1, 2, 3))], simplify_tolerance=0)
-    (_, g), = read_qupath_geojson(p)
+    ((_, g),) = read_qupath_geojson(p)
     assert g.bounds == pytest.approx((7 * 4.02, 3 * 8.09, 31 * 4.02, 17 * 8.09))
 
 
@@ -349,9 +361,9 @@ def test_read_qupath_exports(shared_data):
         items = read_qupath_geojson(folder / name)
         assert [g.geom_type for _, g in items] == types, name
         assert [c for c, _ in items] == classes, name
-    (_, rect), = read_qupath_geojson(folder / "qupath-rectangle.json")
+    ((_, rect),) = read_qupath_geojson(folder / "qupath-rectangle.json")
     assert rect.bounds == (26268, 15298, 26478, 15474) and rect.area == 210 * 176
-    (_, pt), = read_qupath_geojson(folder / "qupath-point.json")
+    ((_, pt),) = read_qupath_geojson(folder / "qupath-point.json")
     assert (pt.x, pt.y) == (26833.53, 15424.94)
 
 
@@ -359,10 +371,13 @@ def test_read_other_shapes(tmp_path):
     geom = {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [4, 3], [0, 0]]]}
     cases = {
         "bare.json": geom,
-        "fc.json": {"type": "FeatureCollection", "features": [
-            {"type": "Feature", "geometry": geom, "properties": {"classification": "Tumor"}},
-            {"type": "Feature", "geometry": None, "properties": {}},
-        ]},
+        "fc.json": {
+            "type": "FeatureCollection",
+            "features": [
+                {"type": "Feature", "geometry": geom, "properties": {"classification": "Tumor"}},
+                {"type": "Feature", "geometry": None, "properties": {}},
+            ],
+        },
     }
     for name, doc in cases.items():
         (tmp_path / name).write_text(json.dumps(doc))

@@ -48,8 +48,11 @@ def test_explicit_support_stays_fixed():
 
 @settings(deadline=None, max_examples=60)
 @given(
-    h=st.integers(1, 60000), w=st.integers(1, 60000), side=st.integers(8, 128),
-    ratio=st.sampled_from([0.5, 1.0, 2.0]), sig=st.floats(0.5, 8.0),
+    h=st.integers(1, 60000),
+    w=st.integers(1, 60000),
+    side=st.integers(8, 128),
+    ratio=st.sampled_from([0.5, 1.0, 2.0]),
+    sig=st.floats(0.5, 8.0),
 )
 def test_geometry_properties(h, w, side, ratio, sig):
     rule = GeometryRule((side, side), (max(4, round(side * ratio)),) * 2, sig)
@@ -88,9 +91,19 @@ def test_same_region_gets_the_same_grid_on_every_path(shared_data, tmp_path, mon
     image_path = tmp_path / "region.png"
     rgb.save(image_path)
     H, W = mask.shape  # 256 x 512
-    tiny = {"arch": "unet", "encoder": "tu-resnet10t", "encoder_depth": 3, "decoder_channels": (32, 16, 8),
-            "out_size": (16, 16), "map_size": (32, 32), "batch_size": 1, "flips": False, "device": "cpu",
-            "epochs": 1, "patience": None}
+    tiny = {
+        "arch": "unet",
+        "encoder": "tu-resnet10t",
+        "encoder_depth": 3,
+        "decoder_channels": (32, 16, 8),
+        "out_size": (16, 16),
+        "map_size": (32, 32),
+        "batch_size": 1,
+        "flips": False,
+        "device": "cpu",
+        "epochs": 1,
+        "patience": None,
+    }
     classes = default_classes(["other", "tumour"])
 
     seen: list = []
@@ -155,8 +168,11 @@ def test_physical_grid_is_extent_over_spacing():
 
 
 @given(
-    h=st.integers(8, 5000), w=st.integers(8, 5000), scale=st.floats(0.25, 4.0),
-    mpp=st.floats(0.1, 2.0), spacing=st.floats(1.0, 50.0),
+    h=st.integers(8, 5000),
+    w=st.integers(8, 5000),
+    scale=st.floats(0.25, 4.0),
+    mpp=st.floats(0.1, 2.0),
+    spacing=st.floats(1.0, 50.0),
 )
 @settings(max_examples=200, deadline=None)
 def test_scale_samples_that_many_times_as_densely(h, w, scale, mpp, spacing):
@@ -202,8 +218,13 @@ def _covers_exactly(box, subs) -> bool:
     ys = sorted({s[1] for s in subs}) + [y + h]
     cells = {(s[0], s[1], s[2], s[3]) for s in subs}
     want = {(x0, y0, x1 - x0, y1 - y0) for y0, y1 in zip(ys, ys[1:]) for x0, x1 in zip(xs, xs[1:])}
-    return xs[0] == x and ys[0] == y and cells == want and len(subs) == len(want) \
+    return (
+        xs[0] == x
+        and ys[0] == y
+        and cells == want
+        and len(subs) == len(want)
         and sum(s[2] * s[3] for s in subs) == w * h
+    )
 
 
 def test_large_region_splits_into_sub_boxes_that_fit():
@@ -224,9 +245,15 @@ def test_large_region_splits_into_sub_boxes_that_fit():
 
 @settings(deadline=None, max_examples=200)
 @given(
-    x=st.integers(0, 10**5), y=st.integers(0, 10**5), w=st.integers(1, 60000), h=st.integers(1, 60000),
-    mx=st.floats(0.1, 2.0), my=st.floats(0.1, 2.0), spacing=st.floats(0.05, 64.0),
-    cap_h=st.integers(1, 600), cap_w=st.integers(1, 600),
+    x=st.integers(0, 10**5),
+    y=st.integers(0, 10**5),
+    w=st.integers(1, 60000),
+    h=st.integers(1, 60000),
+    mx=st.floats(0.1, 2.0),
+    my=st.floats(0.1, 2.0),
+    spacing=st.floats(0.05, 64.0),
+    cap_h=st.integers(1, 600),
+    cap_w=st.integers(1, 600),
 )
 def test_split_properties(x, y, w, h, mx, my, spacing, cap_h, cap_w):
     from wsiseg.sampling.geometry import PhysicalScale, physical_grid, split_region

@@ -107,8 +107,11 @@ def _gzip_bomb(path: Path, mib: int) -> Path:
 
 
 def _polygon(coords) -> bytes:
-    feature = {"type": "Feature", "properties": {"classification": {"name": "tumour nucleus"}},
-               "geometry": {"type": "Polygon", "coordinates": [coords]}}
+    feature = {
+        "type": "Feature",
+        "properties": {"classification": {"name": "tumour nucleus"}},
+        "geometry": {"type": "Polygon", "coordinates": [coords]},
+    }
     return json.dumps(feature).encode()  # NaN and Infinity as JSON's NaN / Infinity literals
 
 
@@ -184,8 +187,9 @@ def test_hostile_annotation_refused_in_one_line(case, shared_data, tmp_path, mon
         bad.write_bytes(payload)
     classes = tmp_path / "classes.yaml"
     classes.write_text("classes:\n  - {value: 1, name: non-tumour nucleus}\n  - {value: 2, name: tumour nucleus}\n")
-    code, lines, output = _run(["train", data, "--classes", classes, "--out", tmp_path / "run", "--epochs", "1",
-                                "--device", "cpu"])
+    code, lines, output = _run(
+        ["train", data, "--classes", classes, "--out", tmp_path / "run", "--epochs", "1", "--device", "cpu"]
+    )
     _assert_refused(code, lines, output, bad, fragment)
 
 

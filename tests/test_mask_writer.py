@@ -186,13 +186,13 @@ def _read_vips(path, **kwargs) -> np.ndarray:
     """Every pixel of one TIFF image as libvips decodes it (the cache off: files are rewritten in place)."""
     pyvips.cache_set_max(0)
     image = pyvips.Image.new_from_file(str(path), **kwargs)
-    return np.ndarray(
-        buffer=image.write_to_memory(), dtype=np.uint8, shape=(image.height, image.width, image.bands)
-    )
+    return np.ndarray(buffer=image.write_to_memory(), dtype=np.uint8, shape=(image.height, image.width, image.bands))
 
 
-@pytest.mark.parametrize(("width", "height", "tile"), [(1, 1, 512), (16, 16, 512), (50, 50, 512), (128, 128, 512),
-                                                       (120, 20, 512), (300, 250, 512), (700, 600, 256)])
+@pytest.mark.parametrize(
+    ("width", "height", "tile"),
+    [(1, 1, 512), (16, 16, 512), (50, 50, 512), (128, 128, 512), (120, 20, 512), (300, 250, 512), (700, 600, 256)],
+)
 def test_small_masks_open_in_libvips(tmp_path, width, height, tile):
     # libvips 8.18 refused 512 tiles on images of 128 x 128 or less ("tile size out of range").
     source = Discs(((0.5 * width, 0.5 * height, 0.3 * max(width, height), 2),))

@@ -44,8 +44,19 @@ def _mask_levels(path) -> list[np.ndarray]:
 def run(slides_dir, tmp_path_factory):
     """CMU-1-Small-Region segmented once with the shipped demo model, in all three formats."""
     out = tmp_path_factory.mktemp("ome")
-    r = _segment(str(slides_dir / CMU), "--model", str(demo_model()), "--out", str(out), "--no-qc", "--no-geojson",
-                 "--format", "tiff,ome-tiff", "--format", "ome-zarr")
+    r = _segment(
+        str(slides_dir / CMU),
+        "--model",
+        str(demo_model()),
+        "--out",
+        str(out),
+        "--no-qc",
+        "--no-geojson",
+        "--format",
+        "tiff,ome-tiff",
+        "--format",
+        "ome-zarr",
+    )
     assert r.exit_code == 0, r.output
     stem = CMU.removesuffix(".svs")
     return out, stem, _mask_levels(out / f"{stem}.mask.tif")
@@ -193,8 +204,9 @@ def test_reduced_ome_zarr_starts_image_and_labels_at_a_mask_level(run, slides_di
     ms = open_slide(slides_dir / CMU)
     store = tmp_path / "small.ome.zarr"
     # 2220 x 2967 is 6.6 Mpx, its level 1 1.6 Mpx: a 2 Mpx budget keeps levels 1...
-    stats = ome.ome_zarr_from_mask(out / f"{stem}.mask.tif", store, default_classes(3), slide=ms, mpp=ms.mpp,
-                                   max_megapixels=2)
+    stats = ome.ome_zarr_from_mask(
+        out / f"{stem}.mask.tif", store, default_classes(3), slide=ms, mpp=ms.mpp, max_megapixels=2
+    )
     assert (stats.width, stats.height, stats.levels) == (1110, 1484, len(levels) - 1)
     root = _validate_ngff(store)
     assert root.attrs["wsiseg"]["first_mask_level"] == 1 and root.attrs["wsiseg"]["max_megapixels"] == 2
@@ -218,8 +230,9 @@ def test_ome_zarr_refuses_a_slide_of_another_size_and_bad_budgets(run, slides_di
     with pytest.raises(WsisegError, match="300x250 but the mask is 2220x2967"):
         ome.ome_zarr_from_mask(mask, tmp_path / "x.ome.zarr", default_classes(3), slide=slides_dir / "boxes.tiff")
     with pytest.raises(ConfigError, match="megapixels"):
-        ome.ome_zarr_from_mask(mask, tmp_path / "x.ome.zarr", default_classes(3), slide=slides_dir / CMU,
-                               max_megapixels=-1)
+        ome.ome_zarr_from_mask(
+            mask, tmp_path / "x.ome.zarr", default_classes(3), slide=slides_dir / CMU, max_megapixels=-1
+        )
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ConfigError, match="megapixels"):
         SegmentOptions(ome_zarr_megapixels=-1)
@@ -234,8 +247,10 @@ def test_area_mean_is_the_overlap_weighted_mean():
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (37, 29, 3)).astype(np.float64)
     # integer ratios: block means
-    assert np.allclose(area_mean(img[:36, :28], np.arange(19) * 2.0, np.arange(8) * 4.0),
-                       img[:36, :28].reshape(18, 2, 7, 4, 3).mean(axis=(1, 3)))
+    assert np.allclose(
+        area_mean(img[:36, :28], np.arange(19) * 2.0, np.arange(8) * 4.0),
+        img[:36, :28].reshape(18, 2, 7, 4, 3).mean(axis=(1, 3)),
+    )
     # any ratio, down or up: against the plain weighted sum
     for h, w in [(10, 7), (19, 15), (37, 29), (50, 40)]:
         rows, cols = np.arange(h + 1) * 37 / h, np.arange(w + 1) * 29 / w
@@ -280,8 +295,10 @@ def test_resume_with_a_new_format_adds_it(slides_dir, tmp_path):
     assert not (out / "boxes.ome.zarr").exists()
     r = _segment(*args, "--format", "ome-zarr")
     assert r.exit_code == 0 and "1 ok" in r.output, r.output  # a changed --format redoes the slide
-    assert np.array_equal(zarr.open_array(str(out / "boxes.ome.zarr/labels/segmentation/0"), mode="r")[:],
-                          _mask_levels(out / "boxes.mask.tif")[0])
+    assert np.array_equal(
+        zarr.open_array(str(out / "boxes.ome.zarr/labels/segmentation/0"), mode="r")[:],
+        _mask_levels(out / "boxes.mask.tif")[0],
+    )
     r = _segment(*args, "--format", "tiff,ome-zarr")  # the same request, spelled differently
     assert "1 skipped" in r.output, r.output
     shutil.rmtree(out / "boxes.ome.zarr")  # a listed output gone: redone
@@ -303,8 +320,9 @@ def test_default_format_keeps_the_fingerprint():
 
 @pytest.mark.parametrize("value", ["png", "tiff,ome-tif"])
 def test_unknown_format_is_a_usage_error(slides_dir, tmp_path, value):
-    r = _segment(str(slides_dir / "boxes.tiff"), "--model", str(demo_model()), "--out", str(tmp_path / "o"),
-                 "--format", value)
+    r = _segment(
+        str(slides_dir / "boxes.tiff"), "--model", str(demo_model()), "--out", str(tmp_path / "o"), "--format", value
+    )
     assert r.exit_code == 2
     errors = [line for line in r.output.splitlines() if "Error" in line]
     assert len(errors) == 1 and all(f in errors[0] for f in ome.FORMATS), r.output
@@ -318,6 +336,7 @@ def test_help_names_every_format():
 
 def _disk_full_mid_write(monkeypatch, fmt: str) -> None:
     """Make the next ``fmt`` write fail with ENOSPC after part of it is on disk."""
+
     def full():
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -400,8 +419,9 @@ def test_large_mask_is_streamed_in_bounded_memory(tmp_path):
         ome.ome_tiff_from_mask(mask, tmp_path / "big.mask.ome.tif")
         tiff_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        stats = ome.ome_zarr_from_mask(mask, tmp_path / "big.ome.zarr", default_classes(3), slide=slide,
-                                       max_megapixels=0)
+        stats = ome.ome_zarr_from_mask(
+            mask, tmp_path / "big.ome.zarr", default_classes(3), slide=slide, max_megapixels=0
+        )
         zarr_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -31,8 +31,22 @@ def out(slides_dir, tmp_path_factory):
     """The four slides segmented in one batch with the shipped demo model, in every mask format."""
     folder = tmp_path_factory.mktemp("pyramids")
     slides = [str(slides_dir / name) for name in SLIDES.values()]
-    args = ["segment", *slides, "--model", "demo", "--out", str(folder), "--format", "ome-tiff,ome-zarr",
-            "--no-qc", "--no-geojson", "--device", "cpu", "--progress", "none"]
+    args = [
+        "segment",
+        *slides,
+        "--model",
+        "demo",
+        "--out",
+        str(folder),
+        "--format",
+        "ome-tiff,ome-zarr",
+        "--no-qc",
+        "--no-geojson",
+        "--device",
+        "cpu",
+        "--progress",
+        "none",
+    ]
     r = CliRunner().invoke(main, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return folder

@@ -15,8 +15,13 @@ from wsiseg.models.pretrained import find_encoder, load_encoder_weights, offline
 from wsiseg.errors import ModelConfigError
 from wsiseg.models.segmenter import build_segmenter
 
-SMALL = {"arch": "unet", "encoder": "tu-resnet10t", "num_classes": 3, "encoder_depth": 3,
-         "decoder_channels": [32, 16, 8]}
+SMALL = {
+    "arch": "unet",
+    "encoder": "tu-resnet10t",
+    "num_classes": 3,
+    "encoder_depth": 3,
+    "decoder_channels": [32, 16, 8],
+}
 
 
 def _encoder_state(seed: int = 11) -> dict[str, torch.Tensor]:
@@ -61,8 +66,14 @@ def test_a_state_dict_file_loads_exactly(suffix, tmp_path):
     seg = build_segmenter(**SMALL, encoder_weights=path)
     _assert_loaded(seg, state)
     init = seg.encoder_init
-    assert init == {"source": "file", "file": path.name, "sha256": file_hash(path), "mapping": "names",
-                    "tensors": len(state), "ignored": 0}
+    assert init == {
+        "source": "file",
+        "file": path.name,
+        "sha256": file_hash(path),
+        "mapping": "names",
+        "tensors": len(state),
+        "ignored": 0,
+    }
     assert "encoder_weights" not in seg.config()  # a rebuilt model never reads the file again
     assert build_segmenter(**SMALL).encoder_init == {"source": "random"}
 
@@ -274,8 +285,14 @@ def test_frozen_encoder_keeps_the_file_weights_then_trains_and_resumes_exactly(d
 
     m = load_deformseg(first.model_path)
     init = m.metadata["encoder_init"]
-    assert init == {"source": "file", "file": "encoder.safetensors", "sha256": file_hash(weights),
-                    "mapping": "names", "tensors": len(enc.state_dict()), "ignored": 0}
+    assert init == {
+        "source": "file",
+        "file": "encoder.safetensors",
+        "sha256": file_hash(weights),
+        "mapping": "names",
+        "tensors": len(enc.state_dict()),
+        "ignored": 0,
+    }
     assert m.metadata["training"]["encoder_init"] == init
     assert m.metadata["training"]["config"]["encoder_weights"] == str(weights)
     assert m.metadata["training"]["config"]["freeze_encoder_epochs"] == 1
@@ -293,8 +310,14 @@ def test_frozen_encoder_keeps_the_file_weights_then_trains_and_resumes_exactly(d
     assert load_deformseg(resumed.model_path).metadata["encoder_init"] == init
 
     with pytest.raises(ConfigError, match="freeze_encoder_epochs"):
-        train(TrainConfig(**TINY, epochs=3, encoder_weights=str(weights)), *data, CLASSES, tmp_path / "b",
-              resume=True, progress=False)
+        train(
+            TrainConfig(**TINY, epochs=3, encoder_weights=str(weights)),
+            *data,
+            CLASSES,
+            tmp_path / "b",
+            resume=True,
+            progress=False,
+        )
 
 
 def test_load_encoder_weights_needs_a_name_for_imagenet():

@@ -107,7 +107,13 @@ def crop(fig, layout, name):
 def test_render_qc_writes_png_atomically(tmp_path, thumb, labels, figure):
     fig, _, samples = figure
     out = render_qc(
-        tmp_path / "qc.png", thumb, labels, CLASSES, samples, [(bump(), b) for b in BOXES], BOXES,
+        tmp_path / "qc.png",
+        thumb,
+        labels,
+        CLASSES,
+        samples,
+        [(bump(), b) for b in BOXES],
+        BOXES,
         title="CMU-1-Small-Region.svs",
     )
     with Image.open(out) as im:
@@ -275,8 +281,13 @@ def test_percentages_sum_to_100_and_tissue_says_what_it_is(counts):
 def test_only_background_has_no_tissue_percentages():
     rows = class_areas({0: 50}, CLASSES, None)
     assert all(r["percent_of_tissue"] is None for r in rows)
-    assert tissue_area(rows) == {"definition": TISSUE_DEFINITION, "pixels": 0, "area_um2": None, "area_mm2": None,
-                                 "percent_of_slide": 0.0}
+    assert tissue_area(rows) == {
+        "definition": TISSUE_DEFINITION,
+        "pixels": 0,
+        "area_um2": None,
+        "area_mm2": None,
+        "percent_of_slide": 0.0,
+    }
 
 
 def test_class_areas_without_mpp_and_unknown_values():
@@ -354,8 +365,9 @@ def test_report_json_round_trip(tmp_path):
 
 
 def test_report_records_an_ignored_mpp(tmp_path):
-    rep = make_report(tmp_path, mpp=None, mpp_source="ignored-implausible",
-                      mpp_ignored=IgnoredMpp((352.78, 352.78), "openslide"))
+    rep = make_report(
+        tmp_path, mpp=None, mpp_source="ignored-implausible", mpp_ignored=IgnoredMpp((352.78, 352.78), "openslide")
+    )
     d = read_report_json(write_report_json(tmp_path / "a.report.json", rep))
     assert d["mpp"] is None and d["mpp_source"] == "ignored-implausible"
     assert d["mpp_ignored"] == {"mpp": [352.78, 352.78], "source": "openslide", "plausible_range": [0.05, 20.0]}
@@ -363,8 +375,18 @@ def test_report_records_an_ignored_mpp(tmp_path):
 
 def test_versions_lists_packages():
     v = versions()
-    for key in ("wsiseg", "torch", "numpy", "tifffile", "openslide", "zarr", "dask",
-                "segmentation_models_pytorch", "python", "platform"):
+    for key in (
+        "wsiseg",
+        "torch",
+        "numpy",
+        "tifffile",
+        "openslide",
+        "zarr",
+        "dask",
+        "segmentation_models_pytorch",
+        "python",
+        "platform",
+    ):
         assert key in v
     assert v["numpy"] == np.__version__
 
@@ -373,8 +395,12 @@ def test_batch_csv_union_of_classes(tmp_path):
     a = make_report(tmp_path, timings={"read": 1.0, "model": 2.5})
     other = [ClassInfo(0, "background", (0, 0, 0)), ClassInfo(3, "necrosis", (1, 2, 3))]
     b = make_report(
-        tmp_path, slide="b.tiff", mpp=None, mpp_source="missing",
-        class_areas=class_areas({0: 7, 3: 90}, other, None), timings={"total": 9.0},
+        tmp_path,
+        slide="b.tiff",
+        mpp=None,
+        mpp_source="missing",
+        class_areas=class_areas({0: 7, 3: 90}, other, None),
+        timings={"total": 9.0},
     )
     failed = {"slide": "c.svs", "status": "failed", "error": "cannot open"}
     b_read = read_report_json(write_report_json(tmp_path / "b.json", b))
@@ -384,8 +410,17 @@ def test_batch_csv_union_of_classes(tmp_path):
         reader = csv.DictReader(f)
         cols = reader.fieldnames
         rows = list(reader)
-    assert cols[:9] == ["slide", "status", "width", "height", "mpp", "mpp_y", "seconds_total",
-                        "fraction_sampled", "area_unit"]
+    assert cols[:9] == [
+        "slide",
+        "status",
+        "width",
+        "height",
+        "mpp",
+        "mpp_y",
+        "seconds_total",
+        "fraction_sampled",
+        "area_unit",
+    ]
     assert cols[9:] == ["area_background", "area_stroma", "area_tumour", "area_necrosis"]
     ra, rb, rc = rows
     assert ra["area_unit"] == "mm2" and float(ra["area_stroma"]) == pytest.approx(1.0)

@@ -390,8 +390,9 @@ def test_cli_batch_resume_and_failures(slides_dir, model_file, tmp_path):
 def test_cli_refuses_bad_model_before_work(slides_dir, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 100)
-    r = CliRunner().invoke(main, ["segment", str(slides_dir / "boxes.tiff"), "--model", str(junk), "--out",
-                                  str(tmp_path / "o")])
+    r = CliRunner().invoke(
+        main, ["segment", str(slides_dir / "boxes.tiff"), "--model", str(junk), "--out", str(tmp_path / "o")]
+    )
     assert r.exit_code == 2
     assert str(junk) in r.stderr and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
@@ -400,8 +401,9 @@ def test_cli_refuses_bad_model_before_work(slides_dir, tmp_path):
 def test_edge_sampler_model_is_refused(slides_dir, tmp_path):
     path = tmp_path / "edge.safetensors"
     save_deformseg(path, DeformSegNet(SEG, sampler="edge", map_size=(32, 32), out_size=(64, 64)), default_classes(3))
-    r = CliRunner().invoke(main, ["segment", str(slides_dir / "boxes.tiff"), "--model", str(path), "--out",
-                                  str(tmp_path / "o")])
+    r = CliRunner().invoke(
+        main, ["segment", str(slides_dir / "boxes.tiff"), "--model", str(path), "--out", str(tmp_path / "o")]
+    )
     assert r.exit_code == 2 and "oracle" in r.stderr
 
 
@@ -414,15 +416,29 @@ def test_disk_full_mid_write_fails_slide_and_batch_goes_on(slides_dir, model_fil
     def flaky(path, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 1:
+
             def failing_source(level, x0, y0, w, h, _src=a[2]):
                 raise OSError(errno.ENOSPC, "No space left on device")
+
             return real(path, a[0], a[1], failing_source, **kw)
         return real(path, *a, **kw)
 
     monkeypatch.setattr(mask_mod, "write_label_pyramid", flaky)
     out = tmp_path / "out"
-    r = _segment([str(slides_dir / "boxes.tiff"), str(slides_dir / "small.svs"), "--model", str(model_file),
-                  "--out", str(out), "--progress", "none", "--no-qc", "--no-geojson"])
+    r = _segment(
+        [
+            str(slides_dir / "boxes.tiff"),
+            str(slides_dir / "small.svs"),
+            "--model",
+            str(model_file),
+            "--out",
+            str(out),
+            "--progress",
+            "none",
+            "--no-qc",
+            "--no-geojson",
+        ]
+    )
     assert r.exit_code == 1
     rows = (out / "status.csv").read_text()
     assert "No space left on device" in rows
@@ -520,16 +536,30 @@ def test_sliding_window_store_removed_when_segmenter_fails(slides_dir, colour_mo
 
     monkeypatch.setattr(colour_model.net, "segmenter", Failing())
     with pytest.raises(RuntimeError, match="mid-way"):
-        segment_slide(str(slides_dir / "CMU-1-Small-Region.svs"), colour_model, tmp_path, "cmu",
-                      SegmentOptions(mode="sliding-window"))
+        segment_slide(
+            str(slides_dir / "CMU-1-Small-Region.svs"),
+            colour_model,
+            tmp_path,
+            "cmu",
+            SegmentOptions(mode="sliding-window"),
+        )
     assert calls["n"] == 3
     assert not list(tmp_path.glob(".*")) and not list(tmp_path.glob("cmu.*"))
 
 
 def test_cli_sliding_window_on_boxes(slides_dir, model_file, tmp_path):
     out = tmp_path / "out"
-    args = [str(slides_dir / "boxes.tiff"), "--model", str(model_file), "--out", str(out), "--progress", "none",
-            "--mode", "sliding-window"]
+    args = [
+        str(slides_dir / "boxes.tiff"),
+        "--model",
+        str(model_file),
+        "--out",
+        str(out),
+        "--progress",
+        "none",
+        "--mode",
+        "sliding-window",
+    ]
     r = _segment(args)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "boxes.report.json").read_text())
@@ -546,14 +576,14 @@ def test_cli_sliding_window_on_boxes(slides_dir, model_file, tmp_path):
     assert json.loads((out / "boxes.report.json").read_text())["mode"] == "deformed"
 
 
-
 def _small_disk_available() -> bool:
     """Whether this machine lets an unprivileged process mount a tmpfs in its own user and mount namespace."""
     if shutil.which("unshare") is None:
         return False
     try:
-        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
-                               timeout=30)
+        probe = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
@@ -580,8 +610,13 @@ def test_full_disk_in_sliding_window_mode_fails_the_slide_not_the_batch(slides_d
         ls -a {out}
     """
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", textwrap.dedent(script)],
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     head, rest = r.stdout.split("--- status\n")
     status_text, files = rest.split("--- files\n")
@@ -595,8 +630,9 @@ def test_full_disk_in_sliding_window_mode_fails_the_slide_not_the_batch(slides_d
     assert not [n for n in names if ".tmp" in n or n.endswith(".lock")]  # the label store is gone too
 
 
-def test_write_error_in_the_label_store_fails_the_slide_and_the_batch_goes_on(slides_dir, model_file, tmp_path,
-                                                                              monkeypatch):
+def test_write_error_in_the_label_store_fails_the_slide_and_the_batch_goes_on(
+    slides_dir, model_file, tmp_path, monkeypatch
+):
     """Where no small disk can be mounted: the store's first write fails as a full disk does."""
     real, calls = os.pwrite, []
 
@@ -608,8 +644,22 @@ def test_write_error_in_the_label_store_fails_the_slide_and_the_batch_goes_on(sl
 
     monkeypatch.setattr(os, "pwrite", full_once)
     out = tmp_path / "out"
-    r = _segment([str(slides_dir / "boxes.tiff"), str(slides_dir / "small.svs"), "--model", str(model_file), "--out",
-                  str(out), "--mode", "sliding-window", "--progress", "none", "--no-qc", "--no-geojson"])
+    r = _segment(
+        [
+            str(slides_dir / "boxes.tiff"),
+            str(slides_dir / "small.svs"),
+            "--model",
+            str(model_file),
+            "--out",
+            str(out),
+            "--mode",
+            "sliding-window",
+            "--progress",
+            "none",
+            "--no-qc",
+            "--no-geojson",
+        ]
+    )
     assert r.exit_code == 1
     rows = {row["name"]: row for row in csv.DictReader(io.StringIO((out / "status.csv").read_text()))}
     assert rows["boxes"]["status"] == "failed" and rows["small"]["status"] == "ok"
@@ -644,14 +694,20 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next_run(slides_dir, mod
     out.mkdir()
     slide, name = slides_dir / "CMU-1-Small-Region.svs", "CMU-1-Small-Region"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    killed = subprocess.run([sys.executable, "-c", _KILLED_SLIDING_WINDOW, str(out), str(slide), name], env=env,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_SLIDING_WINDOW, str(out), str(slide), name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr
     pid = json.loads((out / f"{name}.lock").read_text())["pid"]
     assert (out / f".{name}.mask.tif.old-{pid}").exists()
     assert list(out.glob(f".{name}.sliding-window*"))  # the label store the killed run held
-    r = _segment([str(slide), "--model", str(model_file), "--out", str(out), "--progress", "none", "--no-qc",
-                  "--no-geojson"])
+    r = _segment(
+        [str(slide), "--model", str(model_file), "--out", str(out), "--progress", "none", "--no-qc", "--no-geojson"]
+    )
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".lock") == []
 
@@ -697,8 +753,13 @@ def test_whole_slide_splits_into_sub_boxes_that_tile_it(slides_dir, scale_model_
     options = SegmentOptions(regions="whole", max_grid=(64, 64), geojson=False, qc=False)
     outputs = segment_slide(str(slides_dir / "CMU-1-Small-Region.svs"), model, tmp_path, "cmu", options)
     report = json.loads((tmp_path / outputs["report"]).read_text())
-    assert report["scale"] == {"mode": "physical", "sample_spacing_um": 16.0, "mpp": [0.499, 0.499],
-                               "max_grid": [64, 64], "grids": 4}
+    assert report["scale"] == {
+        "mode": "physical",
+        "sample_spacing_um": 16.0,
+        "mpp": [0.499, 0.499],
+        "max_grid": [64, 64],
+        "grids": 4,
+    }
     # 2967 x 2220 px at 0.499 um/px: a 93 x 69 grid, over the 64 x 64 cap -> 2 x 2 sub-boxes
     regions = report["gather"]["regions"]
     boxes = [tuple(r["box"]) for r in regions]
@@ -711,8 +772,13 @@ def test_whole_slide_splits_into_sub_boxes_that_tile_it(slides_dir, scale_model_
         assert tif.pages[0].shape == (2967, 2220)
     # a box over the cap is refused by segment_region itself: it is what the split is for
     with pytest.raises(ValueError, match="over the cap"):
-        segment_region(open_slide(str(slides_dir / "CMU-1-Small-Region.svs")), (0, 0, 2220, 2967), model, options,
-                       torch.device("cpu"))
+        segment_region(
+            open_slide(str(slides_dir / "CMU-1-Small-Region.svs")),
+            (0, 0, 2220, 2967),
+            model,
+            options,
+            torch.device("cpu"),
+        )
 
 
 def test_slide_without_mpp_warns_once_and_records_the_fallback(slides_dir, scale_model_file, tmp_path, caplog):
@@ -730,12 +796,34 @@ def test_slide_without_mpp_warns_once_and_records_the_fallback(slides_dir, scale
 
     # --mpp gives it one (command line, with --max-grid): 600 px * 2 um / 16 um = 75 samples per side
     out = tmp_path / "b"
-    r = _segment([slide, "--model", str(scale_model_file), "--out", str(out), "--regions", "whole", "--mpp", "2",
-                  "--max-grid", "40x30", "--progress", "none", "--no-qc", "--no-geojson"])
+    r = _segment(
+        [
+            slide,
+            "--model",
+            str(scale_model_file),
+            "--out",
+            str(out),
+            "--regions",
+            "whole",
+            "--mpp",
+            "2",
+            "--max-grid",
+            "40x30",
+            "--progress",
+            "none",
+            "--no-qc",
+            "--no-geojson",
+        ]
+    )
     assert r.exit_code == 0, r.output
     report = json.loads((out / "rgba_geotiff.report.json").read_text())
-    assert report["scale"] == {"mode": "physical", "sample_spacing_um": 16.0, "mpp": [2.0, 2.0],
-                               "max_grid": [30, 40], "grids": 6}  # ceil(75 / 30) = 3 rows, ceil(75 / 40) = 2 columns
+    assert report["scale"] == {
+        "mode": "physical",
+        "sample_spacing_um": 16.0,
+        "mpp": [2.0, 2.0],
+        "max_grid": [30, 40],
+        "grids": 6,
+    }  # ceil(75 / 30) = 3 rows, ceil(75 / 40) = 2 columns
     assert all(r["grid"][0] <= 30 and r["grid"][1] <= 40 for r in report["gather"]["regions"])
     assert report["config"]["options"]["max_grid"] == [30, 40]
     r = _segment([slide, "--model", str(scale_model_file), "--out", str(out), "--max-grid", "0x3"])
@@ -764,8 +852,17 @@ def test_old_model_and_fixed_grids_use_the_pixel_rule(cmu_run, model_file, scale
 
 def test_cli_slide_timeout_fails_a_slow_slide_and_a_generous_one_changes_nothing(slides_dir, model_file, tmp_path):
     out = tmp_path / "out"
-    base = [str(slides_dir / "boxes.tiff"), "--model", str(model_file), "--out", str(out), "--progress", "none",
-            "--no-qc", "--no-geojson"]
+    base = [
+        str(slides_dir / "boxes.tiff"),
+        "--model",
+        str(model_file),
+        "--out",
+        str(out),
+        "--progress",
+        "none",
+        "--no-qc",
+        "--no-geojson",
+    ]
     r = _segment([*base, "--slide-timeout", "0"])
     assert r.exit_code == 2 and "--slide-timeout" in r.output and not out.exists()
     # 0.2 s: less than a worker process takes to start Python and torch

@@ -206,8 +206,14 @@ def test_implausible_tags_fall_back_to_ome_or_are_ignored(tmp_path, caplog):
     rgb = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
     # 72 dpi tags, but OME-XML gives the real pixel size: the plausible source wins, silently
     ome = tmp_path / "dpi.ome.tif"
-    tifffile.imwrite(ome, rgb, photometric="rgb", resolution=(72, 72), resolutionunit="INCH",
-                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    tifffile.imwrite(
+        ome,
+        rgb,
+        photometric="rgb",
+        resolution=(72, 72),
+        resolutionunit="INCH",
+        metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25},
+    )
     # 1 million dpi: 0.0254 um/px, below any optical resolution
     fine = tmp_path / "fine.tif"
     tifffile.imwrite(fine, rgb, photometric="rgb", resolution=(1e6, 1e6), resolutionunit="INCH")
@@ -238,8 +244,13 @@ def test_synthetic_tiff_variants(tmp_path):
     rgb = rng.integers(0, 256, (130, 150, 3), dtype=np.uint8)
 
     ome = tmp_path / "rgb.ome.tif"
-    tifffile.imwrite(ome, rgb, tile=(64, 64), photometric="rgb",
-                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.26})
+    tifffile.imwrite(
+        ome,
+        rgb,
+        tile=(64, 64),
+        photometric="rgb",
+        metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.26},
+    )
     ms = open_slide(ome)
     assert (ms.vendor, ms.mpp, ms.mpp_source) == ("ome-tiff", (0.25, 0.26), "ome")
     assert np.array_equal(ms.levels[0].array.compute(), rgb)
@@ -485,8 +496,12 @@ def test_non_regular_files_are_refused_before_any_read(tmp_path):
     link = tmp_path / "link.svs"
     link.symlink_to(fifo)
     try:
-        for path, kind in [(fifo, "a FIFO"), (link, "a FIFO"), (sock_path, "a socket"),
-                           (Path("/dev/null"), "a character device")]:
+        for path, kind in [
+            (fifo, "a FIFO"),
+            (link, "a FIFO"),
+            (sock_path, "a socket"),
+            (Path("/dev/null"), "a character device"),
+        ]:
             with pytest.raises(SlideError) as err:
                 open_slide(path)
             msg = str(err.value)
@@ -501,14 +516,23 @@ def test_ngff_dataset_that_names_a_group_is_refused(tmp_path):
 
     root = zarr.open_group(str(tmp_path / "bad.zarr"), mode="w", zarr_format=2)
     root.create_group("0")
-    root.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y"}, {"name": "x"}, {"name": "c"}],
-                                  "datasets": [{"path": "0"}]}]
+    root.attrs["multiscales"] = [
+        {"version": "0.4", "axes": [{"name": "y"}, {"name": "x"}, {"name": "c"}], "datasets": [{"path": "0"}]}
+    ]
     with pytest.raises(SlideError, match="names a group, not an array"):
         open_slide(tmp_path / "bad.zarr")
 
 
-def _edit_entry(src: Path, dst: Path, ifd: int, code: int, *, value: int | None = None, typ: int | None = None,
-                count: int | None = None) -> Path:
+def _edit_entry(
+    src: Path,
+    dst: Path,
+    ifd: int,
+    code: int,
+    *,
+    value: int | None = None,
+    typ: int | None = None,
+    count: int | None = None,
+) -> Path:
     """Copy ``src`` with the entry of tag ``code`` in IFD ``ifd`` changed.
 
     ``value`` makes the tag one LONG (LONG8 in a BigTIFF) holding it; ``typ``
@@ -520,8 +544,9 @@ def _edit_entry(src: Path, dst: Path, ifd: int, code: int, *, value: int | None 
     data = bytearray(src.read_bytes())
     if value is not None:
         typ, count = (16, 1) if fmt.offsetsize == 8 else (4, 1)
-        struct.pack_into(fmt.byteorder + ("Q" if fmt.offsetsize == 8 else "I"), data, tag.offset + 4 + fmt.offsetsize,
-                         value)
+        struct.pack_into(
+            fmt.byteorder + ("Q" if fmt.offsetsize == 8 else "I"), data, tag.offset + 4 + fmt.offsetsize, value
+        )
     if typ is not None:
         struct.pack_into(fmt.byteorder + "H", data, tag.offset + 2, typ)
     if count is not None:
@@ -545,17 +570,20 @@ def test_huge_tiles_are_refused_not_an_abort(slides_dir, tmp_path, code, value):
 
     path = _edit_entry(slides_dir / "yb10kx5k.zstd.tiff", tmp_path / "tiles.tiff", 4, code, value=value)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    res = subprocess.run([sys.executable, "-m", "wsiseg", "info", str(path)], capture_output=True, text=True,
-                         env=env, timeout=100)
+    res = subprocess.run(
+        [sys.executable, "-m", "wsiseg", "info", str(path)], capture_output=True, text=True, env=env, timeout=100
+    )
     assert res.returncode == 2, (res.returncode, res.stderr)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"wsiseg: error: {path}: "), res.stderr
     assert "tiles of" in lines[0] and "the header is corrupt" in lines[0], lines[0]
     # The OpenSlide reader checks its own tile sizes too (DICOM and the vendor formats go there first).
-    code = ("import sys; from pathlib import Path; from wsiseg.errors import SlideError; "
-            "from wsiseg.slide.open import _open_openslide\n"
-            "try:\n    _open_openslide(Path(sys.argv[1]), None, display_path=Path(sys.argv[1]))\n"
-            "except SlideError as exc:\n    print(exc)")
+    code = (
+        "import sys; from pathlib import Path; from wsiseg.errors import SlideError; "
+        "from wsiseg.slide.open import _open_openslide\n"
+        "try:\n    _open_openslide(Path(sys.argv[1]), None, display_path=Path(sys.argv[1]))\n"
+        "except SlideError as exc:\n    print(exc)"
+    )
     res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=100)
     assert res.returncode == 0 and "level 4 claims tiles of" in res.stdout, (res.returncode, res.stdout, res.stderr)
 
@@ -580,8 +608,13 @@ def test_check_tiles():
     ("name", "ifd", "code", "edit", "words"),
     [
         # tifffile's reader declines the unknown photometric (by its number) and OpenSlide says why it cannot
-        ("rgba_geotiff.tiff", 0, 262, {"value": 481986}, "OpenSlide cannot open this generic-tiff slide: Cannot get "
-                                                          "required TIFF tag: 262"),
+        (
+            "rgba_geotiff.tiff",
+            0,
+            262,
+            {"value": 481986},
+            "OpenSlide cannot open this generic-tiff slide: Cannot get required TIFF tag: 262",
+        ),
         ("yb10kx5k.zstd.tiff", 0, 259, {"typ": 7}, "corrupt TIFF: Compression b'P' is not an integer"),
         ("test_orient3.tif", 1, 322, {"typ": 1}, "corrupt TIFF: level 1 TileWidth b'@' is not an integer"),
         ("rgba_geotiff.tiff", 0, 322, {"typ": 5}, "corrupt TIFF: level 0 TileWidth (0, 3489660928) is not an integer"),

@@ -52,8 +52,11 @@ def textures(shared_data):
     t = shared_data / "textures"
     return {
         "glass": _rgb(t / "no-tissue.png"),
-        "cores": [_rgb(t / "target_image.png"), _rgb(t / "high-nuclei-score-level0.png"),
-                  _rgb(t / "medium-nuclei-score-level0.png")],
+        "cores": [
+            _rgb(t / "target_image.png"),
+            _rgb(t / "high-nuclei-score-level0.png"),
+            _rgb(t / "medium-nuclei-score-level0.png"),
+        ],
     }
 
 

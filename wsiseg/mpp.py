@@ -65,8 +65,10 @@ class IgnoredMpp:
 
     def describe(self) -> str:
         """One phrase: the value, its source and the range it is outside."""
-        return (f"{format_mpp(self.mpp)} um/px from {self.source}, "
-                f"outside {MIN_PLAUSIBLE_MPP:g}-{MAX_PLAUSIBLE_MPP:g} um/px")
+        return (
+            f"{format_mpp(self.mpp)} um/px from {self.source}, "
+            f"outside {MIN_PLAUSIBLE_MPP:g}-{MAX_PLAUSIBLE_MPP:g} um/px"
+        )
 
 
 def mpp_pair(mpp, *, what: str = "mpp", bounded: bool = True) -> tuple[float, float] | None:

@@ -223,11 +223,15 @@ def test_manifest_relative_path_mpp_name_and_extra_columns(slides_dir, tmp_path)
     ("text", "fragment"),
     [
         ("file,mpp\nsmall.svs,0.5\n", "line 1: manifest header has no 'path' column"),
-        ("path,mpp\n{small},0.5\n{small2},abc\n",
-         "line 3: mpp must be a number of micrometres per pixel in [0.01, 1000]"),
+        (
+            "path,mpp\n{small},0.5\n{small2},abc\n",
+            "line 3: mpp must be a number of micrometres per pixel in [0.01, 1000]",
+        ),
         ("path,mpp\n{small},-1\n", "line 2: mpp must be a number of micrometres per pixel"),
-        ("path,mpp\n{small},1e-300\n",
-         "line 2: mpp must be a number of micrometres per pixel in [0.01, 1000], got '1e-300'"),
+        (
+            "path,mpp\n{small},1e-300\n",
+            "line 2: mpp must be a number of micrometres per pixel in [0.01, 1000], got '1e-300'",
+        ),
         ("path\n{small}\nmissing.svs\n", "line 3: slide not found"),
         ("path,name\n{small},../x\n", "line 2: output name '../x' contains a path separator"),
         ("path,name\n{small},a\n{boxes},A\n", "output name(s) used for more than one slide: a"),
@@ -716,7 +720,10 @@ def test_status_of_two_runs_sharing_a_folder_shows_both(good_jobs, tmp_path):
     b.slide_done(0, SlideOutcome("skipped", error="being processed by another run (pid 1 on here)"))
     b.slide_done(1, SlideOutcome("ok"))
     assert {n: r["status"] for n, r in read_status(out).items()} == {
-        "small": "ok", "boxes": "skipped", "dicom-boxes": "ok", "gone": "ok",
+        "small": "ok",
+        "boxes": "skipped",
+        "dicom-boxes": "ok",
+        "gone": "ok",
     }
     a.slide_done(1, SlideOutcome("ok"))
     b.abort()  # B writes its view again: A's outcome for boxes is newer than B's skip
@@ -744,8 +751,14 @@ def test_slide_timeout_kills_a_hung_slide_and_the_batch_goes_on(tmp_path):
     stream = io.StringIO()
     t0 = time.monotonic()
     # "hang" writes part of its mask, then sleeps 120 s; "crash" kills its process
-    result = run(jobs, out, Faulty(Stamp(), str(log), slow="hang", crash="crash"), slide_timeout=8,
-                 progress="jsonl", stream=stream)
+    result = run(
+        jobs,
+        out,
+        Faulty(Stamp(), str(log), slow="hang", crash="crash"),
+        slide_timeout=8,
+        progress="jsonl",
+        stream=stream,
+    )
     assert time.monotonic() - t0 < 60
     rows = read_status(out)
     assert {n: (r["status"], r["error"]) for n, r in rows.items()} == {
@@ -766,6 +779,7 @@ def test_slide_timeout_is_checked_before_any_work(good_jobs, tmp_path):
         with pytest.raises(ConfigError, match="slide timeout must be a positive number"):
             run(good_jobs, tmp_path / "out", ThumbnailProcess(), slide_timeout=bad)
     with open(tmp_path / "held.txt", "w") as fh:
+
         def unpicklable(job, out_dir, **kw):  # holds an open file: cannot go to another process
             return SlideOutcome("ok", outputs={"f": fh.name})
 

@@ -142,8 +142,9 @@ def test_worker_killed_mid_slide_is_redone_elsewhere_exactly_once(client, jobs, 
 def test_cli_scheduler_matches_a_local_run_and_resumes(client, jobs, slides_dir, model_file, tmp_path):
     local, remote = tmp_path / "local", tmp_path / "remote"
     args = [*(str(slides_dir / s) for s in SLIDES), "--model", str(model_file), "--no-qc", "--device", "cpu"]
-    r = CliRunner().invoke(main, ["segment", *args, "--out", str(remote), "--scheduler", client.scheduler.address,
-                                  "--progress", "jsonl"])
+    r = CliRunner().invoke(
+        main, ["segment", *args, "--out", str(remote), "--scheduler", client.scheduler.address, "--progress", "jsonl"]
+    )
     assert r.exit_code == 0, r.output
     assert "4 ok, 0 skipped, 0 failed" in r.stdout
     assert '"event": "stage"' in r.stderr and '"event": "batch_done"' in r.stderr  # worker progress arrives
@@ -189,13 +190,37 @@ def test_distributed_and_local_runs_on_one_folder_share_the_work(client, jobs, m
 def test_unreachable_scheduler_is_a_clear_error_before_any_work(slides_dir, model_file, tmp_path, monkeypatch):
     monkeypatch.setattr(wd, "CONNECT_TIMEOUT_S", 1.0)
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, ["segment", str(slides_dir / "boxes.tiff"), "--model", str(model_file), "--out",
-                                  str(out), "--scheduler", "tcp://127.0.0.1:9"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "segment",
+            str(slides_dir / "boxes.tiff"),
+            "--model",
+            str(model_file),
+            "--out",
+            str(out),
+            "--scheduler",
+            "tcp://127.0.0.1:9",
+        ],
+    )
     assert r.exit_code == 2, r.output
     assert "cannot reach the dask scheduler at tcp://127.0.0.1:9" in r.stderr and "Traceback" not in r.output
     assert not out.exists()
-    r = CliRunner().invoke(main, ["segment", str(slides_dir / "boxes.tiff"), "--model", str(model_file), "--out",
-                                  str(out), "--scheduler", "tcp://127.0.0.1:9", "--workers", "2"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "segment",
+            str(slides_dir / "boxes.tiff"),
+            "--model",
+            str(model_file),
+            "--out",
+            str(out),
+            "--scheduler",
+            "tcp://127.0.0.1:9",
+            "--workers",
+            "2",
+        ],
+    )
     assert r.exit_code == 2 and "exclude each other" in r.output
 
 
@@ -249,7 +274,6 @@ def test_gpu_workers_get_one_slide_per_gpu():
     assert wd._has_gpu_workers(gpu) and wd._capacity(gpu, gpu=True) == 3
 
 
-
 def test_slide_timeout_on_the_cluster_fails_only_the_slow_slide(fresh_client, tmp_path):
     from wsiseg.batch.jobs import SlideJob
 
@@ -258,8 +282,15 @@ def test_slide_timeout_on_the_cluster_fails_only_the_slow_slide(fresh_client, tm
     log.mkdir()
     workers = set(client.scheduler_info()["workers"])
     jobs = [SlideJob(f"/nonexistent/{n}.svs", n) for n in ("a", "hang", "b")]
-    result = run_batch_distributed(jobs, out, Faulty(Stamp(), str(log), slow="hang"), fingerprint="fp",
-                                   client=client, progress="none", slide_timeout=8)
+    result = run_batch_distributed(
+        jobs,
+        out,
+        Faulty(Stamp(), str(log), slow="hang"),
+        fingerprint="fp",
+        client=client,
+        progress="none",
+        slide_timeout=8,
+    )
     status = {n: (r["status"], r["error"]) for n, r in read_status(out).items()}
     assert status == {"a": ("ok", ""), "hang": ("failed", "timed out after 8 s"), "b": ("ok", "")}, status
     assert result.exit_code == 1 and completed(log) == ["a", "b"]

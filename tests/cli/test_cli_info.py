@@ -93,8 +93,11 @@ def test_info_json_with_bad_input(tmp_path, slides_dir):
     (boxes,) = json.loads(res.stdout)
     assert boxes["path"] == str(slides_dir / "boxes.tiff") and boxes["mpp"] is None
     assert boxes["mpp_source"] == "ignored-implausible"
-    assert boxes["mpp_ignored"] == {"mpp": [pytest.approx(352.7778)] * 2, "source": "openslide",
-                                    "plausible_range": [0.05, 20.0]}
+    assert boxes["mpp_ignored"] == {
+        "mpp": [pytest.approx(352.7778)] * 2,
+        "source": "openslide",
+        "plausible_range": [0.05, 20.0],
+    }
     assert len(_errors(res.stderr)) == 1
 
 
@@ -126,8 +129,13 @@ def test_info_on_every_real_slide_prints_nothing_on_stderr(slides_dir):
 
     slides = sorted(p for p in slides_dir.iterdir() if "grayscale" not in p.name)  # that one is refused
     env = {**os.environ, "PYTHONWARNINGS": "always"}
-    out = subprocess.run([sys.executable, "-m", "wsiseg", "info", *map(str, slides)], capture_output=True, text=True,
-                         env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "wsiseg", "info", *map(str, slides)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     # only wsiseg's own line per file whose 72/96 dpi resolution tag is ignored
     assert _errors(out.stderr) == []

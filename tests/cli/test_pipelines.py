@@ -85,10 +85,11 @@ def test_training_config_file_is_not_a_pipeline_but_says_how_to_use_it(tmp_path)
         ("version: 1\njob: segment\nslides: [a]\nout: o\n", "model: required"),
         ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\nqc: maybe\n", "qc: expected true or false"),
         ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\nsize: [64, 32]\n", "WIDTHxHEIGHT"),
-        ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\nregions: blobs\n",
-         "regions: 'blobs' is not one of"),
-        ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\ntile: many\n",
-         "tile: 'many' is not a valid integer"),
+        ("version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\nregions: blobs\n", "regions: 'blobs' is not one of"),
+        (
+            "version: 1\njob: segment\nslides: [a]\nmodel: m\nout: o\ntile: many\n",
+            "tile: 'many' is not a valid integer",
+        ),
         ("version: 1\njob: segment\nslides: [a]\nmodel: ${NO_SUCH_VAR_HERE}\nout: o\n", "NO_SUCH_VAR_HERE is not set"),
         ("version: 1\njob: bench\nbenchmark: nothing\n", "benchmark: expected one of"),
         ("version: 1\njob: train\nbenchmark: cluster\n", "benchmark: only for job: bench"),
@@ -117,16 +118,33 @@ def test_train_pipeline_checks_its_training_config(tmp_path):
 
 def test_overrides_and_environment(tmp_path, monkeypatch):
     assert parse_overrides(["qc=false", "slides=[a, b]", "out-size=32x32", "out=x=y"]) == {
-        "qc": False, "slides": ["a", "b"], "out_size": "32x32", "out": "x=y"}
+        "qc": False,
+        "slides": ["a", "b"],
+        "out_size": "32x32",
+        "out": "x=y",
+    }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_overrides(["qc"])
     monkeypatch.setenv("SLIDES_HERE", "/mnt/slides")
     path = tmp_path / "p.yaml"
-    path.write_text("version: 1\njob: segment\ndescription: d\nslides: ['${SLIDES_HERE}', '-odd.svs']\n"
-                    "model: ${MODEL_FILE:-m.safetensors}\nout: o\nqc: false\nworkers: 2\n")
+    path.write_text(
+        "version: 1\njob: segment\ndescription: d\nslides: ['${SLIDES_HERE}', '-odd.svs']\n"
+        "model: ${MODEL_FILE:-m.safetensors}\nout: o\nqc: false\nworkers: 2\n"
+    )
     pipe = load_pipeline(path, {"out": "elsewhere"})
-    assert pipe.argv() == ["segment", "--model", "m.safetensors", "--out", "elsewhere", "--no-qc", "--workers", "2",
-                           "--", "/mnt/slides", "-odd.svs"]
+    assert pipe.argv() == [
+        "segment",
+        "--model",
+        "m.safetensors",
+        "--out",
+        "elsewhere",
+        "--no-qc",
+        "--workers",
+        "2",
+        "--",
+        "/mnt/slides",
+        "-odd.svs",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -143,21 +161,48 @@ def test_segment_folder_pipeline_runs(slides_dir, model_file, tmp_path):
     for name in ("boxes.tiff", "small.svs"):
         shutil.copy(slides_dir / name, folder / name)
     out = tmp_path / "out"
-    r = run(REPO / "pipelines" / "segment-folder.yaml", "--set", f"slides=[{folder}]", "--set", f"model={model_file}",
-            "--set", f"out={out}", "--set", "qc=false", "--set", "progress=none")
+    r = run(
+        REPO / "pipelines" / "segment-folder.yaml",
+        "--set",
+        f"slides=[{folder}]",
+        "--set",
+        f"model={model_file}",
+        "--set",
+        f"out={out}",
+        "--set",
+        "qc=false",
+        "--set",
+        "progress=none",
+    )
     assert r.exit_code == 0, r.output
     assert "2 ok, 0 skipped, 0 failed" in r.stdout and "wsiseg segment" in r.stderr
     for name in ("boxes", "small"):
         with tifffile.TiffFile(out / f"{name}.mask.tif") as tif:
             assert tif.pages[0].dtype == "uint8"
-    r = run(REPO / "pipelines" / "segment-folder.yaml", "--set", f"slides=[{folder}]", "--set", f"model={model_file}",
-            "--set", f"out={out}", "--set", "qc=false", "--set", "progress=none")
+    r = run(
+        REPO / "pipelines" / "segment-folder.yaml",
+        "--set",
+        f"slides=[{folder}]",
+        "--set",
+        f"model={model_file}",
+        "--set",
+        f"out={out}",
+        "--set",
+        "qc=false",
+        "--set",
+        "progress=none",
+    )
     assert r.exit_code == 0 and "2 skipped" in r.stdout
 
 
 def test_missing_path_at_run_time_names_the_pipeline(tmp_path):
-    r = run(REPO / "pipelines" / "train-biopsies.yaml", "--set", f"data={tmp_path / 'nowhere'}",
-            "--set", f"out={tmp_path / 'o'}")
+    r = run(
+        REPO / "pipelines" / "train-biopsies.yaml",
+        "--set",
+        f"data={tmp_path / 'nowhere'}",
+        "--set",
+        f"out={tmp_path / 'o'}",
+    )
     assert r.exit_code == 2
     assert "train-biopsies.yaml" in r.stderr and "nowhere" in r.stderr
 
@@ -169,10 +214,25 @@ def trained(shared_data, tmp_path_factory):
         pytest.skip("NuCLS tiles absent")
     out = tmp_path_factory.mktemp("train") / "run"
     data = shared_data / "labelled-tiles" / "nucls" / "square" / "train"
-    r = run(REPO / "pipelines" / "train-biopsies.yaml", "--set", f"data={data}", "--set", f"out={out}",
-            "--set", "epochs=1",
-            "--set", "out_size=32x32", "--set", "map_size=16x16", "--set", "hr_size=128x128",
-            "--set", "encoder=tu-resnet10t", "--set", "device=cpu")
+    r = run(
+        REPO / "pipelines" / "train-biopsies.yaml",
+        "--set",
+        f"data={data}",
+        "--set",
+        f"out={out}",
+        "--set",
+        "epochs=1",
+        "--set",
+        "out_size=32x32",
+        "--set",
+        "map_size=16x16",
+        "--set",
+        "hr_size=128x128",
+        "--set",
+        "encoder=tu-resnet10t",
+        "--set",
+        "device=cpu",
+    )
     assert r.exit_code == 0, r.output
     return out / "model.safetensors"
 
@@ -186,9 +246,23 @@ def test_train_pipeline_runs(trained):
 @pytest.mark.slow
 def test_evaluate_pipeline_runs(trained, tmp_path):
     out = tmp_path / "eval"
-    r = run(REPO / "pipelines" / "evaluate-baselines-sweep.yaml", "--set", f"model={trained}", "--set", f"out={out}",
-            "--set", "compare=[uniform]", "--set", "sweep=[16]", "--set", "sweep_epochs=1", "--set", "epochs=1",
-            "--set", "device=cpu")
+    r = run(
+        REPO / "pipelines" / "evaluate-baselines-sweep.yaml",
+        "--set",
+        f"model={trained}",
+        "--set",
+        f"out={out}",
+        "--set",
+        "compare=[uniform]",
+        "--set",
+        "sweep=[16]",
+        "--set",
+        "sweep_epochs=1",
+        "--set",
+        "epochs=1",
+        "--set",
+        "device=cpu",
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "eval.json").read_text())
     assert list(doc["methods"]) == ["learned", "uniform"]
@@ -198,9 +272,21 @@ def test_evaluate_pipeline_runs(trained, tmp_path):
 @pytest.mark.slow
 def test_benchmark_pipeline_runs(tmp_path):
     out = tmp_path / "bench.md"
-    r = run(REPO / "pipelines" / "benchmark.yaml", "--set", "size=1024x768", "--set", "slides=2",
-            "--set", "workers=[1]", "--set", "in_process=false", "--set", f"out={out}",
-            "--set", f"workdir={tmp_path / 'work'}")
+    r = run(
+        REPO / "pipelines" / "benchmark.yaml",
+        "--set",
+        "size=1024x768",
+        "--set",
+        "slides=2",
+        "--set",
+        "workers=[1]",
+        "--set",
+        "in_process=false",
+        "--set",
+        f"out={out}",
+        "--set",
+        f"workdir={tmp_path / 'work'}",
+    )
     assert r.exit_code == 0, r.output
     text = out.read_text()
     assert "<!-- bench:cluster -->" in text and "| 1 worker process |" in text

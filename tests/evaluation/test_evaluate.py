@@ -42,8 +42,14 @@ class RedThreshold(nn.Module):
 
 def _known_net() -> DeformSegNet:
     # Identity standardisation, so the segmenter sees the raw [0, 1] image.
-    return DeformSegNet(RedThreshold(), sampler="uniform", map_size=(8, 8), out_size=(16, 16),
-                        image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))
+    return DeformSegNet(
+        RedThreshold(),
+        sampler="uniform",
+        map_size=(8, 8),
+        out_size=(16, 16),
+        image_mean=(0.0, 0.0, 0.0),
+        image_std=(1.0, 1.0, 1.0),
+    )
 
 
 def _block_item(rng, name: str, size: tuple[int, int], grid: tuple[int, int] = (16, 16)):
@@ -59,8 +65,14 @@ def _block_item(rng, name: str, size: tuple[int, int], grid: tuple[int, int] = (
     image[0] = red
     image[1] = rng.integers(0, 256, (h, w))  # other channels do not matter
     labels = np.repeat(np.repeat(lab, fh, 0), fw, 1).astype(np.int64)
-    item = {"image": torch.from_numpy(image), "labels": torch.from_numpy(labels), "name": name,
-            "box": None, "downsample": 2.0, "size": (h, w)}
+    item = {
+        "image": torch.from_numpy(image),
+        "labels": torch.from_numpy(labels),
+        "name": name,
+        "box": None,
+        "downsample": 2.0,
+        "size": (h, w),
+    }
     return item, red_cls, lab, (fh, fw)
 
 
@@ -79,15 +91,20 @@ def test_evaluate_reproduces_metrics_of_a_model_with_known_predictions():
     rng = np.random.default_rng(0)
     # Two 64x64 regions (factor 4, batched together) and one 48x96 region, which the shared
     # geometry rule (short side to the model's 16) samples on a 16x32 grid (factor 3).
-    parts = [_block_item(rng, "a", (64, 64)), _block_item(rng, "b", (64, 64)),
-             _block_item(rng, "c", (48, 96), grid=(16, 32))]
+    parts = [
+        _block_item(rng, "a", (64, 64)),
+        _block_item(rng, "b", (64, 64)),
+        _block_item(rng, "c", (48, 96), grid=(16, 32)),
+    ]
     dataset = [p[0] for p in parts]
     r = evaluate_model(_known_net(), dataset, NAMES, device="cpu", batch_size=2)
 
     # Independent expectations: on a uniform grid at integer factors every sample hits its block.
     cm_def = sum(_confusion(lab, red_cls) for _, red_cls, lab, _ in parts)
-    cm_full = sum(_confusion(np.repeat(np.repeat(lab, fh, 0), fw, 1), np.repeat(np.repeat(red_cls, fh, 0), fw, 1))
-                  for _, red_cls, lab, (fh, fw) in parts)
+    cm_full = sum(
+        _confusion(np.repeat(np.repeat(lab, fh, 0), fw, 1), np.repeat(np.repeat(red_cls, fh, 0), fw, 1))
+        for _, red_cls, lab, (fh, fw) in parts
+    )
     np.testing.assert_array_equal(r.deformed.matrix, cm_def)
     np.testing.assert_array_equal(r.full.matrix, cm_full)
     np.testing.assert_array_equal(r.full.iou(), _iou(cm_full))
@@ -197,8 +214,11 @@ def test_all_tissue_region_has_almost_no_samples_on_glass(shared_data):
         pytest.skip(f"labelled regions not found at {path}")
     rgb = np.array(Image.open(path).convert("RGB"))
     assert (~threshold_tissue(rgb)[0]).mean() > 0.05  # what the old per-region Otsu rule called glass
-    item = {"image": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "labels": torch.zeros(512, 512).long(),
-            "name": "camelyon"}
+    item = {
+        "image": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
+        "labels": torch.zeros(512, 512).long(),
+        "name": "camelyon",
+    }
     r = evaluate_model(_known_net(), [item], NAMES, device="cpu")
     assert r.samples_on_glass["uniform"] < 0.02
 
@@ -261,16 +281,19 @@ def test_parse_sizes_and_figures(tmp_path):
     # The three method colours are drawn.
     for colour in ((214, 39, 40), (31, 119, 180), (44, 160, 44)):
         assert (a == colour).all(-1).any()
-    p = draw_class_frequency(NAMES, [0.8, 0.15, 0.05], {"learned": [0.6, 0.25, 0.15], "uniform": [0.8, 0.15, 0.05]},
-                             tmp_path / "freq.png")
+    p = draw_class_frequency(
+        NAMES, [0.8, 0.15, 0.05], {"learned": [0.6, 0.25, 0.15], "uniform": [0.8, 0.15, 0.05]}, tmp_path / "freq.png"
+    )
     b = np.asarray(Image.open(p))
     assert (b == (150, 150, 150)).all(-1).any() and (b == (214, 39, 40)).all(-1).any()
 
 
 def test_sweep_figure_names_every_method_and_fits_its_legend(tmp_path):
-    rows = [{"method": m, "cost": c, "miou_full": 0.5 + off, "upsampling_miou": 0.8}
-            for m, off in (("learned", 0.05), ("single", 0.03), ("uniform", 0.0), ("edge", 0.02))
-            for c in (0.0156, 0.0625)]
+    rows = [
+        {"method": m, "cost": c, "miou_full": 0.5 + off, "upsampling_miou": 0.8}
+        for m, off in (("learned", 0.05), ("single", 0.03), ("uniform", 0.0), ("edge", 0.02))
+        for c in (0.0156, 0.0625)
+    ]
     im = Image.open(draw_sweep(rows, tmp_path / "sweep.png"))
     a = np.asarray(im)
     # Four labels in one legend row per panel: the figure widens to fit them.
@@ -306,16 +329,29 @@ def test_sweep_methods_change_only_the_sampler_and_the_loss():
 
 def test_format_sweep_table_bolds_the_best_per_budget():
     def row(m, s, v):
-        return {"method": m, "out_height": s, "out_width": s, "cost": s * s / 65536, "miou_full": v,
-                "miou_deformed": 0.5, "upsampling_miou": 0.9, "iou_full": {"a": 0.25, "b": v},
-                "sec_per_iter": 0.1234, "epochs": 3, "best_epoch": 2}
+        return {
+            "method": m,
+            "out_height": s,
+            "out_width": s,
+            "cost": s * s / 65536,
+            "miou_full": v,
+            "miou_deformed": 0.5,
+            "upsampling_miou": 0.9,
+            "iou_full": {"a": 0.25, "b": v},
+            "sec_per_iter": 0.1234,
+            "epochs": 3,
+            "best_epoch": 2,
+        }
 
-    table = format_sweep_table([row("learned", 32, 0.7), row("single", 32, 0.6), row("uniform", 64, 0.8),
-                                row("edge", 64, None)])
+    table = format_sweep_table(
+        [row("learned", 32, 0.7), row("single", 32, 0.6), row("uniform", 64, 0.8), row("edge", 64, None)]
+    )
     lines = table.splitlines()
     assert lines[0].startswith("| grid (cost: % of level-0 px) | method |") and "(a / b)" in lines[0]
-    assert lines[2] == "| 32x32 (1.56 %) | learned (joint loss) | **0.7000** | 0.5000 | 0.9000 | 0.250 / 0.700 | " \
-                       "0.123 | 3 (2) |"
+    assert (
+        lines[2] == "| 32x32 (1.56 %) | learned (joint loss) | **0.7000** | 0.5000 | 0.9000 | 0.250 / 0.700 | "
+        "0.123 | 3 (2) |"
+    )
     assert "| learned (single loss) | 0.6000 |" in lines[3]
     assert "| uniform | **0.8000** |" in lines[4] and "| edge (oracle) | n/a |" in lines[5]
 
@@ -407,8 +443,9 @@ def test_cli_evaluate_writes_deformed_and_full_resolution_sections(model, nucls,
     assert len(m["trimap"]["accuracy"]) == 5
     assert (out / "class_frequency.png").is_file()
 
-    r = _run("evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu", "--json",
-             "--split", "all")
+    r = _run(
+        "evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu", "--json", "--split", "all"
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["split"] == "all" and doc["regions"] == 15
@@ -418,8 +455,21 @@ def test_cli_evaluate_compare_trains_the_baseline_at_the_same_budget(model, nucl
     from wsiseg.models.io import load_deformseg
 
     out = tmp_path / "ev"
-    r = _run("evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu",
-             "--compare", "uniform", "--train-data", train_csv)
+    r = _run(
+        "evaluate",
+        model,
+        nucls,
+        "--classes",
+        classes_yaml,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--compare",
+        "uniform",
+        "--train-data",
+        train_csv,
+    )
     assert r.exit_code == 0, r.output
     base = out / "baselines" / "uniform" / "model.safetensors"
     b = load_deformseg(base)
@@ -434,8 +484,19 @@ def test_cli_evaluate_compare_trains_the_baseline_at_the_same_budget(model, nucl
     assert r.stdout.splitlines()[1].split() == ["learned", "uniform"]
 
     # Given baseline file: nothing is trained.
-    r = _run("evaluate", model, nucls, "--classes", classes_yaml, "--out", tmp_path / "ev2", "--device", "cpu",
-             "--baseline", f"uniform={base}")
+    r = _run(
+        "evaluate",
+        model,
+        nucls,
+        "--classes",
+        classes_yaml,
+        "--out",
+        tmp_path / "ev2",
+        "--device",
+        "cpu",
+        "--baseline",
+        f"uniform={base}",
+    )
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "ev2" / "baselines").exists()
 
@@ -443,8 +504,23 @@ def test_cli_evaluate_compare_trains_the_baseline_at_the_same_budget(model, nucl
 @pytest.mark.slow
 def test_cli_evaluate_sweep(model, nucls, classes_yaml, train_csv, tmp_path):
     out = tmp_path / "ev"
-    args = ["evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu",
-            "--sweep", "16,24", "--sweep-epochs", "1", "--train-data", train_csv]
+    args = [
+        "evaluate",
+        model,
+        nucls,
+        "--classes",
+        classes_yaml,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--sweep",
+        "16,24",
+        "--sweep-epochs",
+        "1",
+        "--train-data",
+        train_csv,
+    ]
     r = _run(*args)
     assert r.exit_code == 0, r.output
     for f in ("sweep.png", "sweep.json", "sweep.csv", "class_frequency.png", "eval.json"):
@@ -471,8 +547,23 @@ def test_cli_evaluate_sweep_fast(model, nucls, classes_yaml, train_csv, tmp_path
 
     monkeypatch.setattr(ev, "SWEEP_METHODS", ("edge",))
     out = tmp_path / "ev"
-    r = _run("evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu",
-             "--sweep", "16", "--sweep-epochs", "1", "--train-data", train_csv)
+    r = _run(
+        "evaluate",
+        model,
+        nucls,
+        "--classes",
+        classes_yaml,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--sweep",
+        "16",
+        "--sweep-epochs",
+        "1",
+        "--train-data",
+        train_csv,
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "sweep.json").read_text())
     assert [row["method"] for row in doc["rows"]] == ["edge"]
@@ -520,6 +611,17 @@ def test_cli_evaluate_model_file_errors_are_one_line(nucls, classes_yaml, tmp_pa
 
 
 def test_cli_evaluate_refuses_training_on_the_evaluated_pairs(model, nucls, classes_yaml, tmp_path):
-    r = _run("evaluate", model, nucls / "test", "--classes", classes_yaml, "--out", tmp_path / "ev",
-             "--device", "cpu", "--compare", "edge")
+    r = _run(
+        "evaluate",
+        model,
+        nucls / "test",
+        "--classes",
+        classes_yaml,
+        "--out",
+        tmp_path / "ev",
+        "--device",
+        "cpu",
+        "--compare",
+        "edge",
+    )
     assert r.exit_code == 2 and "overlaps the evaluated data" in r.output

@@ -128,7 +128,7 @@ def test_asap_files_parse(shared_data, name):
 
 
 def test_asap_polygon_geometry(shared_data):
-    (_, geom), = read_asap_xml(shared_data / "annotations" / "asap" / "asap-polygon.xml")
+    ((_, geom),) = read_asap_xml(shared_data / "annotations" / "asap" / "asap-polygon.xml")
     assert geom.geom_type == "Polygon" and len(geom.exterior.coords) == 7
     assert geom.exterior.coords[0] == pytest.approx((22851.3281, 16551.1797))
 
@@ -277,8 +277,12 @@ def test_rasterise_matches_point_in_polygon():
     for _ in range(60):
         geom = _star(rng, 50, 50, 45, 25).difference(_star(rng, 50, 50, 12, 9))
         geom = MultiPolygon([geom, sbox(110, 110, 117.3, 121.9)]) if isinstance(geom, Polygon) else geom
-        box = Region(int(rng.integers(-10, 20)), int(rng.integers(-10, 20)), int(rng.integers(20, 130)),
-                     int(rng.integers(20, 130)))
+        box = Region(
+            int(rng.integers(-10, 20)),
+            int(rng.integers(-10, 20)),
+            int(rng.integers(20, 130)),
+            int(rng.integers(20, 130)),
+        )
         h, w = int(rng.integers(3, 70)), int(rng.integers(3, 70))
         lab = rasterise([(1, geom)], box, (h, w))
         X, Y = np.meshgrid(box.x + (np.arange(w) + 0.5) * box.width / w, box.y + (np.arange(h) + 0.5) * box.height / h)
@@ -288,11 +292,11 @@ def test_rasterise_matches_point_in_polygon():
 
 
 @pytest.mark.parametrize(
-    "name", ["qupath-rectangle.json", "qupath-ellipse.json", "qupath-polygon.json", "qupath-brush.json",
-             "qupath-wand.json"]
+    "name",
+    ["qupath-rectangle.json", "qupath-ellipse.json", "qupath-polygon.json", "qupath-brush.json", "qupath-wand.json"],
 )
 def test_rasterise_real_exports_area(shared_data, name):
-    (_, geom), = read_qupath_geojson(shared_data / "annotations" / "qupath" / name)
+    ((_, geom),) = read_qupath_geojson(shared_data / "annotations" / "qupath" / name)
     x0, y0, x1, y1 = (int(v) for v in geom.bounds)
     box = Region(x0 - 7, y0 - 5, x1 - x0 + 20, y1 - y0 + 11)
     full = rasterise([(1, geom)], box, (box.height, box.width))
@@ -311,8 +315,14 @@ def test_rasterise_real_exports_area(shared_data, name):
 _BASE = ClassMap.from_names(["background", "Tumor", "Stroma", "Lymphocytes"])
 BCSS_CLASSES = ClassMap(
     _BASE.classes,
-    {"mostly_tumor": 1, "mostly_stroma": 2, "mostly_lymphocytic_infiltrate": 3, "exclude": IGNORE_INDEX,
-     "normal_acinus_or_duct": IGNORE_INDEX, "blood_vessel": IGNORE_INDEX},
+    {
+        "mostly_tumor": 1,
+        "mostly_stroma": 2,
+        "mostly_lymphocytic_infiltrate": 3,
+        "exclude": IGNORE_INDEX,
+        "normal_acinus_or_duct": IGNORE_INDEX,
+        "blood_vessel": IGNORE_INDEX,
+    },
 )
 
 
@@ -402,7 +412,8 @@ def test_label_mask_errors(tmp_path):
 
 
 def test_clean_shapes_in_memory():
-    shapes, report = clean_shapes([("Tumor", sbox(0, 0, 2, 2)), ("x", shapely.Point(1, 1))],
-                                  ClassMap.from_names(["bg", "tumor"]))
+    shapes, report = clean_shapes(
+        [("Tumor", sbox(0, 0, 2, 2)), ("x", shapely.Point(1, 1))], ClassMap.from_names(["bg", "tumor"])
+    )
     assert [v for v, _ in shapes] == [1] and report.non_area == {"Point": 1}
     assert "1 areas" in report.summary()

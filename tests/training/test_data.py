@@ -43,13 +43,33 @@ def test_load_pairs_nucls_subfolders(nucls):
 
 
 def test_load_pairs_flat_folder(tmp_path):
-    for name in ["A.svs", "A.geojson", "B.tif", "B_mask.png", "C.svs", "C.png", "D.ndpi", "D.xml", "E.svs",
-                 "F.tif", "F.png", "G.mrxs", "G.tiff", "notes.txt", "classes.yaml"]:
+    for name in [
+        "A.svs",
+        "A.geojson",
+        "B.tif",
+        "B_mask.png",
+        "C.svs",
+        "C.png",
+        "D.ndpi",
+        "D.xml",
+        "E.svs",
+        "F.tif",
+        "F.png",
+        "G.mrxs",
+        "G.tiff",
+        "notes.txt",
+        "classes.yaml",
+    ]:
         (tmp_path / name).write_bytes(b"x")
     pairs = load_pairs(tmp_path)
     assert [(Path(p.image).name, Path(p.annotation).name) for p in pairs] == [
-        ("A.svs", "A.geojson"), ("B.tif", "B_mask.png"), ("C.svs", "C.png"), ("D.ndpi", "D.xml"),
-        ("F.tif", "F.png"), ("G.mrxs", "G.tiff")]
+        ("A.svs", "A.geojson"),
+        ("B.tif", "B_mask.png"),
+        ("C.svs", "C.png"),
+        ("D.ndpi", "D.xml"),
+        ("F.tif", "F.png"),
+        ("G.mrxs", "G.tiff"),
+    ]
     (tmp_path / "A.xml").write_bytes(b"x")
     with pytest.raises(WsisegError, match="ambiguous pair for 'A'"):
         load_pairs(tmp_path)
@@ -95,8 +115,11 @@ def test_load_pairs_empty(tmp_path):
 
 def test_split_pairs_deterministic():
     pairs = [TrainingPair(f"/d/s{i}.svs", f"/d/s{i}.geojson") for i in range(10)]
-    pairs += [TrainingPair("/d/t.svs", "/d/t.geojson", "train"), TrainingPair("/d/v.svs", "/d/v.geojson", "val"),
-              TrainingPair("/d/x.svs", "/d/x.geojson", "test")]
+    pairs += [
+        TrainingPair("/d/t.svs", "/d/t.geojson", "train"),
+        TrainingPair("/d/v.svs", "/d/v.geojson", "val"),
+        TrainingPair("/d/x.svs", "/d/x.geojson", "test"),
+    ]
     train, val = split_pairs(pairs, 0.2, seed=3)
     assert len(val) == 3 and len(train) == 9  # 2 drawn + the explicit val; test left out
     assert pairs[10] in train and pairs[11] in val and pairs[12] not in train + val
@@ -123,7 +146,8 @@ def test_dataset_hash(tmp_path, nucls):
     Image.fromarray(arr).save(lab)
     assert dataset_hash(load_pairs(b)) != ha
     assert dataset_hash([TrainingPair(**{**load_pairs(a)[0].__dict__, "split": "val"})]) != dataset_hash(
-        load_pairs(a)[:1])
+        load_pairs(a)[:1]
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -182,8 +206,9 @@ def test_nucls_non_square_unpadded_and_resize(nucls):
 
 def test_dataset_augmentation_reproducible(nucls):
     pairs = load_pairs(nucls / "non-square" / "train")
-    ds = build_dataset(pairs, NUCLS, hr_size=(256, 256), seed=5,
-                       augmentation={"flips": True, "rot90": True, "color_jitter": 0.1})
+    ds = build_dataset(
+        pairs, NUCLS, hr_size=(256, 256), seed=5, augmentation={"flips": True, "rot90": True, "color_jitter": 0.1}
+    )
     a, b = ds[0], ds[0]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
     changed = False
@@ -199,8 +224,12 @@ def test_unmapped_mask_values_fail_at_build(nucls):
     with pytest.raises(WsisegError, match="unmapped classes: value 2") as e:
         build_dataset(load_pairs(nucls / "non-square" / "train")[:1], ClassMap.from_names(["bg", "nucleus"]))
     assert "labels" in str(e.value)
-    ds = build_dataset(load_pairs(nucls / "non-square" / "train")[:1], ClassMap.from_names(["bg", "nucleus"]),
-                       ignore_unmapped=True, hr_size=(300, 300))
+    ds = build_dataset(
+        load_pairs(nucls / "non-square" / "train")[:1],
+        ClassMap.from_names(["bg", "nucleus"]),
+        ignore_unmapped=True,
+        hr_size=(300, 300),
+    )
     assert set(np.unique(ds[0]["labels"].numpy())) == {0, 1, 255}
 
 
@@ -210,8 +239,7 @@ def test_mask_size_mismatch_names_both_files(tmp_path, shared_data):
     pair = TrainingPair(str(tmp_path / "fake.png"), str(mask))
     cm = ClassMap.from_names(["background", "mostly_tumor"])
     with pytest.raises(WsisegError) as e:
-        build_dataset([pair], cm, value_names=shared_data / "annotations" / "sample_GTcodes.csv",
-                      ignore_unmapped=True)
+        build_dataset([pair], cm, value_names=shared_data / "annotations" / "sample_GTcodes.csv", ignore_unmapped=True)
     msg = str(e.value)
     assert str(mask) in msg and "fake.png" in msg and "4542x4594" in msg and "120x100" in msg
 
@@ -223,12 +251,17 @@ def test_mask_size_mismatch_names_both_files(tmp_path, shared_data):
 def test_slide_pair_tissue_regions(tmp_path, slides_dir):
     slide = slides_dir / "CMU-1-Small-Region.svs"
     # A tumour polygon (level-0 px) with a hole, inside the tissue.
-    poly = {"type": "Polygon", "coordinates": [
-        [[900, 1200], [1500, 1200], [1500, 2000], [900, 2000], [900, 1200]],
-        [[1100, 1500], [1300, 1500], [1300, 1700], [1100, 1700], [1100, 1500]]]}
+    poly = {
+        "type": "Polygon",
+        "coordinates": [
+            [[900, 1200], [1500, 1200], [1500, 2000], [900, 2000], [900, 1200]],
+            [[1100, 1500], [1300, 1500], [1300, 1700], [1100, 1700], [1100, 1500]],
+        ],
+    }
     geojson = tmp_path / "CMU-1-Small-Region.geojson"
-    geojson.write_text(json.dumps({"type": "Feature", "geometry": poly,
-                                   "properties": {"classification": {"name": "Tumor"}}}))
+    geojson.write_text(
+        json.dumps({"type": "Feature", "geometry": poly, "properties": {"classification": {"name": "Tumor"}}})
+    )
     cm = ClassMap.from_names(["background", "Tumor"])
     pair = TrainingPair(str(slide), str(geojson))
     ds = build_dataset([pair], cm, hr_size=(512, 512))

@@ -142,11 +142,15 @@ def test_refusals(inputs, tmp_path):
     with pytest.raises(WsisegError, match=r"codes \[9\] are not mapped"):
         build_mosaics(out_dir=tmp_path / "x", **{**inputs, "class_of_code": {0: "background", 5: "red"}})
     with pytest.raises(WsisegError, match="overlap on the label map"):
-        build_mosaics(out_dir=tmp_path / "y", **{**inputs, "splits": {
-            "train": [(0, 0, 1, 0.6)], "val": [(0, 0.5, 1, 0.8)], "test": [(0, 0.8, 1, 1)]}})
+        build_mosaics(
+            out_dir=tmp_path / "y",
+            **{**inputs, "splits": {"train": [(0, 0, 1, 0.6)], "val": [(0, 0.5, 1, 0.8)], "test": [(0, 0.8, 1, 1)]}},
+        )
     with pytest.raises(WsisegError, match="texture bands"):
-        build_mosaics(out_dir=tmp_path / "z", **{**inputs, "texture_bands": {
-            "train": (0, 0.7), "val": (0.6, 0.85), "test": (0.85, 1)}})
+        build_mosaics(
+            out_dir=tmp_path / "z",
+            **{**inputs, "texture_bands": {"train": (0, 0.7), "val": (0.6, 0.85), "test": (0.85, 1)}},
+        )
     with pytest.raises(WsisegError, match="unknown label-map code name"):
         build_mosaics(out_dir=tmp_path / "w", **{**inputs, "class_of_code": {0: "background", "nope": "red"}})
     assert not any(tmp_path.iterdir())  # nothing half-written

@@ -181,8 +181,9 @@ def test_physical_training_samples_every_region_at_one_spacing(nucls, tmp_path, 
     ds = WithMpp()
     grids = []
     real = train_mod.training_geometry
-    monkeypatch.setattr(train_mod, "training_geometry",
-                        lambda *a, **k: grids.append(real(*a, **k).grid) or real(*a, **k))
+    monkeypatch.setattr(
+        train_mod, "training_geometry", lambda *a, **k: grids.append(real(*a, **k).grid) or real(*a, **k)
+    )
     out = tmp_path / "run"
     train(_cfg(epochs=1, sample_spacing_um=4.0, val_fraction=0.0), ds, None, CLASSES, out, progress=False)
     # 128 px x 0.25 um and 64 px x 0.5 um: both 32 um wide, 8 samples at 4 um (not the 32 x 32 pixel-rule grid)
@@ -191,16 +192,19 @@ def test_physical_training_samples_every_region_at_one_spacing(nucls, tmp_path, 
     assert model.scale.sample_spacing_um == 4.0 and model.scale.regions == 6
 
     with pytest.raises(WsisegError, match="needs an MPP for every training region"):
-        train(_cfg(epochs=1, sample_spacing_um=4.0, val_fraction=0.0), fine, None, CLASSES, tmp_path / "x",
-              progress=False)
+        train(
+            _cfg(epochs=1, sample_spacing_um=4.0, val_fraction=0.0), fine, None, CLASSES, tmp_path / "x", progress=False
+        )
 
 
 def test_checkpoint_state_round_trips_without_pickle(tmp_path):
     from wsiseg.training.checkpoint import _pack, _unpack
 
     state = {
-        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "m": torch.ones(2)}}, "param_groups": [
-            {"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}]},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "m": torch.ones(2)}},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}],
+        },
         "rng": {"numpy": np.random.get_state(), "python": __import__("random").getstate()},
     }
     tensors: dict = {}
@@ -233,8 +237,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(data, tmp_pa
             return out
 
     monkeypatch.setattr(T, "JointLoss", Poisoned)
-    with pytest.raises(WsisegError,
-                       match=r"training diverged: loss is NaN at epoch 2 step 3; the last good checkpoint"):
+    with pytest.raises(
+        WsisegError, match=r"training diverged: loss is NaN at epoch 2 step 3; the last good checkpoint"
+    ):
         train(_cfg(epochs=3), *data, CLASSES, tmp_path, progress=False)
     ck = load_checkpoint(tmp_path / "checkpoint.safetensors")
     assert ck.meta["run"]["epoch"] == 1 and ck.meta["run"]["step"] == 2
@@ -267,8 +272,15 @@ def test_one_class_validation_warns(data, tmp_path):
 
     messages: list[str] = []
     with pytest.warns(UserWarning, match="only 1 class"):
-        r = train(_cfg(epochs=1, sampler="uniform"), data[0], Background(), CLASSES, tmp_path, progress=False,
-                  log=messages.append)
+        r = train(
+            _cfg(epochs=1, sampler="uniform"),
+            data[0],
+            Background(),
+            CLASSES,
+            tmp_path,
+            progress=False,
+            log=messages.append,
+        )
     assert r.best_val_miou_full is not None and any("only 1 class" in m for m in messages)
 
 
@@ -365,8 +377,24 @@ def test_cli_train_end_to_end(nucls, tmp_path):
     config.write_text("encoder: tu-resnet10t\nencoder_depth: 3\ndecoder_channels: [32, 16, 8]\nrot90: true\n")
     out = tmp_path / "run"
     args = [
-        "train", str(nucls / "train"), "--classes", str(classes), "--out", str(out), "--config", str(config),
-        "--epochs", "1", "--out-size", "32x32", "--map-size", "16", "--hr-size", "128x128", "--device", "cpu",
+        "train",
+        str(nucls / "train"),
+        "--classes",
+        str(classes),
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--epochs",
+        "1",
+        "--out-size",
+        "32x32",
+        "--map-size",
+        "16",
+        "--hr-size",
+        "128x128",
+        "--device",
+        "cpu",
     ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
@@ -378,8 +406,9 @@ def test_cli_train_end_to_end(nucls, tmp_path):
     # Same folder again: refused before any work; --resume continues with the stored options.
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and "previous training run" in r.output
-    r = CliRunner().invoke(main, ["train", str(nucls / "train"), "--classes", str(classes), "--out", str(out),
-                                  "--resume", "--epochs", "2"])
+    r = CliRunner().invoke(
+        main, ["train", str(nucls / "train"), "--classes", str(classes), "--out", str(out), "--resume", "--epochs", "2"]
+    )
     assert r.exit_code == 0, r.output
     assert "resuming" in r.output and "epoch 2/2" in r.output
     r = CliRunner().invoke(main, args[:-2] + ["--out-size", "0x3"])
@@ -430,8 +459,13 @@ def test_model_without_mpp_records_an_unknown_scale_and_says_so_once(data, tmp_p
     train(_cfg(epochs=1), data[0], None, CLASSES, tmp_path / "run", progress=False, log=lines.append)
 
     scale = load_deformseg(tmp_path / "run" / "model.safetensors").metadata["scale"]
-    assert scale == {"mpp_working": None, "sample_spacing_um": None, "source": "unknown", "regions": 0,
-                     "regions_without_mpp": 4}
+    assert scale == {
+        "mpp_working": None,
+        "sample_spacing_um": None,
+        "source": "unknown",
+        "regions": 0,
+        "regions_without_mpp": 4,
+    }
     said = [line for line in lines if "MPP" in line]
     assert len(said) == 1 and "no physical scale" in said[0]
 
@@ -452,15 +486,39 @@ def test_cli_train_with_mpp_records_the_scale(nucls, tmp_path):
     classes = tmp_path / "classes.yaml"
     classes.write_text("classes:\n  - {value: 1, name: non-tumour nucleus}\n  - {value: 2, name: tumour nucleus}\n")
     out = tmp_path / "run"
-    args = ["train", str(nucls / "train"), "--classes", str(classes), "--out", str(out), "--epochs", "1",
-            "--encoder", "tu-resnet10t", "--out-size", "32", "--map-size", "16", "--hr-size", "128",
-            "--device", "cpu", "--mpp", "0.25"]
+    args = [
+        "train",
+        str(nucls / "train"),
+        "--classes",
+        str(classes),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--encoder",
+        "tu-resnet10t",
+        "--out-size",
+        "32",
+        "--map-size",
+        "16",
+        "--hr-size",
+        "128",
+        "--device",
+        "cpu",
+        "--mpp",
+        "0.25",
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "scale: 0.5 um per working pixel, one sample every 2 um (mpp option, 8 regions)" in r.output
     m = load_deformseg(out / "model.safetensors")
-    assert m.metadata["scale"] == {"mpp_working": 0.5, "sample_spacing_um": 2.0, "source": "mpp option",
-                                   "regions": 8, "regions_without_mpp": 0}
+    assert m.metadata["scale"] == {
+        "mpp_working": 0.5,
+        "sample_spacing_um": 2.0,
+        "source": "mpp option",
+        "regions": 8,
+        "regions_without_mpp": 0,
+    }
     assert m.scale.sample_spacing_um == 2.0
 
     # --mpp fills only pairs without an MPP; items carry mpp; the spacing is measured with each region's own
@@ -484,8 +542,15 @@ def test_region_alone_in_its_batch_is_left_out_or_refused_never_a_crash(nucls, t
     pair = NuclsTiles(nucls / "train", 2)  # two 128 x 128 regions: one batch of two
     odd = NuclsTiles(nucls / "test", 1, size=(96, 96))  # the only region of its shape
     said: list[str] = []
-    train(deep, torch.utils.data.ConcatDataset([pair, odd]), None, CLASSES, tmp_path / "a", progress=False,
-          log=said.append)
+    train(
+        deep,
+        torch.utils.data.ConcatDataset([pair, odd]),
+        None,
+        CLASSES,
+        tmp_path / "a",
+        progress=False,
+        log=said.append,
+    )
     assert any("1 of 3 training regions are left out" in line for line in said), said
     with pytest.raises(WsisegError, match="no training batch can run") as err:
         train(deep, odd, None, CLASSES, tmp_path / "b", progress=False)
@@ -506,8 +571,10 @@ def test_hostile_checkpoint_metadata_is_refused_in_one_line(tmp_path):
 
     path = tmp_path / "checkpoint.safetensors"
     head = '{"format": "%s", "format_version": %s' % (CHECKPOINT_FORMAT, "%s")
-    for version, extra, fragment in (("1", ', "x": ' + "[" * 100_000 + "]" * 100_000, "nested deeper"),
-                                     ("true", "", "format version True")):
+    for version, extra, fragment in (
+        ("1", ', "x": ' + "[" * 100_000 + "]" * 100_000, "nested deeper"),
+        ("true", "", "format version True"),
+    ):
         save_file({"w": torch.zeros(1)}, str(path), metadata={_META_KEY: head % version + extra + "}"})
         with pytest.raises(WsisegError, match=fragment) as err:
             load_checkpoint(path)

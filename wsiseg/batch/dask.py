@@ -138,11 +138,18 @@ def cluster_client(
         raise ConfigError(f"--workers must be a positive integer, got {workers!r}")
     # One slide per worker thread, none queued on a worker: when a crashing slide kills its worker, dask counts
     # the death against every task that worker held, so a slide queued behind it would fail with it.
-    with dask.config.set({"distributed.scheduler.allowed-failures": int(allowed_failures),
-                          "distributed.scheduler.worker-saturation": 1.0}):
+    with dask.config.set(
+        {
+            "distributed.scheduler.allowed-failures": int(allowed_failures),
+            "distributed.scheduler.worker-saturation": 1.0,
+        }
+    ):
         # Quiet: worker restarts are reported per slide in status.csv, not as log noise.
         cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
             silence_logs=logging.ERROR,
         )
     try:
@@ -243,8 +250,15 @@ def _slide_task(
     """The dask task of one slide: the same lock/process/marker rules (and time limit) as a local run."""
     with _local_dask():
         return execute_slide(
-            job, out_dir, process, fingerprint=fingerprint, overwrite=overwrite, lock_timeout=lock_timeout,
-            progress=_stage_reporter(topic, job.name), run_id=run_id, timeout=slide_timeout,
+            job,
+            out_dir,
+            process,
+            fingerprint=fingerprint,
+            overwrite=overwrite,
+            lock_timeout=lock_timeout,
+            progress=_stage_reporter(topic, job.name),
+            run_id=run_id,
+            timeout=slide_timeout,
         )
 
 
@@ -266,7 +280,6 @@ def _killed_message(exc: BaseException, allowed: int | None) -> str:
 def _future_outcome(fut, allowed: int | None) -> SlideOutcome:
     """A finished future -> the slide's outcome; cluster-side failures become ``failed``."""
     from distributed import KilledWorker
-
 
     if fut.status == "finished":
         try:
@@ -358,17 +371,20 @@ def run_batch_distributed(
         ``process`` that cannot be pickled: before any slide is attempted.
     """
     stream = sys.stderr if stream is None else stream
-    jobs = [
-        dataclasses.replace(j, path=os.path.abspath(j.path)) if isinstance(j, SlideJob) else j
-        for j in jobs
-    ]
+    jobs = [dataclasses.replace(j, path=os.path.abspath(j.path)) if isinstance(j, SlideJob) else j for j in jobs]
     jobs = check_batch(jobs, fingerprint=fingerprint, lock_timeout=lock_timeout)
     slide_timeout = check_timeout(slide_timeout)
     _check_picklable(process)
     out = Path(os.path.abspath(out_dir))
     kwargs = dict(
-        fingerprint=fingerprint, overwrite=overwrite, progress=progress, stream=stream, lock_timeout=lock_timeout,
-        retries=retries, gpu=gpu, slide_timeout=slide_timeout,
+        fingerprint=fingerprint,
+        overwrite=overwrite,
+        progress=progress,
+        stream=stream,
+        lock_timeout=lock_timeout,
+        retries=retries,
+        gpu=gpu,
+        slide_timeout=slide_timeout,
     )
     if client is not None:
         if scheduler is not None or workers is not None:
@@ -378,8 +394,21 @@ def run_batch_distributed(
         return _drive(c, jobs, out, process, **kwargs)
 
 
-def _drive(client, jobs, out: Path, process, *, fingerprint, overwrite, progress, stream, lock_timeout, retries, gpu,
-           slide_timeout):
+def _drive(
+    client,
+    jobs,
+    out: Path,
+    process,
+    *,
+    fingerprint,
+    overwrite,
+    progress,
+    stream,
+    lock_timeout,
+    retries,
+    gpu,
+    slide_timeout,
+):
     from distributed import as_completed
 
     run_id = uuid.uuid4().hex
@@ -422,9 +451,19 @@ def _drive(client, jobs, out: Path, process, *, fingerprint, overwrite, progress
                 i, reason = queue.popleft()
                 rec.slide_start(i, "process", reason)
                 fut = client.submit(
-                    _slide_task, jobs[i], str(out), process, fingerprint, overwrite, lock_timeout, run_id, topic,
+                    _slide_task,
+                    jobs[i],
+                    str(out),
+                    process,
+                    fingerprint,
+                    overwrite,
+                    lock_timeout,
+                    run_id,
+                    topic,
                     slide_timeout,
-                    key=f"wsiseg-slide-{run_id[:8]}-{i}", pure=False, retries=retries,
+                    key=f"wsiseg-slide-{run_id[:8]}-{i}",
+                    pure=False,
+                    retries=retries,
                     resources={"GPU": 1} if use_gpu else None,
                 )
                 in_flight[fut] = i

@@ -201,13 +201,17 @@ def run_isolated(
     import cloudpickle
 
     out = Path(out_dir)
-    frames = [_frame(pickle.dumps(list(sys.path))),
-              _frame(cloudpickle.dumps((process, job, str(out), fingerprint, overwrite)))]
+    frames = [
+        _frame(pickle.dumps(list(sys.path))),
+        _frame(cloudpickle.dumps((process, job, str(out), fingerprint, overwrite))),
+    ]
     read_fd, write_fd = os.pipe()
     try:
         child = subprocess.Popen(
             [sys.executable, "-c", _BOOTSTRAP, str(write_fd), str(os.getpid())],
-            stdin=subprocess.PIPE, pass_fds=(write_fd,), start_new_session=True,
+            stdin=subprocess.PIPE,
+            pass_fds=(write_fd,),
+            start_new_session=True,
         )
     except BaseException:
         os.close(read_fd)
@@ -296,8 +300,13 @@ def _child_main(fd: int, parent: int) -> None:
     try:
         process, job, out_dir, fingerprint, overwrite = pickle.loads(_read_frame(sys.stdin.buffer) or b"")
     except Exception as exc:  # noqa: BLE001
-        send(("error", f"internal error: the worker process cannot load the per-slide function "
-                       f"({type(exc).__name__}: {one_line(exc)})"))
+        send(
+            (
+                "error",
+                f"internal error: the worker process cannot load the per-slide function "
+                f"({type(exc).__name__}: {one_line(exc)})",
+            )
+        )
         os._exit(0)
     try:
         msg = ("done", process(job, Path(out_dir), fingerprint=fingerprint, overwrite=overwrite, progress=progress))

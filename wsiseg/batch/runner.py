@@ -226,8 +226,16 @@ def execute_slide(
             if timeout is None:
                 outcome = process(job, out, fingerprint=sfp, overwrite=True, progress=report)
             else:
-                outcome = run_isolated(process, job, out, fingerprint=sfp, overwrite=True, progress=report,
-                                       timeout=timeout, started=lock.note_child)
+                outcome = run_isolated(
+                    process,
+                    job,
+                    out,
+                    fingerprint=sfp,
+                    overwrite=True,
+                    progress=report,
+                    timeout=timeout,
+                    started=lock.note_child,
+                )
             if not isinstance(outcome, SlideOutcome):
                 raise TypeError(f"the process function returned {type(outcome).__name__}, not SlideOutcome")
         except Exception as exc:  # noqa: BLE001 - any bug in one slide must not stop the batch
@@ -416,8 +424,13 @@ def run_batch(
                     outcome = SlideOutcome("skipped", error=DONE_REASON)
                 else:
                     outcome = execute_slide(
-                        job, rec.out, process, fingerprint=fingerprint, overwrite=overwrite,
-                        lock_timeout=lock_timeout, progress=lambda stage, f, i=i: rec.stage(i, stage, f),
+                        job,
+                        rec.out,
+                        process,
+                        fingerprint=fingerprint,
+                        overwrite=overwrite,
+                        lock_timeout=lock_timeout,
+                        progress=lambda stage, f, i=i: rec.stage(i, stage, f),
                         timeout=slide_timeout,
                     )
             except BaseException as exc:  # Ctrl-C, SystemExit: record the truth, then let it go

@@ -85,8 +85,9 @@ def default_textures() -> Path:
     """The default texture of layout slides: the ``textures`` folder of the shared data (:func:`shared_data_dir`)."""
     path = shared_data_dir() / "textures"
     if not path.is_dir():
-        raise ConfigError(f"no --source given and the default textures folder {path} does not exist "
-                          "(set WSISEG_SHARED_DATA)")
+        raise ConfigError(
+            f"no --source given and the default textures folder {path} does not exist (set WSISEG_SHARED_DATA)"
+        )
     return path
 
 
@@ -185,8 +186,10 @@ class SlideSpec:
         if self.layout != "synthetic":
             from wsiseg.bench.layouts import texture_digest
 
-            return (f"layout-{self.layout}-{self.width}x{self.height}-seed{self.seed}-t{self.tile}-q{self.quality}-"
-                    f"mpp{self.mpp:g}-{texture_digest(self.source)}.tiff")
+            return (
+                f"layout-{self.layout}-{self.width}x{self.height}-seed{self.seed}-t{self.tile}-q{self.quality}-"
+                f"mpp{self.mpp:g}-{texture_digest(self.source)}.tiff"
+            )
         st = self.source.stat()
         digest = hashlib.sha1(f"{self.source.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
         return f"synthetic-{self.width}x{self.height}-t{self.tile}-q{self.quality}-mpp{self.mpp:g}-{digest}.tiff"
@@ -224,9 +227,19 @@ def cached_synthetic_slide(spec: SlideSpec, workdir: str | os.PathLike) -> tuple
         if spec.layout == "synthetic":
             write_synthetic_slide(tmp, spec.width, spec.height, spec.source, spec.tile, spec.quality, spec.mpp)
         else:
-            extra = {"layout": write_layout_slide(tmp, spec.layout, spec.width, spec.height, spec.source,
-                                                  seed=spec.seed, tile=spec.tile, quality=spec.quality,
-                                                  mpp=spec.mpp)}
+            extra = {
+                "layout": write_layout_slide(
+                    tmp,
+                    spec.layout,
+                    spec.width,
+                    spec.height,
+                    spec.source,
+                    seed=spec.seed,
+                    tile=spec.tile,
+                    quality=spec.quality,
+                    mpp=spec.mpp,
+                )
+            }
         seconds = time.perf_counter() - t0
         os.replace(tmp, path)
     finally:
@@ -396,8 +409,10 @@ def bench_gather(
                 opens.append(t_open)
             s = res.stats
             run = GatherRun(gname, mode, tuple(times), tuple(opens), s.levels, s.chunks, s.pixels, s.fraction)
-            say(f"  {gname:8s} {mode:5s} {run.median:8.3f} s  {s.chunks:6d} chunks  "
-                f"{100 * s.fraction:7.3f} % of level 0")
+            say(
+                f"  {gname:8s} {mode:5s} {run.median:8.3f} s  {s.chunks:6d} chunks  "
+                f"{100 * s.fraction:7.3f} % of level 0"
+            )
             runs.append(run)
     return GatherBench(
         slide=path,
@@ -674,8 +689,10 @@ def bench_cluster(
                 errors = sorted({r.error for r in result.results if r.status != "ok"})
                 raise WsisegError(f"benchmark run '{label}' finished {ok} of {slides} slides: {errors}")
             run = ClusterRun(label, n, wall, result.seconds, tuple(r.seconds for r in result.results), ok)
-            say(f"  {label:20s} {wall:7.1f} s wall, {run.slides_per_hour:7.0f} slides/h "
-                f"({run.batch_slides_per_hour:.0f} slides/h without start-up)")
+            say(
+                f"  {label:20s} {wall:7.1f} s wall, {run.slides_per_hour:7.0f} slides/h "
+                f"({run.batch_slides_per_hour:.0f} slides/h without start-up)"
+            )
             runs.append(run)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -88,12 +88,23 @@ FAILURES = ("internal-error", "crash", "hang", "memory", "unclear")
 COMMANDS = ("info", "convert", "segment")
 # Python's own exceptions quoted in a refusal: a library (or wsiseg) failed on the damage, and the message
 # names that failure instead of the damage. Clean refusals still; counted apart in the section.
-_PYTHON_ERRORS = re.compile(r"\b(TypeError|ValueError|IndexError|KeyError|AttributeError|ZeroDivisionError|"
-                            r"OverflowError|AssertionError|RuntimeError|UnboundLocalError|NameError)\b")
+_PYTHON_ERRORS = re.compile(
+    r"\b(TypeError|ValueError|IndexError|KeyError|AttributeError|ZeroDivisionError|"
+    r"OverflowError|AssertionError|RuntimeError|UnboundLocalError|NameError)\b"
+)
 _MEMORY_MARKERS = ("MemoryError", "Unable to allocate", "bad_alloc", "Cannot allocate memory", "out of memory")
 # Modules the fork server imports once, so that each child starts with them loaded.
-_PRELOAD = ("wsiseg.cli.app", "wsiseg.slide.open", "wsiseg.slide.info", "wsiseg.slide.convert", "tifffile",
-            "imagecodecs", "openslide", "zarr", "dask.array")
+_PRELOAD = (
+    "wsiseg.cli.app",
+    "wsiseg.slide.open",
+    "wsiseg.slide.info",
+    "wsiseg.slide.convert",
+    "tifffile",
+    "imagecodecs",
+    "openslide",
+    "zarr",
+    "dask.array",
+)
 _PRELOAD_SEGMENT = ("torch", "wsiseg.segment", "wsiseg.batch.runner", "wsiseg.models.io", "segmentation_models_pytorch")
 _SERVER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -292,7 +303,9 @@ class ForkServer:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the same wsiseg as this process
         self._proc = subprocess.Popen(
             [sys.executable, "-c", "from wsiseg.bench.fuzz import serve; serve()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
         )
         self.threads = self._ask({"preload": list(preload)})["threads"]
 
@@ -308,8 +321,9 @@ class ForkServer:
             raise RuntimeError(msg["error"])
         return msg
 
-    def run(self, target: str, args: Sequence, *, cwd: str | os.PathLike, timeout: float,
-            memory: int | None = None) -> Run:
+    def run(
+        self, target: str, args: Sequence, *, cwd: str | os.PathLike, timeout: float, memory: int | None = None
+    ) -> Run:
         """Call ``target(*args)`` in a forked child; its output is captured in files under ``cwd``.
 
         Parameters
@@ -331,8 +345,17 @@ class ForkServer:
         """
         cwd = Path(cwd)
         out, err = cwd / ".fuzz-stdout", cwd / ".fuzz-stderr"
-        msg = self._ask({"target": target, "args": list(args), "cwd": str(cwd), "timeout": timeout,
-                         "memory": memory, "stdout": str(out), "stderr": str(err)})
+        msg = self._ask(
+            {
+                "target": target,
+                "args": list(args),
+                "cwd": str(cwd),
+                "timeout": timeout,
+                "memory": memory,
+                "stdout": str(out),
+                "stderr": str(err),
+            }
+        )
         texts = []
         for path in (out, err):
             try:
@@ -422,8 +445,11 @@ def classify(run: Run, slide: str, command: str = "info", out_dir: Path | None =
     if run.returncode == 2 or command != "segment":
         errors = [ln for ln in lines if ln.startswith("wsiseg: error: ")]
         # wsiseg's own warnings about the slide (an implausible MPP ...) may come first; nothing else may
-        if run.returncode == 2 and errors == lines[-1:] and slide in errors[0] and all(
-            ln.startswith(f"{slide}: ") for ln in lines[:-1]
+        if (
+            run.returncode == 2
+            and errors == lines[-1:]
+            and slide in errors[0]
+            and all(ln.startswith(f"{slide}: ") for ln in lines[:-1])
         ):
             return "refused", errors[0]
         return "unclear", f"exit code {run.returncode}, {len(lines)} stderr line(s): {' | '.join(lines)[:300]}"
@@ -510,8 +536,9 @@ class FuzzReport:
         return asdict(self)
 
 
-def _run_case(server: ForkServer, slide: str, folder: Path, convert: bool, segment: bool, timeout: float,
-              memory: int) -> tuple[CommandResult, ...]:
+def _run_case(
+    server: ForkServer, slide: str, folder: Path, convert: bool, segment: bool, timeout: float, memory: int
+) -> tuple[CommandResult, ...]:
     """``info`` on one written case, then ``convert`` (when asked and info opened it) and ``segment`` (when asked)."""
     results = []
 
@@ -526,8 +553,11 @@ def _run_case(server: ForkServer, slide: str, folder: Path, convert: bool, segme
         run("convert", ["convert", slide, str(folder / "out.zarr")])
     if segment:
         seg = folder / "segment"
-        run("segment", ["segment", slide, "--model", "demo", "--out", str(seg), "--progress", "none",
-                        "--device", "cpu"], seg)
+        run(
+            "segment",
+            ["segment", slide, "--model", "demo", "--out", str(seg), "--progress", "none", "--device", "cpu"],
+            seg,
+        )
     return tuple(results)
 
 
@@ -588,8 +618,16 @@ def run_fuzz(
     unknown = set(commands) - set(COMMANDS)
     if unknown or "info" not in commands:
         raise ValueError(f"commands must include info and be among {COMMANDS}, got {list(commands)}")
-    report = FuzzReport(seed, first, tuple(commands), segment_every, timeout, memory_mib,
-                        tuple(s.name for s in sources), machine=machine_info())
+    report = FuzzReport(
+        seed,
+        first,
+        tuple(commands),
+        segment_every,
+        timeout,
+        memory_mib,
+        tuple(s.name for s in sources),
+        machine=machine_info(),
+    )
     preload = _PRELOAD + (_PRELOAD_SEGMENT if "segment" in commands else ())
     own_tmp = workdir is None
     root = Path(tempfile.mkdtemp(prefix="wsiseg-fuzz-")) if own_tmp else Path(workdir)
@@ -663,9 +701,13 @@ def format_fuzz_section(report: FuzzReport, command: str) -> str:
         f"- Cases {report.first} to {last} of seed {report.seed} ({n} mutated slides from "
         f"{', '.join(f'`{s}`' for s in report.sources)}; one kind of damage each, see `wsiseg/bench/mutate.py`). "
         "`wsiseg info` runs on every case, `convert` on every case that info opened"
-        + (f", `segment --model demo --device cpu` on one case in every {report.segment_every} (case "
-           f"`k * {report.segment_every} + k % {report.segment_every}` of block k)"
-           if "segment" in report.commands else "") + ".",
+        + (
+            f", `segment --model demo --device cpu` on one case in every {report.segment_every} (case "
+            f"`k * {report.segment_every} + k % {report.segment_every}` of block k)"
+            if "segment" in report.commands
+            else ""
+        )
+        + ".",
         f"- Each command runs in its own process forked from a server that imported wsiseg once; it is killed after "
         f"{report.timeout:g} s (a hang) and may map {report.memory_mib} MiB beyond what it inherits (a memory "
         "blowup). Refused = exit code 2 and exactly one stderr line `wsiseg: error: ...` naming the file "
@@ -682,10 +724,17 @@ def format_fuzz_section(report: FuzzReport, command: str) -> str:
         if not rs:
             continue
         secs = [r.seconds for r in rs]
-        lines.append(f"| {cmd} | {len(rs)} | {_count_cells(report.counts(cmd))} | {statistics.median(secs):.3f} | "
-                     f"{max(secs):.2f} | {max(r.max_rss_mib for r in rs):.0f} |")
-    lines += ["", "Per mutation (outcome of `info`; failures count every command):", "",
-              "| mutation | cases | info ok | info refused | failures |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {cmd} | {len(rs)} | {_count_cells(report.counts(cmd))} | {statistics.median(secs):.3f} | "
+            f"{max(secs):.2f} | {max(r.max_rss_mib for r in rs):.0f} |"
+        )
+    lines += [
+        "",
+        "Per mutation (outcome of `info`; failures count every command):",
+        "",
+        "| mutation | cases | info ok | info refused | failures |",
+        "|---|---|---|---|---|",
+    ]
     for kind in MUTATIONS:
         cs = [c for c in report.cases if c.kind == kind]
         if cs:
@@ -693,17 +742,26 @@ def format_fuzz_section(report: FuzzReport, command: str) -> str:
             failed = sum(1 for c in cs for r in c.results if r.outcome in FAILURES)
             lines.append(f"| {kind} | {len(cs)} | {info.get('ok', 0)} | {info.get('refused', 0)} | {failed} |")
     slow = sorted(((r, c) for c in report.cases for r in c.results), key=lambda rc: -rc[0].seconds)[:5]
-    lines += ["", "Slowest commands:", "", "| case | source | mutation | command | s | outcome |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Slowest commands:",
+        "",
+        "| case | source | mutation | command | s | outcome |",
+        "|---|---|---|---|---|---|",
+    ]
     for r, c in slow:
-        lines.append(f"| {c.index} | `{c.source}` | {c.kind}: {c.description[:80]} | {r.command} | "
-                     f"{r.seconds:.2f} | {r.outcome} |")
+        lines.append(
+            f"| {c.index} | `{c.source}` | {c.kind}: {c.description[:80]} | {r.command} | "
+            f"{r.seconds:.2f} | {r.outcome} |"
+        )
     failures = report.failures()
     if failures:
         lines += ["", "Failures (reproduce with `--first INDEX --cases 1 --keep DIR`):", ""]
         for c in failures[:20]:
             for r in c.results:
                 if r.outcome in FAILURES:
-                    lines.append(f"- case {c.index} `{c.source}` {c.kind} ({c.description[:80]}): {r.command} "
-                                 f"{r.outcome}: {r.detail[:200]}")
+                    lines.append(
+                        f"- case {c.index} `{c.source}` {c.kind} ({c.description[:80]}): {r.command} "
+                        f"{r.outcome}: {r.detail[:200]}"
+                    )
     return "\n".join(lines)

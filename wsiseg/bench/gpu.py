@@ -158,8 +158,10 @@ def bench_gpu(
 
     say = log or (lambda msg: None)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("no CUDA device on this machine: `wsiseg bench gpu` measures GPU throughput "
-                          "(`--device cpu` runs the same measurement on the CPU, on a small layout)")
+        raise ConfigError(
+            "no CUDA device on this machine: `wsiseg bench gpu` measures GPU throughput "
+            "(`--device cpu` runs the same measurement on the CPU, on a small layout)"
+        )
     dev = resolve_device(device)
     if repeats < 1:
         raise ConfigError(f"--repeats must be positive, got {repeats}")
@@ -195,8 +197,10 @@ def bench_gpu(
         finally:
             shutil.rmtree(root, ignore_errors=True)
         run = GpuRun(spec, tuple(times), best[0]["timings"], len(best[0]["regions"]), ref_seconds, agreement, level)
-        say(f"  {spec.layout}: {', '.join(f'{t:.2f}' for t in times)} s -> {run.slides_per_hour:.0f} slides/h; "
-            f"CPU reference {ref_seconds:.2f} s; labels equal on {100 * agreement:.3f} % of {level[0]}x{level[1]}")
+        say(
+            f"  {spec.layout}: {', '.join(f'{t:.2f}' for t in times)} s -> {run.slides_per_hour:.0f} slides/h; "
+            f"CPU reference {ref_seconds:.2f} s; labels equal on {100 * agreement:.3f} % of {level[0]}x{level[1]}"
+        )
         runs.append(run)
     amp = dev.type == "cuda"
     return GpuBench(str(dev), name, amp, model_path.name, tuple(runs), features, machine)
@@ -231,4 +235,3 @@ def format_gpu_section(b: GpuBench, command: str) -> str:
             f"{100 * r.agreement:.3f} % ({mark(r.agreement >= GPU_AGREEMENT)}) |"
         )
     return "\n".join(lines)
-

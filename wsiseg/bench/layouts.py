@@ -102,8 +102,12 @@ class _Blob:
     def bbox(self) -> Box:
         t = np.linspace(0, 2 * np.pi, 4096, endpoint=False)
         r = self.radius(t)
-        return (self.cx + float((r * np.cos(t)).min()), self.cy + float((r * np.sin(t)).min()),
-                self.cx + float((r * np.cos(t)).max()), self.cy + float((r * np.sin(t)).max()))
+        return (
+            self.cx + float((r * np.cos(t)).min()),
+            self.cy + float((r * np.sin(t)).min()),
+            self.cx + float((r * np.cos(t)).max()),
+            self.cy + float((r * np.sin(t)).max()),
+        )
 
     def area(self) -> float:
         t = np.linspace(0, 2 * np.pi, 8192, endpoint=False)
@@ -337,8 +341,8 @@ class Coverage:
             bot = m8[i1][:, j0] * (1 - fx) + m8[i1][:, j1] * fx
             a = (top * (1 - fy)[:, None] + bot * fy[:, None]) / np.float32(255)
             # beyond the slide's last pixel: glass
-            a[max(0, math.ceil(self.height / f) - y0):] = 0
-            a[:, max(0, math.ceil(self.width / f) - x0):] = 0
+            a[max(0, math.ceil(self.height / f) - y0) :] = 0
+            a[:, max(0, math.ceil(self.width / f) - x0) :] = 0
             return a.astype(np.float32)
 
         return fine
@@ -536,9 +540,19 @@ def write_layout_slide(
     files = texture_files(source)
     # the quilt repeats (mirrored) every 2 quilt sides: 2048 px, smaller for small test slides
     size = min(_QUILT, max(_BLOCK, 1 << (max(width, height) // 2 - 1).bit_length()))
-    write_synthetic_slide(path, width, height, quilt_texture(files, seed, size), tile, quality, mpp,
-                          coverage=coverage, glass=GLASS_RGB, workers=workers,
-                          description=f"wsiseg {name} layout slide {width}x{height} seed {seed}")
+    write_synthetic_slide(
+        path,
+        width,
+        height,
+        quilt_texture(files, seed, size),
+        tile,
+        quality,
+        mpp,
+        coverage=coverage,
+        glass=GLASS_RGB,
+        workers=workers,
+        description=f"wsiseg {name} layout slide {width}x{height} seed {seed}",
+    )
     return {
         "layout": name,
         "seed": seed,

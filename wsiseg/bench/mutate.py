@@ -43,8 +43,15 @@ TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4
 _INT_FORMATS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I", 16: "Q", 17: "q", 18: "Q"}
 _MAX_IFDS = 10_000
 # Tags whose values size the image (width, length, bits, samples, rows per strip, tile width and length).
-_SIZE_TAGS = {256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample", 277: "SamplesPerPixel",
-              278: "RowsPerStrip", 322: "TileWidth", 323: "TileLength"}
+_SIZE_TAGS = {
+    256: "ImageWidth",
+    257: "ImageLength",
+    258: "BitsPerSample",
+    277: "SamplesPerPixel",
+    278: "RowsPerStrip",
+    322: "TileWidth",
+    323: "TileLength",
+}
 # Offsets and byte counts of strips and tiles: (offsets tag, byte counts tag).
 _DATA_TAGS = ((324, 325), (273, 279))
 
@@ -283,8 +290,25 @@ def _write_int(data: bytearray, tmap: TiffMap, pos: int, typ: int, value: int) -
 def _hostile_ints(rng: random.Random, size: int, file_size: int, current: int | None = None) -> int:
     """A number chosen to hurt: 0, 1, the type's extremes, the file's size, a multiple of the current value."""
     top = (1 << (8 * size)) - 1
-    options = [0, 1, 2, 3, top, top - 1, top >> 1, (top >> 1) + 1, 255, 256, 65535, 65536, 500_001,
-               file_size - 1, file_size, file_size + 1, rng.randrange(top + 1)]
+    options = [
+        0,
+        1,
+        2,
+        3,
+        top,
+        top - 1,
+        top >> 1,
+        (top >> 1) + 1,
+        255,
+        256,
+        65535,
+        65536,
+        500_001,
+        file_size - 1,
+        file_size,
+        file_size + 1,
+        rng.randrange(top + 1),
+    ]
     if current is not None:
         options += [current + 1, max(current - 1, 0), current * 2, current * 1000]
     return rng.choice(options)
@@ -382,8 +406,19 @@ def _next_fields(tmap: TiffMap | None) -> list[tuple[str, int]]:
 def _m_ifd_offset(data: bytearray, tmap, rng) -> str:
     name, pos = rng.choice(_next_fields(tmap))
     size = len(data)
-    targets = [0, 1, 7, size - 2, size, size + 8, (1 << (8 * tmap.offset_size)) - 1, pos, pos + 1,
-               rng.randrange(size), rng.randrange(size) | 1]
+    targets = [
+        0,
+        1,
+        7,
+        size - 2,
+        size,
+        size + 8,
+        (1 << (8 * tmap.offset_size)) - 1,
+        pos,
+        pos + 1,
+        rng.randrange(size),
+        rng.randrange(size) | 1,
+    ]
     value = rng.choice(targets)
     _write_int(data, tmap, pos, 16 if tmap.big else 4, value)
     return f"{name}: next IFD offset set to {value}"

@@ -253,11 +253,15 @@ def grid_capacity(
                     cm.update(y_up, y[None])
                 scores[label] = float(cm.miou())
             for label, ratio, sig, rad in configs:
-                rows.append(CapacityRow(qs.key, budget, label, ratio, sig, rad, scores[label], scores["uniform"],
-                                        float(np.mean(costs))))
+                rows.append(
+                    CapacityRow(
+                        qs.key, budget, label, ratio, sig, rad, scores[label], scores["uniform"], float(np.mean(costs))
+                    )
+                )
             best = max(configs, key=lambda c: scores[c[0]])[0]
-            say(f"capacity {qs.key} {100 * budget:g} %: uniform {scores['uniform']:.4f}, best {best} "
-                f"{scores[best]:.4f}")
+            say(
+                f"capacity {qs.key} {100 * budget:g} %: uniform {scores['uniform']:.4f}, best {best} {scores[best]:.4f}"
+            )
     return rows
 
 
@@ -283,8 +287,14 @@ def format_capacity(rows: Sequence[CapacityRow]) -> str:
 def _quality_config(base: TrainConfig, qs: QualitySet, *, epochs: int, seed: int, encoder_weights: str | None):
     """``base`` for one set: its working resolution, whole regions, no validation split, the seed."""
     return dataclasses.replace(
-        base, hr_size=(qs.hr_size, qs.hr_size), regions="whole", epochs=epochs, seed=seed, val_fraction=0.0,
-        patience=None, encoder_weights=encoder_weights,
+        base,
+        hr_size=(qs.hr_size, qs.hr_size),
+        regions="whole",
+        epochs=epochs,
+        seed=seed,
+        val_fraction=0.0,
+        patience=None,
+        encoder_weights=encoder_weights,
     )
 
 
@@ -373,27 +383,48 @@ def loss_balance(
         for gamma in gammas:
             cfg = dataclasses.replace(
                 _quality_config(base, qs, epochs=epochs, seed=0, encoder_weights=base.encoder_weights),
-                sampler="learned", joint=True, gamma_edge=gamma, edge_norm=norm,
-                out_size=(grid, grid), map_size=(2 * grid, 2 * grid), sigma=None, support=None,
+                sampler="learned",
+                joint=True,
+                gamma_edge=gamma,
+                edge_norm=norm,
+                out_size=(grid, grid),
+                map_size=(2 * grid, 2 * grid),
+                sigma=None,
+                support=None,
             )
             run = Path(workdir) / "balance" / f"{qs.key}-{norm}-{gamma:g}-{_digest(cfg.to_dict(), data_hash)}"
             path = ensure_trained(cfg, run, train_ds, None, classes, data_hash, say, "learned")
-            hist = _read_log(run)[epochs // 3:]
+            hist = _read_log(run)[epochs // 3 :]
             med = {k: statistics.median(float(r[k]) for r in hist) for k in ("grad_seg", "grad_edge", "seg", "edge")}
             r = evaluate_model(load_deformseg(path), test_ds, device="cpu", name="learned")
-            rows.append(BalanceRow(norm, gamma, med["grad_seg"], med["grad_edge"], med["seg"], med["edge"],
-                                   r.miou_full, r.upsampling_miou))
+            rows.append(
+                BalanceRow(
+                    norm,
+                    gamma,
+                    med["grad_seg"],
+                    med["grad_edge"],
+                    med["seg"],
+                    med["edge"],
+                    r.miou_full,
+                    r.upsampling_miou,
+                )
+            )
             say(f"balance {norm} gamma {gamma:g}: grad edge/seg {rows[-1].ratio:.3g}, test mIoU {r.miou_full:.4f}")
     return rows
 
 
 def format_balance(rows: Sequence[BalanceRow]) -> str:
     """Markdown table of :func:`loss_balance`."""
-    lines = ["| edge-loss normalisation | gamma | grad seg | grad edge | edge / seg | L_seg | L_edge | "
-             "test mIoU | mIoU(Y', Y) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| edge-loss normalisation | gamma | grad seg | grad edge | edge / seg | L_seg | L_edge | "
+        "test mIoU | mIoU(Y', Y) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.edge_norm} | {r.gamma:g} | {r.grad_seg:.3g} | {r.grad_edge:.3g} | {r.ratio:.3g} | "
-                     f"{r.seg:.3g} | {r.edge:.3g} | {fmt_score(r.miou_full)} | {fmt_score(r.upsampling_miou)} |")
+        lines.append(
+            f"| {r.edge_norm} | {r.gamma:g} | {r.grad_seg:.3g} | {r.grad_edge:.3g} | {r.ratio:.3g} | "
+            f"{r.seg:.3g} | {r.edge:.3g} | {fmt_score(r.miou_full)} | {fmt_score(r.upsampling_miou)} |"
+        )
     return "\n".join(lines)
 
 
@@ -476,11 +507,25 @@ def bench_quality(
                 cfg = _quality_config(base, qs, epochs=EPOCHS[qs.key], seed=seed, encoder_weights=weights)
                 run = Path(workdir) / f"{qs.key}-{enc}-s{seed}-{_digest(cfg.to_dict(), data_hash)}"
                 unit: list[dict] = []
-                todo = tuple(m for m in METHODS[enc] if m in SET_METHODS.get(qs.key, METHODS[enc])
-                             and (methods is None or m in methods))
+                todo = tuple(
+                    m
+                    for m in METHODS[enc]
+                    if m in SET_METHODS.get(qs.key, METHODS[enc]) and (methods is None or m in methods)
+                )
                 t0 = time.perf_counter()
-                got, _ = run_sweep(cfg, [(g, g) for g in grids], run / "sweep", train_ds, None, test_ds, classes,
-                                   data_hash=data_hash, methods=todo, device=base.device, log=say)
+                got, _ = run_sweep(
+                    cfg,
+                    [(g, g) for g in grids],
+                    run / "sweep",
+                    train_ds,
+                    None,
+                    test_ds,
+                    classes,
+                    data_hash=data_hash,
+                    methods=todo,
+                    device=base.device,
+                    log=say,
+                )
                 for r in got:
                     r.update(set=qs.key, encoder=enc, seed=seed, seconds=time.perf_counter() - t0)
                     unit.append(r)
@@ -488,11 +533,16 @@ def bench_quality(
                 # methods not run this time (a call with other methods) are kept.
                 path = Path(workdir) / f"rows-{qs.key}-{enc}-s{seed}.json"
                 done = {(r["method"], r["out_height"]) for r in unit}
-                kept = [r for r in (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else [])
-                        if (r["method"], r["out_height"]) not in done]
+                kept = [
+                    r
+                    for r in (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else [])
+                    if (r["method"], r["out_height"]) not in done
+                ]
                 write_json(path, kept + unit)
-                say(f"{qs.key} {enc} seed {seed}: " + ", ".join(
-                    f"{r['method']}@{r['out_width']} {fmt_score(r['miou_full'])}" for r in got))
+                say(
+                    f"{qs.key} {enc} seed {seed}: "
+                    + ", ".join(f"{r['method']}@{r['out_width']} {fmt_score(r['miou_full'])}" for r in got)
+                )
                 rows += unit
     return rows
 
@@ -569,8 +619,14 @@ def density_differences(
                     for b in range(a + 1, len(ms)):
                         key = f"{ms[a]}-{ms[b]}"
                         tv.setdefault(key, []).append(float(0.5 * (ds[ms[a]] - ds[ms[b]]).abs().sum()))
-        out.append({"set": qs.key, "grid": g, "tv": {k: statistics.fmean(v) for k, v in tv.items()},
-                    "edge_mass": {k: statistics.fmean(v) for k, v in mass.items()}})
+        out.append(
+            {
+                "set": qs.key,
+                "grid": g,
+                "tv": {k: statistics.fmean(v) for k, v in tv.items()},
+                "edge_mass": {k: statistics.fmean(v) for k, v in mass.items()},
+            }
+        )
     return out
 
 
@@ -615,8 +671,12 @@ class _RandomCrops:
         image, labels = item["image"][:, y : y + s, x : x + s], item["labels"][y : y + s, x : x + s]
         if rng.random() < 0.5:
             image, labels = image.flip(-1), labels.flip(-1)
-        return {"image": image.contiguous(), "labels": labels.contiguous(), "name": f"{item.get('name', '')}#{i}",
-                "size": (s, s)}
+        return {
+            "image": image.contiguous(),
+            "labels": labels.contiguous(),
+            "name": f"{item.get('name', '')}#{i}",
+            "size": (s, s),
+        }
 
 
 def full_resolution_ceiling(
@@ -654,18 +714,27 @@ def full_resolution_ceiling(
     per_image = max(1, round(4 * 6 / len(train_ds)))  # about 6 steps of batch 4 per epoch, like camelyon's
     cfg = dataclasses.replace(
         _quality_config(base, qs, epochs=EPOCHS[qs.key], seed=seed, encoder_weights=weights),
-        sampler="uniform", out_size=(qs.hr_size, qs.hr_size), map_size=(qs.hr_size, qs.hr_size), sigma=None,
+        sampler="uniform",
+        out_size=(qs.hr_size, qs.hr_size),
+        map_size=(qs.hr_size, qs.hr_size),
+        sigma=None,
         support=None,
     )
     run = Path(workdir) / f"{qs.key}-{encoder}-full-s{seed}-{_digest(cfg.to_dict(), data_hash)}"
     t0 = time.perf_counter()
-    path = ensure_trained(cfg, run, _RandomCrops(train_ds, crop, per_image, seed), None, classes, data_hash, say,
-                           "uniform")
+    path = ensure_trained(
+        cfg, run, _RandomCrops(train_ds, crop, per_image, seed), None, classes, data_hash, say, "uniform"
+    )
     model = load_deformseg(path)
     r = evaluate_model(model, test_ds, device="cpu", name=FULL)
     row = sweep_row(r, (qs.hr_size, qs.hr_size), path, cfg.epochs, model.metadata.get("training") or {})
-    row.update(set=qs.key, encoder=encoder, seed=seed, seconds=time.perf_counter() - t0,
-               label="full resolution (sliding-window ceiling)")
+    row.update(
+        set=qs.key,
+        encoder=encoder,
+        seed=seed,
+        seconds=time.perf_counter() - t0,
+        label="full resolution (sliding-window ceiling)",
+    )
     write_json(Path(workdir) / f"rows-{qs.key}-{encoder}-full-s{seed}.json", [row])
     say(f"{qs.key} {encoder} full resolution seed {seed}: {fmt_score(row['miou_full'])}")
     return row

@@ -185,7 +185,11 @@ def nucls_dataset(
     if not Path(classes).is_file():
         raise ConfigError(f"classes file {classes} not found (run from the project root)")
     return BenchDataset(
-        "nucls", "NuCLS nucleus tiles", data, Path(classes), epochs,
+        "nucls",
+        "NuCLS nucleus tiles",
+        data,
+        Path(classes),
+        epochs,
         "real H&E breast-cancer tiles with hand-drawn nucleus labels (NuCLS, CC0), 256 x 256 at about "
         "0.2 um/px; classes background / non-tumour nucleus / tumour nucleus",
     )
@@ -236,7 +240,11 @@ def mosaic_dataset(
         build_mosaics(out_dir=out, extra={"spec": spec.name, "bench": "wsiseg bench sampling"}, **kwargs)
         say(f"mosaics: built {sum(counts.values())} in {time.perf_counter() - t0:.0f} s -> {out}")
     return BenchDataset(
-        "mosaics", "BCSS-geometry texture mosaics", out, out / CLASSES_NAME, epochs,
+        "mosaics",
+        "BCSS-geometry texture mosaics",
+        out,
+        out / CLASSES_NAME,
+        epochs,
         f"texture mosaics on real BCSS label geometry with real H&E textures (`{spec.as_posix()}`, the demo "
         "model's data; train/val/test hold out disjoint map bands and texture rows), 256 x 256; classes "
         "background / cellular / stroma",
@@ -345,28 +353,51 @@ def bench_sampling(
             build = functools.partial(_build, class_map=class_map, cfg=cfg)
             data_hash = dataset_hash(train_pairs + val_pairs)
             run_dir = Path(workdir) / f"{ds.key}-{_run_digest(cfg, data_hash)}"
-            todo = sum(_epochs_done(run_dir / "sweep" / f"{m}-{w}x{h}") < cfg.epochs
-                       for (h, w) in sizes for m in SWEEP_METHODS)
-            say(f"== {ds.title}: {len(train_pairs)} train, {len(val_pairs)} val, {len(test_pairs)} test pairs; "
-                f"{cfg.epochs} epochs; {run_dir}")
-            rows, _ = run_sweep(
-                cfg, sizes, run_dir / "sweep", build(train_pairs), build(val_pairs) if val_pairs else None,
-                build(test_pairs), class_map.to_classes(), data_hash=data_hash, device=device, log=say,
+            todo = sum(
+                _epochs_done(run_dir / "sweep" / f"{m}-{w}x{h}") < cfg.epochs for (h, w) in sizes for m in SWEEP_METHODS
             )
-            write_sweep_files(run_dir, rows, {
-                "data": os.fspath(ds.data),
-                "split": "test",
-                "epochs": cfg.epochs,
-                "sizes": [list(s) for s in sizes],
-                "threads": threads,
-                "resolution": {"miou_full": "full (working resolution)", "miou_deformed": "deformed"},
-            })
+            say(
+                f"== {ds.title}: {len(train_pairs)} train, {len(val_pairs)} val, {len(test_pairs)} test pairs; "
+                f"{cfg.epochs} epochs; {run_dir}"
+            )
+            rows, _ = run_sweep(
+                cfg,
+                sizes,
+                run_dir / "sweep",
+                build(train_pairs),
+                build(val_pairs) if val_pairs else None,
+                build(test_pairs),
+                class_map.to_classes(),
+                data_hash=data_hash,
+                device=device,
+                log=say,
+            )
+            write_sweep_files(
+                run_dir,
+                rows,
+                {
+                    "data": os.fspath(ds.data),
+                    "split": "test",
+                    "epochs": cfg.epochs,
+                    "sizes": [list(s) for s in sizes],
+                    "threads": threads,
+                    "resolution": {"miou_full": "full (working resolution)", "miou_deformed": "deformed"},
+                },
+            )
             counts = {"train": len(train_pairs), "val": len(val_pairs), "test": len(test_pairs)}
             runs.append(DatasetRun(ds, counts, rows, run_dir, time.perf_counter() - t0, todo))
     finally:
         torch.set_num_threads(before)
-    return SamplingBench(tuple(runs), config, tuple(tuple(s) for s in sizes), threads, time.perf_counter() - t_all,
-                         machine, _torch_versions(), machine_info()["load"])
+    return SamplingBench(
+        tuple(runs),
+        config,
+        tuple(tuple(s) for s in sizes),
+        threads,
+        time.perf_counter() - t_all,
+        machine,
+        _torch_versions(),
+        machine_info()["load"],
+    )
 
 
 def _epochs_done(run: Path) -> int:
@@ -419,8 +450,9 @@ def format_sampling_section(b: SamplingBench, command: str) -> str:
     """Markdown for the ``sampling`` section of docs/benchmarks.md."""
     c = b.config
     dec = "-".join(str(x) for x in c.decoder_channels) if c.decoder_channels else "smp default"
-    budgets = ", ".join(f"{w}x{h} grid = {h * w} samples = {100 * h * w / (c.hr_size[0] * c.hr_size[1]):.2f} %"
-                        for h, w in b.sizes)
+    budgets = ", ".join(
+        f"{w}x{h} grid = {h * w} samples = {100 * h * w / (c.hr_size[0] * c.hr_size[1]):.2f} %" for h, w in b.sizes
+    )
     m = b.machine
     lines = [
         "## Learned vs fixed sampling at equal budgets (issue 5)",
@@ -428,41 +460,54 @@ def format_sampling_section(b: SamplingBench, command: str) -> str:
         f"- Command: `{command}`",
         *machine_lines(m),
         f"- Training libraries: {b.versions}; Python {platform.python_version()}.",
-        (f"- Threads: **{b.threads} torch CPU thread** for all training and evaluation (`torch.set_num_threads`; "
-        f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`), on a machine shared with other work; "
-        f"load average at the end: {b.load_after}. Whole run: {b.seconds / 60:.1f} min wall, in which "
-        f"{sum(r.trained for r in b.runs)} of {sum(len(r.rows) for r in b.runs)} runs were trained or resumed "
-        "(finished runs are reused from the work folder and only evaluated)."),
+        (
+            f"- Threads: **{b.threads} torch CPU thread** for all training and evaluation (`torch.set_num_threads`; "
+            f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`), on a machine shared with other work; "
+            f"load average at the end: {b.load_after}. Whole run: {b.seconds / 60:.1f} min wall, in which "
+            f"{sum(r.trained for r in b.runs)} of {sum(len(r.rows) for r in b.runs)} runs were trained or resumed "
+            "(finished runs are reused from the work folder and only evaluated)."
+        ),
         f"- Model: {c.arch} / `{c.encoder}` (random init), decoder {dec}; focal loss; joint = focal + "
         f"{c.gamma_edge:g} x edge loss, single = focal only. Adam lr {c.lr:g}"
         + (f", x{c.lr_gamma:g} at {round(100 * c.step_size / c.epochs)} % of the epochs" if c.step_size else "")
         + f", batch {c.batch_size}, augmentation flips{'+rot90' if c.rot90 else ''}"
         f"{f' + colour jitter {c.color_jitter:g}' if c.color_jitter else ''}, seed {c.seed}, one run per "
         "method and budget (a single seed: differences of a few hundredths of mIoU can be run-to-run noise).",
-        (f"- Working resolution {c.hr_size[1]}x{c.hr_size[0]} (the whole tile); density map side = "
-        f"{c.map_size[0] / c.out_size[0]:g} x the grid side (min 4). "
-        f"Budgets (cost = samples / working-resolution pixels): {budgets}."),
-        ("- Methods: *learned (joint loss)* = deformation net trained by segmentation + edge loss (the paper's); "
-        "*learned (single loss)* = the same with the segmentation loss only; *uniform* = regular grid; "
-        "*edge (oracle)* = density from the label boundaries, also at test time (an upper-bound-style baseline "
-        "that a real slide cannot have)."),
-        ("- Scores on the held-out test split: *full res.* = the prediction reverse-sampled (nearest) to the "
-        "working raster vs the labels (what a user gets); *deformed* = prediction vs labels read at the grid "
-        "points (what the loss sees); mIoU(Y', Y) = labels sampled on the grid and read back (the sampler's own "
-        "loss, 1 = lossless). Per-class IoU at full resolution. *train s/it* = median seconds per optimiser "
-        "step over the epochs (data loading and augmentation included), as `wsiseg train` measures it."),
+        (
+            f"- Working resolution {c.hr_size[1]}x{c.hr_size[0]} (the whole tile); density map side = "
+            f"{c.map_size[0] / c.out_size[0]:g} x the grid side (min 4). "
+            f"Budgets (cost = samples / working-resolution pixels): {budgets}."
+        ),
+        (
+            "- Methods: *learned (joint loss)* = deformation net trained by segmentation + edge loss (the paper's); "
+            "*learned (single loss)* = the same with the segmentation loss only; *uniform* = regular grid; "
+            "*edge (oracle)* = density from the label boundaries, also at test time (an upper-bound-style baseline "
+            "that a real slide cannot have)."
+        ),
+        (
+            "- Scores on the held-out test split: *full res.* = the prediction reverse-sampled (nearest) to the "
+            "working raster vs the labels (what a user gets); *deformed* = prediction vs labels read at the grid "
+            "points (what the loss sees); mIoU(Y', Y) = labels sampled on the grid and read back (the sampler's own "
+            "loss, 1 = lossless). Per-class IoU at full resolution. *train s/it* = median seconds per optimiser "
+            "step over the epochs (data loading and augmentation included), as `wsiseg train` measures it."
+        ),
     ]
     for run in b.runs:
         ds = run.dataset
-        val = (f"{run.pairs['val']} val pairs select the best epoch by full-resolution val mIoU" if run.pairs["val"]
-               else "no validation split: the last epoch is kept")
+        val = (
+            f"{run.pairs['val']} val pairs select the best epoch by full-resolution val mIoU"
+            if run.pairs["val"]
+            else "no validation split: the last epoch is kept"
+        )
         lines += [
             "",
             f"### {ds.title}",
             "",
-            (f"{ds.description}. {run.pairs['train']} train / {run.pairs['test']} test pairs; {val}; "
-            f"{ds.epochs} epochs per run; {run.seconds / 60:.1f} min for this data set. "
-            f"Files: `{run.run_dir.as_posix()}/sweep.{{json,csv,png}}`."),
+            (
+                f"{ds.description}. {run.pairs['train']} train / {run.pairs['test']} test pairs; {val}; "
+                f"{ds.epochs} epochs per run; {run.seconds / 60:.1f} min for this data set. "
+                f"Files: `{run.run_dir.as_posix()}/sweep.{{json,csv,png}}`."
+            ),
             "",
             format_sweep_table(run.rows),
             "",

@@ -58,7 +58,11 @@ __all__ = [
 
 #: The untrained bench model: the tiny net of the test suite, fixed seed.
 TINY_NET = {
-    "arch": "unet", "encoder": "resnet18", "num_classes": 3, "encoder_depth": 3, "decoder_channels": [32, 16, 8]
+    "arch": "unet",
+    "encoder": "resnet18",
+    "num_classes": 3,
+    "encoder_depth": 3,
+    "decoder_channels": [32, 16, 8],
 }
 STANDARD_NET = {"arch": "unet", "encoder": "resnet34", "num_classes": 3}
 
@@ -355,13 +359,25 @@ def _more_models(workdir: Path) -> list[tuple[str, Path, str]]:
     except ImportError:
         demo = None
     if demo is not None and demo.is_file():
-        rows.append(("shipped demo model", demo, "the trained demo model (`wsiseg/demo`: UNet with a "
-                     "MobileNetV3-small encoder, grid 64 x 64, background/cellular/stroma), trained on texture "
-                     "mosaics, not on this slide: realistic label maps, not a quality measurement"))
-    rows.append(("untrained U-Net ResNet-34", standard_model(workdir), "segmentation-models-pytorch's default U-Net "
-                 "(ResNet-34 encoder of depth 5, decoder 256-128-64-32-16, 24 M parameters; grid 64 x 64, density map "
-                 "32 x 32, 3 classes), untrained with a fixed seed: the size of net most users segment with, so the "
-                 "sliding-window cost of a typical net (its labels are noisy like the tiny net's)"))
+        rows.append(
+            (
+                "shipped demo model",
+                demo,
+                "the trained demo model (`wsiseg/demo`: UNet with a "
+                "MobileNetV3-small encoder, grid 64 x 64, background/cellular/stroma), trained on texture "
+                "mosaics, not on this slide: realistic label maps, not a quality measurement",
+            )
+        )
+    rows.append(
+        (
+            "untrained U-Net ResNet-34",
+            standard_model(workdir),
+            "segmentation-models-pytorch's default U-Net "
+            "(ResNet-34 encoder of depth 5, decoder 256-128-64-32-16, 24 M parameters; grid 64 x 64, density map "
+            "32 x 32, 3 classes), untrained with a fixed seed: the size of net most users segment with, so the "
+            "sliding-window cost of a typical net (its labels are noisy like the tiny net's)",
+        )
+    )
     return rows
 
 
@@ -408,14 +424,21 @@ def bench_segment(
     machine = machine_info()
     workdir = Path(workdir)
     path, write_s, reused = cached_synthetic_slide(spec, workdir)
-    say(f"{spec.layout} slide {spec.width}x{spec.height}: {'reused' if reused else f'written in {write_s:.1f} s'}: "
-        f"{path}")
+    say(
+        f"{spec.layout} slide {spec.width}x{spec.height}: {'reused' if reused else f'written in {write_s:.1f} s'}: "
+        f"{path}"
+    )
     if model is not None:
         given = Path(model)
         plan = [
             ("given model", given, "model", "given with `--model`"),
-            ("given model, constant labels", given, "constant", "its segmentation net replaced by one predicting a "
-             "single class (deformation net, sampling and gather unchanged): the best case for the tile writer"),
+            (
+                "given model, constant labels",
+                given,
+                "constant",
+                "its segmentation net replaced by one predicting a "
+                "single class (deformation net, sampling and gather unchanged): the best case for the tile writer",
+            ),
         ]
     elif spec.layout != "synthetic":
         # real layouts: the trained demo model (realistic label maps) and the standard-size net
@@ -425,13 +448,22 @@ def bench_segment(
     else:
         tiny = tiny_model(workdir)
         plan = [
-            ("untrained tiny net", tiny, "model",
-             "the tiny test net (UNet, ResNet-18 encoder of depth 3, grid 64 x 64, "
-             "density map 32 x 32, 3 classes), untrained with a fixed seed: it predicts a different class at almost "
-             "every grid node, so the label map has boundaries everywhere, the worst case for the tile writer (few "
-             "constant tiles, many pixels read one by one) and the GeoJSON (thousands of polygons)"),
-            ("untrained, constant labels", tiny, "constant", "the same, its segmentation net replaced by one "
-             "predicting a single class (deformation net, sampling and gather unchanged): the best case"),
+            (
+                "untrained tiny net",
+                tiny,
+                "model",
+                "the tiny test net (UNet, ResNet-18 encoder of depth 3, grid 64 x 64, "
+                "density map 32 x 32, 3 classes), untrained with a fixed seed: it predicts a different class at almost "
+                "every grid node, so the label map has boundaries everywhere, the worst case for the tile writer (few "
+                "constant tiles, many pixels read one by one) and the GeoJSON (thousands of polygons)",
+            ),
+            (
+                "untrained, constant labels",
+                tiny,
+                "constant",
+                "the same, its segmentation net replaced by one "
+                "predicting a single class (deformation net, sampling and gather unchanged): the best case",
+            ),
         ]
         plan += [(label, path, "model", note) for label, path, note in _more_models(workdir)]
     # the sliding-window rate: a window-sized slide of the same texture, all tissue (a crop's worth, no glass)
@@ -442,17 +474,24 @@ def bench_segment(
     rows = []
     for label, model_path, labels, note in plan:
         run = measure(path, model_path, workdir, labels=labels)
-        say(f"  {label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in run.timings.items())
-            + f" (CPU {run.cpu_seconds:.2f} s); peak RSS {run.peak_rss_mb:.0f} MiB")
+        say(
+            f"  {label}: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in run.timings.items())
+            + f" (CPU {run.cpu_seconds:.2f} s); peak RSS {run.peak_rss_mb:.0f} MiB"
+        )
         if model_path not in sliding:
             sliding[model_path] = min(
-                (measure(wpath, model_path, workdir, mode="sliding-window", regions="whole", geojson=False, qc=False)
-                 for _ in range(2)),
+                (
+                    measure(wpath, model_path, workdir, mode="sliding-window", regions="whole", geojson=False, qc=False)
+                    for _ in range(2)
+                ),
                 key=lambda m: m.timings["sample+segment"] + m.timings["mask"],
             )
             ts = sliding[model_path].timings
-            say(f"  sliding-window, {model_path.name}, {window}x{window}: segment {ts['sample+segment']:.2f} s, "
-                f"mask {ts['mask']:.2f} s ({sliding[model_path].report['gather']['windows']} windows)")
+            say(
+                f"  sliding-window, {model_path.name}, {window}x{window}: segment {ts['sample+segment']:.2f} s, "
+                f"mask {ts['mask']:.2f} s ({sliding[model_path].report['gather']['windows']} windows)"
+            )
         row = SegmentRow(label, model_path.name, note, run, sliding[model_path])
         say(f"  {label}: sliding window extrapolated {row.sliding_estimate:.0f} s = {row.ratio:.0f}x")
         rows.append(row)
@@ -476,22 +515,30 @@ def _slide_line(b: SegmentBench, built: str, first: Measurement) -> str:
     """The markdown line describing the benchmark slide and the regions found on it."""
     s = b.spec
     tissue = first.region_pixels
-    found = (f"{len(first.report['regions'])} tissue regions, {tissue / 1e6:.0f} level-0 Mpx in their boxes "
-             f"({100 * tissue / (first.width * first.height):.0f} % of the slide)")
-    size = (f"{s.width} x {s.height} ({s.width * s.height / 1e9:.2f} Gpx) BigTIFF, JPEG q{s.quality}, tiles {s.tile}, "
-            f"{b.file_bytes / 2**20:.0f} MiB")
+    found = (
+        f"{len(first.report['regions'])} tissue regions, {tissue / 1e6:.0f} level-0 Mpx in their boxes "
+        f"({100 * tissue / (first.width * first.height):.0f} % of the slide)"
+    )
+    size = (
+        f"{s.width} x {s.height} ({s.width * s.height / 1e9:.2f} Gpx) BigTIFF, JPEG q{s.quality}, tiles {s.tile}, "
+        f"{b.file_bytes / 2**20:.0f} MiB"
+    )
     if s.layout == "synthetic":
-        return (f"- Slide: synthetic {size}, mirror-tiled from `{s.source.name}` (the slide of `bench gather`); "
-                f"{built}. {found}.")
+        return (
+            f"- Slide: synthetic {size}, mirror-tiled from `{s.source.name}` (the slide of `bench gather`); "
+            f"{built}. {found}."
+        )
     info = slide_sidecar(b.slide).get("layout", {})
     textures = ", ".join(f"`{t}`" for t in info.get("textures", [])) or f"`{s.source.name}`"
     pieces = info.get("pieces", "?")
     fraction = info.get("tissue_fraction")
     cover = "" if fraction is None else f" covering {100 * fraction:.1f} % of the slide"
-    return (f"- Slide: {_LAYOUT_TITLES.get(s.layout, s.layout)} layout (`--layout {s.layout} --seed {s.seed}`), "
-            f"{size}: {pieces} pieces of tissue{cover} on glass, real H&E texture quilted from {textures} "
-            f"(512-px patches, random crops, flips and quarter turns; `wsiseg.bench.layouts`); {built}. "
-            f"`segment` found {found}.")
+    return (
+        f"- Slide: {_LAYOUT_TITLES.get(s.layout, s.layout)} layout (`--layout {s.layout} --seed {s.seed}`), "
+        f"{size}: {pieces} pieces of tissue{cover} on glass, real H&E texture quilted from {textures} "
+        f"(512-px patches, random crops, flips and quarter turns; `wsiseg.bench.layouts`); {built}. "
+        f"`segment` found {found}."
+    )
 
 
 def format_segment_section(b: SegmentBench, command: str) -> str:
@@ -506,13 +553,17 @@ def format_segment_section(b: SegmentBench, command: str) -> str:
     title = "## wsiseg segment end to end" + (
         "" if s.layout == "synthetic" else f": {_LAYOUT_TITLES.get(s.layout, s.layout)} layout"
     )
-    window = ("synthetic slide of the same source" if s.layout == "synthetic"
-              else "slide of the same quilted texture, all tissue (`--layout fill`: a crop's worth of tissue)")
+    window = (
+        "synthetic slide of the same source"
+        if s.layout == "synthetic"
+        else "slide of the same quilted texture, all tissue (`--layout fill`: a crop's worth of tissue)"
+    )
 
     def row(r: SegmentRow) -> str:
         m = r.run
         return (
-            f"| {r.label} | " + " | ".join(f"{m.timings.get(k, 0.0):.2f}" for k in stages)
+            f"| {r.label} | "
+            + " | ".join(f"{m.timings.get(k, 0.0):.2f}" for k in stages)
             + f" | **{m.total:.2f}** | {m.cpu_seconds:.2f} | {m.startup_seconds:.2f} | {m.peak_rss_mb:.0f} | "
             f"{m.decoded_fraction * m.width * m.height / 1e6:.0f} | {m.mask_mp_per_s:.0f} | "
             f"{int(m.report['gather'].get('pixels_refined', 0)) / 1e6:.1f} | "
@@ -550,18 +601,28 @@ def format_segment_section(b: SegmentBench, command: str) -> str:
         f"chunks decoded: {first.chunks} ({100 * first.decoded_fraction:.3f} % of level-0 pixels)."
         + "".join(
             f" {r.label}: {100 * r.run.report['fraction_sampled']:.4f} % sampled, {r.run.chunks} chunks."
-            for r in b.rows[1:] if r.model != b.rows[0].model
+            for r in b.rows[1:]
+            if r.model != b.rows[0].model
         ),
         "",
         "| issue target | " + " | ".join(r.label for r in b.rows) + " |",
         "|---|" + "---|" * len(b.rows),
         target(f"end to end <= {goal:.0f} s", lambda r: f"{r.run.total:.1f} s", lambda r: r.run.total <= goal),
-        target(f"mask write >= {TARGET_MASK_MP_S:.0f} Mpx/s", lambda r: f"{r.run.mask_mp_per_s:.0f} Mpx/s",
-               lambda r: r.run.mask_mp_per_s >= TARGET_MASK_MP_S),
-        target("peak RSS <= 1.5 GiB", lambda r: f"{r.run.peak_rss_mb:.0f} MiB",
-               lambda r: r.run.peak_rss_mb <= TARGET_RSS_MB),
-        target(f"sliding window / deformed >= {TARGET_RATIO:.0f}x", lambda r: f"{r.ratio:.0f}x (extrapolated)",
-               lambda r: r.ratio >= TARGET_RATIO),
+        target(
+            f"mask write >= {TARGET_MASK_MP_S:.0f} Mpx/s",
+            lambda r: f"{r.run.mask_mp_per_s:.0f} Mpx/s",
+            lambda r: r.run.mask_mp_per_s >= TARGET_MASK_MP_S,
+        ),
+        target(
+            "peak RSS <= 1.5 GiB",
+            lambda r: f"{r.run.peak_rss_mb:.0f} MiB",
+            lambda r: r.run.peak_rss_mb <= TARGET_RSS_MB,
+        ),
+        target(
+            f"sliding window / deformed >= {TARGET_RATIO:.0f}x",
+            lambda r: f"{r.ratio:.0f}x (extrapolated)",
+            lambda r: r.ratio >= TARGET_RATIO,
+        ),
     ]
     return "\n".join(lines)
 
@@ -641,8 +702,13 @@ def format_memory_section(b: MemoryBench, command: str) -> str:
         "",
         f"- Command: `{command}`",
         *machine_lines(b.machine),
-        f"- Model: `{b.model}`" + (" (untrained tiny test net, fixed seed: labels change at almost every grid node, "
-                                  "the tile writer's worst case)." if b.untrained else "."),
+        f"- Model: `{b.model}`"
+        + (
+            " (untrained tiny test net, fixed seed: labels change at almost every grid node, "
+            "the tile writer's worst case)."
+            if b.untrained
+            else "."
+        ),
         "- Each size: a synthetic JPEG pyramid (tiles 256, q90, mirror-tiled from the same H&E region) segmented in "
         "deformed mode with every output, in a fresh process; peak RSS = `VmHWM` of that process (imports, "
         "model and the whole run). *Before* = the same just before `segment_slide` (imports and model).",

@@ -119,8 +119,13 @@ main.add_command(evaluate_command)
 
 @main.command("run")
 @click.argument("pipeline_path", metavar="PIPELINE", type=click.Path(exists=True, dir_okay=False, path_type=str))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a key of the pipeline (repeatable; YAML values, e.g. --set qc=false).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a key of the pipeline (repeatable; YAML values, e.g. --set qc=false).",
+)
 @click.option("--dry-run", is_flag=True, help="Validate and print the equivalent command; run nothing.")
 @click.pass_context
 def run_command(ctx, pipeline_path, overrides, dry_run) -> None:

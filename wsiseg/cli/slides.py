@@ -17,9 +17,13 @@ __all__ = [
 @click.command("info")
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of dicts instead of text.")
-@click.option("--mpp", type=float, default=None,
-              help=f"Override micrometres per level-0 pixel ({MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}), taken as "
-                   f"given. {IMPLAUSIBLE_MPP_HELP}")
+@click.option(
+    "--mpp",
+    type=float,
+    default=None,
+    help=f"Override micrometres per level-0 pixel ({MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}), taken as "
+    f"given. {IMPLAUSIBLE_MPP_HELP}",
+)
 @click.pass_context
 def info_command(ctx: click.Context, slides: tuple[str, ...], as_json: bool, mpp: float | None) -> None:
     """Show each SLIDE's pyramid: levels, downsamples, chunks, MPP and its source, vendor.
@@ -58,10 +62,15 @@ def info_command(ctx: click.Context, slides: tuple[str, ...], as_json: bool, mpp
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--chunk", type=click.IntRange(min=16), default=512, show_default=True, help="Chunk size in pixels.")
-@click.option("--ngff", "ngff_version", type=click.Choice(["0.4"]), default="0.4", show_default=True,
-              help="NGFF version.")
-@click.option("--mpp", type=float, default=None,
-              help=f"Override micrometres per level-0 pixel ({MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}).")
+@click.option(
+    "--ngff", "ngff_version", type=click.Choice(["0.4"]), default="0.4", show_default=True, help="NGFF version."
+)
+@click.option(
+    "--mpp",
+    type=float,
+    default=None,
+    help=f"Override micrometres per level-0 pixel ({MPP_RANGE[0]:g} to {MPP_RANGE[1]:g}).",
+)
 def convert_command(slide: str, out: str, overwrite: bool, chunk: int, ngff_version: str, mpp: float | None) -> None:
     """Convert SLIDE to an OME-Zarr (NGFF 0.4) multiscale RGB image OUT.
 

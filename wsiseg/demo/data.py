@@ -17,10 +17,11 @@ from wsiseg.errors import ConfigError
 __all__ = ["DEMO_CLASSES", "IGNORE_LABEL", "prepare_demo_data"]
 
 
-
 #: Classes of the real-tissue demo model: glass by the tissue detector, the rest by the tumour masks.
-DEMO_CLASSES = "classes:\n  - {value: 0, name: background, color: [0, 0, 0]}\n" \
+DEMO_CLASSES = (
+    "classes:\n  - {value: 0, name: background, color: [0, 0, 0]}\n"
     "  - {value: 1, name: non-tumour, color: [60, 180, 75]}\n  - {value: 2, name: tumour, color: [230, 25, 75]}\n"
+)
 #: Real slide regions with glass (histolab fixtures in the shared textures): glass labels for the demo model.
 _GLASS_TEXTURES = ("no-tissue.png", "tissue-level2-3000-7666-7096-11763.png")
 IGNORE_LABEL = 255
@@ -97,4 +98,3 @@ def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, thre
         w.writerow(["image", "annotation", "split"])
         w.writerows(rows)
     return out / "pairs.csv"
-

@@ -21,8 +21,13 @@ __all__ = [
 ]
 
 
-_COLORS = {"learned": (214, 39, 40), "single": (255, 127, 14), "uniform": (31, 119, 180), "edge": (44, 160, 44),
-           "original": (150, 150, 150)}
+_COLORS = {
+    "learned": (214, 39, 40),
+    "single": (255, 127, 14),
+    "uniform": (31, 119, 180),
+    "edge": (44, 160, 44),
+    "original": (150, 150, 150),
+}
 _EXTRA_COLORS = ((148, 103, 189), (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207))
 
 
@@ -75,8 +80,11 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
         for n, m in enumerate(methods):
             ys: list[float | None] = []
             for c in costs:
-                hit = [r for r in rows if r["method"] == m and r.get("cost") is not None
-                       and round(100.0 * float(r["cost"]), 6) == c]
+                hit = [
+                    r
+                    for r in rows
+                    if r["method"] == m and r.get("cost") is not None and round(100.0 * float(r["cost"]), 6) == c
+                ]
                 ys.append(hit[0].get(key) if hit else None)
             out.append((method_label(m), _method_color(m, n), ys))
         return out
@@ -165,8 +173,9 @@ def draw_class_frequency(
         text = cname if draw.textlength(cname, font=font) <= span - 4 else cname[: max(3, int(span / 7))] + "."
         draw.text((left + (c + 0.5) * span, bottom + 6), text, fill=dark, font=font, anchor="mt")
     draw.rectangle([left, top, right, bottom], outline=dark)
-    draw.text(((left + right) // 2, h - 4), "fraction of non-ignored pixels per class", fill=dark, font=font,
-              anchor="mb")
+    draw.text(
+        ((left + right) // 2, h - 4), "fraction of non-ignored pixels per class", fill=dark, font=font, anchor="mb"
+    )
     with atomic_output(path, overwrite=True) as tmp:
         img.save(tmp, format="PNG")
     return Path(path)

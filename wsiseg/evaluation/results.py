@@ -171,8 +171,9 @@ class EvalResult:
     def samples_on_glass(self) -> dict[str, float]:
         """``{"model": ..., "uniform": ...}``: fraction of grid points on glass (``nan`` without samples)."""
         n = self.samples
-        return {k: v / n if n else float("nan") for k, v in (("model", self.glass_model),
-                                                             ("uniform", self.glass_uniform))}
+        return {
+            k: v / n if n else float("nan") for k, v in (("model", self.glass_model), ("uniform", self.glass_uniform))
+        }
 
     @property
     def miou_full(self) -> float:
@@ -243,21 +244,24 @@ class EvalResult:
                 "pixels_level0": int(self.pixels_level0),
                 "pixels_working": int(self.pixels),
                 "what": "grid points / level-0 pixels of the region (fraction_level0, the primary cost) and / "
-                        "unpadded working-resolution pixels (fraction_working), mean over regions",
+                "unpadded working-resolution pixels (fraction_working), mean over regions",
             },
             "scale": {
-                "mode": "physical" if self.regions_physical == self.regions and self.regions else
-                        "pixels" if not self.regions_physical else "mixed",
+                "mode": "physical"
+                if self.regions_physical == self.regions and self.regions
+                else "pixels"
+                if not self.regions_physical
+                else "mixed",
                 "sample_spacing_um": self.sample_spacing_um,
                 "regions_physical": int(self.regions_physical),
                 "grid_scale": self.grid_scale,
                 "what": "grids at the model's sample spacing in um (regions with an MPP, model with a scale) or by "
-                        "the pixel rule; grid_scale: that many times as densely per axis (--grid-scale)",
+                "the pixel rule; grid_scale: that many times as densely per axis (--grid-scale)",
             },
             "samples_on_glass": {
                 **{k: nan_to_none(v) for k, v in self.samples_on_glass.items()},
                 "what": f"fraction of the grid points on glass (tissue score <= {GLASS_SCORE:g}) of each region's "
-                        "working image: the model's grids and uniform grids of the same size",
+                "working image: the model's grids and uniform grids of the same size",
             },
             "deformed": {
                 "resolution": "deformed",

@@ -135,10 +135,18 @@ def _model_train_config(model):
     opts = {k: seg[k] for k in known if k in seg}
     extra = set(seg) - known - {"num_classes", "in_channels", "pad_mode"}
     if "arch" not in opts or extra:
-        raise WsisegError("the model has no training config and its segmenter cannot be rebuilt from options; "
-                          "pass the baselines with --baseline NAME=PATH", model.path)
-    opts.update(out_size=net["out_size"], map_size=net["map_size"], sigma=net["sigma"], support=net["support"],
-                sampler=net["sampler"])
+        raise WsisegError(
+            "the model has no training config and its segmenter cannot be rebuilt from options; "
+            "pass the baselines with --baseline NAME=PATH",
+            model.path,
+        )
+    opts.update(
+        out_size=net["out_size"],
+        map_size=net["map_size"],
+        sigma=net["sigma"],
+        support=net["support"],
+        sampler=net["sampler"],
+    )
     return TrainConfig.from_dict(opts), False
 
 
@@ -308,8 +316,15 @@ def run_evaluation(
         raise WsisegError(f"no pairs to evaluate in the {split} split", data)
 
     def dataset(ps, size=hr):
-        ds = build_dataset(ps, class_map, hr_size=size, regions=tcfg.regions, seed=tcfg.seed,
-                           ignore_unmapped=ignore_unmapped, value_names=value_names)
+        ds = build_dataset(
+            ps,
+            class_map,
+            hr_size=size,
+            regions=tcfg.regions,
+            seed=tcfg.seed,
+            ignore_unmapped=ignore_unmapped,
+            value_names=value_names,
+        )
         return _Remapped(ds, lut) if lut is not None else ds
 
     eval_ds = dataset(eval_pairs)
@@ -318,8 +333,9 @@ def run_evaluation(
     say(f"evaluating {len(eval_pairs)} {split} pairs ({len(eval_ds)} regions) at working size {wxh(hr)}")
 
     def evaluate(m, name):
-        return evaluate_model(m, eval_ds, device=dev, batch_size=batch_size, widths=widths, name=name, log=say,
-                              grid_scale=grid_scale)
+        return evaluate_model(
+            m, eval_ds, device=dev, batch_size=batch_size, widths=widths, name=name, log=say, grid_scale=grid_scale
+        )
 
     main_name = model.net.sampler if model.net.sampler not in compare else "model"
     results = [evaluate(model, main_name)]
@@ -357,17 +373,22 @@ def run_evaluation(
             path = Path(baselines[name])
         else:
             if not has_training:
-                say("note: the model carries no training config; baselines use its net config with default "
-                    "training options")
-            cfg = dataclasses.replace(tcfg, sampler=name, device=str(device),
-                                      epochs=epochs if epochs is not None else tcfg.epochs)
+                say(
+                    "note: the model carries no training config; baselines use its net config with default "
+                    "training options"
+                )
+            cfg = dataclasses.replace(
+                tcfg, sampler=name, device=str(device), epochs=epochs if epochs is not None else tcfg.epochs
+            )
             tr_ds, va_ds, h = training_data()
             path = ensure_trained(cfg, out / "baselines" / name, tr_ds, va_ds, classes, h, say)
         bm = load_deformseg(path, device=dev)
         _check_same_classes(model, bm)
         if tuple(bm.net.out_size) != tuple(model.net.out_size):
-            say(f"note: baseline {name} samples {bm.net.out_size} points, the model {model.net.out_size}: "
-                "not the same budget")
+            say(
+                f"note: baseline {name} samples {bm.net.out_size} points, the model {model.net.out_size}: "
+                "not the same budget"
+            )
         results.append(evaluate(bm, name))
 
     files: dict[str, Path] = {}
@@ -395,27 +416,47 @@ def run_evaluation(
         n_ep = sweep_epochs if sweep_epochs is not None else tcfg.epochs
         tr_ds, va_ds, h = training_data()
         sweep_rows, sweep_results = run_sweep(
-            tcfg, sweep, out / "sweep", tr_ds, va_ds, eval_ds, classes, data_hash=h, epochs=n_ep, device=device,
-            batch_size=batch_size, widths=widths, log=say,
+            tcfg,
+            sweep,
+            out / "sweep",
+            tr_ds,
+            va_ds,
+            eval_ds,
+            classes,
+            data_hash=h,
+            epochs=n_ep,
+            device=device,
+            batch_size=batch_size,
+            widths=widths,
+            log=say,
         )
         smallest = min(sweep, key=lambda s: s[0] * s[1])
         freq_results = [r for r in sweep_results if tuple(r.out_size) == tuple(smallest)]
-        files.update(write_sweep_files(out, sweep_rows, {
-            "data": os.fspath(data),
-            "split": split,
-            "regions": len(eval_ds),
-            "epochs": n_ep,
-            "sizes": [list(s) for s in sweep],
-            "resolution": {"miou_full": results[0].resolution, "miou_deformed": "deformed"},
-        }))
+        files.update(
+            write_sweep_files(
+                out,
+                sweep_rows,
+                {
+                    "data": os.fspath(data),
+                    "split": split,
+                    "regions": len(eval_ds),
+                    "epochs": n_ep,
+                    "sizes": [list(s) for s in sweep],
+                    "resolution": {"miou_full": results[0].resolution, "miou_deformed": "deformed"},
+                },
+            )
+        )
 
     first = freq_results[0]
     original = first.class_frequency()[0]
     sampled = {r.name: r.class_frequency()[1] for r in freq_results}
     files["class_frequency"] = draw_class_frequency(
-        first.class_names, original, sampled, out / CLASS_FREQUENCY_PNG,
+        first.class_names,
+        original,
+        sampled,
+        out / CLASS_FREQUENCY_PNG,
         title=f"class frequency: original vs sampled at {wxh(first.out_size)} "
-              f"(cost {percent(first.cost)} % of level-0 pixels)",
+        f"(cost {percent(first.cost)} % of level-0 pixels)",
     )
     return EvaluationRun(results=results, document=doc, table=table, files=files, sweep=sweep_rows)
 
@@ -423,5 +464,7 @@ def run_evaluation(
 def _check_same_classes(model, other) -> None:
     a, b = [c.name for c in model.classes], [c.name for c in other.classes]
     if a != b:
-        raise WsisegError(f"baseline classes ({', '.join(b)}) differ from those of the model {model.path} "
-                          f"({', '.join(a)})", other.path)
+        raise WsisegError(
+            f"baseline classes ({', '.join(b)}) differ from those of the model {model.path} ({', '.join(a)})",
+            other.path,
+        )

@@ -51,8 +51,10 @@ def ensure_trained(cfg, out: Path, train_ds, val_ds, classes, data_hash, say, na
         say(f"using {model}")
         return model
     resume = ckpt.is_file()
-    say(f"{'checking/resuming' if resume else 'training'} {method_label(name or cfg.sampler)} at "
-        f"{wxh(cfg.out_size)} ({cfg.epochs} epochs) in {out}")
+    say(
+        f"{'checking/resuming' if resume else 'training'} {method_label(name or cfg.sampler)} at "
+        f"{wxh(cfg.out_size)} ({cfg.epochs} epochs) in {out}"
+    )
     result = train(cfg, train_ds, val_ds, classes, out, resume=resume, progress=False, data_hash=data_hash, log=say)
     return Path(result.model_path)
 
@@ -66,8 +68,16 @@ def _scaled_config(cfg, size: tuple[int, int], method: str, epochs: int, device:
     mh, mw = max(4, round(oh * rh)), max(4, round(ow * rw))
     sigma = cfg.sigma * max(mh, mw) / max(cfg.map_size) if cfg.sigma is not None else None
     # An explicit support belongs to the old sigma: let the net derive it from the scaled one.
-    return dataclasses.replace(cfg, out_size=(oh, ow), map_size=(mh, mw), sigma=sigma, support=None,
-                               epochs=epochs, device=device, **SWEEP_CONFIG[method])
+    return dataclasses.replace(
+        cfg,
+        out_size=(oh, ow),
+        map_size=(mh, mw),
+        sigma=sigma,
+        support=None,
+        epochs=epochs,
+        device=device,
+        **SWEEP_CONFIG[method],
+    )
 
 
 def run_sweep(
@@ -150,8 +160,9 @@ def run_sweep(
     return rows, results
 
 
-def write_sweep_files(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
-                      doc: Mapping[str, Any]) -> dict[str, Path]:
+def write_sweep_files(
+    out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], doc: Mapping[str, Any]
+) -> dict[str, Path]:
     """Write ``sweep.json`` (``doc`` plus the rows), ``sweep.csv`` and ``sweep.png`` into ``out_dir``.
 
     Returns
@@ -195,8 +206,10 @@ def format_sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
         return "(no sweep rows)"
     names = list((rows[0].get("iou_full") or {}).keys())
     lines = [
-        ("| grid (cost: % of level-0 px) | method | mIoU full res. | mIoU deformed | mIoU(Y', Y) | IoU full res. "
-         f"({' / '.join(names)}) | train s/it | epochs (best) |"),
+        (
+            "| grid (cost: % of level-0 px) | method | mIoU full res. | mIoU deformed | mIoU(Y', Y) | IoU full res. "
+            f"({' / '.join(names)}) | train s/it | epochs (best) |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     best: dict[tuple[int, int], float] = {}
@@ -222,9 +235,25 @@ def format_sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 # ``cost``: fraction of level-0 pixels (as before the working fraction got its own column, ``cost_working``).
-_SWEEP_COLUMNS = ("method", "out_height", "out_width", "map_height", "map_width", "cost", "cost_working", "miou_full",
-                  "miou_deformed", "upsampling_miou", "epochs", "model", "label", "joint", "sec_per_iter", "steps",
-                  "best_epoch")
+_SWEEP_COLUMNS = (
+    "method",
+    "out_height",
+    "out_width",
+    "map_height",
+    "map_width",
+    "cost",
+    "cost_working",
+    "miou_full",
+    "miou_deformed",
+    "upsampling_miou",
+    "epochs",
+    "model",
+    "label",
+    "joint",
+    "sec_per_iter",
+    "steps",
+    "best_epoch",
+)
 
 
 def sweep_row(r: EvalResult, size: tuple[int, int], path: Path, epochs: int, training: Mapping[str, Any]) -> dict:
@@ -254,8 +283,11 @@ def sweep_row(r: EvalResult, size: tuple[int, int], path: Path, epochs: int, tra
         "iou_full": r._iou_dict(r.full.iou()),
         "iou_deformed": r._iou_dict(r.deformed.iou()),
         "trimap": dict(zip([f"{w:g}" for w in r.trimap_widths], [nan_to_none(v) for v in r.trimap_accuracy()])),
-        "class_frequency": {"classes": r.class_names, "original": [nan_to_none(v) for v in orig],
-                            "sampled": [nan_to_none(v) for v in samp]},
+        "class_frequency": {
+            "classes": r.class_names,
+            "original": [nan_to_none(v) for v in orig],
+            "sampled": [nan_to_none(v) for v in samp],
+        },
     }
 
 

@@ -240,9 +240,7 @@ class DeformSegNet(nn.Module):
     ):
         super().__init__()
         if image_sampling not in IMAGE_SAMPLING:
-            raise ModelConfigError(
-                f"unknown image sampling {image_sampling!r}; available: {', '.join(IMAGE_SAMPLING)}"
-            )
+            raise ModelConfigError(f"unknown image sampling {image_sampling!r}; available: {', '.join(IMAGE_SAMPLING)}")
         self.image_sampling = image_sampling
         if sampler not in SAMPLERS:
             raise ModelConfigError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
@@ -353,8 +351,13 @@ class DeformSegNet(nn.Module):
         ``scale`` samples ``scale`` times as densely per axis.
         """
         return region_geometry(
-            height, width, self.geometry_rule(), grid=cast(tuple[int, int], tuple(grid)) if grid is not None else None,
-            long_side=long_side, physical=physical, scale=scale,
+            height,
+            width,
+            self.geometry_rule(),
+            grid=cast(tuple[int, int], tuple(grid)) if grid is not None else None,
+            long_side=long_side,
+            physical=physical,
+            scale=scale,
         )
 
     def density(
@@ -545,5 +548,7 @@ class DeformSegNet(nn.Module):
         return LowResPrediction(labels=probs.argmax(dim=1), probs=probs, grid=out.grid, d=out.d)
 
     def extra_repr(self) -> str:
-        return (f"sampler={self.sampler!r}, map_size={self.map_size}, out_size={self.out_size}, "
-                f"image_sampling={self.image_sampling!r}")
+        return (
+            f"sampler={self.sampler!r}, map_size={self.map_size}, out_size={self.out_size}, "
+            f"image_sampling={self.image_sampling!r}"
+        )

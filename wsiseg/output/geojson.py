@@ -66,9 +66,7 @@ def _as_raster(label_source) -> tuple[np.ndarray, tuple[float, float]]:
     return labels, (float(dx), float(dy))
 
 
-def label_polygons(
-    labels: np.ndarray, value: int, *, min_area: int = 1
-) -> Iterator[Polygon | MultiPolygon]:
+def label_polygons(labels: np.ndarray, value: int, *, min_area: int = 1) -> Iterator[Polygon | MultiPolygon]:
     """Exact pixel-edge polygons of the connected regions of one label value.
 
     Parameters
@@ -224,8 +222,15 @@ def _features(doc) -> list:
             return list(doc.get("features") or [])
         if kind == "Feature":
             return [doc]
-        if kind in {"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
-                    "GeometryCollection"}:
+        if kind in {
+            "Point",
+            "MultiPoint",
+            "LineString",
+            "MultiLineString",
+            "Polygon",
+            "MultiPolygon",
+            "GeometryCollection",
+        }:
             return [{"type": "Feature", "geometry": doc, "properties": {}}]
     raise ValueError("not a GeoJSON Feature, FeatureCollection or list of features")
 

@@ -267,9 +267,7 @@ def _codec(name: str) -> _Codec:
     try:
         return COMPRESSIONS[str(name).lower()]
     except KeyError:
-        raise ConfigError(
-            f"mask compression must be one of {sorted(COMPRESSIONS)} (lossless), got {name!r}"
-        ) from None
+        raise ConfigError(f"mask compression must be one of {sorted(COMPRESSIONS)} (lossless), got {name!r}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -500,9 +498,7 @@ def write_pyramid(
     with atomic_output(path, overwrite=overwrite) as tmp:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsiseg-mask") if workers else None
         try:
-            with _progress_bar(total, progress) as bar, tifffile.TiffWriter(
-                tmp, bigtiff=True
-            ) as tw:
+            with _progress_bar(total, progress) as bar, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
                 for lv in levels:
                     tw.write(
                         _level_tiles(

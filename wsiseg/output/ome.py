@@ -196,8 +196,9 @@ def ome_tiff_from_mask(
         metadata = {"axes": "YX", "Name": name}
         level0_mpp = _mpp(mpp, page)
         if level0_mpp is not None:
-            metadata.update(PhysicalSizeX=level0_mpp[0], PhysicalSizeXUnit="µm",
-                            PhysicalSizeY=level0_mpp[1], PhysicalSizeYUnit="µm")
+            metadata.update(
+                PhysicalSizeX=level0_mpp[0], PhysicalSizeXUnit="µm", PhysicalSizeY=level0_mpp[1], PhysicalSizeYUnit="µm"
+            )
         # tifffile writes the OME-XML here and reserves the SubIFDs that levels 1... fill
         return {"photometric": "minisblack", "subfiletype": 0, "subifds": n_levels - 1, "metadata": metadata}
 
@@ -281,8 +282,10 @@ def ome_zarr_from_mask(
     with tifffile.TiffFile(mask_path) as tf:
         pages = mask_pages(tf)
         if pages[0].shape != (ms.height, ms.width):
-            raise WsisegError(f"the slide is {ms.width}x{ms.height} but the mask is "
-                              f"{pages[0].shape[1]}x{pages[0].shape[0]}", mask_path)
+            raise WsisegError(
+                f"the slide is {ms.width}x{ms.height} but the mask is {pages[0].shape[1]}x{pages[0].shape[0]}",
+                mask_path,
+            )
         level0_mpp = _mpp(mpp, pages[0])
         first = first_kept_level([page.shape for page in pages], max_megapixels)
         pages = pages[first:]

@@ -412,7 +412,15 @@ def read_report_json(path: str | os.PathLike) -> dict:
 
 
 _FIXED_COLUMNS = (
-    "slide", "status", "width", "height", "mpp", "mpp_y", "seconds_total", "fraction_sampled", "area_unit",
+    "slide",
+    "status",
+    "width",
+    "height",
+    "mpp",
+    "mpp_y",
+    "seconds_total",
+    "fraction_sampled",
+    "area_unit",
 )
 
 

@@ -175,8 +175,12 @@ class _Graph:
         # the face, else go straight if ahead-right is not, else turn right.
         nd = np.where(left_ahead != face, (d + 3) % 4, np.where(right_ahead != face, d, (d + 1) % 4))
         succ = np.searchsorted(key, (ey * w1 + ex) * 4 + nd)
-        degree = ((face != left_ahead).astype(np.int8) + (left_ahead != right_ahead) + (right_ahead != right)
-                  + (right != face))
+        degree = (
+            (face != left_ahead).astype(np.int8)
+            + (left_ahead != right_ahead)
+            + (right_ahead != right)
+            + (right != face)
+        )
         node_start = np.zeros(n, bool)
         node_start[succ] = degree >= 3
 
@@ -187,8 +191,9 @@ class _Graph:
         # two holes). Passes on two different rings are left as they are.
         ring = _cycles(succ)
         pinch = np.flatnonzero((right_ahead == face) & (left_ahead != face) & (right != face))
-        other = np.searchsorted(key, ((ey[pinch] + _DY[d[pinch]]) * w1 + ex[pinch] + _DX[d[pinch]]) * 4
-                                + (d[pinch] + 2) % 4)
+        other = np.searchsorted(
+            key, ((ey[pinch] + _DY[d[pinch]]) * w1 + ex[pinch] + _DX[d[pinch]]) * 4 + (d[pinch] + 2) % 4
+        )
         pair = (pinch < other) & (ring[pinch] == ring[other])
         if pair.any():
             a, b = pinch[pair], other[pair]
@@ -225,7 +230,8 @@ class _Graph:
         # Leftmost vertical edge of each ring (for finding a hole's region).
         vertical = (d & 1) == 1
         self._ring_left = np.minimum.reduceat(
-            np.where(vertical, x * (px.h + 1) + np.minimum(y, ey), np.iinfo(np.int64).max)[seq], starts_ring)
+            np.where(vertical, x * (px.h + 1) + np.minimum(y, ey), np.iinfo(np.int64).max)[seq], starts_ring
+        )
         self._h1, self._w1 = px.h + 1, w1
         south = np.flatnonzero(d == 1)  # sorted by (y, x), as key is
         self._south, self._south_vid = south, vid[south]
@@ -259,8 +265,9 @@ class _Graph:
         turn = np.flatnonzero(starts_arc[pos] | (d[he] != d[seq[pos - 1]]))
         counts = np.bincount(self.ha_arc[ha_of_pos[pos[turn]]], minlength=len(own))
         at = np.cumsum(counts)
-        self.arc_xy = np.stack([np.insert(x[he[turn]], at, ex[hl[own]]),
-                                np.insert(y[he[turn]], at, ey[hl[own]])], 1).astype(np.float64)
+        self.arc_xy = np.stack(
+            [np.insert(x[he[turn]], at, ex[hl[own]]), np.insert(y[he[turn]], at, ey[hl[own]])], 1
+        ).astype(np.float64)
         self.arc_edge = np.insert(turn, at, np.cumsum(n_edges) - 1)
         self.arc_start = np.r_[0, np.cumsum(counts + 1)]
 
@@ -312,13 +319,15 @@ class _Graph:
         a0, alen = arc_start[arc], np.diff(arc_start)[arc]
         # Every arc but its last point; backwards: from its last point down to its second.
         idx = _ranges(np.where(rev, a0 + alen - 1, a0), alen - 1, np.where(rev, -1, 1))
-        per_ring = np.bincount(np.repeat(np.arange(len(ring_ids)), count), weights=alen - 1,
-                               minlength=len(ring_ids)).astype(np.int64)
+        per_ring = np.bincount(
+            np.repeat(np.arange(len(ring_ids)), count), weights=alen - 1, minlength=len(ring_ids)
+        ).astype(np.int64)
         return arc_xy[idx], np.repeat(np.arange(len(ring_ids)), per_ring)
 
 
-def _cut_corners(xy: np.ndarray, edges: np.ndarray, npts: np.ndarray,
-                 cut: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cut_corners(
+    xy: np.ndarray, edges: np.ndarray, npts: np.ndarray, cut: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pixel-edge polylines with midpoints added around their inner corners.
 
     Simplifying through the midpoints of the edges at a corner instead of
@@ -367,8 +376,15 @@ def _cut_corners(xy: np.ndarray, edges: np.ndarray, npts: np.ndarray,
     return out[keep], out_edges[keep], np.bincount(out_line[keep], minlength=len(npts))
 
 
-def _chords(xy: np.ndarray, edges: np.ndarray, left: np.ndarray, right: np.ndarray, a: np.ndarray, b: np.ndarray,
-            tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+def _chords(
+    xy: np.ndarray,
+    edges: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    tolerance: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Whether each chord ``a -> b`` (point indices, ``b > a + 1``) may replace the points between.
 
     It may if they are all within ``tolerance`` of it and the centres of the
@@ -390,14 +406,16 @@ def _chords(xy: np.ndarray, edges: np.ndarray, left: np.ndarray, right: np.ndarr
     eidx = _ranges(edges[a, 0], n_e)
     esec = np.repeat(np.arange(len(a)), n_e)
     lrel, rrel = left[eidx] - xy[a][esec], right[eidx] - xy[a][esec]
-    margin = np.minimum(u[esec, 1] * lrel[:, 0] - u[esec, 0] * lrel[:, 1],
-                        u[esec, 0] * rrel[:, 1] - u[esec, 1] * rrel[:, 0])
+    margin = np.minimum(
+        u[esec, 1] * lrel[:, 0] - u[esec, 0] * lrel[:, 1], u[esec, 0] * rrel[:, 1] - u[esec, 1] * rrel[:, 0]
+    )
     sides = np.minimum.reduceat(margin, np.cumsum(n_e) - n_e) > 0
     return sides & (far_d <= tolerance * np.hypot(u[:, 0], u[:, 1])), far
 
 
-def _simplify(xy: np.ndarray, edges: np.ndarray, npts: np.ndarray, left: np.ndarray, right: np.ndarray,
-              tolerance: float) -> np.ndarray:
+def _simplify(
+    xy: np.ndarray, edges: np.ndarray, npts: np.ndarray, left: np.ndarray, right: np.ndarray, tolerance: float
+) -> np.ndarray:
     """Douglas-Peucker on many polylines at once, keeping every pixel on its side.
 
     A chord replaces the points between its ends if :func:`_chords` allows

@@ -142,8 +142,7 @@ def physical_grid(height: int, width: int, scale: PhysicalScale) -> tuple[int, i
     ``round(extent_um / spacing_um)`` per axis, at least 1 and never more
     samples than the region has pixels.
     """
-    return (_axis_samples(height, scale.mpp[1], scale.spacing_um),
-            _axis_samples(width, scale.mpp[0], scale.spacing_um))
+    return (_axis_samples(height, scale.mpp[1], scale.spacing_um), _axis_samples(width, scale.mpp[0], scale.spacing_um))
 
 
 @dataclass(frozen=True)

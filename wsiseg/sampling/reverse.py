@@ -315,10 +315,26 @@ def _scan_inverse(nodes: np.ndarray, out_size, region, tol: float, chunk: int):
     ex, ey, vx, vy = x01 - x00, y01 - y00, x10 - x00, y10 - y00
     fx, fy = x11 - x10 - ex, y11 - y10 - ey
     base = np.arange(b)[:, None, None] * plane + y0 * rw + x0
-    tab = np.stack(np.broadcast_arrays(
-        starts.reshape(x00.shape), nx, x0 - x00, y0 - y00, ex, ey, vx, vy, fx, fy,
-        fx * ey - fy * ex, ex * vy - ey * vx, base, ii, jj, _folded(x, y),
-    )).reshape(16, -1)
+    tab = np.stack(
+        np.broadcast_arrays(
+            starts.reshape(x00.shape),
+            nx,
+            x0 - x00,
+            y0 - y00,
+            ex,
+            ey,
+            vx,
+            vy,
+            fx,
+            fy,
+            fx * ey - fy * ex,
+            ex * vy - ey * vx,
+            base,
+            ii,
+            jj,
+            _folded(x, y),
+        )
+    ).reshape(16, -1)
     # residuals in uniform-cell units, as in _solve
     sx, sy = (w - 2) / ww, (h - 2) / hh
     out = np.empty((b * plane, 2))

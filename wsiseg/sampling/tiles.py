@@ -470,14 +470,18 @@ class ReverseTiler:
             centres = ((xs[ja] + xs[je]) / 2, (ys[ia] + ys[ie]) / 2, (xs[je] - xs[ja]) / 2, (ys[ie] - ys[ia]) / 2)
             # a column of f finest columns is bounded by their largest bound (their rectangles cover it)
             slopes = (
-                fine_slopes if f == 1
+                fine_slopes
+                if f == 1
                 else np.maximum.reduceat(fine_slopes, np.arange(0, fine_slopes.shape[-1], f), axis=-1)
             )
             if values is None:
                 whole = reg.block_labels(
-                    np.array([(xs[0] + xs[-1]) / 2]), np.array([(ys[0] + ys[-1]) / 2]),
-                    np.array([(xs[-1] - xs[0]) / 2]), np.array([(ys[-1] - ys[0]) / 2]),
-                    slopes.max(axis=(2, 3)), self.mode,
+                    np.array([(xs[0] + xs[-1]) / 2]),
+                    np.array([(ys[0] + ys[-1]) / 2]),
+                    np.array([(xs[-1] - xs[0]) / 2]),
+                    np.array([(ys[-1] - ys[0]) / 2]),
+                    slopes.max(axis=(2, 3)),
+                    self.mode,
                 )[0, 0]
                 if whole >= 0:
                     if counts is not None:

@@ -93,8 +93,10 @@ def segment_region(
     plan = plan if plan is not None else scale_plan(model, ms.mpp, options)
     geo = net.geometry(bh, bw, grid=options.out_size, long_side=options.long_side, physical=plan.physical)
     if plan.physical is not None and (geo.grid[0] > plan.max_grid[0] or geo.grid[1] > plan.max_grid[1]):
-        raise ValueError(f"region {box} needs a {geo.grid} grid, over the cap {plan.max_grid}: "
-                         "segment the sub-boxes of ScalePlan.boxes")
+        raise ValueError(
+            f"region {box} needs a {geo.grid} grid, over the cap {plan.max_grid}: "
+            "segment the sub-boxes of ScalePlan.boxes"
+        )
     (h, w), (hd, wd) = geo.grid, geo.map
     with torch.no_grad(), autocast(device, options.amp):
         if net.sampler == "learned":

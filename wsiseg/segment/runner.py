@@ -71,8 +71,13 @@ class SlideSegmenter:
 
         mpp = job.overrides.get("mpp")
         outputs = segment_slide(
-            job.path, self.model(), out_dir, job.name, self.options,
-            mpp=float(mpp) if mpp not in (None, "") else None, progress=progress,
+            job.path,
+            self.model(),
+            out_dir,
+            job.name,
+            self.options,
+            mpp=float(mpp) if mpp not in (None, "") else None,
+            progress=progress,
         )
         return SlideOutcome("ok", outputs=outputs)
 
@@ -152,7 +157,12 @@ def run_segment(
     def process(job, out, *, fingerprint, overwrite, progress):
         mpp = job.overrides.get("mpp")
         outputs = segment_slide(
-            job.path, model, out, job.name, options, mpp=float(mpp) if mpp not in (None, "") else None,
+            job.path,
+            model,
+            out,
+            job.name,
+            options,
+            mpp=float(mpp) if mpp not in (None, "") else None,
             progress=progress,
         )
         return SlideOutcome("ok", outputs=outputs)
@@ -161,12 +171,29 @@ def run_segment(
     if distributed:
         from wsiseg.batch.dask import run_batch_distributed
 
-        result = run_batch_distributed(jobs, out_dir, segmenter, fingerprint=fingerprint, scheduler=scheduler,
-                                       workers=workers, overwrite=overwrite, progress=progress, stream=stream,
-                                       slide_timeout=slide_timeout)
+        result = run_batch_distributed(
+            jobs,
+            out_dir,
+            segmenter,
+            fingerprint=fingerprint,
+            scheduler=scheduler,
+            workers=workers,
+            overwrite=overwrite,
+            progress=progress,
+            stream=stream,
+            slide_timeout=slide_timeout,
+        )
     else:
-        result = run_batch(jobs, out_dir, process if slide_timeout is None else segmenter, fingerprint=fingerprint,
-                           overwrite=overwrite, progress=progress, stream=stream, slide_timeout=slide_timeout)
+        result = run_batch(
+            jobs,
+            out_dir,
+            process if slide_timeout is None else segmenter,
+            fingerprint=fingerprint,
+            overwrite=overwrite,
+            progress=progress,
+            stream=stream,
+            slide_timeout=slide_timeout,
+        )
     reports = []
     for r in result.results:
         path = out_dir / f"{r.job.name}{OUTPUT_SUFFIXES['report']}"

@@ -224,8 +224,11 @@ def segment_slide(
         else:
             plan = scale_plan(model, ms.mpp, options)
             if plan.reason == NO_SLIDE_MPP:
-                logger.warning("%s: slide has no MPP, sampled by pixel size instead of at the model's %.4g um "
-                               "spacing; pass --mpp", slide, model.scale.sample_spacing_um)
+                logger.warning(
+                    "%s: slide has no MPP, sampled by pixel size instead of at the model's %.4g um spacing; pass --mpp",
+                    slide,
+                    model.scale.sample_spacing_um,
+                )
             seg = _segment_deformed(ms, boxes, model, options, device, step, plan)
         timings["sample+segment"] = time.perf_counter() - t
         _trim_heap()
@@ -235,7 +238,13 @@ def segment_slide(
             seg.tile_source = TissueGate(seg.tile_source, tissue, ms.width, ms.height)
         # data tiles Deflate-encoded on a second core while this thread computes the next ones
         write_label_pyramid(
-            paths["mask"], ms.width, ms.height, seg.tile_source, tile=options.tile, mpp=ms.mpp, overwrite=True,
+            paths["mask"],
+            ms.width,
+            ms.height,
+            seg.tile_source,
+            tile=options.tile,
+            mpp=ms.mpp,
+            overwrite=True,
             workers=1 if usable_cpus() > 1 else 0,
         )
         overlay_from_mask(paths["mask"], paths["overlay"], model.classes, overwrite=True)
@@ -253,8 +262,15 @@ def segment_slide(
         timings["ome-tiff"] = time.perf_counter() - t
     if "ome-zarr" in paths:
         t = stage("ome-zarr")
-        ome_zarr_from_mask(paths["mask"], paths["ome-zarr"], model.classes, slide=ms, mpp=ms.mpp,
-                           max_megapixels=options.ome_zarr_megapixels, overwrite=True)
+        ome_zarr_from_mask(
+            paths["mask"],
+            paths["ome-zarr"],
+            model.classes,
+            slide=ms,
+            mpp=ms.mpp,
+            max_megapixels=options.ome_zarr_megapixels,
+            overwrite=True,
+        )
         timings["ome-zarr"] = time.perf_counter() - t
 
     if options.geojson:

@@ -345,7 +345,9 @@ def ngff_multiscales_metadata(
         for label, color in (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
     ]
     omero = {
-        "name": name, "version": "0.4", "channels": channels,
+        "name": name,
+        "version": "0.4",
+        "channels": channels,
         "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
     }
     return {"multiscales": [multiscale], "omero": omero}

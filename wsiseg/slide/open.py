@@ -253,8 +253,9 @@ def _resolve_mpp(path: Path, override, candidates) -> tuple[tuple[float, float] 
         return None, "missing", None
     # one line per opened slide; the value stays visible in `wsiseg info` and report.json
     hint = " (a default 72/96 dpi tag?)" if max(ignored.mpp) > MAX_PLAUSIBLE_MPP else ""
-    logger.warning("%s: ignored implausible level-0 resolution %s%s; MPP unknown, pass --mpp",
-                   path, ignored.describe(), hint)
+    logger.warning(
+        "%s: ignored implausible level-0 resolution %s%s; MPP unknown, pass --mpp", path, ignored.describe(), hint
+    )
     return None, IGNORED_IMPLAUSIBLE, ignored
 
 
@@ -379,10 +380,21 @@ def _as_rgb(arr: da.Array, *, gray: bool, alpha: str | None) -> da.Array:
     # dask's stub types Array.map_blocks as a decorator; the call is dask's documented form
     if arr.ndim == 2:
         return arr.map_blocks(  # type: ignore[call-arg]
-            _block_to_rgb, gray=gray, alpha=alpha, dtype=np.uint8, chunks=chunks, new_axis=2, meta=meta,  # type: ignore[arg-type]
+            _block_to_rgb,  # type: ignore[arg-type]
+            gray=gray,
+            alpha=alpha,
+            dtype=np.uint8,
+            chunks=chunks,
+            new_axis=2,
+            meta=meta,
         )
     return arr.map_blocks(  # type: ignore[call-arg]
-        _block_to_rgb, gray=gray, alpha=alpha, dtype=np.uint8, chunks=chunks, meta=meta,  # type: ignore[arg-type]
+        _block_to_rgb,  # type: ignore[arg-type]
+        gray=gray,
+        alpha=alpha,
+        dtype=np.uint8,
+        chunks=chunks,
+        meta=meta,
     )
 
 
@@ -733,11 +745,24 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
         raise
 
     try:
-        dims = [(_tiff_int(kf.imagewidth, f"level {i} ImageWidth", p),
-                 _tiff_int(kf.imagelength, f"level {i} ImageLength", p)) for i, kf in enumerate(keyframes)]
+        dims = [
+            (
+                _tiff_int(kf.imagewidth, f"level {i} ImageWidth", p),
+                _tiff_int(kf.imagelength, f"level {i} ImageLength", p),
+            )
+            for i, kf in enumerate(keyframes)
+        ]
         _check_dimensions(dims, p)
-        _check_tiles([(_tiff_int(kf.tilewidth, f"level {i} TileWidth", p),
-                       _tiff_int(kf.tilelength, f"level {i} TileLength", p)) for i, kf in enumerate(keyframes)], p)
+        _check_tiles(
+            [
+                (
+                    _tiff_int(kf.tilewidth, f"level {i} TileWidth", p),
+                    _tiff_int(kf.tilelength, f"level {i} TileLength", p),
+                )
+                for i, kf in enumerate(keyframes)
+            ],
+            p,
+        )
         ome_xml = tif.ome_metadata if tif.is_ome else None
         try:
             layout = _tiff_layout(series, keyframes[0], ome_xml)
@@ -1087,7 +1112,6 @@ def _openslide_refusal(fmt: str, file: Path, exc: Exception) -> str:
             f"only 8-bit brightfield RGB slides are supported (OpenSlide: {msg})"
         )
     return f"OpenSlide cannot open this {fmt} slide: {msg}"
-
 
 
 # ---------------------------------------------------------------------------

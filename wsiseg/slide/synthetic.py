@@ -176,8 +176,10 @@ def _tiles(
             continue
         alphas = [coverage(y, x, tile, tile) for y, x in coords[b : b + _BATCH]]
         jobs = [
-            None if isinstance(a, float) and a == 0.0
-            else pool.submit(_encode, np.ascontiguousarray(t), quality) if isinstance(a, float)
+            None
+            if isinstance(a, float) and a == 0.0
+            else pool.submit(_encode, np.ascontiguousarray(t), quality)
+            if isinstance(a, float)
             else pool.submit(_compose_encode, t, a, glass_tile, quality)
             for t, a in zip(texture, alphas)
         ]
@@ -259,9 +261,10 @@ def write_synthetic_slide(
     glass_rgb = None if coverage is None else np.asarray(glass, dtype=np.uint8)
     path = Path(path)
     ppcm = 1e4 / mpp  # pixels per centimetre at level 0
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, tifffile.TiffWriter(
-        path, bigtiff=True
-    ) as tif:
+    with (
+        ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool,
+        tifffile.TiffWriter(path, bigtiff=True) as tif,
+    ):
         for k, ((w, h), period) in enumerate(zip(shapes, periods)):
             tif.write(
                 _tiles(period, (w, h), tile, quality, pool, None if coverage is None else coverage.level(k), glass_rgb),

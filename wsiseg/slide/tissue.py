@@ -203,8 +203,10 @@ class TissueGate:
     def __call__(self, level, x0: int, y0: int, w: int, h: int):
         labels = self.source(level, x0, y0, w, h)  # (h, w) uint8, or an int for a constant tile
         if level.index not in self._index:  # once per level, not per tile
-            self._index[level.index] = (level_source_index(self.width, level.width),
-                                        level_source_index(self.height, level.height))
+            self._index[level.index] = (
+                level_source_index(self.width, level.width),
+                level_source_index(self.height, level.height),
+            )
         cols, rows = self._index[level.index]
         cols, rows = cols[x0 : x0 + w], rows[y0 : y0 + h]
         # Most tiles lie wholly on tissue or on glass: decide those from the mask pixels they span.

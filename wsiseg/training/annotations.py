@@ -380,7 +380,6 @@ def _is_tiff(path: str) -> bool:
         return False
 
 
-
 def annotation_kind(path: str | os.PathLike) -> str:
     """``"geojson"``, ``"asap"`` or ``"mask"`` by extension, else by content; raises if neither."""
     name = os.fspath(path).lower()

@@ -72,13 +72,15 @@ def _collate(items: list[dict]) -> dict:
         labels = torch.stack([torch.as_tensor(it["labels"]).long() for it in items])
     except RuntimeError as exc:
         shapes = sorted({tuple(torch.as_tensor(it["image"]).shape) for it in items})
-        raise WsisegError(
-            f"training regions in one batch differ in size {shapes}"
-        ) from exc
+        raise WsisegError(f"training regions in one batch differ in size {shapes}") from exc
     from wsiseg.training.dataset import known_mpp
 
-    return {"image": image, "labels": labels, "name": [str(it.get("name", "")) for it in items],
-            "mpp": [known_mpp(it) for it in items]}
+    return {
+        "image": image,
+        "labels": labels,
+        "name": [str(it.get("name", "")) for it in items],
+        "mpp": [known_mpp(it) for it in items],
+    }
 
 
 def to_float(image: torch.Tensor) -> torch.Tensor:
@@ -147,19 +149,25 @@ def training_scale(net: DeformSegNet, ds: Dataset, spacing_um: float | None = No
     if spacing_um is not None:
         missing = sum(mpp is None for _, mpp, _ in regions)
         if missing:
-            raise WsisegError(f"sample_spacing_um needs an MPP for every training region; {missing} of "
-                              f"{len(regions)} have none (give --mpp or an mpp column in the pairs CSV)")
+            raise WsisegError(
+                f"sample_spacing_um needs an MPP for every training region; {missing} of "
+                f"{len(regions)} have none (give --mpp or an mpp column in the pairs CSV)"
+            )
     return measure_scale(regions, net.geometry, spacing_um)
 
 
 def say_scale(say: Callable[[str], None], scale: ModelScale) -> None:
     if not scale.known:
-        say("no MPP known for the training regions: the model records no physical scale and segments by pixel "
-            "size (pass --mpp or an mpp column to record it)")
+        say(
+            "no MPP known for the training regions: the model records no physical scale and segments by pixel "
+            "size (pass --mpp or an mpp column to record it)"
+        )
         return
     missing = f"; {scale.regions_without_mpp} regions without MPP left out" if scale.regions_without_mpp else ""
-    say(f"scale: {scale.mpp_working:.4g} um per working pixel, one sample every {scale.sample_spacing_um:.4g} um "
-        f"({scale.source}, {scale.regions} regions{missing})")
+    say(
+        f"scale: {scale.mpp_working:.4g} um per working pixel, one sample every {scale.sample_spacing_um:.4g} um "
+        f"({scale.source}, {scale.regions} regions{missing})"
+    )
 
 
 def size_batches(

@@ -92,8 +92,17 @@ def tick_label(v: float) -> str:
 
 
 def chart_panel(
-    draw, font, box, title: str, xs: Sequence[float], series, *, y_range=None, log_y=False,
-    x_label: str = "epoch", integer_x: bool = True,
+    draw,
+    font,
+    box,
+    title: str,
+    xs: Sequence[float],
+    series,
+    *,
+    y_range=None,
+    log_y=False,
+    x_label: str = "epoch",
+    integer_x: bool = True,
 ) -> None:
     """One chart into a Pillow ``draw``: title and legend above, axes, ticks, grid, lines with markers.
 

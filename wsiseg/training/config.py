@@ -82,8 +82,16 @@ def _as_int(key: str, v: Any, lo: int | None = None, optional: bool = False) -> 
     return int(v)
 
 
-def _as_float(key: str, v: Any, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
-              open_hi: bool = False, optional: bool = False) -> float | None:
+def _as_float(
+    key: str,
+    v: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    open_lo: bool = False,
+    open_hi: bool = False,
+    optional: bool = False,
+) -> float | None:
     if v is None and optional:
         return None
     if isinstance(v, str):  # PyYAML reads "1e-3" (no dot) as a string
@@ -315,8 +323,9 @@ class TrainConfig:
         self.rot90 = _as_bool("rot90", self.rot90)
         self.color_jitter = _as_float("color_jitter", self.color_jitter, 0.0, 1.0)
         self.scale_jitter = _as_float("scale_jitter", self.scale_jitter, 1.0, 4.0)
-        self.sample_spacing_um = _as_float("sample_spacing_um", self.sample_spacing_um, 0.0, MAX_SAMPLE_SPACING_UM,
-                                           open_lo=True, optional=True)
+        self.sample_spacing_um = _as_float(
+            "sample_spacing_um", self.sample_spacing_um, 0.0, MAX_SAMPLE_SPACING_UM, open_lo=True, optional=True
+        )
         self.val_fraction = _as_float("val_fraction", self.val_fraction, 0.0, 1.0, open_hi=True)
         self.patience = _as_int("patience", self.patience, 0, optional=True) or None
         self.min_delta = _as_float("min_delta", self.min_delta, 0.0)
@@ -410,9 +419,7 @@ def load_train_config(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def build_net(
-    config: TrainConfig, num_classes: int, in_channels: int = 3, *, pretrained: bool = True
-) -> DeformSegNet:
+def build_net(config: TrainConfig, num_classes: int, in_channels: int = 3, *, pretrained: bool = True) -> DeformSegNet:
     """The untrained :class:`DeformSegNet` a config describes.
 
     Parameters
@@ -498,8 +505,10 @@ def training_geometry(
     h, w = shape
     if spacing_um is not None:
         if mpp is None:
-            raise WsisegError("sample_spacing_um needs an MPP for every training region (the images', --mpp or "
-                              "an mpp column in the pairs CSV)")
+            raise WsisegError(
+                "sample_spacing_um needs an MPP for every training region (the images', --mpp or "
+                "an mpp column in the pairs CSV)"
+            )
         return net.geometry(h, w, physical=PhysicalScale(mpp, spacing_um), scale=factor)
     return net.geometry(h, w, scale=factor)
 

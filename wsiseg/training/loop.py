@@ -143,8 +143,9 @@ def _validate(net: DeformSegNet, loader: DataLoader, num_classes: int, config: T
         labels = batch["labels"].to(device, non_blocking=True)
         check_labels(labels, num_classes, config.ignore_index, batch["name"])
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
-            geometry = training_geometry(net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0],
-                                         config.sample_spacing_um)
+            geometry = training_geometry(
+                net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0], config.sample_spacing_um
+            )
             out = net(None, image, labels, geometry=geometry, ignore_index=config.ignore_index)
         pred = out.logits.argmax(dim=1)
         cm_def.update(pred, out.labels)
@@ -415,8 +416,10 @@ def train(
             "run": dataclasses.asdict(st),
         }
 
-    done = st.stopped_early or st.epoch >= cfg.epochs or (
-        has_val and cfg.patience is not None and st.bad_epochs >= cfg.patience
+    done = (
+        st.stopped_early
+        or st.epoch >= cfg.epochs
+        or (has_val and cfg.patience is not None and st.bad_epochs >= cfg.patience)
     )
     if done:
         say(f"nothing to do: the run in {out} already finished after epoch {st.epoch}")
@@ -462,8 +465,19 @@ def train(
             bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="it", leave=False)
         try:
             for batch in loader:
-                values, norms = _train_step(net, batch, cfg, criterion, optimizer, scaler, amp, device, num_classes,
-                                            jitter_rng, diverged=diverged)
+                values, norms = _train_step(
+                    net,
+                    batch,
+                    cfg,
+                    criterion,
+                    optimizer,
+                    scaler,
+                    amp,
+                    device,
+                    num_classes,
+                    jitter_rng,
+                    diverged=diverged,
+                )
                 grad_sums += norms
                 sums += values
                 n_steps += 1
@@ -525,8 +539,18 @@ def train(
             st.stopped_early = True
 
         if improved:
-            _save_model(paths["model"], net, classes, cfg, st, data_hash, len(train_ds), len(val_ds) if has_val else 0,
-                        encoder_init, scale)
+            _save_model(
+                paths["model"],
+                net,
+                classes,
+                cfg,
+                st,
+                data_hash,
+                len(train_ds),
+                len(val_ds) if has_val else 0,
+                encoder_init,
+                scale,
+            )
         # The checkpoint goes after the model: a crash between the two at
         # worst repeats this epoch on resume.
         save_checkpoint(paths["checkpoint"], net, optimizer, scheduler, scaler, meta())
@@ -559,8 +583,20 @@ def train(
     )
 
 
-def _train_step(net, batch, cfg: TrainConfig, criterion, optimizer, scaler, amp, device, num_classes: int,
-                jitter_rng: torch.Generator, *, diverged: Callable[[str], str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _train_step(
+    net,
+    batch,
+    cfg: TrainConfig,
+    criterion,
+    optimizer,
+    scaler,
+    amp,
+    device,
+    num_classes: int,
+    jitter_rng: torch.Generator,
+    *,
+    diverged: Callable[[str], str],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on one batch (at its scale-jittered geometry).
 
     Returns
@@ -585,16 +621,19 @@ def _train_step(net, batch, cfg: TrainConfig, criterion, optimizer, scaler, amp,
         if cfg.scale_jitter > 1.0:
             span = math.log(cfg.scale_jitter)
             factor = math.exp(float(torch.empty(()).uniform_(-span, span, generator=jitter_rng)))
-        geometry = training_geometry(net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0],
-                                     cfg.sample_spacing_um, factor)
+        geometry = training_geometry(
+            net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0], cfg.sample_spacing_um, factor
+        )
         with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
             out_ = net(None, image, labels, geometry=geometry, ignore_index=cfg.ignore_index)
             terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target, out_.edge_valid)
     except ValueError as exc:  # a layer trains_alone could not foresee on the meta device
         if BATCHNORM_ALONE not in str(exc):
             raise
-        raise WsisegError(f"cannot train on a batch of one region of shape {tuple(image.shape[-2:])}: "
-                          f"{ALONE_WHY}; use --batch-size 2 or more, or a larger --out-size") from exc
+        raise WsisegError(
+            f"cannot train on a batch of one region of shape {tuple(image.shape[-2:])}: "
+            f"{ALONE_WHY}; use --batch-size 2 or more, or a larger --out-size"
+        ) from exc
     values = torch.stack([terms.total.detach(), terms.seg.detach(), terms.edge.detach()]).double().cpu()
     if not torch.isfinite(values).all():
         raise WsisegError(diverged("NaN" if torch.isnan(values).any() else "infinite"))
@@ -613,8 +652,18 @@ def _train_step(net, batch, cfg: TrainConfig, criterion, optimizer, scaler, amp,
     return values, norms
 
 
-def _save_model(path: Path, net, classes, cfg: TrainConfig, st: _RunState, data_hash, n_train: int, n_val: int,
-                encoder_init: dict, scale: ModelScale) -> None:
+def _save_model(
+    path: Path,
+    net,
+    classes,
+    cfg: TrainConfig,
+    st: _RunState,
+    data_hash,
+    n_train: int,
+    n_val: int,
+    encoder_init: dict,
+    scale: ModelScale,
+) -> None:
     from wsiseg.models.io import save_deformseg
 
     extra = {
@@ -635,7 +684,7 @@ def _save_model(path: Path, net, classes, cfg: TrainConfig, st: _RunState, data_
             "seconds_per_iter": _median([r.get("sec_per_iter") for r in st.history]),
             "train_regions": n_train,
             "val_regions": n_val,
-        }
+        },
     }
     save_deformseg(path, net, classes, extra=extra, overwrite=True)
 

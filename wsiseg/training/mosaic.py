@@ -175,7 +175,10 @@ def _read_texture(path: Path) -> np.ndarray:
 
 
 def _code_lut(
-    class_of_code: Mapping[int | str, str], class_names: Sequence[str], codes_csv: Path | None, present: np.ndarray,
+    class_of_code: Mapping[int | str, str],
+    class_names: Sequence[str],
+    codes_csv: Path | None,
+    present: np.ndarray,
     where: Path,
 ) -> np.ndarray:
     """uint8 LUT label-map code -> class value (255 for codes that are absent and unmapped)."""
@@ -196,8 +199,9 @@ def _code_lut(
         if not 0 <= c <= 255:
             raise WsisegError(f"label-map code {c} is not in 0..255", where)
         if cls not in value_of:
-            raise WsisegError(f"code {code!r} maps to {cls!r}, which has no textures (classes: {list(class_names)})",
-                              where)
+            raise WsisegError(
+                f"code {code!r} maps to {cls!r}, which has no textures (classes: {list(class_names)})", where
+            )
         if lut[c] != 255 and lut[c] != value_of[cls]:
             raise WsisegError(f"label-map code {c} is mapped to two classes", where)
         lut[c] = value_of[cls]
@@ -210,8 +214,9 @@ def _code_lut(
 def _check_fraction_box(box: Sequence[float], what: str) -> tuple[float, ...]:
     b = tuple(float(v) for v in box)
     if len(b) != 4 or not (0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1):
-        raise WsisegError(f"{what}: a rectangle must be (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1, "
-                          f"got {list(box)}")
+        raise WsisegError(
+            f"{what}: a rectangle must be (x0, y0, x1, y1) with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1, got {list(box)}"
+        )
     return b
 
 
@@ -285,7 +290,10 @@ def _texture_layer(
 
 
 def _crop_labels(
-    class_map: np.ndarray, rects: Sequence[tuple[int, int, int, int]], size: int, side_range: tuple[int, int],
+    class_map: np.ndarray,
+    rects: Sequence[tuple[int, int, int, int]],
+    size: int,
+    side_range: tuple[int, int],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """A random square crop (entirely inside one of ``rects``) resampled to ``size`` by nearest."""
@@ -302,9 +310,7 @@ def _crop_labels(
     return crop, (x, y, side)
 
 
-def _render(
-    labels: np.ndarray, layers: Mapping[int, np.ndarray], edge_blur: float
-) -> np.ndarray:
+def _render(labels: np.ndarray, layers: Mapping[int, np.ndarray], edge_blur: float) -> np.ndarray:
     """Composite the class layers through (slightly blurred) class masks; uint8 RGB."""
     from scipy.ndimage import gaussian_filter
 
@@ -425,8 +431,9 @@ def build_mosaics(
     if class_of_code is None:
         raise WsisegError("class_of_code is required: map every label-map code to a class")
 
-    split_rects = {str(k): [_check_fraction_box(b, f"split {k!r}") for b in v]
-                   for k, v in (splits or DEFAULT_SPLITS).items()}
+    split_rects = {
+        str(k): [_check_fraction_box(b, f"split {k!r}") for b in v] for k, v in (splits or DEFAULT_SPLITS).items()
+    }
     for k, v in split_rects.items():
         if not v:
             raise WsisegError(f"split {k!r} has no rectangles")
@@ -486,9 +493,7 @@ def build_mosaics(
     with atomic_output(out, overwrite=overwrite) as tmp:
         tmp.mkdir(parents=True)
         for k_split, split in enumerate(names):
-            rects = [
-                (round(b[0] * W), round(b[1] * H), round(b[2] * W), round(b[3] * H)) for b in split_rects[split]
-            ]
+            rects = [(round(b[0] * W), round(b[1] * H), round(b[2] * W), round(b[3] * H)) for b in split_rects[split]]
             rects = [r for r in rects if r[2] > r[0] and r[3] > r[1]]
             (tmp / split / "images").mkdir(parents=True, exist_ok=True)
             (tmp / split / "labels").mkdir(parents=True, exist_ok=True)
@@ -534,8 +539,9 @@ def build_mosaics(
             if colors and c in colors:
                 entry["color"] = [int(x) for x in colors[c]]
             classes_doc["classes"].append(entry)
-        (tmp / CLASSES_NAME).write_text(yaml.safe_dump(classes_doc, sort_keys=False, default_flow_style=None),
-                                        encoding="utf-8")
+        (tmp / CLASSES_NAME).write_text(
+            yaml.safe_dump(classes_doc, sort_keys=False, default_flow_style=None), encoding="utf-8"
+        )
         with open(tmp / PAIRS_NAME, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["image", "annotation", "split"])
@@ -612,10 +618,14 @@ def load_spec(path: str | os.PathLike, data_root: str | os.PathLike) -> dict[str
     colors: dict[str, list[int]] = {}
     class_of_code: dict[int | str, str] = {}
     for k, c in enumerate(classes):
-        if not isinstance(c, dict) or not {"name", "textures", "codes"} <= set(c) or set(c) - {"name", "textures",
-                                                                                               "codes", "color"}:
-            raise WsisegError(f"class entry {k + 1} needs name, textures, codes (and optionally color), got {c!r}",
-                              path)
+        if (
+            not isinstance(c, dict)
+            or not {"name", "textures", "codes"} <= set(c)
+            or set(c) - {"name", "textures", "codes", "color"}
+        ):
+            raise WsisegError(
+                f"class entry {k + 1} needs name, textures, codes (and optionally color), got {c!r}", path
+            )
         name = str(c["name"])
         textures[name] = [root / str(p) for p in c["textures"]]
         if c.get("color") is not None:
@@ -663,21 +673,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("spec", help="mosaic spec YAML (e.g. pipelines/demo-data.yaml)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--data", default=None,
-                        help="folder the spec's paths are relative to [default: $WSISEG_SHARED_DATA or ../shared/data]")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="folder the spec's paths are relative to [default: $WSISEG_SHARED_DATA or ../shared/data]",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     try:
-        result = build_mosaics_from_spec(args.spec, args.data or default_data_root(), args.out,
-                                         overwrite=args.overwrite)
+        result = build_mosaics_from_spec(
+            args.spec, args.data or default_data_root(), args.out, overwrite=args.overwrite
+        )
     except WsisegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for split, c in result.counts.items():
         fr = ", ".join(f"{n} {f:.3f}" for n, f in zip(result.class_names, result.class_fractions[split]))
         print(f"{split}: {c} mosaics ({fr})")
-    print(f"wrote {result.out_dir} (classes: {result.classes_path.name}, pairs: {result.pairs_path.name}, "
-          f"manifest: {result.manifest_path.name})")
+    print(
+        f"wrote {result.out_dir} (classes: {result.classes_path.name}, pairs: {result.pairs_path.name}, "
+        f"manifest: {result.manifest_path.name})"
+    )
     return 0
 
 

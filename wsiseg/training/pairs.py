@@ -261,8 +261,12 @@ def _pairs_from_folder(folder: Path, split: str | None) -> list[TrainingPair]:
     pairs = []
     for key, g in sorted(groups.items()):
         imgs, anns = sorted(g["img"], key=_image_rank, reverse=True), g["ann"]
-        if (not anns and len(imgs) == 2 and _image_rank(imgs[0]) > _image_rank(imgs[1])
-                and suffix(imgs[1]) in MASK_SUFFIXES):
+        if (
+            not anns
+            and len(imgs) == 2
+            and _image_rank(imgs[0]) > _image_rank(imgs[1])
+            and suffix(imgs[1]) in MASK_SUFFIXES
+        ):
             imgs, anns = imgs[:1], imgs[1:]
         if len(imgs) == 1 and len(anns) == 1:
             pairs.append(TrainingPair(str(imgs[0]), str(anns[0]), split))

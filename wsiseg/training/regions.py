@@ -45,20 +45,29 @@ class QualitySet:
 
 QUALITY_SETS: dict[str, QualitySet] = {
     "camelyon": QualitySet(
-        "camelyon", "camelyon_lymphnode", "CAMELYON lymph-node metastases", 512,
+        "camelyon",
+        "camelyon_lymphnode",
+        "CAMELYON lymph-node metastases",
+        512,
         # every fourth id of the 32 consecutive tiles: 8 test, 24 train
         ("10073", "10672", "10676", "10680", "10684", "10688", "10692", "10696"),
         "32 real H&E tiles of 512 x 512 with metastasis masks (CAMELYON16/17, CC0; probably 1-2 slides; the "
         "masks are blocky, upsampled from a low-resolution annotation), read at native resolution",
     ),
     "ocdc": QualitySet(
-        "ocdc", "ocdc_oral_scc", "OCDC oral squamous cell carcinoma", 640,
+        "ocdc",
+        "ocdc_oral_scc",
+        "OCDC oral squamous cell carcinoma",
+        640,
         ("1009009_r27c10", "1009009_r35c4", "1009009_r41c5"),  # 3 test, 7 train
         "10 real H&E tiles of 640 x 640 at 20x with tumour masks (OCDC, Freire et al. 2022, CC BY 4.0; one "
         "slide), read at native resolution",
     ),
     "bcss": QualitySet(
-        "bcss", "bcss_mostly_tumor_large", "BCSS breast-cancer ROIs (whole regions)", 1024,
+        "bcss",
+        "bcss_mostly_tumor_large",
+        "BCSS breast-cancer ROIs (whole regions)",
+        1024,
         ("1015",),
         "3 real H&E breast-cancer ROIs of 3072-4096 x 2048-2560 px (~0.25 um/px, TCGA-BRCA via BCSS, CC0) "
         "with 'mostly tumour' masks, each one whole region read at a 1024-px long side (downsample ~3.5)",

@@ -136,8 +136,9 @@ def _refuse_dtd(data: bytes, path) -> None:
     except _Declaration:
         raise WsisegError("refusing XML with DOCTYPE or ENTITY declarations", path) from None
     except expat.ExpatError as exc:
-        raise WsisegError(f"not valid XML: {expat.ErrorString(exc.code)}: line {exc.lineno}, column {exc.offset}",
-                          path) from None
+        raise WsisegError(
+            f"not valid XML: {expat.ErrorString(exc.code)}: line {exc.lineno}, column {exc.offset}", path
+        ) from None
 
 
 # ---------------------------------------------------------------------------
