@@ -663,12 +663,13 @@ class _RandomCrops:
     def __getitem__(self, i: int) -> dict:
         import numpy as np
 
+        from wsiseg.training.dataset import random_crop
+
         item = self.base[i // self.per_image]
         h, w = item["labels"].shape[-2:]
         s = min(self.size, h, w)
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-        image, labels = item["image"][:, y : y + s, x : x + s], item["labels"][y : y + s, x : x + s]
+        image, labels = random_crop(item["image"], item["labels"], (s, s), rng)
         if rng.random() < 0.5:
             image, labels = image.flip(-1), labels.flip(-1)
         return {

@@ -224,6 +224,7 @@ def train_command(
             seed=cfg.seed,
             ignore_unmapped=ignore_unmapped,
             value_names=value_names,
+            working_mpp=cfg.working_mpp,
         )
 
     train_ds = dataset(train_pairs)

@@ -324,13 +324,16 @@ def run_evaluation(
             seed=tcfg.seed,
             ignore_unmapped=ignore_unmapped,
             value_names=value_names,
+            # A model trained at one working MPP reads regions at it, unless another size is asked for.
+            working_mpp=tcfg.working_mpp if hr_size is None else None,
         )
         return _Remapped(ds, lut) if lut is not None else ds
 
     eval_ds = dataset(eval_pairs)
     if len(eval_ds) == 0:
         raise WsisegError(f"no regions to evaluate in the {split} split", data)
-    say(f"evaluating {len(eval_pairs)} {split} pairs ({len(eval_ds)} regions) at working size {wxh(hr)}")
+    at = f"{tcfg.working_mpp:g} um per working pixel" if tcfg.working_mpp and hr_size is None else f"size {wxh(hr)}"
+    say(f"evaluating {len(eval_pairs)} {split} pairs ({len(eval_ds)} regions) at working {at}")
 
     def evaluate(m, name):
         return evaluate_model(

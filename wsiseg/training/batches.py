@@ -36,22 +36,39 @@ __all__ = [
 
 
 class Augmented(Dataset):
-    """Training items augmented with an RNG derived from (seed, epoch, index)."""
+    """Training items cropped and augmented with an RNG derived from (seed, epoch, index).
 
-    def __init__(self, base: Dataset, config: TrainConfig):
+    ``TrainConfig.crop_size`` draws a random window of each item first
+    (:func:`wsiseg.training.dataset.random_crop`), then flips, rotations and
+    colour jitter; ``augment=False`` crops only (for a data set that
+    augments itself).
+    """
+
+    def __init__(self, base: Dataset, config: TrainConfig, *, augment: bool = True):
         self.base = base
         self.seed = config.seed
         self.epoch = 0
-        self.flips, self.rot90, self.color_jitter = config.flips, config.rot90, config.color_jitter
-        self.active = config.flips or config.rot90 or config.color_jitter > 0
-        self._augment = None
+        self.flips, self.rot90 = augment and config.flips, augment and config.rot90
+        self.color_jitter = config.color_jitter if augment else 0.0
+        self.crop = config.crop_size
+        self.augments = self.flips or self.rot90 or self.color_jitter > 0
+        self.active = self.augments or self.crop is not None
+        self._augment = self._crop = None
         if self.active:
-            from wsiseg.training.dataset import augment  # the data side owns the augmentations
+            from wsiseg.training.dataset import augment as augment_fn  # the data side owns the augmentations
+            from wsiseg.training.dataset import random_crop
 
-            self._augment = augment
+            self._augment, self._crop = augment_fn, random_crop
 
     def __len__(self) -> int:
         return len(self.base)
+
+    def item_shape(self, i: int) -> tuple[int, int]:
+        """``(h, w)`` of item ``i`` as this data set yields it (the window when cropping)."""
+        h, w = _item_shape(self.base, i)
+        if self.crop is None:
+            return h, w
+        return min(h, self.crop[0]), min(w, self.crop[1])
 
     def __getitem__(self, i: int) -> dict:
         item = self.base[i]
@@ -59,9 +76,13 @@ class Augmented(Dataset):
             return item
         item = dict(item)
         rng = np.random.default_rng([self.seed, self.epoch, int(i)])
-        item["image"], item["labels"] = self._augment(
-            item["image"], item["labels"], rng, flips=self.flips, rot90=self.rot90, color_jitter=self.color_jitter
-        )
+        if self.crop is not None:
+            item["image"], item["labels"] = self._crop(item["image"], item["labels"], self.crop, rng)
+            item["size"] = tuple(item["labels"].shape[-2:])
+        if self.augments:
+            item["image"], item["labels"] = self._augment(
+                item["image"], item["labels"], rng, flips=self.flips, rot90=self.rot90, color_jitter=self.color_jitter
+            )
         return item
 
 

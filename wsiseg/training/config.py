@@ -174,6 +174,21 @@ class TrainConfig:
         Every region needs an MPP (the images', ``--mpp`` or the pairs
         CSV's ``mpp`` column). ``None``: the pixel rule (each region gets
         the model's grid by the dynamic size rule, whatever its extent).
+    working_mpp : float, optional
+        Read every training and validation region at this many
+        micrometres per working pixel instead of fitting ``hr_size``
+        (:func:`wsiseg.training.dataset.physical_shape`); physical mode
+        only. With ``crop_size``, regions of every source then share one
+        batch shape.
+    crop_size : (int, int), optional
+        Train on a random ``(h, w)`` window of each region's working raster,
+        drawn afresh every epoch (validation sees whole regions); physical
+        mode only, where a window's grid is its extent over the spacing.
+        Training batches group items of one shape (and MPP), so without
+        crops each source trains in batches of its own and BatchNorm's
+        running statistics fit none of them (docs/demo-model.md); with
+        ``working_mpp`` and ``crop_size`` every batch can mix sources. A
+        region shorter than the window on a side keeps that side whole.
     sampler : {"learned", "uniform", "edge"}
         Learned deformation, or the paper's uniform / oracle edge baselines
         (no trainable deformation net; the edge term is then off).
@@ -268,6 +283,8 @@ class TrainConfig:
     color_jitter: float = 0.0
     scale_jitter: float = 1.0
     sample_spacing_um: float | None = None
+    working_mpp: float | None = None
+    crop_size: tuple[int, int] | None = None
     val_fraction: float = 0.2
     patience: int | None = 10
     min_delta: float = 0.0
@@ -326,6 +343,14 @@ class TrainConfig:
         self.sample_spacing_um = _as_float(
             "sample_spacing_um", self.sample_spacing_um, 0.0, MAX_SAMPLE_SPACING_UM, open_lo=True, optional=True
         )
+        self.working_mpp = _as_float(
+            "working_mpp", self.working_mpp, 0.0, MAX_SAMPLE_SPACING_UM, open_lo=True, optional=True
+        )
+        if self.crop_size is not None:
+            self.crop_size = _as_pair("crop_size", self.crop_size)
+        for key in ("working_mpp", "crop_size"):
+            if getattr(self, key) is not None and self.sample_spacing_um is None:
+                raise _bad(key, "needs sample_spacing_um (physical mode)", getattr(self, key))
         self.val_fraction = _as_float("val_fraction", self.val_fraction, 0.0, 1.0, open_hi=True)
         self.patience = _as_int("patience", self.patience, 0, optional=True) or None
         self.min_delta = _as_float("min_delta", self.min_delta, 0.0)

@@ -25,6 +25,11 @@ exact copy. Labels are produced for the same box and raster, by pixel-centre
 rasterisation or nearest reads (:meth:`wsiseg.training.annotations.Annotation.labels`),
 so image and labels align exactly.
 
+With ``working_mpp`` (physical-mode training, ``TrainConfig.working_mpp``) the raster
+is the box's extent over that pixel size instead (:func:`physical_shape`), so regions
+of every scanner share one scale; training then cuts random windows of it
+(:func:`random_crop`, ``TrainConfig.crop_size``) that share one shape.
+
 No padding
 ----------
 Items are the working raster itself, never padded: a region is sampled on
@@ -56,11 +61,14 @@ from wsiseg.training.classmap import ClassMap
 from wsiseg.training.pairs import PLAIN_IMAGE_SUFFIXES, TrainingPair, suffix
 
 __all__ = [
+    "MAX_WORKING_PIXELS",
     "RegionDataset",
     "RegionItem",
     "augment",
     "build_dataset",
     "known_mpp",
+    "physical_shape",
+    "random_crop",
     "read_region",
     "slide_regions",
     "working_shape",
@@ -105,6 +113,64 @@ def working_shape(box: Region, hr_size: tuple[int, int]) -> tuple[int, int]:
     H, W = hr_size
     t = max(box.width / W, box.height / H, 1.0)
     return max(1, min(H, round(box.height / t))), max(1, min(W, round(box.width / t)))
+
+
+def physical_shape(box: Region, mpp: tuple[float, float], working_mpp: float) -> tuple[int, int]:
+    """``(h, w)`` of the working raster of ``box`` at ``working_mpp`` micrometres per pixel.
+
+    The box's extent (``mpp`` micrometres per level-0 pixel, ``(x, y)``)
+    over the working pixel size, rounded: every region of every image at
+    one scale, whatever its scanner, so regions of different sources share
+    shapes (and batches) once cropped. Up-sampled when the image is
+    coarser than ``working_mpp``.
+
+    Examples
+    --------
+    >>> physical_shape(Region(0, 0, 640, 480), (0.5, 0.5), 1.0)
+    (240, 320)
+    """
+    return (
+        max(1, round(box.height * float(mpp[1]) / working_mpp)),
+        max(1, round(box.width * float(mpp[0]) / working_mpp)),
+    )
+
+
+# Working rasters at ``working_mpp`` are cached whole; past this a region is a slide, not a training region.
+MAX_WORKING_PIXELS = 64_000_000
+
+
+def _item_raster(
+    box: Region, hr: tuple[int, int], ms: Multiscale, working_mpp: float | None, image: str
+) -> tuple[int, int]:
+    """The working raster shape of one region: fitting ``hr`` (the pixel rule) or at ``working_mpp``."""
+    if working_mpp is None:
+        return working_shape(box, hr)
+    if ms.mpp is None:
+        raise WsisegError("working_mpp needs the image's MPP (give --mpp or an mpp column in the pairs CSV)", image)
+    h, w = physical_shape(box, ms.mpp, working_mpp)
+    if h * w > MAX_WORKING_PIXELS:
+        raise WsisegError(
+            f"a region of {box.width} x {box.height} px is {w} x {h} px at working_mpp {working_mpp:g} "
+            f"(over {MAX_WORKING_PIXELS:,}): use a coarser working_mpp or regions: tissue",
+            image,
+        )
+    return h, w
+
+
+def random_crop(
+    image: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``size`` window of ``(C, H, W)`` ``image`` and ``(H, W)`` ``labels`` at a random position.
+
+    A side shorter than the window is kept whole (never padded: padding
+    would take part in the sampling grid), so such items batch only with
+    items of their own shape.
+    """
+    h, w = labels.shape[-2:]
+    ch, cw = min(int(size[0]), h), min(int(size[1]), w)
+    y = int(rng.integers(h - ch + 1))
+    x = int(rng.integers(w - cw + 1))
+    return image[..., y : y + ch, x : x + cw], labels[..., y : y + ch, x : x + cw]
 
 
 def _linear_taps(coords: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -238,6 +304,7 @@ class RegionDataset(torch.utils.data.Dataset):
         seed: int = 0,
         cache: bool = True,
         augmentation: Mapping[str, Any] | None = None,
+        working_mpp: float | None = None,
     ):
         self.pairs = list(pairs)
         self.items = list(items)
@@ -247,6 +314,7 @@ class RegionDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.cache = bool(cache)
         self.augmentation = dict(augmentation) if augmentation else None
+        self.working_mpp = float(working_mpp) if working_mpp is not None else None
         self.epoch = 0
         self._slides: dict[int, Multiscale] = {}
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -280,12 +348,16 @@ class RegionDataset(torch.utils.data.Dataset):
             ``(mpp * downsample, "mpp option")`` when the pair gives an MPP
             (CSV column, ``--mpp``), ``(..., "slide")`` from the image's own
             metadata, ``(None, "unknown")`` otherwise. Reads no pixels.
+            With ``working_mpp`` set, that value exactly (the raster's
+            rounding to whole pixels is below one pixel over the region), so
+            regions of every source share the batch key.
         """
         it = self.items[index]
         mpp = self.slide(it.pair).mpp
         if mpp is None:
             return None, "unknown"
-        return float(mpp[0]) * it.downsample, "mpp option" if self.pairs[it.pair].mpp is not None else "slide"
+        value = self.working_mpp if self.working_mpp is not None else float(mpp[0]) * it.downsample
+        return value, "mpp option" if self.pairs[it.pair].mpp is not None else "slide"
 
     def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(h, w, 3)`` uint8 image and ``(h, w)`` uint8 labels of item ``index`` (no augmentation)."""
@@ -335,6 +407,7 @@ def build_dataset(
     value_names: Mapping[int, str] | str | os.PathLike | None = None,
     cache: bool = True,
     augmentation: Mapping[str, Any] | None = None,
+    working_mpp: float | None = None,
 ) -> RegionDataset:
     """Load annotations, cut slides into regions, and make a :class:`RegionDataset`.
 
@@ -362,6 +435,10 @@ def build_dataset(
     augmentation : mapping, optional
         Keyword arguments of :func:`augment` (``flips``, ``rot90``,
         ``color_jitter``); None for no augmentation.
+    working_mpp : float, optional
+        Read every region at this many micrometres per pixel
+        (:func:`physical_shape`) instead of fitting ``hr_size``
+        (``TrainConfig.working_mpp``); every image needs an MPP.
 
     Returns
     -------
@@ -371,7 +448,9 @@ def build_dataset(
     ------
     WsisegError
         No pairs, unreadable files, unmapped classes, masks whose size does
-        not match their slide.
+        not match their slide, an image without MPP when ``working_mpp``
+        is given, or a region whose raster would exceed
+        :data:`MAX_WORKING_PIXELS` at it.
     """
     hr = (int(hr_size[0]), int(hr_size[1]))
     if min(hr) < 1:
@@ -384,7 +463,17 @@ def build_dataset(
             raise WsisegError(f"unknown augmentation options {sorted(unknown)}")
     annotations: list[Annotation] = []
     items: list[RegionItem] = []
-    ds = RegionDataset(pairs, [], [], class_map, hr_size=hr, seed=seed, cache=cache, augmentation=augmentation)
+    ds = RegionDataset(
+        pairs,
+        [],
+        [],
+        class_map,
+        hr_size=hr,
+        seed=seed,
+        cache=cache,
+        augmentation=augmentation,
+        working_mpp=working_mpp,
+    )
     for k, pair in enumerate(pairs):
         ann = load_annotation(
             pair.annotation,
@@ -400,7 +489,7 @@ def build_dataset(
         boxes = [whole_region(ms)] if plain else slide_regions(ms, regions)
         for r, box in enumerate(boxes):
             name = pair.name if len(boxes) == 1 else f"{pair.name}#{r}"
-            items.append(RegionItem(k, name, box, working_shape(box, hr)))
+            items.append(RegionItem(k, name, box, _item_raster(box, hr, ms, working_mpp, pair.image)))
     ds.items, ds.annotations = items, annotations
     return ds
 

@@ -396,7 +396,7 @@ def train(
     if getattr(train_ds, "augmentation", None) and hasattr(train_ds, "set_epoch"):
         # A RegionDataset built with its own augmentation: do not augment twice.
         say("the training data set augments itself; flips/rot90/color_jitter of the config are not applied")
-        train_set: Dataset = train_ds
+        train_set: Dataset = Augmented(train_ds, cfg, augment=False) if cfg.crop_size is not None else train_ds
     else:
         train_set = Augmented(train_ds, cfg)
     alone = alone_checker(net, train_set, cfg, say)
@@ -428,8 +428,9 @@ def train(
         epoch = st.epoch + 1
         if isinstance(train_set, Augmented):
             train_set.epoch = epoch
-        else:
-            train_set.set_epoch(epoch)
+        for ds in (train_set, getattr(train_set, "base", None)):
+            if ds is not None and hasattr(ds, "set_epoch"):
+                ds.set_epoch(epoch)
         loader = make_loader(
             train_set, cfg, shuffle=True, generator=epoch_generator(cfg.seed, epoch), device=device, alone=alone
         )
