@@ -70,7 +70,7 @@ _FILL = 255
 # tifffile logs (rather than raises) when an IFD chain or a tag value points
 # past the end of the file: those messages mean a truncated or corrupt file.
 _TIFF_CORRUPT_PATTERNS = ("invalid page offset", "invalid offset to first page", "invalid value offset", "corrupt")
-_UNIT_TO_UM = {
+UNIT_TO_UM = {
     "angstrom": 1e-4,
     "nanometer": 1e-3,
     "micrometer": 1.0,
@@ -86,7 +86,7 @@ _UNIT_TO_UM = {
 logger = logging.getLogger(__name__)
 
 
-class _NotReadable(Exception):
+class NotReadable(Exception):
     """The TIFF is valid but not RGB-readable by the tifffile path (try OpenSlide)."""
 
 
@@ -160,7 +160,7 @@ def _open_any(p: Path, override) -> Multiscale:
         raise SlideError("empty file (0 bytes), not a slide", p)
     if head[:4] in _TIFF_MAGICS:
         return _open_tiff_family(p, override)
-    return _open_openslide(p, override, display_path=p)
+    return open_openslide(p, override, display_path=p)
 
 
 _FILE_KINDS = (
@@ -210,7 +210,7 @@ def _check_mpp_override(mpp) -> tuple[float, float] | None:
     return mpp_pair(mpp, what="--mpp")
 
 
-def _valid_mpp(mx, my) -> tuple[float, float] | None:
+def valid_mpp(mx, my) -> tuple[float, float] | None:
     """``(mx, my)`` as floats when both are positive and finite, else None."""
     try:
         return mpp_pair((mx, my), bounded=False)  # out-of-range values are ignored later, not refused
@@ -218,7 +218,7 @@ def _valid_mpp(mx, my) -> tuple[float, float] | None:
         return None
 
 
-def _resolve_mpp(path: Path, override, candidates) -> tuple[tuple[float, float] | None, str, IgnoredMpp | None]:
+def resolve_mpp(path: Path, override, candidates) -> tuple[tuple[float, float] | None, str, IgnoredMpp | None]:
     """The level-0 MPP, where it came from, and an implausible file value that was ignored.
 
     Parameters
@@ -259,7 +259,7 @@ def _resolve_mpp(path: Path, override, candidates) -> tuple[tuple[float, float] 
     return None, IGNORED_IMPLAUSIBLE, ignored
 
 
-def _check_dimensions(dims: list[tuple[int, int]], path: Path) -> None:
+def check_dimensions(dims: list[tuple[int, int]], path: Path) -> None:
     """Refuse absurd or inconsistent pyramids before anything is allocated.
 
     Parameters
@@ -294,7 +294,7 @@ def pil_rgb_on_white(im) -> np.ndarray:
     """A loaded PIL image as ``(H, W, 3)`` uint8 RGB; transparency composited over white.
 
     Plain images (PNG, JPEG) get the same background as slides with an alpha
-    channel (:func:`_composite_on_white`): white, the colour of glass.
+    channel (:func:`composite_on_white`): white, the colour of glass.
 
     Parameters
     ----------
@@ -309,7 +309,7 @@ def pil_rgb_on_white(im) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def _check_tiles(tiles: list[tuple[int, int]], path: Path) -> None:
+def check_tiles(tiles: list[tuple[int, int]], path: Path) -> None:
     """Refuse levels whose stored tiles are absurdly large, before any tile is read.
 
     Parameters
@@ -333,7 +333,7 @@ def _check_tiles(tiles: list[tuple[int, int]], path: Path) -> None:
             )
 
 
-def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+def composite_on_white(rgb: np.ndarray, alpha: np.ndarray, premultiplied: bool = False) -> np.ndarray:
     """Composite 8-bit colour over a white background.
 
     Parameters
@@ -363,13 +363,13 @@ def _block_to_rgb(block: np.ndarray, *, gray: bool, alpha: str | None) -> np.nda
     ncolour = 1 if gray else 3
     colour = block[..., :ncolour]
     if alpha in ("unassociated", "associated"):
-        colour = _composite_on_white(colour, block[..., ncolour], premultiplied=alpha == "associated")
+        colour = composite_on_white(colour, block[..., ncolour], premultiplied=alpha == "associated")
     if gray:
         colour = np.repeat(colour, 3, axis=-1)
     return np.ascontiguousarray(colour, dtype=np.uint8)
 
 
-def _as_rgb(arr: da.Array, *, gray: bool, alpha: str | None) -> da.Array:
+def as_rgb(arr: da.Array, *, gray: bool, alpha: str | None) -> da.Array:
     """Lazily turn a ``(H, W[, S])`` uint8 dask array into ``(H, W, 3)`` RGB."""
     if arr.ndim == 3 and len(arr.chunks[2]) > 1:
         arr = arr.rechunk({2: -1})  # planar TIFF / NGFF: one chunk per tile holds all channels
@@ -398,13 +398,20 @@ def _as_rgb(arr: da.Array, *, gray: bool, alpha: str | None) -> da.Array:
     )
 
 
-def _file_token(path: Path) -> str:
+def file_token(path: Path) -> str:
+    """A dask token for a slide file: its resolved path, size and modification time.
+
+    Parameters
+    ----------
+    path : Path
+        The slide file.
+    """
     st = path.stat()
     return tokenize(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 @contextlib.contextmanager
-def _capture_tifffile_log():
+def capture_tifffile_log():
     """Collect tifffile's log records (it logs, not raises, on broken IFD chains).
 
     Records are kept from the console while a slide is opened; harmless
@@ -436,10 +443,10 @@ def _capture_tifffile_log():
 
 def _open_directory(p: Path, override) -> Multiscale:
     if any((p / name).exists() for name in (".zattrs", ".zgroup", "zarr.json")):
-        return _open_ngff(p, override)
+        return open_ngff(p, override)
     dicom = _find_dicom_file(p)
     if dicom is not None:
-        return _open_openslide(dicom, override, display_path=p)
+        return open_openslide(dicom, override, display_path=p)
     raise SlideError("is a directory but not a slide (no OME-Zarr metadata and no DICOM files inside)", p)
 
 
@@ -521,11 +528,18 @@ class _TiffLevelSource:
             return np.asarray(self._array()[key])
         except Exception as exc:
             raise SlideError(
-                f"cannot decode level {self.level} region {_fmt_key(key)}: {type(exc).__name__}: {exc}", self.path
+                f"cannot decode level {self.level} region {fmt_key(key)}: {type(exc).__name__}: {exc}", self.path
             ) from exc
 
 
-def _fmt_key(key) -> str:
+def fmt_key(key) -> str:
+    """A read window for error messages: the first two axes of an index, as ``[y0:y1, x0:x1]``.
+
+    Parameters
+    ----------
+    key : slice, int or tuple of them
+        The index passed to ``__getitem__``.
+    """
     if not isinstance(key, tuple):
         key = (key,)
     parts = []
@@ -537,7 +551,7 @@ def _fmt_key(key) -> str:
     return "[" + ", ".join(parts) + "]"
 
 
-def _check_ifd_chain(p: Path) -> None:
+def check_ifd_chain(p: Path) -> None:
     """Refuse a TIFF whose chain of IFDs (image file directories) loops back on itself.
 
     tifffile compares offsets only once, at the 100th IFD, and otherwise
@@ -583,20 +597,27 @@ def _check_ifd_chain(p: Path) -> None:
 
 
 def _open_tiff_family(p: Path, override) -> Multiscale:
-    _check_ifd_chain(p)  # first: tifffile would hang on a circular chain
-    os_vendor = _openslide_detect(p)
+    check_ifd_chain(p)  # first: tifffile would hang on a circular chain
+    os_vendor = openslide_detect(p)
     if os_vendor in _OPENSLIDE_FIRST:
-        return _open_openslide(p, override, display_path=p)
+        return open_openslide(p, override, display_path=p)
     try:
-        return _open_tiff(p, override, os_vendor)
-    except _NotReadable as exc:
+        return open_tiff(p, override, os_vendor)
+    except NotReadable as exc:
         if os_vendor is not None:
             logger.debug("%s: tifffile path refused (%s); using OpenSlide", p, exc)
-            return _open_openslide(p, override, display_path=p)
+            return open_openslide(p, override, display_path=p)
         raise SlideError(f"TIFF is not readable as an RGB slide: {exc}", p) from None
 
 
-def _openslide_detect(p: Path) -> str | None:
+def openslide_detect(p: Path) -> str | None:
+    """OpenSlide's name for the file's format, or None (not recognised, or OpenSlide missing or failing).
+
+    Parameters
+    ----------
+    p : Path
+        The slide file.
+    """
     try:
         import openslide
 
@@ -618,7 +639,7 @@ def _tiff_layout(series, page, ome_xml: str | None) -> _TiffLayout:
     """Validate a series' axes/photometric and say how to turn it into RGB.
 
     Raises SlideError (via the caller) for non-brightfield data, and
-    _NotReadable for valid TIFFs this path cannot decode as RGB.
+    NotReadable for valid TIFFs this path cannot decode as RGB.
     """
     from tifffile import PHOTOMETRIC
 
@@ -663,7 +684,7 @@ def _tiff_layout(series, page, ome_xml: str | None) -> _TiffLayout:
     else:
         # an unknown value stays a plain int (a damaged tag): named by its number
         name = getattr(photometric, "name", photometric)
-        raise _NotReadable(f"photometric {name} is not handled by the tifffile reader")
+        raise NotReadable(f"photometric {name} is not handled by the tifffile reader")
     if chan_axis == "C" and gray:
         raise _Refused(
             f"{nchan} separate grayscale channels (axes {axes}) look like fluorescence; "
@@ -671,7 +692,7 @@ def _tiff_layout(series, page, ome_xml: str | None) -> _TiffLayout:
         )
     nextra = nchan - ncolour
     if nextra < 0:
-        raise _NotReadable(f"{photometric.name} image with only {nchan} samples")
+        raise NotReadable(f"{photometric.name} image with only {nchan} samples")
     if nextra > 1:
         raise _Refused(
             f"{nchan} channels ({ncolour} colour + {nextra} extra); more than one extra channel is not brightfield"
@@ -696,7 +717,7 @@ def _pick_pyramid_series(tif) -> tuple[int, list[str]]:
     """Index of the main pyramid series and the names of the associated ones."""
     series = list(tif.series)
     if not series:
-        raise _NotReadable("no image series")
+        raise NotReadable("no image series")
 
     def area(s):
         try:
@@ -707,7 +728,7 @@ def _pick_pyramid_series(tif) -> tuple[int, list[str]]:
     named = [(i, (s.name or "").strip().lower()) for i, s in enumerate(series)]
     candidates = [i for i, name in named if name not in _ASSOCIATED_NAMES]
     if not candidates:
-        raise _NotReadable("only associated images (label/macro/thumbnail), no main image")
+        raise NotReadable("only associated images (label/macro/thumbnail), no main image")
     if tif.is_svs:
         main = 0  # Aperio: the first series is the baseline pyramid
     else:
@@ -716,14 +737,32 @@ def _pick_pyramid_series(tif) -> tuple[int, list[str]]:
     return main, associated
 
 
-def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
+def open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
+    """Open a TIFF with tifffile (the ``tifffile`` reader).
+
+    Parameters
+    ----------
+    p : Path
+        The TIFF file.
+    override : (float, float) or None
+        ``--mpp``.
+    os_vendor : str or None
+        OpenSlide's format name for the file, when it recognises it.
+
+    Raises
+    ------
+    NotReadable
+        A valid TIFF this reader cannot decode as RGB (OpenSlide may).
+    SlideError
+        A broken or refused file.
+    """
     import tifffile
     import zarr
 
     spath = str(p)
     records: list[logging.LogRecord] = []
     try:
-        with _capture_tifffile_log() as records:
+        with capture_tifffile_log() as records:
             tif = tifffile.TiffFile(spath)
             try:
                 main, associated = _pick_pyramid_series(tif)
@@ -734,12 +773,12 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
                 tif.close()
                 raise
     except Exception as exc:
-        _raise_if_corrupt(records, p)  # the logged cause says more than the exception
-        if isinstance(exc, (SlideError, _NotReadable)):
+        raise_if_corrupt(records, p)  # the logged cause says more than the exception
+        if isinstance(exc, (SlideError, NotReadable)):
             raise
         raise SlideError(f"cannot read TIFF ({type(exc).__name__}: {one_line(exc)})", p) from exc
     try:
-        _raise_if_corrupt(records, p)
+        raise_if_corrupt(records, p)
     except SlideError:
         tif.close()
         raise
@@ -747,17 +786,17 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
     try:
         dims = [
             (
-                _tiff_int(kf.imagewidth, f"level {i} ImageWidth", p),
-                _tiff_int(kf.imagelength, f"level {i} ImageLength", p),
+                tiff_int(kf.imagewidth, f"level {i} ImageWidth", p),
+                tiff_int(kf.imagelength, f"level {i} ImageLength", p),
             )
             for i, kf in enumerate(keyframes)
         ]
-        _check_dimensions(dims, p)
-        _check_tiles(
+        check_dimensions(dims, p)
+        check_tiles(
             [
                 (
-                    _tiff_int(kf.tilewidth, f"level {i} TileWidth", p),
-                    _tiff_int(kf.tilelength, f"level {i} TileLength", p),
+                    tiff_int(kf.tilewidth, f"level {i} TileWidth", p),
+                    tiff_int(kf.tilelength, f"level {i} TileLength", p),
                 )
                 for i, kf in enumerate(keyframes)
             ],
@@ -768,13 +807,13 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
             layout = _tiff_layout(series, keyframes[0], ome_xml)
         except _Refused as exc:
             raise SlideError(f"refused: {exc}", p) from None
-        _check_tiff_extent(p, tif, levels)
-        if _tiff_int(keyframes[0].compression, "Compression", p) == 33003:
+        check_tiff_extent(p, tif, levels)
+        if tiff_int(keyframes[0].compression, "Compression", p) == 33003:
             # Aperio YCbCr JPEG 2000: the codestream does not flag the colour
             # transform; OpenSlide applies it, tifffile would return YCbCr.
-            raise _NotReadable("Aperio YCbCr JPEG 2000 tiles need OpenSlide's colour conversion")
+            raise NotReadable("Aperio YCbCr JPEG 2000 tiles need OpenSlide's colour conversion")
 
-        token = _file_token(p)
+        token = file_token(p)
         arrays = []
         for i, lv in enumerate(levels):
             zarr_level = zarr.open_array(series.aszarr(level=i, fillvalue=_FILL), mode="r")
@@ -793,18 +832,18 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
             arrays.append(_squeeze_to_layout(arr, lv.axes, layout))
     except BaseException as exc:
         tif.close()
-        if isinstance(exc, (SlideError, _NotReadable)) or not isinstance(exc, Exception):
+        if isinstance(exc, (SlideError, NotReadable)) or not isinstance(exc, Exception):
             raise
         raise SlideError(f"cannot read TIFF ({type(exc).__name__}: {one_line(exc)})", p) from exc
 
     props: dict = {}
-    os_props = _openslide_properties(p) if os_vendor else None
+    os_props = openslide_properties(p) if os_vendor else None
     if os_props:
         props.update(os_props)
     props["wsiseg.series"] = main
     props["wsiseg.series-name"] = series.name or ""
 
-    resolved = _resolve_mpp(p, override, _tiff_mpp_candidates(os_props, keyframes[0], ome_xml, main))
+    resolved = resolve_mpp(p, override, _tiff_mpp_candidates(os_props, keyframes[0], ome_xml, main))
     if os_props and os_props.get("openslide.vendor"):
         vendor = os_props["openslide.vendor"]
     elif tif.is_svs:
@@ -815,7 +854,7 @@ def _open_tiff(p: Path, override, os_vendor: str | None) -> Multiscale:
         vendor = "generic-tiff"
     if tif.is_ome and vendor == "generic-tiff":
         vendor = "ome-tiff"  # OpenSlide reads OME-TIFF as generic; the OME name says more
-    return _build(p, arrays, resolved, vendor, "tifffile", tuple(associated), props)
+    return build_multiscale(p, arrays, resolved, vendor, "tifffile", tuple(associated), props)
 
 
 def _squeeze_to_layout(arr: da.Array, axes: str, layout: _TiffLayout) -> da.Array:
@@ -824,17 +863,26 @@ def _squeeze_to_layout(arr: da.Array, axes: str, layout: _TiffLayout) -> da.Arra
     arr = arr[tuple(index)]
     if layout.transpose is not None:
         arr = arr.transpose(layout.transpose)
-    return _as_rgb(arr, gray=layout.gray, alpha=layout.alpha)
+    return as_rgb(arr, gray=layout.gray, alpha=layout.alpha)
 
 
-def _raise_if_corrupt(records, p: Path) -> None:
+def raise_if_corrupt(records, p: Path) -> None:
+    """Raise when tifffile logged that the file is truncated or corrupt.
+
+    Parameters
+    ----------
+    records : list of logging.LogRecord
+        What :func:`capture_tifffile_log` collected.
+    p : Path
+        The TIFF, named in the error.
+    """
     for r in records:
         msg = r.getMessage()
         if any(pat in msg for pat in _TIFF_CORRUPT_PATTERNS):
             raise SlideError(f"truncated or corrupt TIFF ({one_line(msg)})", p)
 
 
-def _tiff_int(value, what: str, p: Path) -> int:
+def tiff_int(value, what: str, p: Path) -> int:
     """A TIFF tag value that must be a whole number, as an int.
 
     Raises
@@ -851,7 +899,7 @@ def _tiff_int(value, what: str, p: Path) -> int:
         raise SlideError(f"corrupt TIFF: {what} {shown} is not an integer", p) from None
 
 
-def _check_tiff_extent(p: Path, tif, levels) -> None:
+def check_tiff_extent(p: Path, tif, levels) -> None:
     """Refuse files whose tile/strip data lies past the end of the file (truncated).
 
     Also those whose offsets and byte counts differ in number.
@@ -883,7 +931,7 @@ def _check_tiff_extent(p: Path, tif, levels) -> None:
 
 
 def _probe_decode(zarr_level) -> None:
-    """Decode the first chunk of a level; raise _NotReadable when that fails.
+    """Decode the first chunk of a level; raise NotReadable when that fails.
 
     Catches codecs that imagecodecs lacks (then OpenSlide may still read the
     file) for the price of one tile of the coarsest level.
@@ -891,10 +939,17 @@ def _probe_decode(zarr_level) -> None:
     try:
         zarr_level[tuple(slice(0, min(c, n)) for c, n in zip(zarr_level.chunks, zarr_level.shape))]
     except Exception as exc:
-        raise _NotReadable(f"tiles cannot be decoded ({type(exc).__name__}: {one_line(exc)})") from None
+        raise NotReadable(f"tiles cannot be decoded ({type(exc).__name__}: {one_line(exc)})") from None
 
 
-def _openslide_properties(p: Path) -> dict | None:
+def openslide_properties(p: Path) -> dict | None:
+    """OpenSlide's properties of the file, or None when OpenSlide cannot open it.
+
+    Parameters
+    ----------
+    p : Path
+        The slide file.
+    """
     try:
         import openslide
 
@@ -905,16 +960,23 @@ def _openslide_properties(p: Path) -> dict | None:
 
 
 def _tiff_mpp_candidates(os_props, page, ome_xml, series_index):
-    """Sources of a TIFF's MPP for :func:`_resolve_mpp`: OpenSlide, resolution tags, OME-XML."""
+    """Sources of a TIFF's MPP for :func:`resolve_mpp`: OpenSlide, resolution tags, OME-XML."""
     if os_props:
-        yield "openslide", lambda: _openslide_mpp(os_props)
+        yield "openslide", lambda: openslide_mpp(os_props)
     yield "tiff-resolution", lambda: tiff_resolution_mpp(page)
     if ome_xml:
         yield "ome", lambda: _ome_mpp(ome_xml, series_index)
 
 
-def _openslide_mpp(props: dict) -> tuple[float, float] | None:
-    return _valid_mpp(props.get("openslide.mpp-x"), props.get("openslide.mpp-y"))
+def openslide_mpp(props: dict) -> tuple[float, float] | None:
+    """``openslide.mpp-x/y`` of OpenSlide's properties as a valid pair, or None.
+
+    Parameters
+    ----------
+    props : dict
+        OpenSlide's properties.
+    """
+    return valid_mpp(props.get("openslide.mpp-x"), props.get("openslide.mpp-y"))
 
 
 def tiff_resolution_mpp(page) -> tuple[float, float] | None:
@@ -938,7 +1000,7 @@ def tiff_resolution_mpp(page) -> tuple[float, float] | None:
         if not px_per_unit or not math.isfinite(px_per_unit) or px_per_unit <= 0:
             return None
         values.append(um_per_unit / px_per_unit)
-    return _valid_mpp(*values)
+    return valid_mpp(*values)
 
 
 def _ome_mpp(ome_xml: str, series_index: int) -> tuple[float, float] | None:
@@ -955,14 +1017,14 @@ def _ome_mpp(ome_xml: str, series_index: int) -> tuple[float, float] | None:
     for ax in ("X", "Y"):
         value = px.get(f"PhysicalSize{ax}")
         unit = px.get(f"PhysicalSize{ax}Unit", "µm")
-        factor = _UNIT_TO_UM.get(unit.strip().lower() if unit else "µm")
+        factor = UNIT_TO_UM.get(unit.strip().lower() if unit else "µm")
         if value is None or factor is None:
             return None
         try:
             out.append(float(value) * factor)
         except ValueError:
             return None
-    return _valid_mpp(*out)
+    return valid_mpp(*out)
 
 
 # ---------------------------------------------------------------------------
@@ -1021,10 +1083,10 @@ class _OpenSlideLevelSource:
             rgba = np.asarray(self._slide().read_region(loc, self.level, (w, h)))
         except Exception as exc:
             raise SlideError(
-                f"OpenSlide cannot read level {self.level} region {_fmt_key(key)}: {type(exc).__name__}: {exc}",
+                f"OpenSlide cannot read level {self.level} region {fmt_key(key)}: {type(exc).__name__}: {exc}",
                 self.path,
             ) from exc
-        rgb = _composite_on_white(rgba[..., :3], rgba[..., 3])
+        rgb = composite_on_white(rgba[..., :3], rgba[..., 3])
         return rgb[:, :, key[2]]
 
 
@@ -1051,12 +1113,23 @@ def _openslide_chunk(props: dict, level: int) -> tuple[int, int]:
     return out[0], out[1]
 
 
-def _open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
+def open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
+    """Open a slide with OpenSlide (the ``openslide`` reader).
+
+    Parameters
+    ----------
+    file : Path
+        The file OpenSlide opens (for a DICOM folder, one of its files).
+    override : (float, float) or None
+        ``--mpp``.
+    display_path : Path
+        The path the user gave, named in the result and the warnings.
+    """
     try:
         import openslide
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise SlideError(f"OpenSlide is not available ({exc})", display_path) from exc
-    fmt = _openslide_detect(file)
+    fmt = openslide_detect(file)
     if fmt is None:
         raise SlideError(
             "unsupported or unrecognised format (not a TIFF, not an OME-Zarr directory, and OpenSlide does not "
@@ -1069,10 +1142,10 @@ def _open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
         raise SlideError(_openslide_refusal(fmt, file, exc), file) from exc
     try:
         dims = [(int(w), int(h)) for w, h in osr.level_dimensions]
-        _check_dimensions(dims, file)
+        check_dimensions(dims, file)
         props = dict(osr.properties)
-        _check_tiles([_openslide_tile(props, lv) for lv in range(len(dims))], file)
-        token = _file_token(file)
+        check_tiles([_openslide_tile(props, lv) for lv in range(len(dims))], file)
+        token = file_token(file)
         arrays = []
         for lv, (w, h) in enumerate(dims):
             src = _OpenSlideLevelSource(str(file), lv, (h, w, 3), osr.level_downsamples[lv], osr=osr)
@@ -1095,11 +1168,11 @@ def _open_openslide(file: Path, override, *, display_path: Path) -> Multiscale:
         raise
     except Exception as exc:
         raise SlideError(f"cannot read slide with OpenSlide ({type(exc).__name__}: {one_line(exc)})", file) from exc
-    resolved = _resolve_mpp(display_path, override, [("openslide", lambda: _openslide_mpp(props))])
+    resolved = resolve_mpp(display_path, override, [("openslide", lambda: openslide_mpp(props))])
     if file != display_path:
         props["wsiseg.file"] = str(file)
     vendor = props.get("openslide.vendor") or fmt
-    return _build(display_path, arrays, resolved, vendor, "openslide", associated, props)
+    return build_multiscale(display_path, arrays, resolved, vendor, "openslide", associated, props)
 
 
 def _openslide_refusal(fmt: str, file: Path, exc: Exception) -> str:
@@ -1118,7 +1191,16 @@ def _openslide_refusal(fmt: str, file: Path, exc: Exception) -> str:
 # OME-Zarr
 
 
-def _open_ngff(p: Path, override) -> Multiscale:
+def open_ngff(p: Path, override) -> Multiscale:
+    """Open an OME-Zarr (NGFF 0.4/0.5) directory (the ``zarr`` reader).
+
+    Parameters
+    ----------
+    p : Path
+        The zarr directory.
+    override : (float, float) or None
+        ``--mpp``.
+    """
     import zarr
 
     try:
@@ -1171,7 +1253,7 @@ def _open_ngff(p: Path, override) -> Multiscale:
     gray = nchan in (1, 2)
     alpha = "unassociated" if nchan in (2, 4) else None
     dims = [(int(za.shape[axes.index("x")]), int(za.shape[axes.index("y")])) for za in zarrays]
-    _check_dimensions(dims, p)
+    check_dimensions(dims, p)
     arrays = []
     try:
         for za in zarrays:
@@ -1183,12 +1265,12 @@ def _open_ngff(p: Path, override) -> Multiscale:
             arr = arr.transpose(order)
             if cidx is not None and nchan == 1:
                 arr = arr[..., 0]
-            arrays.append(_as_rgb(arr, gray=gray, alpha=alpha))
+            arrays.append(as_rgb(arr, gray=gray, alpha=alpha))
     except Exception as exc:
         raise SlideError(f"cannot read OME-Zarr arrays ({type(exc).__name__}: {one_line(exc)})", p) from exc
-    resolved = _resolve_mpp(p, override, [("ngff", lambda: _ngff_mpp(ms, axes))])
+    resolved = resolve_mpp(p, override, [("ngff", lambda: _ngff_mpp(ms, axes))])
     props = {"ngff.version": str(ms.get("version", "")), "ngff.name": str(ms.get("name", ""))}
-    return _build(p, arrays, resolved, "ome-zarr", "zarr", (), props)
+    return build_multiscale(p, arrays, resolved, "ome-zarr", "zarr", (), props)
 
 
 def _ngff_multiscales(attrs: dict) -> list:
@@ -1209,18 +1291,18 @@ def _ngff_mpp(ms: dict, axes: list[str]) -> tuple[float, float] | None:
                 scale = scale * np.asarray(t["scale"], dtype=float)
     out = []
     for ax in ("x", "y"):
-        factor = _UNIT_TO_UM.get(str(units.get(ax) or "").lower())
+        factor = UNIT_TO_UM.get(str(units.get(ax) or "").lower())
         if factor is None:
             return None  # unitless scales are not physical sizes
         out.append(float(scale[axes.index(ax)]) * factor)
-    return _valid_mpp(*out)
+    return valid_mpp(*out)
 
 
 # ---------------------------------------------------------------------------
 
 
-def _build(path, arrays, resolved, vendor, reader, associated, props) -> Multiscale:
-    """The Multiscale of level arrays; ``resolved`` is :func:`_resolve_mpp`'s ``(mpp, source, ignored)``."""
+def build_multiscale(path, arrays, resolved, vendor, reader, associated, props) -> Multiscale:
+    """The Multiscale of level arrays; ``resolved`` is :func:`resolve_mpp`'s ``(mpp, source, ignored)``."""
     mpp, source, ignored = resolved
     h0, w0 = arrays[0].shape[:2]
     levels = tuple(Level(a, (w0 / a.shape[1], h0 / a.shape[0])) for a in arrays)
