@@ -17,7 +17,7 @@ tifffile = pytest.importorskip("tifffile")
 from wsiseg.errors import ConfigError, SlideError  # noqa: E402
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, is_plausible_mpp, mpp_pair  # noqa: E402
 from wsiseg.slide import Multiscale, open_slide  # noqa: E402
-from wsiseg.slide.open import MAX_PIXELS, check_dimensions, composite_on_white  # noqa: E402
+from wsiseg.slide.common import MAX_PIXELS, check_dimensions, composite_on_white  # noqa: E402
 
 # name -> (vendor, reader); each DICOM series is a folder.
 SLIDES = {
@@ -590,7 +590,8 @@ def test_huge_tiles_are_refused_not_an_abort(slides_dir, tmp_path, code, value):
 
 def test_check_tiles():
     from wsiseg.limits import MAX_TILE_PIXELS
-    from wsiseg.slide.open import check_tiles, _openslide_tile
+    from wsiseg.slide.common import check_tiles
+    from wsiseg.slide.open import _openslide_tile
 
     check_tiles([(240, 240), (0, 0), (16384, 16384)], Path("x"))
     assert 16384 * 16384 == MAX_TILE_PIXELS
