@@ -580,7 +580,7 @@ def test_huge_tiles_are_refused_not_an_abort(slides_dir, tmp_path, code, value):
     # The OpenSlide reader checks its own tile sizes too (DICOM and the vendor formats go there first).
     code = (
         "import sys; from pathlib import Path; from wsiseg.errors import SlideError; "
-        "from wsiseg.slide.open import open_openslide\n"
+        "from wsiseg.slide.openslide_reader import open_openslide\n"
         "try:\n    open_openslide(Path(sys.argv[1]), None, display_path=Path(sys.argv[1]))\n"
         "except SlideError as exc:\n    print(exc)"
     )
@@ -591,7 +591,7 @@ def test_huge_tiles_are_refused_not_an_abort(slides_dir, tmp_path, code, value):
 def test_check_tiles():
     from wsiseg.limits import MAX_TILE_PIXELS
     from wsiseg.slide.common import check_tiles
-    from wsiseg.slide.open import _openslide_tile
+    from wsiseg.slide.openslide_reader import _openslide_tile
 
     check_tiles([(240, 240), (0, 0), (16384, 16384)], Path("x"))
     assert 16384 * 16384 == MAX_TILE_PIXELS
