@@ -636,7 +636,7 @@ def test_hostile_tag_values_are_described_not_an_exception(slides_dir, tmp_path,
 
 
 def test_unknown_photometric_is_named_by_its_number(slides_dir, tmp_path):
-    from wsiseg.slide.open import NotReadable, _tiff_layout
+    from wsiseg.slide.tifffile_reader import NotReadable, _tiff_layout
 
     path = _edit_entry(slides_dir / "rgba_geotiff.tiff", tmp_path / "p.tiff", 0, 262, value=481986)
     with tifffile.TiffFile(path) as tif:
