@@ -17,7 +17,7 @@ tifffile = pytest.importorskip("tifffile")
 from wsiseg.errors import ConfigError, SlideError  # noqa: E402
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP, is_plausible_mpp, mpp_pair  # noqa: E402
 from wsiseg.slide import Multiscale, open_slide  # noqa: E402
-from wsiseg.slide.open import MAX_PIXELS, _check_dimensions, _composite_on_white  # noqa: E402
+from wsiseg.slide.common import MAX_PIXELS, check_dimensions, composite_on_white  # noqa: E402
 
 # name -> (vendor, reader); each DICOM series is a folder.
 SLIDES = {
@@ -40,7 +40,7 @@ def _openslide_file(path: Path) -> Path:
 
 def _os_rgb(osr, location, level, size) -> np.ndarray:
     rgba = np.asarray(osr.read_region(location, level, size))
-    return _composite_on_white(rgba[..., :3], rgba[..., 3])
+    return composite_on_white(rgba[..., :3], rgba[..., 3])
 
 
 def test_every_shared_slide_is_listed(slides_dir):
@@ -136,7 +136,7 @@ def test_rgba_composited_on_white(slides_dir):
     raw = tifffile.imread(path)  # (H, W, 4), unassociated alpha
     assert raw.shape[-1] == 4 and (raw[..., 3] == 0).any()
     ours = ms.levels[0].array.compute()
-    assert np.array_equal(ours, _composite_on_white(raw[..., :3], raw[..., 3]))
+    assert np.array_equal(ours, composite_on_white(raw[..., :3], raw[..., 3]))
     assert (ours[raw[..., 3] == 0] == 255).all()  # transparent -> white
     with openslide.OpenSlide(str(path)) as osr:
         ref = _os_rgb(osr, (0, 0), 0, osr.dimensions)
@@ -420,13 +420,13 @@ def test_absurd_header_refused_before_allocation(tmp_path):
 
 
 def test_check_dimensions():
-    _check_dimensions([(100, 80), (50, 40), (25, 20)], Path("x"))
+    check_dimensions([(100, 80), (50, 40), (25, 20)], Path("x"))
     with pytest.raises(SlideError, match="inconsistent"):
-        _check_dimensions([(100, 80), (150, 40)], Path("x"))
+        check_dimensions([(100, 80), (150, 40)], Path("x"))
     with pytest.raises(SlideError, match="absurd"):
-        _check_dimensions([(MAX_PIXELS, 2)], Path("x"))
+        check_dimensions([(MAX_PIXELS, 2)], Path("x"))
     with pytest.raises(SlideError, match="empty"):
-        _check_dimensions([(0, 10)], Path("x"))
+        check_dimensions([(0, 10)], Path("x"))
 
 
 def test_dicom_file_inside_folder_and_file_itself(slides_dir, tmp_path):
@@ -580,8 +580,8 @@ def test_huge_tiles_are_refused_not_an_abort(slides_dir, tmp_path, code, value):
     # The OpenSlide reader checks its own tile sizes too (DICOM and the vendor formats go there first).
     code = (
         "import sys; from pathlib import Path; from wsiseg.errors import SlideError; "
-        "from wsiseg.slide.open import _open_openslide\n"
-        "try:\n    _open_openslide(Path(sys.argv[1]), None, display_path=Path(sys.argv[1]))\n"
+        "from wsiseg.slide.openslide_reader import open_openslide\n"
+        "try:\n    open_openslide(Path(sys.argv[1]), None, display_path=Path(sys.argv[1]))\n"
         "except SlideError as exc:\n    print(exc)"
     )
     res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=100)
@@ -590,12 +590,13 @@ def test_huge_tiles_are_refused_not_an_abort(slides_dir, tmp_path, code, value):
 
 def test_check_tiles():
     from wsiseg.limits import MAX_TILE_PIXELS
-    from wsiseg.slide.open import _check_tiles, _openslide_tile
+    from wsiseg.slide.common import check_tiles
+    from wsiseg.slide.openslide_reader import _openslide_tile
 
-    _check_tiles([(240, 240), (0, 0), (16384, 16384)], Path("x"))
+    check_tiles([(240, 240), (0, 0), (16384, 16384)], Path("x"))
     assert 16384 * 16384 == MAX_TILE_PIXELS
     with pytest.raises(SlideError, match="level 1 claims tiles of 16384x16385 pixels"):
-        _check_tiles([(240, 240), (16384, 16385)], Path("x"))
+        check_tiles([(240, 240), (16384, 16385)], Path("x"))
     props = {"openslide.level[0].tile-width": "512", "openslide.level[0].tile-height": "x"}
     assert _openslide_tile(props, 0) == (512, 0) and _openslide_tile(props, 1) == (0, 0)
 
@@ -635,10 +636,10 @@ def test_hostile_tag_values_are_described_not_an_exception(slides_dir, tmp_path,
 
 
 def test_unknown_photometric_is_named_by_its_number(slides_dir, tmp_path):
-    from wsiseg.slide.open import _NotReadable, _tiff_layout
+    from wsiseg.slide.tifffile_reader import NotReadable, _tiff_layout
 
     path = _edit_entry(slides_dir / "rgba_geotiff.tiff", tmp_path / "p.tiff", 0, 262, value=481986)
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
-        with pytest.raises(_NotReadable, match="photometric 481986 is not handled by the tifffile reader"):
+        with pytest.raises(NotReadable, match="photometric 481986 is not handled by the tifffile reader"):
             _tiff_layout(series, series.keyframe, None)

@@ -75,7 +75,8 @@ from wsiseg.output.overlay import copy_mask_pyramid, mask_pages
 from wsiseg.slide.convert import ngff_multiscale, ngff_multiscales_metadata, rgb_level_array, write_rgb_level
 from wsiseg.slide.lowres import area_mean
 from wsiseg.slide.multiscale import Multiscale
-from wsiseg.slide.open import open_slide, tiff_resolution_mpp
+from wsiseg.slide.open import open_slide
+from wsiseg.slide.tifffile_reader import tiff_resolution_mpp
 
 __all__ = [
     "FORMATS",

@@ -54,7 +54,7 @@ from scipy import ndimage as ndi
 
 from wsiseg.errors import WsisegError, one_line
 from wsiseg.slide import Multiscale, open_slide
-from wsiseg.slide.open import pil_rgb_on_white
+from wsiseg.slide.common import pil_rgb_on_white
 from wsiseg.slide.tissue import Region, slide_regions, whole_region
 from wsiseg.training.annotations import Annotation, load_annotation
 from wsiseg.training.classmap import ClassMap

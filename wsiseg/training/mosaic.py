@@ -162,7 +162,7 @@ def _read_texture(path: Path) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB; RGBA composited on white."""
     from PIL import Image
 
-    from wsiseg.slide.open import pil_rgb_on_white
+    from wsiseg.slide.common import pil_rgb_on_white
 
     try:
         with Image.open(path) as im:
