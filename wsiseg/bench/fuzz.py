@@ -33,10 +33,12 @@ Python process started once, which imports wsiseg and its libraries (with
 one BLAS thread, so that it has no thread when it forks) and then forks one
 child per command. The child sets its limits (``RLIMIT_AS``: the address
 space it inherited plus the memory limit; no core files), runs the command
-line through wsiseg's Click group exactly as ``python -m wsiseg`` does, and
-leaves by ``os._exit`` with the exit code; the server kills it (and anything
-it started: it leads a process group of its own) at the time limit and
-reports its exit status, time and peak resident memory. A command thus costs
+line through the entry point the caller names (``cli`` of :func:`run_fuzz`;
+the CLI gives :func:`wsiseg.cli.app.run_cli`, which runs wsiseg's Click group
+exactly as ``python -m wsiseg`` does, so that this package never imports the
+CLI), and leaves by ``os._exit`` with the exit code; the server kills it (and
+anything it started: it leads a process group of its own) at the time limit
+and reports its exit status, time and peak resident memory. A command thus costs
 milliseconds instead of a second of imports, and a child that hangs, crashes
 or exhausts its memory takes nothing else down.
 """
@@ -76,7 +78,6 @@ __all__ = [
     "Run",
     "classify",
     "format_fuzz_section",
-    "run_cli",
     "run_fuzz",
     "segments",
     "serve",
@@ -93,9 +94,8 @@ _PYTHON_ERRORS = re.compile(
     r"OverflowError|AssertionError|RuntimeError|UnboundLocalError|NameError)\b"
 )
 _MEMORY_MARKERS = ("MemoryError", "Unable to allocate", "bad_alloc", "Cannot allocate memory", "out of memory")
-# Modules the fork server imports once, so that each child starts with them loaded.
+# Modules the fork server imports once (after the module of run_fuzz's cli), so that each child starts with them loaded.
 _PRELOAD = (
-    "wsiseg.cli.app",
     "wsiseg.slide.open",
     "wsiseg.slide.info",
     "wsiseg.slide.convert",
@@ -166,14 +166,6 @@ def _die_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def run_cli(argv: Sequence[str]) -> None:
-    """Run a wsiseg command line in this process, as ``python -m wsiseg ARGV...`` would (ends in SystemExit)."""
-    from wsiseg.cli.app import main
-
-    sys.argv = ["wsiseg", *argv]
-    main.main(args=list(argv), prog_name="wsiseg")
 
 
 def _child(req: dict) -> None:
@@ -329,7 +321,7 @@ class ForkServer:
         Parameters
         ----------
         target : str
-            ``"module:function"``, e.g. ``"wsiseg.bench.fuzz:run_cli"``.
+            ``"module:function"``, e.g. ``"wsiseg.cli.app:run_cli"``.
         args : sequence
             JSON-serialisable arguments.
         cwd : path-like
@@ -537,13 +529,20 @@ class FuzzReport:
 
 
 def _run_case(
-    server: ForkServer, slide: str, folder: Path, convert: bool, segment: bool, timeout: float, memory: int
+    server: ForkServer,
+    cli: str,
+    slide: str,
+    folder: Path,
+    convert: bool,
+    segment: bool,
+    timeout: float,
+    memory: int,
 ) -> tuple[CommandResult, ...]:
     """``info`` on one written case, then ``convert`` (when asked and info opened it) and ``segment`` (when asked)."""
     results = []
 
     def run(command: str, argv: list[str], out_dir: Path | None = None) -> str:
-        r = server.run("wsiseg.bench.fuzz:run_cli", [argv], cwd=folder, timeout=timeout, memory=memory)
+        r = server.run(cli, [argv], cwd=folder, timeout=timeout, memory=memory)
         outcome, detail = classify(r, slide, command, out_dir)
         results.append(CommandResult(command, outcome, detail, r.seconds, r.max_rss_mib, r.returncode))
         return outcome
@@ -565,6 +564,7 @@ def run_fuzz(
     sources: Sequence[Source] | str | os.PathLike,
     *,
     cases: int,
+    cli: str,
     seed: int = 0,
     first: int = 0,
     workdir: str | os.PathLike | None = None,
@@ -584,6 +584,11 @@ def run_fuzz(
         :func:`wsiseg.bench.mutate.find_sources`).
     cases : int
         How many cases.
+    cli : str
+        The entry point that runs one wsiseg command line in the process it
+        is called in, given its argv, as ``"module:function"`` (``wsiseg bench
+        fuzz`` gives ``"wsiseg.cli.app:run_cli"``); the fork server imports
+        its module first.
     seed, first : int
         Which cases (:func:`wsiseg.bench.mutate.make_case`).
     workdir : path-like, optional
@@ -628,7 +633,7 @@ def run_fuzz(
         tuple(s.name for s in sources),
         machine=machine_info(),
     )
-    preload = _PRELOAD + (_PRELOAD_SEGMENT if "segment" in commands else ())
+    preload = (cli.partition(":")[0], *_PRELOAD) + (_PRELOAD_SEGMENT if "segment" in commands else ())
     own_tmp = workdir is None
     root = Path(tempfile.mkdtemp(prefix="wsiseg-fuzz-")) if own_tmp else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -642,7 +647,7 @@ def run_fuzz(
             shutil.rmtree(folder, ignore_errors=True)
             slide = str(write_case(case, folder).resolve())
             segment = "segment" in commands and segments(index, segment_every)
-            results = _run_case(server, slide, folder, "convert" in commands, segment, timeout, memory)
+            results = _run_case(server, cli, slide, folder, "convert" in commands, segment, timeout, memory)
             result = CaseResult(index, case.source.name, case.kind, case.description, results)
             report.cases.append(result)
             if result.failed:

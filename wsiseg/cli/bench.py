@@ -405,6 +405,7 @@ def bench_fuzz_command(
     report = run_fuzz(
         sources,
         cases=cases,
+        cli="wsiseg.cli.app:run_cli",  # the fork server runs each command line through it (no bench -> cli import)
         seed=seed,
         first=first,
         workdir=workdir,
