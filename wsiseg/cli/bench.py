@@ -129,7 +129,8 @@ def bench_cluster_command(
     size, slides, worker_counts, in_process, repeats, model_path, workdir, source, tile, out
 ) -> None:
     """Slides per hour of wsiseg segment: in-process vs 1, 2, ... worker processes."""
-    from wsiseg.bench.common import bench_cluster, command_line, format_cluster_section, write_section
+    from wsiseg.bench.cluster import bench_cluster, format_cluster_section
+    from wsiseg.bench.common import command_line, write_section
     from wsiseg.errors import ConfigError
 
     try:
