@@ -295,7 +295,7 @@ def bench_gpu_command(
 def bench_memory_command(size, model_path, workdir, source, tile, out) -> None:
     """Peak memory of wsiseg segment on slides of growing area (should stay flat)."""
     from wsiseg.bench.common import command_line, write_section
-    from wsiseg.bench.segment import bench_memory, format_memory_section
+    from wsiseg.bench.memory import bench_memory, format_memory_section
 
     w, h = size
     sizes = [(max(1, w // 4), max(1, h // 4)), (max(1, w // 2), max(1, h // 2)), (w, h)]
