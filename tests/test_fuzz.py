@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 tifffile = pytest.importorskip("tifffile")
 
-from wsiseg.bench.fuzz import FAILURES, ForkServer, Run, classify  # noqa: E402
+from wsiseg.bench.forkserver import ForkServer, Run  # noqa: E402
+from wsiseg.bench.fuzz import FAILURES, classify  # noqa: E402
 from wsiseg.cli.app import main  # noqa: E402
 from wsiseg.bench.mutate import (  # noqa: E402
     MUTATIONS,
