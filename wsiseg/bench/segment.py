@@ -19,6 +19,12 @@ on Linux) never includes another's, and each run pays its own imports and
 model load (reported apart from the segmentation).
 Sections of ``docs/benchmarks.md`` are written by
 :func:`wsiseg.bench.common.write_section`.
+
+It stays one module (some 630 lines): the segment benchmark is built on the
+child-process measurement, which runs this module itself (``python -m
+wsiseg.bench.segment``, the command its sections quote); the memory and GPU
+benchmarks that reuse the measurement are :mod:`wsiseg.bench.memory` and
+:mod:`wsiseg.bench.gpu`.
 """
 
 from __future__ import annotations

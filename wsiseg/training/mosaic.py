@@ -48,6 +48,11 @@ Command line::
     python -m wsiseg.training.mosaic SPEC.yaml --data ../shared/data --out DIR
 
 where ``SPEC.yaml`` holds the parameters (see :func:`load_spec`).
+
+It stays one module (some 680 lines): building a mosaic set is one sequence
+of steps around :func:`build_mosaics` (checks, inputs, the splits, the
+tables, the manifest), and the spec file and command line are thin wrappers
+of it; drawing one mosaic is :mod:`wsiseg.training.mosaic_draw`.
 """
 
 from __future__ import annotations
