@@ -311,7 +311,9 @@ def build_mosaics(
     label_map_path = Path(label_map_path)
     codes_csv = Path(codes_csv) if codes_csv is not None else None
     out = Path(out_dir)
-    class_names = _check_parameters(textures, size, crop, zoom, jitter, class_of_code)
+    class_names = _check_parameters(textures, size, crop, zoom, jitter)
+    if class_of_code is None:
+        raise WsisegError("class_of_code is required: map every label-map code to a class")
     split_rects, bands = _check_splits(splits, texture_bands)
     counts = _split_counts(n, list(split_rects))
 
@@ -373,7 +375,6 @@ def _check_parameters(
     crop: tuple[float, float],
     zoom: tuple[float, float],
     jitter: float,
-    class_of_code: Mapping[int | str, str] | None,
 ) -> list[str]:
     """The class names (in label-value order) after checking :func:`build_mosaics`' scalar parameters."""
     class_names = [str(c) for c in textures]
@@ -389,8 +390,6 @@ def _check_parameters(
         raise WsisegError(f"zoom must be (lo, hi) with 0 < lo <= hi, got {zoom}")
     if not 0 <= jitter < 1:
         raise WsisegError(f"jitter must be in [0, 1), got {jitter}")
-    if class_of_code is None:
-        raise WsisegError("class_of_code is required: map every label-map code to a class")
     return class_names
 
 

@@ -143,7 +143,7 @@ def _pick_crop(
 ) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray]:
     """The first crop where no class covers more than ``max_class_fraction``, else the most mixed of
     :data:`_MAX_TRIES`: labels, box and class fractions."""
-    best = None
+    best: tuple[np.ndarray, tuple[int, int, int], np.ndarray] | None = None
     for _ in range(_MAX_TRIES):
         lab, box = _crop_labels(cmap, rects, size, side_range, rng)
         frac = np.bincount(lab.ravel(), minlength=nk)[:nk] / lab.size
@@ -151,6 +151,7 @@ def _pick_crop(
             best = (lab, box, frac)
         if frac.max() <= max_class_fraction:
             break
+    assert best is not None  # _MAX_TRIES > 0
     return best
 
 
