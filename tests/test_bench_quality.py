@@ -12,6 +12,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from wsiseg.bench import capacity
 from wsiseg.bench import quality as bq
 from wsiseg.training.regions import QUALITY_SETS, region_stems
 from wsiseg.bench import quality_report as report
@@ -62,13 +63,13 @@ def test_prepare_set_thresholds_the_jpeg_masks_and_fixes_the_split(few_ocdc, tmp
 
 
 def test_grid_capacity_oracle_beats_uniform_on_real_masks(few_ocdc, tmp_path):
-    rows = bq.grid_capacity(
-        few_ocdc, tmp_path, [QUALITY_SETS["ocdc"]], budgets=(0.004,), configs=[bq.CAPACITY_CONFIGS[4]]
+    rows = capacity.grid_capacity(
+        few_ocdc, tmp_path, [QUALITY_SETS["ocdc"]], budgets=(0.004,), configs=[capacity.CAPACITY_CONFIGS[4]]
     )
     (r,) = rows
     assert 0.9 < r.uniform < 1.0 and r.cost == pytest.approx(0.004, rel=0.05)
     assert r.gain > 0.5  # boundaries get the samples: measurably better than uniform on real masks
-    assert "| ocdc |" in bq.format_capacity(rows)
+    assert "| ocdc |" in capacity.format_capacity(rows)
 
 
 def test_cost_to_reach_and_goals_arithmetic():
@@ -116,8 +117,8 @@ def test_bench_quality_tiny_run_writes_the_section(few_ocdc, tmp_path, monkeypat
     monkeypatch.chdir(REPO)  # pipelines/classes/tumour.yaml from the project root
     monkeypatch.setitem(bq.GRIDS, "ocdc", (8, 16))
     monkeypatch.setitem(bq.EPOCHS, "ocdc", 1)
-    monkeypatch.setattr(bq, "BUDGETS", (0.004,))
-    monkeypatch.setattr(bq, "CAPACITY_CONFIGS", bq.CAPACITY_CONFIGS[:2])
+    monkeypatch.setattr(capacity, "BUDGETS", (0.004,))
+    monkeypatch.setattr(capacity, "CAPACITY_CONFIGS", capacity.CAPACITY_CONFIGS[:2])
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     out, work, fig = tmp_path / "bench.md", tmp_path / "work", tmp_path / "quality.png"

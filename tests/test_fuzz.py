@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 tifffile = pytest.importorskip("tifffile")
 
-from wsiseg.bench.fuzz import FAILURES, ForkServer, Run, classify  # noqa: E402
+from wsiseg.bench.forkserver import ForkServer, Run  # noqa: E402
+from wsiseg.bench.fuzz import FAILURES, classify  # noqa: E402
 from wsiseg.cli.app import main  # noqa: E402
 from wsiseg.bench.mutate import (  # noqa: E402
     MUTATIONS,
@@ -192,9 +193,9 @@ def test_fork_server_limits_and_outcomes(slides_dir, tmp_path):
         def run(target, args, timeout=30.0, memory=None):
             return server.run(target, args, cwd=tmp_path, timeout=timeout, memory=memory)
 
-        r = run("wsiseg.bench.fuzz:run_cli", [["info", slide]])
+        r = run("wsiseg.cli.app:run_cli", [["info", slide]])
         assert classify(r, slide)[0] == "ok" and "generic-tiff" in r.stdout and r.seconds < 20
-        r = run("wsiseg.bench.fuzz:run_cli", [["info", missing]])
+        r = run("wsiseg.cli.app:run_cli", [["info", missing]])
         assert classify(r, missing) == ("refused", f"wsiseg: error: {missing}: no such file or directory")
         t0 = time.monotonic()
         r = run("time:sleep", [60], timeout=1.0)
@@ -217,7 +218,7 @@ def test_fork_server_limits_and_outcomes(slides_dir, tmp_path):
         else:
             pytest.fail(f"sleep {pid} outlived its timed-out parent")
         # the server survived all of that
-        assert classify(run("wsiseg.bench.fuzz:run_cli", [["info", slide]]), slide)[0] == "ok"
+        assert classify(run("wsiseg.cli.app:run_cli", [["info", slide]]), slide)[0] == "ok"
 
 
 # ---------------------------------------------------------------------------
@@ -291,7 +292,15 @@ def test_fuzz_long_run_has_no_failures(slides_dir, tmp_path):
     """The long version: 400 cases of seed 1 (the benchmark runs seed 0), info, convert, segment every 40th."""
     from wsiseg.bench.fuzz import run_fuzz
 
-    report = run_fuzz(slides_dir, cases=400, seed=1, workdir=tmp_path, segment_every=40, timeout=120)
+    report = run_fuzz(
+        slides_dir,
+        cases=400,
+        cli="wsiseg.cli.app:run_cli",
+        seed=1,
+        workdir=tmp_path,
+        segment_every=40,
+        timeout=120,
+    )
     from dataclasses import asdict
 
     _assert_no_failures(asdict(report))

@@ -5,7 +5,7 @@ answers on the real tumour masks of ``../shared/data/labelled-regions``
 (lymph-node metastases, oral squamous cell carcinoma, breast-cancer ROIs),
 never on data the project designed itself. Three parts:
 
-1. **Grid capacity** (:func:`grid_capacity`, no training): how much the
+1. **Grid capacity** (:func:`wsiseg.bench.capacity.grid_capacity`, no training): how much the
    sampling grid *can* gain. The oracle edge density (from the true labels)
    is turned into a grid with several density-map sizes and kernel widths,
    and the sampler's own loss mIoU(Y', Y) (labels sampled on the grid and
@@ -56,15 +56,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "bench_quality",
-    "grid_capacity",
     "loss_balance",
     "prepare_set",
 ]
 
 #: Classes of the thresholded masks.
 CLASSES_FILE = Path("pipelines") / "classes" / "tumour.yaml"
-#: Budgets: fractions of level-0 pixels sampled.
-BUDGETS = (0.001, 0.004, 0.016)
 
 
 # ---------------------------------------------------------------------------
@@ -123,161 +120,6 @@ def prepare_set(data_root: str | os.PathLike, workdir: str | os.PathLike, qs: Qu
         w.writerows(rows)
     os.replace(tmp, csv_path)
     return csv_path
-
-
-def _load_labels(csv_path: Path, split: str | None = None):
-    """Label arrays (int64 tensors) of a prepared set, optionally one split."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    out = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if split is None or row["split"] == split:
-                with Image.open(row["annotation"]) as im:
-                    out.append(torch.from_numpy(np.asarray(im).astype(np.int64)))
-    return out
-
-
-# ---------------------------------------------------------------------------
-# part 1: grid capacity (no training)
-
-
-@dataclass(frozen=True)
-class CapacityRow:
-    """mIoU(Y', Y) of one grid construction on one set at one budget."""
-
-    set: str
-    budget: float
-    label: str
-    map_ratio: float
-    sigma_rel: float
-    radius_rel: float
-    miou: float
-    uniform: float
-    cost: float
-
-    @property
-    def gain(self) -> float:
-        """Points of mIoU(Y', Y) over the uniform grid."""
-        return 100.0 * (self.miou - self.uniform)
-
-
-#: Grid constructions of the capacity study: (label, map side / grid side, sigma / map side, edge radius / map side).
-CAPACITY_CONFIGS = (
-    ("before (map 0.5x, sigma 1/8)", 0.5, 1 / 8, 1 / 32),
-    ("map 1x, sigma 1/8", 1.0, 1 / 8, 1 / 32),
-    ("map 1x, sigma 1/32", 1.0, 1 / 32, 1 / 64),
-    ("map 2x, sigma 1/16", 2.0, 1 / 16, 1 / 128),
-    ("default (map 2x, sigma 1/32)", 2.0, 1 / 32, 1 / 128),
-    ("map 2x, sigma 1/48", 2.0, 1 / 48, 1 / 128),
-    ("map 4x, sigma 1/32", 4.0, 1 / 32, 1 / 128),
-)
-
-
-def _budget_grid(shape: tuple[int, int], budget: float, downsample: float) -> tuple[int, int]:
-    """Grid ``(h, w)`` with about ``budget`` of the level-0 pixels, keeping the aspect ratio."""
-    h, w = shape
-    s = math.sqrt(budget) * downsample
-    return max(2, round(h * s)), max(2, round(w * s))
-
-
-def grid_capacity(
-    data_root: str | os.PathLike,
-    workdir: str | os.PathLike,
-    sets: Sequence[QualitySet],
-    budgets: Sequence[float] | None = None,
-    configs: Sequence[tuple[str, float, float, float]] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> list[CapacityRow]:
-    """Oracle edge grids vs the uniform grid: mIoU(Y', Y) over every image of each set.
-
-    Labels are read at the working resolution of the set (as training
-    reads them); the budget counts level-0 pixels. mIoU is accumulated over
-    the set (one confusion matrix), not averaged per image.
-
-    Parameters
-    ----------
-    data_root, workdir : path-like
-    sets : sequence of QualitySet
-    budgets : sequence of float, optional
-        Fractions of level-0 pixels; default :data:`BUDGETS`.
-    configs : sequence of (label, map ratio, sigma / map, edge radius / map), optional
-        Default :data:`CAPACITY_CONFIGS`.
-    log : callable, optional
-
-    Returns
-    -------
-    list of CapacityRow
-    """
-    import numpy as np
-    import torch.nn.functional as F
-
-    from wsiseg.metrics import ConfusionMatrix
-    from wsiseg.sampling.coords import uniform_grid
-    from wsiseg.sampling.edges import edge_density
-    from wsiseg.sampling.geometry import default_support
-    from wsiseg.sampling.grid import density_to_grid
-    from wsiseg.sampling.reverse import reverse_sample
-    from wsiseg.sampling.sample import downsample_labels, sample_labels
-
-    say = log or (lambda _m: None)
-    budgets = BUDGETS if budgets is None else budgets
-    configs = CAPACITY_CONFIGS if configs is None else configs
-    rows: list[CapacityRow] = []
-    for qs in sets:
-        labels = []
-        for y in _load_labels(prepare_set(data_root, workdir, qs)):
-            t = max(y.shape) / qs.hr_size
-            if t > 1:  # working resolution: nearest at pixel centres, as data.py reads labels
-                size = (round(y.shape[0] / t), round(y.shape[1] / t))
-                y = F.interpolate(y[None, None].float(), size=size, mode="nearest")[0, 0].long()
-            labels.append((y, max(t, 1.0)))
-        for budget in budgets:
-            scores: dict[str, float] = {}
-            costs = []
-            for label, ratio, sig, rad in (("uniform", 0, 0, 0), *configs):
-                cm = ConfusionMatrix(2)
-                for y, t in labels:
-                    gh, gw = _budget_grid(tuple(y.shape), budget, t)
-                    if label == "uniform":
-                        g = uniform_grid(gh, gw)[None]
-                        costs.append(gh * gw / (y.numel() * t * t))
-                    else:
-                        hd, wd = max(4, round(gh * ratio)), max(4, round(gw * ratio))
-                        side = math.sqrt(hd * wd)
-                        d = edge_density(downsample_labels(y[None], (hd, wd)), radius=rad * side)
-                        g = density_to_grid(d, sig * side, default_support(sig * side), out_size=(gh, gw))
-                    y_up = reverse_sample(sample_labels(y[None], g), g, tuple(y.shape))
-                    cm.update(y_up, y[None])
-                scores[label] = float(cm.miou())
-            for label, ratio, sig, rad in configs:
-                rows.append(
-                    CapacityRow(
-                        qs.key, budget, label, ratio, sig, rad, scores[label], scores["uniform"], float(np.mean(costs))
-                    )
-                )
-            best = max(configs, key=lambda c: scores[c[0]])[0]
-            say(
-                f"capacity {qs.key} {100 * budget:g} %: uniform {scores['uniform']:.4f}, best {best} {scores[best]:.4f}"
-            )
-    return rows
-
-
-def format_capacity(rows: Sequence[CapacityRow]) -> str:
-    """Markdown table: one line per set and budget, one column per grid construction (gain in points)."""
-    labels = list(dict.fromkeys(r.label for r in rows))
-    head = "| set | budget (% level-0 px) | uniform mIoU(Y', Y) | " + " | ".join(labels) + " |"
-    lines = [head, "|" + "---|" * (3 + len(labels))]
-    keys = list(dict.fromkeys((r.set, r.budget) for r in rows))
-    for s, b in keys:
-        sel = {r.label: r for r in rows if (r.set, r.budget) == (s, b)}
-        first = next(iter(sel.values()))
-        best = max(sel.values(), key=lambda r: r.miou).label
-        cells = [f"{'**' if k == best else ''}{sel[k].gain:+.1f}{'**' if k == best else ''}" for k in labels]
-        lines.append(f"| {s} | {100 * first.cost:.2f} | {first.uniform:.4f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------

@@ -22,19 +22,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsiseg.training.regions import QUALITY_SETS, QualitySet
+from wsiseg.bench.capacity import CapacityRow, format_capacity, grid_capacity
 from wsiseg.bench.quality import (
     EPOCHS,
     FULL,
     GRIDS,
     BalanceRow,
-    CapacityRow,
     bench_quality,
     density_differences,
     fmt_score,
     format_balance,
-    format_capacity,
     full_resolution_ceiling,
-    grid_capacity,
     loss_balance,
     stored_rows,
     write_json,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 
 import click
 
@@ -24,6 +25,7 @@ from wsiseg.errors import WsisegError
 
 __all__ = [
     "main",
+    "run_cli",
 ]
 
 
@@ -149,3 +151,13 @@ def run_command(ctx, pipeline_path, overrides, dry_run) -> None:
     except click.ClickException as exc:  # e.g. a path that does not exist
         raise ConfigError(exc.format_message(), pipeline_path) from None
     ctx.exit(code if isinstance(code, int) else 0)
+
+
+def run_cli(argv: Sequence[str]) -> None:
+    """Run a wsiseg command line in this process, as ``python -m wsiseg ARGV...`` would (ends in SystemExit).
+
+    The entry point that ``wsiseg bench fuzz`` gives its fork server
+    (``"wsiseg.cli.app:run_cli"``, :func:`wsiseg.bench.fuzz.run_fuzz`).
+    """
+    sys.argv = ["wsiseg", *argv]
+    main.main(args=list(argv), prog_name="wsiseg")

@@ -12,10 +12,12 @@ baselines (:data:`SWEEP_METHODS`, named in tables by :data:`METHOD_LABELS`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -285,12 +287,92 @@ def run_evaluation(
         classes that do not match the model's, no pairs to evaluate, training
         data overlapping the evaluated data.
     """
-    from wsiseg.training.classmap import load_class_map
-    from wsiseg.training.dataset import build_dataset
-    from wsiseg.training.pairs import dataset_hash, load_pairs, split_pairs, with_mpp
     from wsiseg.models.io import load_deformseg
+    from wsiseg.training.classmap import load_class_map
 
     say = log or (lambda _m: None)
+    compare, baselines, out = _check_arguments(split, compare, baselines, out_dir)
+    dev = resolve_device(device)
+
+    model = load_deformseg(model_path, device=dev)
+    class_map = load_class_map(classes_path)
+    lut = _label_lut(model, class_map, classes_path)
+    tcfg, has_training = _model_train_config(model)
+    # Evaluation may use another working size; baselines still train at the model's.
+    hr = tuple(hr_size) if hr_size is not None else tcfg.hr_size
+    dataset = functools.partial(
+        _dataset,
+        class_map=class_map,
+        lut=lut,
+        tcfg=tcfg,
+        ignore_unmapped=ignore_unmapped,
+        value_names=value_names,
+        # A model trained at one working MPP reads regions at it, unless another size is asked for.
+        working_mpp=tcfg.working_mpp if hr_size is None else None,
+    )
+    pairs, eval_pairs, eval_ds = _evaluation_data(data, split, mpp, tcfg, hr, dataset, say)
+
+    evaluate = functools.partial(
+        evaluate_model,
+        dataset=eval_ds,
+        device=dev,
+        batch_size=batch_size,
+        widths=widths,
+        log=say,
+        grid_scale=grid_scale,
+    )
+    main_name = model.net.sampler if model.net.sampler not in compare else "model"
+    results = [evaluate(model, name=main_name)]
+
+    # Training data for baselines and sweeps (never the evaluated pairs): read when first needed.
+    training_data = functools.cache(
+        functools.partial(_training_data, model, data, train_data, mpp, pairs, eval_pairs, tcfg, dataset, say)
+    )
+    for name in compare:
+        if name in baselines:
+            path = Path(baselines[name])
+        else:
+            path = _train_baseline(name, model, tcfg, has_training, device, epochs, out, training_data, say)
+        results.append(evaluate(_load_baseline(path, name, model, dev, say), name=name))
+
+    doc = _eval_document(data, split, model_path, model, len(eval_pairs), len(eval_ds), hr, results)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {"eval": write_json(out / EVAL_NAME, doc)}
+    table = format_table(results)
+
+    sweep_rows: list[dict] = []
+    freq_results = results
+    if sweep:
+        sweep_rows, freq_results, sweep_files = _sweep(
+            sweep,
+            sweep_epochs,
+            tcfg,
+            model.classes,
+            training_data,
+            eval_ds,
+            out,
+            data,
+            split,
+            results[0].resolution,
+            device=device,
+            batch_size=batch_size,
+            widths=widths,
+            say=say,
+        )
+        files.update(sweep_files)
+    files["class_frequency"] = _draw_class_frequency(freq_results, out)
+    return EvaluationRun(results=results, document=doc, table=table, files=files, sweep=sweep_rows)
+
+
+# ---------------------------------------------------------------------------
+# the steps of run_evaluation
+# ---------------------------------------------------------------------------
+
+
+def _check_arguments(
+    split: str, compare: Sequence[str], baselines: Mapping[str, str] | None, out_dir: str | os.PathLike
+) -> tuple[list[str], dict[str, str], Path]:
+    """The baselines to compare (named or given as files, in order), the given files by name, the output folder."""
     if split not in ("test", "val", "all"):
         raise ConfigError(f"split must be test, val or all, got {split!r}")
     baselines = dict(baselines or {})
@@ -301,105 +383,107 @@ def run_evaluation(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise WsisegError("output folder is a file", out)
-    dev = resolve_device(device)
+    return compare, baselines, out
 
-    model = load_deformseg(model_path, device=dev)
-    class_map = load_class_map(classes_path)
-    lut = _label_lut(model, class_map, classes_path)
-    tcfg, has_training = _model_train_config(model)
-    # Evaluation may use another working size; baselines still train at the model's.
-    hr = tuple(hr_size) if hr_size is not None else tcfg.hr_size
+
+def _dataset(ps, size, *, class_map, lut: np.ndarray | None, tcfg, ignore_unmapped: bool, value_names, working_mpp):
+    """Regions of pairs ``ps`` at working size ``size`` (or ``working_mpp``), labels in the model's channel order."""
+    from wsiseg.training.dataset import build_dataset
+
+    ds = build_dataset(
+        ps,
+        class_map,
+        hr_size=size,
+        regions=tcfg.regions,
+        seed=tcfg.seed,
+        ignore_unmapped=ignore_unmapped,
+        value_names=value_names,
+        working_mpp=working_mpp,
+    )
+    return _Remapped(ds, lut) if lut is not None else ds
+
+
+def _evaluation_data(data, split: str, mpp: float | None, tcfg, hr, dataset, say) -> tuple[list, list, Any]:
+    """All pairs of ``data``, those of ``split`` and their regions at working size ``hr``."""
+    from wsiseg.training.pairs import load_pairs, with_mpp
 
     pairs = with_mpp(load_pairs(data), mpp)
     eval_pairs = _select_pairs(pairs, split, tcfg, data, say)
     if not eval_pairs:
         raise WsisegError(f"no pairs to evaluate in the {split} split", data)
-
-    def dataset(ps, size=hr):
-        ds = build_dataset(
-            ps,
-            class_map,
-            hr_size=size,
-            regions=tcfg.regions,
-            seed=tcfg.seed,
-            ignore_unmapped=ignore_unmapped,
-            value_names=value_names,
-            # A model trained at one working MPP reads regions at it, unless another size is asked for.
-            working_mpp=tcfg.working_mpp if hr_size is None else None,
-        )
-        return _Remapped(ds, lut) if lut is not None else ds
-
-    eval_ds = dataset(eval_pairs)
+    eval_ds = dataset(eval_pairs, hr)
     if len(eval_ds) == 0:
         raise WsisegError(f"no regions to evaluate in the {split} split", data)
-    at = f"{tcfg.working_mpp:g} um per working pixel" if tcfg.working_mpp and hr_size is None else f"size {wxh(hr)}"
+    at = f"{tcfg.working_mpp:g} um per working pixel" if dataset.keywords["working_mpp"] else f"size {wxh(hr)}"
     say(f"evaluating {len(eval_pairs)} {split} pairs ({len(eval_ds)} regions) at working {at}")
+    return pairs, eval_pairs, eval_ds
 
-    def evaluate(m, name):
-        return evaluate_model(
-            m, eval_ds, device=dev, batch_size=batch_size, widths=widths, name=name, log=say, grid_scale=grid_scale
+
+def _training_data(model, data, train_data, mpp: float | None, pairs, eval_pairs, tcfg, dataset, say) -> tuple:
+    """Training and validation regions for baselines and sweeps, at the model's working size, and their data hash.
+
+    Raises
+    ------
+    WsisegError
+        No training pairs, or training pairs that are evaluated.
+    """
+    from wsiseg.training.pairs import dataset_hash, load_pairs, split_pairs, with_mpp
+
+    tpairs = with_mpp(load_pairs(train_data), mpp) if train_data is not None else pairs
+    tr, va = split_pairs(tpairs, tcfg.val_fraction, tcfg.seed)
+    source = train_data if train_data is not None else data
+    if not tr:
+        raise WsisegError("no training pairs for the baselines (pass --train-data)", source)
+    # Validation pairs only select the best epoch (as for the model, with --split val).
+    evaluated = {os.path.realpath(p.image) for p in eval_pairs}
+    overlap = [p for p in tr if os.path.realpath(p.image) in evaluated]
+    if overlap:
+        raise WsisegError(
+            f"training data for the baselines overlaps the evaluated data ({len(overlap)} pairs, e.g. "
+            f"{Path(overlap[0].image).name}); pass --train-data, or a DATA with train/ and test/ folders",
+            source,
         )
+    h = dataset_hash(tpairs)  # what `wsiseg train` stores for the same data
+    old = (model.metadata.get("training") or {}).get("data_hash")
+    if old and old != h:
+        say(f"note: the baselines' training data differs from the model's (hash {h[:12]} vs {old[:12]})")
+    return dataset(tr, tcfg.hr_size), dataset(va, tcfg.hr_size) if va else None, h
 
-    main_name = model.net.sampler if model.net.sampler not in compare else "model"
-    results = [evaluate(model, main_name)]
 
-    # Training data for baselines and sweeps: never the evaluated pairs.
-    train_parts: tuple | None = None
+def _train_baseline(
+    name: str, model, tcfg, has_training: bool, device: str, epochs: int | None, out: Path, training_data, say
+) -> Path:
+    """Baseline ``name`` trained (or resumed, or reused) with the model's config in ``out/baselines/<name>/``."""
+    if not has_training:
+        say("note: the model carries no training config; baselines use its net config with default training options")
+    cfg = dataclasses.replace(
+        tcfg, sampler=name, device=str(device), epochs=epochs if epochs is not None else tcfg.epochs
+    )
+    tr_ds, va_ds, h = training_data()
+    return ensure_trained(cfg, out / "baselines" / name, tr_ds, va_ds, model.classes, h, say)
 
-    def training_data():
-        nonlocal train_parts
-        if train_parts is None:
-            tpairs = with_mpp(load_pairs(train_data), mpp) if train_data is not None else pairs
-            tr, va = split_pairs(tpairs, tcfg.val_fraction, tcfg.seed)
-            source = train_data if train_data is not None else data
-            if not tr:
-                raise WsisegError("no training pairs for the baselines (pass --train-data)", source)
-            # Validation pairs only select the best epoch (as for the model, with --split val).
-            evaluated = {os.path.realpath(p.image) for p in eval_pairs}
-            overlap = [p for p in tr if os.path.realpath(p.image) in evaluated]
-            if overlap:
-                raise WsisegError(
-                    f"training data for the baselines overlaps the evaluated data ({len(overlap)} pairs, e.g. "
-                    f"{Path(overlap[0].image).name}); pass --train-data, or a DATA with train/ and test/ folders",
-                    source,
-                )
-            h = dataset_hash(tpairs)  # what `wsiseg train` stores for the same data
-            old = (model.metadata.get("training") or {}).get("data_hash")
-            if old and old != h:
-                say(f"note: the baselines' training data differs from the model's (hash {h[:12]} vs {old[:12]})")
-            train_parts = (dataset(tr, tcfg.hr_size), dataset(va, tcfg.hr_size) if va else None, h)
-        return train_parts
 
-    classes = model.classes
-    for name in compare:
-        if name in baselines:
-            path = Path(baselines[name])
-        else:
-            if not has_training:
-                say(
-                    "note: the model carries no training config; baselines use its net config with default "
-                    "training options"
-                )
-            cfg = dataclasses.replace(
-                tcfg, sampler=name, device=str(device), epochs=epochs if epochs is not None else tcfg.epochs
-            )
-            tr_ds, va_ds, h = training_data()
-            path = ensure_trained(cfg, out / "baselines" / name, tr_ds, va_ds, classes, h, say)
-        bm = load_deformseg(path, device=dev)
-        _check_same_classes(model, bm)
-        if tuple(bm.net.out_size) != tuple(model.net.out_size):
-            say(
-                f"note: baseline {name} samples {bm.net.out_size} points, the model {model.net.out_size}: "
-                "not the same budget"
-            )
-        results.append(evaluate(bm, name))
+def _load_baseline(path: Path, name: str, model, dev, say):
+    """Baseline ``name`` from ``path``, refused when its classes are not the model's."""
+    from wsiseg.models.io import load_deformseg
 
-    files: dict[str, Path] = {}
-    doc = {
+    bm = load_deformseg(path, device=dev)
+    _check_same_classes(model, bm)
+    if tuple(bm.net.out_size) != tuple(model.net.out_size):
+        say(
+            f"note: baseline {name} samples {bm.net.out_size} points, the model {model.net.out_size}: "
+            "not the same budget"
+        )
+    return bm
+
+
+def _eval_document(data, split: str, model_path, model, n_pairs: int, n_regions: int, hr, results) -> dict:
+    """The content of ``eval.json``."""
+    return {
         "data": os.fspath(data),
         "split": split,
-        "pairs": len(eval_pairs),
-        "regions": len(eval_ds),
+        "pairs": n_pairs,
+        "regions": n_regions,
         "hr_size": list(hr),
         "model": os.fspath(model_path),
         "model_hash": model.hash,
@@ -409,51 +493,66 @@ def run_evaluation(
         },
         "methods": {r.name: r.to_dict() for r in results},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    files["eval"] = write_json(out / EVAL_NAME, doc)
-    table = format_table(results)
 
-    sweep_rows: list[dict] = []
-    freq_results = results
-    if sweep:
-        n_ep = sweep_epochs if sweep_epochs is not None else tcfg.epochs
-        tr_ds, va_ds, h = training_data()
-        sweep_rows, sweep_results = run_sweep(
-            tcfg,
-            sweep,
-            out / "sweep",
-            tr_ds,
-            va_ds,
-            eval_ds,
-            classes,
-            data_hash=h,
-            epochs=n_ep,
-            device=device,
-            batch_size=batch_size,
-            widths=widths,
-            log=say,
-        )
-        smallest = min(sweep, key=lambda s: s[0] * s[1])
-        freq_results = [r for r in sweep_results if tuple(r.out_size) == tuple(smallest)]
-        files.update(
-            write_sweep_files(
-                out,
-                sweep_rows,
-                {
-                    "data": os.fspath(data),
-                    "split": split,
-                    "regions": len(eval_ds),
-                    "epochs": n_ep,
-                    "sizes": [list(s) for s in sweep],
-                    "resolution": {"miou_full": results[0].resolution, "miou_deformed": "deformed"},
-                },
-            )
-        )
 
+def _sweep(
+    sweep: Sequence[tuple[int, int]],
+    sweep_epochs: int | None,
+    tcfg,
+    classes,
+    training_data,
+    eval_ds,
+    out: Path,
+    data,
+    split: str,
+    resolution: str,
+    *,
+    device: str,
+    batch_size: int,
+    widths: Sequence[float],
+    say,
+) -> tuple[list[dict], list[EvalResult], dict[str, Path]]:
+    """The budget sweep (:func:`run_sweep`) and its files: its rows, the results at the smallest size, the files."""
+    n_ep = sweep_epochs if sweep_epochs is not None else tcfg.epochs
+    tr_ds, va_ds, h = training_data()
+    sweep_rows, sweep_results = run_sweep(
+        tcfg,
+        sweep,
+        out / "sweep",
+        tr_ds,
+        va_ds,
+        eval_ds,
+        classes,
+        data_hash=h,
+        epochs=n_ep,
+        device=device,
+        batch_size=batch_size,
+        widths=widths,
+        log=say,
+    )
+    smallest = min(sweep, key=lambda s: s[0] * s[1])
+    freq_results = [r for r in sweep_results if tuple(r.out_size) == tuple(smallest)]
+    files = write_sweep_files(
+        out,
+        sweep_rows,
+        {
+            "data": os.fspath(data),
+            "split": split,
+            "regions": len(eval_ds),
+            "epochs": n_ep,
+            "sizes": [list(s) for s in sweep],
+            "resolution": {"miou_full": resolution, "miou_deformed": "deformed"},
+        },
+    )
+    return sweep_rows, freq_results, files
+
+
+def _draw_class_frequency(freq_results: list[EvalResult], out: Path) -> Path:
+    """``class_frequency.png``: the class frequency of the labels and of each result's samples."""
     first = freq_results[0]
     original = first.class_frequency()[0]
     sampled = {r.name: r.class_frequency()[1] for r in freq_results}
-    files["class_frequency"] = draw_class_frequency(
+    return draw_class_frequency(
         first.class_names,
         original,
         sampled,
@@ -461,7 +560,6 @@ def run_evaluation(
         title=f"class frequency: original vs sampled at {wxh(first.out_size)} "
         f"(cost {percent(first.cost)} % of level-0 pixels)",
     )
-    return EvaluationRun(results=results, document=doc, table=table, files=files, sweep=sweep_rows)
 
 
 def _check_same_classes(model, other) -> None:

@@ -184,12 +184,7 @@ def evaluate_model(
     WsisegError
         Empty data set, labels that are not class indices.
     """
-    from wsiseg.models.net import DeformSegNet, lowres_view
-    from wsiseg.sampling.geometry import PhysicalScale
-    from wsiseg.sampling.reverse import inverse_map, lookup_nearest
-    from wsiseg.sampling.sample import sample_labels
-    from wsiseg.sampling.coords import uniform_grid
-    from wsiseg.sampling.sizes import sample_fraction
+    from wsiseg.models.net import DeformSegNet
 
     net = model if isinstance(model, DeformSegNet) else model.net
     scale = None if isinstance(model, DeformSegNet) else getattr(model, "scale", None)
@@ -210,7 +205,36 @@ def evaluate_model(
     net.to(dev)
     widths = tuple(float(w) for w in widths)
 
-    res = EvalResult(
+    res = _empty_result(model, net, names, widths, ignore_index, name, spacing, grid_scale)
+    t0 = time.perf_counter()
+    for batch in _batches(dataset, batch_size):
+        _score_batch(
+            res, net, batch, dev, spacing=spacing, grid_scale=grid_scale, widths=widths, ignore_index=ignore_index
+        )
+        if log is not None and (res.regions % 50 < len(batch)):
+            log(f"{res.name}: {res.regions}/{len(dataset)} regions")
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# ---------------------------------------------------------------------------
+# the steps of evaluate_model: one batch of regions predicted and scored
+# ---------------------------------------------------------------------------
+
+
+def _empty_result(
+    model,
+    net,
+    names: list[str],
+    widths: tuple[float, ...],
+    ignore_index: int,
+    name: str | None,
+    spacing: float | None,
+    grid_scale: float,
+) -> EvalResult:
+    """An :class:`EvalResult` with every count at zero."""
+    k = len(names)
+    return EvalResult(
         name=name or net.sampler,
         sampler=net.sampler,
         class_names=names,
@@ -230,54 +254,84 @@ def evaluate_model(
         sample_spacing_um=spacing,
         grid_scale=float(grid_scale),
     )
-    t0 = time.perf_counter()
-    for batch in _batches(dataset, batch_size):
-        h, w = _item_size(batch[0])
-        image = torch.stack([torch.as_tensor(it["image"])[:, :h, :w] for it in batch]).to(dev)
-        labels = torch.stack([torch.as_tensor(it["labels"])[:h, :w].long() for it in batch]).to(dev)
-        item_names = [str(it.get("name", "")) for it in batch]
-        _check_labels(labels, k, ignore_index, item_names)
-        image = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
-        mpp = _batch_key(batch[0])[1]  # one per batch (_batches)
-        physical = PhysicalScale(float(mpp), spacing) if spacing is not None and mpp is not None else None
-        # segment's geometry for this region (training's pixel rule when no physical scale applies)
-        geo = net.geometry(h, w, physical=physical, scale=grid_scale)
-        x_lr = lowres_view(image, geo.map)
-        # The edge baseline is an oracle: it places its samples from the labels.
-        pred = net.predict_lowres(x_lr, image, labels=labels if net.sampler == "edge" else None, geometry=geo)
-        grid = pred.grid.float()
-        y_lr = sample_labels(labels, grid)
-        index = inverse_map(grid, (h, w))  # shared by the prediction and Y'
-        full = lookup_nearest(pred.labels, index)
-        y_up = lookup_nearest(y_lr, index)
 
-        res.deformed.update(pred.labels, y_lr)
-        res.full.update(full, labels)
-        res.upsampling.update(torch.where(y_up == ignore_index, k, y_up), labels)
-        c, t = trimap_counts(full.cpu().numpy(), labels.cpu().numpy(), widths, ignore_index)
-        res.trimap_correct += c
-        res.trimap_total += t
-        for counts, lab in ((res.freq_original, labels), (res.freq_sampled, y_lr)):
-            valid = lab[lab != ignore_index]
-            counts += torch.bincount(valid.flatten().cpu(), minlength=k).numpy()[:k]
-        gh, gw = grid.shape[1:3]
-        # Glass by a fixed tissue score: Otsu per region would split an all-tissue region in two.
-        rgb = (image * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        tissue = torch.from_numpy(np.stack([tissue_score(x) > GLASS_SCORE for x in rgb])).to(dev)
-        res.glass_model += int((~sample_labels(tissue, grid)).sum())
-        res.glass_uniform += int((~sample_labels(tissue, uniform_grid(gh, gw, device=dev))).sum())
-        for it in batch:
-            h0, w0 = _level0_size(it, h, w)
-            res.regions += 1
-            res.regions_physical += physical is not None
-            res.samples += gh * gw
-            res.pixels += h * w
-            res.pixels_level0 += h0 * w0
-            res.fractions.append(sample_fraction(gh, gw, h, w))
-            res.fractions_level0.append(sample_fraction(gh, gw, h0, w0))
-            if it.get("downsample") is not None:
-                res.downsamples.append(float(it["downsample"]))
-        if log is not None and (res.regions % 50 < len(batch)):
-            log(f"{res.name}: {res.regions}/{len(dataset)} regions")
-    res.seconds = time.perf_counter() - t0
-    return res
+
+def _score_batch(
+    res: EvalResult,
+    net,
+    batch: list[dict],
+    dev,
+    *,
+    spacing: float | None,
+    grid_scale: float,
+    widths: tuple[float, ...],
+    ignore_index: int,
+) -> None:
+    """Predict a batch of regions (one size, one MPP: :func:`_batches`) and add it to the counts of ``res``."""
+    from wsiseg.models.net import lowres_view
+    from wsiseg.sampling.geometry import PhysicalScale
+    from wsiseg.sampling.reverse import inverse_map, lookup_nearest
+    from wsiseg.sampling.sample import sample_labels
+
+    k = len(res.class_names)
+    h, w = _item_size(batch[0])
+    image = torch.stack([torch.as_tensor(it["image"])[:, :h, :w] for it in batch]).to(dev)
+    labels = torch.stack([torch.as_tensor(it["labels"])[:h, :w].long() for it in batch]).to(dev)
+    item_names = [str(it.get("name", "")) for it in batch]
+    _check_labels(labels, k, ignore_index, item_names)
+    image = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
+    mpp = _batch_key(batch[0])[1]  # one per batch (_batches)
+    physical = PhysicalScale(float(mpp), spacing) if spacing is not None and mpp is not None else None
+    # segment's geometry for this region (training's pixel rule when no physical scale applies)
+    geo = net.geometry(h, w, physical=physical, scale=grid_scale)
+    x_lr = lowres_view(image, geo.map)
+    # The edge baseline is an oracle: it places its samples from the labels.
+    pred = net.predict_lowres(x_lr, image, labels=labels if net.sampler == "edge" else None, geometry=geo)
+    grid = pred.grid.float()
+    y_lr = sample_labels(labels, grid)
+    index = inverse_map(grid, (h, w))  # shared by the prediction and Y'
+    full = lookup_nearest(pred.labels, index)
+    y_up = lookup_nearest(y_lr, index)
+
+    res.deformed.update(pred.labels, y_lr)
+    res.full.update(full, labels)
+    res.upsampling.update(torch.where(y_up == ignore_index, k, y_up), labels)
+    c, t = trimap_counts(full.cpu().numpy(), labels.cpu().numpy(), widths, ignore_index)
+    res.trimap_correct += c
+    res.trimap_total += t
+    for counts, lab in ((res.freq_original, labels), (res.freq_sampled, y_lr)):
+        valid = lab[lab != ignore_index]
+        counts += torch.bincount(valid.flatten().cpu(), minlength=k).numpy()[:k]
+    _count_glass(res, image, grid, dev)
+    _count_regions(res, batch, h, w, grid, physical is not None)
+
+
+def _count_glass(res: EvalResult, image: torch.Tensor, grid: torch.Tensor, dev) -> None:
+    """Add the batch's grid points on glass, and those of a uniform grid of the same size, to ``res``."""
+    from wsiseg.sampling.coords import uniform_grid
+    from wsiseg.sampling.sample import sample_labels
+
+    gh, gw = grid.shape[1:3]
+    # Glass by a fixed tissue score: Otsu per region would split an all-tissue region in two.
+    rgb = (image * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    tissue = torch.from_numpy(np.stack([tissue_score(x) > GLASS_SCORE for x in rgb])).to(dev)
+    res.glass_model += int((~sample_labels(tissue, grid)).sum())
+    res.glass_uniform += int((~sample_labels(tissue, uniform_grid(gh, gw, device=dev))).sum())
+
+
+def _count_regions(res: EvalResult, batch: list[dict], h: int, w: int, grid: torch.Tensor, physical: bool) -> None:
+    """Add the batch's regions, samples, pixels and sampled fractions (the cost) to ``res``."""
+    from wsiseg.sampling.sizes import sample_fraction
+
+    gh, gw = grid.shape[1:3]
+    for it in batch:
+        h0, w0 = _level0_size(it, h, w)
+        res.regions += 1
+        res.regions_physical += physical
+        res.samples += gh * gw
+        res.pixels += h * w
+        res.pixels_level0 += h0 * w0
+        res.fractions.append(sample_fraction(gh, gw, h, w))
+        res.fractions_level0.append(sample_fraction(gh, gw, h0, w0))
+        if it.get("downsample") is not None:
+            res.downsamples.append(float(it["downsample"]))

@@ -39,6 +39,10 @@ cost a third of level 0 at most.
 Constant tiles (an ``int``, or an array with a single value) are written as
 one encoded tile per label value, compressed once and reused, so large
 background or single-class areas cost no per-pixel work.
+
+It stays one module (some 620 lines): the file layout, the tile encoders
+(constant tiles included) and the streaming writer are one file format, and
+the writer's batching depends on both.
 """
 
 from __future__ import annotations

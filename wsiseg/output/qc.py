@@ -18,6 +18,9 @@ covers ``[j, j + 1) x [i, i + 1)``; sample positions and region boxes are
 continuous thumbnail coordinates ``(x, y)``. A panel shows the thumbnail at
 scale ``(sx, sy)`` (panel pixels per thumbnail pixel), so a thumbnail point
 ``(x, y)`` lands on panel point ``(x * sx, y * sy)``.
+
+It stays one module (some 700 lines): it draws one figure, and its pixel
+helpers, text layout and panel composition serve nothing else.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
 """Texture mosaics on real label geometry: labelled training images from an unpaired label map.
 
-(Some 680 lines: :func:`build_mosaics` alone is 236, one function along its sections; splitting it is
-issue 13's item 4.)
-
 A real tissue-class label map (e.g. a BCSS ``mag-BASE`` PNG, whose RGB image
 is not available) supplies realistic region *geometry*; real H&E image
 regions without labels supply realistic *textures*. Each mosaic is a random
@@ -51,17 +48,22 @@ Command line::
     python -m wsiseg.training.mosaic SPEC.yaml --data ../shared/data --out DIR
 
 where ``SPEC.yaml`` holds the parameters (see :func:`load_spec`).
+
+It stays one module (some 680 lines): building a mosaic set is one sequence
+of steps around :func:`build_mosaics` (checks, inputs, the splits, the
+tables, the manifest), and the spec file and command line are thin wrappers
+of it; drawing one mosaic is :mod:`wsiseg.training.mosaic_draw`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
-import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,7 @@ import numpy as np
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import WsisegError, one_line
+from wsiseg.training.mosaic_draw import draw_mosaic
 
 __all__ = [
     "DEFAULT_SPLITS",
@@ -99,7 +102,6 @@ DEFAULT_TEXTURE_BANDS: dict[str, tuple[float, float]] = {
 MANIFEST_NAME = "mosaics.yaml"
 CLASSES_NAME = "classes.yaml"
 PAIRS_NAME = "pairs.csv"
-_MAX_TRIES = 25
 
 
 @dataclass(frozen=True)
@@ -225,109 +227,6 @@ def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# one mosaic
-
-
-def _dihedral(ly: np.ndarray, lx: np.ndarray, t: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
-    """Apply dihedral transform ``t`` (0..7: bit 0 transpose, bit 1 flip rows, bit 2 flip columns) to
-    local coordinates of a ``p x p`` patch."""
-    sw = (t & 1).astype(bool)
-    ly, lx = np.where(sw, lx, ly), np.where(sw, ly, lx)
-    ly = np.where(t & 2, p - 1 - ly, ly)
-    lx = np.where(t & 4, p - 1 - lx, lx)
-    return ly, lx
-
-
-def _texture_layer(
-    tex: np.ndarray, size: int, rng: np.random.Generator, zoom: tuple[float, float], jitter: float
-) -> tuple[np.ndarray, dict]:
-    """A ``(size, size, 3)`` float32 layer: the texture zoomed out, quilted, colour-jittered.
-
-    The texture is box-filtered down by a random zoom factor, then the layer
-    is quilted from square patches of it (side ``p``: the zoomed texture's
-    short side, at most ``size``), each cut at a random place and randomly
-    turned/flipped. Four patch grids offset by ``p / 2`` are blended with
-    separable triangular weights (a partition of unity), so there are no
-    seams and no visible periodicity.
-    """
-    from PIL import Image
-
-    z = float(math.exp(rng.uniform(math.log(zoom[0]), math.log(zoom[1]))))
-    h, w = tex.shape[:2]
-    nh, nw = max(2, round(h / z)), max(2, round(w / z))
-    small = np.asarray(
-        Image.fromarray(np.ascontiguousarray(tex)).resize((nw, nh), Image.BOX if z >= 1 else Image.BILINEAR),
-        dtype=np.float32,
-    )
-    p = int(min(nh, nw, size))
-    half = p / 2.0
-    r = np.arange(size, dtype=np.float64)
-    layer = np.zeros((size, size, 3), dtype=np.float64)
-    wsum = np.zeros((size, size), dtype=np.float64)
-    for sy in (0.0, half):
-        for sx in (0.0, half):
-            # Cells of this grid: pixel r lies in cell floor((r + shift) / p), at local position l.
-            cy, ly = np.divmod(np.floor(r + sy).astype(np.int64), p)
-            cx, lx = np.divmod(np.floor(r + sx).astype(np.int64), p)
-            ncy, ncx = int(cy.max()) + 1, int(cx.max()) + 1
-            oy = rng.integers(0, nh - p + 1, size=(ncy, ncx))
-            ox = rng.integers(0, nw - p + 1, size=(ncy, ncx))
-            t = rng.integers(0, 8, size=(ncy, ncx))
-            CY, CX = cy[:, None], cx[None, :]
-            LY, LX = np.broadcast_to(ly[:, None], (size, size)), np.broadcast_to(lx[None, :], (size, size))
-            TY, TX = _dihedral(LY, LX, t[CY, CX], p)
-            patch = small[oy[CY, CX] + TY, ox[CY, CX] + TX]
-            # Triangular weight of the local position (1 at the cell centre, 0 at its edges).
-            wy = 1.0 - np.abs((ly + 0.5) - half) / half
-            wx = 1.0 - np.abs((lx + 0.5) - half) / half
-            wgt = np.clip(wy[:, None], 0, None) * np.clip(wx[None, :], 0, None)
-            layer += wgt[..., None] * patch
-            wsum += wgt
-    layer = (layer / np.maximum(wsum, 1e-12)[..., None]).astype(np.float32)
-    gain = (1.0 + rng.uniform(-jitter, jitter, size=3)) * (1.0 + rng.uniform(-jitter, jitter))
-    layer = np.clip(layer * gain.astype(np.float32), 0, 255)
-    return layer, {"zoom": round(z, 4), "patch": p, "gain": [round(float(g), 4) for g in gain]}
-
-
-def _crop_labels(
-    class_map: np.ndarray,
-    rects: Sequence[tuple[int, int, int, int]],
-    size: int,
-    side_range: tuple[int, int],
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """A random square crop (entirely inside one of ``rects``) resampled to ``size`` by nearest."""
-    areas = np.array([(r[2] - r[0]) * (r[3] - r[1]) for r in rects], dtype=np.float64)
-    r = rects[int(rng.choice(len(rects), p=areas / areas.sum()))]
-    rw, rh = r[2] - r[0], r[3] - r[1]
-    side = int(rng.integers(side_range[0], side_range[1] + 1))
-    side = max(1, min(side, rw, rh))
-    x = r[0] + int(rng.integers(rw - side + 1))
-    y = r[1] + int(rng.integers(rh - side + 1))
-    # Nearest at pixel centres: output pixel j covers [j, j + 1) * side / size.
-    idx = np.minimum(((np.arange(size) + 0.5) * side / size).astype(np.int64), side - 1)
-    crop = class_map[y + idx[:, None], x + idx[None, :]]
-    return crop, (x, y, side)
-
-
-def _render(labels: np.ndarray, layers: Mapping[int, np.ndarray], edge_blur: float) -> np.ndarray:
-    """Composite the class layers through (slightly blurred) class masks; uint8 RGB."""
-    from scipy.ndimage import gaussian_filter
-
-    values = sorted(layers)
-    if len(values) == 1:
-        return np.round(layers[values[0]]).astype(np.uint8)
-    alphas = []
-    for v in values:
-        m = (labels == v).astype(np.float32)
-        alphas.append(gaussian_filter(m, edge_blur, mode="nearest", truncate=3.0) if edge_blur > 0 else m)
-    a = np.stack(alphas)
-    a /= np.maximum(a.sum(0, keepdims=True), 1e-12)
-    out = sum(a[i][..., None] * layers[v] for i, v in enumerate(values))
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------
 # the data set
 
 
@@ -409,12 +308,75 @@ def build_mosaics(
     WsisegError
         Unreadable inputs, unmapped codes, overlapping splits, bad parameters.
     """
-    import yaml
-    from PIL import Image
-
     label_map_path = Path(label_map_path)
     codes_csv = Path(codes_csv) if codes_csv is not None else None
     out = Path(out_dir)
+    class_names = _check_parameters(textures, size, crop, zoom, jitter)
+    if class_of_code is None:
+        raise WsisegError("class_of_code is required: map every label-map code to a class")
+    split_rects, bands = _check_splits(splits, texture_bands)
+    counts = _split_counts(n, list(split_rects))
+
+    cmap = _class_map(label_map_path, codes_csv, class_of_code, class_names)
+    short = min(cmap.shape)
+    side_range = (max(1, round(crop[0] * short)), max(1, round(crop[1] * short)))
+    tex_files, tex_arrays = _read_textures(textures, class_names)
+    draw = functools.partial(
+        draw_mosaic,
+        cmap,
+        size=int(size),
+        side_range=side_range,
+        max_class_fraction=max_class_fraction,
+        class_names=class_names,
+        tex_files=tex_files,
+        tex_arrays=tex_arrays,
+        bands=bands,
+        zoom=zoom,
+        jitter=jitter,
+        edge_blur=edge_blur,
+    )
+
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        tmp.mkdir(parents=True)
+        items, pair_rows, fractions = _write_splits(tmp, split_rects, counts, seed, cmap.shape, len(class_names), draw)
+        _write_classes(tmp / CLASSES_NAME, class_names, colors)
+        _write_pairs(tmp / PAIRS_NAME, pair_rows)
+        parameters = {
+            "n": counts, "size": int(size), "seed": int(seed), "crop": list(crop), "crop_pixels": list(side_range),
+            "zoom": list(zoom), "jitter": jitter, "edge_blur": edge_blur,
+            "max_class_fraction": max_class_fraction,
+            "splits": {k: [list(b) for b in v] for k, v in split_rects.items()},
+            "texture_bands": {k: list(bands[k]) for k in split_rects},
+        }  # fmt: skip
+        _write_manifest(
+            tmp / MANIFEST_NAME,
+            label_map_path,
+            codes_csv,
+            cmap.shape,
+            class_of_code,
+            class_names,
+            tex_files,
+            tex_arrays,
+            parameters,
+            fractions,
+            extra,
+            items,
+        )
+    return MosaicSet(out, out / CLASSES_NAME, out / PAIRS_NAME, out / MANIFEST_NAME, class_names, counts, fractions)
+
+
+# ---------------------------------------------------------------------------
+# the steps of build_mosaics: parameters, inputs, the mosaics of each split, the tables
+
+
+def _check_parameters(
+    textures: Mapping[str, Sequence[str | os.PathLike]],
+    size: int,
+    crop: tuple[float, float],
+    zoom: tuple[float, float],
+    jitter: float,
+) -> list[str]:
+    """The class names (in label-value order) after checking :func:`build_mosaics`' scalar parameters."""
     class_names = [str(c) for c in textures]
     if not class_names:
         raise WsisegError("no classes: textures must map at least one class to texture files")
@@ -428,9 +390,13 @@ def build_mosaics(
         raise WsisegError(f"zoom must be (lo, hi) with 0 < lo <= hi, got {zoom}")
     if not 0 <= jitter < 1:
         raise WsisegError(f"jitter must be in [0, 1), got {jitter}")
-    if class_of_code is None:
-        raise WsisegError("class_of_code is required: map every label-map code to a class")
+    return class_names
 
+
+def _check_splits(
+    splits: Mapping[str, Sequence[Sequence[float]]] | None, texture_bands: Mapping[str, Sequence[float]] | None
+) -> tuple[dict[str, list[tuple[float, ...]]], dict[str, tuple[float, ...]]]:
+    """Label-map rectangles and texture bands per split (defaults filled in), refused where splits would leak."""
     split_rects = {
         str(k): [_check_fraction_box(b, f"split {k!r}") for b in v] for k, v in (splits or DEFAULT_SPLITS).items()
     }
@@ -453,6 +419,11 @@ def build_mosaics(
         for b in names[i + 1 :]:
             if bands[a][0] < bands[b][1] and bands[b][0] < bands[a][1]:
                 raise WsisegError(f"texture bands of {a!r} and {b!r} overlap: held-out textures would leak")
+    return split_rects, bands
+
+
+def _split_counts(n: int | Mapping[str, int], names: list[str]) -> dict[str, int]:
+    """Mosaics per split, every split named (0 where ``n`` gives none)."""
     counts = {k: int(n) for k in names} if isinstance(n, (int, np.integer)) else {str(k): int(v) for k, v in n.items()}
     unknown = sorted(set(counts) - set(names))
     if unknown:
@@ -460,15 +431,22 @@ def build_mosaics(
     counts = {k: counts.get(k, 0) for k in names}
     if any(c < 0 for c in counts.values()) or sum(counts.values()) == 0:
         raise WsisegError(f"mosaic counts must be >= 0 and not all 0, got {counts}")
+    return counts
 
+
+def _class_map(
+    label_map_path: Path, codes_csv: Path | None, class_of_code: Mapping[int | str, str], class_names: list[str]
+) -> np.ndarray:
+    """The label map with its codes turned into class values."""
     raw = _read_label_map(label_map_path)
     lut = _code_lut(class_of_code, class_names, codes_csv, np.unique(raw), label_map_path)
-    cmap = lut[raw]
-    del raw
-    H, W = cmap.shape
-    short = min(H, W)
-    side_range = (max(1, round(crop[0] * short)), max(1, round(crop[1] * short)))
+    return lut[raw]
 
+
+def _read_textures(
+    textures: Mapping[str, Sequence[str | os.PathLike]], class_names: list[str]
+) -> tuple[dict[str, list[Path]], dict[Path, np.ndarray]]:
+    """Texture files per class and the image of each file."""
     tex_files = {c: [Path(p) for p in textures[c]] for c in class_names}
     for c, files in tex_files.items():
         if not files:
@@ -477,96 +455,99 @@ def build_mosaics(
     for p, a in tex_arrays.items():
         if min(a.shape[:2]) < 8:
             raise WsisegError(f"texture is too small ({a.shape[1]}x{a.shape[0]}); at least 8x8 pixels", p)
+    return tex_files, tex_arrays
 
-    def band(p: Path, split: str) -> np.ndarray:
-        a = tex_arrays[p]
-        y0, y1 = bands[split]
-        r0, r1 = round(y0 * a.shape[0]), round(y1 * a.shape[0])
-        if r1 - r0 < 4:
-            raise WsisegError(f"texture band {bands[split]} of split {split!r} is under 4 rows", p)
-        return a[r0:r1]
 
-    nk = len(class_names)
+def _write_splits(
+    tmp: Path,
+    split_rects: Mapping[str, Sequence[Sequence[float]]],
+    counts: Mapping[str, int],
+    seed: int,
+    shape: tuple[int, int],
+    nk: int,
+    draw: Callable[[list[tuple[int, int, int, int]], str, np.random.Generator], tuple[np.ndarray, np.ndarray, dict]],
+) -> tuple[list[dict], list[tuple[str, str, str]], dict[str, list[float]]]:
+    """Every split's mosaics, drawn by ``draw`` (:func:`wsiseg.training.mosaic_draw.draw_mosaic`) on a label
+    map of ``shape`` into ``tmp/SPLIT/{images,labels}``: their manifest entries, ``pairs.csv`` rows and class
+    fractions per split."""
+    from PIL import Image
+
+    H, W = shape
     manifest_items: list[dict] = []
     fractions: dict[str, list[float]] = {}
     pair_rows: list[tuple[str, str, str]] = []
-    with atomic_output(out, overwrite=overwrite) as tmp:
-        tmp.mkdir(parents=True)
-        for k_split, split in enumerate(names):
-            rects = [(round(b[0] * W), round(b[1] * H), round(b[2] * W), round(b[3] * H)) for b in split_rects[split]]
-            rects = [r for r in rects if r[2] > r[0] and r[3] > r[1]]
-            (tmp / split / "images").mkdir(parents=True, exist_ok=True)
-            (tmp / split / "labels").mkdir(parents=True, exist_ok=True)
-            hist = np.zeros(nk, dtype=np.int64)
-            for i in range(counts[split]):
-                rng = np.random.default_rng([int(seed), k_split, i])
-                best = None
-                for _ in range(_MAX_TRIES):
-                    lab, box = _crop_labels(cmap, rects, int(size), side_range, rng)
-                    frac = np.bincount(lab.ravel(), minlength=nk)[:nk] / lab.size
-                    if best is None or frac.max() < best[2].max():
-                        best = (lab, box, frac)
-                    if frac.max() <= max_class_fraction:
-                        break
-                lab, box, frac = best
-                rot, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
-                lab = np.rot90(lab, rot)
-                if flip:
-                    lab = lab[:, ::-1]
-                lab = np.ascontiguousarray(lab)
-                layers, used = {}, {}
-                for v in sorted(int(x) for x in np.unique(lab)):
-                    cls = class_names[v]
-                    p = tex_files[cls][int(rng.integers(len(tex_files[cls])))]
-                    layers[v], info = _texture_layer(band(p, split), int(size), rng, zoom, jitter)
-                    used[cls] = {"texture": p.name, **info}
-                image = _render(lab, layers, edge_blur)
-                name = f"{split}-{i:04d}"
-                Image.fromarray(image).save(tmp / split / "images" / f"{name}.png")
-                Image.fromarray(lab).save(tmp / split / "labels" / f"{name}.png")
-                pair_rows.append((f"{split}/images/{name}.png", f"{split}/labels/{name}.png", split))
-                hist += np.bincount(lab.ravel(), minlength=nk)[:nk]
-                manifest_items.append({
-                    "name": name, "split": split, "crop": {"x": box[0], "y": box[1], "side": box[2]},
-                    "rot90": rot, "flip": flip, "class_fractions": [round(float(f), 4) for f in frac],
-                    "layers": used,
-                })  # fmt: skip
-            fractions[split] = [round(float(x), 4) for x in hist / max(hist.sum(), 1)]
+    for k_split, split in enumerate(split_rects):
+        rects = [(round(b[0] * W), round(b[1] * H), round(b[2] * W), round(b[3] * H)) for b in split_rects[split]]
+        rects = [r for r in rects if r[2] > r[0] and r[3] > r[1]]
+        (tmp / split / "images").mkdir(parents=True, exist_ok=True)
+        (tmp / split / "labels").mkdir(parents=True, exist_ok=True)
+        hist = np.zeros(nk, dtype=np.int64)
+        for i in range(counts[split]):
+            rng = np.random.default_rng([int(seed), k_split, i])
+            image, lab, record = draw(rects, split, rng)
+            name = f"{split}-{i:04d}"
+            Image.fromarray(image).save(tmp / split / "images" / f"{name}.png")
+            Image.fromarray(lab).save(tmp / split / "labels" / f"{name}.png")
+            pair_rows.append((f"{split}/images/{name}.png", f"{split}/labels/{name}.png", split))
+            hist += np.bincount(lab.ravel(), minlength=nk)[:nk]
+            manifest_items.append({"name": name, "split": split, **record})
+        fractions[split] = [round(float(x), 4) for x in hist / max(hist.sum(), 1)]
+    return manifest_items, pair_rows, fractions
 
-        classes_doc = {"classes": []}
-        for v, c in enumerate(class_names):
-            entry: dict[str, Any] = {"value": v, "name": c}
-            if colors and c in colors:
-                entry["color"] = [int(x) for x in colors[c]]
-            classes_doc["classes"].append(entry)
-        (tmp / CLASSES_NAME).write_text(
-            yaml.safe_dump(classes_doc, sort_keys=False, default_flow_style=None), encoding="utf-8"
-        )
-        with open(tmp / PAIRS_NAME, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["image", "annotation", "split"])
-            w.writerows(pair_rows)
-        manifest = {
-            "what": "texture mosaics on real label-map geometry (wsiseg.mosaic); not real annotated slides",
-            "label_map": {"file": label_map_path.name, "sha256": _sha256(label_map_path), "size": [W, H]},
-            "codes": None if codes_csv is None else {"file": codes_csv.name, "sha256": _sha256(codes_csv)},
-            "class_of_code": {str(k): v for k, v in class_of_code.items()},
-            "classes": class_names,
-            "textures": {c: [{"file": p.name, "sha256": _sha256(p), "size": list(tex_arrays[p].shape[1::-1])}
-                             for p in files] for c, files in tex_files.items()},
-            "parameters": {
-                "n": counts, "size": int(size), "seed": int(seed), "crop": list(crop), "crop_pixels": list(side_range),
-                "zoom": list(zoom), "jitter": jitter, "edge_blur": edge_blur,
-                "max_class_fraction": max_class_fraction,
-                "splits": {k: [list(b) for b in v] for k, v in split_rects.items()},
-                "texture_bands": {k: list(bands[k]) for k in names},
-            },
-            "class_fractions": fractions,
-            "extra": dict(extra) if extra else None,
-            "mosaics": manifest_items,
-        }  # fmt: skip
-        (tmp / MANIFEST_NAME).write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
-    return MosaicSet(out, out / CLASSES_NAME, out / PAIRS_NAME, out / MANIFEST_NAME, class_names, counts, fractions)
+
+def _write_classes(path: Path, class_names: list[str], colors: Mapping[str, Sequence[int]] | None) -> None:
+    """``classes.yaml``: the class table for ``wsiseg train --classes``."""
+    import yaml
+
+    classes_doc: dict[str, list] = {"classes": []}
+    for v, c in enumerate(class_names):
+        entry: dict[str, Any] = {"value": v, "name": c}
+        if colors and c in colors:
+            entry["color"] = [int(x) for x in colors[c]]
+        classes_doc["classes"].append(entry)
+    path.write_text(yaml.safe_dump(classes_doc, sort_keys=False, default_flow_style=None), encoding="utf-8")
+
+
+def _write_pairs(path: Path, pair_rows: list[tuple[str, str, str]]) -> None:
+    """``pairs.csv``: ``image,annotation,split`` rows."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "annotation", "split"])
+        w.writerows(pair_rows)
+
+
+def _write_manifest(
+    path: Path,
+    label_map_path: Path,
+    codes_csv: Path | None,
+    shape: tuple[int, int],
+    class_of_code: Mapping[int | str, str],
+    class_names: list[str],
+    tex_files: Mapping[str, list[Path]],
+    tex_arrays: Mapping[Path, np.ndarray],
+    parameters: dict[str, Any],
+    fractions: dict[str, list[float]],
+    extra: Mapping[str, Any] | None,
+    items: list[dict],
+) -> None:
+    """``mosaics.yaml``: inputs with their SHA-256, parameters, class fractions and every mosaic's entry."""
+    import yaml
+
+    H, W = shape
+    manifest = {
+        "what": "texture mosaics on real label-map geometry (wsiseg.mosaic); not real annotated slides",
+        "label_map": {"file": label_map_path.name, "sha256": _sha256(label_map_path), "size": [W, H]},
+        "codes": None if codes_csv is None else {"file": codes_csv.name, "sha256": _sha256(codes_csv)},
+        "class_of_code": {str(k): v for k, v in class_of_code.items()},
+        "classes": class_names,
+        "textures": {c: [{"file": p.name, "sha256": _sha256(p), "size": list(tex_arrays[p].shape[1::-1])}
+                         for p in files] for c, files in tex_files.items()},
+        "parameters": parameters,
+        "class_fractions": fractions,
+        "extra": dict(extra) if extra else None,
+        "mosaics": items,
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------
