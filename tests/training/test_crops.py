@@ -147,3 +147,17 @@ def test_training_on_windows_samples_the_window_at_the_spacing(two_sources, tmp_
     model = load_deformseg(tmp_path / "run" / "model.safetensors")
     assert model.scale.mpp_working == 2.0 and model.scale.sample_spacing_um == 8.0
     assert model.metadata["training"]["config"]["crop_size"] == [64, 64]
+
+
+def test_windows_whose_deepest_maps_are_one_pixel_are_refused_with_a_warning():
+    from wsiseg.models.net import DeformSegNet
+    from wsiseg.training.batches import window_problem
+    from wsiseg.training.config import build_net
+
+    net: DeformSegNet = build_net(_cfg(), 3)  # TINY: encoder depth 3, stride 8
+    # 64 px at 2 um over 8 um: 16 nodes, 2 x 2 at stride 8
+    assert window_problem(net, _cfg()) is None
+    # 24 px: 6 nodes, one deepest value
+    why = window_problem(net, _cfg(crop_size=(24, 24)))
+    assert why is not None and "deepest maps (stride 8) are 1 x 1" in why and "at least 36 px" in why
+    assert window_problem(net, _cfg(crop_size=None)) is None

@@ -4,6 +4,7 @@ batch sizes that fit, and the data loader.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "to_float",
     "training_scale",
     "trains_alone",
+    "window_problem",
 ]
 
 # ---------------------------------------------------------------------------
@@ -321,6 +323,36 @@ def alone_checker(net: DeformSegNet, ds: Dataset, config: TrainConfig, say: Call
     if lone:
         say(f"warning: {lone} of {len(shapes)} training regions are left out: each is alone in its batch and {why}")
     return alone
+
+
+def window_problem(net: DeformSegNet, config: TrainConfig) -> str | None:
+    """Why ``config.crop_size`` windows are too small for ``net``'s encoder, or None.
+
+    A window's grid (at the densest scale jitter: the smallest grid) must
+    leave the encoder's deepest maps at least 2 x 2. At 1 x 1 every
+    convolution there sees padding around one value, and its BatchNorm
+    statistics differ by tens of standard deviations from those of the
+    larger grids of whole regions at inference (measured on the tumour
+    model's layers, docs/demo-model.md).
+    """
+    if config.crop_size is None or config.sample_spacing_um is None or config.working_mpp is None:
+        return None
+    from wsiseg.models.pretrained import find_encoder
+
+    try:
+        stride = int(getattr(find_encoder(net), "output_stride", 1))
+    except WsisegError:
+        return None
+    crop = config.crop_size
+    grid = training_geometry(net, crop, config.working_mpp, config.sample_spacing_um, 1 / config.scale_jitter).grid
+    if min(math.ceil(n / stride) for n in grid) >= 2:
+        return None
+    return (
+        f"a {crop[1]} x {crop[0]} px window at {config.working_mpp:g} um/px is sampled on as few as "
+        f"{grid[1]} x {grid[0]} nodes: the encoder's deepest maps (stride {stride}) are 1 x 1, and its BatchNorm "
+        f"statistics will not fit whole regions at inference; use a crop_size of at least "
+        f"{math.ceil((stride + 1) * config.scale_jitter * config.sample_spacing_um / config.working_mpp)} px"
+    )
 
 
 def _batch_key(ds: Dataset, i: int, config: TrainConfig) -> tuple:

@@ -84,6 +84,7 @@ from wsiseg.training.batches import (
     say_scale,
     to_float,
     training_scale,
+    window_problem,
 )
 from wsiseg.training.charts import draw_curves, fmt, write_log
 from wsiseg.training.checkpoint import (
@@ -400,6 +401,9 @@ def train(
     else:
         train_set = Augmented(train_ds, cfg)
     alone = alone_checker(net, train_set, cfg, say)
+    small = window_problem(net, cfg)
+    if small:
+        say(f"warning: {small}")
     val_loader = (
         make_loader(val_ds, cfg, shuffle=False, generator=torch.Generator().manual_seed(0), device=device)
         if has_val
