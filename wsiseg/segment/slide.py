@@ -152,6 +152,22 @@ def reduced_mask_level(mask_path: Path, max_size: int) -> tuple[np.ndarray, tupl
     return arr, (w0 / arr.shape[1], h0 / arr.shape[0])
 
 
+class _Stages:
+    """A slide's progress reports and seconds per stage (``timings``, in the order they ran)."""
+
+    def __init__(self, progress: Callable[[str, float], None] | None):
+        self.report = progress or (lambda stage, fraction: None)
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, label: str):
+        """Report ``label`` at 0, then time the block (kept only when it completes)."""
+        self.report(label, 0.0)
+        t = time.perf_counter()
+        yield
+        self.timings[label] = time.perf_counter() - t
+
+
 def segment_slide(
     slide: str,
     model: LoadedModel,
@@ -184,109 +200,154 @@ def segment_slide(
     dict
         Output kind -> file name (relative to ``out_dir``).
     """
-    from wsiseg.output.classes import write_classes_json
-    from wsiseg.output.geojson import write_qupath_geojson
-    from wsiseg.output.mask import write_label_pyramid
-    from wsiseg.output.overlay import overlay_from_mask
-    from wsiseg.output.report import SlideReport, class_areas, write_report_json
+    from wsiseg.output.report import write_report_json
     from wsiseg.slide.open import open_slide
-    from wsiseg.slide.tissue import TissueGate
 
-    report_progress = progress or (lambda stage, fraction: None)
+    stages = _Stages(progress)
     out_dir = Path(out_dir)
     paths = output_paths(out_dir, name, options)
-    timings: dict[str, float] = {}
     t_all = time.perf_counter()
     device = resolve_device(options.device)
     model.net.to(device)
 
-    def stage(label):
-        report_progress(label, 0.0)
-        return time.perf_counter()
-
-    t = stage("open")
-    ms = open_slide(slide, mpp=mpp if mpp is not None else options.mpp)
-    timings["open"] = time.perf_counter() - t
-
-    t = stage("regions")
-    boxes, tissue_px, tissue = find_regions(ms, options)
-    timings["regions"] = time.perf_counter() - t
-
-    def step(fraction):
-        report_progress("sample+segment", fraction)
+    with stages.stage("open"):
+        ms = open_slide(slide, mpp=mpp if mpp is not None else options.mpp)
+    with stages.stage("regions"):
+        boxes, tissue_px, tissue = find_regions(ms, options)
 
     with contextlib.ExitStack() as cleanup:  # the sliding-window label store goes, whatever happens
-        t = stage("sample+segment")
-        if options.mode == "sliding-window":
-            out_dir.mkdir(parents=True, exist_ok=True)
-            store = cleanup.enter_context(LabelStore(out_dir, name, ms.width, ms.height))
-            seg = _segment_sliding_window(ms, boxes, model, options, device, store, step)
-        else:
-            plan = scale_plan(model, ms.mpp, options)
-            if plan.reason == NO_SLIDE_MPP:
-                logger.warning(
-                    "%s: slide has no MPP, sampled by pixel size instead of at the model's %.4g um spacing; pass --mpp",
-                    slide,
-                    model.scale.sample_spacing_um,
-                )
-            seg = _segment_deformed(ms, boxes, model, options, device, step, plan)
-        timings["sample+segment"] = time.perf_counter() - t
+        with stages.stage("sample+segment"):
+            seg = _sample_and_segment(slide, ms, boxes, model, options, device, out_dir, name, cleanup, stages)
         _trim_heap()
-
-        t = stage("mask")
-        if options.background == "tissue":
-            seg.tile_source = TissueGate(seg.tile_source, tissue, ms.width, ms.height)
-        # data tiles Deflate-encoded on a second core while this thread computes the next ones
-        write_label_pyramid(
-            paths["mask"],
-            ms.width,
-            ms.height,
-            seg.tile_source,
-            tile=options.tile,
-            mpp=ms.mpp,
-            overwrite=True,
-            workers=1 if usable_cpus() > 1 else 0,
-        )
-        overlay_from_mask(paths["mask"], paths["overlay"], model.classes, overwrite=True)
-        write_classes_json(paths["classes"], model.classes, overwrite=True)
-        timings["mask"] = time.perf_counter() - t
+        with stages.stage("mask"):
+            _write_mask(paths, ms, seg, tissue, model, options)
         counts, gather = seg.tile_source.counts, seg.gather()
         # the reverse sampler's maps are not needed any more: free them before GeoJSON and QC (peak memory)
         seg.tile_source = seg.gather = None
     _trim_heap()
 
+    _write_derived(paths, ms, seg, model, options, name, stages)
+    stages.timings["total"] = time.perf_counter() - t_all
+    report = _slide_report(slide, ms, model, device, options, paths, seg, tissue, tissue_px, counts, gather, stages)
+    write_report_json(paths["report"], report, overwrite=True)
+    stages.report("done", 1.0)
+    return {k: p.name for k, p in paths.items()}
+
+
+def _sample_and_segment(
+    slide: str,
+    ms: Multiscale,
+    boxes: list,
+    model: LoadedModel,
+    options: SegmentOptions,
+    device: torch.device,
+    out_dir: Path,
+    name: str,
+    cleanup: contextlib.ExitStack,
+    stages: _Stages,
+) -> _Segmentation:
+    """Either mode on the regions; the sliding-window label store joins ``cleanup``."""
+
+    def step(fraction):
+        stages.report("sample+segment", fraction)
+
+    if options.mode == "sliding-window":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        store = cleanup.enter_context(LabelStore(out_dir, name, ms.width, ms.height))
+        return _segment_sliding_window(ms, boxes, model, options, device, store, step)
+    plan = scale_plan(model, ms.mpp, options)
+    if plan.reason == NO_SLIDE_MPP:
+        logger.warning(
+            "%s: slide has no MPP, sampled by pixel size instead of at the model's %.4g um spacing; pass --mpp",
+            slide,
+            model.scale.sample_spacing_um,
+        )
+    return _segment_deformed(ms, boxes, model, options, device, step, plan)
+
+
+def _write_mask(
+    paths: dict[str, Path], ms: Multiscale, seg: _Segmentation, tissue, model: LoadedModel, options: SegmentOptions
+) -> None:
+    """The label mask (glass gated by the tissue detector when asked), its overlay and the classes file."""
+    from wsiseg.output.classes import write_classes_json
+    from wsiseg.output.mask import write_label_pyramid
+    from wsiseg.output.overlay import overlay_from_mask
+    from wsiseg.slide.tissue import TissueGate
+
+    if options.background == "tissue":
+        seg.tile_source = TissueGate(seg.tile_source, tissue, ms.width, ms.height)
+    # data tiles Deflate-encoded on a second core while this thread computes the next ones
+    write_label_pyramid(
+        paths["mask"],
+        ms.width,
+        ms.height,
+        seg.tile_source,
+        tile=options.tile,
+        mpp=ms.mpp,
+        overwrite=True,
+        workers=1 if usable_cpus() > 1 else 0,
+    )
+    overlay_from_mask(paths["mask"], paths["overlay"], model.classes, overwrite=True)
+    write_classes_json(paths["classes"], model.classes, overwrite=True)
+
+
+def _write_derived(
+    paths: dict[str, Path],
+    ms: Multiscale,
+    seg: _Segmentation,
+    model: LoadedModel,
+    options: SegmentOptions,
+    name: str,
+    stages: _Stages,
+) -> None:
+    """What is made from the finished mask: OME-TIFF, OME-Zarr, GeoJSON and QC, each when asked for."""
+    from wsiseg.output.geojson import write_qupath_geojson
+
     # the other mask formats stream the finished mask: the sampler's work is reused, never redone
     if "ome-tiff" in paths:
-        t = stage("ome-tiff")
-        ome_tiff_from_mask(paths["mask"], paths["ome-tiff"], mpp=ms.mpp, name=name, overwrite=True)
-        timings["ome-tiff"] = time.perf_counter() - t
+        with stages.stage("ome-tiff"):
+            ome_tiff_from_mask(paths["mask"], paths["ome-tiff"], mpp=ms.mpp, name=name, overwrite=True)
     if "ome-zarr" in paths:
-        t = stage("ome-zarr")
-        ome_zarr_from_mask(
-            paths["mask"],
-            paths["ome-zarr"],
-            model.classes,
-            slide=ms,
-            mpp=ms.mpp,
-            max_megapixels=options.ome_zarr_megapixels,
-            overwrite=True,
-        )
-        timings["ome-zarr"] = time.perf_counter() - t
+        with stages.stage("ome-zarr"):
+            ome_zarr_from_mask(
+                paths["mask"],
+                paths["ome-zarr"],
+                model.classes,
+                slide=ms,
+                mpp=ms.mpp,
+                max_megapixels=options.ome_zarr_megapixels,
+                overwrite=True,
+            )
 
     if options.geojson:
-        t = stage("geojson")
-        write_qupath_geojson(
-            paths["geojson"], reduced_mask_level(paths["mask"], 8192), model.classes, mpp=ms.mpp, overwrite=True
-        )
-        timings["geojson"] = time.perf_counter() - t
+        with stages.stage("geojson"):
+            write_qupath_geojson(
+                paths["geojson"], reduced_mask_level(paths["mask"], 8192), model.classes, mpp=ms.mpp, overwrite=True
+            )
 
     if options.qc:
-        t = stage("qc")
-        _write_qc(paths["qc"], ms, paths["mask"], seg, model, name)
-        timings["qc"] = time.perf_counter() - t
+        with stages.stage("qc"):
+            _write_qc(paths["qc"], ms, paths["mask"], seg, model, name)
 
-    timings["total"] = time.perf_counter() - t_all
-    report = SlideReport(
+
+def _slide_report(
+    slide: str,
+    ms: Multiscale,
+    model: LoadedModel,
+    device: torch.device,
+    options: SegmentOptions,
+    paths: dict[str, Path],
+    seg: _Segmentation,
+    tissue,
+    tissue_px,
+    counts,
+    gather: dict,
+    stages: _Stages,
+):
+    """The slide's report (``report.json``)."""
+    from wsiseg.output.report import SlideReport, class_areas
+
+    return SlideReport(
         slide=str(slide),
         width=ms.width,
         height=ms.height,
@@ -305,14 +366,11 @@ def segment_slide(
         scale=seg.scale,
         detected_tissue_pixels=tissue_px,
         gather=gather,
-        timings=timings,
+        timings=stages.timings,
         config={"options": options.resolved(), "model": model.metadata.get("net", {})},
         outputs={k: p.name for k, p in paths.items()},
         status="ok",
     )
-    write_report_json(paths["report"], report, overwrite=True)
-    report_progress("done", 1.0)
-    return {k: p.name for k, p in paths.items()}
 
 
 def _write_qc(path: Path, ms: Multiscale, mask_path: Path, seg: _Segmentation, model: LoadedModel, name: str):

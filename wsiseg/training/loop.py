@@ -1,7 +1,9 @@
 """Joint training of the deformation and segmentation nets (Jin et al., ICLR 2022).
 
-(About 600 lines: :func:`train` alone is some 300, one function along its sections; splitting it is
-issue 13's item 4.)
+(Some 870 lines, one module: :func:`train` reads as the steps of a run, each a private helper below it
+(inputs, resume, nets, scale, data, then per epoch train, validate, record, write, say); they serve
+nothing else and share the run's state in small dataclasses, of which only ``_RunState`` is
+checkpointed.)
 
 One training step, on a batch of regions at working resolution ``(H, W)``:
 
@@ -218,6 +220,60 @@ class _RunState:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class _Run:
+    """A run's inputs, checked: the same for every epoch (never checkpointed)."""
+
+    cfg: TrainConfig
+    classes: list
+    say: Callable[[str], None]
+    out: Path
+    paths: dict[str, Path]
+    train_ds: Dataset
+    val_ds: Dataset | None
+    has_val: bool
+    data_hash: str | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class _Nets:
+    """The net on its device and what trains it."""
+
+    device: torch.device
+    amp: tuple[bool, torch.dtype, bool]
+    net: DeformSegNet
+    encoder_init: Any
+    encoder_params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR | None
+    scaler: torch.amp.GradScaler | None
+    criterion: JointLoss
+
+
+@dataclass
+class _Data:
+    """The training set as the loaders see it, its batch-of-one check and the validation loader."""
+
+    train_set: Dataset
+    alone: Any
+    val_loader: DataLoader | None
+    use_bar: bool
+
+
+@dataclass
+class _EpochLosses:
+    """One epoch's training: its learning rate, mean loss terms, mean gradient norms and seconds per step."""
+
+    lr: float
+    means: list[float]
+    grad_means: list[float]
+    sec_per_iter: float
+
+
 def _classes_list(classes) -> list:
     from wsiseg.output.classes import ClassInfo
 
@@ -326,6 +382,41 @@ def train(
     ConfigError
         Invalid options, unknown architecture/encoder, unavailable device.
     """
+    run = _inputs(config, classes, train_ds, val_ds, out_dir, data_hash, log)
+    ckpt = _open_checkpoint(run, resume=resume, overwrite=overwrite)
+    nets = _build_nets(run, ckpt)
+    st = _start_state(run, nets, ckpt)
+    del ckpt
+    scale = _record_scale(run, nets.net)
+    data = _prepare_data(run, nets, progress=progress)
+
+    done = _finished(run, st)
+    if done:
+        run.say(f"nothing to do: the run in {run.out} already finished after epoch {st.epoch}")
+    while not done:
+        epoch = st.epoch + 1
+        losses = _train_epoch(run, nets, data, st, epoch)
+        scores = _validate_epoch(run, nets, data, st)
+        improved = _record_epoch(run, nets.net, st, epoch, losses, scores)
+        _write_epoch(run, nets, st, improved, scale)
+        _say_epoch(run, st, epoch, losses, scores, improved)
+        done = st.stopped_early or st.epoch >= run.cfg.epochs
+    return _result(run, st)
+
+
+# -- the steps of train, in order ------------------------------------------------
+
+
+def _inputs(
+    config: TrainConfig | Mapping[str, Any],
+    classes: Sequence,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    out_dir: str | os.PathLike,
+    data_hash: str | None,
+    log: Callable[[str], None] | None,
+) -> _Run:
+    """The config and classes resolved, the output paths, the splits checked."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     classes = _classes_list(classes)
     num_classes = len(classes)
@@ -342,14 +433,23 @@ def train(
     if len(train_ds) == 0:
         raise WsisegError("no training regions: the training split is empty")
     has_val = val_ds is not None and len(val_ds) > 0
+    return _Run(cfg, classes, say, out, paths, train_ds, val_ds, has_val, data_hash)
 
+
+def _open_checkpoint(run: _Run, *, resume: bool, overwrite: bool) -> Checkpoint | None:
+    """The checkpoint to resume from, checked against this run (None: a new run)."""
     ckpt: Checkpoint | None = None
-    if check_output_dir(out, resume=resume, overwrite=overwrite):
-        ckpt = load_checkpoint(paths["checkpoint"])
-        _check_resumable(ckpt.meta, cfg, classes, data_hash, paths["checkpoint"])
+    if check_output_dir(run.out, resume=resume, overwrite=overwrite):
+        ckpt = load_checkpoint(run.paths["checkpoint"])
+        _check_resumable(ckpt.meta, run.cfg, run.classes, run.data_hash, run.paths["checkpoint"])
     elif resume:
-        say(f"no checkpoint in {out}: starting a new run")
+        run.say(f"no checkpoint in {run.out}: starting a new run")
+    return ckpt
 
+
+def _build_nets(run: _Run, ckpt: Checkpoint | None) -> _Nets:
+    """Device, seeds, net, optimizer, scheduler, AMP scaler and loss, as a new run starts them."""
+    cfg = run.cfg
     device = resolve_device(cfg.device)
     amp = amp_settings(cfg, device)
     if cfg.deterministic and device.type == "cuda":
@@ -358,40 +458,53 @@ def train(
     seed_everything(cfg.seed)
 
     # A resumed run takes every weight from its checkpoint: no download, no weights file.
-    net = build_net(cfg, num_classes, pretrained=ckpt is None).to(device)
+    net = build_net(cfg, run.num_classes, pretrained=ckpt is None).to(device)
     encoder_init = (ckpt.meta.get("encoder_init") if ckpt is not None else None) or net.segmenter.encoder_init
     encoder_params = list(find_encoder(net).parameters()) if cfg.freeze_encoder_epochs else []
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.lr_gamma) if cfg.step_size else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp[2]) if amp[2] else None
     criterion = JointLoss(cfg.loss, cfg.effective_gamma_edge, cfg.ignore_index, cfg.edge_norm)
+    return _Nets(device, amp, net, encoder_init, encoder_params, optimizer, scheduler, scaler, criterion)
 
+
+def _start_state(run: _Run, nets: _Nets, ckpt: Checkpoint | None) -> _RunState:
+    """A resumed run's weights, optimizer, scheduler, scaler, RNG states and counters; a new run's state."""
+    cfg = run.cfg
     st = _RunState()
     if ckpt is not None:
-        net.load_state_dict({k: v.to(device) for k, v in ckpt.model.items()}, strict=True)
-        optimizer.load_state_dict(ckpt.state["optimizer"])
-        if scheduler is not None and ckpt.state.get("scheduler"):
-            scheduler.load_state_dict(ckpt.state["scheduler"])
-        if scaler is not None and ckpt.state.get("scaler"):
-            scaler.load_state_dict(ckpt.state["scaler"])
+        nets.net.load_state_dict({k: v.to(nets.device) for k, v in ckpt.model.items()}, strict=True)
+        nets.optimizer.load_state_dict(ckpt.state["optimizer"])
+        if nets.scheduler is not None and ckpt.state.get("scheduler"):
+            nets.scheduler.load_state_dict(ckpt.state["scheduler"])
+        if nets.scaler is not None and ckpt.state.get("scaler"):
+            nets.scaler.load_state_dict(ckpt.state["scaler"])
         set_rng_state(ckpt.state["rng"])
         known = {f.name for f in dataclasses.fields(_RunState)}
         st = _RunState(**{k: v for k, v in ckpt.meta.get("run", {}).items() if k in known})
-        say(f"resuming {out} after epoch {st.epoch} (step {st.step})")
-        del ckpt
+        run.say(f"resuming {run.out} after epoch {st.epoch} (step {st.step})")
     elif cfg.encoder_weights is not None or cfg.freeze_encoder_epochs:
         frozen = f", frozen for {cfg.freeze_encoder_epochs} epochs" if cfg.freeze_encoder_epochs else ""
-        say(f"encoder {cfg.encoder}: {describe_encoder_init(encoder_init)}{frozen}")
+        run.say(f"encoder {cfg.encoder}: {describe_encoder_init(nets.encoder_init)}{frozen}")
+    return st
 
+
+def _record_scale(run: _Run, net: DeformSegNet) -> ModelScale:
+    """The physical scale of training, said; every validation region checked for an MPP when it needs one."""
     # The physical scale goes into the model file, so segment samples slides as densely as training did.
-    scale = training_scale(net, train_ds, cfg.sample_spacing_um)
-    if cfg.sample_spacing_um is not None and has_val:
-        training_scale(net, val_ds, cfg.sample_spacing_um)  # every validation region needs an MPP too
-    say_scale(say, scale)
+    scale = training_scale(net, run.train_ds, run.cfg.sample_spacing_um)
+    if run.cfg.sample_spacing_um is not None and run.has_val and run.val_ds is not None:
+        training_scale(net, run.val_ds, run.cfg.sample_spacing_um)  # every validation region needs an MPP too
+    say_scale(run.say, scale)
+    return scale
 
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / CONFIG_NAME)
-    if not has_val:
+
+def _prepare_data(run: _Run, nets: _Nets, *, progress: bool) -> _Data:
+    """``out_dir`` and its config file; the augmented training set and the validation loader."""
+    cfg, say, train_ds, val_ds = run.cfg, run.say, run.train_ds, run.val_ds
+    run.out.mkdir(parents=True, exist_ok=True)
+    cfg.save(run.out / CONFIG_NAME)
+    if not run.has_val:
         say("no validation split: the latest epoch is kept as the model and early stopping is off")
 
     if getattr(train_ds, "augmentation", None) and hasattr(train_ds, "set_epoch"):
@@ -400,179 +513,221 @@ def train(
         train_set: Dataset = Augmented(train_ds, cfg, augment=False) if cfg.crop_size is not None else train_ds
     else:
         train_set = Augmented(train_ds, cfg)
-    alone = alone_checker(net, train_set, cfg, say)
-    small = window_problem(net, cfg)
+    alone = alone_checker(nets.net, train_set, cfg, say)
+    small = window_problem(nets.net, cfg)
     if small:
         say(f"warning: {small}")
     val_loader = (
-        make_loader(val_ds, cfg, shuffle=False, generator=torch.Generator().manual_seed(0), device=device)
-        if has_val
+        make_loader(val_ds, cfg, shuffle=False, generator=torch.Generator().manual_seed(0), device=nets.device)
+        if run.has_val and val_ds is not None
         else None
     )
-    use_bar = progress and sys.stderr.isatty()
+    return _Data(train_set, alone, val_loader, progress and sys.stderr.isatty())
 
-    def meta() -> dict:
-        return {
-            "config": cfg.to_dict(),
-            "classes": _classes_json(classes),
-            "data_hash": data_hash,
-            "encoder_init": encoder_init,
-            "run": dataclasses.asdict(st),
-        }
 
-    done = (
+def _finished(run: _Run, st: _RunState) -> bool:
+    """True when the run (a resumed one) has nothing left to do."""
+    cfg = run.cfg
+    return (
         st.stopped_early
         or st.epoch >= cfg.epochs
-        or (has_val and cfg.patience is not None and st.bad_epochs >= cfg.patience)
+        or (run.has_val and cfg.patience is not None and st.bad_epochs >= cfg.patience)
     )
-    if done:
-        say(f"nothing to do: the run in {out} already finished after epoch {st.epoch}")
 
-    while not done:
-        epoch = st.epoch + 1
-        if isinstance(train_set, Augmented):
-            train_set.epoch = epoch
-        for ds in (train_set, getattr(train_set, "base", None)):
-            if ds is not None and hasattr(ds, "set_epoch"):
-                ds.set_epoch(epoch)
-        loader = make_loader(
-            train_set, cfg, shuffle=True, generator=epoch_generator(cfg.seed, epoch), device=device, alone=alone
-        )
-        lr = float(optimizer.param_groups[0]["lr"])
-        for p in encoder_params:  # frozen: no gradient, so Adam skips them (BatchNorm statistics still adapt)
-            p.requires_grad_(epoch > cfg.freeze_encoder_epochs)
-        net.train()
-        if cfg.freeze_bn_after is not None and epoch > cfg.freeze_bn_after:
-            # BatchNorm on its running statistics, as at inference: batches group regions of one shape, so
-            # batch statistics are one source's and the running ones fit none (docs/demo-model.md)
-            for m in net.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        # its own stream, so the shuffle (and runs without scale jitter) stay as they were
-        jitter_rng = epoch_generator(cfg.seed + 1, epoch)
-        sums = torch.zeros(3, dtype=torch.float64)
-        grad_sums = torch.zeros(2, dtype=torch.float64)
-        n_steps = 0
-        t0 = time.perf_counter()
-        kept = (
-            f"the last good checkpoint is kept at {paths['checkpoint']}"
-            if st.epoch > 0
-            else "no checkpoint was written yet (it diverged in the first epoch)"
-        )
 
-        def diverged(what: str) -> str:
-            return f"training diverged: loss is {what} at epoch {epoch} step {st.step + 1}; {kept} (try a lower --lr)"
+def _epoch_loader(run: _Run, nets: _Nets, data: _Data, epoch: int) -> DataLoader:
+    """The training data set to epoch ``epoch`` (its augmentation draws) and its shuffled loader."""
+    train_set = data.train_set
+    if isinstance(train_set, Augmented):
+        train_set.epoch = epoch
+    for ds in (train_set, getattr(train_set, "base", None)):
+        if ds is not None and hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+    return make_loader(
+        train_set,
+        run.cfg,
+        shuffle=True,
+        generator=epoch_generator(run.cfg.seed, epoch),
+        device=nets.device,
+        alone=data.alone,
+    )
 
-        bar = None
-        if use_bar:
-            from tqdm import tqdm
 
-            bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="it", leave=False)
-        try:
-            for batch in loader:
-                values, norms = _train_step(
-                    net,
-                    batch,
-                    cfg,
-                    criterion,
-                    optimizer,
-                    scaler,
-                    amp,
-                    device,
-                    num_classes,
-                    jitter_rng,
-                    diverged=diverged,
-                )
-                grad_sums += norms
-                sums += values
-                n_steps += 1
-                st.step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{values[0].item():.4g}")
-        finally:
-            if bar is not None:
-                bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        sec_per_iter = (time.perf_counter() - t0) / max(n_steps, 1)
-        if scheduler is not None:
-            scheduler.step()
-        means = (sums / max(n_steps, 1)).tolist()
-        grad_means = (grad_sums / max(n_steps, 1)).tolist()
+def _train_mode(run: _Run, nets: _Nets, epoch: int) -> None:
+    """The encoder frozen or not, the net in training mode, BatchNorm on running statistics when asked."""
+    cfg, net = run.cfg, nets.net
+    for p in nets.encoder_params:  # frozen: no gradient, so Adam skips them (BatchNorm statistics still adapt)
+        p.requires_grad_(epoch > cfg.freeze_encoder_epochs)
+    net.train()
+    if cfg.freeze_bn_after is not None and epoch > cfg.freeze_bn_after:
+        # BatchNorm on its running statistics, as at inference: batches group regions of one shape, so
+        # batch statistics are one source's and the running ones fit none (docs/demo-model.md)
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
-        scores = _Scores(None, None, 0)
-        if val_loader is not None:
-            scores = _validate(net, val_loader, num_classes, cfg, device, amp)
-            if scores.classes_present <= 1 and not st.warned_one_class:
-                msg = (
-                    f"the validation split has only {scores.classes_present} class: mIoU is computed over the "
-                    "classes present and says little; use more or other validation data"
-                )
-                warnings.warn(msg, UserWarning, stacklevel=2)
-                say(f"warning: {msg}")
-                st.warned_one_class = True
 
-        score = scores.miou_full if cfg.monitor == "full" else scores.miou_deformed
-        if score is None or st.best_score is None:
-            # Without a score the latest epoch is the best we know.
-            improved = score is not None or st.best_score is None
-        else:
-            improved = score > st.best_score + cfg.min_delta
-        st.epoch = epoch
-        row = {
-            "epoch": epoch,
-            "step": st.step,
-            "lr": lr,
-            "loss": means[0],
-            "seg": means[1],
-            "edge": means[2],
-            "grad_seg": grad_means[0] if net.deform is not None else None,
-            "grad_edge": grad_means[1] if net.deform is not None else None,
-            "val_miou_deformed": scores.miou_deformed,
-            "val_miou_full": scores.miou_full,
-            "sec_per_iter": sec_per_iter,
-        }
-        st.history.append(row)
-        if improved:
-            st.best_score, st.best_epoch = score, epoch
-            st.best_miou_full, st.best_miou_deformed = scores.miou_full, scores.miou_deformed
-            st.bad_epochs = 0
-        else:
-            st.bad_epochs += 1
-        if has_val and cfg.patience is not None and st.bad_epochs >= cfg.patience:
-            st.stopped_early = True
+def _train_epoch(run: _Run, nets: _Nets, data: _Data, st: _RunState, epoch: int) -> _EpochLosses:
+    """One pass over the training set (``st.step`` counts its steps), then the scheduler's step."""
+    cfg, device = run.cfg, nets.device
+    loader = _epoch_loader(run, nets, data, epoch)
+    lr = float(nets.optimizer.param_groups[0]["lr"])
+    _train_mode(run, nets, epoch)
+    # its own stream, so the shuffle (and runs without scale jitter) stay as they were
+    jitter_rng = epoch_generator(cfg.seed + 1, epoch)
+    sums = torch.zeros(3, dtype=torch.float64)
+    grad_sums = torch.zeros(2, dtype=torch.float64)
+    n_steps = 0
+    t0 = time.perf_counter()
+    kept = (
+        f"the last good checkpoint is kept at {run.paths['checkpoint']}"
+        if st.epoch > 0
+        else "no checkpoint was written yet (it diverged in the first epoch)"
+    )
 
-        if improved:
-            _save_model(
-                paths["model"],
-                net,
-                classes,
+    def diverged(what: str) -> str:
+        return f"training diverged: loss is {what} at epoch {epoch} step {st.step + 1}; {kept} (try a lower --lr)"
+
+    bar = None
+    if data.use_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="it", leave=False)
+    try:
+        for batch in loader:
+            values, norms = _train_step(
+                nets.net,
+                batch,
                 cfg,
-                st,
-                data_hash,
-                len(train_ds),
-                len(val_ds) if has_val else 0,
-                encoder_init,
-                scale,
+                nets.criterion,
+                nets.optimizer,
+                nets.scaler,
+                nets.amp,
+                device,
+                run.num_classes,
+                jitter_rng,
+                diverged=diverged,
             )
-        # The checkpoint goes after the model: a crash between the two at
-        # worst repeats this epoch on resume.
-        save_checkpoint(paths["checkpoint"], net, optimizer, scheduler, scaler, meta())
-        write_log(paths["log"], st.history)
-        draw_curves(st.history, paths["curves"], gamma_edge=cfg.effective_gamma_edge)
+            grad_sums += norms
+            sums += values
+            n_steps += 1
+            st.step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{values[0].item():.4g}")
+    finally:
+        if bar is not None:
+            bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sec_per_iter = (time.perf_counter() - t0) / max(n_steps, 1)
+    if nets.scheduler is not None:
+        nets.scheduler.step()
+    means = (sums / max(n_steps, 1)).tolist()
+    grad_means = (grad_sums / max(n_steps, 1)).tolist()
+    return _EpochLosses(lr, means, grad_means, sec_per_iter)
 
-        say(
-            f"epoch {epoch}/{cfg.epochs}: loss {means[0]:.4g} (seg {means[1]:.4g}, edge {means[2]:.4g}), "
-            f"lr {lr:.3g}, val mIoU full-res {fmt(scores.miou_full) or 'n/a'}, "
-            f"deformed {fmt(scores.miou_deformed) or 'n/a'}, {sec_per_iter:.3g} s/it" + (" *" if improved else "")
+
+def _validate_epoch(run: _Run, nets: _Nets, data: _Data, st: _RunState) -> _Scores:
+    """The validation scores (none without a validation split); warns once when it has one class or none."""
+    scores = _Scores(None, None, 0)
+    if data.val_loader is not None:
+        scores = _validate(nets.net, data.val_loader, run.num_classes, run.cfg, nets.device, nets.amp)
+        if scores.classes_present <= 1 and not st.warned_one_class:
+            msg = (
+                f"the validation split has only {scores.classes_present} class: mIoU is computed over the "
+                "classes present and says little; use more or other validation data"
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)  # at the caller of train
+            run.say(f"warning: {msg}")
+            st.warned_one_class = True
+    return scores
+
+
+def _record_epoch(
+    run: _Run, net: DeformSegNet, st: _RunState, epoch: int, losses: _EpochLosses, scores: _Scores
+) -> bool:
+    """The epoch's log row, the best scores and the early-stopping count in ``st``; True when it improved."""
+    cfg = run.cfg
+    score = scores.miou_full if cfg.monitor == "full" else scores.miou_deformed
+    if score is None or st.best_score is None:
+        # Without a score the latest epoch is the best we know.
+        improved = score is not None or st.best_score is None
+    else:
+        improved = score > st.best_score + cfg.min_delta
+    st.epoch = epoch
+    means, grad_means = losses.means, losses.grad_means
+    row = {
+        "epoch": epoch,
+        "step": st.step,
+        "lr": losses.lr,
+        "loss": means[0],
+        "seg": means[1],
+        "edge": means[2],
+        "grad_seg": grad_means[0] if net.deform is not None else None,
+        "grad_edge": grad_means[1] if net.deform is not None else None,
+        "val_miou_deformed": scores.miou_deformed,
+        "val_miou_full": scores.miou_full,
+        "sec_per_iter": losses.sec_per_iter,
+    }
+    st.history.append(row)
+    if improved:
+        st.best_score, st.best_epoch = score, epoch
+        st.best_miou_full, st.best_miou_deformed = scores.miou_full, scores.miou_deformed
+        st.bad_epochs = 0
+    else:
+        st.bad_epochs += 1
+    if run.has_val and cfg.patience is not None and st.bad_epochs >= cfg.patience:
+        st.stopped_early = True
+    return improved
+
+
+def _write_epoch(run: _Run, nets: _Nets, st: _RunState, improved: bool, scale: ModelScale) -> None:
+    """The model (when the epoch improved), then the checkpoint, the log and the curves."""
+    paths, cfg = run.paths, run.cfg
+    if improved:
+        _save_model(
+            paths["model"],
+            nets.net,
+            run.classes,
+            cfg,
+            st,
+            run.data_hash,
+            len(run.train_ds),
+            len(run.val_ds) if run.has_val and run.val_ds is not None else 0,
+            nets.encoder_init,
+            scale,
         )
-        if st.stopped_early:
-            say(f"early stopping: no improvement of val mIoU ({cfg.monitor}) for {st.bad_epochs} epochs")
-        done = st.stopped_early or st.epoch >= cfg.epochs
+    # The checkpoint goes after the model: a crash between the two at
+    # worst repeats this epoch on resume.
+    meta = {
+        "config": cfg.to_dict(),
+        "classes": _classes_json(run.classes),
+        "data_hash": run.data_hash,
+        "encoder_init": nets.encoder_init,
+        "run": dataclasses.asdict(st),
+    }
+    save_checkpoint(paths["checkpoint"], nets.net, nets.optimizer, nets.scheduler, nets.scaler, meta)
+    write_log(paths["log"], st.history)
+    draw_curves(st.history, paths["curves"], gamma_edge=cfg.effective_gamma_edge)
 
+
+def _say_epoch(run: _Run, st: _RunState, epoch: int, losses: _EpochLosses, scores: _Scores, improved: bool) -> None:
+    """The epoch's log line, and the notice when early stopping ends the run."""
+    cfg, means = run.cfg, losses.means
+    run.say(
+        f"epoch {epoch}/{cfg.epochs}: loss {means[0]:.4g} (seg {means[1]:.4g}, edge {means[2]:.4g}), "
+        f"lr {losses.lr:.3g}, val mIoU full-res {fmt(scores.miou_full) or 'n/a'}, "
+        f"deformed {fmt(scores.miou_deformed) or 'n/a'}, {losses.sec_per_iter:.3g} s/it" + (" *" if improved else "")
+    )
+    if st.stopped_early:
+        run.say(f"early stopping: no improvement of val mIoU ({cfg.monitor}) for {st.bad_epochs} epochs")
+
+
+def _result(run: _Run, st: _RunState) -> TrainResult:
+    paths = run.paths
     return TrainResult(
-        out_dir=out,
+        out_dir=run.out,
         model_path=paths["model"],
         checkpoint_path=paths["checkpoint"],
         log_path=paths["log"],
