@@ -85,7 +85,6 @@ from wsiseg.training.batches import (
     to_float,
     training_scale,
 )
-from wsiseg.training.charts import draw_curves, fmt, write_log
 from wsiseg.training.checkpoint import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
@@ -106,6 +105,8 @@ from wsiseg.training.config import (
     seed_everything,
     training_geometry,
 )
+from wsiseg.training.log import fmt, write_log
+from wsiseg.viz.charts import draw_curves
 
 __all__ = [
     "TrainResult",
