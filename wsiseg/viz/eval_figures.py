@@ -11,16 +11,23 @@ from pathlib import Path
 from typing import Any
 
 from wsiseg.atomic import atomic_output
-from wsiseg.evaluation.results import METHOD_LABELS
 
 __all__ = [
+    "METHOD_LABELS",
     "chart_font",
     "draw_class_frequency",
     "draw_sweep",
     "method_label",
 ]
 
-
+#: How tables, legends and reports name the methods.
+METHOD_LABELS = {
+    "learned": "learned (joint loss)",
+    "single": "learned (single loss)",
+    "uniform": "uniform",
+    "edge": "edge (oracle)",
+}
+#: Each method's colour in the figures; other methods take an extra colour by their place in the figure.
 _COLORS = {
     "learned": (214, 39, 40),
     "single": (255, 127, 14),
