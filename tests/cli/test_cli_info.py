@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from wsiseg.cli.app import main
 from wsiseg.slide import open_slide
 
-from test_slide_open import BAD_NAMES, bad_inputs
+from tests.slide.test_slide_open import BAD_NAMES, bad_inputs
 
 
 def _run(*args):

@@ -15,7 +15,6 @@ from torch import nn
 
 from wsiseg.cli.app import main
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.evaluation.figures import draw_class_frequency, draw_sweep, method_label
 from wsiseg.evaluation.results import SWEEP_METHODS, EvalResult, format_table
 from wsiseg.evaluation.run import parse_sizes
 from wsiseg.evaluation.scoring import evaluate_model
@@ -23,6 +22,7 @@ from wsiseg.evaluation.sweep import _scaled_config, format_sweep_table
 from wsiseg.metrics import trimap_accuracy, upsampling_error
 from wsiseg.models.net import DeformSegNet
 from wsiseg.sampling.coords import uniform_grid
+from wsiseg.viz.eval_figures import draw_class_frequency, draw_sweep, method_label
 
 IGNORE = 255
 NAMES = ["background", "light", "dark"]

@@ -12,9 +12,9 @@ from _training import CLASSES, TINY, NuclsTiles
 from PIL import Image
 
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.training.charts import LOG_COLUMNS
 from wsiseg.training.checkpoint import load_checkpoint, read_checkpoint_config
 from wsiseg.training.config import TrainConfig, load_train_config
+from wsiseg.training.log import LOG_COLUMNS
 from wsiseg.training.loop import train
 
 

@@ -195,8 +195,8 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
     from PIL import Image, ImageDraw
 
     from wsiseg.atomic import atomic_output
-    from wsiseg.evaluation.figures import chart_font
-    from wsiseg.training.charts import chart_panel
+    from wsiseg.viz.eval_figures import chart_font
+    from wsiseg.viz.charts import chart_panel
 
     sets = list(dict.fromkeys(k[0] for k in cells))
     encs = list(dict.fromkeys(k[1] for k in cells))
@@ -235,7 +235,7 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
 
 def format_quality(cells: dict[tuple[str, str, str, int], Cell]) -> str:
     """Markdown tables: per set and encoder, one line per budget, mean +- sd over seeds per method."""
-    from wsiseg.evaluation.figures import method_label
+    from wsiseg.viz.eval_figures import method_label
 
     lines: list[str] = []
     for s in dict.fromkeys(k[0] for k in cells):

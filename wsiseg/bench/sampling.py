@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 from wsiseg.bench.common import machine_lines, machine_info
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.evaluation.figures import method_label
 from wsiseg.evaluation.results import SWEEP_METHODS
 from wsiseg.evaluation.sweep import format_sweep_table, run_sweep, write_sweep_files
+from wsiseg.viz.eval_figures import method_label
 
 if TYPE_CHECKING:
     from wsiseg.training.config import TrainConfig

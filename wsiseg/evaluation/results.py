@@ -16,6 +16,7 @@ import numpy as np
 from wsiseg.atomic import atomic_output
 from wsiseg.metrics import ConfusionMatrix
 from wsiseg.slide.tissue import GLASS_SCORE
+from wsiseg.viz.eval_figures import METHOD_LABELS  # re-exported: how tables, legends and reports name methods
 
 __all__ = [
     "BASELINES",
@@ -53,13 +54,6 @@ SWEEP_CONFIG: dict[str, dict[str, Any]] = {
     "single": {"sampler": "learned", "joint": False},  # segmentation loss only (paper's "single loss")
     "uniform": {"sampler": "uniform"},
     "edge": {"sampler": "edge"},
-}
-#: How tables, legends and reports name the methods.
-METHOD_LABELS = {
-    "learned": "learned (joint loss)",
-    "single": "learned (single loss)",
-    "uniform": "uniform",
-    "edge": "edge (oracle)",
 }
 
 

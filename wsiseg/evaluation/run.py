@@ -24,7 +24,6 @@ import torch
 
 from wsiseg.device import resolve_device
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.evaluation.figures import draw_class_frequency
 from wsiseg.evaluation.results import (
     BASELINES,
     CLASS_FREQUENCY_PNG,
@@ -38,6 +37,7 @@ from wsiseg.evaluation.results import (
 )
 from wsiseg.evaluation.scoring import evaluate_model
 from wsiseg.evaluation.sweep import ensure_trained, run_sweep, write_sweep_files
+from wsiseg.viz.eval_figures import draw_class_frequency
 
 __all__ = [
     "EvaluationRun",

@@ -15,7 +15,6 @@ from typing import Any
 from wsiseg.atomic import atomic_output
 from wsiseg.device import resolve_device
 from wsiseg.errors import ConfigError
-from wsiseg.evaluation.figures import draw_sweep, method_label
 from wsiseg.evaluation.results import (
     DEFAULT_TRIMAP_WIDTHS,
     SWEEP_CONFIG,
@@ -31,6 +30,7 @@ from wsiseg.evaluation.results import (
     wxh,
 )
 from wsiseg.evaluation.scoring import evaluate_model
+from wsiseg.viz.eval_figures import draw_sweep, method_label
 
 __all__ = [
     "ensure_trained",

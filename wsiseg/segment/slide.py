@@ -374,7 +374,7 @@ def _slide_report(
 
 
 def _write_qc(path: Path, ms: Multiscale, mask_path: Path, seg: _Segmentation, model: LoadedModel, name: str):
-    from wsiseg.output.qc import render_qc
+    from wsiseg.viz.qc import render_qc
 
     thumb, (fx, fy) = thumbnail(ms, 1024)
     labels, _ = reduced_mask_level(mask_path, 2048)

@@ -88,7 +88,6 @@ from wsiseg.training.batches import (
     training_scale,
     window_problem,
 )
-from wsiseg.training.charts import draw_curves, fmt, write_log
 from wsiseg.training.checkpoint import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
@@ -109,6 +108,8 @@ from wsiseg.training.config import (
     seed_everything,
     training_geometry,
 )
+from wsiseg.training.log import fmt, write_log
+from wsiseg.viz.charts import draw_curves
 
 __all__ = [
     "TrainResult",

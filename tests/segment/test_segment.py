@@ -609,7 +609,7 @@ def test_full_disk_in_sliding_window_mode_fails_the_slide_not_the_batch(slides_d
         echo "--- files"
         ls -a {out}
     """
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     r = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", textwrap.dedent(script)],
         capture_output=True,
@@ -693,7 +693,7 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next_run(slides_dir, mod
     out = tmp_path / "out"
     out.mkdir()
     slide, name = slides_dir / "CMU-1-Small-Region.svs", "CMU-1-Small-Region"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     killed = subprocess.run(
         [sys.executable, "-c", _KILLED_SLIDING_WINDOW, str(out), str(slide), name],
         env=env,

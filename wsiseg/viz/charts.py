@@ -1,64 +1,23 @@
-"""The training log and its charts: ``log.csv`` and ``curves.png`` (drawn with Pillow), and the chart helpers
-that evaluation and the benchmarks draw their figures with.
+"""Charts drawn with Pillow: the training curves (``curves.png``, from the rows of the training log) and the
+chart helpers (axis ticks and labels, one line-chart panel) that the evaluation figures and the benchmarks draw with.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from wsiseg.atomic import atomic_output
 
 __all__ = [
-    "LOG_COLUMNS",
     "chart_panel",
     "chart_ticks",
     "draw_curves",
-    "fmt",
     "tick_label",
-    "write_log",
 ]
-
-#: Columns of ``log.csv``, one row per epoch.
-LOG_COLUMNS = (
-    "epoch",
-    "step",
-    "lr",
-    "loss",
-    "seg",
-    "edge",
-    "grad_seg",
-    "grad_edge",
-    "val_miou_deformed",
-    "val_miou_full",
-    "sec_per_iter",
-)
-
-
-# ---------------------------------------------------------------------------
-# log and curves
-# ---------------------------------------------------------------------------
-
-
-def fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
-def write_log(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    with atomic_output(path, overwrite=True) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(LOG_COLUMNS)
-        for row in history:
-            w.writerow([fmt(row.get(c)) for c in LOG_COLUMNS])
 
 
 def _nice_step(span: float, target: int = 5) -> float:
@@ -210,7 +169,7 @@ def draw_curves(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
     Parameters
     ----------
     history : sequence of dict
-        Rows with the :data:`LOG_COLUMNS` keys.
+        Rows with the :data:`wsiseg.training.log.LOG_COLUMNS` keys.
     path : path-like
         Output PNG, written atomically.
     gamma_edge : float

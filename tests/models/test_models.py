@@ -108,7 +108,7 @@ def test_segmenter_unknown_names():
         build_segmenter("unet", "tu-not_a_timm_model")
     with pytest.raises(ValueError, match="mit_b0"):
         build_segmenter("linknet", "mit_b0")  # known names, unsupported pair
-    # Encoder weights are opt-in (tests/test_pretrained.py); a missing file is a one-line error.
+    # Encoder weights are opt-in (tests/models/test_pretrained.py); a missing file is a one-line error.
     with pytest.raises(ValueError, match="no-such-weights.pt: encoder weights file not found"):
         build_segmenter("unet", "resnet18", encoder_weights="no-such-weights.pt")
 

@@ -1,4 +1,4 @@
-"""Evaluation figures (Pillow, with the chart helpers of :mod:`wsiseg.training.charts`): the cost-performance
+"""Evaluation figures (Pillow, with the chart helpers of :mod:`wsiseg.viz.charts`): the cost-performance
 sweep and the class frequencies, in one colour per method.
 """
 
@@ -11,16 +11,23 @@ from pathlib import Path
 from typing import Any
 
 from wsiseg.atomic import atomic_output
-from wsiseg.evaluation.results import METHOD_LABELS
 
 __all__ = [
+    "METHOD_LABELS",
     "chart_font",
     "draw_class_frequency",
     "draw_sweep",
     "method_label",
 ]
 
-
+#: How tables, legends and reports name the methods.
+METHOD_LABELS = {
+    "learned": "learned (joint loss)",
+    "single": "learned (single loss)",
+    "uniform": "uniform",
+    "edge": "edge (oracle)",
+}
+#: Each method's colour in the figures; other methods take an extra colour by their place in the figure.
 _COLORS = {
     "learned": (214, 39, 40),
     "single": (255, 127, 14),
@@ -32,7 +39,7 @@ _EXTRA_COLORS = ((148, 103, 189), (140, 86, 75), (227, 119, 194), (188, 189, 34)
 
 
 # ---------------------------------------------------------------------------
-# figures (Pillow, with the plotting helpers of wsiseg.training.charts)
+# figures (Pillow, with the plotting helpers of wsiseg.viz.charts)
 # ---------------------------------------------------------------------------
 
 
@@ -69,7 +76,7 @@ def draw_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     """
     from PIL import Image, ImageDraw
 
-    from wsiseg.training.charts import chart_panel
+    from wsiseg.viz.charts import chart_panel
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     # One x position per cost (methods at one size share the cost: same grid, same regions).
@@ -131,7 +138,7 @@ def draw_class_frequency(
     """
     from PIL import Image, ImageDraw
 
-    from wsiseg.training.charts import chart_ticks, tick_label
+    from wsiseg.viz.charts import chart_ticks, tick_label
 
     series = [("original", _COLORS["original"], list(original))]
     series += [(method_label(m), _method_color(m, n), list(v)) for n, (m, v) in enumerate(sampled.items())]

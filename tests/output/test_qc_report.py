@@ -14,17 +14,6 @@ from PIL import Image
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.mpp import IgnoredMpp
 from wsiseg.output.classes import ClassInfo
-from wsiseg.output.qc import (
-    MAX_DOTS,
-    OVERLAY_ALPHA,
-    PANELS,
-    colormap,
-    compose_qc,
-    overlay_classes,
-    rasterise_density,
-    render_qc,
-    sample_dots,
-)
 from wsiseg.output.report import (
     TISSUE_DEFINITION,
     SlideReport,
@@ -37,6 +26,17 @@ from wsiseg.output.report import (
 )
 from wsiseg.slide import open_slide
 from wsiseg.slide.tissue import Region, tissue_score
+from wsiseg.viz.qc import (
+    MAX_DOTS,
+    OVERLAY_ALPHA,
+    PANELS,
+    colormap,
+    compose_qc,
+    overlay_classes,
+    rasterise_density,
+    render_qc,
+    sample_dots,
+)
 
 K = 5  # 2220 x 2967 level 0 -> 444 x 593 thumbnail
 CLASSES = [

@@ -16,7 +16,7 @@ from wsiseg.evaluation.results import SWEEP_METHODS
 from wsiseg.models.io import read_metadata
 from wsiseg.training.checkpoint import LOG_NAME, MODEL_NAME
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A tiny segmenter at a 64 px working size: the benchmark's plumbing, not its numbers.
 TINY = {

@@ -18,7 +18,7 @@ from wsiseg.training.regions import QUALITY_SETS, region_stems
 from wsiseg.bench import quality_report as report
 from wsiseg.cli.app import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = {
     "arch": "unet",
     "encoder": "resnet18",
