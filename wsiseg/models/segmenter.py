@@ -23,6 +23,7 @@ Sizes (float32 parameters, 3 classes, smp 0.6): unet/resnet18 14.3 M
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
@@ -33,11 +34,14 @@ from torch import nn
 from wsiseg.errors import ModelConfigError
 
 __all__ = [
+    "GROUPS",
+    "NORMS",
     "PaddedSegmenter",
     "available_architectures",
     "available_encoders",
     "build_segmenter",
     "count_parameters",
+    "to_group_norm",
 ]
 
 
@@ -90,6 +94,47 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     Multiply by 4 (float32) or 2 (float16) for the size of its weights.
     """
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# Normalisation layers a segmenter can be built with (:func:`build_segmenter`).
+NORMS = ("batch", "group")
+# The most groups a GroupNorm layer gets (gcd with its channels): 8 suits the small decoders (16 channels).
+GROUPS = 8
+
+
+def to_group_norm(module: nn.Module, groups: int = GROUPS) -> nn.Module:
+    """Replace every ``BatchNorm2d`` inside ``module`` by a ``GroupNorm`` of the same channels, in place.
+
+    Each layer gets ``gcd(channels, groups)`` groups and an affine
+    transform initialised as BatchNorm's (weight 1, bias 0). timm's
+    BatchNorm with a built-in activation (``BatchNormAct2d``) becomes timm's
+    ``GroupNormAct`` with the same activation and dropout modules.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    groups : int
+        The most groups a layer gets.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` itself.
+    """
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            c = int(child.num_features)
+            if hasattr(child, "act"):  # timm's BatchNormAct2d: keep its activation (and dropout)
+                from timm.layers import GroupNormAct
+
+                gn: nn.Module = GroupNormAct(c, math.gcd(c, groups), eps=child.eps, apply_act=False)
+                gn.drop, gn.act = child.drop, child.act
+            else:
+                gn = nn.GroupNorm(math.gcd(c, groups), c, eps=child.eps, affine=True)
+            setattr(module, name, gn)
+        else:
+            to_group_norm(child, groups)
+    return module
 
 
 class PaddedSegmenter(nn.Module):
@@ -182,6 +227,7 @@ def build_segmenter(
     *,
     pad_mode: str = "reflect",
     encoder_weights: str | os.PathLike | None = None,
+    norm: str = "batch",
     **kwargs: Any,
 ) -> PaddedSegmenter:
     """Build an smp segmentation model by name, offline, for any input size.
@@ -203,6 +249,12 @@ def build_segmenter(
         when asked) or a local state dict file, see
         :func:`wsiseg.models.pretrained.load_encoder_weights`. Not part of
         ``config()``; recorded in ``encoder_init``.
+    norm : {"batch", "group"}, default "batch"
+        ``"group"`` replaces every BatchNorm layer by a GroupNorm
+        (:func:`to_group_norm`): each region is normalised by its own
+        statistics, in training and at inference alike, so they match
+        whatever the batch holds and whatever the grid's size. Random
+        encoder weights only (pretrained ones come with BatchNorm).
     **kwargs
         Passed to the smp model (e.g. ``decoder_channels``,
         ``encoder_depth``). Must be JSON-able for :meth:`PaddedSegmenter.config`.
@@ -244,6 +296,10 @@ def build_segmenter(
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelConfigError(f"cannot build {arch_key} with encoder {encoder!r}: {exc}") from exc
+    if norm not in NORMS:
+        raise ModelConfigError(f"unknown norm {norm!r}; available: {', '.join(NORMS)}")
+    if norm == "group" and encoder_weights is not None:
+        raise ModelConfigError("norm 'group' needs random encoder weights: pretrained encoders come with BatchNorm")
     spec = {
         "arch": arch_key,
         "encoder": str(encoder),
@@ -251,6 +307,9 @@ def build_segmenter(
         "in_channels": int(in_channels),
         **kwargs,
     }
+    if norm != "batch":  # model files with BatchNorm keep the spec they always had
+        to_group_norm(model)
+        spec["norm"] = norm
     seg = PaddedSegmenter(model, pad_mode=pad_mode, spec=spec)
     if encoder_weights is not None:
         from wsiseg.models.pretrained import load_encoder_weights

@@ -22,7 +22,7 @@ from wsiseg.limits import MAX_SAMPLE_SPACING_UM
 from wsiseg.models.losses import EDGE_NORMS, LOSS_NAMES
 from wsiseg.models.net import IMAGE_SAMPLING, SAMPLERS, DeformSegNet
 from wsiseg.models.pretrained import IMAGENET
-from wsiseg.models.segmenter import build_segmenter
+from wsiseg.models.segmenter import NORMS, build_segmenter
 from wsiseg.sampling.geometry import PhysicalScale, SamplingGeometry
 
 __all__ = [
@@ -156,6 +156,13 @@ class TrainConfig:
         statistics are often one source's, and running statistics learnt
         that way fit no source well (docs/demo-model.md). ``None``: batch
         statistics throughout.
+    norm : {"batch", "group"}
+        The segmenter's normalisation layers. ``"group"``: GroupNorm
+        (:func:`wsiseg.models.segmenter.to_group_norm`), which normalises
+        each region by its own statistics in training and at inference
+        alike; BatchNorm's running statistics fit neither other sources
+        nor other grid sizes than those it was trained on (docs/demo-model.md).
+        Random encoder weights only.
     out_size : (int, int)
         ``(h, w)`` of the sampling grid, deformed image and logits.
     map_size : (int, int)
@@ -263,6 +270,7 @@ class TrainConfig:
     encoder_weights: str | None = None
     freeze_encoder_epochs: int = 0
     freeze_bn_after: int | None = None
+    norm: str = "batch"
     out_size: tuple[int, int] = (64, 64)
     map_size: tuple[int, int] = (128, 128)
     sigma: float | None = None
@@ -319,6 +327,9 @@ class TrainConfig:
             self.encoder_weights = IMAGENET if w.strip().lower() == IMAGENET else w
         self.freeze_encoder_epochs = _as_int("freeze_encoder_epochs", self.freeze_encoder_epochs, 0)
         self.freeze_bn_after = _as_int("freeze_bn_after", self.freeze_bn_after, 0, optional=True)
+        self.norm = _as_choice("norm", self.norm, NORMS)
+        if self.norm == "group" and self.encoder_weights is not None:
+            raise _bad("norm", "group needs random encoder weights (pretrained encoders come with BatchNorm)", "group")
         for key in ("out_size", "map_size", "hr_size"):
             setattr(self, key, _as_pair(key, getattr(self, key)))
         self.sigma = _as_float("sigma", self.sigma, 0.0, open_lo=True, optional=True)
@@ -472,6 +483,8 @@ def build_net(config: TrainConfig, num_classes: int, in_channels: int = 3, *, pr
         kwargs["decoder_channels"] = list(_UNET_DECODER[-config.encoder_depth :])
     if pretrained and config.encoder_weights is not None:
         kwargs["encoder_weights"] = config.encoder_weights
+    if config.norm != "batch":
+        kwargs["norm"] = config.norm
     seg = build_segmenter(config.arch, config.encoder, num_classes=num_classes, in_channels=in_channels, **kwargs)
     return DeformSegNet(
         seg,

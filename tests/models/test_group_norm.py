@@ -1,0 +1,70 @@
+"""GroupNorm segmenters: each region normalised by its own statistics, in training and at inference alike."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsiseg.errors import ConfigError, ModelConfigError
+from wsiseg.models.io import load_deformseg, save_deformseg
+from wsiseg.models.segmenter import build_segmenter, to_group_norm
+from wsiseg.output.classes import default_classes
+from wsiseg.training.config import TrainConfig, build_net
+
+SMALL = {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+
+
+def _norms(module: torch.nn.Module) -> set[str]:
+    return {type(m).__name__ for m in module.modules() if "Norm" in type(m).__name__}
+
+
+def test_group_norm_replaces_every_batchnorm_and_keeps_timm_activations():
+    seg = build_segmenter("unet", "tu-mobilenetv3_small_100", 3, norm="group", **SMALL)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in seg.modules())
+    assert _norms(seg) == {"GroupNorm", "GroupNormAct"}
+    bn = build_segmenter("unet", "tu-mobilenetv3_small_100", 3, **SMALL)
+    # the activations of timm's BatchNormAct2d survive: same activation modules, in the same places
+    acts = [type(m.act).__name__ for m in bn.modules() if hasattr(m, "act") and isinstance(m, torch.nn.BatchNorm2d)]
+    gacts = [type(m.act).__name__ for m in seg.modules() if type(m).__name__ == "GroupNormAct"]
+    assert acts == gacts and "Hardswish" in acts
+    assert seg.config()["norm"] == "group" and "norm" not in bn.config()  # older model files keep their spec
+
+
+def test_a_region_is_labelled_the_same_whatever_else_is_in_its_batch():
+    """BatchNorm in training mixes the batch's statistics; GroupNorm does not, so training sees what inference
+    will."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 64, 64)
+    for norm, independent in (("group", True), ("batch", False)):
+        seg = build_segmenter("unet", "resnet18", 2, norm=norm, **SMALL).train()
+        with torch.no_grad():
+            together, alone = seg(x)[0], seg(x[:2])[0]
+        assert torch.allclose(together, alone, atol=1e-5) is independent, norm
+
+
+def test_group_count_divides_the_channels():
+    m = to_group_norm(torch.nn.Sequential(torch.nn.BatchNorm2d(24), torch.nn.BatchNorm2d(20), torch.nn.BatchNorm2d(7)))
+    assert [(g.num_groups, g.num_channels) for g in m] == [(8, 24), (4, 20), (1, 7)]
+
+
+def test_group_norm_model_file_round_trips(tmp_path):
+    cfg = TrainConfig(arch="unet", encoder="resnet18", norm="group", out_size=(32, 32), map_size=(16, 16), **SMALL)
+    net = build_net(cfg, 3).eval()
+    path = tmp_path / "gn.safetensors"
+    save_deformseg(path, net, default_classes(["a", "b", "c"]))
+    loaded = load_deformseg(path).net
+    assert _norms(loaded.segmenter) == {"GroupNorm"}
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net(None, x).logits, loaded(None, x).logits)
+
+
+def test_group_norm_refuses_pretrained_encoders_and_unknown_norms(tmp_path):
+    with pytest.raises(ConfigError, match="norm.*random encoder weights"):
+        TrainConfig(norm="group", encoder_weights="imagenet")
+    with pytest.raises(ConfigError, match="norm"):
+        TrainConfig(norm="layer")
+    with pytest.raises(ModelConfigError, match="unknown norm 'layer'"):
+        build_segmenter("unet", "resnet18", 2, norm="layer")
+    with pytest.raises(ModelConfigError, match="random encoder weights"):
+        build_segmenter("unet", "resnet18", 2, norm="group", encoder_weights=tmp_path / "w.safetensors")
