@@ -125,11 +125,12 @@ class RegionPrediction:
         if self._tables is None:
             _, _, bw, bh = self.box
             hc, wc = self.inverse.shape[:2]
-            ext = _extend(_extend(self.inverse, 0), 1)
+            # on the two index planes (2, Hc, Wc), so that every operation runs along whole rows
+            ext = _extend(_extend(np.moveaxis(self.inverse, -1, 0), 1), 2)
             # |d index / d level-0 pixel| per coarse cell of the extended map, maxima over
             # _POOL x _POOL cells: still bounds, at a 64th of the inverse map's memory
-            slope_x = _max_pool(np.abs(np.diff(ext, axis=1)) * (wc / bw))
-            slope_y = _max_pool(np.abs(np.diff(ext, axis=0)) * (hc / bh))
+            slope_x = _max_pool(np.abs(np.diff(ext, axis=2)) * (wc / bw))
+            slope_y = _max_pool(np.abs(np.diff(ext, axis=1)) * (hc / bh))
             lab = self.labels
             change_x = _sat(lab[:, 1:] != lab[:, :-1])
             change_y = _sat(lab[1:, :] != lab[:-1, :])
@@ -603,12 +604,16 @@ def _range_max(a: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def _max_pool(a: np.ndarray) -> np.ndarray:
-    """Maxima of ``(H, W, C)`` non-negative ``a`` over ``_POOL x _POOL`` blocks (edge blocks partial)."""
-    h, w, c = a.shape
+    """Maxima of ``(C, H, W)`` ``a`` over ``_POOL x _POOL`` blocks (edge blocks partial), as ``(H', W', C)``."""
     p = _POOL
-    padded = np.zeros((-(-h // p) * p, -(-w // p) * p, c), a.dtype)
-    padded[:h, :w] = a
-    return padded.reshape(padded.shape[0] // p, p, padded.shape[1] // p, p, c).max(axis=(1, 3))
+    # rows first, as elementwise maxima of every p-th row (whole rows at a time: numpy's reductions
+    # along a middle axis are several times slower), then along the rows
+    rows = a[:, ::p].copy()
+    for k in range(1, p):
+        part = a[:, k::p]
+        np.maximum(rows[:, : part.shape[1]], part, out=rows[:, : part.shape[1]])
+    pooled = np.maximum.reduceat(rows, np.arange(0, a.shape[2], p), axis=2)
+    return np.ascontiguousarray(np.moveaxis(pooled, 0, -1))
 
 
 def _extend(a: np.ndarray, axis: int) -> np.ndarray:
