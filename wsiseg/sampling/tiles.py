@@ -29,9 +29,11 @@ differences of the coarse map, extended linearly by one node), and a
 summed-area table of label changes tells in O(1) whether every node in that
 range carries one label. (This also holds for linear read-back: a convex
 combination of score vectors that share their argmax keeps it.) Such blocks
-are painted; only the pixels of the other blocks are read one by one.
-Per-pixel work is thus spent only along label boundaries, and the result is
-exactly that of reading every pixel. Tiles that come out constant are handed
+are painted; only the pixels of the other blocks are read one by one, in
+whole blocks (:meth:`RegionPrediction.index_blocks`: the map's first pass
+only at the block's rows and the coarse columns under it, not across the
+region). Per-pixel work is thus spent only along label boundaries, and the
+result is exactly that of reading every pixel. Tiles that come out constant are handed
 to the writer as one label, which it emits as one pre-compressed tile.
 
 Coordinates follow :mod:`wsiseg.sampling.coords`: level-0 pixel ``j`` has
@@ -175,13 +177,13 @@ class RegionPrediction:
         hy: np.ndarray,
         slopes: np.ndarray,
         mode: str = "nearest",
-        points: tuple[np.ndarray, np.ndarray] | None = None,
+        groups: tuple[np.ndarray, np.ndarray, int] | None = None,
     ) -> np.ndarray:
         """Label of each block whose pixels provably all read one label, else -1.
 
         Blocks form a grid: block ``(i, j)`` is centred on level-0
         ``(xc[j], yc[i])`` and its outermost pixel centres lie ``hx[j]`` and
-        ``hy[i]`` away from it. With ``points`` only some blocks of the grid
+        ``hy[i]`` away from it. With ``groups`` only some blocks of the grid
         are classified.
 
         Parameters
@@ -194,24 +196,26 @@ class RegionPrediction:
             :meth:`column_slopes` (one bound per block column), or one
             ``(2, 2)`` bound for every block.
         mode : {"nearest", "linear"}
-        points : (numpy.ndarray, numpy.ndarray), optional
-            ``(pj, pi)``: classify only the blocks ``(pi[k], pj[k])``.
+        groups : (numpy.ndarray, numpy.ndarray, int), optional
+            ``(gi, gj, g)``: classify only the ``g x g`` groups of blocks
+            whose first block is ``(gi[k] * g, gj[k] * g)``, as
+            :meth:`index_blocks` lays them out.
 
         Returns
         -------
         numpy.ndarray
             ``(len(yc), len(xc))`` int16 labels, -1 where a block may be
-            mixed; with ``points``, ``(len(pi),)``.
+            mixed; with ``groups``, ``(g, g, len(gi))``: block ``(u, v)`` of
+            group ``k`` at ``[u, v, k]`` (as :meth:`index_blocks`).
         """
-        if points is None:
+        if groups is None:
             r, c = self.index_at(xc, yc)
             hx, hy = hx[None, :], hy[:, None]
         else:
-            pj, pi = points
-            r, c = self.index_points(xc, yc, pj, pi)
-            hx, hy = hx[pj], hy[pi]
+            r, c, rows, cols = self.index_blocks(xc, yc, *groups)
+            hx, hy = hx[cols][None], hy[rows][:, None]
             if slopes.ndim == 4:  # per block column
-                slopes = slopes[:, :, 0, pj]
+                slopes = slopes[:, :, 0, cols][:, :, None]
         eps = 1e-9
         # |index(p) - index(centre)| <= |d/dx| |dx| + |d/dy| |dy| on the piecewise bilinear map
         sr = slopes[0, 0] * hx + slopes[0, 1] * hy + eps
@@ -239,27 +243,76 @@ class RegionPrediction:
         out[(nx != 0) | (ny != 0)] = -1
         return out
 
-    def read_pixels(self, xs: np.ndarray, ys: np.ndarray, pj: np.ndarray, pi: np.ndarray, mode: str = "nearest"):
-        """Labels at the pixel centres ``(xs[pj], ys[pi])``: :meth:`read` at scattered pixels."""
-        return self._lookup(*self.index_points(xs, ys, pj, pi), mode)
+    def index_blocks(
+        self, xs: np.ndarray, ys: np.ndarray, bi: np.ndarray, bj: np.ndarray, b: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`index_at` on whole ``b x b`` blocks of the grid ``ys`` x ``xs``.
 
-    def index_points(
-        self, xs: np.ndarray, ys: np.ndarray, pj: np.ndarray, pi: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`index_at` at the scattered positions ``(xs[pj], ys[pi])``.
+        Block ``k`` holds the points at rows ``bi[k] * b + u`` and columns
+        ``bj[k] * b + v`` (``u, v < b``) of the grid; rows and columns past its
+        end are those of the last point instead (evaluated twice).
 
-        The first (row) pass is done once for all ``ys``; per point only the
-        second one remains, with the same operations in the same order, so
-        the indices are bit for bit those of :meth:`index_at`.
+        The map's first (row) pass is evaluated only at each block's rows
+        and the few coarse columns under it, not across the whole width;
+        both passes are the operations of :meth:`index_at` in the same
+        order, so the indices are bit for bit the same. Arrays run over
+        blocks along their last axis, so each numpy operation has one long
+        inner loop.
+
+        Returns
+        -------
+        r, c : numpy.ndarray
+            ``(b, b, len(bi))`` float64 fractional grid row and column:
+            point ``(u, v)`` of block ``k`` at ``[u, v, k]``.
+        rows, cols : numpy.ndarray
+            ``(b, len(bi))`` int64: row ``u`` (in ``ys``) and column ``v`` (in
+            ``xs``) of each block.
         """
-        rows, j0, j1, fx = self._rows(xs, ys)
-        n = rows[0].shape[1]
-        gx = 1 - fx
-        ka = pi * n + j0[pj]
-        kb = pi * n + j1[pj]
-        wa, wb = gx[pj], fx[pj]
-        r, c = (plane.ravel() for plane in rows)
-        return r.take(ka) * wa + r.take(kb) * wb, c.take(ka) * wa + c.take(kb) * wb
+        x, y, bw, bh = self.box
+        hc, wc = self.inverse.shape[:2]
+        j0, fx = _axis_weights((xs - x) / bw, wc)
+        i0, fy = _axis_weights((ys - y) / bh, hc)
+        n = bi.size
+        off = np.arange(b)[:, None]
+        rows = np.minimum(bi * b + off, ys.size - 1)
+        cols = np.minimum(bj * b + off, xs.size - 1)
+        # each point's left and right coarse column; j0 does not decrease with x, so a block's
+        # columns are the k from its first point's left one on
+        c0 = j0[cols]
+        c1 = np.minimum(c0 + 1, wc - 1)
+        first = c0[0]
+        k = int((c1[-1] - first).max()) + 1
+        cc = np.minimum(first + np.arange(k)[:, None], wc - 1)[None]
+        # first pass at (block row u, coarse column q, block m): flat indices of its two nodes
+        top = (i0[rows] * wc)[:, None, :] + cc
+        bottom = (np.minimum(i0 + 1, hc - 1)[rows] * wc)[:, None, :] + cc
+        gy, fy = (1 - fy)[rows][:, None, :], fy[rows][:, None, :]
+        # second pass at point (u, v) of block m: flat indices into the (b, k, n) first pass
+        base = (np.arange(b) * (k * n))[:, None, None] + np.arange(n)
+        left, right = base + ((c0 - first) * n)[None], base + ((c1 - first) * n)[None]
+        gx, fx = (1 - fx)[cols][None], fx[cols][None]
+        index = []
+        for plane in self._planes():
+            flat = plane.ravel()
+            rows_pass = (flat.take(top) * gy + flat.take(bottom) * fy).ravel()
+            index.append(rows_pass.take(left) * gx + rows_pass.take(right) * fx)
+        return index[0], index[1], rows, cols
+
+    def read_blocks(
+        self, xs: np.ndarray, ys: np.ndarray, bi: np.ndarray, bj: np.ndarray, b: int, mode: str = "nearest"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`read` on whole ``b x b`` blocks of the pixel grid ``ys`` x ``xs`` (see :meth:`index_blocks`).
+
+        Returns
+        -------
+        labels : numpy.ndarray
+            ``(b, b, len(bi))`` uint8: pixel ``(u, v)`` of block ``k`` at
+            ``[u, v, k]``.
+        rows, cols : numpy.ndarray
+            ``(b, len(bi))`` row and column (in ``ys`` and ``xs``) of each.
+        """
+        r, c, rows, cols = self.index_blocks(xs, ys, bi, bj, b)
+        return self._lookup(r, c, mode), rows, cols
 
     def _rows(self, xs: np.ndarray, ys: np.ndarray):
         """First pass of the separable bilinear map: the coarse map at rows ``ys``.
@@ -358,7 +411,9 @@ class ReverseTiler:
         by one.
     chunk : int
         Columns of a region computed at once (bounds the temporaries: a few
-        float64 arrays of ``tile x chunk`` in the worst case).
+        uint8 arrays of ``tile x chunk``, block arrays a ``block**2``-th of
+        that; the pixels of mixed blocks are read :data:`_READ_BLOCKS` blocks
+        at a time). Wider chunks mean fewer, larger numpy calls.
 
     Attributes
     ----------
@@ -378,7 +433,7 @@ class ReverseTiler:
         background: int = 0,
         mode: str = "nearest",
         block: int = 8,
-        chunk: int = 2048,
+        chunk: int = 4096,
     ):
         block, chunk = int(block), int(chunk)
         if block < 1:
@@ -495,9 +550,13 @@ class ReverseTiler:
             parent_mixed = values < 0
             values = np.repeat(np.repeat(values, step, axis=0), step, axis=1)[: ia.size, : ja.size]
             if parent_mixed.any():
+                # the step x step children of each mixed block (those past the edge are classified twice)
                 si, sj = np.nonzero(parent_mixed)
-                bi, bj = _children(si * step, sj * step, step, 1, ia.size, ja.size)
-                values[bi, bj] = reg.block_labels(*centres, slopes, self.mode, points=(bj, bi))
+                off = np.arange(step)[:, None]
+                rows, cols = np.minimum(si * step + off, ia.size - 1), np.minimum(sj * step + off, ja.size - 1)
+                values[rows[:, None, :], cols[None]] = reg.block_labels(
+                    *centres, slopes, self.mode, groups=(si, sj, step)
+                )
         assert values is not None  # _LEVELS is not empty: the loop set it or returned
         nby = values.shape[0]
         # paint every block (mixed ones are overwritten): blocks widened to pixel rows, then each
@@ -510,14 +569,29 @@ class ReverseTiler:
         mixed: np.ndarray = values < 0
         if counts is not None:
             counts += _block_counts(values, b, h - ia[-1], w - ja[-1])
-        if mixed.any():  # the pixels of mixed blocks, one by one
+        if mixed.any():  # the pixels of mixed blocks, one by one, a bounded number of blocks at a time
             bi, bj = np.nonzero(mixed)
-            pi, pj = _children(bi * b, bj * b, b, 1, h, w)
-            labels = reg.read_pixels(xs, ys, pj, pi, self.mode)
-            target[pi, pj] = labels
-            strip.refined += pi.size
-            if counts is not None:
-                counts += label_counts(labels)
+            for a in range(0, bi.size, _READ_BLOCKS):
+                self._read_blocks(strip, reg, xs, ys, target, bi[a : a + _READ_BLOCKS], bj[a : a + _READ_BLOCKS])
+
+    def _read_blocks(self, strip: _Strip, reg: RegionPrediction, xs, ys, target, bi, bj) -> None:
+        """Read the finest blocks ``(bi, bj)`` of ``target`` pixel by pixel."""
+        b = self.block
+        labels, rows, cols = reg.read_blocks(xs, ys, bi, bj, b, self.mode)
+        h, w = target.shape
+        if (bi.max() + 1) * b > h or (bj.max() + 1) * b > w:
+            # blocks at the edge overhang: their pixels past it (read as the last pixel again) go
+            off = np.arange(b)[:, None]
+            keep = (bi * b + off < h)[:, None, :] & (bj * b + off < w)[None]
+            labels = labels[keep]
+            rows = np.broadcast_to(rows[:, None, :], keep.shape)[keep]
+            cols = np.broadcast_to(cols[None], keep.shape)[keep]
+            target[rows, cols] = labels
+        else:
+            target[rows[:, None, :], cols[None]] = labels
+        strip.refined += labels.size
+        if strip.counts is not None:
+            strip.counts += label_counts(labels)
 
 
 def label_counts(labels: np.ndarray | int, size: int = 1) -> np.ndarray:
@@ -571,19 +645,10 @@ def _block_counts(values: np.ndarray, b: int, last_h: int, last_w: int) -> np.nd
     return n[1:]
 
 
-def _children(bi: np.ndarray, bj: np.ndarray, size: int, child: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-left corners of the ``child``-sized blocks of blocks at ``(bi, bj)``, inside ``h x w``."""
-    off = np.arange(0, size, child)
-    k = off.size
-    ci = np.repeat(np.add.outer(bi, off), k, axis=1).ravel()
-    cj = np.tile(np.add.outer(bj, off), (1, k)).ravel()
-    if bi.size and (bi.max() + size > h or bj.max() + size > w):  # blocks at the edge overhang
-        keep = (ci < h) & (cj < w)
-        ci, cj = ci[keep], cj[keep]
-    return ci, cj
-
-
 _POOL = 8  # coarse cells per side of one slope-table entry
+#: Mixed blocks read pixel by pixel at once: bounds the temporaries (a few int64 and float64 arrays of
+#: 2**18 pixels for blocks of 8) whatever the chunk.
+_READ_BLOCKS = 4096
 #: Block sizes classified coarse to fine, in multiples of the finest block (each divides the one before).
 _LEVELS = (4, 1)
 
