@@ -374,9 +374,10 @@ class RegionPrediction:
 
 @dataclass
 class _Strip:
-    """One computed row of tiles: labels, and what computing it counted."""
+    """One computed row of tiles: labels (and the same memory flat), and what computing it counted."""
 
     labels: np.ndarray
+    flat: np.ndarray
     counts: np.ndarray | None
     refined: int = 0
 
@@ -485,9 +486,10 @@ class ReverseTiler:
         width = int(level.width)
         if self._buffer.size < h * width:
             self._buffer = np.empty(h * width, np.uint8)
-        labels = self._buffer[: h * width].reshape(h, width)
+        flat = self._buffer[: h * width]
+        labels = flat.reshape(h, width)
         labels.fill(self.background)
-        strip = _Strip(labels, np.zeros(256, np.int64) if level.index == 0 else None)
+        strip = _Strip(labels, flat, np.zeros(256, np.int64) if level.index == 0 else None)
         xs, ys = self._centres(self.width, width, 0, width), self._centres(self.height, int(level.height), y0, h)
         covered = 0
         for k in np.flatnonzero((self._y0 <= ys[-1]) & (self._y1 > ys[0])):
@@ -573,23 +575,20 @@ class ReverseTiler:
         if mixed.any():  # the pixels of mixed blocks, one by one, a bounded number of blocks at a time
             bi, bj = np.nonzero(mixed)
             for a in range(0, bi.size, _READ_BLOCKS):
-                self._read_blocks(strip, reg, xs, ys, target, bi[a : a + _READ_BLOCKS], bj[a : a + _READ_BLOCKS])
+                self._read_blocks(strip, reg, xs, ys, r0, c0, bi[a : a + _READ_BLOCKS], bj[a : a + _READ_BLOCKS])
 
-    def _read_blocks(self, strip: _Strip, reg: RegionPrediction, xs, ys, target, bi, bj) -> None:
-        """Read the finest blocks ``(bi, bj)`` of ``target`` pixel by pixel."""
+    def _read_blocks(self, strip: _Strip, reg: RegionPrediction, xs, ys, r0: int, c0: int, bi, bj) -> None:
+        """Read the finest blocks ``(bi, bj)`` of ``reg``'s part of the strip (from ``(r0, c0)``) pixel by pixel."""
         b = self.block
         labels, rows, cols = reg.read_blocks(xs, ys, bi, bj, b, self.mode)
-        h, w = target.shape
-        if (bi.max() + 1) * b > h or (bj.max() + 1) * b > w:
-            # blocks at the edge overhang: their pixels past it (read as the last pixel again) go
+        # flat indices into the strip: several times faster than 2-D fancy indexing; the pixels of
+        # blocks overhanging the edge were read as the last row or column again, so they write
+        # that pixel's own label a second time
+        width = strip.labels.shape[1]
+        strip.flat[((rows + r0) * width + c0)[:, None, :] + cols[None]] = labels
+        if (bi.max() + 1) * b > ys.size or (bj.max() + 1) * b > xs.size:
             off = np.arange(b)[:, None]
-            keep = (bi * b + off < h)[:, None, :] & (bj * b + off < w)[None]
-            labels = labels[keep]
-            rows = np.broadcast_to(rows[:, None, :], keep.shape)[keep]
-            cols = np.broadcast_to(cols[None], keep.shape)[keep]
-            target[rows, cols] = labels
-        else:
-            target[rows[:, None, :], cols[None]] = labels
+            labels = labels[(bi * b + off < ys.size)[:, None, :] & (bj * b + off < xs.size)[None]]
         strip.refined += labels.size
         if strip.counts is not None:
             strip.counts += label_counts(labels)
