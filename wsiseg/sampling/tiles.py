@@ -293,9 +293,17 @@ class RegionPrediction:
         gx, fx = (1 - fx)[cols][None], fx[cols][None]
         index = []
         for plane in self._planes():
+            # a * g + b * f, in place: the same products and sums without temporaries
             flat = plane.ravel()
-            rows_pass = (flat.take(top) * gy + flat.take(bottom) * fy).ravel()
-            index.append(rows_pass.take(left) * gx + rows_pass.take(right) * fx)
+            rows_pass, other = flat.take(top), flat.take(bottom)
+            rows_pass *= gy
+            other *= fy
+            rows_pass += other
+            value, other = rows_pass.take(left), rows_pass.take(right)
+            value *= gx
+            other *= fx
+            value += other
+            index.append(value)
         return index[0], index[1], rows, cols
 
     def read_blocks(
@@ -353,10 +361,16 @@ class RegionPrediction:
     def _lookup(self, r: np.ndarray, c: np.ndarray, mode: str) -> np.ndarray:
         h, w = self.labels.shape
         if mode == "nearest":
-            # floor(x + 0.5): half up, the rule of wsiseg.sampling.reverse.lookup_nearest.
-            i = np.clip(np.floor(r + 0.5), 0, h - 1).astype(np.int64)
-            j = np.clip(np.floor(c + 0.5), 0, w - 1).astype(np.int64)
-            return self.labels.ravel().take(i * w + j)
+            # floor(x + 0.5): half up, the rule of wsiseg.sampling.reverse.lookup_nearest; in place,
+            # and the flat node index formed in float64 (exact: far below 2**53), one cast
+            i, j = r + 0.5, c + 0.5
+            np.floor(i, out=i)
+            np.clip(i, 0, h - 1, out=i)
+            np.floor(j, out=j)
+            np.clip(j, 0, w - 1, out=j)
+            i *= w
+            i += j
+            return self.labels.ravel().take(i.astype(np.intp))
         if mode == "linear":
             if self.scores is None or self.values is None:
                 raise ValueError("linear read-back needs class scores")
