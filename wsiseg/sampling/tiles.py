@@ -33,8 +33,11 @@ are painted; only the pixels of the other blocks are read one by one, in
 whole blocks (:meth:`RegionPrediction.index_blocks`: the map's first pass
 only at the block's rows and the coarse columns under it, not across the
 region). Per-pixel work is thus spent only along label boundaries, and the
-result is exactly that of reading every pixel. Tiles that come out constant are handed
-to the writer as one label, which it emits as one pre-compressed tile.
+result is exactly that of reading every pixel. Small parts (a region on the
+coarse levels of the pyramid) are read pixel by pixel outright: there the
+fixed cost of the classification is the larger one. Tiles that come out
+constant are handed to the writer as one label, which it emits as one
+pre-compressed tile.
 
 Coordinates follow :mod:`wsiseg.sampling.coords`: level-0 pixel ``j`` has
 its centre at ``j + 0.5``.
@@ -429,6 +432,10 @@ class ReverseTiler:
         uint8 arrays of ``tile x chunk``, block arrays a ``block**2``-th of
         that; the pixels of mixed blocks are read :data:`_READ_BLOCKS` blocks
         at a time). Wider chunks mean fewer, larger numpy calls.
+    dense : int
+        Chunks of at most this many pixels are read pixel by pixel, without
+        blocks (the same labels): on the coarse levels, where a region is a
+        few hundred pixels across, that is cheaper than the classification.
 
     Attributes
     ----------
@@ -449,6 +456,7 @@ class ReverseTiler:
         mode: str = "nearest",
         block: int = 8,
         chunk: int = 4096,
+        dense: int = 65536,
     ):
         block, chunk = int(block), int(chunk)
         if block < 1:
@@ -463,6 +471,7 @@ class ReverseTiler:
         self.mode = mode
         self.block = block
         self.chunk = -(-chunk // block) * block  # whole blocks per chunk
+        self.dense = int(dense)
         self.counts = np.zeros(256, np.int64)
         self.pixels_refined = 0
         boxes = np.array([r.box for r in self.regions], np.float64).reshape(-1, 4)
@@ -528,6 +537,15 @@ class ReverseTiler:
         b = self.block
         target = strip.labels[r0 : r0 + h, c0 : c0 + w]
         counts = strip.counts
+        if h * w <= self.dense:
+            # small parts (regions on the coarse levels): reading every pixel costs less than the
+            # fixed cost of classifying blocks (a few hundred numpy calls)
+            labels = reg.read(xs, ys, self.mode)
+            target[...] = labels
+            strip.refined += labels.size
+            if counts is not None:
+                counts += label_counts(labels)
+            return
         # Coarse to fine: the whole rectangle, then blocks of b * _LEVELS[0] pixels, then the blocks
         # of each next size inside mixed blocks of the one before, then the pixels of mixed blocks
         # of the finest (b). A size is classified all at once (block centres form a grid: the index
