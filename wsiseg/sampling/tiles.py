@@ -19,9 +19,9 @@ pixel edges, disagreed with level 0 on 0.1-0.2 % of the pixels of a real
 run.) The cost is that of evaluating the level at its own scale.
 
 Tiles are computed a row of tiles at a time. Each region's part of the row
-is first tested as one block, then classified coarse to fine in super-blocks
-(32 x 32 pixels) and, inside mixed super-blocks, in small blocks (8 x 8
-pixels), each level all at once: each block's index range is bounded by the
+is classified coarse to fine in super-blocks (32 x 32 pixels; all of one
+label, the part is painted at once) and, inside mixed super-blocks, in small
+blocks (8 x 8 pixels), each level all at once: each block's index range is bounded by the
 index at its centre (block centres form a grid, so this is one separable
 evaluation) plus the map's slope bound over the block times the block's half
 extent (the map is piecewise bilinear, so its slope is bounded by the
@@ -284,7 +284,7 @@ class RegionPrediction:
         c0 = j0[cols]
         c1 = np.minimum(c0 + 1, wc - 1)
         first = c0[0]
-        k = int((c1[-1] - first).max()) + 1
+        k = int((c1[-1] - first).max(initial=0)) + 1
         cc = np.minimum(first + np.arange(k)[:, None], wc - 1)[None]
         # first pass at (block row u, coarse column q, block m): flat indices of its two nodes
         top = (i0[rows] * wc)[:, None, :] + cc
@@ -433,9 +433,10 @@ class ReverseTiler:
         that; the pixels of mixed blocks are read :data:`_READ_BLOCKS` blocks
         at a time). Wider chunks mean fewer, larger numpy calls.
     dense : int
-        Chunks of at most this many pixels are read pixel by pixel, without
-        blocks (the same labels): on the coarse levels, where a region is a
-        few hundred pixels across, that is cheaper than the classification.
+        A region's part of a strip (at most ``chunk`` wide) of at most this
+        many pixels is read pixel by pixel, without blocks (the same
+        labels): on the coarse levels, where a region is a few hundred
+        pixels across, that is cheaper than the classification.
 
     Attributes
     ----------
@@ -550,8 +551,8 @@ class ReverseTiler:
         # at once), then the blocks of each next size inside mixed blocks of the one before, then the
         # pixels of mixed blocks of the finest (b). A size is classified all at once (block centres
         # form a grid: the index map is one separable evaluation), each block column with its own
-        # slope bound (tighter than the rectangle's). (A first test of the whole rectangle as one
-        # block was dropped: on the TMA layout it never held, and cost 8 % of this.)
+        # slope bound (tighter than the rectangle's). (No separate test of the whole rectangle as
+        # one block: on the TMA layout it never held, and cost 8 % of this.)
         ja = np.arange(0, w, b)
         fine_slopes = reg.column_slopes(xs[ja], xs[np.minimum(ja + b, w) - 1], ys[0], ys[-1])
         values = None
