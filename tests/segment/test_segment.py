@@ -53,13 +53,21 @@ def render(tiler: ReverseTiler, width: int, height: int, tile: int, level: int =
     return out
 
 
-@given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 6), st.sampled_from([16, 32, 64]), st.integers(0, 10**6))
+@given(
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.integers(1, 6),
+    st.sampled_from([16, 32, 64]),
+    st.integers(0, 10**6),
+    st.sampled_from([0, 65536]),
+)
 @settings(deadline=None, max_examples=40)
-def test_uniform_grid_reads_back_as_nearest_upsampling(h, w, k, tile, seed):
+def test_uniform_grid_reads_back_as_nearest_upsampling(h, w, k, tile, seed, dense):
+    # dense=0: every part goes through the block classification, however small
     labels = np.random.default_rng(seed).integers(0, 4, (h, w)).astype(np.uint8)
     grid = uniform_grid(h, w, dtype=torch.float64)
     reg = RegionPrediction((0, 0, w * k, h * k), labels, coarse_inverse(grid, (h * k, w * k)))
-    tiler = ReverseTiler([reg], w * k, h * k)
+    tiler = ReverseTiler([reg], w * k, h * k, dense=dense)
     out = render(tiler, w * k, h * k, tile)
     assert np.array_equal(out, np.repeat(np.repeat(labels, k, 0), k, 1))
     assert tiler.counts[:4].tolist() == (np.bincount(labels.ravel(), minlength=4) * k * k).tolist()
@@ -83,8 +91,11 @@ def test_deformed_grid_matches_in_memory_reverse_sampler():
     assert np.array_equal(out, reg.read(np.arange(W) + 0.5, np.arange(H) + 0.5))
 
 
-@pytest.mark.parametrize(("mode", "chunk"), [("nearest", 2048), ("linear", 2048), ("nearest", 72)])
-def test_block_classification_is_exact_on_noisy_labels(mode, chunk):
+@pytest.mark.parametrize(
+    ("mode", "chunk", "dense"),
+    [("nearest", 2048, 0), ("linear", 2048, 0), ("nearest", 72, 0), ("nearest", 4096, 65536)],
+)
+def test_block_classification_is_exact_on_noisy_labels(mode, chunk, dense):
     # Noisy labels (an untrained net) put boundaries everywhere: the blocks proven constant
     # and the pixels read one by one must together equal reading every pixel, at every level
     # (a reduced level's pixel is read at the centre of the level-0 pixel it stands for).
@@ -98,7 +109,9 @@ def test_block_classification_is_exact_on_noisy_labels(mode, chunk):
     reg = RegionPrediction(box, values[scores.argmax(0)], coarse_inverse(grid, (1100, 700)), scores, values)
     W, H = 760, 1130
     # regions split into column chunks (72: not a multiple of the tile): the same pixels
-    tiler = ReverseTiler([reg], W, H, mode=mode, chunk=chunk)
+    # dense=0: every part is classified in blocks (by default the small parts of the coarse levels are
+    # read pixel by pixel outright)
+    tiler = ReverseTiler([reg], W, H, mode=mode, chunk=chunk, dense=dense)
     level0 = render(ReverseTiler([reg], W, H, mode=mode), W, H, 128)
     for level in (0, 1, 2):
         lv = mask_levels(W, H, 128)[level]
@@ -118,9 +131,10 @@ def test_block_classification_is_exact_on_noisy_labels(mode, chunk):
     st.integers(40, 300),
     st.sampled_from([16, 32]),
     st.sampled_from(["nearest", "linear"]),
+    st.sampled_from([0, 65536]),
 )
 @settings(deadline=None, max_examples=25)
-def test_every_reduced_level_is_level0_subsampled(seed, W, H, tile, mode):
+def test_every_reduced_level_is_level0_subsampled(seed, W, H, tile, mode, dense):
     # The pyramid rule (wsiseg.sampling.coords): every reduced level is level 0 read at the
     # level's pixel centres, so a viewer shows the same labels at every zoom.
     rng = np.random.default_rng(seed)
@@ -132,7 +146,7 @@ def test_every_reduced_level_is_level0_subsampled(seed, W, H, tile, mode):
     bx, by = int(rng.integers(0, W // 4)), int(rng.integers(0, H // 4))
     bw, bh = int(rng.integers(W // 2, W - bx + 1)), int(rng.integers(H // 2, H - by + 1))
     reg = RegionPrediction((bx, by, bw, bh), values[scores.argmax(0)], coarse_inverse(grid, (bh, bw)), scores, values)
-    tiler = ReverseTiler([reg], W, H, background=1, mode=mode)
+    tiler = ReverseTiler([reg], W, H, background=1, mode=mode, dense=dense)
     levels = mask_levels(W, H, tile)
     level0 = render(tiler, W, H, tile)
     assert len(levels) > 1
@@ -153,7 +167,7 @@ def test_tiles_in_any_order_and_counted_once():
     expect = render(ref, W, H, 64)
     lv = mask_levels(W, H, 64)[0]
     order = [(x, y) for y in range(0, H, 64) for x in range(0, W, 64)]
-    tiler = ReverseTiler([reg], W, H)
+    tiler = ReverseTiler([reg], W, H, dense=0)  # the block classification (64-row strips are small parts)
     for x, y in order[::-1] + order[::3]:
         w, h = min(64, W - x), min(64, H - y)
         got = tiler(lv, x, y, w, h)

@@ -324,9 +324,10 @@ def _as_label_tile(out, level: LevelGeometry, x0: int, y0: int, w: int, h: int) 
         raise ValueError(
             f"tile_source returned shape {arr.shape}, expected {(h, w)} (level {level.index}, x0={x0}, y0={y0})"
         )
-    # one cheap pass catches sources that do not flag constant tiles themselves
+    # one cheap pass catches sources that do not flag constant tiles themselves (after a look at every
+    # 32nd pixel of every 32nd row, which settles most data tiles at a 1000th of the cost)
     first = arr.flat[0]
-    if not (arr != first).any():
+    if not (arr[::32, ::32] != first).any() and not (arr != first).any():
         return int(first)
     return arr
 

@@ -24,6 +24,7 @@ from skimage import color, filters, measure, morphology
 
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.sampling.coords import level_source_index, nearest_index
+from wsiseg.sampling.tiles import label_counts
 from wsiseg.slide.lowres import mean32
 from wsiseg.slide.multiscale import Multiscale
 
@@ -211,24 +212,23 @@ class TissueGate:
         cols, rows = cols[x0 : x0 + w], rows[y0 : y0 + h]
         # Most tiles lie wholly on tissue or on glass: decide those from the mask pixels they span.
         span = self.tissue.block_span(cols, rows)
-        if span.all():
-            glass = np.zeros((0,), bool)  # nothing to gate
-        elif not span.any():
-            glass = np.ones((1,), bool)  # all glass
-        else:
-            glass = ~self.tissue.tissue_block(cols, rows)
         constant = np.ndim(labels) == 0
-        if glass.any() and not (constant and int(labels) == 0):
-            if glass.all():
-                labels, constant = 0, True  # stays a constant tile: the writer shares one encoded copy
-            else:
-                labels = np.where(glass, np.uint8(0), np.asarray(labels, dtype=np.uint8))
-                constant = False
+        if span.all() or (constant and int(labels) == 0):
+            pass  # nothing to gate
+        elif not span.any():
+            labels = 0  # all glass: stays a constant tile (the writer shares one encoded copy)
+        else:
+            tissue = self.tissue.tissue_block(cols, rows)
+            if not tissue.any():
+                labels = 0
+            elif not tissue.all():
+                # labels times the tissue mask, 0 on glass: several times cheaper than numpy.where
+                if constant:
+                    labels = tissue.view(np.uint8) * np.uint8(labels)
+                else:
+                    labels = np.multiply(np.asarray(labels, dtype=np.uint8), tissue)
         if level.index == 0:
-            if constant:
-                self.counts[int(labels)] += w * h
-            else:
-                self.counts += np.bincount(np.asarray(labels).ravel(), minlength=256)
+            self.counts += label_counts(labels, w * h)
         return labels
 
 
