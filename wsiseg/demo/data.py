@@ -23,7 +23,8 @@ DEMO_CLASSES = (
     "  - {value: 1, name: non-tumour, color: [60, 180, 75]}\n  - {value: 2, name: tumour, color: [230, 25, 75]}\n"
 )
 #: Real slide regions with glass (histolab fixtures in the shared textures): glass labels for the demo model.
-_GLASS_TEXTURES = ("no-tissue.png", "tissue-level2-3000-7666-7096-11763.png")
+# The shared textures with glass and their micrometres per pixel (estimates: a 20x region, and level 2 of one).
+_GLASS_TEXTURES = {"no-tissue.png": 0.5, "tissue-level2-3000-7666-7096-11763.png": 2.0}
 IGNORE_LABEL = 255
 
 
@@ -59,7 +60,9 @@ def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, thre
     Returns
     -------
     pathlib.Path
-        ``out/pairs.csv`` (``image,annotation,split``); ``out/classes.yaml`` beside it.
+        ``out/pairs.csv`` (``image,annotation,split,mpp``; the MPPs of
+        :data:`~wsiseg.training.regions.QUALITY_SETS`, partly estimates);
+        ``out/classes.yaml`` beside it.
     """
     import numpy as np
     from PIL import Image
@@ -80,8 +83,11 @@ def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, thre
             path = out / "labels" / f"{qs.key}-{stem}.png"
             Image.fromarray(label).save(path)
             split = "test" if stem in qs.test else "train"
-            rows.append((os.path.abspath(src / "images" / f"{stem}.jpg"), os.path.abspath(path), split))
-    for name in _GLASS_TEXTURES:  # real glass next to unlabelled tissue: glass -> background, tissue ignored
+            rows.append((os.path.abspath(src / "images" / f"{stem}.jpg"), os.path.abspath(path), split, qs.mpp))
+    for (
+        name,
+        mpp,
+    ) in _GLASS_TEXTURES.items():  # real glass next to unlabelled tissue: glass -> background, tissue ignored
         src = Path(data_root) / "textures" / name
         if not src.is_file():
             continue
@@ -91,10 +97,11 @@ def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, thre
         stem = Path(name).stem
         Image.fromarray(rgb).save(out / f"{stem}.png")
         Image.fromarray(label).save(out / "labels" / f"{stem}.png")
-        rows.append((os.path.abspath(out / f"{stem}.png"), os.path.abspath(out / "labels" / f"{stem}.png"), "train"))
+        image, labels = os.path.abspath(out / f"{stem}.png"), os.path.abspath(out / "labels" / f"{stem}.png")
+        rows.append((image, labels, "train", mpp))
     (out / "classes.yaml").write_text(DEMO_CLASSES, encoding="utf-8")
     with open(out / "pairs.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["image", "annotation", "split"])
+        w.writerow(["image", "annotation", "split", "mpp"])
         w.writerows(rows)
     return out / "pairs.csv"

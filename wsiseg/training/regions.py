@@ -33,6 +33,12 @@ class QualitySet:
         File stems held out for testing (fixed; everything else trains).
     description : str
         One markdown sentence.
+    mpp : float, optional
+        Micrometres per pixel of the images (the JPEGs carry none): OCDC's
+        20x scans 0.5 (its paper), BCSS 0.25 (TCGA 40x), CAMELYON about 1.0
+        (no source states it; estimated from its lymphocyte nuclei of about
+        7 px). For physical-mode training (``wsiseg train`` needs an MPP
+        for every pair).
     """
 
     key: str
@@ -41,6 +47,7 @@ class QualitySet:
     hr_size: int
     test: tuple[str, ...]
     description: str
+    mpp: float | None = None
 
 
 QUALITY_SETS: dict[str, QualitySet] = {
@@ -53,6 +60,7 @@ QUALITY_SETS: dict[str, QualitySet] = {
         ("10073", "10672", "10676", "10680", "10684", "10688", "10692", "10696"),
         "32 real H&E tiles of 512 x 512 with metastasis masks (CAMELYON16/17, CC0; probably 1-2 slides; the "
         "masks are blocky, upsampled from a low-resolution annotation), read at native resolution",
+        1.0,
     ),
     "ocdc": QualitySet(
         "ocdc",
@@ -62,6 +70,7 @@ QUALITY_SETS: dict[str, QualitySet] = {
         ("1009009_r27c10", "1009009_r35c4", "1009009_r41c5"),  # 3 test, 7 train
         "10 real H&E tiles of 640 x 640 at 20x with tumour masks (OCDC, Freire et al. 2022, CC BY 4.0; one "
         "slide), read at native resolution",
+        0.5,
     ),
     "bcss": QualitySet(
         "bcss",
@@ -71,6 +80,7 @@ QUALITY_SETS: dict[str, QualitySet] = {
         ("1015",),
         "3 real H&E breast-cancer ROIs of 3072-4096 x 2048-2560 px (~0.25 um/px, TCGA-BRCA via BCSS, CC0) "
         "with 'mostly tumour' masks, each one whole region read at a 1024-px long side (downsample ~3.5)",
+        0.25,
     ),
 }
 
