@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the real-tissue demo model (wsiseg/demo/tumour.safetensors) from ../shared/data/labelled-regions.
-#   pipelines/tumour-model.sh [WORKDIR]      (run from the project root; about 10 min on one CPU core)
+#   pipelines/tumour-model.sh [WORKDIR]      (run from the project root; about 5-10 min on one CPU core)
 set -euo pipefail
 WORK=${1:-.bench/tumour-model}
 DATA=${WSISEG_SHARED_DATA:-../shared/data}
