@@ -135,12 +135,12 @@ def test_windows_let_batches_mix_sources(two_sources):
 
 
 def test_training_on_windows_samples_the_window_at_the_spacing(two_sources, tmp_path, monkeypatch):
-    import wsiseg.training.loop as loop
+    import wsiseg.training.step as step
 
     ds = build_dataset(two_sources, _class_map(), regions="whole", working_mpp=2.0)
     grids = []
-    real = loop.training_geometry
-    monkeypatch.setattr(loop, "training_geometry", lambda *a, **k: grids.append(real(*a, **k).grid) or real(*a, **k))
+    real = step.training_geometry
+    monkeypatch.setattr(step, "training_geometry", lambda *a, **k: grids.append(real(*a, **k).grid) or real(*a, **k))
     train(_cfg(epochs=1, batch_size=4), ds, None, CLASSES, tmp_path / "run", progress=False)
     # a 64 px window at 2 um is 128 um: 16 samples at 8 um, for every batch
     assert grids and set(grids) == {(16, 16)}

@@ -129,7 +129,7 @@ def test_freeze_bn_after_keeps_running_statistics_fixed(data, tmp_path):
 
 
 def test_scale_jitter_samples_each_batch_on_a_rescaled_grid(data, tmp_path, monkeypatch):
-    import wsiseg.training.loop as train_mod
+    import wsiseg.training.step as train_mod  # one step and validation sample at training_geometry
 
     seen: list[tuple[tuple[int, int], float]] = []
     real = train_mod.training_geometry
@@ -154,7 +154,7 @@ def test_scale_jitter_samples_each_batch_on_a_rescaled_grid(data, tmp_path, monk
 
 def test_physical_training_samples_every_region_at_one_spacing(nucls, tmp_path, monkeypatch):
     """Regions of two resolutions, trained at 4 um per sample: grids follow each region's extent."""
-    import wsiseg.training.loop as train_mod
+    import wsiseg.training.step as train_mod  # one step and validation sample at training_geometry
     from wsiseg.models.io import load_deformseg
 
     fine, coarse = NuclsTiles(nucls / "train", 4), NuclsTiles(nucls / "train", 2, size=(64, 64))
@@ -254,7 +254,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(data, tmp_pa
 def test_early_stopping(data, tmp_path, monkeypatch):
     import wsiseg.training.loop as T
 
-    monkeypatch.setattr(T, "_validate", lambda *a, **k: T._Scores(0.5, 0.5, 3))
+    monkeypatch.setattr(T, "validate", lambda *a, **k: T.Scores(0.5, 0.5, 3))
     r = train(_cfg(epochs=20, patience=1), data[0], data[1], CLASSES, tmp_path, progress=False)
     assert r.stopped_early and r.epochs == 2 and r.best_epoch == 1
     assert train(_cfg(epochs=20, patience=1), *data, CLASSES, tmp_path, resume=True, progress=False).epochs == 2
@@ -419,7 +419,7 @@ def test_gradient_norms_split_the_two_terms(data, tmp_path):
     """grad_seg + grad_edge are the two terms' shares of the deformation net's gradient."""
     from wsiseg.models.losses import JointLoss
     from wsiseg.training.config import build_net
-    from wsiseg.training.loop import _edge_gradient, _gradient_norms
+    from wsiseg.training.step import edge_gradient, gradient_norms
 
     torch.manual_seed(0)
     net = build_net(_cfg(), len(CLASSES))
@@ -432,12 +432,12 @@ def test_gradient_norms_split_the_two_terms(data, tmp_path):
         net.zero_grad(set_to_none=True)
         out = net(None, image, labels)
         t = crit(out.logits, out.labels, out.d, out.edge_target)
-        g_edge = _edge_gradient(net, t.edge, crit.gamma_edge)
+        g_edge = edge_gradient(net, t.edge, crit.gamma_edge)
         {"seg": t.seg, "edge": crit.gamma_edge * t.edge, "total": t.total}[which].backward()
         return g_edge, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.deform.parameters()]
 
     g_edge, total = grads("total")
-    norms = _gradient_norms(net, g_edge)
+    norms = gradient_norms(net, g_edge)
     _, seg_only = grads("seg")
     _, edge_only = grads("edge")
     ref_seg = torch.sqrt(sum(g.double().square().sum() for g in seg_only))
@@ -446,7 +446,7 @@ def test_gradient_norms_split_the_two_terms(data, tmp_path):
     assert float(norms[1]) == pytest.approx(float(ref_edge), rel=1e-3)
     assert float(norms[0]) > 0 and float(norms[1]) > 0
     # the single-loss variant has no edge share
-    assert _edge_gradient(net, torch.zeros(()), 0.0) is None
+    assert edge_gradient(net, torch.zeros(()), 0.0) is None
 
 
 # -- physical scale ------------------------------------------------------------------

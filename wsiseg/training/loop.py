@@ -1,9 +1,9 @@
 """Joint training of the deformation and segmentation nets (Jin et al., ICLR 2022).
 
-(Some 870 lines, one module: :func:`train` reads as the steps of a run, each a private helper below it
+(Some 720 lines, one module: :func:`train` reads as the steps of a run, each a private helper below it
 (inputs, resume, nets, scale, data, then per epoch train, validate, record, write, say); they serve
 nothing else and share the run's state in small dataclasses, of which only ``_RunState`` is
-checkpointed.)
+checkpointed. One optimiser step and one validation pass are :mod:`wsiseg.training.step`.)
 
 One training step, on a batch of regions at working resolution ``(H, W)``:
 
@@ -56,7 +56,6 @@ numpy, python) are checkpointed too, for modules that draw from them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -71,20 +70,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsiseg.device import resolve_device
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.metrics import ConfusionMatrix
 from wsiseg.models.losses import JointLoss
 from wsiseg.models.net import DeformSegNet
 from wsiseg.models.pretrained import describe_encoder_init, find_encoder
 from wsiseg.models.scale import ModelScale
 from wsiseg.training.batches import (
-    ALONE_WHY,
-    BATCHNORM_ALONE,
     Augmented,
     alone_checker,
-    check_labels,
     make_loader,
     say_scale,
-    to_float,
     training_scale,
     window_problem,
 )
@@ -106,9 +100,9 @@ from wsiseg.training.config import (
     build_net,
     epoch_generator,
     seed_everything,
-    training_geometry,
 )
 from wsiseg.training.log import fmt, write_log
+from wsiseg.training.step import Scores, train_step, validate
 from wsiseg.viz.charts import draw_curves
 
 __all__ = [
@@ -119,49 +113,6 @@ __all__ = [
 # Options that may change when a run is resumed; any other change would make
 # the continued run a different experiment.
 _RESUME_MUTABLE = frozenset({"epochs", "patience", "min_delta", "device", "num_workers", "amp"})
-
-
-# ---------------------------------------------------------------------------
-# validation
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Scores:
-    miou_deformed: float | None
-    miou_full: float | None
-    classes_present: int
-
-
-@torch.no_grad()
-def _validate(net: DeformSegNet, loader: DataLoader, num_classes: int, config: TrainConfig, device, amp) -> _Scores:
-    """mIoU in the deformed space and at full working resolution."""
-    from wsiseg.sampling.reverse import reverse_sample
-
-    enabled, dtype, _ = amp
-    cm_def = ConfusionMatrix(num_classes, config.ignore_index)
-    cm_full = ConfusionMatrix(num_classes, config.ignore_index)
-    net.eval()
-    for batch in loader:
-        image = to_float(batch["image"].to(device, non_blocking=True))
-        labels = batch["labels"].to(device, non_blocking=True)
-        check_labels(labels, num_classes, config.ignore_index, batch["name"])
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
-            geometry = training_geometry(
-                net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0], config.sample_spacing_um
-            )
-            out = net(None, image, labels, geometry=geometry, ignore_index=config.ignore_index)
-        pred = out.logits.argmax(dim=1)
-        cm_def.update(pred, out.labels)
-        full = reverse_sample(pred, out.grid.float(), tuple(labels.shape[-2:]))
-        cm_full.update(full, labels)
-    present = int((cm_full.matrix.sum(axis=1) > 0).sum())
-
-    def score(cm: ConfusionMatrix) -> float | None:
-        v = cm.miou()
-        return v if math.isfinite(v) else None
-
-    return _Scores(score(cm_def), score(cm_full), present)
 
 
 # ---------------------------------------------------------------------------
@@ -291,39 +242,6 @@ def _classes_json(classes) -> list[dict]:
 def _median(values: Sequence[float | None]) -> float | None:
     v = sorted(x for x in values if x is not None)
     return float(v[len(v) // 2]) if v else None
-
-
-def _edge_gradient(net: DeformSegNet, edge: torch.Tensor, gamma: float) -> list[torch.Tensor] | None:
-    """Gradient of ``gamma * L_e`` on the deformation net's parameters (None when there is none).
-
-    The edge term reaches only the deformation net, so this is one small
-    extra backward pass through it; the segmentation term's share is then the
-    total gradient minus this (:func:`_gradient_norms`).
-    """
-    if net.deform is None or gamma == 0.0 or not edge.requires_grad:
-        return None
-    params = [p for p in net.deform.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(gamma * edge, params, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
-def _gradient_norms(net: DeformSegNet, g_edge: list[torch.Tensor] | None) -> torch.Tensor:
-    """L2 norms ``(segmentation term, gamma * edge term)`` of the deformation net's gradient.
-
-    Logged per epoch (``grad_seg``, ``grad_edge``) to show which term steers
-    the sampler; call after ``backward`` of the total (unscaled gradients).
-    """
-    if net.deform is None:
-        return torch.zeros(2, dtype=torch.float64)
-    params = [p for p in net.deform.parameters() if p.requires_grad]
-    # Summed on the parameters' device and read back once: one device sync per step, not one per tensor.
-    sums = torch.zeros(2, dtype=torch.float64, device=params[0].device)
-    for i, p in enumerate(params):
-        total = p.grad if p.grad is not None else torch.zeros_like(p)
-        e = g_edge[i] if g_edge is not None else torch.zeros_like(p)
-        sums[0] += (total.double() - e.double()).square().sum()
-        sums[1] += e.double().square().sum()
-    return sums.sqrt().cpu()
 
 
 def train(
@@ -596,7 +514,7 @@ def _train_epoch(run: _Run, nets: _Nets, data: _Data, st: _RunState, epoch: int)
         bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="it", leave=False)
     try:
         for batch in loader:
-            values, norms = _train_step(
+            values, norms = train_step(
                 nets.net,
                 batch,
                 cfg,
@@ -629,11 +547,11 @@ def _train_epoch(run: _Run, nets: _Nets, data: _Data, st: _RunState, epoch: int)
     return _EpochLosses(lr, means, grad_means, sec_per_iter)
 
 
-def _validate_epoch(run: _Run, nets: _Nets, data: _Data, st: _RunState) -> _Scores:
+def _validate_epoch(run: _Run, nets: _Nets, data: _Data, st: _RunState) -> Scores:
     """The validation scores (none without a validation split); warns once when it has one class or none."""
-    scores = _Scores(None, None, 0)
+    scores = Scores(None, None, 0)
     if data.val_loader is not None:
-        scores = _validate(nets.net, data.val_loader, run.num_classes, run.cfg, nets.device, nets.amp)
+        scores = validate(nets.net, data.val_loader, run.num_classes, run.cfg, nets.device, nets.amp)
         if scores.classes_present <= 1 and not st.warned_one_class:
             msg = (
                 f"the validation split has only {scores.classes_present} class: mIoU is computed over the "
@@ -646,7 +564,7 @@ def _validate_epoch(run: _Run, nets: _Nets, data: _Data, st: _RunState) -> _Scor
 
 
 def _record_epoch(
-    run: _Run, net: DeformSegNet, st: _RunState, epoch: int, losses: _EpochLosses, scores: _Scores
+    run: _Run, net: DeformSegNet, st: _RunState, epoch: int, losses: _EpochLosses, scores: Scores
 ) -> bool:
     """The epoch's log row, the best scores and the early-stopping count in ``st``; True when it improved."""
     cfg = run.cfg
@@ -713,7 +631,7 @@ def _write_epoch(run: _Run, nets: _Nets, st: _RunState, improved: bool, scale: M
     draw_curves(st.history, paths["curves"], gamma_edge=cfg.effective_gamma_edge)
 
 
-def _say_epoch(run: _Run, st: _RunState, epoch: int, losses: _EpochLosses, scores: _Scores, improved: bool) -> None:
+def _say_epoch(run: _Run, st: _RunState, epoch: int, losses: _EpochLosses, scores: Scores, improved: bool) -> None:
     """The epoch's log line, and the notice when early stopping ends the run."""
     cfg, means = run.cfg, losses.means
     run.say(
@@ -742,75 +660,6 @@ def _result(run: _Run, st: _RunState) -> TrainResult:
         seconds_per_iter=_median([r.get("sec_per_iter") for r in st.history]),
         history=[dict(r) for r in st.history],
     )
-
-
-def _train_step(
-    net,
-    batch,
-    cfg: TrainConfig,
-    criterion,
-    optimizer,
-    scaler,
-    amp,
-    device,
-    num_classes: int,
-    jitter_rng: torch.Generator,
-    *,
-    diverged: Callable[[str], str],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on one batch (at its scale-jittered geometry).
-
-    Returns
-    -------
-    values : torch.Tensor
-        ``(3,)`` float64: the total loss, the segmentation and the edge term.
-    norms : torch.Tensor
-        ``(2,)`` float64: the L2 norms of the two terms' gradients on the
-        deformation net (:func:`_gradient_norms`).
-
-    Raises
-    ------
-    WsisegError
-        A batch of one region BatchNorm refuses, or a loss that is not
-        finite (``diverged(what)`` is the message).
-    """
-    image = to_float(batch["image"].to(device, non_blocking=True))
-    labels = batch["labels"].to(device, non_blocking=True)
-    check_labels(labels, num_classes, cfg.ignore_index, batch["name"])
-    try:
-        factor = 1.0
-        if cfg.scale_jitter > 1.0:
-            span = math.log(cfg.scale_jitter)
-            factor = math.exp(float(torch.empty(()).uniform_(-span, span, generator=jitter_rng)))
-        geometry = training_geometry(
-            net, (int(image.shape[-2]), int(image.shape[-1])), batch["mpp"][0], cfg.sample_spacing_um, factor
-        )
-        with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
-            out_ = net(None, image, labels, geometry=geometry, ignore_index=cfg.ignore_index)
-            terms = criterion(out_.logits, out_.labels, out_.d, out_.edge_target, out_.edge_valid)
-    except ValueError as exc:  # a layer trains_alone could not foresee on the meta device
-        if BATCHNORM_ALONE not in str(exc):
-            raise
-        raise WsisegError(
-            f"cannot train on a batch of one region of shape {tuple(image.shape[-2:])}: "
-            f"{ALONE_WHY}; use --batch-size 2 or more, or a larger --out-size"
-        ) from exc
-    values = torch.stack([terms.total.detach(), terms.seg.detach(), terms.edge.detach()]).double().cpu()
-    if not torch.isfinite(values).all():
-        raise WsisegError(diverged("NaN" if torch.isnan(values).any() else "infinite"))
-    optimizer.zero_grad(set_to_none=True)
-    g_edge = _edge_gradient(net, terms.edge, criterion.gamma_edge)
-    if scaler is not None:
-        scaler.scale(terms.total).backward()
-        scaler.unscale_(optimizer)  # true gradients for the norms below
-        norms = _gradient_norms(net, g_edge)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        terms.total.backward()
-        norms = _gradient_norms(net, g_edge)
-        optimizer.step()
-    return values, norms
 
 
 def _save_model(
