@@ -243,6 +243,30 @@ def test_segmenter_loads_the_model_once_per_process_and_checks_its_hash(model_fi
         wrong.model()
 
 
+def test_slide_timeout_on_the_cluster_fails_only_the_slow_slide(fresh_client, tmp_path):
+    from wsiseg.batch.jobs import SlideJob
+
+    client = fresh_client  # an earlier test's killed worker may still be restarting
+    out, log = tmp_path / "out", tmp_path / "log"
+    log.mkdir()
+    workers = set(client.scheduler_info()["workers"])
+    jobs = [SlideJob(f"/nonexistent/{n}.svs", n) for n in ("a", "hang", "b")]
+    result = run_batch_distributed(
+        jobs,
+        out,
+        Faulty(Stamp(), str(log), slow="hang"),
+        fingerprint="fp",
+        client=client,
+        progress="none",
+        slide_timeout=8,
+    )
+    status = {n: (r["status"], r["error"]) for n, r in read_status(out).items()}
+    assert status == {"a": ("ok", ""), "hang": ("failed", "timed out after 8 s"), "b": ("ok", "")}, status
+    assert result.exit_code == 1 and completed(log) == ["a", "b"]
+    assert leftovers(out) == []
+    assert set(client.scheduler_info()["workers"]) == workers  # the slide's process died, not its worker
+
+
 # Last: the workers it crashes restart (and re-import) while nothing else waits for them.
 def test_slide_that_crashes_its_worker_fails_after_the_retry_limit(client, jobs, tmp_path):
     out, log = tmp_path / "out", tmp_path / "log"
@@ -272,27 +296,3 @@ def test_gpu_workers_get_one_slide_per_gpu():
     assert not wd._has_gpu_workers(cpu) and wd._capacity(cpu, gpu=False) == 6
     gpu = FakeClient([{"nthreads": 4, "resources": {"GPU": 1}}, {"nthreads": 4, "resources": {"GPU": 2}}])
     assert wd._has_gpu_workers(gpu) and wd._capacity(gpu, gpu=True) == 3
-
-
-def test_slide_timeout_on_the_cluster_fails_only_the_slow_slide(fresh_client, tmp_path):
-    from wsiseg.batch.jobs import SlideJob
-
-    client = fresh_client  # an earlier test's killed worker may still be restarting
-    out, log = tmp_path / "out", tmp_path / "log"
-    log.mkdir()
-    workers = set(client.scheduler_info()["workers"])
-    jobs = [SlideJob(f"/nonexistent/{n}.svs", n) for n in ("a", "hang", "b")]
-    result = run_batch_distributed(
-        jobs,
-        out,
-        Faulty(Stamp(), str(log), slow="hang"),
-        fingerprint="fp",
-        client=client,
-        progress="none",
-        slide_timeout=8,
-    )
-    status = {n: (r["status"], r["error"]) for n, r in read_status(out).items()}
-    assert status == {"a": ("ok", ""), "hang": ("failed", "timed out after 8 s"), "b": ("ok", "")}, status
-    assert result.exit_code == 1 and completed(log) == ["a", "b"]
-    assert leftovers(out) == []
-    assert set(client.scheduler_info()["workers"]) == workers  # the slide's process died, not its worker
