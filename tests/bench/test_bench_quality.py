@@ -170,3 +170,51 @@ def test_bench_quality_refuses_bad_options():
     assert r.exit_code == 2 and "--sets" in r.output
     r = CliRunner().invoke(main, ["bench", "quality", "--parts", "everything"])
     assert r.exit_code == 2 and "--parts" in r.output
+
+
+def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_scores_each_set(
+    few_ocdc, tmp_path, monkeypatch
+):
+    from wsiseg.bench import recipe
+
+    monkeypatch.setattr(recipe, "RECIPE_RUNS", {16.0: ("learned", "uniform")})
+    tiny = {
+        **TINY,
+        "regions": "whole",
+        "epochs": 1,
+        "val_fraction": 0.0,
+        "patience": None,
+        "working_mpp": 2.0,
+        "crop_size": [64, 64],
+        "sample_spacing_um": 16,
+    }
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(tiny))
+    out, work, fig = tmp_path / "bench.md", tmp_path / "work", tmp_path / "quality.png"
+    args = ["bench", "quality", "--parts", "recipe", "--sets", "ocdc", "--seeds", "0", "--recipe-config", str(config)]
+    args += ["--data", str(few_ocdc), "--workdir", str(work), "--out", str(out), "--figure", str(fig)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    for method in ("learned", "uniform"):
+        (row,) = json.loads((work / "recipe" / "rows" / f"{method}-16um-s0.json").read_text())
+        assert row["set"] == "ocdc" and row["method"] == method and row["spacing_um"] == 16.0
+        assert row["out_height"] == 8  # 64 px x 2 um / 16 um
+        assert 0.0 <= row["miou_full"] <= 1.0 and 0.0 < row["cost"] < 0.05
+    text = out.read_text()
+    assert "The shipped model's recipe" in text and "| 16 um (8x8) |" in text and "#### Goals (recipe)" in text
+    assert (tmp_path / "quality-recipe.png").stat().st_size > 1000
+    # the recipe trained on the OCDC training images only, none of its test images
+    pairs = list(csv.DictReader(open(work / "recipe" / "data" / "pairs.csv")))
+    assert sorted(p["split"] for p in pairs) == ["test"] * 3 + ["train"] * 2
+    r2 = CliRunner().invoke(main, args)
+    assert r2.exit_code == 0, r2.output
+    assert not [line for line in r2.output.splitlines() if line.startswith("training ")]
+
+
+def test_bench_quality_recipe_refuses_a_config_without_physical_scale(few_ocdc, tmp_path):
+    config = tmp_path / "pixels.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    args = ["bench", "quality", "--parts", "recipe", "--sets", "ocdc", "--recipe-config", str(config)]
+    r = CliRunner().invoke(main, args + ["--data", str(few_ocdc), "--workdir", str(tmp_path / "w")])
+    assert r.exit_code == 2 and "crop_size, working_mpp and sample_spacing_um" in r.output
+    assert not (tmp_path / "w" / "recipe").exists()

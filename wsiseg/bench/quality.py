@@ -3,7 +3,7 @@
 Is learned sampling better than a uniform grid on real H&E? This benchmark
 answers on the real tumour masks of ``../shared/data/labelled-regions``
 (lymph-node metastases, oral squamous cell carcinoma, breast-cancer ROIs),
-never on data the project designed itself. Three parts:
+never on data the project designed itself. Four parts:
 
 1. **Grid capacity** (:func:`wsiseg.bench.capacity.grid_capacity`, no training): how much the
    sampling grid *can* gain. The oracle edge density (from the true labels)
@@ -21,6 +21,10 @@ never on data the project designed itself. Three parts:
 3. **Loss balance** (:func:`loss_balance`): the deformation net's gradient
    from the segmentation term against the edge term's, for several edge
    weights and both edge-loss normalisations.
+4. **The shipped recipe** (:func:`wsiseg.bench.recipe.bench_recipe`): the
+   real-tissue demo model's configuration (one GroupNorm model over all the
+   sets at one physical scale) trained with each sampler at several sample
+   spacings, scored on each set.
 
 Masks are JPEG as published: thresholded at 128 (the data's README) into
 ``0 = non-tumour``, ``1 = tumour`` PNGs in the work folder, with a

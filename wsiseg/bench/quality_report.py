@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wsiseg.errors import ConfigError
 from wsiseg.training.regions import QUALITY_SETS, QualitySet
+from wsiseg.bench.recipe import bench_recipe, stored_recipe_rows
 from wsiseg.bench.capacity import CapacityRow, format_capacity, grid_capacity
 from wsiseg.bench.quality import (
     EPOCHS,
@@ -233,8 +235,13 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
     return Path(path)
 
 
-def format_quality(cells: dict[tuple[str, str, str, int], Cell]) -> str:
-    """Markdown tables: per set and encoder, one line per budget, mean +- sd over seeds per method."""
+def format_quality(
+    cells: dict[tuple[str, str, str, int], Cell], grid_text: Callable[[int], str] = lambda g: f"{g}x{g}"
+) -> str:
+    """Markdown tables: per set and encoder, one line per budget, mean +- sd over seeds per method.
+
+    ``grid_text`` names a budget in the first column from its grid side.
+    """
     from wsiseg.viz.eval_figures import method_label
 
     lines: list[str] = []
@@ -262,7 +269,9 @@ def format_quality(cells: dict[tuple[str, str, str, int], Cell]) -> str:
                 glass = " / ".join(
                     f"{statistics.fmean(c.glass):.2f}" if c is not None and c.glass else "n/a" for c in row
                 )
-                lines.append(f"| {g}x{g} | {100 * first.cost:.2f} | " + " | ".join(vals) + f" | {ceil} | {glass} |")
+                lines.append(
+                    f"| {grid_text(g)} | {100 * first.cost:.2f} | " + " | ".join(vals) + f" | {ceil} | {glass} |"
+                )
             full = [c for k, c in cells.items() if k[:3] == (s, enc, FULL) and c.miou]
             if full:
                 lines += [
@@ -283,6 +292,7 @@ def run_parts(
     seeds: Sequence[int] = (0, 1, 2),
     encoders: Sequence[str] = ("random", "imagenet"),
     imagenet_weights: str | None = None,
+    recipe: TrainConfig | None = None,
     threads: int = 1,
     figure: str | os.PathLike = "docs/quality.png",
     command: str = "wsiseg bench quality",
@@ -347,6 +357,10 @@ def run_parts(
                             imagenet_weights=imagenet_weights,
                             log=say,
                         )
+        if "recipe" in parts:
+            if recipe is None:
+                raise ConfigError("the recipe part needs its training config (--recipe-config)")
+            bench_recipe(data_root, work, sets, recipe, seeds=seeds, log=say)
         if "densities" in parts:
             dens = [r for qs in sets for r in density_differences(data_root, work, qs, base)]
             write_json(work / "densities.json", dens)
@@ -449,10 +463,45 @@ def format_section(
             "",
             *goals(cells),
         ]
+    lines += _recipe_lines(work, figure)
     point = work / "bilinear-rows.json"
     if point.is_file() and rows:
         lines += ["", *_sampling_aside(json.loads(point.read_text(encoding="utf-8")), rows)]
     return "\n".join(lines)
+
+
+def _recipe_lines(work: Path, figure: str | os.PathLike) -> list[str]:
+    """The recipe part's subsection: learned vs uniform on the shipped model's configuration."""
+    rows = stored_recipe_rows(work)
+    if not rows:
+        return []
+    cells = aggregate(rows)
+    seeds = sorted({r["seed"] for r in rows})
+    fig = draw_quality(cells, Path(figure).with_name(f"{Path(figure).stem}-recipe.png"))
+    spacing = {int(r["out_height"]): float(r["spacing_um"]) for r in rows}
+    rc = rows[0].get("recipe") or {}
+    mpp, window = rc.get("working_mpp", math.nan), rc.get("window_um", math.nan)
+    return [
+        "",
+        "### The shipped model's recipe: learned vs uniform (part `recipe`)",
+        "",
+        "The configuration of the real-tissue demo model (`--recipe-config`, default "
+        "`pipelines/tumour-model.yaml`; docs/demo-model.md): one model over the training images of all the sets "
+        "(plus the shared glass textures), every region read at "
+        f"{mpp:g} um per working pixel, random {window:g} um windows, {rc.get('arch')} / `{rc.get('encoder')}` "
+        f"with {rc.get('norm')} normalisation, encoder weights {rc.get('encoder_weights') or 'random'}, "
+        f"{rc.get('epochs')} epochs; only the sampler and the sample spacing change. Each model is scored on "
+        f"each set's fixed test images, whole, at {mpp:g} um per working pixel; mIoU over the classes of "
+        "the test labels (non-tumour and tumour: the test images hold no glass; background predictions count "
+        "as errors), comparable in kind with the two-class tables above. The budget is a sample spacing "
+        f"(the grid of one {window:g} um window in brackets); cost = samples / level-0 pixels. "
+        f"Seeds {', '.join(map(str, seeds))}. Figure: [{Path(fig).name}]({Path(fig).name}).",
+        format_quality(cells, lambda g: f"{spacing.get(g, math.nan):g} um ({g}x{g})"),
+        "",
+        "#### Goals (recipe)",
+        "",
+        *goals(cells),
+    ]
 
 
 def _sampling_aside(point_rows: Sequence[dict], rows: Sequence[dict]) -> list[str]:

@@ -577,13 +577,15 @@ def bench_sampling_command(
 @bench_group.command("quality")
 @click.option(
     "--parts",
-    default="capacity,balance,quality,full,densities",
+    default="capacity,balance,quality,full,densities,recipe",
     show_default=True,
-    metavar="capacity,balance,quality,full,densities",
+    metavar="capacity,balance,quality,full,densities,recipe",
     help="capacity: oracle grids vs uniform, no training (minutes); balance: edge-loss weights and "
     "normalisations (6 short runs); quality: every method, budget, seed and encoder (hours on a CPU); "
     "full: the same net on every working pixel, trained on windows (the sliding-window ceiling); "
-    "densities: how far apart the trained samplers' densities are; report: only write the section.",
+    "densities: how far apart the trained samplers' densities are; recipe: the shipped tumour model's "
+    "config (--recipe-config) with each sampler at sample spacings of 32, 16 and 8 um, one model over "
+    "all --sets, scored per set (about 1.5 hours on 2 cores); report: only write the section.",
 )
 @click.option(
     "--sets",
@@ -613,7 +615,15 @@ def bench_sampling_command(
     default="pipelines/quality-bench.yaml",
     show_default=True,
     type=click.Path(dir_okay=False, path_type=str),
-    help="Base training config.",
+    help="Base training config of the capacity, balance, quality, full and densities parts.",
+)
+@click.option(
+    "--recipe-config",
+    "recipe_path",
+    default="pipelines/tumour-model.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Training config of the recipe part (physical scale: working_mpp, crop_size, sample_spacing_um).",
 )
 @click.option(
     "--data",
@@ -653,7 +663,7 @@ def bench_sampling_command(
     help="mIoU-vs-cost figure.",
 )
 def bench_quality_command(
-    parts, sets, seeds, encoders, imagenet_weights, config_path, data_root, threads, workdir, out, figure
+    parts, sets, seeds, encoders, imagenet_weights, config_path, recipe_path, data_root, threads, workdir, out, figure
 ) -> None:
     """Learned vs uniform sampling on real tumour masks: grid capacity, loss balance, held-out mIoU vs cost.
 
@@ -677,8 +687,10 @@ def bench_quality_command(
     if not names or bad:
         raise ConfigError(f"--sets expects some of {', '.join(QUALITY_SETS)}, got {sets!r}")
     part_list = [k.strip() for k in parts.split(",") if k.strip()]
-    if not part_list or set(part_list) - {"capacity", "balance", "quality", "full", "densities", "report"}:
-        raise ConfigError(f"--parts expects capacity, balance, quality, full, densities (or report), got {parts!r}")
+    if not part_list or set(part_list) - {"capacity", "balance", "quality", "full", "densities", "recipe", "report"}:
+        raise ConfigError(
+            f"--parts expects capacity, balance, quality, full, densities, recipe (or report), got {parts!r}"
+        )
     enc = [k.strip() for k in encoders.split(",") if k.strip()]
     if not enc or set(enc) - {"random", "imagenet"}:
         raise ConfigError(f"--encoders expects random and/or imagenet, got {encoders!r}")
@@ -697,6 +709,7 @@ def bench_quality_command(
         seeds=seed_list,
         encoders=enc,
         imagenet_weights=imagenet_weights,
+        recipe=bench_config(recipe_path) if "recipe" in part_list else None,
         threads=threads,
         figure=figure,
         command=command_line(),

@@ -175,7 +175,7 @@ def train_command(
     working pixel and sample spacing) when the images' MPP is known.
     """
     from wsiseg.training.classmap import load_class_map
-    from wsiseg.training.dataset import build_dataset
+    from wsiseg.training.dataset import config_dataset
     from wsiseg.training.pairs import dataset_hash, load_pairs, split_pairs, with_mpp
     from wsiseg.training.checkpoint import check_output_dir, read_checkpoint_config
     from wsiseg.training.config import TrainConfig, load_train_config
@@ -216,16 +216,7 @@ def train_command(
         raise WsisegError("no training pairs after the train/validation split", data)
 
     def dataset(ps):
-        return build_dataset(
-            ps,
-            class_map,
-            hr_size=cfg.hr_size,
-            regions=cfg.regions,
-            seed=cfg.seed,
-            ignore_unmapped=ignore_unmapped,
-            value_names=value_names,
-            working_mpp=cfg.working_mpp,
-        )
+        return config_dataset(ps, class_map, cfg, ignore_unmapped=ignore_unmapped, value_names=value_names)
 
     train_ds = dataset(train_pairs)
     val_ds = dataset(val_pairs) if val_pairs else None

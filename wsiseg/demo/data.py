@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
+from collections.abc import Sequence
 
 from wsiseg.training.regions import QUALITY_SETS, REGIONS_DIR, region_stems
 from wsiseg.errors import ConfigError
@@ -46,7 +47,12 @@ def _glass(rgb, threshold: float):
     return np.isin(lab, keep)
 
 
-def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, threshold: float = 0.1) -> Path:
+def prepare_demo_data(
+    data_root: str | os.PathLike,
+    out: str | os.PathLike,
+    threshold: float = 0.1,
+    sets: Sequence[str] | None = None,
+) -> Path:
     """Three-class training data for the demo model from every *training* image of the labelled regions.
 
     ``0 background`` where the tissue score (:func:`wsiseg.slide.tissue.tissue_score`,
@@ -56,6 +62,8 @@ def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, thre
     ``split = test`` (training leaves them out; the demo model's held-out scores use them). The shared
     textures with glass (``no-tissue.png``, a level-2 slide region) are added with glass as background
     and their tissue ignored (no tumour labels there).
+
+    ``sets`` keeps only those keys of :data:`~wsiseg.training.regions.QUALITY_SETS` (default all).
 
     Returns
     -------
@@ -71,6 +79,8 @@ def prepare_demo_data(data_root: str | os.PathLike, out: str | os.PathLike, thre
     (out / "labels").mkdir(parents=True, exist_ok=True)
     rows = []
     for qs in QUALITY_SETS.values():
+        if sets is not None and qs.key not in sets:
+            continue
         src = Path(data_root) / REGIONS_DIR / qs.folder
         if not (src / "images").is_dir():
             raise ConfigError(f"labelled regions not found at {src}")

@@ -66,6 +66,7 @@ __all__ = [
     "RegionItem",
     "augment",
     "build_dataset",
+    "config_dataset",
     "known_mpp",
     "physical_shape",
     "random_crop",
@@ -492,6 +493,31 @@ def build_dataset(
             items.append(RegionItem(k, name, box, _item_raster(box, hr, ms, working_mpp, pair.image)))
     ds.items, ds.annotations = items, annotations
     return ds
+
+
+def config_dataset(
+    pairs: Sequence[TrainingPair],
+    class_map: ClassMap,
+    config: Any,
+    *,
+    ignore_unmapped: bool = False,
+    value_names: Mapping[int, str] | str | os.PathLike | None = None,
+) -> RegionDataset:
+    """:func:`build_dataset` with the working size, regions, seed and working MPP of a training config.
+
+    The regions ``wsiseg train`` reads for ``config`` (a
+    :class:`~wsiseg.training.config.TrainConfig`).
+    """
+    return build_dataset(
+        pairs,
+        class_map,
+        hr_size=config.hr_size,
+        regions=config.regions,
+        seed=config.seed,
+        ignore_unmapped=ignore_unmapped,
+        value_names=value_names,
+        working_mpp=config.working_mpp,
+    )
 
 
 # ---------------------------------------------------------------------------
