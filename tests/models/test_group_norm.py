@@ -59,12 +59,34 @@ def test_group_norm_model_file_round_trips(tmp_path):
         assert torch.equal(net(None, x).logits, loaded(None, x).logits)
 
 
-def test_group_norm_refuses_pretrained_encoders_and_unknown_norms(tmp_path):
-    with pytest.raises(ConfigError, match="norm.*random encoder weights"):
-        TrainConfig(norm="group", encoder_weights="imagenet")
+def test_pretrained_encoder_keeps_its_convolutions_and_each_batchnorm_scale_in_its_groupnorm(tmp_path):
+    """Weights load into the BatchNorm encoder they were made for; each GroupNorm takes its layer's scale/shift."""
+    from safetensors.torch import save_file
+
+    from wsiseg.models.pretrained import find_encoder
+
+    torch.manual_seed(5)
+    state = find_encoder(build_segmenter("unet", "resnet18", 2, **SMALL)).state_dict()
+    state = {k: torch.randn(v.shape) if v.is_floating_point() else v for k, v in state.items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    seg = build_segmenter("unet", "resnet18", 2, norm="group", encoder_weights=tmp_path / "w.safetensors", **SMALL)
+    got = find_encoder(seg).state_dict()
+    assert _norms(seg) == {"GroupNorm"}
+    assert torch.equal(got["conv1.weight"], state["conv1.weight"])
+    assert torch.equal(got["layer2.0.conv2.weight"], state["layer2.0.conv2.weight"])
+    for name in ("bn1", "layer1.1.bn2", "layer2.0.downsample.1"):
+        assert torch.equal(got[f"{name}.weight"], state[f"{name}.weight"]), name
+        assert torch.equal(got[f"{name}.bias"], state[f"{name}.bias"]), name
+    assert not any(k.endswith("running_mean") for k in got)  # BatchNorm's statistics are gone
+    assert seg.encoder_init["source"] != "random"
+    # a fresh GroupNorm net keeps the identity affine of a fresh BatchNorm
+    fresh = build_segmenter("unet", "resnet18", 2, norm="group", **SMALL)
+    assert torch.equal(find_encoder(fresh).state_dict()["bn1.weight"], torch.ones(64))
+    assert TrainConfig(norm="group", encoder_weights="imagenet").norm == "group"
+
+
+def test_unknown_norms_are_refused():
     with pytest.raises(ConfigError, match="norm"):
         TrainConfig(norm="layer")
     with pytest.raises(ModelConfigError, match="unknown norm 'layer'"):
         build_segmenter("unet", "resnet18", 2, norm="layer")
-    with pytest.raises(ModelConfigError, match="random encoder weights"):
-        build_segmenter("unet", "resnet18", 2, norm="group", encoder_weights=tmp_path / "w.safetensors")

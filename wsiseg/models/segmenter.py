@@ -105,10 +105,13 @@ GROUPS = 8
 def to_group_norm(module: nn.Module, groups: int = GROUPS) -> nn.Module:
     """Replace every ``BatchNorm2d`` inside ``module`` by a ``GroupNorm`` of the same channels, in place.
 
-    Each layer gets ``gcd(channels, groups)`` groups and an affine
-    transform initialised as BatchNorm's (weight 1, bias 0). timm's
-    BatchNorm with a built-in activation (``BatchNormAct2d``) becomes timm's
-    ``GroupNormAct`` with the same activation and dropout modules.
+    Each layer gets ``gcd(channels, groups)`` groups and the BatchNorm's
+    affine transform (weight 1, bias 0 in a fresh net; a pretrained net's
+    learnt scales and shifts, which is how pretrained detectors are moved
+    to GroupNorm: the convolutions keep their weights, each layer's output
+    its learnt scale). timm's BatchNorm with a built-in activation
+    (``BatchNormAct2d``) becomes timm's ``GroupNormAct`` with the same
+    activation and dropout modules.
 
     Parameters
     ----------
@@ -131,6 +134,8 @@ def to_group_norm(module: nn.Module, groups: int = GROUPS) -> nn.Module:
                 gn.drop, gn.act = child.drop, child.act
             else:
                 gn = nn.GroupNorm(math.gcd(c, groups), c, eps=child.eps, affine=True)
+            if child.affine:
+                gn.load_state_dict({"weight": child.weight.detach(), "bias": child.bias.detach()})
             setattr(module, name, gn)
         else:
             to_group_norm(child, groups)
@@ -253,8 +258,10 @@ def build_segmenter(
         ``"group"`` replaces every BatchNorm layer by a GroupNorm
         (:func:`to_group_norm`): each region is normalised by its own
         statistics, in training and at inference alike, so they match
-        whatever the batch holds and whatever the grid's size. Random
-        encoder weights only (pretrained ones come with BatchNorm).
+        whatever the batch holds and whatever the grid's size. Pretrained
+        encoder weights are loaded first, into the BatchNorm encoder; each
+        GroupNorm then takes its BatchNorm's learnt scale and shift (the
+        running statistics are dropped).
     **kwargs
         Passed to the smp model (e.g. ``decoder_channels``,
         ``encoder_depth``). Must be JSON-able for :meth:`PaddedSegmenter.config`.
@@ -298,8 +305,6 @@ def build_segmenter(
         raise ModelConfigError(f"cannot build {arch_key} with encoder {encoder!r}: {exc}") from exc
     if norm not in NORMS:
         raise ModelConfigError(f"unknown norm {norm!r}; available: {', '.join(NORMS)}")
-    if norm == "group" and encoder_weights is not None:
-        raise ModelConfigError("norm 'group' needs random encoder weights: pretrained encoders come with BatchNorm")
     spec = {
         "arch": arch_key,
         "encoder": str(encoder),
@@ -307,12 +312,15 @@ def build_segmenter(
         "in_channels": int(in_channels),
         **kwargs,
     }
+    init = None
+    if encoder_weights is not None:  # into the BatchNorm encoder the weights were made for
+        from wsiseg.models.pretrained import load_encoder_weights
+
+        init = load_encoder_weights(model.encoder, encoder_weights, encoder_name=str(encoder))
     if norm != "batch":  # model files with BatchNorm keep the spec they always had
         to_group_norm(model)
         spec["norm"] = norm
     seg = PaddedSegmenter(model, pad_mode=pad_mode, spec=spec)
-    if encoder_weights is not None:
-        from wsiseg.models.pretrained import load_encoder_weights
-
-        seg.encoder_init = load_encoder_weights(model.encoder, encoder_weights, encoder_name=str(encoder))
+    if init is not None:
+        seg.encoder_init = init
     return seg

@@ -162,7 +162,8 @@ class TrainConfig:
         each region by its own statistics in training and at inference
         alike; BatchNorm's running statistics fit neither other sources
         nor other grid sizes than those it was trained on (docs/demo-model.md).
-        Random encoder weights only.
+        With ``encoder_weights``, each GroupNorm starts from its pretrained
+        BatchNorm's scale and shift.
     out_size : (int, int)
         ``(h, w)`` of the sampling grid, deformed image and logits.
     map_size : (int, int)
@@ -328,8 +329,6 @@ class TrainConfig:
         self.freeze_encoder_epochs = _as_int("freeze_encoder_epochs", self.freeze_encoder_epochs, 0)
         self.freeze_bn_after = _as_int("freeze_bn_after", self.freeze_bn_after, 0, optional=True)
         self.norm = _as_choice("norm", self.norm, NORMS)
-        if self.norm == "group" and self.encoder_weights is not None:
-            raise _bad("norm", "group needs random encoder weights (pretrained encoders come with BatchNorm)", "group")
         for key in ("out_size", "map_size", "hr_size"):
             setattr(self, key, _as_pair(key, getattr(self, key)))
         self.sigma = _as_float("sigma", self.sigma, 0.0, open_lo=True, optional=True)
