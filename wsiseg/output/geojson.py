@@ -178,7 +178,8 @@ def write_qupath_geojson(
         try:
             # No name (it would be the temporary one) and mtime=0 in the gzip
             # header: identical inputs give byte-identical files.
-            binary = _gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if gzip else raw
+            # Level 6 (gzip's own default) is as small as 9 on these files, in a third of the time.
+            binary = _gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=6) if gzip else raw
             with io.TextIOWrapper(binary, encoding="utf-8") as out:
                 out.write('{"type": "FeatureCollection", "features": [')
                 for feature in _region_features(labels, classes, (dx, dy), mpp, simplify_tolerance, min_area):

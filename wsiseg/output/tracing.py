@@ -401,16 +401,21 @@ def _chords(
     far_d = np.maximum.reduceat(dist, np.cumsum(n_in) - n_in)
     hit = np.flatnonzero(dist == far_d[sec])
     far = idx[hit[np.r_[True, sec[hit][1:] != sec[hit][:-1]]]]
-    # Side of the pixel centres (y down: left of u has a negative cross product).
-    n_e = edges[b, 1] - edges[a, 0] + 1
-    eidx = _ranges(edges[a, 0], n_e)
-    esec = np.repeat(np.arange(len(a)), n_e)
-    lrel, rrel = left[eidx] - xy[a][esec], right[eidx] - xy[a][esec]
-    margin = np.minimum(
-        u[esec, 1] * lrel[:, 0] - u[esec, 0] * lrel[:, 1], u[esec, 0] * rrel[:, 1] - u[esec, 1] * rrel[:, 0]
-    )
-    sides = np.minimum.reduceat(margin, np.cumsum(n_e) - n_e) > 0
-    return sides & (far_d <= tolerance * np.hypot(u[:, 0], u[:, 1])), far
+    ok = far_d <= tolerance * np.hypot(u[:, 0], u[:, 1])
+    # Side of the pixel centres (y down: left of u has a negative cross product), only for the chords
+    # close enough: most long chords of the first depths are not, and their edges need no check.
+    c = np.flatnonzero(ok)
+    if len(c):
+        ac, uc = a[c], u[c]
+        n_e = edges[b[c], 1] - edges[ac, 0] + 1
+        eidx = _ranges(edges[ac, 0], n_e)
+        esec = np.repeat(np.arange(len(c)), n_e)
+        lrel, rrel = left[eidx] - xy[ac][esec], right[eidx] - xy[ac][esec]
+        margin = np.minimum(
+            uc[esec, 1] * lrel[:, 0] - uc[esec, 0] * lrel[:, 1], uc[esec, 0] * rrel[:, 1] - uc[esec, 1] * rrel[:, 0]
+        )
+        ok[c] = np.minimum.reduceat(margin, np.cumsum(n_e) - n_e) > 0
+    return ok, far
 
 
 def _simplify(
