@@ -177,7 +177,17 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
 ):
     from wsiseg.bench import recipe
 
-    monkeypatch.setattr(recipe, "RECIPE_RUNS", {16.0: ("learned", "uniform")})
+    monkeypatch.setattr(
+        recipe, "RECIPE_RUNS", {"random": {16.0: ("learned", "uniform")}, "imagenet": {16.0: ("learned",)}}
+    )
+    monkeypatch.setattr(recipe, "RECIPE_IMAGENET_ENCODER", "tu-resnet10t")
+    from safetensors.torch import save_file
+
+    from wsiseg.models.pretrained import find_encoder
+    from wsiseg.models.segmenter import build_segmenter
+
+    enc = find_encoder(build_segmenter("unet", "tu-resnet10t", 3, encoder_depth=3, decoder_channels=[16, 8, 8]))
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(tmp_path / "imagenet.safetensors"))
     tiny = {
         **TINY,
         "regions": "whole",
@@ -192,23 +202,31 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
     config.write_text(yaml.safe_dump(tiny))
     out, work, fig = tmp_path / "bench.md", tmp_path / "work", tmp_path / "quality.png"
     args = ["bench", "quality", "--parts", "recipe", "--sets", "ocdc", "--seeds", "0", "--recipe-config", str(config)]
+    args += ["--encoders", "random,imagenet", "--imagenet-weights", str(tmp_path / "imagenet.safetensors")]
     args += ["--data", str(few_ocdc), "--workdir", str(work), "--out", str(out), "--figure", str(fig)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    for method in ("learned", "uniform"):
-        (row,) = json.loads((work / "recipe" / "rows" / f"{method}-16um-s0.json").read_text())
+    for name, method, enc in [("learned", "learned", "random"), ("uniform", "uniform", "random")] + [
+        ("imagenet-learned", "learned", "imagenet")
+    ]:
+        (row,) = json.loads((work / "recipe" / "rows" / f"{name}-16um-s0.json").read_text())
         assert row["set"] == "ocdc" and row["method"] == method and row["spacing_um"] == 16.0
+        assert row["encoder"] == enc and row["recipe"]["encoder"] == (
+            "tu-resnet10t" if enc == "imagenet" else TINY["encoder"]
+        )
         assert row["out_height"] == 8  # 64 px x 2 um / 16 um
         assert 0.0 <= row["miou_full"] <= 1.0 and 0.0 < row["cost"] < 0.05
     text = out.read_text()
     assert "The shipped model's recipe" in text and "| 16 um (8x8) |" in text and "#### Goals (recipe)" in text
+    assert "**ocdc, imagenet encoder**" in text and "encoder weights imagenet.safetensors" in text
     assert (tmp_path / "quality-recipe.png").stat().st_size > 1000
     # the recipe trained on the OCDC training images only, none of its test images
     pairs = list(csv.DictReader(open(work / "recipe" / "data" / "pairs.csv")))
     assert sorted(p["split"] for p in pairs) == ["test"] * 3 + ["train"] * 2
     r2 = CliRunner().invoke(main, args)
     assert r2.exit_code == 0, r2.output
-    assert not [line for line in r2.output.splitlines() if line.startswith("training ")]
+    # a rerun trains nothing and reuses the stored scores of every unchanged model
+    assert not [line for line in r2.output.splitlines() if line.startswith(("training ", "recipe "))], r2.output
 
 
 def test_bench_quality_recipe_refuses_a_config_without_physical_scale(few_ocdc, tmp_path):

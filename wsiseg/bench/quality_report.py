@@ -360,7 +360,20 @@ def run_parts(
         if "recipe" in parts:
             if recipe is None:
                 raise ConfigError("the recipe part needs its training config (--recipe-config)")
-            bench_recipe(data_root, work, sets, recipe, seeds=seeds, log=say)
+            if "imagenet" in encoders and imagenet_weights is None:
+                from wsiseg.models.pretrained import offline_imagenet_weights
+
+                imagenet_weights = str(offline_imagenet_weights("efficientnet_lite0"))
+            bench_recipe(
+                data_root,
+                work,
+                sets,
+                recipe,
+                seeds=seeds,
+                encoders=encoders,
+                imagenet_weights=imagenet_weights,
+                log=say,
+            )
         if "densities" in parts:
             dens = [r for qs in sets for r in density_differences(data_root, work, qs, base)]
             write_json(work / "densities.json", dens)
@@ -479,22 +492,27 @@ def _recipe_lines(work: Path, figure: str | os.PathLike) -> list[str]:
     seeds = sorted({r["seed"] for r in rows})
     fig = draw_quality(cells, Path(figure).with_name(f"{Path(figure).stem}-recipe.png"))
     spacing = {int(r["out_height"]): float(r["spacing_um"]) for r in rows}
-    rc = rows[0].get("recipe") or {}
+    recipes = {r["encoder"]: r.get("recipe") or {} for r in rows}
+    rc = next(iter(recipes.values()))
     mpp, window = rc.get("working_mpp", math.nan), rc.get("window_um", math.nan)
+    nets = "; ".join(
+        f"*{enc}*: {r.get('arch')} / `{r.get('encoder')}`, {r.get('norm')} normalisation, encoder weights "
+        f"{'random' if not r.get('encoder_weights') else Path(str(r['encoder_weights'])).name}"
+        for enc, r in recipes.items()
+    )
     return [
         "",
         "### The shipped model's recipe: learned vs uniform (part `recipe`)",
         "",
         "The configuration of the real-tissue demo model (`--recipe-config`, default "
         "`pipelines/tumour-model.yaml`; docs/demo-model.md): one model over the training images of all the sets "
-        "(plus the shared glass textures), every region read at "
-        f"{mpp:g} um per working pixel, random {window:g} um windows, {rc.get('arch')} / `{rc.get('encoder')}` "
-        f"with {rc.get('norm')} normalisation, encoder weights {rc.get('encoder_weights') or 'random'}, "
-        f"{rc.get('epochs')} epochs; only the sampler and the sample spacing change. Each model is scored on "
-        f"each set's fixed test images, whole, at {mpp:g} um per working pixel; mIoU over the classes of "
-        "the test labels (non-tumour and tumour: the test images hold no glass; background predictions count "
-        "as errors), comparable in kind with the two-class tables above. The budget is a sample spacing "
-        f"(the grid of one {window:g} um window in brackets); cost = samples / level-0 pixels. "
+        f"(plus the shared glass textures), every region read at {mpp:g} um per working pixel, random "
+        f"{window:g} um windows, {rc.get('epochs')} epochs; only the sampler and the sample spacing change "
+        f"(and, for the *imagenet* rows, the encoder: the one the offline ImageNet weights fit). Nets: {nets}. "
+        f"Each model is scored on each set's fixed test images, whole, at {mpp:g} um per working pixel; mIoU "
+        "over the classes of the test labels (non-tumour and tumour: the test images hold no glass; background "
+        "predictions count as errors), comparable in kind with the two-class tables above. The budget is a "
+        f"sample spacing (the grid of one {window:g} um window in brackets); cost = samples / level-0 pixels. "
         f"Seeds {', '.join(map(str, seeds))}. Figure: [{Path(fig).name}]({Path(fig).name}).",
         format_quality(cells, lambda g: f"{spacing.get(g, math.nan):g} um ({g}x{g})"),
         "",

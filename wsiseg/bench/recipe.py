@@ -34,18 +34,33 @@ from wsiseg.training.regions import QualitySet
 if TYPE_CHECKING:
     from wsiseg.training.config import TrainConfig
 
-__all__ = ["RECIPE_CONFIG", "RECIPE_RUNS", "bench_recipe", "recipe_grid", "stored_recipe_rows", "truth_miou"]
+__all__ = [
+    "RECIPE_CONFIG",
+    "RECIPE_IMAGENET_ENCODER",
+    "RECIPE_RUNS",
+    "bench_recipe",
+    "recipe_grid",
+    "stored_recipe_rows",
+    "truth_miou",
+]
 
 #: The shipped real-tissue model's training config.
 RECIPE_CONFIG = Path("pipelines") / "tumour-model.yaml"
-#: Methods per sample spacing (um). At 1 um per working pixel, 32 / 16 / 8 um is about 0.1 / 0.4 / 1.6 %
-#: of the level-0 pixels of CAMELYON (~1 um/px), 0.02 / 0.1 / 0.4 % of OCDC's (0.5 um/px) and 0.006 /
-#: 0.02 / 0.1 % of the BCSS ROIs' (0.25 um/px). The two cheaper methods only at the shipped spacing.
-RECIPE_RUNS: dict[float, tuple[str, ...]] = {
-    32.0: ("learned", "uniform"),
-    16.0: ("learned", "uniform"),
-    8.0: ("learned", "single", "uniform", "edge"),
+#: Methods per encoder initialisation and sample spacing (um). At 1 um per working pixel, 32 / 16 / 8 um is
+#: about 0.1 / 0.4 / 1.6 % of the level-0 pixels of CAMELYON (~1 um/px), 0.02 / 0.1 / 0.4 % of OCDC's
+#: (0.5 um/px) and 0.006 / 0.02 / 0.1 % of the BCSS ROIs' (0.25 um/px). The single-loss and oracle
+#: samplers, and the pretrained encoder, only at the shipped spacing.
+RECIPE_RUNS: dict[str, dict[float, tuple[str, ...]]] = {
+    "random": {
+        32.0: ("learned", "uniform"),
+        16.0: ("learned", "uniform"),
+        8.0: ("learned", "single", "uniform", "edge"),
+    },
+    "imagenet": {8.0: ("learned", "uniform")},
 }
+#: The encoder of the pretrained variant: the one the offline ImageNet weights fit
+#: (:func:`wsiseg.models.pretrained.offline_imagenet_weights`), in place of the recipe's own.
+RECIPE_IMAGENET_ENCODER = "tu-efficientnet_lite0"
 
 
 def recipe_grid(cfg: TrainConfig) -> int:
@@ -101,7 +116,9 @@ def bench_recipe(
     base: TrainConfig,
     *,
     seeds: Sequence[int] = (0, 1, 2),
-    runs: Mapping[float, Sequence[str]] | None = None,
+    encoders: Sequence[str] = ("random",),
+    imagenet_weights: str | None = None,
+    runs: Mapping[str, Mapping[float, Sequence[str]]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Train ``base`` (the shipped recipe) with each sampler, spacing and seed; score each set's test images.
@@ -116,84 +133,108 @@ def bench_recipe(
         The recipe (physical scale: ``working_mpp``, ``crop_size``, ``sample_spacing_um``); each run
         changes its sampler (:data:`wsiseg.evaluation.results.SWEEP_CONFIG`), spacing and seed.
     seeds : sequence of int
-    runs : mapping of float -> sequence of str, optional
-        Methods per spacing (default :data:`RECIPE_RUNS`).
+    encoders : sequence of {"random", "imagenet"}
+        ``"random"``: the recipe as it is; ``"imagenet"``: its encoder replaced by
+        :data:`RECIPE_IMAGENET_ENCODER` with ``imagenet_weights`` (runs named ``imagenet-...``).
+    imagenet_weights : str, optional
+        Required with ``"imagenet"``: a local weights file.
+    runs : mapping, optional
+        Methods per encoder and spacing (default :data:`RECIPE_RUNS`).
     log : callable, optional
 
     Returns
     -------
     list of dict
-        :func:`wsiseg.evaluation.sweep.sweep_row` rows with ``set``, ``encoder`` (``"random"``),
-        ``seed`` and ``spacing_um`` added, one per run and set.
+        :func:`wsiseg.evaluation.sweep.sweep_row` rows with ``set``, ``encoder``, ``seed``,
+        ``spacing_um`` and ``recipe`` added, one per run and set. A run's rows are stored and reused
+        while they are newer than its model file.
     """
     import dataclasses
 
     from wsiseg.demo.data import prepare_demo_data
     from wsiseg.device import resolve_device
     from wsiseg.evaluation.results import SWEEP_CONFIG
-    from wsiseg.evaluation.scoring import evaluate_model
-    from wsiseg.evaluation.sweep import ensure_trained, sweep_row
-    from wsiseg.models.io import load_deformseg
     from wsiseg.training.classmap import load_class_map
-    from wsiseg.training.dataset import config_dataset
-    from wsiseg.training.pairs import dataset_hash, load_pairs, split_pairs
+    from wsiseg.training.pairs import dataset_hash, load_pairs
+
+    from wsiseg.errors import ConfigError
 
     say = log or (lambda _m: None)
     recipe_grid(base)  # refuse a config without physical scale before any work
+    if "imagenet" in encoders and not imagenet_weights:
+        raise ConfigError("the imagenet recipe runs need --imagenet-weights PATH (e.g. the offline EfficientNet-Lite0)")
     work = Path(workdir) / "recipe"
     csv_path = prepare_demo_data(data_root, work / "data", sets=[qs.key for qs in sets])
     class_map = load_class_map(csv_path.parent / "classes.yaml")
-    classes = class_map.to_classes()
     pairs = load_pairs(csv_path)
     data_hash = dataset_hash(pairs)  # as `wsiseg train` fingerprints its pairs file
     dev = resolve_device(base.device)
     rows: list[dict] = []
-    for spacing, methods in (runs or RECIPE_RUNS).items():
-        for method in methods:
-            for seed in seeds:
-                cfg = dataclasses.replace(base, sample_spacing_um=float(spacing), seed=seed, **SWEEP_CONFIG[method])
-
-                def dataset(ps, cfg=cfg):
-                    return config_dataset(ps, class_map, cfg)
-
-                name = f"{method}-{spacing:g}um-s{seed}"
-                train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
-                t0 = time.perf_counter()
-                path = ensure_trained(
-                    cfg,
-                    work / name,
-                    dataset(train_pairs),
-                    dataset(val_pairs) if val_pairs else None,
-                    classes,
-                    data_hash,
-                    say,
-                    method,
-                )
-                model = load_deformseg(path, device=dev)
-                training = model.metadata.get("training") or {}
-                unit = []
-                for qs in sets:
-                    test = [p for p in pairs if p.split == "test" and _set_of(p.annotation, [qs]) == qs.key]
-                    r = evaluate_model(model, dataset(test), device=dev, name=method)
-                    row = sweep_row(r, (recipe_grid(cfg),) * 2, path, cfg.epochs, training)
-                    row.update(
-                        set=qs.key,
-                        encoder="random",
-                        seed=seed,
-                        spacing_um=float(spacing),
-                        recipe=_recipe(cfg),
-                        # The test labels hold no glass: a few pixels called background would add a 0 to
-                        # the mean. mIoU over the classes of the test labels (all classes: miou_full_all).
-                        miou_full_all=row["miou_full"],
-                        miou_full=truth_miou(r.full),
+    for enc in encoders:
+        start = base
+        if enc == "imagenet":
+            start = dataclasses.replace(base, encoder=RECIPE_IMAGENET_ENCODER, encoder_weights=imagenet_weights)
+        for spacing, methods in (runs or RECIPE_RUNS)[enc].items():
+            for method in methods:
+                for seed in seeds:
+                    cfg = dataclasses.replace(
+                        start, sample_spacing_um=float(spacing), seed=seed, **SWEEP_CONFIG[method]
                     )
-                    unit.append(row)
-                for row in unit:
-                    row["seconds"] = time.perf_counter() - t0
-                write_json(work / "rows" / f"{name}.json", unit)
-                say(f"recipe {name}: " + ", ".join(f"{r['set']} {fmt_score(r['miou_full'])}" for r in unit))
-                rows += unit
+                    name = f"{'' if enc == 'random' else enc + '-'}{method}-{spacing:g}um-s{seed}"
+                    rows += _recipe_run(cfg, work, name, enc, method, pairs, class_map, data_hash, sets, dev, say)
     return rows
+
+
+def _recipe_run(cfg, work: Path, name: str, enc: str, method: str, pairs, class_map, data_hash, sets, dev, say):
+    """One recipe run, trained (or reused) and scored on each set's test images; its stored rows if current."""
+    from wsiseg.evaluation.scoring import evaluate_model
+    from wsiseg.evaluation.sweep import ensure_trained, sweep_row
+    from wsiseg.models.io import load_deformseg
+    from wsiseg.training.dataset import config_dataset
+    from wsiseg.training.pairs import split_pairs
+
+    def dataset(ps):
+        return config_dataset(ps, class_map, cfg)
+
+    stored = work / "rows" / f"{name}.json"
+    train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
+    t0 = time.perf_counter()
+    path = ensure_trained(
+        cfg,
+        work / name,
+        dataset(train_pairs),
+        dataset(val_pairs) if val_pairs else None,
+        class_map.to_classes(),
+        data_hash,
+        say,
+        method,
+    )
+    if stored.is_file() and stored.stat().st_mtime > path.stat().st_mtime:
+        return json.loads(stored.read_text(encoding="utf-8"))
+    model = load_deformseg(path, device=dev)
+    training = model.metadata.get("training") or {}
+    unit = []
+    for qs in sets:
+        test = [p for p in pairs if p.split == "test" and _set_of(p.annotation, [qs]) == qs.key]
+        r = evaluate_model(model, dataset(test), device=dev, name=method)
+        row = sweep_row(r, (recipe_grid(cfg),) * 2, path, cfg.epochs, training)
+        row.update(
+            set=qs.key,
+            encoder=enc,
+            seed=cfg.seed,
+            spacing_um=cfg.sample_spacing_um,
+            recipe=_recipe(cfg),
+            # The test labels hold no glass: a few pixels called background would add a 0 to
+            # the mean. mIoU over the classes of the test labels (all classes: miou_full_all).
+            miou_full_all=row["miou_full"],
+            miou_full=truth_miou(r.full),
+        )
+        unit.append(row)
+    for row in unit:
+        row["seconds"] = time.perf_counter() - t0
+    write_json(stored, unit)
+    say(f"recipe {name}: " + ", ".join(f"{r['set']} {fmt_score(r['miou_full'])}" for r in unit))
+    return unit
 
 
 def stored_recipe_rows(workdir: str | os.PathLike) -> list[dict]:

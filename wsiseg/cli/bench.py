@@ -585,7 +585,7 @@ def bench_sampling_command(
     "full: the same net on every working pixel, trained on windows (the sliding-window ceiling); "
     "densities: how far apart the trained samplers' densities are; recipe: the shipped tumour model's "
     "config (--recipe-config) with each sampler at sample spacings of 32, 16 and 8 um, one model over "
-    "all --sets, scored per set (about 1.5 hours on 2 cores); report: only write the section.",
+    "all --sets, scored per set (about 2 hours on 2 cores); report: only write the section.",
 )
 @click.option(
     "--sets",
@@ -594,13 +594,16 @@ def bench_sampling_command(
     metavar="camelyon,ocdc,bcss",
     help="Labelled-region sets of the shared data.",
 )
-@click.option("--seeds", default="0,1,2", show_default=True, help="Training seeds of the quality and full parts.")
+@click.option(
+    "--seeds", default="0,1,2", show_default=True, help="Training seeds of the quality, full and recipe parts."
+)
 @click.option(
     "--encoders",
     default="random,imagenet",
     show_default=True,
     metavar="random,imagenet",
-    help="Encoder initialisations of the quality and full parts.",
+    help="Encoder initialisations of the quality, full and recipe parts (the recipe's imagenet runs use the "
+    "encoder the offline weights fit, EfficientNet-Lite0).",
 )
 @click.option(
     "--imagenet-weights",
