@@ -476,10 +476,10 @@ def format_section(
             "",
             *goals(cells),
         ]
-    lines += _recipe_lines(work, figure)
     point = work / "bilinear-rows.json"
     if point.is_file() and rows:
         lines += ["", *_sampling_aside(json.loads(point.read_text(encoding="utf-8")), rows)]
+    lines += _recipe_lines(work, figure)
     return "\n".join(lines)
 
 
