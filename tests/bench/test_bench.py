@@ -144,3 +144,31 @@ def test_cli_bench_gpu_on_cpu_tiny_layout(shared_data, tmp_path):
     assert "| needle | 1200 x 900 |" in section and "(met)" in section
     assert "Device: cpu" in section and "AMP (float16 autocast): off (CPU)" in section
     assert list((tmp_path / "work").glob("gpu-*")) == []  # outputs removed
+
+
+def test_memory_section_reports_what_segment_adds_to_the_imports_and_its_goal():
+    from pathlib import Path
+
+    from wsiseg.bench.memory import MemoryBench, MemoryRun, format_memory_section
+    from wsiseg.bench.common import SlideSpec, machine_info
+    from wsiseg.bench.segment import Measurement
+
+    def run(side: int, peak: float, before: float) -> MemoryRun:
+        timings = {k: 1.0 for k in ("open", "regions", "sample+segment", "mask", "geojson", "qc")}
+        report = {"regions": [{}], "gather": {"regions": [{"grid": [8, 8]}]}}
+        m = Measurement("deformed", side, side, {**timings, "total": 6.0}, 3.0, 6.0, 9.0, peak, before, report)
+        return MemoryRun(SlideSpec(side, side, Path("src.png")), 1.0, False, 2**20, m)
+
+    ok = MemoryBench(
+        "m.safetensors", True, (run(1000, 1400.0, 1100.0), run(4000, 1450.0, 1080.0)), (), 10.0, machine_info()
+    )
+    text = format_memory_section(ok, "wsiseg bench memory")
+    assert "| **1400** | 1100 | 300 |" in text and "| **1450** | 1080 | 370 |" in text
+    assert (
+        "minus the imports and model (*before*) <= 400 MiB, flat in slide area: largest 370 MiB (met); spread 70"
+        in text
+    )
+    over = MemoryBench(
+        "m.safetensors", True, (run(1000, 1400.0, 1100.0), run(4000, 1600.0, 1100.0)), (), 10.0, machine_info()
+    )
+    assert "largest 500 MiB (**MISSED**)" in format_memory_section(over, "wsiseg bench memory")
