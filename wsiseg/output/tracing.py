@@ -164,6 +164,7 @@ class _Graph:
         key = (y * w1 + x) * 4 + d
         order = np.argsort(key)
         x, y, d, key = x[order], y[order], d[order], key[order]
+        del order  # each per-half-edge array below is dropped once used: a boundary-heavy raster has millions
         n = len(x)
 
         face = px.ahead(x, y, d, +1)
@@ -183,6 +184,7 @@ class _Graph:
         )
         node_start = np.zeros(n, bool)
         node_start[succ] = degree >= 3
+        del nd, degree
 
         # Rings: the cycles of succ. Where a region touches itself at a corner
         # (its pixels diagonal there), its ring passes that vertex twice; a ring
@@ -195,13 +197,16 @@ class _Graph:
             key, ((ey[pinch] + _DY[d[pinch]]) * w1 + ex[pinch] + _DX[d[pinch]]) * 4 + (d[pinch] + 2) % 4
         )
         pair = (pinch < other) & (ring[pinch] == ring[other])
+        del key, left_ahead, right_ahead
         if pair.any():
             a, b = pinch[pair], other[pair]
             succ[a], succ[b] = succ[b], succ[a]
             ring = _cycles(succ)
+        del pinch, other, pair
         vid = y * w1 + x
         by_ring = np.lexsort((np.where(node_start, vid, vid + (px.h + 1) * w1), ring))
         first = np.flatnonzero(np.r_[True, ring[by_ring][1:] != ring[by_ring][:-1]])
+        del ring
         ring_head = np.zeros(n, bool)
         ring_head[by_ring[first]] = True
 
@@ -213,6 +218,7 @@ class _Graph:
         seq = depth_first_order(graph, n, directed=True, return_predecessors=False)[1:]
         if len(seq) != n:  # pragma: no cover - a broken successor map
             raise AssertionError("boundary tracing lost half-edges")
+        del rows, cols, graph, by_ring, succ
 
         starts_ring = np.flatnonzero(ring_head[seq])
         starts_arc = ring_head[seq] | node_start[seq]
@@ -222,9 +228,11 @@ class _Graph:
         self.ring_start = np.searchsorted(ha_first, np.r_[starts_ring, n])
         self._ring_of = np.empty(n, np.int64)
         self._ring_of[seq] = np.cumsum(ring_head[seq]) - 1
+        del ring_head, node_start
 
         cross = x * ey - ex * y  # shoelace terms
         self.ring_area2 = np.add.reduceat(cross[seq], starts_ring)
+        del cross
         self.ring_minv = np.minimum.reduceat(vid[seq], starts_ring)
         self.ring_value = face[seq[starts_ring]]
         # Leftmost vertical edge of each ring (for finding a hole's region).
@@ -240,7 +248,9 @@ class _Graph:
         # direction; the other side runs it backwards, from the arc's last edge.
         hf, hl = seq[ha_first], seq[ha_last]
         canonical = face[hf] > right[hf]
+        del face
         edge_id = np.minimum(vid, ey * w1 + ex) * 2 + (d & 1)
+        del vid
         own = np.flatnonzero(canonical)
         last_edges = edge_id[hl[own]]
         by_last = np.argsort(last_edges)
@@ -248,8 +258,10 @@ class _Graph:
         self.ha_arc = np.empty(len(ha_first), np.int64)
         self.ha_arc[own] = np.arange(len(own))
         self.ha_arc[~canonical] = twin
+        del edge_id, last_edges, by_last, twin
         self.ha_rev = ~canonical
         self.arc_border = right[hf[own]] == px.outside  # along the raster's edge
+        del right
 
         # The arcs' edges in order, with the pixel centres on their two sides.
         pos = np.flatnonzero(canonical[ha_of_pos])
