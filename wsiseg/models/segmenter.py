@@ -135,7 +135,8 @@ def to_group_norm(module: nn.Module, groups: int = GROUPS) -> nn.Module:
             else:
                 gn = nn.GroupNorm(math.gcd(c, groups), c, eps=child.eps, affine=True)
             if child.affine:
-                gn.load_state_dict({"weight": child.weight.detach(), "bias": child.bias.detach()})
+                # not strict: a timm activation with parameters of its own keeps them as they are
+                gn.load_state_dict({"weight": child.weight.detach(), "bias": child.bias.detach()}, strict=False)
             setattr(module, name, gn)
         else:
             to_group_norm(child, groups)
