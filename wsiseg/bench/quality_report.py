@@ -315,6 +315,10 @@ def run_parts(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    if "imagenet" in encoders and imagenet_weights is None and {"quality", "full", "recipe"} & set(parts):
+        from wsiseg.models.pretrained import offline_imagenet_weights
+
+        imagenet_weights = str(offline_imagenet_weights("efficientnet_lite0"))
     try:
         if "capacity" in parts:
             rows = grid_capacity(data_root, work, sets, log=say)
@@ -332,18 +336,10 @@ def run_parts(
                 },
             )
         if "quality" in parts:
-            if "imagenet" in encoders and imagenet_weights is None:
-                from wsiseg.models.pretrained import offline_imagenet_weights
-
-                imagenet_weights = str(offline_imagenet_weights("efficientnet_lite0"))
             bench_quality(
                 data_root, work, sets, base, seeds=seeds, encoders=encoders, imagenet_weights=imagenet_weights, log=say
             )
         if "full" in parts:
-            if "imagenet" in encoders and imagenet_weights is None:
-                from wsiseg.models.pretrained import offline_imagenet_weights
-
-                imagenet_weights = str(offline_imagenet_weights("efficientnet_lite0"))
             for qs in sets:
                 for enc in encoders:
                     for seed in seeds:
@@ -360,10 +356,6 @@ def run_parts(
         if "recipe" in parts:
             if recipe is None:
                 raise ConfigError("the recipe part needs its training config (--recipe-config)")
-            if "imagenet" in encoders and imagenet_weights is None:
-                from wsiseg.models.pretrained import offline_imagenet_weights
-
-                imagenet_weights = str(offline_imagenet_weights("efficientnet_lite0"))
             bench_recipe(
                 data_root,
                 work,

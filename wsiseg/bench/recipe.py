@@ -168,6 +168,7 @@ def bench_recipe(
     class_map = load_class_map(csv_path.parent / "classes.yaml")
     pairs = load_pairs(csv_path)
     data_hash = dataset_hash(pairs)  # as `wsiseg train` fingerprints its pairs file
+    tests = {qs.key: [p for p in pairs if p.split == "test" and _set_of(p.annotation, sets) == qs.key] for qs in sets}
     dev = resolve_device(base.device)
     rows: list[dict] = []
     for enc in encoders:
@@ -181,12 +182,13 @@ def bench_recipe(
                         start, sample_spacing_um=float(spacing), seed=seed, **SWEEP_CONFIG[method]
                     )
                     name = f"{'' if enc == 'random' else enc + '-'}{method}-{spacing:g}um-s{seed}"
-                    rows += _recipe_run(cfg, work, name, enc, method, pairs, class_map, data_hash, sets, dev, say)
+                    rows += _recipe_run(cfg, work, name, enc, method, pairs, tests, class_map, data_hash, dev, say)
     return rows
 
 
-def _recipe_run(cfg, work: Path, name: str, enc: str, method: str, pairs, class_map, data_hash, sets, dev, say):
-    """One recipe run, trained (or reused) and scored on each set's test images; its stored rows if current."""
+def _recipe_run(cfg, work: Path, name: str, enc: str, method: str, pairs, tests, class_map, data_hash, dev, say):
+    """One recipe run, trained (or reused) and scored on each set's test pairs (``tests``: set key -> pairs);
+    its stored rows if current."""
     from wsiseg.evaluation.scoring import evaluate_model
     from wsiseg.evaluation.sweep import ensure_trained, sweep_row
     from wsiseg.models.io import load_deformseg
@@ -214,12 +216,11 @@ def _recipe_run(cfg, work: Path, name: str, enc: str, method: str, pairs, class_
     model = load_deformseg(path, device=dev)
     training = model.metadata.get("training") or {}
     unit = []
-    for qs in sets:
-        test = [p for p in pairs if p.split == "test" and _set_of(p.annotation, [qs]) == qs.key]
+    for key, test in tests.items():
         r = evaluate_model(model, dataset(test), device=dev, name=method)
         row = sweep_row(r, (recipe_grid(cfg),) * 2, path, cfg.epochs, training)
         row.update(
-            set=qs.key,
+            set=key,
             encoder=enc,
             seed=cfg.seed,
             spacing_um=cfg.sample_spacing_um,
