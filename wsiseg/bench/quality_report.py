@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from wsiseg.errors import ConfigError
 from wsiseg.training.regions import QUALITY_SETS, QualitySet
-from wsiseg.bench.recipe import bench_recipe, stored_recipe_rows
+from wsiseg.bench.recipe import bench_recipe, recipe_grid, stored_recipe_rows
 from wsiseg.bench.capacity import CapacityRow, format_capacity, grid_capacity
 from wsiseg.bench.quality import (
     EPOCHS,
@@ -315,6 +315,10 @@ def run_parts(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    if "recipe" in parts:  # a bad recipe config is named before anything else is looked up
+        if recipe is None:
+            raise ConfigError("the recipe part needs its training config (--recipe-config)")
+        recipe_grid(recipe)
     if "imagenet" in encoders and imagenet_weights is None and {"quality", "full", "recipe"} & set(parts):
         from wsiseg.models.pretrained import offline_imagenet_weights
 
@@ -353,9 +357,7 @@ def run_parts(
                             imagenet_weights=imagenet_weights,
                             log=say,
                         )
-        if "recipe" in parts:
-            if recipe is None:
-                raise ConfigError("the recipe part needs its training config (--recipe-config)")
+        if "recipe" in parts and recipe is not None:
             bench_recipe(
                 data_root,
                 work,
