@@ -276,6 +276,25 @@ def test_any_integer_labels():
         list(label_polygons(np.array([[np.iinfo(np.int64).min]]), 0))
 
 
+def test_narrow_and_wide_label_types_trace_alike():
+    # Class masks are traced with 32-bit lookups, other label types with 64-bit ones: the same polygons
+    # for label values in the same order (the order decides which way each shared arc is simplified).
+    lab = np.random.default_rng(0).integers(0, 4, (24, 31))
+    lab[ndi.binary_dilation(lab == 3)] = 2  # some larger regions among the single pixels
+    want = None
+    for dtype, values in (
+        (np.int16, (np.iinfo(np.int16).min, 0, 1, 2)),
+        (np.uint16, (0, 1, 2, 65535)),
+        (np.int32, (-7, 0, 1, 2)),
+        (np.int64, (-(2**40), 0, 1, 2**40)),
+    ):
+        typed = np.asarray(values, dtype)[lab]
+        got = [(values.index(v), g.wkb) for v, g in trace_regions(typed, values, simplify_tolerance=1.0)]
+        assert want is None or got == want, dtype
+        want = got
+    assert len(want) > 10
+
+
 def test_anisotropic_downsample_and_lazy_level(tmp_path):
     lab = np.zeros((30, 40), np.uint8)
     lab[3:17, 7:31] = 1

@@ -44,8 +44,9 @@ __all__ = ["trace_regions"]
 
 # Directions E, S, W, N in raster coordinates (y grows downwards); the left of
 # direction d is d + 3 (mod 4), its right d + 1.
-_DX = np.array([1, 0, -1, 0], np.int64)
-_DY = np.array([0, 1, 0, -1], np.int64)
+# int8, so that int32 coordinates plus a step stay int32.
+_DX = np.array([1, 0, -1, 0], np.int8)
+_DY = np.array([0, 1, 0, -1], np.int8)
 
 
 def _repaired(geom: BaseGeometry) -> Polygon | MultiPolygon | None:
@@ -84,22 +85,54 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray, steps: np.ndarray | int = 1
     return np.repeat(np.asarray(starts, np.int64), lengths) + np.repeat(steps, lengths) * within
 
 
+def _index_type(n: int) -> type[np.signedinteger]:
+    """The narrowest of int32 and int64 that indexes ``n`` elements."""
+    return np.int32 if n < np.iinfo(np.int32).max else np.int64
+
+
+def _successor_graph(succ: np.ndarray, has: np.ndarray | None = None, extra: np.ndarray | None = None) -> csr_matrix:
+    """Sparse graph with the edges ``i -> succ[i]`` (where ``has[i]``), plus a root ``n -> extra``.
+
+    Built in CSR form directly, with 32-bit indices where they fit: the
+    rows are already in order, so scipy's conversion from coordinates (a
+    sort and several copies of millions of half-edges) is not needed.
+    """
+    n = len(succ)
+    size = n + (extra is not None)
+    itype = _index_type(size + 1)
+    if has is None:
+        indices, counts = succ, np.ones(n, itype)
+    else:
+        indices, counts = succ[has], has.astype(itype)
+    if extra is not None:
+        indices, counts = np.r_[indices, extra], np.r_[counts, len(extra)]
+    indptr = np.zeros(size + 1, itype)
+    np.cumsum(counts, out=indptr[1:])
+    indices = indices.astype(itype, copy=False)
+    return csr_matrix((np.ones(len(indices), bool), indices, indptr), shape=(size, size))
+
+
 def _cycles(succ: np.ndarray) -> np.ndarray:
     """Cycle number of each element of a permutation."""
-    n = len(succ)
-    graph = csr_matrix((np.ones(n, bool), (np.arange(n), succ)), shape=(n, n))
-    return connected_components(graph, directed=True, connection="weak")[1]
+    return connected_components(_successor_graph(succ), directed=True, connection="weak")[1]
 
 
 class _Raster:
-    """Pixel lookups around lattice vertices, with one value for 'outside'."""
+    """Pixel lookups around lattice vertices, with one value for 'outside'.
+
+    Looked-up labels are int32 when every label value and 'outside' fit
+    (class masks), else int64: the lookups are per half-edge, millions on a
+    boundary-heavy raster, so their width is most of the tracer's memory.
+    """
 
     def __init__(self, labels: np.ndarray):
         self.h, self.w = labels.shape
         self.flat = labels.ravel()
         if labels.dtype == np.uint64 and labels.size and int(labels.max()) > np.iinfo(np.int64).max:
             raise WsisegError("uint64 label values above 2**63 - 1 are not supported")
-        self.outside = np.iinfo(np.int64).min
+        narrow = labels.dtype.kind in "bui" and labels.dtype.itemsize <= 2
+        self.dtype = np.dtype(np.int32 if narrow else np.int64)
+        self.outside = np.iinfo(self.dtype).min
         if labels.dtype == np.int64 and labels.size and int(labels.min()) == self.outside:
             raise WsisegError(f"label value {self.outside} is reserved")
 
@@ -109,13 +142,13 @@ class _Raster:
         col = x + (_DX[d] + side * _DX[lft] - 1) // 2
         row = y + (_DY[d] + side * _DY[lft] - 1) // 2
         inside = (row >= 0) & (row < self.h) & (col >= 0) & (col < self.w)
-        out = np.full(x.shape, self.outside, np.int64)
-        out[inside] = self.flat[row[inside] * self.w + col[inside]]
+        out = np.full(x.shape, self.outside, self.dtype)
+        out[inside] = self.flat[row[inside].astype(np.int64) * self.w + col[inside]]
         return out
 
 
 def _half_edges(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Start vertices ``(x, y)`` and directions of the half-edges with a pixel on their left."""
+    """Start vertices ``(x, y)`` (int32) and directions (int8) of the half-edges with a pixel on their left."""
     h, w = labels.shape
     ys, xs = np.nonzero(labels[:-1] != labels[1:])
     ys += 1  # horizontal boundary edges between rows ys - 1 and ys, from x to x + 1
@@ -129,9 +162,9 @@ def _half_edges(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         (np.concatenate([xv, np.zeros(h, np.int64)]), vy, 1),  # south, pixel to the right on the left (left border)
         (np.concatenate([xv, np.full(h, w)]), vy + 1, 3),  # north, pixel to the left on the left (right border)
     ]
-    x = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    y = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    d = np.concatenate([np.full(len(p[0]), p[2], np.int64) for p in parts])
+    x = np.concatenate([p[0] for p in parts]).astype(np.int32)
+    y = np.concatenate([p[1] for p in parts]).astype(np.int32)
+    d = np.concatenate([np.full(len(p[0]), p[2], np.int8) for p in parts])
     return x, y, d
 
 
@@ -160,7 +193,7 @@ class _Graph:
     def __init__(self, labels: np.ndarray):
         px = _Raster(labels)
         x, y, d = _half_edges(labels)
-        w1 = px.w + 1
+        w1 = np.int64(px.w + 1)  # an int64 scalar: vertex ids and keys of int32 coordinates are int64
         key = (y * w1 + x) * 4 + d
         order = np.argsort(key)
         x, y, d, key = x[order], y[order], d[order], key[order]
@@ -175,7 +208,7 @@ class _Graph:
         # Keep the face on the left: turn left if the pixel ahead-left is not
         # the face, else go straight if ahead-right is not, else turn right.
         nd = np.where(left_ahead != face, (d + 3) % 4, np.where(right_ahead != face, d, (d + 1) % 4))
-        succ = np.searchsorted(key, (ey * w1 + ex) * 4 + nd)
+        succ = np.searchsorted(key, (ey * w1 + ex) * 4 + nd).astype(_index_type(n))
         degree = (
             (face != left_ahead).astype(np.int8)
             + (left_ahead != right_ahead)
@@ -212,13 +245,11 @@ class _Graph:
 
         # Each ring in order: depth-first from a root linked to every ring head,
         # with the link into each head cut.
-        rows = np.r_[np.flatnonzero(~ring_head[succ]), np.full(len(first), n)]
-        cols = np.r_[succ[~ring_head[succ]], by_ring[first]]
-        graph = csr_matrix((np.ones(len(rows), bool), (rows, cols)), shape=(n + 1, n + 1))
+        graph = _successor_graph(succ, ~ring_head[succ], by_ring[first])
         seq = depth_first_order(graph, n, directed=True, return_predecessors=False)[1:]
         if len(seq) != n:  # pragma: no cover - a broken successor map
             raise AssertionError("boundary tracing lost half-edges")
-        del rows, cols, graph, by_ring, succ
+        del graph, by_ring, succ
 
         starts_ring = np.flatnonzero(ring_head[seq])
         starts_arc = ring_head[seq] | node_start[seq]
@@ -230,7 +261,7 @@ class _Graph:
         self._ring_of[seq] = np.cumsum(ring_head[seq]) - 1
         del ring_head, node_start
 
-        cross = x * ey - ex * y  # shoelace terms
+        cross = x * ey.astype(np.int64) - ex * y.astype(np.int64)  # shoelace terms
         self.ring_area2 = np.add.reduceat(cross[seq], starts_ring)
         del cross
         self.ring_minv = np.minimum.reduceat(vid[seq], starts_ring)
@@ -238,7 +269,7 @@ class _Graph:
         # Leftmost vertical edge of each ring (for finding a hole's region).
         vertical = (d & 1) == 1
         self._ring_left = np.minimum.reduceat(
-            np.where(vertical, x * (px.h + 1) + np.minimum(y, ey), np.iinfo(np.int64).max)[seq], starts_ring
+            np.where(vertical, x * np.int64(px.h + 1) + np.minimum(y, ey), np.iinfo(np.int64).max)[seq], starts_ring
         )
         self._h1, self._w1 = px.h + 1, w1
         south = np.flatnonzero(d == 1)  # sorted by (y, x), as key is
