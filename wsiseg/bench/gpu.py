@@ -173,7 +173,8 @@ def bench_gpu(
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} logical CPUs)"
     features = (
         f"AMP (float16 autocast): {'on' if dev.type == 'cuda' else 'off (CPU)'}",
-        "regions batched: no, one region per net call (not in this version of segment_slide)",
+        "regions batched: yes, regions of one sampling geometry through both nets together "
+        "(wsiseg.segment.regions.BATCH_SAMPLES samples a batch)",
         "pinned host memory, gather overlapped with compute: no (not in this version); decode, inverse map, mask "
         "writer, GeoJSON and QC run on the CPU",
     )

@@ -49,6 +49,7 @@ from wsiseg.segment.regions import (
     find_regions,
     samples_on_glass,
     segment_region,
+    segment_regions,
 )
 from wsiseg.segment.sliding import LabelStore, SW_BATCH, SW_MARGIN, SW_WINDOW, sliding_window
 from wsiseg.segment.slide import output_paths, reduced_mask_level, segment_slide
@@ -67,6 +68,7 @@ __all__ = [  # the public names of the modules above, in their order
     "RegionResult",
     "autocast",
     "segment_region",
+    "segment_regions",
     "find_regions",
     "samples_on_glass",
     "check_model_for_slides",

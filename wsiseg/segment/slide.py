@@ -24,7 +24,7 @@ from wsiseg.sampling.tiles import ReverseTiler
 from wsiseg.slide.lowres import thumbnail
 from wsiseg.slide.multiscale import Multiscale
 from wsiseg.segment.options import NO_SLIDE_MPP, OUTPUT_SUFFIXES, ScalePlan, SegmentOptions, scale_plan
-from wsiseg.segment.regions import find_regions, samples_on_glass, segment_region
+from wsiseg.segment.regions import find_regions, samples_on_glass, segment_regions
 from wsiseg.segment.sliding import LabelStore, sliding_window
 
 __all__ = [
@@ -91,13 +91,10 @@ def _one_cpu_thread(device: torch.device):
 
 
 def _segment_deformed(ms, boxes, model, options, device, progress, plan: ScalePlan) -> _Segmentation:
-    results = []
     # regions too large for one grid at the model's scale become sub-boxes, each a region of its own
     boxes = [sub for box in boxes for sub in plan.boxes(box)]
     with _one_cpu_thread(device):
-        for i, box in enumerate(boxes):
-            results.append(segment_region(ms, box, model, options, device, plan=plan))
-            progress((i + 1) / len(boxes))
+        results = segment_regions(ms, boxes, model, options, device, plan=plan, progress=progress)
     tiler = ReverseTiler([r.prediction for r in results], ms.width, ms.height, mode=options.interp)
     return _Segmentation(
         tile_source=tiler,
