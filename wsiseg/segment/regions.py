@@ -55,8 +55,8 @@ def autocast(device: torch.device, amp: bool | None):
     return contextlib.nullcontext()
 
 
-#: Samples per batch of regions through the nets (CPU memory of one batch: ~100 bytes a sample for the
-#: demo-sized nets' activations); a region larger than this is a batch of its own.
+#: Most samples in one batch of regions through the nets (bounds the nets' activations, which grow with the
+#: batch); a region larger than this is a batch of its own.
 BATCH_SAMPLES = 1 << 16
 
 
