@@ -178,8 +178,8 @@ def write_qupath_geojson(
         try:
             # No name (it would be the temporary one) and mtime=0 in the gzip
             # header: identical inputs give byte-identical files.
-            # Level 6 (gzip's own default) is as small as 9 on these files, in a third of the time.
-            binary = _gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=6) if gzip else raw
+            # Level 1: a TMA's 1.7 MB of JSON in 15 ms instead of 130 ms (level 6), 0.50 MB instead of 0.38.
+            binary = _gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=1) if gzip else raw
             with io.TextIOWrapper(binary, encoding="utf-8") as out:
                 out.write('{"type": "FeatureCollection", "features": [')
                 for feature in _region_features(labels, classes, (dx, dy), mpp, simplify_tolerance, min_area):

@@ -150,9 +150,10 @@ class _Raster:
 def _half_edges(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Start vertices ``(x, y)`` (int32) and directions (int8) of the half-edges with a pixel on their left."""
     h, w = labels.shape
-    ys, xs = np.nonzero(labels[:-1] != labels[1:])
+    # flat indices, then divmod: 2-d nonzero is several times slower on a large raster
+    ys, xs = np.divmod(np.flatnonzero(labels[:-1] != labels[1:]), w)
     ys += 1  # horizontal boundary edges between rows ys - 1 and ys, from x to x + 1
-    yv, xv = np.nonzero(labels[:, :-1] != labels[:, 1:])
+    yv, xv = np.divmod(np.flatnonzero(labels[:, :-1] != labels[:, 1:]), max(w - 1, 1))
     xv += 1  # vertical boundary edges between columns xv - 1 and xv, from y to y + 1
     cols, rows = np.arange(w), np.arange(h)
     hx, vy = np.concatenate([xs, cols]), np.concatenate([yv, rows])
