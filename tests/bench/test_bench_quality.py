@@ -216,9 +216,11 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
         )
         assert row["out_height"] == 8  # 64 px x 2 um / 16 um
         assert 0.0 <= row["miou_full"] <= 1.0 and 0.0 < row["cost"] < 0.05
+        assert 0.0 <= row["miou_full_tta"] <= 1.0
     text = out.read_text()
     assert "The shipped model's recipe" in text and "| 16 um (8x8) |" in text and "#### Goals (recipe)" in text
     assert "**ocdc, imagenet encoder**" in text and "encoder weights imagenet.safetensors" in text
+    assert "#### Test-time flips (recipe)" in text and "| ocdc | random | 16 um | learned | 1 |" in text
     assert (tmp_path / "quality-recipe.png").stat().st_size > 1000
     # the recipe trained on the OCDC training images only, none of its test images
     pairs = list(csv.DictReader(open(work / "recipe" / "data" / "pairs.csv")))

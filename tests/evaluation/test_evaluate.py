@@ -451,6 +451,18 @@ def test_cli_evaluate_writes_deformed_and_full_resolution_sections(model, nucls,
     assert doc["split"] == "all" and doc["regions"] == 15
 
 
+def test_cli_evaluate_tta_scores_the_flip_average(model, nucls, classes_yaml, tmp_path):
+    plain, flips = tmp_path / "plain", tmp_path / "flips"
+    for out, extra in ((plain, []), (flips, ["--tta"])):
+        r = _run("evaluate", model, nucls, "--classes", classes_yaml, "--out", out, "--device", "cpu", *extra)
+        assert r.exit_code == 0, r.output
+    a, b = (json.loads((p / "eval.json").read_text())["methods"]["learned"] for p in (plain, flips))
+    assert a["tta"] is False and b["tta"] is True
+    assert a["cost"] == b["cost"] and a["upsampling"] == b["upsampling"]  # the same samples
+    assert a["deformed"]["confusion"] != b["deformed"]["confusion"]  # other predictions on them
+    assert "test-time flips" in r.output
+
+
 def test_cli_evaluate_compare_trains_the_baseline_at_the_same_budget(model, nucls, classes_yaml, train_csv, tmp_path):
     from wsiseg.models.io import load_deformseg
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from wsiseg.models import (
+    TTA_FLIPS,
     DeformationNet,
     DeformSegNet,
     JointLoss,
@@ -302,3 +303,23 @@ def test_tiny_training_reduces_joint_loss(shared_data):
     assert torch.isfinite(after.total)
     assert after.total < 0.8 * before.total, (before, after)
     assert after.seg < before.seg and after.edge < before.edge
+
+
+def test_test_time_flips_average_the_flip_group_and_commute_with_flips(tiny_segmenter):
+    # The mean over an image and its three flips, each flipped back, is the same for a flipped image
+    # flipped back: the four flips are a group. Without tta it is the plain softmax.
+    torch.manual_seed(3)
+    net = _net(tiny_segmenter, sampler="uniform").eval()
+    image = torch.rand(2, 3, 24, 40)
+    with torch.no_grad():
+        plain = net.segment_probs(image)
+        want = torch.softmax(net.segmenter(net.standardise(image)), dim=1)
+        torch.testing.assert_close(plain, want)
+        tta = net.segment_probs(image, tta=True)
+        torch.testing.assert_close(tta.sum(dim=1), torch.ones(2, 24, 40))
+        assert (tta - plain).abs().max() > 1e-3  # the flips see other context: a real average
+        for dims in TTA_FLIPS:
+            torch.testing.assert_close(net.segment_probs(image.flip(dims), tta=True).flip(dims), tta)
+        # predict_lowres averages the same way over the image it sampled
+        pred = net.predict_lowres(None, image, tta=True)
+        torch.testing.assert_close(pred.probs, net.segment_probs(net(None, image).image, tta=True))

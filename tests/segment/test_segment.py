@@ -371,6 +371,27 @@ def test_regions_batched_through_the_nets_segment_as_one_by_one(slides_dir):
         assert res.gather_stats["samples"] == one.gather_stats["samples"]
 
 
+def test_test_time_flips_change_a_few_labels_and_the_fingerprint(slides_dir, tmp_path):
+    # The shipped tumour model on CMU-1-Small-Region with and without --tta: the same grid, most labels
+    # the same, some changed; the option is recorded (and so redoes a finished slide) only when on.
+    from wsiseg.demo import TUMOUR_MODEL
+
+    model = load_deformseg(TUMOUR_MODEL)
+    ms = open_slide(slides_dir / "CMU-1-Small-Region.svs")
+    box, cpu = (0, 0, ms.width, ms.height), torch.device("cpu")
+    plain = segment_region(ms, box, model, SegmentOptions(regions="whole"), cpu)
+    flips = segment_region(ms, box, model, SegmentOptions(regions="whole", tta=True), cpu)
+    assert np.array_equal(plain.points, flips.points)
+    same = (plain.prediction.labels == flips.prediction.labels).mean()
+    assert 0.8 < same < 1.0
+    assert "tta" not in SegmentOptions().resolved() and SegmentOptions(tta=True).resolved()["tta"] is True
+    args = [str(slides_dir / "boxes.tiff"), "--model", str(TUMOUR_MODEL), "--progress", "none", "--no-qc"]
+    r = _segment([*args, "--no-geojson", "--out", str(tmp_path), "--tta"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(next(tmp_path.glob("*.report.json")).read_text())
+    assert report["config"]["options"]["tta"] is True
+
+
 def _segment(args):
     return CliRunner().invoke(main, ["segment", *args], catch_exceptions=False)
 

@@ -98,6 +98,13 @@ __all__ = [
 )
 @click.option("--lod-bias", type=float, default=0.0, show_default=True, help="Octaves added to the level choice.")
 @click.option(
+    "--tta/--no-tta",
+    default=False,
+    show_default=True,
+    help="Test-time augmentation: average the segmentation net over the image it sees and its three "
+    "flips (4x the net's time; see docs/benchmarks.md for what it gains).",
+)
+@click.option(
     "--mpp",
     type=MPP,
     default=None,
@@ -186,6 +193,7 @@ def segment_command(
     interp,
     gather_mode,
     lod_bias,
+    tta,
     mpp,
     tile,
     geojson,
@@ -225,6 +233,7 @@ def segment_command(
         interp=interp,
         gather_mode=gather_mode,
         lod_bias=lod_bias,
+        tta=tta,
         device=device,
         amp=amp,
         tile=tile,

@@ -111,6 +111,8 @@ class EvalResult:
     grid_scale : float
         Regions were sampled this many times as densely per axis as their
         geometry says (1: as ``segment`` samples them).
+    tta : bool
+        Predictions averaged over the deformed image and its flips.
     regions_physical : int
         Regions sampled at that spacing (the others had no MPP).
     seconds : float
@@ -142,6 +144,7 @@ class EvalResult:
     downsamples: list[float] = field(default_factory=list)
     sample_spacing_um: float | None = None
     grid_scale: float = 1.0
+    tta: bool = False
     regions_physical: int = 0
     seconds: float = 0.0
     model_path: str | None = None
@@ -252,6 +255,7 @@ class EvalResult:
                 "what": "grids at the model's sample spacing in um (regions with an MPP, model with a scale) or by "
                 "the pixel rule; grid_scale: that many times as densely per axis (--grid-scale)",
             },
+            "tta": self.tta,
             "samples_on_glass": {
                 **{k: nan_to_none(v) for k, v in self.samples_on_glass.items()},
                 "what": f"fraction of the grid points on glass (tissue score <= {GLASS_SCORE:g}) of each region's "
@@ -332,6 +336,8 @@ def format_table(results: Sequence[EvalResult]) -> str:
     rows.append(("grid (out_size)", [wxh(r.out_size) for r in results]))
     if any(r.grid_scale != 1.0 for r in results):
         add("grid scale (x as dense)", [r.grid_scale for r in results], 3)
+    if any(r.tta for r in results):
+        rows.append(("test-time flips", ["yes" if r.tta else "no" for r in results]))
     rows.append(("cost (% of level-0 px)", [percent(r.cost) for r in results]))
     if any(not math.isclose(r.cost, r.cost_working) for r in results):
         rows.append(("cost (% of working px)", [percent(r.cost_working) for r in results]))

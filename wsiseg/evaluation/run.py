@@ -217,6 +217,7 @@ def run_evaluation(
     mpp: float | None = None,
     log: Callable[[str], None] | None = None,
     grid_scale: float = 1.0,
+    tta: bool = False,
 ) -> EvaluationRun:
     """The ``wsiseg evaluate`` command: evaluate, compare with baselines, sweep the budget.
 
@@ -275,6 +276,9 @@ def run_evaluation(
         Sample the evaluated regions this many times as densely per axis
         (``--grid-scale``, :func:`evaluate_model`; baselines and sweeps
         train as usual).
+    tta : bool
+        Test-time flips for the model and its baselines (``--tta``,
+        :func:`evaluate_model`).
 
     Returns
     -------
@@ -320,6 +324,7 @@ def run_evaluation(
         widths=widths,
         log=say,
         grid_scale=grid_scale,
+        tta=tta,
     )
     main_name = model.net.sampler if model.net.sampler not in compare else "model"
     results = [evaluate(model, name=main_name)]

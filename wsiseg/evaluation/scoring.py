@@ -139,6 +139,7 @@ def evaluate_model(
     name: str | None = None,
     log: Callable[[str], None] | None = None,
     grid_scale: float = 1.0,
+    tta: bool = False,
 ) -> EvalResult:
     """Evaluate a model on a data set of labelled regions.
 
@@ -174,6 +175,9 @@ def evaluate_model(
         geometry says (``scale`` of
         :func:`wsiseg.sampling.geometry.region_geometry`): how the scores
         hold up when a slide is sampled off the model's scale.
+    tta : bool
+        Test-time augmentation (:meth:`wsiseg.models.net.DeformSegNet.segment_probs`):
+        the segmenter's mean over the deformed image and its flips.
 
     Returns
     -------
@@ -206,10 +210,19 @@ def evaluate_model(
     widths = tuple(float(w) for w in widths)
 
     res = _empty_result(model, net, names, widths, ignore_index, name, spacing, grid_scale)
+    res.tta = bool(tta)
     t0 = time.perf_counter()
     for batch in _batches(dataset, batch_size):
         _score_batch(
-            res, net, batch, dev, spacing=spacing, grid_scale=grid_scale, widths=widths, ignore_index=ignore_index
+            res,
+            net,
+            batch,
+            dev,
+            spacing=spacing,
+            grid_scale=grid_scale,
+            widths=widths,
+            ignore_index=ignore_index,
+            tta=tta,
         )
         if log is not None and (res.regions % 50 < len(batch)):
             log(f"{res.name}: {res.regions}/{len(dataset)} regions")
@@ -266,6 +279,7 @@ def _score_batch(
     grid_scale: float,
     widths: tuple[float, ...],
     ignore_index: int,
+    tta: bool = False,
 ) -> None:
     """Predict a batch of regions (one size, one MPP: :func:`_batches`) and add it to the counts of ``res``."""
     from wsiseg.models.net import lowres_view
@@ -286,7 +300,7 @@ def _score_batch(
     geo = net.geometry(h, w, physical=physical, scale=grid_scale)
     x_lr = lowres_view(image, geo.map)
     # The edge baseline is an oracle: it places its samples from the labels.
-    pred = net.predict_lowres(x_lr, image, labels=labels if net.sampler == "edge" else None, geometry=geo)
+    pred = net.predict_lowres(x_lr, image, labels=labels if net.sampler == "edge" else None, geometry=geo, tta=tta)
     grid = pred.grid.float()
     y_lr = sample_labels(labels, grid)
     index = inverse_map(grid, (h, w))  # shared by the prediction and Y'

@@ -6,7 +6,7 @@ Checkpoint I/O lives in :mod:`wsiseg.models.io`, initial encoder weights
 
 from wsiseg.models.deformation import DeformationNet
 from wsiseg.models.losses import CrossEntropyLoss, FocalLoss, JointLoss, JointLossOutput, edge_loss, segmentation_loss
-from wsiseg.models.net import SAMPLERS, DeformSegNet, DeformSegOutput, LowResPrediction, lowres_view
+from wsiseg.models.net import SAMPLERS, TTA_FLIPS, DeformSegNet, DeformSegOutput, LowResPrediction, lowres_view
 from wsiseg.models.segmenter import (
     ModelConfigError,
     PaddedSegmenter,
@@ -18,6 +18,7 @@ from wsiseg.models.segmenter import (
 
 __all__ = [
     "SAMPLERS",
+    "TTA_FLIPS",
     "CrossEntropyLoss",
     "DeformSegNet",
     "DeformSegOutput",

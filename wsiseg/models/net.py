@@ -44,7 +44,15 @@ from wsiseg.sampling.geometry import GeometryRule, PhysicalScale, SamplingGeomet
 from wsiseg.sampling.grid import DeformedGrid, density_to_grid
 from wsiseg.sampling.sample import downsample_labels, sample_image, sample_image_lod, sample_labels
 
-__all__ = ["IMAGE_SAMPLING", "DeformSegNet", "DeformSegOutput", "LowResPrediction", "SAMPLERS", "lowres_view"]
+__all__ = [
+    "IMAGE_SAMPLING",
+    "DeformSegNet",
+    "DeformSegOutput",
+    "LowResPrediction",
+    "SAMPLERS",
+    "TTA_FLIPS",
+    "lowres_view",
+]
 
 #: How tensor sources are sampled (see :class:`DeformSegNet`).
 IMAGE_SAMPLING = ("lod", "bilinear")
@@ -54,6 +62,11 @@ SAMPLERS = ("learned", "uniform", "edge")
 #: ImageNet statistics: the usual convention of smp/timm encoders.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Test-time augmentation: the flips (tensor dims of ``(B, C, h, w)``) whose predictions are averaged
+#: with the unflipped one, each flipped back first. Flips keep any grid shape; on a deformed image a flip
+#: of the image is a flip of the grid points, so every point's prediction stays its own.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((-1,), (-2,), (-2, -1))
 
 Gather = Callable[[torch.Tensor], Any]
 Source = torch.Tensor | Gather
@@ -419,6 +432,30 @@ class DeformSegNet(nn.Module):
             return self.deformed_grid(d, out_size=self.out_size)
         return density_to_grid(d, geometry.sigma, geometry.support, out_size=geometry.grid)
 
+    def segment_probs(
+        self, image: torch.Tensor, *, tta: bool = False, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Class probabilities ``(B, K, h, w)`` (float32) of the segmenter on a deformed image.
+
+        Parameters
+        ----------
+        image : torch.Tensor
+            ``(B, C, h, w)`` in ``[0, 1]`` (or uint8), as sampled.
+        tta : bool
+            Test-time augmentation: the mean of the softmax over the image
+            and its flips (:data:`TTA_FLIPS`), each flipped back; four
+            segmenter passes instead of one.
+        logits : torch.Tensor, optional
+            The segmenter's logits on ``image`` when already computed.
+        """
+        x = self.standardise(image)
+        probs = torch.softmax((self.segmenter(x) if logits is None else logits).float(), dim=1)
+        if tta:
+            for dims in TTA_FLIPS:
+                probs = probs + torch.softmax(self.segmenter(x.flip(dims)).float(), dim=1).flip(dims)
+            probs = probs / (1 + len(TTA_FLIPS))
+        return probs
+
     # -- forward -------------------------------------------------------------
     def reference_geometry(self) -> SamplingGeometry:
         """The geometry of the model's reference shape: ``out_size``, ``map_size``, its sigma and support."""
@@ -525,12 +562,13 @@ class DeformSegNet(nn.Module):
         source: Source,
         labels: torch.Tensor | None = None,
         geometry: SamplingGeometry | None = None,
+        tta: bool = False,
     ) -> LowResPrediction:
         """Predict classes on the sampling grid (eval mode, no gradients).
 
         Same arguments as :meth:`forward` (``labels`` only for the oracle
-        ``"edge"`` sampler). The module is switched to eval mode for the
-        call and restored afterwards.
+        ``"edge"`` sampler), and ``tta`` (:meth:`segment_probs`). The module
+        is switched to eval mode for the call and restored afterwards.
 
         Returns
         -------
@@ -542,9 +580,9 @@ class DeformSegNet(nn.Module):
         self.eval()
         try:
             out = self.forward(x_lr, source, labels=labels, geometry=geometry)
+            probs = self.segment_probs(out.image, tta=tta, logits=out.logits)
         finally:
             self.train(was_training)
-        probs = torch.softmax(out.logits.float(), dim=1)
         return LowResPrediction(labels=probs.argmax(dim=1), probs=probs, grid=out.grid, d=out.d)
 
     def extra_repr(self) -> str:

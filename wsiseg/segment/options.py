@@ -82,6 +82,10 @@ class SegmentOptions:
         Level-of-detail pyramid reads, or bilinear at level 0 (the paper).
     lod_bias : float
         Octaves added to the level choice (positive reads coarser).
+    tta : bool
+        Test-time augmentation: the segmentation net's class probabilities
+        averaged over the image it sees and its three flips (4x its time;
+        :meth:`wsiseg.models.net.DeformSegNet.segment_probs`).
     device : str
         ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     amp : bool, optional
@@ -117,6 +121,7 @@ class SegmentOptions:
     interp: str = "nearest"
     gather_mode: str = "lod"
     lod_bias: float = 0.0
+    tta: bool = False
     device: str = "auto"
     amp: bool | None = None
     tile: int = 512
@@ -163,6 +168,8 @@ class SegmentOptions:
             d.pop("formats")
         if d["max_grid"] == MAX_GRID:
             d.pop("max_grid")  # likewise for --max-grid
+        if not d["tta"]:
+            d.pop("tta")  # and for --tta
         if "ome-zarr" not in self.formats:
             # only the OME-Zarr depends on it; with one, the key also sets apart the stores that
             # held labels alone (before the RGB image was added): a resume redoes them

@@ -177,8 +177,7 @@ def _segment_batch(ms, boxes, geo: SamplingGeometry, model: LoadedModel, options
         ]
         gathered = [gather(ms, p, mode=options.gather_mode, bias=options.lod_bias) for p in points]
         image = torch.from_numpy(np.stack([g.image for g in gathered])).permute(0, 3, 1, 2).to(device)
-        logits = net.segmenter(net.standardise(image))
-    probs = torch.softmax(logits.float(), dim=1).cpu()
+        probs = net.segment_probs(image, tta=options.tta).cpu()
     values = np.array([c.value for c in model.classes], dtype=np.uint8)
     labels = values[probs.argmax(dim=1).numpy()]
     grid_cpu, dens = grid.cpu(), d[:, 0].float().cpu().numpy()

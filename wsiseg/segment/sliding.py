@@ -90,8 +90,9 @@ def sliding_window(
         batch = windows[start : start + SW_BATCH]
         images = np.stack([_read_window(ms, wx - m, wy - m, size) for wx, wy, _ in batch])
         with torch.no_grad(), autocast(device, options.amp):
-            logits = net.segmenter(net.standardise(torch.from_numpy(images).permute(0, 3, 1, 2).to(device)))
-        best = logits.float().argmax(dim=1)[:, m : m + SW_WINDOW, m : m + SW_WINDOW].cpu().numpy()
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+            scores = net.segment_probs(x, tta=True) if options.tta else net.segmenter(net.standardise(x))
+        best = scores.float().argmax(dim=1)[:, m : m + SW_WINDOW, m : m + SW_WINDOW].cpu().numpy()
         for (wx, wy, (bx, by, bw, bh)), idx in zip(batch, best):
             # windows at a box's right/bottom edge are cropped to the box
             store.write(wx, wy, values[idx[: by + bh - wy, : bx + bw - wx]])
