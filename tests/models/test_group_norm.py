@@ -90,3 +90,57 @@ def test_unknown_norms_are_refused():
         TrainConfig(norm="layer")
     with pytest.raises(ModelConfigError, match="unknown norm 'layer'"):
         build_segmenter("unet", "resnet18", 2, norm="layer")
+
+
+def test_frozen_batchnorm_is_the_layer_at_inference_in_training_too():
+    # A BatchNorm (plain, and timm's with its activation) with learnt statistics: the frozen layer gives what
+    # it gives in eval mode, in any mode, whatever the batch.
+    from timm.layers import BatchNormAct2d
+
+    from wsiseg.models.segmenter import FrozenBatchNorm
+
+    torch.manual_seed(2)
+    x = torch.randn(4, 6, 5, 7)
+    for bn in (torch.nn.BatchNorm2d(6), BatchNormAct2d(6, act_layer=torch.nn.ReLU6)):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+        frozen = FrozenBatchNorm(bn).train()
+        with torch.no_grad():
+            want = bn.eval()(x)
+            torch.testing.assert_close(frozen(x), want)
+            torch.testing.assert_close(frozen(x[:1]), want[:1])
+        assert [n for n, _ in frozen.named_parameters()] == ["weight", "bias"]
+
+
+def test_frozen_norm_keeps_the_pretrained_statistics_in_the_encoder_and_round_trips(tmp_path):
+    """norm: frozen with a weights file: the encoder normalises with the file's statistics, the decoder per
+    region; a region's labels do not depend on its batch in training; the model file rebuilds it."""
+    from safetensors.torch import save_file
+
+    from wsiseg.models.pretrained import find_encoder
+    from wsiseg.models.segmenter import FrozenBatchNorm
+
+    torch.manual_seed(6)
+    state = find_encoder(build_segmenter("unet", "resnet18", 2, **SMALL)).state_dict()
+    state = {k: torch.randn(v.shape) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.abs() + 0.1 if k.endswith("running_var") else v for k, v in state.items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    seg = build_segmenter("unet", "resnet18", 2, norm="frozen", encoder_weights=tmp_path / "w.safetensors", **SMALL)
+    enc = find_encoder(seg)
+    assert _norms(enc) == {"FrozenBatchNorm"} and _norms(seg) == {"FrozenBatchNorm", "GroupNorm"}
+    scale = state["bn1.weight"] / torch.sqrt(state["bn1.running_var"] + 1e-5)
+    torch.testing.assert_close(enc.state_dict()["bn1.weight"], scale)
+    torch.testing.assert_close(enc.state_dict()["bn1.bias"], state["bn1.bias"] - state["bn1.running_mean"] * scale)
+    assert seg.config()["norm"] == "frozen"
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(seg.train()(x)[0], seg(x[:1])[0], atol=1e-5, rtol=1e-5)
+    cfg = TrainConfig(arch="unet", encoder="resnet18", norm="frozen", out_size=(32, 32), map_size=(16, 16), **SMALL)
+    net = build_net(cfg, 3).eval()
+    assert any(isinstance(m, FrozenBatchNorm) for m in net.modules())
+    save_deformseg(tmp_path / "f.safetensors", net, default_classes(["a", "b", "c"]))
+    loaded = load_deformseg(tmp_path / "f.safetensors").net
+    with torch.no_grad():
+        assert torch.equal(net(None, x[:1]).logits, loaded(None, x[:1]).logits)

@@ -36,6 +36,8 @@ from wsiseg.errors import ModelConfigError
 __all__ = [
     "GROUPS",
     "NORMS",
+    "FrozenBatchNorm",
+    "freeze_batch_norm",
     "PaddedSegmenter",
     "available_architectures",
     "available_encoders",
@@ -97,9 +99,60 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 # Normalisation layers a segmenter can be built with (:func:`build_segmenter`).
-NORMS = ("batch", "group")
+NORMS = ("batch", "group", "frozen")
 # The most groups a GroupNorm layer gets (gcd with its channels): 8 suits the small decoders (16 channels).
 GROUPS = 8
+
+
+class FrozenBatchNorm(nn.Module):
+    """A BatchNorm layer frozen at its running statistics: a per-channel scale and shift.
+
+    ``y = x * weight + bias`` with ``weight = gamma / sqrt(var + eps)`` and
+    ``bias = beta - mean * weight`` taken from the BatchNorm it replaces,
+    both trainable. It normalises the same in training and at inference and
+    never looks at the batch, so a pretrained encoder keeps the statistics
+    it was trained with (ImageNet's) however small or mixed the batches
+    are. timm's BatchNorm with a built-in activation keeps its dropout and
+    activation after the affine.
+
+    Parameters
+    ----------
+    bn : torch.nn.BatchNorm2d
+        The layer to freeze (its running statistics and affine transform).
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        c = int(bn.num_features)
+        mean = bn.running_mean.detach() if bn.running_mean is not None else torch.zeros(c)
+        var = bn.running_var.detach() if bn.running_var is not None else torch.ones(c)
+        gamma = bn.weight.detach() if bn.affine else torch.ones(c)
+        beta = bn.bias.detach() if bn.affine else torch.zeros(c)
+        scale = gamma / torch.sqrt(var + bn.eps)
+        self.weight = nn.Parameter(scale.clone())
+        self.bias = nn.Parameter((beta - mean * scale).clone())
+        self.drop: nn.Module = getattr(bn, "drop", None) or nn.Identity()
+        self.act: nn.Module = getattr(bn, "act", None) or nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(1, -1, 1, 1).to(x.dtype)
+        return self.act(self.drop(y))
+
+
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` inside ``module`` by a :class:`FrozenBatchNorm` of it, in place.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` itself.
+    """
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm(child))
+        else:
+            freeze_batch_norm(child)
+    return module
 
 
 def to_group_norm(module: nn.Module, groups: int = GROUPS) -> nn.Module:
@@ -255,14 +308,19 @@ def build_segmenter(
         when asked) or a local state dict file, see
         :func:`wsiseg.models.pretrained.load_encoder_weights`. Not part of
         ``config()``; recorded in ``encoder_init``.
-    norm : {"batch", "group"}, default "batch"
+    norm : {"batch", "group", "frozen"}, default "batch"
         ``"group"`` replaces every BatchNorm layer by a GroupNorm
         (:func:`to_group_norm`): each region is normalised by its own
         statistics, in training and at inference alike, so they match
         whatever the batch holds and whatever the grid's size. Pretrained
         encoder weights are loaded first, into the BatchNorm encoder; each
         GroupNorm then takes its BatchNorm's learnt scale and shift (the
-        running statistics are dropped).
+        running statistics are dropped). ``"frozen"``: the encoder's
+        BatchNorm layers become :class:`FrozenBatchNorm` (their running
+        statistics, ImageNet's with pretrained weights, folded into a
+        trainable per-channel scale and shift), the decoder's GroupNorm;
+        for pretrained encoders (docs/benchmarks.md: on the recipe it beat
+        both GroupNorm throughout and random initialisation).
     **kwargs
         Passed to the smp model (e.g. ``decoder_channels``,
         ``encoder_depth``). Must be JSON-able for :meth:`PaddedSegmenter.config`.
@@ -318,6 +376,8 @@ def build_segmenter(
         from wsiseg.models.pretrained import load_encoder_weights
 
         init = load_encoder_weights(model.encoder, encoder_weights, encoder_name=str(encoder))
+    if norm == "frozen":  # the encoder keeps its (pretrained) statistics, the rest normalises per region
+        freeze_batch_norm(model.encoder)
     if norm != "batch":  # model files with BatchNorm keep the spec they always had
         to_group_norm(model)
         spec["norm"] = norm

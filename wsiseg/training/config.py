@@ -156,14 +156,18 @@ class TrainConfig:
         statistics are often one source's, and running statistics learnt
         that way fit no source well (docs/demo-model.md). ``None``: batch
         statistics throughout.
-    norm : {"batch", "group"}
+    norm : {"batch", "group", "frozen"}
         The segmenter's normalisation layers. ``"group"``: GroupNorm
         (:func:`wsiseg.models.segmenter.to_group_norm`), which normalises
         each region by its own statistics in training and at inference
         alike; BatchNorm's running statistics fit neither other sources
         nor other grid sizes than those it was trained on (docs/demo-model.md).
         With ``encoder_weights``, each GroupNorm starts from its pretrained
-        BatchNorm's scale and shift.
+        BatchNorm's scale and shift. ``"frozen"``: for ``encoder_weights``,
+        the encoder keeps its pretrained BatchNorm statistics as a fixed
+        per-channel scale and shift
+        (:class:`wsiseg.models.segmenter.FrozenBatchNorm`), the decoder gets
+        GroupNorm.
     out_size : (int, int)
         ``(h, w)`` of the sampling grid, deformed image and logits.
     map_size : (int, int)
