@@ -178,7 +178,13 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
     from wsiseg.bench import recipe
 
     monkeypatch.setattr(
-        recipe, "RECIPE_RUNS", {"random": {16.0: ("learned", "uniform")}, "imagenet": {16.0: ("learned",)}}
+        recipe,
+        "RECIPE_RUNS",
+        {
+            "random": {16.0: ("learned", "uniform")},
+            "imagenet": {16.0: ("learned",)},
+            "imagenet-frozen": {16.0: ("uniform",)},
+        },
     )
     monkeypatch.setattr(recipe, "RECIPE_IMAGENET_ENCODER", "tu-resnet10t")
     from safetensors.torch import save_file
@@ -202,7 +208,12 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
     config.write_text(yaml.safe_dump(tiny))
     out, work, fig = tmp_path / "bench.md", tmp_path / "work", tmp_path / "quality.png"
     args = ["bench", "quality", "--parts", "recipe", "--sets", "ocdc", "--seeds", "0", "--recipe-config", str(config)]
-    args += ["--encoders", "random,imagenet", "--imagenet-weights", str(tmp_path / "imagenet.safetensors")]
+    args += [
+        "--encoders",
+        "random,imagenet,imagenet-frozen",
+        "--imagenet-weights",
+        str(tmp_path / "imagenet.safetensors"),
+    ]
     args += ["--data", str(few_ocdc), "--workdir", str(work), "--out", str(out), "--figure", str(fig)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
@@ -220,6 +231,9 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
     text = out.read_text()
     assert "The shipped model's recipe" in text and "| 16 um (8x8) |" in text and "#### Goals (recipe)" in text
     assert "**ocdc, imagenet encoder**" in text and "encoder weights imagenet.safetensors" in text
+    (frozen,) = json.loads((work / "recipe" / "rows" / "imagenet-frozen-uniform-16um-s0.json").read_text())
+    assert frozen["encoder"] == "imagenet-frozen" and frozen["recipe"]["norm"] == "frozen"
+    assert "**ocdc, imagenet-frozen encoder**" in text and "frozen normalisation" in text
     assert "#### Test-time flips (recipe)" in text and "| ocdc | random | 16 um | learned | 1 |" in text
     assert (tmp_path / "quality-recipe.png").stat().st_size > 1000
     # the recipe trained on the OCDC training images only, none of its test images

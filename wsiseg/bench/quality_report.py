@@ -82,7 +82,7 @@ class Cell:
 def aggregate(rows: Sequence[dict]) -> dict[tuple[str, str, str, int], Cell]:
     """Cells keyed by ``(set, encoder, method, grid side)``: held-out mIoU, mIoU(Y', Y), samples on glass."""
     cells: dict[tuple[str, str, str, int], Cell] = {}
-    sets, encs = list(QUALITY_SETS), ["random", "imagenet"]
+    sets, encs = list(QUALITY_SETS), ["random", "imagenet", "imagenet-frozen"]
     order = {m: i for i, m in enumerate(("learned", "single", "uniform", "edge", FULL))}
     rows = sorted(
         rows,
@@ -319,7 +319,8 @@ def run_parts(
         if recipe is None:
             raise ConfigError("the recipe part needs its training config (--recipe-config)")
         recipe_grid(recipe)
-    if "imagenet" in encoders and imagenet_weights is None and {"quality", "full", "recipe"} & set(parts):
+    pretrained = [e for e in encoders if e.startswith("imagenet")]
+    if pretrained and imagenet_weights is None and {"quality", "full", "recipe"} & set(parts):
         from wsiseg.models.pretrained import offline_imagenet_weights
 
         imagenet_weights = str(offline_imagenet_weights("efficientnet_lite0"))
@@ -339,13 +340,14 @@ def run_parts(
                     "rows": [dataclasses.asdict(r) for r in brows],
                 },
             )
+        per_set = [e for e in encoders if e in ("random", "imagenet")]  # the recipe-only variants aside
         if "quality" in parts:
             bench_quality(
-                data_root, work, sets, base, seeds=seeds, encoders=encoders, imagenet_weights=imagenet_weights, log=say
+                data_root, work, sets, base, seeds=seeds, encoders=per_set, imagenet_weights=imagenet_weights, log=say
             )
         if "full" in parts:
             for qs in sets:
-                for enc in encoders:
+                for enc in per_set:
                     for seed in seeds:
                         full_resolution_ceiling(
                             data_root,

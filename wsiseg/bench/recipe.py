@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RECIPE_CONFIG",
     "RECIPE_IMAGENET_ENCODER",
+    "RECIPE_NORMS",
     "RECIPE_RUNS",
     "bench_recipe",
     "format_tta",
@@ -58,7 +59,11 @@ RECIPE_RUNS: dict[str, dict[float, tuple[str, ...]]] = {
         8.0: ("learned", "single", "uniform", "edge"),
     },
     "imagenet": {8.0: ("learned", "uniform")},
+    "imagenet-frozen": {8.0: ("learned", "uniform")},
 }
+#: Recipe-only encoder variants: the pretrained encoder with its BatchNorm statistics frozen (``norm: frozen``)
+#: instead of moved to GroupNorm.
+RECIPE_NORMS = {"imagenet": None, "imagenet-frozen": "frozen"}
 #: The encoder of the pretrained variant: the one the offline ImageNet weights fit
 #: (:func:`wsiseg.models.pretrained.offline_imagenet_weights`), in place of the recipe's own.
 RECIPE_IMAGENET_ENCODER = "tu-efficientnet_lite0"
@@ -134,11 +139,13 @@ def bench_recipe(
         The recipe (physical scale: ``working_mpp``, ``crop_size``, ``sample_spacing_um``); each run
         changes its sampler (:data:`wsiseg.evaluation.results.SWEEP_CONFIG`), spacing and seed.
     seeds : sequence of int
-    encoders : sequence of {"random", "imagenet"}
+    encoders : sequence of {"random", "imagenet", "imagenet-frozen"}
         ``"random"``: the recipe as it is; ``"imagenet"``: its encoder replaced by
-        :data:`RECIPE_IMAGENET_ENCODER` with ``imagenet_weights`` (runs named ``imagenet-...``).
+        :data:`RECIPE_IMAGENET_ENCODER` with ``imagenet_weights`` (runs named ``imagenet-...``);
+        ``"imagenet-frozen"``: the same with ``norm: frozen`` (the encoder's BatchNorm statistics
+        kept, the decoder on GroupNorm; runs named ``imagenet-frozen-...``).
     imagenet_weights : str, optional
-        Required with ``"imagenet"``: a local weights file.
+        Required with the imagenet variants: a local weights file.
     runs : mapping, optional
         Methods per encoder and spacing (default :data:`RECIPE_RUNS`).
     log : callable, optional
@@ -162,7 +169,7 @@ def bench_recipe(
 
     say = log or (lambda _m: None)
     recipe_grid(base)  # refuse a config without physical scale before any work
-    if "imagenet" in encoders and not imagenet_weights:
+    if any(e in RECIPE_NORMS for e in encoders) and not imagenet_weights:
         raise ConfigError("the imagenet recipe runs need --imagenet-weights PATH (e.g. the offline EfficientNet-Lite0)")
     work = Path(workdir) / "recipe"
     csv_path = prepare_demo_data(data_root, work / "data", sets=[qs.key for qs in sets])
@@ -174,8 +181,9 @@ def bench_recipe(
     rows: list[dict] = []
     for enc in encoders:
         start = base
-        if enc == "imagenet":
+        if enc in RECIPE_NORMS:
             start = dataclasses.replace(base, encoder=RECIPE_IMAGENET_ENCODER, encoder_weights=imagenet_weights)
+            start = dataclasses.replace(start, norm=RECIPE_NORMS[enc] or base.norm)
         for spacing, methods in (runs or RECIPE_RUNS)[enc].items():
             for method in methods:
                 for seed in seeds:

@@ -603,7 +603,8 @@ def bench_sampling_command(
     show_default=True,
     metavar="random,imagenet",
     help="Encoder initialisations of the quality, full and recipe parts (the recipe's imagenet runs use the "
-    "encoder the offline weights fit, EfficientNet-Lite0).",
+    "encoder the offline weights fit, EfficientNet-Lite0, moved to GroupNorm; recipe only: imagenet-frozen, "
+    "the same encoder on its frozen BatchNorm statistics, norm: frozen).",
 )
 @click.option(
     "--imagenet-weights",
@@ -695,8 +696,8 @@ def bench_quality_command(
             f"--parts expects capacity, balance, quality, full, densities, recipe (or report), got {parts!r}"
         )
     enc = [k.strip() for k in encoders.split(",") if k.strip()]
-    if not enc or set(enc) - {"random", "imagenet"}:
-        raise ConfigError(f"--encoders expects random and/or imagenet, got {encoders!r}")
+    if not enc or set(enc) - {"random", "imagenet", "imagenet-frozen"}:
+        raise ConfigError(f"--encoders expects random, imagenet and/or imagenet-frozen, got {encoders!r}")
     try:
         seed_list = [int(v) for v in seeds.split(",") if v.strip()]
     except ValueError:
