@@ -206,6 +206,12 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
     img = Image.new("RGB", (pw * max(1, len(sets)), ph * max(1, len(encs))), "white")
     draw = ImageDraw.Draw(img)
     font = chart_font()
+    # one y scale per set (column), so the encoders' rows compare at a glance and a panel with one budget
+    # does not blow a difference of a fraction of a point up to its full height
+    scale = {}
+    for s in sets:
+        means = [c.mean for k, c in cells.items() if k[0] == s and c.miou]
+        scale[s] = (max(0.0, min(means) - 0.02), min(1.0, max(means) + 0.02)) if means else None
     for i, enc in enumerate(encs):
         for j, s in enumerate(sets):
             grids = sorted({k[3] for k in cells if k[:2] == (s, enc) and k[2] != FULL})
@@ -229,6 +235,7 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
                 series,
                 x_label="log10(% of level-0 pixels sampled)",
                 integer_x=False,
+                y_range=scale[s],
             )
     with atomic_output(path, overwrite=True) as tmp:
         img.save(tmp, format="PNG")
