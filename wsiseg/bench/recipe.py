@@ -182,8 +182,12 @@ def bench_recipe(
     for enc in encoders:
         start = base
         if enc in RECIPE_NORMS:
-            start = dataclasses.replace(base, encoder=RECIPE_IMAGENET_ENCODER, encoder_weights=imagenet_weights)
-            start = dataclasses.replace(start, norm=RECIPE_NORMS[enc] or base.norm)
+            start = dataclasses.replace(
+                base,
+                encoder=RECIPE_IMAGENET_ENCODER,
+                encoder_weights=imagenet_weights,
+                norm=RECIPE_NORMS[enc] or base.norm,
+            )
         for spacing, methods in (runs or RECIPE_RUNS)[enc].items():
             for method in methods:
                 for seed in seeds:
@@ -228,8 +232,9 @@ def _recipe_run(cfg, work: Path, name: str, enc: str, method: str, pairs, tests,
     training = model.metadata.get("training") or {}
     unit = []
     for key, test in tests.items():
-        r = evaluate_model(model, dataset(test), device=dev, name=method)
-        flips = evaluate_model(model, dataset(test), device=dev, name=method, tta=True)
+        ds = dataset(test)  # read once, scored twice
+        r = evaluate_model(model, ds, device=dev, name=method)
+        flips = evaluate_model(model, ds, device=dev, name=method, tta=True)
         row = sweep_row(r, (recipe_grid(cfg),) * 2, path, cfg.epochs, training)
         row.update(
             set=key,

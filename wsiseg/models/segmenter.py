@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -147,11 +148,16 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     torch.nn.Module
         ``module`` itself.
     """
+    return _replace_batch_norm(module, FrozenBatchNorm)
+
+
+def _replace_batch_norm(module: nn.Module, make: Callable[[nn.BatchNorm2d], nn.Module]) -> nn.Module:
+    """Replace every ``BatchNorm2d`` inside ``module`` by ``make(it)``, in place; ``module`` itself."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, FrozenBatchNorm(child))
+            setattr(module, name, make(child))
         else:
-            freeze_batch_norm(child)
+            _replace_batch_norm(child, make)
     return module
 
 
@@ -177,23 +183,22 @@ def to_group_norm(module: nn.Module, groups: int = GROUPS) -> nn.Module:
     torch.nn.Module
         ``module`` itself.
     """
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.BatchNorm2d):
-            c = int(child.num_features)
-            if hasattr(child, "act"):  # timm's BatchNormAct2d: keep its activation (and dropout)
-                from timm.layers import GroupNormAct
 
-                gn: nn.Module = GroupNormAct(c, math.gcd(c, groups), eps=child.eps, apply_act=False)
-                gn.drop, gn.act = child.drop, child.act
-            else:
-                gn = nn.GroupNorm(math.gcd(c, groups), c, eps=child.eps, affine=True)
-            if child.affine:
-                # not strict: a timm activation with parameters of its own keeps them as they are
-                gn.load_state_dict({"weight": child.weight.detach(), "bias": child.bias.detach()}, strict=False)
-            setattr(module, name, gn)
+    def make(child: nn.BatchNorm2d) -> nn.Module:
+        c = int(child.num_features)
+        if hasattr(child, "act"):  # timm's BatchNormAct2d: keep its activation (and dropout)
+            from timm.layers import GroupNormAct
+
+            gn: nn.Module = GroupNormAct(c, math.gcd(c, groups), eps=child.eps, apply_act=False)
+            gn.drop, gn.act = child.drop, child.act
         else:
-            to_group_norm(child, groups)
-    return module
+            gn = nn.GroupNorm(math.gcd(c, groups), c, eps=child.eps, affine=True)
+        if child.affine:
+            # not strict: a timm activation with parameters of its own keeps them as they are
+            gn.load_state_dict({"weight": child.weight.detach(), "bias": child.bias.detach()}, strict=False)
+        return gn
+
+    return _replace_batch_norm(module, make)
 
 
 class PaddedSegmenter(nn.Module):
