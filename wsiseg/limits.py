@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "MAX_ANNOTATION_BYTES",
+    "MAX_GRID_ITERATIONS",
     "MAX_CHANNELS",
     "MAX_CLASSES",
     "MAX_COORDINATE",
@@ -79,6 +80,8 @@ MAX_MODEL_SIDE = 4096
 MAX_SIGMA = 512.0
 #: Largest attraction-kernel side (``2 * ceil(2 * MAX_SIGMA) + 1``: a 33 MB kernel).
 MAX_SUPPORT = 2049
+#: Most attraction steps from density to grid (each is one convolution of the density map).
+MAX_GRID_ITERATIONS = 64
 #: Most image channels a model may take.
 MAX_CHANNELS = 16
 #: Most classes (label values are 0..255).

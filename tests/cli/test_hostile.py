@@ -68,6 +68,7 @@ MODEL_CASES = {
     "support 1e6 (an 8 TB kernel)": (_net("support", 1_000_001), "net.support"),
     "sigma 1e9": (_net("sigma", 1e9), "net.sigma"),
     "sigma NaN": (_net("sigma", float("nan")), "net.sigma"),
+    "grid_iterations 1e9 (an endless run)": (_net("grid_iterations", 10**9), "net.grid_iterations"),
     "out_size 100k": (_net("out_size", [100_000, 100_000]), "net.out_size"),
     "map_size 100k": (_net("map_size", [100_000, 100_000]), "net.map_size"),
     "in_channels 1e6": (_net("in_channels", 10**6), "net.in_channels"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from wsiseg.hashing import file_hash
+from wsiseg.errors import ModelConfigError
 from wsiseg.models.io import FORMAT_VERSION, ModelFileError, load_model_file, read_metadata, save_model
 
 
@@ -102,6 +103,34 @@ def test_deformseg_round_trip_and_mismatches(tmp_path):
         assert torch.allclose(net(x, hr).logits, loaded.net(x, hr).logits)
     with pytest.raises(ModelFileError, match="predicts 3 classes"):
         save_deformseg(tmp_path / "bad.safetensors", net, default_classes(2))
+    assert loaded.net.grid_iterations == 1
+
+
+def test_grid_iterations_round_trip_and_old_files_get_one(tmp_path):
+    """A model's attraction steps travel in its file; a file from before the option reads as one step."""
+    from wsiseg.models.io import load_deformseg, save_deformseg
+    from wsiseg.models.net import DeformSegNet
+    from wsiseg.output.classes import default_classes
+
+    torch.manual_seed(0)
+    seg = {"arch": "unet", "encoder": "resnet18", "num_classes": 2, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+    net = DeformSegNet(seg, map_size=(16, 16), out_size=(32, 32), grid_iterations=4).eval()
+    assert net.geometry(100, 300).iterations == 4 and net.reference_geometry().iterations == 4
+    path = tmp_path / "m.safetensors"
+    save_deformseg(path, net, default_classes(2))
+    loaded = load_deformseg(path).net
+    assert loaded.grid_iterations == 4 and loaded.config()["grid_iterations"] == 4
+    x, hr = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(net(x, hr).grid, loaded(x, hr).grid)
+        one = DeformSegNet.from_config({**net.config(), "grid_iterations": 1}).eval()
+        one.load_state_dict(net.state_dict())
+        assert not torch.allclose(one(x, hr).grid, loaded(x, hr).grid)
+    old = net.config()
+    del old["grid_iterations"]
+    assert DeformSegNet.from_config(old).grid_iterations == 1
+    with pytest.raises(ModelConfigError, match="grid_iterations"):
+        DeformSegNet.from_config({**old, "grid_iterations": 0})
 
 
 def test_scale_metadata_round_trip_old_files_and_bad_entries(tmp_path):

@@ -103,6 +103,7 @@ def test_same_region_gets_the_same_grid_on_every_path(shared_data, tmp_path, mon
         "device": "cpu",
         "epochs": 1,
         "patience": None,
+        "grid_iterations": 3,
     }
     classes = default_classes(["other", "tumour"])
 
@@ -133,6 +134,7 @@ def test_same_region_gets_the_same_grid_on_every_path(shared_data, tmp_path, mon
     seg = segment_region(ms, (0, 0, W, H), model, SegmentOptions(), torch.device("cpu"))
     (eval_geo, eval_map, eval_grid), (seg_geo, seg_map, seg_grid) = seen
     assert train_geo[0] == train_geo[1] == eval_geo == seg_geo == net.geometry(H, W)
+    assert train_geo[0].iterations == 3
     assert eval_geo.grid == (16, 32) and eval_map == seg_map == eval_geo.map
     assert torch.equal(eval_grid, seg_grid)
     assert seg.grid_size == seg_geo.grid and seg.map_size == seg_geo.map

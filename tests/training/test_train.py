@@ -13,7 +13,7 @@ from PIL import Image
 
 from wsiseg.errors import ConfigError, WsisegError
 from wsiseg.training.checkpoint import load_checkpoint, read_checkpoint_config
-from wsiseg.training.config import TrainConfig, load_train_config
+from wsiseg.training.config import TrainConfig, build_net, load_train_config
 from wsiseg.training.log import LOG_COLUMNS
 from wsiseg.training.loop import train
 
@@ -323,6 +323,7 @@ def test_config_round_trip_and_validation(tmp_path):
     assert TrainConfig(sampler="uniform").effective_gamma_edge == 0.0
     assert TrainConfig().effective_gamma_edge == 10.0
     assert TrainConfig(patience=0).patience is None
+    assert build_net(TrainConfig(grid_iterations="3", encoder="resnet18"), 2).grid_iterations == 3
 
     bad = [
         ({"epoch": 3}, "unknown training option 'epoch'"),
@@ -339,6 +340,8 @@ def test_config_round_trip_and_validation(tmp_path):
         ({"device": "gpu"}, "'device'"),
         ({"gamma_edge": -1}, "'gamma_edge'"),
         ({"scale_jitter": 0.5}, "'scale_jitter'"),
+        ({"grid_iterations": 0}, "'grid_iterations'"),
+        ({"grid_iterations": 2.5}, "'grid_iterations'"),
     ]
     for d, msg in bad:
         with pytest.raises(ConfigError, match=msg):

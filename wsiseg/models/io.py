@@ -30,6 +30,7 @@ from wsiseg.limits import (
     MAX_SIGMA,
     MAX_SPEC_LIST,
     MAX_SUPPORT,
+    MAX_GRID_ITERATIONS,
     loads_json,
 )
 
@@ -341,6 +342,9 @@ def _net_problem(net, classes) -> str | None:
     v = net.get("support")
     if v is not None and not (_is_int(v) and 1 <= v <= MAX_SUPPORT and v % 2 == 1):
         return f"net.support must be an odd integer in 1..{MAX_SUPPORT}, got {_short(v)}"
+    v = net.get("grid_iterations")
+    if v is not None and not (_is_int(v) and 1 <= v <= MAX_GRID_ITERATIONS):
+        return f"net.grid_iterations must be an integer in 1..{MAX_GRID_ITERATIONS}, got {_short(v)}"
     seg = net.get("segmenter")
     seg = seg if isinstance(seg, dict) else {}
     channels = (

@@ -16,7 +16,8 @@ biopsy, a whole slide), the same *rule* decides the region's geometry:
   geometric mean of the map's sides (``sqrt(hd * wd)``), so a square region
   of the training shape gets exactly the model's sigma, and a long, thin map
   gets a kernel that fits it instead of one wider than the map; support
-  ``2 * ceil(2 * sigma) + 1`` (+-2 sigma) unless the model fixed one.
+  ``2 * ceil(2 * sigma) + 1`` (+-2 sigma) unless the model fixed one;
+* **iterations**: the model's number of attraction steps, whatever the region.
 
 Physical mode
 -------------
@@ -86,6 +87,8 @@ class GeometryRule:
         model's long side.
     min_map : int
         Smallest side of a density map.
+    iterations : int
+        Attraction steps of the grid (:func:`wsiseg.sampling.grid.density_to_grid`).
     """
 
     out_size: tuple[int, int]
@@ -94,6 +97,7 @@ class GeometryRule:
     support: int | None = None
     long_factor: float = 4.0
     min_map: int = 4
+    iterations: int = 1
 
     @property
     def sigma_rel(self) -> float:
@@ -159,12 +163,15 @@ class SamplingGeometry:
         Attraction kernel standard deviation in map nodes.
     support : int
         Odd kernel side.
+    iterations : int
+        Attraction steps (the model's; 1 is the paper's single attraction).
     """
 
     grid: tuple[int, int]
     map: tuple[int, int]
     sigma: float
     support: int
+    iterations: int = 1
 
     @property
     def samples(self) -> int:
@@ -216,7 +223,7 @@ def region_geometry(
     --------
     >>> rule = GeometryRule((64, 64), (32, 32), 4.0)
     >>> region_geometry(512, 512, rule)
-    SamplingGeometry(grid=(64, 64), map=(32, 32), sigma=4.0, support=17)
+    SamplingGeometry(grid=(64, 64), map=(32, 32), sigma=4.0, support=17, iterations=1)
     >>> region_geometry(30000, 40000, rule, physical=PhysicalScale(0.5, 8.0)).grid
     (1875, 2500)
     """
@@ -251,7 +258,7 @@ def region_geometry(
     else:
         sigma = rule.sigma_rel * math.sqrt(hd * wd)
     support = int(rule.support) if rule.support is not None else default_support(sigma)
-    return SamplingGeometry(grid=(h, w), map=(hd, wd), sigma=sigma, support=support)
+    return SamplingGeometry(grid=(h, w), map=(hd, wd), sigma=sigma, support=support, iterations=rule.iterations)
 
 
 def _axis_split(pixels: int, mpp: float, spacing_um: float, cap: int) -> list[tuple[int, int]]:

@@ -26,9 +26,34 @@ The grid is then resized to the output size by bilinear interpolation of
 its *displacement* from the uniform grid (border replicated), added to the
 uniform grid at the output size: a uniform grid resizes exactly to the
 uniform grid, and monotonicity is kept.
+
+Iterations (equidistribution)
+-----------------------------
+One attraction moves a node only about a kernel width, so the grid's
+sample density follows ``d`` only loosely: a narrow boundary band keeps too
+few samples and the interior too many (on the labelled regions the oracle
+edge density gains 1-2 points of mIoU(Y', Y) over uniform, far less than
+``d``'s contrast allows). With ``iterations = n > 1`` the attraction is
+repeated as a moving-mesh fixed point: at step ``k`` each map node ``i``
+carries the *mass* ``m_i = d(g_k(i)) * A_k(i)``, the density at the node's
+current position times the area of its cell (both relative), the
+attraction of ``m`` gives a small move ``a_k`` in index space, and the grid
+becomes ``g_{k+1} = g_k(a_k)`` (``g_k`` interpolated at ``a_k``, continued
+linearly past the border nodes). Where the samples already follow ``d``
+the mass is constant and nothing moves, so the iteration converges toward
+a grid whose cell areas are inversely proportional to ``d``. After each
+step every row's ``x`` and every column's ``y`` are made non-decreasing
+again (a running maximum), so the monotonicity above holds for any ``n``,
+and a step is kept only where it lowers the spread (coefficient of
+variation) of the mass: a kernel as wide as the map pulls every node
+toward one centroid and would otherwise collapse the grid over a few steps.
+``n = 1`` is the single attraction above, bit for bit. Every step is
+differentiable.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -108,15 +133,17 @@ def resize_grid(grid: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
     return (u_out + disp.permute(0, 2, 3, 1)).clamp(0.0, 1.0)
 
 
-def _grid_from_kernel(d: torch.Tensor, kernel: torch.Tensor, out_size: tuple[int, int] | None) -> torch.Tensor:
-    if d.dim() != 4 or d.shape[1] != 1:
-        raise ValueError(f"density must have shape (B, 1, hd, wd), got {tuple(d.shape)}")
-    if not d.is_floating_point() or d.dtype in (torch.float16, torch.bfloat16):
-        # Half precision cannot place samples on a large slide (~1e-3 of its width).
-        d = d.float()
+def _attract(d: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """One Gaussian attraction of ``d`` ``(B, 1, hd, wd)`` at the map's own size (eq. 3, unclamped).
+
+    ``kernel`` is the 2-D Gaussian (an outer product of one 1-D Gaussian with
+    itself), applied as two 1-D passes: the same sums as the 2-D convolution
+    in ``2 * support`` instead of ``support**2`` multiplications per node.
+    """
     _b, _, hd, wd = d.shape
-    kernel = kernel.to(dtype=d.dtype, device=d.device)
-    r = kernel.shape[-1] // 2
+    g = kernel.sum(dim=0)  # the 1-D factor (the kernel sums to 1)
+    k = g.numel()
+    r = k // 2
     # Per-sample max-normalisation: exact scale invariance in practice and no
     # underflow for densities summing to 1 over large maps.
     scale = d.detach().amax(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)
@@ -125,18 +152,115 @@ def _grid_from_kernel(d: torch.Tensor, kernel: torch.Tensor, out_size: tuple[int
     # over the map size wherever x' is, so eq. 3 is u0(x) plus a weighted
     # mean of offsets: convolve d with k*ox, k*oy and k. Same maths as
     # conv(d*u0) / conv(d), but with no large terms to cancel in float32.
+    # k*ox = (g*o)(x) g(y), k*oy = g(x) (g*o)(y), k = g(x) g(y): along x first, then y.
     o = torch.arange(-r, r + 1, dtype=d.dtype, device=d.device)
-    weights = torch.stack([kernel * o[None, :], kernel * o[:, None], kernel]).unsqueeze(1)
-    with torch.autocast(device_type=d.device.type, enabled=False):
-        out = F.conv2d(dp, weights)
+    along_x = F.conv2d(dp, torch.stack([g, g * o]).view(2, 1, 1, k))  # the caller has turned autocast off
+    along_y = torch.stack([g, g * o, g]).view(3, 1, k, 1)
+    out = F.conv2d(along_x[:, [1, 0, 0]], along_y, groups=3)  # channels: num x, num y, den
     num, den = out[:, :2], out[:, 2:]
     # Nodes whose whole window has zero density stay where they are; the safe
     # denominator keeps gradients finite.
     ok = den > 0
     shift = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
     size = torch.tensor([wd, hd], dtype=d.dtype, device=d.device)
-    g = uniform_grid(hd, wd, dtype=d.dtype, device=d.device) + shift.permute(0, 2, 3, 1) / size
-    g = g.clamp(0.0, 1.0)
+    return uniform_grid(hd, wd, dtype=d.dtype, device=d.device) + shift.permute(0, 2, 3, 1) / size
+
+
+def _cell_areas(g: torch.Tensor) -> torch.Tensor:
+    """``(B, h, w)`` area of each node's cell relative to the uniform grid's (1 there).
+
+    The Jacobian determinant of the node positions over the node index,
+    by central differences (one-sided at the borders; an axis of one node
+    counts as uniform). Folded or collapsed cells get zero.
+    """
+    _b, h, w, _ = g.shape
+    x, y = g[..., 0] * w, g[..., 1] * h
+
+    def diff(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim]
+        if n == 1:
+            return torch.zeros_like(t)
+        inner = (t.narrow(dim, 2, n - 2) - t.narrow(dim, 0, n - 2)) / 2
+        first = t.narrow(dim, 1, 1) - t.narrow(dim, 0, 1)
+        last = t.narrow(dim, n - 1, 1) - t.narrow(dim, n - 2, 1)
+        return torch.cat([first, inner, last], dim=dim)
+
+    x_c, y_r = diff(x, 2), diff(y, 1)
+    if w == 1:
+        x_c = torch.ones_like(x_c)
+    if h == 1:
+        y_r = torch.ones_like(y_r)
+    return (x_c * y_r - diff(x, 1) * diff(y, 2)).clamp_min(0.0)
+
+
+def _compose(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``g`` at the normalised index positions ``a`` (both ``(B, h, w, 2)``): ``a`` plus ``g``'s displacement there.
+
+    The displacement from the uniform grid is interpolated bilinearly with
+    the border nodes' displacement continued outward, so the uniform grid is
+    the identity and ``g``'s linear continuation is kept, as in :func:`resize_grid`.
+    """
+    _b, h, w, _ = g.shape
+    disp = (g - uniform_grid(h, w, dtype=g.dtype, device=g.device)).permute(0, 3, 1, 2)
+    at = F.grid_sample(disp, a * 2 - 1, mode="bilinear", padding_mode="border", align_corners=False)
+    return a + at.permute(0, 2, 3, 1)
+
+
+def _mass(d: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each map node's sample mass under grid ``g`` and its spread.
+
+    Returns ``(m, cv)``: ``m (B, 1, h, w)`` is the density at the node's
+    position (bilinear, pixel-centre convention: exact at the uniform nodes)
+    times its cell area; ``cv (B,)`` is the coefficient of variation of
+    ``m``, 0 when the samples follow ``d`` exactly.
+    """
+    at = F.grid_sample(d, g * 2 - 1, mode="bilinear", padding_mode="border", align_corners=False)
+    m = at * _cell_areas(g).unsqueeze(1)
+    mean = m.mean(dim=(1, 2, 3))
+    cv = m.std(dim=(1, 2, 3)) / mean.clamp_min(torch.finfo(m.dtype).tiny) if m[0].numel() > 1 else mean * 0
+    return m, torch.where(mean > 0, cv, torch.full_like(cv, math.inf))
+
+
+def _iterate(d: torch.Tensor, kernel: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The map-size grid after ``iterations`` equidistribution steps (see the module notes)."""
+    g = _attract(d, kernel).clamp(0.0, 1.0)
+    if iterations == 1:
+        return g
+    m, cv = _mass(d, g)
+    for _ in range(iterations - 1):
+        step = _compose(g, _attract(m, kernel).clamp(0.0, 1.0)).clamp(0.0, 1.0)
+        # Composition can shear a strongly compressed cell past its neighbour (random high-contrast
+        # densities, not the labelled regions' edge densities): restore each row's x and each
+        # column's y order, which one attraction guarantees (module notes).
+        step = torch.stack([step[..., 0].cummax(dim=2).values, step[..., 1].cummax(dim=1).values], dim=-1)
+        m_step, cv_step = _mass(d, step)
+        # A kernel as wide as the map overshoots (every node pulled toward one centroid) and can
+        # collapse the grid: keep a step only where it brings the samples closer to the density.
+        better = cv_step < cv
+        if not bool(better.any()):
+            break
+        keep = better.view(-1, 1, 1, 1)
+        g, m, cv = torch.where(keep, step, g), torch.where(keep, m_step, m), torch.where(better, cv_step, cv)
+    return g
+
+
+def _check_iterations(iterations) -> None:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+
+
+def _grid_from_kernel(
+    d: torch.Tensor, kernel: torch.Tensor, out_size: tuple[int, int] | None, iterations: int = 1
+) -> torch.Tensor:
+    if d.dim() != 4 or d.shape[1] != 1:
+        raise ValueError(f"density must have shape (B, 1, hd, wd), got {tuple(d.shape)}")
+    _check_iterations(iterations)
+    if not d.is_floating_point() or d.dtype in (torch.float16, torch.bfloat16):
+        # Half precision cannot place samples on a large slide (~1e-3 of its width).
+        d = d.float()
+    kernel = kernel.to(dtype=d.dtype, device=d.device)
+    with torch.autocast(device_type=d.device.type, enabled=False):
+        g = _iterate(d, kernel, iterations)
     if out_size is not None:
         g = resize_grid(g, out_size)
     return g
@@ -147,6 +271,7 @@ def density_to_grid(
     sigma: float,
     support: int | None = None,
     out_size: tuple[int, int] | None = None,
+    iterations: int = 1,
 ) -> torch.Tensor:
     """Sampling grid from a density map (functional form of :class:`DeformedGrid`).
 
@@ -161,6 +286,9 @@ def density_to_grid(
         Kernel side, odd; default ``2 * round(sigma) + 1``.
     out_size : tuple of int, optional
         ``(h, w)`` of the returned grid; default ``(hd, wd)``.
+    iterations : int
+        Attraction steps (>= 1); more than one repeats it toward
+        equidistribution (module notes). 1: the paper's single attraction.
 
     Returns
     -------
@@ -170,7 +298,7 @@ def density_to_grid(
         under autocast). Differentiable with respect to ``d``.
     """
     # Built in float64 on the CPU (tiny); cast to the working dtype and device later.
-    return _grid_from_kernel(d, gaussian_kernel(sigma, support, dtype=torch.float64), out_size)
+    return _grid_from_kernel(d, gaussian_kernel(sigma, support, dtype=torch.float64), out_size, iterations)
 
 
 class DeformedGrid(torch.nn.Module):
@@ -182,6 +310,8 @@ class DeformedGrid(torch.nn.Module):
         Gaussian standard deviation in density-map nodes.
     support : int, optional
         Kernel side, odd; default ``2 * round(sigma) + 1``.
+    iterations : int
+        Attraction steps; see :func:`density_to_grid`.
 
     Notes
     -----
@@ -191,9 +321,11 @@ class DeformedGrid(torch.nn.Module):
 
     kernel: torch.Tensor  # buffer registered in __init__
 
-    def __init__(self, sigma: float, support: int | None = None) -> None:
+    def __init__(self, sigma: float, support: int | None = None, iterations: int = 1) -> None:
         super().__init__()
+        _check_iterations(iterations)
         self.sigma = float(sigma)
+        self.iterations = iterations
         self.register_buffer("kernel", gaussian_kernel(sigma, support))
 
     @property
@@ -202,7 +334,7 @@ class DeformedGrid(torch.nn.Module):
 
     def forward(self, d: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Grid ``(B, h, w, 2)`` from density ``d`` ``(B, 1, hd, wd)``; see :func:`density_to_grid`."""
-        return _grid_from_kernel(d, self.kernel, out_size)
+        return _grid_from_kernel(d, self.kernel, out_size, self.iterations)
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma}, support={self.support}"
+        return f"sigma={self.sigma}, support={self.support}, iterations={self.iterations}"

@@ -177,6 +177,10 @@ class TrainConfig:
         against 0.3-1.1 at half the grid's side; docs/benchmarks.md).
     sigma, support : float, int, optional
         Attraction kernel (defaults of :class:`~wsiseg.models.net.DeformSegNet`).
+    grid_iterations : int
+        Attraction steps from density to grid (1: the paper's single
+        attraction; more move the samples toward equidistribution of the
+        density: :func:`wsiseg.sampling.grid.density_to_grid`).
     sample_spacing_um : float, optional
         Physical mode: every training and validation region is sampled
         one node per this many micrometres (its grid is its extent over
@@ -280,6 +284,7 @@ class TrainConfig:
     map_size: tuple[int, int] = (128, 128)
     sigma: float | None = None
     support: int | None = None
+    grid_iterations: int = 1
     sampler: str = "learned"
     loss: str = "focal"
     gamma_edge: float = 10.0
@@ -339,6 +344,7 @@ class TrainConfig:
         self.support = _as_int("support", self.support, 1, optional=True)
         if self.support is not None and self.support % 2 == 0:
             raise _bad("support", "must be odd", self.support)
+        self.grid_iterations = _as_int("grid_iterations", self.grid_iterations, 1)
         self.sampler = _as_choice("sampler", self.sampler, SAMPLERS)
         self.loss = _as_choice("loss", self.loss, LOSS_NAMES)
         self.gamma_edge = _as_float("gamma_edge", self.gamma_edge, 0.0)
@@ -498,6 +504,7 @@ def build_net(config: TrainConfig, num_classes: int, in_channels: int = 3, *, pr
         support=config.support,
         in_channels=in_channels,
         image_sampling=config.image_sampling,
+        grid_iterations=config.grid_iterations,
     )
 
 
