@@ -63,13 +63,16 @@ def test_prepare_set_thresholds_the_jpeg_masks_and_fixes_the_split(few_ocdc, tmp
 
 
 def test_grid_capacity_oracle_beats_uniform_on_real_masks(few_ocdc, tmp_path):
+    default, steps = capacity.CAPACITY_CONFIGS[4], capacity.CAPACITY_CONFIGS[8]
+    assert default[0].startswith("default") and steps[:4] == ("default, 8 steps", *default[1:4]) and steps[4] == 8
     rows = capacity.grid_capacity(
-        few_ocdc, tmp_path, [QUALITY_SETS["ocdc"]], budgets=(0.004,), configs=[capacity.CAPACITY_CONFIGS[4]]
+        few_ocdc, tmp_path, [QUALITY_SETS["ocdc"]], budgets=(0.004,), configs=[default, steps]
     )
-    (r,) = rows
+    r, r8 = rows
     assert 0.9 < r.uniform < 1.0 and r.cost == pytest.approx(0.004, rel=0.05)
     assert r.gain > 0.5  # boundaries get the samples: measurably better than uniform on real masks
-    assert "| ocdc |" in capacity.format_capacity(rows)
+    assert r8.iterations == 8 and r8.gain > r.gain + 0.2  # the iterated grid follows the density further
+    assert "| ocdc |" in capacity.format_capacity(rows) and "default, 8 steps" in capacity.format_capacity(rows)
 
 
 def test_cost_to_reach_and_goals_arithmetic():

@@ -58,6 +58,7 @@ class CapacityRow:
     miou: float
     uniform: float
     cost: float
+    iterations: int = 1
 
     @property
     def gain(self) -> float:
@@ -65,15 +66,19 @@ class CapacityRow:
         return 100.0 * (self.miou - self.uniform)
 
 
-#: Grid constructions of the capacity study: (label, map side / grid side, sigma / map side, edge radius / map side).
+#: Grid constructions of the capacity study: (label, map side / grid side, sigma / map side, edge radius / map side,
+#: attraction steps).
 CAPACITY_CONFIGS = (
-    ("before (map 0.5x, sigma 1/8)", 0.5, 1 / 8, 1 / 32),
-    ("map 1x, sigma 1/8", 1.0, 1 / 8, 1 / 32),
-    ("map 1x, sigma 1/32", 1.0, 1 / 32, 1 / 64),
-    ("map 2x, sigma 1/16", 2.0, 1 / 16, 1 / 128),
-    ("default (map 2x, sigma 1/32)", 2.0, 1 / 32, 1 / 128),
-    ("map 2x, sigma 1/48", 2.0, 1 / 48, 1 / 128),
-    ("map 4x, sigma 1/32", 4.0, 1 / 32, 1 / 128),
+    ("before (map 0.5x, sigma 1/8)", 0.5, 1 / 8, 1 / 32, 1),
+    ("map 1x, sigma 1/8", 1.0, 1 / 8, 1 / 32, 1),
+    ("map 1x, sigma 1/32", 1.0, 1 / 32, 1 / 64, 1),
+    ("map 2x, sigma 1/16", 2.0, 1 / 16, 1 / 128, 1),
+    ("default (map 2x, sigma 1/32)", 2.0, 1 / 32, 1 / 128, 1),
+    ("map 2x, sigma 1/48", 2.0, 1 / 48, 1 / 128, 1),
+    ("map 4x, sigma 1/32", 4.0, 1 / 32, 1 / 128, 1),
+    ("default, 4 steps", 2.0, 1 / 32, 1 / 128, 4),
+    ("default, 8 steps", 2.0, 1 / 32, 1 / 128, 8),
+    ("map 2x, sigma 1/48, 8 steps", 2.0, 1 / 48, 1 / 128, 8),
 )
 
 
@@ -89,7 +94,7 @@ def grid_capacity(
     workdir: str | os.PathLike,
     sets: Sequence[QualitySet],
     budgets: Sequence[float] | None = None,
-    configs: Sequence[tuple[str, float, float, float]] | None = None,
+    configs: Sequence[tuple[str, float, float, float, int]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[CapacityRow]:
     """Oracle edge grids vs the uniform grid: mIoU(Y', Y) over every image of each set.
@@ -104,7 +109,7 @@ def grid_capacity(
     sets : sequence of QualitySet
     budgets : sequence of float, optional
         Fractions of level-0 pixels; default :data:`BUDGETS`.
-    configs : sequence of (label, map ratio, sigma / map, edge radius / map), optional
+    configs : sequence of (label, map ratio, sigma / map, edge radius / map, attraction steps), optional
         Default :data:`CAPACITY_CONFIGS`.
     log : callable, optional
 
@@ -138,7 +143,7 @@ def grid_capacity(
         for budget in budgets:
             scores: dict[str, float] = {}
             costs = []
-            for label, ratio, sig, rad in (("uniform", 0, 0, 0), *configs):
+            for label, ratio, sig, rad, steps in (("uniform", 0, 0, 0, 1), *configs):
                 cm = ConfusionMatrix(2)
                 for y, t in labels:
                     gh, gw = _budget_grid(tuple(y.shape), budget, t)
@@ -149,15 +154,15 @@ def grid_capacity(
                         hd, wd = max(4, round(gh * ratio)), max(4, round(gw * ratio))
                         side = math.sqrt(hd * wd)
                         d = edge_density(downsample_labels(y[None], (hd, wd)), radius=rad * side)
-                        g = density_to_grid(d, sig * side, default_support(sig * side), out_size=(gh, gw))
+                        sigma = sig * side
+                        g = density_to_grid(d, sigma, default_support(sigma), out_size=(gh, gw), iterations=steps)
                     y_up = reverse_sample(sample_labels(y[None], g), g, tuple(y.shape))
                     cm.update(y_up, y[None])
                 scores[label] = float(cm.miou())
-            for label, ratio, sig, rad in configs:
+            for label, ratio, sig, rad, steps in configs:
+                cost = float(np.mean(costs))
                 rows.append(
-                    CapacityRow(
-                        qs.key, budget, label, ratio, sig, rad, scores[label], scores["uniform"], float(np.mean(costs))
-                    )
+                    CapacityRow(qs.key, budget, label, ratio, sig, rad, scores[label], scores["uniform"], cost, steps)
                 )
             best = max(configs, key=lambda c: scores[c[0]])[0]
             say(

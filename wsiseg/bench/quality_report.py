@@ -420,7 +420,9 @@ def format_section(
             "The oracle edge density (from the true labels) at several density-map sizes and kernel widths, "
             "against the uniform grid: points of mIoU(Y', Y) (labels sampled on the grid and read back by nearest "
             "node, accumulated over each set) over uniform's; bold = best. The old defaults (*before*) are the "
-            "first column; the new ones are *default*.",
+            "first column; the new ones are *default*. *n steps*: the attraction repeated n times toward "
+            "equidistribution (`grid_iterations`, `wsiseg/sampling/grid.py`); the others are the paper's single "
+            "attraction.",
             "",
             format_capacity(rows),
         ]
