@@ -187,7 +187,7 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
         recipe,
         "RECIPE_RUNS",
         {
-            "random": {16.0: ("learned", "uniform")},
+            "random": {16.0: ("learned", "uniform", "learned-steps")},
             "imagenet": {16.0: ("learned",)},
             "imagenet-frozen": {16.0: ("uniform",)},
         },
@@ -237,6 +237,16 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
     text = out.read_text()
     assert "The shipped model's recipe" in text and "| 16 um (8x8) |" in text and "#### Goals (recipe)" in text
     assert "**ocdc, imagenet encoder**" in text and "encoder weights imagenet.safetensors" in text
+    # the learned sampler with the iterated grid: its model records the steps, the table names the method
+    from wsiseg.models.io import read_metadata
+
+    (steps,) = json.loads((work / "recipe" / "rows" / "learned-steps-16um-s0.json").read_text())
+    assert steps["method"] == "learned-steps" and steps["encoder"] == "random"
+    assert read_metadata(work / "recipe" / "learned-steps-16um-s0" / "model.safetensors")["net"]["grid_iterations"] == (
+        recipe.RECIPE_STEPS
+    )
+    assert read_metadata(work / "recipe" / "learned-16um-s0" / "model.safetensors")["net"]["grid_iterations"] == 1
+    assert "learned (joint loss, iterated grid)" in text
     (frozen,) = json.loads((work / "recipe" / "rows" / "imagenet-frozen-uniform-16um-s0.json").read_text())
     assert frozen["encoder"] == "imagenet-frozen" and frozen["recipe"]["norm"] == "frozen"
     assert "**ocdc, imagenet-frozen encoder**" in text and "frozen normalisation" in text

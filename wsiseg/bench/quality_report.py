@@ -43,7 +43,19 @@ from wsiseg.bench.quality import (
 if TYPE_CHECKING:
     from wsiseg.training.config import TrainConfig
 
-__all__ = ["Cell", "aggregate", "draw_quality", "format_quality", "format_section", "goals", "run_parts"]
+#: Methods in the order of the tables' columns and the figures' legends (the ``-steps`` ones: recipe part only).
+METHOD_ORDER = ("learned", "single", "uniform", "edge", "learned-steps", "edge-steps")
+
+__all__ = [
+    "METHOD_ORDER",
+    "Cell",
+    "aggregate",
+    "draw_quality",
+    "format_quality",
+    "format_section",
+    "goals",
+    "run_parts",
+]
 
 
 @dataclass
@@ -83,7 +95,7 @@ def aggregate(rows: Sequence[dict]) -> dict[tuple[str, str, str, int], Cell]:
     """Cells keyed by ``(set, encoder, method, grid side)``: held-out mIoU, mIoU(Y', Y), samples on glass."""
     cells: dict[tuple[str, str, str, int], Cell] = {}
     sets, encs = list(QUALITY_SETS), ["random", "imagenet", "imagenet-frozen"]
-    order = {m: i for i, m in enumerate(("learned", "single", "uniform", "edge", FULL))}
+    order = {m: i for i, m in enumerate((*METHOD_ORDER, FULL))}
     rows = sorted(
         rows,
         key=lambda r: (
@@ -181,13 +193,22 @@ def goals(cells: dict[tuple[str, str, str, int], Cell]) -> list[str]:
     return out
 
 
-#: Legend names short enough for five in one panel row.
-_SHORT = {"learned": "learned (joint)", "single": "single loss", "uniform": "uniform", "edge": "oracle"}
+#: Legend names short enough for six in one panel row (*edge*: the oracle; *it*: the iterated grid).
+_SHORT = {
+    "learned": "learned",
+    "single": "single",
+    "uniform": "uniform",
+    "edge": "edge",
+    "learned-steps": "learned it",
+    "edge-steps": "edge it",
+}
 _LINE_COLORS = {
     "learned": (214, 39, 40),
     "single": (255, 127, 14),
     "uniform": (31, 119, 180),
     "edge": (44, 160, 44),
+    "learned-steps": (148, 103, 189),
+    "edge-steps": (140, 86, 75),
     FULL: (90, 90, 90),
 }
 
@@ -202,7 +223,7 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
 
     sets = list(dict.fromkeys(k[0] for k in cells))
     encs = list(dict.fromkeys(k[1] for k in cells))
-    pw, ph = 480, 300
+    pw, ph = 560, 300  # six legend entries fit in one row
     img = Image.new("RGB", (pw * max(1, len(sets)), ph * max(1, len(encs))), "white")
     draw = ImageDraw.Draw(img)
     font = chart_font()
@@ -219,7 +240,7 @@ def draw_quality(cells: dict[tuple[str, str, str, int], Cell], path: str | os.Pa
                 math.log10(100 * cells[next(k for k in cells if k[:2] == (s, enc) and k[3] == g)].cost) for g in grids
             ]
             series = []
-            for m in ("learned", "single", "uniform", "edge"):
+            for m in METHOD_ORDER:
                 ys = [cells[(s, enc, m, g)].mean if (s, enc, m, g) in cells else None for g in grids]
                 if any(v is not None for v in ys):
                     series.append((_SHORT[m], _LINE_COLORS[m], ys))
@@ -254,7 +275,7 @@ def format_quality(
     lines: list[str] = []
     for s in dict.fromkeys(k[0] for k in cells):
         for enc in dict.fromkeys(k[1] for k in cells if k[0] == s):
-            methods = [m for m in ("learned", "single", "uniform", "edge") if any(k[:3] == (s, enc, m) for k in cells)]
+            methods = [m for m in METHOD_ORDER if any(k[:3] == (s, enc, m) for k in cells)]
             grids = sorted({k[3] for k in cells if k[:2] == (s, enc) and k[2] != FULL})
             lines += [
                 "",

@@ -37,10 +37,12 @@ if TYPE_CHECKING:
 __all__ = [
     "RECIPE_CONFIG",
     "RECIPE_IMAGENET_ENCODER",
+    "RECIPE_STEPS",
     "RECIPE_NORMS",
     "RECIPE_RUNS",
     "bench_recipe",
     "format_tta",
+    "method_config",
     "recipe_grid",
     "stored_recipe_rows",
     "truth_miou",
@@ -48,6 +50,25 @@ __all__ = [
 
 #: The shipped real-tissue model's training config.
 RECIPE_CONFIG = Path("pipelines") / "tumour-model.yaml"
+#: Attraction steps of the ``-steps`` methods (:func:`wsiseg.sampling.grid.density_to_grid`).
+RECIPE_STEPS = 8
+
+
+def method_config(method: str) -> dict:
+    """Training-config changes of a recipe method.
+
+    The sweep's four (:data:`wsiseg.evaluation.results.SWEEP_CONFIG`), and
+    ``<method>-steps``: the same sampler with the attraction repeated
+    :data:`RECIPE_STEPS` times toward equidistribution (``grid_iterations``;
+    the uniform grid is the same either way, so only ``learned-steps`` and
+    ``edge-steps`` are run).
+    """
+    from wsiseg.evaluation.results import SWEEP_CONFIG
+
+    base, steps = (method[: -len("-steps")], RECIPE_STEPS) if method.endswith("-steps") else (method, 1)
+    return {**SWEEP_CONFIG[base], "grid_iterations": steps}
+
+
 #: Methods per encoder initialisation and sample spacing (um). At 1 um per working pixel, 32 / 16 / 8 um is
 #: about 0.1 / 0.4 / 1.6 % of the level-0 pixels of CAMELYON (~1 um/px), 0.02 / 0.1 / 0.4 % of OCDC's
 #: (0.5 um/px) and 0.006 / 0.02 / 0.1 % of the BCSS ROIs' (0.25 um/px). The single-loss and oracle
@@ -56,7 +77,7 @@ RECIPE_RUNS: dict[str, dict[float, tuple[str, ...]]] = {
     "random": {
         32.0: ("learned", "uniform"),
         16.0: ("learned", "uniform"),
-        8.0: ("learned", "single", "uniform", "edge"),
+        8.0: ("learned", "single", "uniform", "edge", "learned-steps", "edge-steps"),
     },
     "imagenet": {8.0: ("learned", "uniform")},
     "imagenet-frozen": {8.0: ("learned", "uniform")},
@@ -137,7 +158,7 @@ def bench_recipe(
         Sets trained on together and scored one by one.
     base : wsiseg.training.config.TrainConfig
         The recipe (physical scale: ``working_mpp``, ``crop_size``, ``sample_spacing_um``); each run
-        changes its sampler (:data:`wsiseg.evaluation.results.SWEEP_CONFIG`), spacing and seed.
+        changes its sampler (:func:`method_config`), spacing and seed.
     seeds : sequence of int
     encoders : sequence of {"random", "imagenet", "imagenet-frozen"}
         ``"random"``: the recipe as it is; ``"imagenet"``: its encoder replaced by
@@ -161,7 +182,6 @@ def bench_recipe(
 
     from wsiseg.demo.data import prepare_demo_data
     from wsiseg.device import resolve_device
-    from wsiseg.evaluation.results import SWEEP_CONFIG
     from wsiseg.training.classmap import load_class_map
     from wsiseg.training.pairs import dataset_hash, load_pairs
 
@@ -192,7 +212,7 @@ def bench_recipe(
             for method in methods:
                 for seed in seeds:
                     cfg = dataclasses.replace(
-                        start, sample_spacing_um=float(spacing), seed=seed, **SWEEP_CONFIG[method]
+                        start, sample_spacing_um=float(spacing), seed=seed, **method_config(method)
                     )
                     name = f"{'' if enc == 'random' else enc + '-'}{method}-{spacing:g}um-s{seed}"
                     rows += _recipe_run(cfg, work, name, enc, method, pairs, tests, class_map, data_hash, dev, say)

@@ -584,8 +584,9 @@ def bench_sampling_command(
     "normalisations (6 short runs); quality: every method, budget, seed and encoder (hours on a CPU); "
     "full: the same net on every working pixel, trained on windows (the sliding-window ceiling); "
     "densities: how far apart the trained samplers' densities are; recipe: the shipped tumour model's "
-    "config (--recipe-config) with each sampler at sample spacings of 32, 16 and 8 um, one model over "
-    "all --sets, scored per set (about 2 hours on 2 cores); report: only write the section.",
+    "config (--recipe-config) with each sampler at sample spacings of 32, 16 and 8 um (and the learned "
+    "and oracle samplers with the iterated grid at 8 um), one model over all --sets, scored per set "
+    "(about 2.5 hours on 2 cores); report: only write the section.",
 )
 @click.option(
     "--sets",

@@ -26,6 +26,8 @@ METHOD_LABELS = {
     "single": "learned (single loss)",
     "uniform": "uniform",
     "edge": "edge (oracle)",
+    "learned-steps": "learned (joint loss, iterated grid)",
+    "edge-steps": "edge (oracle, iterated grid)",
 }
 #: Each method's colour in the figures; other methods take an extra colour by their place in the figure.
 _COLORS = {
