@@ -342,6 +342,7 @@ def test_config_round_trip_and_validation(tmp_path):
         ({"scale_jitter": 0.5}, "'scale_jitter'"),
         ({"grid_iterations": 0}, "'grid_iterations'"),
         ({"grid_iterations": 2.5}, "'grid_iterations'"),
+        ({"grid_iterations": 65}, "'grid_iterations': must be at most 64"),
     ]
     for d, msg in bad:
         with pytest.raises(ConfigError, match=msg):

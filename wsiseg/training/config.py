@@ -18,7 +18,7 @@ import torch
 
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import ConfigError, WsisegError
-from wsiseg.limits import MAX_SAMPLE_SPACING_UM
+from wsiseg.limits import MAX_GRID_ITERATIONS, MAX_SAMPLE_SPACING_UM
 from wsiseg.models.losses import EDGE_NORMS, LOSS_NAMES
 from wsiseg.models.net import IMAGE_SAMPLING, SAMPLERS, DeformSegNet
 from wsiseg.models.pretrained import IMAGENET
@@ -345,6 +345,8 @@ class TrainConfig:
         if self.support is not None and self.support % 2 == 0:
             raise _bad("support", "must be odd", self.support)
         self.grid_iterations = _as_int("grid_iterations", self.grid_iterations, 1)
+        if self.grid_iterations > MAX_GRID_ITERATIONS:  # a model file refuses more: fail before training
+            raise _bad("grid_iterations", f"must be at most {MAX_GRID_ITERATIONS}", self.grid_iterations)
         self.sampler = _as_choice("sampler", self.sampler, SAMPLERS)
         self.loss = _as_choice("loss", self.loss, LOSS_NAMES)
         self.gamma_edge = _as_float("gamma_edge", self.gamma_edge, 0.0)
