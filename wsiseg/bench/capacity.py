@@ -159,8 +159,8 @@ def grid_capacity(
                     y_up = reverse_sample(sample_labels(y[None], g), g, tuple(y.shape))
                     cm.update(y_up, y[None])
                 scores[label] = float(cm.miou())
+            cost = float(np.mean(costs))
             for label, ratio, sig, rad, steps in configs:
-                cost = float(np.mean(costs))
                 rows.append(
                     CapacityRow(qs.key, budget, label, ratio, sig, rad, scores[label], scores["uniform"], cost, steps)
                 )

@@ -41,7 +41,7 @@ from wsiseg.models.segmenter import build_segmenter
 from wsiseg.sampling.coords import uniform_grid
 from wsiseg.sampling.edges import IGNORE_INDEX, edge_density, edge_target, label_validity, uniform_density
 from wsiseg.sampling.geometry import GeometryRule, PhysicalScale, SamplingGeometry, default_support, region_geometry
-from wsiseg.sampling.grid import DeformedGrid, density_to_grid
+from wsiseg.sampling.grid import DeformedGrid, check_iterations, density_to_grid
 from wsiseg.sampling.sample import downsample_labels, sample_image, sample_image_lod, sample_labels
 
 __all__ = [
@@ -283,10 +283,9 @@ class DeformSegNet(nn.Module):
             segmenter = build_segmenter(**segmenter)
         self.segmenter = segmenter
         self.deform = DeformationNet(self.in_channels) if sampler == "learned" else None
-        if isinstance(grid_iterations, bool) or not isinstance(grid_iterations, int) or grid_iterations < 1:
-            raise ModelConfigError(f"grid_iterations must be a positive integer, got {grid_iterations!r}")
         self.grid_iterations = grid_iterations
         try:
+            check_iterations(grid_iterations, "grid_iterations")
             self.deformed_grid = DeformedGrid(self.sigma, self.support, grid_iterations)
         except ValueError as exc:
             raise ModelConfigError(str(exc)) from exc

@@ -32,8 +32,8 @@ Iterations (equidistribution)
 One attraction moves a node only about a kernel width, so the grid's
 sample density follows ``d`` only loosely: a narrow boundary band keeps too
 few samples and the interior too many (on the labelled regions the oracle
-edge density gains 1-2 points of mIoU(Y', Y) over uniform, far less than
-``d``'s contrast allows). With ``iterations = n > 1`` the attraction is
+edge density gains at most 1.8 points of mIoU(Y', Y) over uniform with one
+attraction, far less than ``d``'s contrast allows). With ``iterations = n > 1`` the attraction is
 repeated as a moving-mesh fixed point: at step ``k`` each map node ``i``
 carries the *mass* ``m_i = d(g_k(i)) * A_k(i)``, the density at the node's
 current position times the area of its cell (both relative), the
@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from wsiseg.sampling.coords import uniform_grid
 
-__all__ = ["DeformedGrid", "density_to_grid", "gaussian_kernel", "resize_grid"]
+__all__ = ["DeformedGrid", "check_iterations", "density_to_grid", "gaussian_kernel", "resize_grid"]
 
 
 def gaussian_kernel(
@@ -244,9 +244,10 @@ def _iterate(d: torch.Tensor, kernel: torch.Tensor, iterations: int) -> torch.Te
     return g
 
 
-def _check_iterations(iterations) -> None:
+def check_iterations(iterations, name: str = "iterations") -> None:
+    """Raise ``ValueError`` (naming ``name``) unless ``iterations`` is an integer >= 1 (not a bool)."""
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+        raise ValueError(f"{name} must be a positive integer, got {iterations!r}")
 
 
 def _grid_from_kernel(
@@ -254,7 +255,7 @@ def _grid_from_kernel(
 ) -> torch.Tensor:
     if d.dim() != 4 or d.shape[1] != 1:
         raise ValueError(f"density must have shape (B, 1, hd, wd), got {tuple(d.shape)}")
-    _check_iterations(iterations)
+    check_iterations(iterations)
     if not d.is_floating_point() or d.dtype in (torch.float16, torch.bfloat16):
         # Half precision cannot place samples on a large slide (~1e-3 of its width).
         d = d.float()
@@ -323,7 +324,7 @@ class DeformedGrid(torch.nn.Module):
 
     def __init__(self, sigma: float, support: int | None = None, iterations: int = 1) -> None:
         super().__init__()
-        _check_iterations(iterations)
+        check_iterations(iterations)
         self.sigma = float(sigma)
         self.iterations = iterations
         self.register_buffer("kernel", gaussian_kernel(sigma, support))
