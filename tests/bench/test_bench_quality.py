@@ -247,6 +247,14 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
     )
     assert read_metadata(work / "recipe" / "learned-16um-s0" / "model.safetensors")["net"]["grid_iterations"] == 1
     assert "learned (joint loss, iterated grid)" in text
+    # the sliding-window ceiling: the same net, uniform on every working pixel (2 um), trained on windows
+    (full,) = json.loads((work / "recipe" / "rows" / "full-s0.json").read_text())
+    assert full["method"] == "full" and full["spacing_um"] == 2.0 and full["encoder"] == "random"
+    assert full["out_height"] == 64 and full["cost"] == pytest.approx(0.0625)  # OCDC's 0.5 um/px at 2 um
+    assert read_metadata(work / "recipe" / "full-s0" / "model.safetensors")["net"]["sampler"] == "uniform"
+    assert not (work / "recipe" / "imagenet-full-s0").exists()  # the ceiling: random encoder only
+    assert "Same net on every working pixel (sliding-window ceiling, 6 % of level-0 px)" in text
+    assert "of the full-resolution (sliding-window) mIoU" in text
     (frozen,) = json.loads((work / "recipe" / "rows" / "imagenet-frozen-uniform-16um-s0.json").read_text())
     assert frozen["encoder"] == "imagenet-frozen" and frozen["recipe"]["norm"] == "frozen"
     assert "**ocdc, imagenet-frozen encoder**" in text and "frozen normalisation" in text

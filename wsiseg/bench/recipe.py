@@ -12,6 +12,11 @@ several sample spacings and seeds, and scores every model on each set's
 fixed held-out images, so learned against uniform is measured on the
 configuration the project ships.
 
+The sliding-window ceiling (method ``full``) is the same net on every working
+pixel: the uniform sampler at a spacing of one working pixel, trained on
+:data:`RECIPE_FULL_WINDOW_UM` windows for as many steps as the sampled runs
+and scored on the whole test images (runs ``full-s<seed>``).
+
 Runs live in ``workdir/recipe/<method>-<spacing>um-s<seed>/``; a finished run
 is reused (its config and data are checked, as ``wsiseg train --resume``
 does), so runs made with ``wsiseg train --config`` on the same data and
@@ -28,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wsiseg.bench.quality import fmt_score, write_json
+from wsiseg.bench.quality import FULL, fmt_score, write_json
 from wsiseg.training.regions import QualitySet
 
 if TYPE_CHECKING:
@@ -36,12 +41,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RECIPE_CONFIG",
+    "RECIPE_FULL",
+    "RECIPE_FULL_WINDOW_UM",
     "RECIPE_IMAGENET_ENCODER",
     "RECIPE_STEPS",
     "RECIPE_NORMS",
     "RECIPE_RUNS",
     "bench_recipe",
     "format_tta",
+    "full_config",
     "method_config",
     "recipe_grid",
     "stored_recipe_rows",
@@ -82,6 +90,12 @@ RECIPE_RUNS: dict[str, dict[float, tuple[str, ...]]] = {
     "imagenet": {8.0: ("learned", "uniform")},
     "imagenet-frozen": {8.0: ("learned", "uniform")},
 }
+#: Encoder initialisations whose sliding-window ceiling (method ``full``) is trained.
+RECIPE_FULL: tuple[str, ...] = ("random",)
+#: Side of the ceiling's training windows (um). The sampled runs' 512 um windows at one sample per working
+#: pixel would cost 64x an 8 um run per step; 128 um windows cost 4x, which a CPU can afford for 3 seeds.
+#: Less context per window than the sampled runs see (512 um), the same detail (every working pixel).
+RECIPE_FULL_WINDOW_UM = 128.0
 #: Recipe-only encoder variants: the pretrained encoder with its BatchNorm statistics frozen (``norm: frozen``)
 #: instead of moved to GroupNorm.
 RECIPE_NORMS = {"imagenet": None, "imagenet-frozen": "frozen"}
@@ -146,6 +160,7 @@ def bench_recipe(
     encoders: Sequence[str] = ("random",),
     imagenet_weights: str | None = None,
     runs: Mapping[str, Mapping[float, Sequence[str]]] | None = None,
+    full: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Train ``base`` (the shipped recipe) with each sampler, spacing and seed; score each set's test images.
@@ -169,6 +184,9 @@ def bench_recipe(
         Required with the imagenet variants: a local weights file.
     runs : mapping, optional
         Methods per encoder and spacing (default :data:`RECIPE_RUNS`).
+    full : sequence of str, optional
+        Encoders (of ``encoders``) whose sliding-window ceiling is trained (default :data:`RECIPE_FULL`):
+        the uniform sampler on every working pixel, trained on :data:`RECIPE_FULL_WINDOW_UM` windows.
     log : callable, optional
 
     Returns
@@ -216,7 +234,23 @@ def bench_recipe(
                     )
                     name = f"{'' if enc == 'random' else enc + '-'}{method}-{spacing:g}um-s{seed}"
                     rows += _recipe_run(cfg, work, name, enc, method, pairs, tests, class_map, data_hash, dev, say)
+        if enc in (RECIPE_FULL if full is None else full):
+            for seed in seeds:
+                cfg = dataclasses.replace(start, seed=seed, **full_config(start))
+                name = f"{'' if enc == 'random' else enc + '-'}{FULL}-s{seed}"
+                rows += _recipe_run(cfg, work, name, enc, FULL, pairs, tests, class_map, data_hash, dev, say)
     return rows
+
+
+def full_config(base: TrainConfig) -> dict:
+    """Training-config changes of the sliding-window ceiling: every working pixel a sample.
+
+    The uniform sampler at a spacing of one working pixel, on windows of
+    :data:`RECIPE_FULL_WINDOW_UM` (or the recipe's own, if smaller).
+    """
+    assert base.crop_size is not None and base.working_mpp is not None
+    side = min(base.crop_size[0], max(1, round(RECIPE_FULL_WINDOW_UM / base.working_mpp)))
+    return {**method_config("uniform"), "sample_spacing_um": base.working_mpp, "crop_size": (side, side)}
 
 
 def _recipe_run(cfg, work: Path, name: str, enc: str, method: str, pairs, tests, class_map, data_hash, dev, say):

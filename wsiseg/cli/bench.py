@@ -585,8 +585,9 @@ def bench_sampling_command(
     "full: the same net on every working pixel, trained on windows (the sliding-window ceiling); "
     "densities: how far apart the trained samplers' densities are; recipe: the shipped tumour model's "
     "config (--recipe-config) with each sampler at sample spacings of 32, 16 and 8 um (and the learned "
-    "and oracle samplers with the iterated grid at 8 um), one model over all --sets, scored per set "
-    "(about 2.5 hours on 2 cores); report: only write the section.",
+    "and oracle samplers with the iterated grid at 8 um, and the same net on every working pixel, trained on "
+    "128 um windows: its sliding-window ceiling), one model over all --sets, scored per set "
+    "(about 3 hours on 2 cores); report: only write the section.",
 )
 @click.option(
     "--sets",
