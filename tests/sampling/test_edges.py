@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsiseg.sampling.coords import uniform_grid
-from wsiseg.sampling.edges import IGNORE_INDEX, blur, edge_density, edge_target, uniform_density
+from wsiseg.sampling.edges import IGNORE_INDEX, blur, edge_density, edge_target, uniform_density, weight_glass
 from wsiseg.sampling.grid import density_to_grid
 
 FAST = settings(deadline=None, max_examples=50)
@@ -190,3 +190,40 @@ def test_uniform_density():
     assert d.shape == (3, 1, 4, 5)
     assert np.allclose(d.sum(dim=(1, 2, 3)).numpy(), 1.0)
     assert torch.allclose(density_to_grid(d, 2.0), uniform_grid(4, 5, dtype=torch.float64)[None], atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    hd=st.integers(1, 12),
+    wd=st.integers(1, 12),
+    weight=st.floats(1e-3, 1.0),
+)
+def test_weight_glass_moves_mass_off_glass_by_the_weight(seed, hd, wd, weight):
+    """The glass share of the mass is w G / (w G + T); the shape within glass and within tissue is kept."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.rand(2, 1, hd, wd, generator=g, dtype=torch.float64) + 1e-3
+    glass = torch.rand(2, hd, wd, generator=g) < 0.5
+    out = weight_glass(d, glass, weight)
+    assert out.shape == d.shape and torch.allclose(out.sum(dim=(1, 2, 3)), torch.ones(2, dtype=torch.float64))
+    p = d / d.sum(dim=(1, 2, 3), keepdim=True)
+    for b in range(2):
+        gm = float(p[b, 0][glass[b]].sum())
+        want = weight * gm / (weight * gm + (1 - gm))
+        assert float(out[b, 0][glass[b]].sum()) == pytest.approx(want, abs=1e-9)
+        if gm < 1.0 and gm > 0.0:  # proportional inside each part
+            t = ~glass[b]
+            assert torch.allclose(out[b, 0][t] / out[b, 0][t].sum(), p[b, 0][t] / p[b, 0][t].sum())
+    # weight 1, or a map all glass or all tissue: the normalised density, unchanged
+    assert torch.allclose(weight_glass(d, glass, 1.0), p)
+    assert torch.allclose(weight_glass(d, torch.ones_like(glass), weight), p)
+    assert torch.allclose(weight_glass(d, torch.zeros_like(glass), weight), p)
+
+
+def test_weight_glass_refuses_bad_weights_and_shapes():
+    d, glass = uniform_density(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.bool)
+    for bad in (0.0, -0.5, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=r"glass weight must be in \(0, 1\]"):
+            weight_glass(d, glass, bad)
+    with pytest.raises(ValueError, match="glass"):
+        weight_glass(d, glass[:, :3], 0.5)

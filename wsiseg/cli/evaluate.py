@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from wsiseg.cli.options import MPP, Size, hw
+from wsiseg.cli.options import GLASS_WEIGHT, GRID_ITERATIONS, MPP, Size, hw
 
 __all__ = [
     "evaluate_command",
@@ -113,6 +113,20 @@ __all__ = [
     help="Test-time augmentation: average the segmenter over the deformed image and its three flips "
     "(4x the segmentation net's time), as segment --tta does.",
 )
+@click.option(
+    "--glass-weight",
+    type=GLASS_WEIGHT,
+    default=1.0,
+    show_default=True,
+    help="As segment --glass-weight: a learned density multiplied by this where the region's tissue score "
+    "says glass (the glass of 'samples on glass'); 1: off.",
+)
+@click.option(
+    "--grid-iterations",
+    type=GRID_ITERATIONS,
+    default=None,
+    help="Attraction steps of the sampling grid instead of the model's own, as segment --grid-iterations.",
+)
 def evaluate_command(
     model_path,
     data,
@@ -135,6 +149,8 @@ def evaluate_command(
     mpp,
     grid_scale,
     tta,
+    glass_weight,
+    grid_iterations,
 ) -> None:
     """Evaluate MODEL on the labelled pairs in DATA (folder or CSV).
 
@@ -189,6 +205,8 @@ def evaluate_command(
         log=lambda m: click.echo(m, err=True),
         grid_scale=grid_scale,
         tta=tta,
+        glass_weight=glass_weight,
+        grid_iterations=grid_iterations,
     )
     if as_json:
         click.echo(json.dumps(run.document, indent=2))

@@ -1,13 +1,16 @@
-"""Option types and help text shared by the commands: MPP bounds, ``WIDTHxHEIGHT`` sizes, mask formats."""
+"""Option types and help text shared by the commands: MPP bounds, ``WIDTHxHEIGHT`` sizes, mask formats,
+the grid's attraction steps and the glass weight."""
 
 from __future__ import annotations
 
 import click
 
-from wsiseg.limits import MPP_RANGE
+from wsiseg.limits import MAX_GRID_ITERATIONS, MPP_RANGE
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 
 __all__ = [
+    "GLASS_WEIGHT",
+    "GRID_ITERATIONS",
     "IMPLAUSIBLE_MPP_HELP",
     "MPP",
     "Formats",
@@ -18,6 +21,11 @@ __all__ = [
 
 # Micrometres per pixel on the command line: the bounds of every MPP read from a file.
 MPP = click.FloatRange(*MPP_RANGE)
+
+# Attraction steps of the sampling grid (train, evaluate, segment): the bound a model file may hold.
+GRID_ITERATIONS = click.IntRange(1, MAX_GRID_ITERATIONS)
+# A learned density's factor on glass (evaluate, segment): (0, 1], 1 is off.
+GLASS_WEIGHT = click.FloatRange(0.0, 1.0, min_open=True)
 
 # the --mpp options' shared sentence (wsiseg.mpp imports nothing heavy)
 IMPLAUSIBLE_MPP_HELP = (

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from wsiseg.cli.options import IMPLAUSIBLE_MPP_HELP, MPP, Formats, Size, hw
+from wsiseg.cli.options import GLASS_WEIGHT, GRID_ITERATIONS, IMPLAUSIBLE_MPP_HELP, MPP, Formats, Size, hw
 
 __all__ = [
     "demo_command",
@@ -105,6 +105,23 @@ __all__ = [
     "flips (4x the net's time; see docs/benchmarks.md for what it gains).",
 )
 @click.option(
+    "--glass-weight",
+    type=GLASS_WEIGHT,
+    default=1.0,
+    show_default=True,
+    help="Multiply a learned sampler's density by this on the density-map nodes the tissue detector calls "
+    "glass (renormalised), so samples move from glass onto tissue; 1: off. Pair it with --grid-iterations "
+    "(e.g. 0.1 with 16): one attraction only pulls samples from about two kernel widths away "
+    "(docs/demo-model.md).",
+)
+@click.option(
+    "--grid-iterations",
+    type=GRID_ITERATIONS,
+    default=None,
+    help="Attraction steps of the sampling grid instead of the model's own (the attraction repeated toward "
+    "equidistribution, as train --grid-iterations; no effect on a uniform-grid model).",
+)
+@click.option(
     "--mpp",
     type=MPP,
     default=None,
@@ -194,6 +211,8 @@ def segment_command(
     gather_mode,
     lod_bias,
     tta,
+    glass_weight,
+    grid_iterations,
     mpp,
     tile,
     geojson,
@@ -234,6 +253,8 @@ def segment_command(
         gather_mode=gather_mode,
         lod_bias=lod_bias,
         tta=tta,
+        glass_weight=glass_weight,
+        grid_iterations=grid_iterations,
         device=device,
         amp=amp,
         tile=tile,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from wsiseg.cli.options import MPP, Size, hw
+from wsiseg.cli.options import GRID_ITERATIONS, MPP, Size, hw
 from wsiseg.errors import WsisegError
-from wsiseg.limits import MAX_GRID_ITERATIONS
 
 __all__ = [
     "train_command",
@@ -72,7 +71,7 @@ __all__ = [
 )
 @click.option(
     "--grid-iterations",
-    type=click.IntRange(1, MAX_GRID_ITERATIONS),
+    type=GRID_ITERATIONS,
     default=None,
     help="Attraction steps from density to sampling grid: 1 is the paper's single Gaussian attraction; "
     "more move the samples toward equidistribution of the density (at 8 the oracle edge grid reads "

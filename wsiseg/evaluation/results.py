@@ -113,6 +113,10 @@ class EvalResult:
         geometry says (1: as ``segment`` samples them).
     tta : bool
         Predictions averaged over the deformed image and its flips.
+    glass_weight : float
+        The learned density's factor on glass (1: none; ``--glass-weight``).
+    grid_iterations : int or None
+        Attraction steps used instead of the model's own (``--grid-iterations``).
     regions_physical : int
         Regions sampled at that spacing (the others had no MPP).
     seconds : float
@@ -145,6 +149,8 @@ class EvalResult:
     sample_spacing_um: float | None = None
     grid_scale: float = 1.0
     tta: bool = False
+    glass_weight: float = 1.0
+    grid_iterations: int | None = None
     regions_physical: int = 0
     seconds: float = 0.0
     model_path: str | None = None
@@ -256,6 +262,8 @@ class EvalResult:
                 "the pixel rule; grid_scale: that many times as densely per axis (--grid-scale)",
             },
             "tta": self.tta,
+            "glass_weight": self.glass_weight,
+            "grid_iterations": self.grid_iterations,
             "samples_on_glass": {
                 **{k: nan_to_none(v) for k, v in self.samples_on_glass.items()},
                 "what": f"fraction of the grid points on glass (tissue score <= {GLASS_SCORE:g}) of each region's "
@@ -338,6 +346,10 @@ def format_table(results: Sequence[EvalResult]) -> str:
         add("grid scale (x as dense)", [r.grid_scale for r in results], 3)
     if any(r.tta for r in results):
         rows.append(("test-time flips", ["yes" if r.tta else "no" for r in results]))
+    if any(r.glass_weight != 1.0 for r in results):
+        add("glass weight", [r.glass_weight for r in results], 3)
+    if any(r.grid_iterations is not None for r in results):
+        rows.append(("grid iterations", [str(r.grid_iterations or "model's") for r in results]))
     rows.append(("cost (% of level-0 px)", [percent(r.cost) for r in results]))
     if any(not math.isclose(r.cost, r.cost_working) for r in results):
         rows.append(("cost (% of working px)", [percent(r.cost_working) for r in results]))

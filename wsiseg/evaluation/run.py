@@ -218,6 +218,8 @@ def run_evaluation(
     log: Callable[[str], None] | None = None,
     grid_scale: float = 1.0,
     tta: bool = False,
+    glass_weight: float = 1.0,
+    grid_iterations: int | None = None,
 ) -> EvaluationRun:
     """The ``wsiseg evaluate`` command: evaluate, compare with baselines, sweep the budget.
 
@@ -279,6 +281,10 @@ def run_evaluation(
     tta : bool
         Test-time flips for the model and its baselines (``--tta``,
         :func:`evaluate_model`).
+    glass_weight, grid_iterations
+        The learned density weighted down on glass, and the grid's attraction
+        steps, for every evaluated model (``--glass-weight``,
+        ``--grid-iterations``, :func:`evaluate_model`).
 
     Returns
     -------
@@ -325,6 +331,8 @@ def run_evaluation(
         log=say,
         grid_scale=grid_scale,
         tta=tta,
+        glass_weight=glass_weight,
+        grid_iterations=grid_iterations,
     )
     main_name = model.net.sampler if model.net.sampler not in compare else "model"
     results = [evaluate(model, name=main_name)]

@@ -51,6 +51,7 @@ class frequency
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -140,6 +141,8 @@ def evaluate_model(
     log: Callable[[str], None] | None = None,
     grid_scale: float = 1.0,
     tta: bool = False,
+    glass_weight: float = 1.0,
+    grid_iterations: int | None = None,
 ) -> EvalResult:
     """Evaluate a model on a data set of labelled regions.
 
@@ -178,6 +181,14 @@ def evaluate_model(
     tta : bool
         Test-time augmentation (:meth:`wsiseg.models.net.DeformSegNet.segment_probs`):
         the segmenter's mean over the deformed image and its flips.
+    glass_weight : float
+        In ``(0, 1]``: a learned density multiplied by this on the map nodes
+        whose tissue score is at most
+        :data:`~wsiseg.slide.tissue.GLASS_SCORE` (the glass of the
+        samples-on-glass measure), as ``segment --glass-weight`` does with
+        the slide's tissue mask; 1: off.
+    grid_iterations : int, optional
+        Attraction steps instead of the model's own (``segment --grid-iterations``).
 
     Returns
     -------
@@ -211,6 +222,7 @@ def evaluate_model(
 
     res = _empty_result(model, net, names, widths, ignore_index, name, spacing, grid_scale)
     res.tta = bool(tta)
+    res.glass_weight, res.grid_iterations = float(glass_weight), grid_iterations
     t0 = time.perf_counter()
     for batch in _batches(dataset, batch_size):
         _score_batch(
@@ -223,6 +235,8 @@ def evaluate_model(
             widths=widths,
             ignore_index=ignore_index,
             tta=tta,
+            glass_weight=glass_weight,
+            grid_iterations=grid_iterations,
         )
         if log is not None and (res.regions % 50 < len(batch)):
             log(f"{res.name}: {res.regions}/{len(dataset)} regions")
@@ -280,6 +294,8 @@ def _score_batch(
     widths: tuple[float, ...],
     ignore_index: int,
     tta: bool = False,
+    glass_weight: float = 1.0,
+    grid_iterations: int | None = None,
 ) -> None:
     """Predict a batch of regions (one size, one MPP: :func:`_batches`) and add it to the counts of ``res``."""
     from wsiseg.models.net import lowres_view
@@ -298,9 +314,20 @@ def _score_batch(
     physical = PhysicalScale(float(mpp), spacing) if spacing is not None and mpp is not None else None
     # segment's geometry for this region (training's pixel rule when no physical scale applies)
     geo = net.geometry(h, w, physical=physical, scale=grid_scale)
+    if grid_iterations is not None:
+        geo = dataclasses.replace(geo, iterations=grid_iterations)
     x_lr = lowres_view(image, geo.map)
+    glass = _glass(x_lr) if glass_weight != 1.0 else None
     # The edge baseline is an oracle: it places its samples from the labels.
-    pred = net.predict_lowres(x_lr, image, labels=labels if net.sampler == "edge" else None, geometry=geo, tta=tta)
+    pred = net.predict_lowres(
+        x_lr,
+        image,
+        labels=labels if net.sampler == "edge" else None,
+        geometry=geo,
+        tta=tta,
+        glass=glass,
+        glass_weight=glass_weight,
+    )
     grid = pred.grid.float()
     y_lr = sample_labels(labels, grid)
     index = inverse_map(grid, (h, w))  # shared by the prediction and Y'
@@ -320,15 +347,22 @@ def _score_batch(
     _count_regions(res, batch, h, w, grid, physical is not None)
 
 
+def _glass(image: torch.Tensor) -> torch.Tensor:
+    """``(B, h, w)`` bool: pixels of ``(B, 3, h, w)`` images in ``[0, 1]`` whose tissue score is glass's.
+
+    A fixed threshold, not Otsu: Otsu per region would split an all-tissue region in two.
+    """
+    rgb = (image * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return torch.from_numpy(np.stack([tissue_score(x) <= GLASS_SCORE for x in rgb])).to(image.device)
+
+
 def _count_glass(res: EvalResult, image: torch.Tensor, grid: torch.Tensor, dev) -> None:
     """Add the batch's grid points on glass, and those of a uniform grid of the same size, to ``res``."""
     from wsiseg.sampling.coords import uniform_grid
     from wsiseg.sampling.sample import sample_labels
 
     gh, gw = grid.shape[1:3]
-    # Glass by a fixed tissue score: Otsu per region would split an all-tissue region in two.
-    rgb = (image * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    tissue = torch.from_numpy(np.stack([tissue_score(x) > GLASS_SCORE for x in rgb])).to(dev)
+    tissue = ~_glass(image).to(dev)
     res.glass_model += int((~sample_labels(tissue, grid)).sum())
     res.glass_uniform += int((~sample_labels(tissue, uniform_grid(gh, gw, device=dev))).sum())
 

@@ -39,7 +39,14 @@ from wsiseg.models.deformation import DeformationNet
 from wsiseg.errors import ModelConfigError
 from wsiseg.models.segmenter import build_segmenter
 from wsiseg.sampling.coords import uniform_grid
-from wsiseg.sampling.edges import IGNORE_INDEX, edge_density, edge_target, label_validity, uniform_density
+from wsiseg.sampling.edges import (
+    IGNORE_INDEX,
+    edge_density,
+    edge_target,
+    label_validity,
+    uniform_density,
+    weight_glass,
+)
 from wsiseg.sampling.geometry import GeometryRule, PhysicalScale, SamplingGeometry, default_support, region_geometry
 from wsiseg.sampling.grid import DeformedGrid, check_iterations, density_to_grid
 from wsiseg.sampling.sample import downsample_labels, sample_image, sample_image_lod, sample_labels
@@ -479,6 +486,8 @@ class DeformSegNet(nn.Module):
         labels: torch.Tensor | None = None,
         geometry: SamplingGeometry | None = None,
         ignore_index: int | None = IGNORE_INDEX,
+        glass: torch.Tensor | None = None,
+        glass_weight: float = 1.0,
     ) -> DeformSegOutput:
         """Run the whole model.
 
@@ -509,6 +518,14 @@ class DeformSegNet(nn.Module):
             Label of unsupervised pixels: they make no edges in the edge
             target or the edge sampler's density. ``None``: every label
             value is a class.
+        glass : torch.Tensor, optional
+            ``(B, hd, wd)`` bool: the density-map nodes on glass; needed with
+            ``glass_weight`` below 1.
+        glass_weight : float
+            The learned density is multiplied by this on ``glass`` and
+            renormalised (:func:`wsiseg.sampling.edges.weight_glass`); 1
+            (the default) leaves it as the net gives it. Other samplers
+            ignore it.
 
         Returns
         -------
@@ -542,6 +559,10 @@ class DeformSegNet(nn.Module):
         valid_lr = label_validity(labels_lr, ignore_index=ignore_index) if labels_lr is not None else None
         batch = labels.shape[0] if labels is not None else None
         d = self.density(x_lr, labels_lr, batch=batch, map_size=(hd, wd), valid=valid_lr)
+        if glass_weight != 1.0 and self.sampler == "learned":
+            if glass is None:
+                raise ValueError("a glass weight below 1 needs the glass nodes of the density map")
+            d = weight_glass(d, glass, glass_weight)
         grid = self.grid(d, geometry)
 
         if is_tensor:
@@ -574,11 +595,14 @@ class DeformSegNet(nn.Module):
         labels: torch.Tensor | None = None,
         geometry: SamplingGeometry | None = None,
         tta: bool = False,
+        glass: torch.Tensor | None = None,
+        glass_weight: float = 1.0,
     ) -> LowResPrediction:
         """Predict classes on the sampling grid (eval mode, no gradients).
 
         Same arguments as :meth:`forward` (``labels`` only for the oracle
-        ``"edge"`` sampler), and ``tta`` (:meth:`segment_probs`). The module
+        ``"edge"`` sampler, ``glass`` and ``glass_weight`` as there), and
+        ``tta`` (:meth:`segment_probs`). The module
         is switched to eval mode for the call and restored afterwards.
 
         Returns
@@ -590,7 +614,7 @@ class DeformSegNet(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = self.forward(x_lr, source, labels=labels, geometry=geometry)
+            out = self.forward(x_lr, source, labels=labels, geometry=geometry, glass=glass, glass_weight=glass_weight)
             probs = self.segment_probs(out.image, tta=tta, logits=out.logits)
         finally:
             self.train(was_training)

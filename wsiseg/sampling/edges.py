@@ -32,6 +32,15 @@ of the nearest valid pixel (Euclidean). Invalid pixels get target 0. A
 class/ignore boundary is therefore no edge and attracts no samples, while a
 boundary between two classes with a thin unlabelled gap between them still
 counts. The oracle :func:`edge_density` treats them the same way.
+
+Glass weighting
+---------------
+:func:`weight_glass` scales a density down on glass (nodes a tissue
+detector calls glass) and renormalises it, so the grid moves samples from
+glass to tissue. It is a prior applied after the sampler, not learnt. The
+Gaussian attraction only pulls samples from within about two kernel widths,
+so glass far from tissue keeps its share unless the attraction is repeated
+(``iterations`` of :func:`wsiseg.sampling.grid.density_to_grid`).
 """
 
 from __future__ import annotations
@@ -44,7 +53,16 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-__all__ = ["IGNORE_INDEX", "blur", "edge_density", "edge_target", "label_validity", "uniform_density"]
+__all__ = [
+    "IGNORE_INDEX",
+    "blur",
+    "check_glass_weight",
+    "edge_density",
+    "edge_target",
+    "label_validity",
+    "uniform_density",
+    "weight_glass",
+]
 
 #: Label of pixels without supervision; the data pipeline pads regions with it
 #: (the same value as :data:`wsiseg.training.classmap.IGNORE_INDEX`, kept here so
@@ -293,3 +311,44 @@ def edge_density(
 def uniform_density(b: int, hd: int, wd: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """Constant density ``(b, 1, hd, wd)`` summing to 1 per sample (gives the uniform grid)."""
     return torch.full((b, 1, hd, wd), 1.0 / (hd * wd), dtype=dtype, device=device)
+
+
+def check_glass_weight(weight, name: str = "glass weight") -> None:
+    """Raise ``ValueError`` unless ``weight`` is a number in ``(0, 1]`` (1: no weighting)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 < float(weight) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1] (1: off), got {weight!r}")
+
+
+def weight_glass(d: torch.Tensor, glass: torch.Tensor, weight: float) -> torch.Tensor:
+    """A density scaled by ``weight`` on glass and renormalised to sum 1 per sample.
+
+    Parameters
+    ----------
+    d : torch.Tensor
+        ``(B, 1, hd, wd)`` non-negative density (any positive total).
+    glass : torch.Tensor
+        ``(B, hd, wd)`` bool: the map nodes on glass.
+    weight : float
+        In ``(0, 1]``: the factor on glass nodes (1 leaves the density's
+        shape as it is).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 1, hd, wd)``, summing to 1 per sample. A map that is all glass
+        or all tissue keeps its shape (the factor cancels).
+
+    Examples
+    --------
+    >>> d = torch.full((1, 1, 1, 4), 0.25)
+    >>> glass = torch.tensor([[[True, True, False, False]]])
+    >>> [round(v, 6) for v in weight_glass(d, glass, 0.25)[0, 0, 0].tolist()]
+    [0.1, 0.1, 0.4, 0.4]
+    """
+    check_glass_weight(weight)
+    if d.ndim != 4 or d.shape[1] != 1 or tuple(glass.shape) != (d.shape[0], *d.shape[2:]):
+        raise ValueError(f"need d (B, 1, hd, wd) and glass (B, hd, wd), got {tuple(d.shape)} and {tuple(glass.shape)}")
+    on_glass = glass.to(device=d.device, dtype=torch.bool).unsqueeze(1)
+    out = torch.where(on_glass, d * float(weight), d)
+    total = out.sum(dim=(1, 2, 3), keepdim=True)
+    return out / torch.where(total > 0, total, torch.ones_like(total))

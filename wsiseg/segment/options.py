@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from wsiseg.errors import ConfigError
-from wsiseg.limits import mpp_problem
+from wsiseg.limits import MAX_GRID_ITERATIONS, mpp_problem
 from wsiseg.models.io import LoadedModel
 from wsiseg.output.ome import (
     FORMAT_SUFFIXES,
     MAX_MEGAPIXELS,
     parse_formats,
 )
+from wsiseg.sampling.edges import check_glass_weight
 from wsiseg.sampling.geometry import PhysicalScale, split_region
+from wsiseg.sampling.grid import check_iterations
 
 __all__ = [
     "OUTPUT_SUFFIXES",
@@ -86,6 +88,16 @@ class SegmentOptions:
         Test-time augmentation: the segmentation net's class probabilities
         averaged over the image it sees and its three flips (4x its time;
         :meth:`wsiseg.models.net.DeformSegNet.segment_probs`).
+    glass_weight : float
+        In ``(0, 1]``: the learned density is multiplied by this on the map
+        nodes the tissue detector calls glass, and renormalised
+        (:func:`wsiseg.sampling.edges.weight_glass`), so samples move from
+        glass onto tissue. 1 (the default): the density as the model gives it.
+    grid_iterations : int, optional
+        Attraction steps of the grid (``iterations`` of
+        :func:`wsiseg.sampling.grid.density_to_grid`, 1-64) instead of the
+        model's own; more steps let a glass weight move samples further than
+        two kernel widths.
     device : str
         ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     amp : bool, optional
@@ -122,6 +134,8 @@ class SegmentOptions:
     gather_mode: str = "lod"
     lod_bias: float = 0.0
     tta: bool = False
+    glass_weight: float = 1.0
+    grid_iterations: int | None = None
     device: str = "auto"
     amp: bool | None = None
     tile: int = 512
@@ -148,6 +162,14 @@ class SegmentOptions:
             raise ConfigError(f"gather mode must be 'lod' or 'exact', got {self.gather_mode!r}")
         if self.tissue_threshold is not None and not 0 < self.tissue_threshold < 1:
             raise ConfigError(f"tissue threshold must be in (0, 1), got {self.tissue_threshold}")
+        try:
+            check_glass_weight(self.glass_weight)
+            if self.grid_iterations is not None:
+                check_iterations(self.grid_iterations, "grid iterations")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.grid_iterations is not None and self.grid_iterations > MAX_GRID_ITERATIONS:
+            raise ConfigError(f"grid iterations must be at most {MAX_GRID_ITERATIONS}, got {self.grid_iterations}")
         if self.mpp is not None and (problem := mpp_problem(self.mpp)):
             raise ConfigError(f"--{problem}")
         try:
@@ -170,6 +192,10 @@ class SegmentOptions:
             d.pop("max_grid")  # likewise for --max-grid
         if not d["tta"]:
             d.pop("tta")  # and for --tta
+        if d["glass_weight"] == 1.0:
+            d.pop("glass_weight")  # and for --glass-weight
+        if d["grid_iterations"] is None:
+            d.pop("grid_iterations")  # and for --grid-iterations
         if "ome-zarr" not in self.formats:
             # only the OME-Zarr depends on it; with one, the key also sets apart the stores that
             # held labels alone (before the RGB image was added): a resume redoes them

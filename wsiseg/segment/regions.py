@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ import torch
 from wsiseg.errors import WsisegError
 from wsiseg.models.io import LoadedModel
 from wsiseg.sampling.coords import to_pixels, uniform_grid
-from wsiseg.sampling.edges import uniform_density
+from wsiseg.sampling.edges import uniform_density, weight_glass
 from wsiseg.sampling.geometry import SamplingGeometry
 from wsiseg.sampling.tiles import RegionPrediction, coarse_inverse
 from wsiseg.slide.gather import gather
@@ -68,12 +69,13 @@ def segment_region(
     device: torch.device,
     *,
     plan: ScalePlan | None = None,
+    tissue: TissueMask | None = None,
 ) -> RegionResult:
     """Segment one level-0 box of a slide on its own deformed grid.
 
     :func:`segment_regions` with one box; see there.
     """
-    return segment_regions(ms, [box], model, options, device, plan=plan)[0]
+    return segment_regions(ms, [box], model, options, device, plan=plan, tissue=tissue)[0]
 
 
 def segment_regions(
@@ -86,6 +88,7 @@ def segment_regions(
     plan: ScalePlan | None = None,
     progress: Callable[[float], None] | None = None,
     batch_samples: int = BATCH_SAMPLES,
+    tissue: TissueMask | None = None,
 ) -> list[RegionResult]:
     """Segment level-0 boxes of a slide, each on its own deformed grid, the nets run over batches of regions.
 
@@ -115,6 +118,9 @@ def segment_regions(
         Called with the fraction of regions done after each batch.
     batch_samples : int
         Most grid points in one batch.
+    tissue : TissueMask, optional
+        The slide's tissue mask: with ``options.glass_weight`` below 1 the
+        learned density is weighted down on the map nodes it calls glass.
 
     Returns
     -------
@@ -124,9 +130,12 @@ def segment_regions(
     Raises
     ------
     ValueError
-        In physical mode, a box whose grid exceeds ``max_grid``.
+        In physical mode, a box whose grid exceeds ``max_grid``; a glass
+        weight below 1 without ``tissue``.
     """
     check_model_for_slides(model)
+    if options.glass_weight < 1.0 and tissue is None:
+        raise ValueError("a glass weight below 1 needs the slide's tissue mask")
     net = model.net
     plan = plan if plan is not None else scale_plan(model, ms.mpp, options)
     geos = []
@@ -137,11 +146,14 @@ def segment_regions(
                 f"region {(x, y, bw, bh)} needs a {geo.grid} grid, over the cap {plan.max_grid}: "
                 "segment the sub-boxes of ScalePlan.boxes"
             )
+        if options.grid_iterations is not None:
+            geo = dataclasses.replace(geo, iterations=options.grid_iterations)
         geos.append(geo)
     results: list[RegionResult | None] = [None] * len(boxes)
     done = 0
     for batch in _batches(geos, batch_samples):
-        for i, res in zip(batch, _segment_batch(ms, [boxes[i] for i in batch], geos[batch[0]], model, options, device)):
+        got = _segment_batch(ms, [boxes[i] for i in batch], geos[batch[0]], model, options, device, tissue)
+        for i, res in zip(batch, got):
             results[i] = res
         done += len(batch)
         if progress is not None:
@@ -161,7 +173,9 @@ def _batches(geos: Sequence[SamplingGeometry], batch_samples: int) -> list[list[
     return out
 
 
-def _segment_batch(ms, boxes, geo: SamplingGeometry, model: LoadedModel, options, device) -> list[RegionResult]:
+def _segment_batch(
+    ms, boxes, geo: SamplingGeometry, model: LoadedModel, options, device, tissue=None
+) -> list[RegionResult]:
     """Regions of one geometry through the nets together (see :func:`segment_regions`)."""
     net = model.net
     (h, w), (hd, wd), b = geo.grid, geo.map, len(boxes)
@@ -169,6 +183,9 @@ def _segment_batch(ms, boxes, geo: SamplingGeometry, model: LoadedModel, options
         if net.sampler == "learned":
             views = np.stack([read_lowres(ms, box, (hd, wd)) for box in boxes])
             d = net.density(torch.from_numpy(views).permute(0, 3, 1, 2).to(device))
+            if options.glass_weight < 1.0:
+                glass = torch.from_numpy(_glass_nodes(tissue, boxes, (hd, wd)))
+                d = weight_glass(d.float(), glass, options.glass_weight)
         else:
             d = uniform_density(b, hd, wd, device=device)
         grid = net.grid(d.float(), geo)
@@ -202,6 +219,12 @@ def _segment_batch(ms, boxes, geo: SamplingGeometry, model: LoadedModel, options
             )
         )
     return out
+
+
+def _glass_nodes(tissue: TissueMask, boxes, map_size: tuple[int, int]) -> np.ndarray:
+    """``(B, hd, wd)`` bool: the density-map nodes of each box (cell centres) that the tissue mask calls glass."""
+    node = uniform_grid(*map_size, dtype=torch.float64).numpy()
+    return np.stack([~tissue.tissue_at(to_pixels(node, bw, bh, origin=(x, y))) for x, y, bw, bh in boxes])
 
 
 def _gather_dict(stats) -> dict:

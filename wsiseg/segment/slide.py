@@ -90,11 +90,11 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(before)
 
 
-def _segment_deformed(ms, boxes, model, options, device, progress, plan: ScalePlan) -> _Segmentation:
+def _segment_deformed(ms, boxes, model, options, device, progress, plan: ScalePlan, tissue=None) -> _Segmentation:
     # regions too large for one grid at the model's scale become sub-boxes, each a region of its own
     boxes = [sub for box in boxes for sub in plan.boxes(box)]
     with _one_cpu_thread(device):
-        results = segment_regions(ms, boxes, model, options, device, plan=plan, progress=progress)
+        results = segment_regions(ms, boxes, model, options, device, plan=plan, progress=progress, tissue=tissue)
     tiler = ReverseTiler([r.prediction for r in results], ms.width, ms.height, mode=options.interp)
     return _Segmentation(
         tile_source=tiler,
@@ -214,7 +214,7 @@ def segment_slide(
 
     with contextlib.ExitStack() as cleanup:  # the sliding-window label store goes, whatever happens
         with stages.stage("sample+segment"):
-            seg = _sample_and_segment(slide, ms, boxes, model, options, device, out_dir, name, cleanup, stages)
+            seg = _sample_and_segment(slide, ms, boxes, model, options, device, out_dir, name, cleanup, stages, tissue)
         _trim_heap()
         with stages.stage("mask"):
             _write_mask(paths, ms, seg, tissue, model, options)
@@ -242,6 +242,7 @@ def _sample_and_segment(
     name: str,
     cleanup: contextlib.ExitStack,
     stages: _Stages,
+    tissue=None,
 ) -> _Segmentation:
     """Either mode on the regions; the sliding-window label store joins ``cleanup``."""
 
@@ -259,7 +260,7 @@ def _sample_and_segment(
             slide,
             model.scale.sample_spacing_um,
         )
-    return _segment_deformed(ms, boxes, model, options, device, step, plan)
+    return _segment_deformed(ms, boxes, model, options, device, step, plan, tissue)
 
 
 def _write_mask(
