@@ -392,6 +392,28 @@ def test_test_time_flips_change_a_few_labels_and_the_fingerprint(slides_dir, tmp
     assert report["config"]["options"]["tta"] is True
 
 
+def test_glass_weight_moves_only_the_glass_share_and_needs_the_tissue_mask(slides_dir):
+    # CMU-1-Small-Region with the shipped tumour model through segment_region: a weighted density is the
+    # plain one times the weight on the detector's glass nodes, renormalised; without a mask it is refused.
+    from wsiseg.demo import TUMOUR_MODEL
+    from wsiseg.segment.regions import _glass_nodes, find_regions
+
+    model = load_deformseg(TUMOUR_MODEL)
+    ms = open_slide(slides_dir / "CMU-1-Small-Region.svs")
+    box, cpu = (0, 0, ms.width, ms.height), torch.device("cpu")
+    _, _, tissue = find_regions(ms, SegmentOptions(regions="whole"))
+    plain = segment_region(ms, box, model, SegmentOptions(regions="whole"), cpu)
+    opts = SegmentOptions(regions="whole", glass_weight=0.25)
+    weighted = segment_region(ms, box, model, opts, cpu, tissue=tissue)
+    glass = _glass_nodes(tissue, [box], plain.density.shape)[0]
+    assert 0.3 < glass.mean() < 0.8  # CMU-1 is about half glass
+    p = plain.density / plain.density.sum()
+    want = np.where(glass, 0.25 * p, p)
+    np.testing.assert_allclose(weighted.density, want / want.sum(), rtol=1e-4)
+    with pytest.raises(ValueError, match="tissue mask"):
+        segment_region(ms, box, model, opts, cpu)
+
+
 def _segment(args):
     return CliRunner().invoke(main, ["segment", *args], catch_exceptions=False)
 
