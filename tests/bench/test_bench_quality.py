@@ -193,6 +193,7 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
         },
     )
     monkeypatch.setattr(recipe, "RECIPE_IMAGENET_ENCODER", "tu-resnet10t")
+    monkeypatch.setattr(recipe, "RECIPE_FULL_WINDOW_UM", 64.0)  # half the sampled runs' 128 um windows
     from safetensors.torch import save_file
 
     from wsiseg.models.pretrained import find_encoder
@@ -250,11 +251,12 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
     # the sliding-window ceiling: the same net, uniform on every working pixel (2 um), trained on windows
     (full,) = json.loads((work / "recipe" / "rows" / "full-s0.json").read_text())
     assert full["method"] == "full" and full["spacing_um"] == 2.0 and full["encoder"] == "random"
-    assert full["out_height"] == 64 and full["cost"] == pytest.approx(0.0625)  # OCDC's 0.5 um/px at 2 um
+    assert full["out_height"] == 32 and full["cost"] == pytest.approx(0.0625)  # 64 um windows; OCDC's 0.5 um/px
     assert read_metadata(work / "recipe" / "full-s0" / "model.safetensors")["net"]["sampler"] == "uniform"
     assert not (work / "recipe" / "imagenet-full-s0").exists()  # the ceiling: random encoder only
     assert "Same net on every working pixel (sliding-window ceiling, 6 % of level-0 px)" in text
-    assert "of the full-resolution (sliding-window) mIoU" in text
+    assert "of the full-resolution (sliding-window) mIoU" in text and "trained on random 64 um windows" in text
+    assert "random 128 um windows, 1 epochs" in text  # the recipe line names the sampled runs' windows
     (frozen,) = json.loads((work / "recipe" / "rows" / "imagenet-frozen-uniform-16um-s0.json").read_text())
     assert frozen["encoder"] == "imagenet-frozen" and frozen["recipe"]["norm"] == "frozen"
     assert "**ocdc, imagenet-frozen encoder**" in text and "frozen normalisation" in text

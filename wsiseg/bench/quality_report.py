@@ -518,7 +518,8 @@ def _recipe_lines(work: Path, figure: str | os.PathLike) -> list[str]:
     seeds = sorted({r["seed"] for r in rows})
     fig = draw_quality(cells, Path(figure).with_name(f"{Path(figure).stem}-recipe.png"))
     spacing = {int(r["out_height"]): float(r["spacing_um"]) for r in rows}
-    recipes = {r["encoder"]: r.get("recipe") or {} for r in rows}
+    # the sliding-window ceiling has windows of its own: the recipe is the sampled runs'
+    recipes = {r["encoder"]: r.get("recipe") or {} for r in rows if r["method"] != FULL}
     rc = next(iter(recipes.values()))
     mpp, window = rc.get("working_mpp", math.nan), rc.get("window_um", math.nan)
     nets = "; ".join(
@@ -539,7 +540,7 @@ def _recipe_lines(work: Path, figure: str | os.PathLike) -> list[str]:
         "over the classes of the test labels (non-tumour and tumour: the test images hold no glass; background "
         "predictions count as errors), comparable in kind with the two-class tables above. The budget is a "
         f"sample spacing (the grid of one {window:g} um window in brackets); cost = samples / level-0 pixels. "
-        f"Seeds {', '.join(map(str, seeds))}. Figure: [{Path(fig).name}]({Path(fig).name}).",
+        f"Seeds {', '.join(map(str, seeds))}. Figure: [{Path(fig).name}]({Path(fig).name}).{_full_text(rows, mpp)}",
         format_quality(cells, lambda g: f"{spacing.get(g, math.nan):g} um ({g}x{g})"),
         "",
         "#### Goals (recipe)",
@@ -547,6 +548,18 @@ def _recipe_lines(work: Path, figure: str | os.PathLike) -> list[str]:
         *goals(cells),
         *_tta_lines(rows),
     ]
+
+
+def _full_text(rows: Sequence[dict], mpp: float) -> str:
+    """The recipe's sliding-window ceiling in words (empty without its runs)."""
+    full = [r for r in rows if r["method"] == FULL]
+    if not full:
+        return ""
+    window = (full[0].get("recipe") or {}).get("window_um", math.nan)
+    return (
+        f" *Sliding-window ceiling*: the same net, uniform at one sample per working pixel ({mpp:g} um), "
+        f"trained on random {window:g} um windows for as many steps, run on the whole test images."
+    )
 
 
 def _tta_lines(rows: Sequence[dict]) -> list[str]:
