@@ -117,13 +117,16 @@ def test_segment_takes_a_shipped_model_by_name(slides_dir, tmp_path):
     assert sum(c["percent_of_slide"] for c in rows) == pytest.approx(100.0)
     assert report["tissue"]["pixels"] == rows[1]["pixels"] + rows[2]["pixels"]
     assert report["tissue"]["percent_of_slide"] == pytest.approx(100.0 - rows[0]["percent_of_slide"])
+    # the learned density alone barely avoids glass (measured 0.513 against a uniform grid's 0.530):
+    # what --glass-weight is for (test_glass_weight_moves_the_tumour_models_samples_onto_tissue)
+    assert 0.45 < report["samples_on_glass"]["model"] < report["samples_on_glass"]["uniform"]
     r = CliRunner().invoke(main, ["segment", str(slide), "--model", "nope", "--out", str(tmp_path / "p")])
     assert r.exit_code == 2
 
 
 def test_glass_weight_moves_the_tumour_models_samples_onto_tissue(slides_dir, tmp_path):
-    """--glass-weight with an iterated grid: on CMU-1-Small-Region (53 % of a uniform grid on glass), far fewer
-    samples on glass than the learned density alone puts there (measured 0.513 -> 0.209)."""
+    """--glass-weight with an iterated grid: on CMU-1-Small-Region (53 % of a uniform grid on glass), most
+    samples on tissue (measured 0.209; the learned density alone 0.513, see docs/demo-model.md)."""
     import json
 
     from click.testing import CliRunner
@@ -131,16 +134,13 @@ def test_glass_weight_moves_the_tumour_models_samples_onto_tissue(slides_dir, tm
     from wsiseg.cli.app import main
 
     slide = slides_dir / "CMU-1-Small-Region.svs"
-    glass = {}
-    for name, extra in (("plain", []), ("weighted", ["--glass-weight", "0.1", "--grid-iterations", "16"])):
-        args = ["segment", str(slide), "--model", "tumour", "--out", str(tmp_path / name), "--no-qc"]
-        r = CliRunner().invoke(main, [*args, "--no-geojson", "--progress", "none", *extra])
-        assert r.exit_code == 0, r.output
-        report = json.loads((tmp_path / name / "CMU-1-Small-Region.report.json").read_text())
-        glass[name] = report["samples_on_glass"]
-    assert glass["plain"]["uniform"] == pytest.approx(glass["weighted"]["uniform"]) and glass["plain"]["uniform"] > 0.5
-    assert glass["plain"]["model"] > 0.45  # the learned density alone keeps most of glass's share
-    assert glass["weighted"]["model"] < 0.3  # weighted: most samples on tissue
+    args = ["segment", str(slide), "--model", "tumour", "--out", str(tmp_path / "o"), "--no-qc"]
+    weighted = ["--glass-weight", "0.1", "--grid-iterations", "16"]
+    r = CliRunner().invoke(main, [*args, "--no-geojson", "--progress", "none", *weighted])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "o" / "CMU-1-Small-Region.report.json").read_text())
+    glass = report["samples_on_glass"]
+    assert glass["uniform"] > 0.5 and glass["model"] < 0.3
     options = report["config"]["options"]
     assert options["glass_weight"] == 0.1 and options["grid_iterations"] == 16
     r = CliRunner().invoke(main, [*args, "--glass-weight", "0"])
