@@ -337,7 +337,7 @@ def _scan_inverse(nodes: np.ndarray, out_size, region, tol: float, chunk: int):
     ).reshape(16, -1)
     # residuals in uniform-cell units, as in _solve
     sx, sy = (w - 2) / ww, (h - 2) / hh
-    out = np.empty((b * plane, 2))
+    out = np.zeros((b * plane, 2))  # unclaimed pixels stay 0 until Newton: no garbage (or warnings) from np.empty
     owner = np.full(b * plane, -1, np.int64)  # claiming candidate of each pixel, or _FOLD
     total = int(ends[-1])
     for s in range(0, total, chunk):
