@@ -125,8 +125,8 @@ def test_segment_takes_a_shipped_model_by_name(slides_dir, tmp_path):
 
 
 def test_glass_weight_moves_the_tumour_models_samples_onto_tissue(slides_dir, tmp_path):
-    """--glass-weight with an iterated grid: on CMU-1-Small-Region (53 % of a uniform grid on glass), most
-    samples on tissue (measured 0.209; the learned density alone 0.513, see docs/demo-model.md)."""
+    """--glass-weight: on CMU-1-Small-Region (53 % of a uniform grid on glass), most samples on tissue
+    (measured 0.237; the learned density alone 0.513, see docs/demo-model.md)."""
     import json
 
     from click.testing import CliRunner
@@ -135,14 +135,14 @@ def test_glass_weight_moves_the_tumour_models_samples_onto_tissue(slides_dir, tm
 
     slide = slides_dir / "CMU-1-Small-Region.svs"
     args = ["segment", str(slide), "--model", "tumour", "--out", str(tmp_path / "o"), "--no-qc"]
-    weighted = ["--glass-weight", "0.1", "--grid-iterations", "16"]
+    weighted = ["--glass-weight", "0.1", "--grid-iterations", "1"]
     r = CliRunner().invoke(main, [*args, "--no-geojson", "--progress", "none", *weighted])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "o" / "CMU-1-Small-Region.report.json").read_text())
     glass = report["samples_on_glass"]
     assert glass["uniform"] > 0.5 and glass["model"] < 0.3
     options = report["config"]["options"]
-    assert options["glass_weight"] == 0.1 and options["grid_iterations"] == 16
+    assert options["glass_weight"] == 0.1 and options["grid_iterations"] == 1
     r = CliRunner().invoke(main, [*args, "--glass-weight", "0"])
     assert r.exit_code == 2 and "--glass-weight" in r.output
     r = CliRunner().invoke(main, [*args, "--grid-iterations", "65"])

@@ -224,8 +224,8 @@ def test_all_tissue_region_has_almost_no_samples_on_glass(shared_data):
 
 
 def test_glass_weight_moves_the_learned_samples_off_real_glass(shared_data):
-    """A real H&E tile with glass (34 % by the tissue score), the shipped tumour model: weighted down on glass
-    and followed by 8 attraction steps, its density puts far fewer samples there."""
+    """A real H&E tile with glass (35 % by the tissue score), the shipped tumour model: its grid built on a warp
+    away from glass puts far fewer samples there (measured 0.337 -> 0.231), at the same budget."""
     from wsiseg import demo
     from wsiseg.models.io import load_deformseg
 
@@ -236,12 +236,12 @@ def test_glass_weight_moves_the_learned_samples_off_real_glass(shared_data):
     item = {"image": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "labels": torch.zeros(512, 512).long()}
     model = load_deformseg(demo.demo_model("tumour"))
     plain = evaluate_model(model, [item], device="cpu")
-    weighted = evaluate_model(model, [item], device="cpu", glass_weight=0.1, grid_iterations=8)
-    assert plain.samples_on_glass["uniform"] == weighted.samples_on_glass["uniform"] > 0.25
-    assert weighted.samples_on_glass["model"] < plain.samples_on_glass["model"] - 0.06  # measured 0.337 -> 0.249
+    weighted = evaluate_model(model, [item], device="cpu", glass_weight=0.1, grid_iterations=2)
+    assert plain.samples_on_glass["uniform"] == weighted.samples_on_glass["uniform"] > 0.3
+    assert weighted.samples_on_glass["model"] < plain.samples_on_glass["model"] - 0.07
     assert weighted.samples == plain.samples  # the same budget, placed elsewhere
     doc = weighted.to_dict()
-    assert doc["glass_weight"] == 0.1 and doc["grid_iterations"] == 8
+    assert doc["glass_weight"] == 0.1 and doc["grid_iterations"] == 2
     assert "glass weight" in weighted.format_table() and "glass weight" not in plain.format_table()
 
 

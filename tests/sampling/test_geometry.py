@@ -110,8 +110,9 @@ def test_same_region_gets_the_same_grid_on_every_path(shared_data, tmp_path, mon
     seen: list = []
     original = DeformSegNet.grid
 
-    def recording(self, d, geometry=None):
-        g = original(self, d, geometry)
+    def recording(self, d, geometry=None, prior=None):
+        assert prior is None  # no glass weight on any path here
+        g = original(self, d, geometry, prior)
         seen.append((geometry, tuple(d.shape[-2:]), g.detach().clone()))
         return g
 

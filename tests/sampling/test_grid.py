@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsiseg.sampling.coords import uniform_grid
-from wsiseg.sampling.grid import DeformedGrid, density_to_grid, gaussian_kernel, resize_grid
+from wsiseg.sampling.grid import DeformedGrid, density_to_grid, gaussian_kernel, prior_grid, resize_grid
 from wsiseg.sampling.sample import sample_image
 
 FAST = settings(deadline=None, max_examples=50)
@@ -297,3 +297,39 @@ def test_half_precision_density_gives_float32_grid():
         g2 = DeformedGrid(2.0)(d.float())
     assert g2.dtype == torch.float32
     assert torch.allclose(g, g2, atol=1e-6)
+
+
+@FAST
+@given(seed=seeds, h=st.integers(4, 16), w=st.integers(4, 16), sigma=st.floats(0.5, 3.0), c=st.floats(0.1, 10.0))
+def test_a_constant_prior_leaves_the_grid_as_the_density_makes_it(seed, h, w, sigma, c):
+    """Where the prior is flat (no glass) the sampler behaves exactly as trained."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.rand(2, 1, h, w, generator=g, dtype=torch.float64) + 0.05
+    prior = torch.full_like(d, c)
+    for steps in (1, 3):
+        want = density_to_grid(d, sigma, iterations=steps, out_size=(h + 3, w + 1))
+        got = prior_grid(d, prior, sigma, iterations=steps, out_size=(h + 3, w + 1))
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+@FAST
+@given(seed=seeds, n=st.integers(12, 32), weight=st.floats(0.02, 0.5))
+def test_a_prior_low_on_one_side_moves_nodes_off_it(seed, n, weight):
+    """A prior low on the left third ("glass") leaves fewer nodes there than the density alone, however far,
+    and the grid stays ordered inside the unit square."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.rand(1, 1, n, n, generator=g, dtype=torch.float64) + 0.05
+    prior = torch.ones_like(d)
+    prior[..., : n // 3] = weight
+    sigma = n / 32 + 0.5
+    plain = density_to_grid(d, sigma)
+    moved = prior_grid(d, prior, sigma)
+    left = 1 / 3 - 0.5 / n  # the glass columns' extent
+    assert (moved[..., 0] < left).float().mean() < (plain[..., 0] < left).float().mean()
+    assert (moved >= 0).all() and (moved <= 1).all()
+    assert (moved[..., 0].diff(dim=2) >= -1e-9).all() and (moved[..., 1].diff(dim=1) >= -1e-9).all()
+
+
+def test_prior_must_match_the_density():
+    with pytest.raises(ValueError, match="prior must have the density's shape"):
+        prior_grid(torch.ones(1, 1, 4, 4), torch.ones(1, 1, 4, 5), 1.0)

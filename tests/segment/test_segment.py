@@ -392,24 +392,27 @@ def test_test_time_flips_change_a_few_labels_and_the_fingerprint(slides_dir, tmp
     assert report["config"]["options"]["tta"] is True
 
 
-def test_glass_weight_moves_only_the_glass_share_and_needs_the_tissue_mask(slides_dir):
-    # CMU-1-Small-Region with the shipped tumour model through segment_region: a weighted density is the
-    # plain one times the weight on the detector's glass nodes, renormalised; without a mask it is refused.
+def test_glass_weight_moves_samples_off_glass_and_needs_the_tissue_mask(slides_dir):
+    # CMU-1-Small-Region (about half glass) with the shipped tumour model through segment_region: the net's
+    # density is the same, the grid is built on a warp away from the detector's glass, so fewer samples
+    # land there (measured 0.584 -> 0.302 of the points over the whole slide); without a mask it is refused.
     from wsiseg.demo import TUMOUR_MODEL
-    from wsiseg.segment.regions import _glass_nodes, find_regions
+    from wsiseg.segment.regions import find_regions
 
     model = load_deformseg(TUMOUR_MODEL)
     ms = open_slide(slides_dir / "CMU-1-Small-Region.svs")
     box, cpu = (0, 0, ms.width, ms.height), torch.device("cpu")
     _, _, tissue = find_regions(ms, SegmentOptions(regions="whole"))
     plain = segment_region(ms, box, model, SegmentOptions(regions="whole"), cpu)
-    opts = SegmentOptions(regions="whole", glass_weight=0.25)
+    opts = SegmentOptions(regions="whole", glass_weight=0.1)
     weighted = segment_region(ms, box, model, opts, cpu, tissue=tissue)
-    glass = _glass_nodes(tissue, [box], plain.density.shape)[0]
-    assert 0.3 < glass.mean() < 0.8  # CMU-1 is about half glass
-    p = plain.density / plain.density.sum()
-    want = np.where(glass, 0.25 * p, p)
-    np.testing.assert_allclose(weighted.density, want / want.sum(), rtol=1e-4)
+    np.testing.assert_array_equal(weighted.density, plain.density)
+    assert weighted.points.shape == plain.points.shape
+
+    def on_glass(points):
+        return 1.0 - tissue.tissue_at(points.reshape(-1, 2)).mean()
+
+    assert on_glass(plain.points) > 0.5 and on_glass(weighted.points) < on_glass(plain.points) - 0.2
     with pytest.raises(ValueError, match="tissue mask"):
         segment_region(ms, box, model, opts, cpu)
 

@@ -118,8 +118,8 @@ __all__ = [
     type=GLASS_WEIGHT,
     default=1.0,
     show_default=True,
-    help="As segment --glass-weight: a learned density multiplied by this where the region's tissue score "
-    "says glass (the glass of 'samples on glass'); 1: off.",
+    help="As segment --glass-weight: a learned sampler's grid built on a warp away from the nodes where "
+    "the region's tissue score says glass (the glass of 'samples on glass'); 1: off.",
 )
 @click.option(
     "--grid-iterations",

@@ -114,7 +114,7 @@ class EvalResult:
     tta : bool
         Predictions averaged over the deformed image and its flips.
     glass_weight : float
-        The learned density's factor on glass (1: none; ``--glass-weight``).
+        The glass prior's weight (1: none; ``--glass-weight``).
     grid_iterations : int or None
         Attraction steps used instead of the model's own (``--grid-iterations``).
     regions_physical : int

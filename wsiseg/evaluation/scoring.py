@@ -182,11 +182,11 @@ def evaluate_model(
         Test-time augmentation (:meth:`wsiseg.models.net.DeformSegNet.segment_probs`):
         the segmenter's mean over the deformed image and its flips.
     glass_weight : float
-        In ``(0, 1]``: a learned density multiplied by this on the map nodes
-        whose tissue score is at most
+        In ``(0, 1]``: a learned sampler's grid built on a warp away from the
+        map nodes whose tissue score is at most
         :data:`~wsiseg.slide.tissue.GLASS_SCORE` (the glass of the
-        samples-on-glass measure), as ``segment --glass-weight`` does with
-        the slide's tissue mask; 1: off.
+        samples-on-glass measure; :meth:`DeformSegNet.glass_prior`), as
+        ``segment --glass-weight`` does with the slide's tissue mask; 1: off.
     grid_iterations : int, optional
         Attraction steps instead of the model's own (``segment --grid-iterations``).
 

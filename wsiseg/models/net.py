@@ -48,7 +48,7 @@ from wsiseg.sampling.edges import (
     weight_glass,
 )
 from wsiseg.sampling.geometry import GeometryRule, PhysicalScale, SamplingGeometry, default_support, region_geometry
-from wsiseg.sampling.grid import DeformedGrid, check_iterations, density_to_grid
+from wsiseg.sampling.grid import DeformedGrid, check_iterations, density_to_grid, prior_grid
 from wsiseg.sampling.sample import downsample_labels, sample_image, sample_image_lod, sample_labels
 
 __all__ = [
@@ -434,21 +434,38 @@ class DeformSegNet(nn.Module):
             hd, wd = map_size if map_size is not None else self.map_size
         return uniform_density(b, hd, wd, device=device)
 
-    def grid(self, d: torch.Tensor, geometry: SamplingGeometry | None = None) -> torch.Tensor:
+    def grid(
+        self, d: torch.Tensor, geometry: SamplingGeometry | None = None, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Sampling grid ``(B, h, w, 2)`` of a density ``(B, 1, hd, wd)``.
 
         With ``geometry`` the kernel and grid size are the region's; without,
-        the model's reference ones.
+        the model's reference ones. With ``prior`` (a density on the same
+        map, e.g. low on glass) a learned or edge sampler's grid is built on
+        a warp toward it (:func:`wsiseg.sampling.grid.prior_grid`).
         """
         if self.sampler == "uniform":
             # A constant density gives exactly the uniform grid; skip the attraction (a 512 x 512 map
             # with a 65-node kernel costs seconds).
             h, w = geometry.grid if geometry is not None else self.out_size
             return uniform_grid(h, w, dtype=torch.float32, device=d.device).expand(d.shape[0], -1, -1, -1)
+        g = geometry if geometry is not None else self.reference_geometry()
+        if prior is not None:
+            return prior_grid(d, prior, g.sigma, g.support, out_size=g.grid, iterations=g.iterations)
         if geometry is None:
             return self.deformed_grid(d, out_size=self.out_size)
-        g = geometry
         return density_to_grid(d, g.sigma, g.support, out_size=g.grid, iterations=g.iterations)
+
+    def glass_prior(self, d: torch.Tensor, glass: torch.Tensor | None, glass_weight: float) -> torch.Tensor | None:
+        """The prior of a glass weight for :meth:`grid`: ``glass_weight`` on ``glass``, 1 elsewhere (normalised).
+
+        None when the weight is 1 or the sampler is not learned (the grid is then the model's own).
+        """
+        if glass_weight == 1.0 or self.sampler != "learned":
+            return None
+        if glass is None:
+            raise ValueError("a glass weight below 1 needs the glass nodes of the density map")
+        return weight_glass(torch.ones_like(d, dtype=torch.float32), glass, glass_weight)
 
     def segment_probs(
         self, image: torch.Tensor, *, tta: bool = False, logits: torch.Tensor | None = None
@@ -522,9 +539,11 @@ class DeformSegNet(nn.Module):
             ``(B, hd, wd)`` bool: the density-map nodes on glass; needed with
             ``glass_weight`` below 1.
         glass_weight : float
-            The learned density is multiplied by this on ``glass`` and
-            renormalised (:func:`wsiseg.sampling.edges.weight_glass`); 1
-            (the default) leaves it as the net gives it. Other samplers
+            In ``(0, 1]``: a learned sampler's grid is built on a warp toward
+            a prior that is this on ``glass`` and 1 elsewhere
+            (:meth:`glass_prior`, :func:`wsiseg.sampling.grid.prior_grid`),
+            so samples leave glass while the density acts as trained on
+            tissue; 1 (the default): the model's own grid. Other samplers
             ignore it.
 
         Returns
@@ -559,11 +578,7 @@ class DeformSegNet(nn.Module):
         valid_lr = label_validity(labels_lr, ignore_index=ignore_index) if labels_lr is not None else None
         batch = labels.shape[0] if labels is not None else None
         d = self.density(x_lr, labels_lr, batch=batch, map_size=(hd, wd), valid=valid_lr)
-        if glass_weight != 1.0 and self.sampler == "learned":
-            if glass is None:
-                raise ValueError("a glass weight below 1 needs the glass nodes of the density map")
-            d = weight_glass(d, glass, glass_weight)
-        grid = self.grid(d, geometry)
+        grid = self.grid(d, geometry, prior=self.glass_prior(d, glass, glass_weight))
 
         if is_tensor:
             hr = cast(torch.Tensor, source)  # made a float tensor above

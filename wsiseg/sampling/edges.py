@@ -36,11 +36,11 @@ counts. The oracle :func:`edge_density` treats them the same way.
 Glass weighting
 ---------------
 :func:`weight_glass` scales a density down on glass (nodes a tissue
-detector calls glass) and renormalises it, so the grid moves samples from
-glass to tissue. It is a prior applied after the sampler, not learnt. The
-Gaussian attraction only pulls samples from within about two kernel widths,
-so glass far from tissue keeps its share unless the attraction is repeated
-(``iterations`` of :func:`wsiseg.sampling.grid.density_to_grid`).
+detector calls glass) and renormalises it. With a constant density it is
+the glass prior of ``segment --glass-weight``: the grid is built on a warp
+toward it (:func:`wsiseg.sampling.grid.prior_grid`), which moves samples
+from glass to tissue, however far, and leaves regions without glass as the
+sampler makes them. It is a prior, not learnt.
 """
 
 from __future__ import annotations

@@ -60,7 +60,15 @@ import torch.nn.functional as F
 
 from wsiseg.sampling.coords import uniform_grid
 
-__all__ = ["DeformedGrid", "check_iterations", "density_to_grid", "gaussian_kernel", "resize_grid"]
+__all__ = [
+    "PRIOR_ITERATIONS",
+    "DeformedGrid",
+    "check_iterations",
+    "density_to_grid",
+    "gaussian_kernel",
+    "prior_grid",
+    "resize_grid",
+]
 
 
 def gaussian_kernel(
@@ -300,6 +308,55 @@ def density_to_grid(
     """
     # Built in float64 on the CPU (tiny); cast to the working dtype and device later.
     return _grid_from_kernel(d, gaussian_kernel(sigma, support, dtype=torch.float64), out_size, iterations)
+
+
+#: Attraction steps of the warp toward a prior (:func:`prior_grid`): enough to move samples across a slide's glass,
+#: which one attraction (about two kernel widths) cannot.
+PRIOR_ITERATIONS = 16
+
+
+def prior_grid(
+    d: torch.Tensor,
+    prior: torch.Tensor,
+    sigma: float,
+    support: int | None = None,
+    out_size: tuple[int, int] | None = None,
+    iterations: int = 1,
+    prior_iterations: int = PRIOR_ITERATIONS,
+) -> torch.Tensor:
+    """A grid that follows ``d`` as :func:`density_to_grid` does, on top of a warp toward ``prior``.
+
+    First the map's nodes are moved toward equidistribution of ``prior``
+    (``prior_iterations`` attraction steps: a base warp ``B``); then ``d``
+    is read where the warped nodes sit and turned into a grid ``L`` as
+    usual (``iterations`` steps, the model's own); the result is ``B`` read
+    at ``L``. A constant prior leaves ``B`` the identity, so the grid is
+    :func:`density_to_grid` of ``d``: where the prior is flat (no glass) the
+    sampler behaves exactly as trained, and only where it varies are the
+    samples moved, however far.
+
+    Parameters
+    ----------
+    d, prior : torch.Tensor
+        ``(B, 1, hd, wd)`` non-negative densities on the same map.
+    sigma, support, out_size, iterations
+        As :func:`density_to_grid`.
+    prior_iterations : int
+        Attraction steps of the base warp.
+
+    Returns
+    -------
+    torch.Tensor
+        Normalised grid ``(B, h, w, 2)`` in ``[0, 1]``.
+    """
+    if prior.shape != d.shape:
+        raise ValueError(f"prior must have the density's shape {tuple(d.shape)}, got {tuple(prior.shape)}")
+    kernel = gaussian_kernel(sigma, support, dtype=torch.float64)
+    base = _grid_from_kernel(prior, kernel, None, prior_iterations)
+    d = d.to(base.dtype) if not d.is_floating_point() or d.dtype in (torch.float16, torch.bfloat16) else d
+    warped = F.grid_sample(d, (base * 2 - 1).to(d.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    inner = _grid_from_kernel(warped, kernel, out_size, iterations)
+    return _compose(base.to(inner.dtype), inner).clamp(0.0, 1.0)
 
 
 class DeformedGrid(torch.nn.Module):

@@ -89,15 +89,15 @@ class SegmentOptions:
         averaged over the image it sees and its three flips (4x its time;
         :meth:`wsiseg.models.net.DeformSegNet.segment_probs`).
     glass_weight : float
-        In ``(0, 1]``: the learned density is multiplied by this on the map
-        nodes the tissue detector calls glass, and renormalised
-        (:func:`wsiseg.sampling.edges.weight_glass`), so samples move from
-        glass onto tissue. 1 (the default): the density as the model gives it.
+        In ``(0, 1]``: a learned sampler's grid is built on a warp toward a
+        prior that is this on the map nodes the tissue detector calls glass
+        and 1 elsewhere (:func:`wsiseg.sampling.grid.prior_grid`), so samples
+        move from glass onto tissue; a region without glass is sampled as
+        trained. 1 (the default): the model's own grid.
     grid_iterations : int, optional
         Attraction steps of the grid (``iterations`` of
         :func:`wsiseg.sampling.grid.density_to_grid`, 1-64) instead of the
-        model's own; more steps let a glass weight move samples further than
-        two kernel widths.
+        model's own.
     device : str
         ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     amp : bool, optional

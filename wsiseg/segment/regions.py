@@ -14,7 +14,7 @@ import torch
 from wsiseg.errors import WsisegError
 from wsiseg.models.io import LoadedModel
 from wsiseg.sampling.coords import to_pixels, uniform_grid
-from wsiseg.sampling.edges import uniform_density, weight_glass
+from wsiseg.sampling.edges import uniform_density
 from wsiseg.sampling.geometry import SamplingGeometry
 from wsiseg.sampling.tiles import RegionPrediction, coarse_inverse
 from wsiseg.slide.gather import gather
@@ -119,8 +119,9 @@ def segment_regions(
     batch_samples : int
         Most grid points in one batch.
     tissue : TissueMask, optional
-        The slide's tissue mask: with ``options.glass_weight`` below 1 the
-        learned density is weighted down on the map nodes it calls glass.
+        The slide's tissue mask: with ``options.glass_weight`` below 1 a
+        learned sampler's grid is built on a warp away from the map nodes it
+        calls glass (:meth:`DeformSegNet.glass_prior`).
 
     Returns
     -------
@@ -183,12 +184,10 @@ def _segment_batch(
         if net.sampler == "learned":
             views = np.stack([read_lowres(ms, box, (hd, wd)) for box in boxes])
             d = net.density(torch.from_numpy(views).permute(0, 3, 1, 2).to(device))
-            if options.glass_weight < 1.0:
-                glass = torch.from_numpy(_glass_nodes(tissue, boxes, (hd, wd)))
-                d = weight_glass(d.float(), glass, options.glass_weight)
         else:
             d = uniform_density(b, hd, wd, device=device)
-        grid = net.grid(d.float(), geo)
+        glass = torch.from_numpy(_glass_nodes(tissue, boxes, (hd, wd))) if options.glass_weight < 1.0 else None
+        grid = net.grid(d.float(), geo, prior=net.glass_prior(d.float(), glass, options.glass_weight))
         points = [
             to_pixels(grid[k].double().cpu().numpy(), bw, bh, origin=(x, y)) for k, (x, y, bw, bh) in enumerate(boxes)
         ]
