@@ -317,7 +317,7 @@ def _score_batch(
     if grid_iterations is not None:
         geo = dataclasses.replace(geo, iterations=grid_iterations)
     x_lr = lowres_view(image, geo.map)
-    glass = _glass(x_lr) if glass_weight != 1.0 else None
+    glass = _glass(x_lr) if net.uses_glass(glass_weight) else None
     # The edge baseline is an oracle: it places its samples from the labels.
     pred = net.predict_lowres(
         x_lr,

@@ -456,12 +456,17 @@ class DeformSegNet(nn.Module):
             return self.deformed_grid(d, out_size=self.out_size)
         return density_to_grid(d, g.sigma, g.support, out_size=g.grid, iterations=g.iterations)
 
+    def uses_glass(self, glass_weight: float) -> bool:
+        """Whether a glass weight changes this model's grid (a learned sampler, a weight below 1): callers find
+        the glass nodes only then."""
+        return glass_weight != 1.0 and self.sampler == "learned"
+
     def glass_prior(self, d: torch.Tensor, glass: torch.Tensor | None, glass_weight: float) -> torch.Tensor | None:
         """The prior of a glass weight for :meth:`grid`: ``glass_weight`` on ``glass``, 1 elsewhere (normalised).
 
         None when the weight is 1 or the sampler is not learned (the grid is then the model's own).
         """
-        if glass_weight == 1.0 or self.sampler != "learned":
+        if not self.uses_glass(glass_weight):
             return None
         if glass is None:
             raise ValueError("a glass weight below 1 needs the glass nodes of the density map")

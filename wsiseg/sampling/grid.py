@@ -222,8 +222,7 @@ def _mass(d: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     times its cell area; ``cv (B,)`` is the coefficient of variation of
     ``m``, 0 when the samples follow ``d`` exactly.
     """
-    at = F.grid_sample(d, g * 2 - 1, mode="bilinear", padding_mode="border", align_corners=False)
-    m = at * _cell_areas(g).unsqueeze(1)
+    m = _at(d, g) * _cell_areas(g).unsqueeze(1)
     mean = m.mean(dim=(1, 2, 3))
     cv = m.std(dim=(1, 2, 3)) / mean.clamp_min(torch.finfo(m.dtype).tiny) if m[0].numel() > 1 else mean * 0
     return m, torch.where(mean > 0, cv, torch.full_like(cv, math.inf))
@@ -252,10 +251,23 @@ def _iterate(d: torch.Tensor, kernel: torch.Tensor, iterations: int) -> torch.Te
     return g
 
 
-def check_iterations(iterations, name: str = "iterations") -> None:
-    """Raise ``ValueError`` (naming ``name``) unless ``iterations`` is an integer >= 1 (not a bool)."""
+def check_iterations(iterations, name: str = "iterations", most: int | None = None) -> None:
+    """Raise ``ValueError`` (naming ``name``) unless ``iterations`` is an integer >= 1 (not a bool), and at most
+    ``most`` when given."""
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"{name} must be a positive integer, got {iterations!r}")
+    if most is not None and iterations > most:
+        raise ValueError(f"{name} must be at most {most}, got {iterations!r}")
+
+
+def _working(d: torch.Tensor) -> torch.Tensor:
+    """``d`` in a dtype that can place samples: half precision cannot on a large slide (~1e-3 of its width)."""
+    return d.float() if not d.is_floating_point() or d.dtype in (torch.float16, torch.bfloat16) else d
+
+
+def _at(d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``d (B, 1, hd, wd)`` read at the normalised positions ``g (B, h, w, 2)`` (bilinear, pixel centres, border)."""
+    return F.grid_sample(d, g * 2 - 1, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _grid_from_kernel(
@@ -264,9 +276,7 @@ def _grid_from_kernel(
     if d.dim() != 4 or d.shape[1] != 1:
         raise ValueError(f"density must have shape (B, 1, hd, wd), got {tuple(d.shape)}")
     check_iterations(iterations)
-    if not d.is_floating_point() or d.dtype in (torch.float16, torch.bfloat16):
-        # Half precision cannot place samples on a large slide (~1e-3 of its width).
-        d = d.float()
+    d = _working(d)
     kernel = kernel.to(dtype=d.dtype, device=d.device)
     with torch.autocast(device_type=d.device.type, enabled=False):
         g = _iterate(d, kernel, iterations)
@@ -352,11 +362,11 @@ def prior_grid(
     if prior.shape != d.shape:
         raise ValueError(f"prior must have the density's shape {tuple(d.shape)}, got {tuple(prior.shape)}")
     kernel = gaussian_kernel(sigma, support, dtype=torch.float64)
-    base = _grid_from_kernel(prior, kernel, None, prior_iterations)
-    d = d.to(base.dtype) if not d.is_floating_point() or d.dtype in (torch.float16, torch.bfloat16) else d
-    warped = F.grid_sample(d, (base * 2 - 1).to(d.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-    inner = _grid_from_kernel(warped, kernel, out_size, iterations)
-    return _compose(base.to(inner.dtype), inner).clamp(0.0, 1.0)
+    d = _working(d)
+    with torch.autocast(device_type=d.device.type, enabled=False):  # reading and composing grids, as building them
+        base = _grid_from_kernel(prior, kernel, None, prior_iterations).to(d.dtype)
+        inner = _grid_from_kernel(_at(d, base), kernel, out_size, iterations)
+        return _compose(base, inner).clamp(0.0, 1.0)
 
 
 class DeformedGrid(torch.nn.Module):

@@ -165,11 +165,9 @@ class SegmentOptions:
         try:
             check_glass_weight(self.glass_weight)
             if self.grid_iterations is not None:
-                check_iterations(self.grid_iterations, "grid iterations")
+                check_iterations(self.grid_iterations, "grid iterations", most=MAX_GRID_ITERATIONS)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.grid_iterations is not None and self.grid_iterations > MAX_GRID_ITERATIONS:
-            raise ConfigError(f"grid iterations must be at most {MAX_GRID_ITERATIONS}, got {self.grid_iterations}")
         if self.mpp is not None and (problem := mpp_problem(self.mpp)):
             raise ConfigError(f"--{problem}")
         try:

@@ -186,8 +186,10 @@ def _segment_batch(
             d = net.density(torch.from_numpy(views).permute(0, 3, 1, 2).to(device))
         else:
             d = uniform_density(b, hd, wd, device=device)
-        glass = torch.from_numpy(_glass_nodes(tissue, boxes, (hd, wd))) if options.glass_weight < 1.0 else None
-        grid = net.grid(d.float(), geo, prior=net.glass_prior(d.float(), glass, options.glass_weight))
+        d, glass = d.float(), None
+        if net.uses_glass(options.glass_weight):
+            glass = torch.from_numpy(_glass_nodes(tissue, boxes, (hd, wd)))
+        grid = net.grid(d, geo, prior=net.glass_prior(d, glass, options.glass_weight))
         points = [
             to_pixels(grid[k].double().cpu().numpy(), bw, bh, origin=(x, y)) for k, (x, y, bw, bh) in enumerate(boxes)
         ]
@@ -196,7 +198,7 @@ def _segment_batch(
         probs = net.segment_probs(image, tta=options.tta).cpu()
     values = np.array([c.value for c in model.classes], dtype=np.uint8)
     labels = values[probs.argmax(dim=1).numpy()]
-    grid_cpu, dens = grid.cpu(), d[:, 0].float().cpu().numpy()
+    grid_cpu, dens = grid.cpu(), d[:, 0].cpu().numpy()
     out = []
     for k, (x, y, bw, bh) in enumerate(boxes):
         pred = RegionPrediction(
