@@ -131,6 +131,9 @@ def test_grid_iterations_round_trip_and_old_files_get_one(tmp_path):
     assert DeformSegNet.from_config(old).grid_iterations == 1
     with pytest.raises(ModelConfigError, match="grid_iterations"):
         DeformSegNet.from_config({**old, "grid_iterations": 0})
+    # the bound a file is read with holds when the net is built, so no net saves a file that will not load
+    with pytest.raises(ModelConfigError, match="grid_iterations must be at most 64"):
+        DeformSegNet.from_config({**old, "grid_iterations": 65})
 
 
 def test_scale_metadata_round_trip_old_files_and_bad_entries(tmp_path):

@@ -37,6 +37,7 @@ from torch import nn
 
 from wsiseg.models.deformation import DeformationNet
 from wsiseg.errors import ModelConfigError
+from wsiseg.limits import MAX_GRID_ITERATIONS
 from wsiseg.models.segmenter import build_segmenter
 from wsiseg.sampling.coords import uniform_grid
 from wsiseg.sampling.edges import (
@@ -236,6 +237,8 @@ class DeformSegNet(nn.Module):
         single Gaussian attraction (and every model saved before this
         option); more repeat it toward equidistribution, so the samples
         follow the density more closely (docs/benchmarks.md, grid capacity).
+        At most :data:`wsiseg.limits.MAX_GRID_ITERATIONS`, the bound model
+        files are read with.
     image_mean, image_std : sequence of float
         Per-channel standardisation of ``[0, 1]`` images before both nets;
         default ImageNet statistics.
@@ -292,7 +295,8 @@ class DeformSegNet(nn.Module):
         self.deform = DeformationNet(self.in_channels) if sampler == "learned" else None
         self.grid_iterations = grid_iterations
         try:
-            check_iterations(grid_iterations, "grid_iterations")
+            # the bound a model file is read with: a net built here can always be saved and loaded again
+            check_iterations(grid_iterations, "grid_iterations", most=MAX_GRID_ITERATIONS)
             self.deformed_grid = DeformedGrid(self.sigma, self.support, grid_iterations)
         except ValueError as exc:
             raise ModelConfigError(str(exc)) from exc
