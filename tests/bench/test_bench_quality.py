@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -72,7 +73,13 @@ def test_grid_capacity_oracle_beats_uniform_on_real_masks(few_ocdc, tmp_path):
     assert 0.9 < r.uniform < 1.0 and r.cost == pytest.approx(0.004, rel=0.05)
     assert r.gain > 0.5  # boundaries get the samples: measurably better than uniform on real masks
     assert r8.iterations == 8 and r8.gain > r.gain + 0.2  # the iterated grid follows the density further
-    assert "| ocdc |" in capacity.format_capacity(rows) and "default, 8 steps" in capacity.format_capacity(rows)
+    assert r.folded == 0 and r8.folded == 0  # the gain is not bought with grids that cross themselves
+    text = capacity.format_capacity(rows)
+    assert "| ocdc |" in text and "default, 8 steps" in text and "Folded cells: none" in text
+    folded = dataclasses.replace(r8, folded=3)
+    assert "Folded cells: default, 8 steps on ocdc at 0.4 % (3)." in capacity.format_capacity([r, folded])
+    old = dataclasses.replace(r8, folded=None)  # stored before folds were counted: no claim either way
+    assert "Folded" not in capacity.format_capacity([dataclasses.replace(r, folded=None), old])
 
 
 def test_cost_to_reach_and_goals_arithmetic():

@@ -16,6 +16,7 @@ from wsiseg.sampling.reverse import (
     _augment,
     _newton_inverse,
     _scan_inverse,
+    folded_cells,
     grid_at_index,
     inverse_map,
     lookup_linear,
@@ -291,6 +292,23 @@ def folded_grid(h: int = 6, w: int = 7) -> torch.Tensor:
     g = uniform_grid(h, w, dtype=F64).clone()
     g[2, 3, 0] = g[2, 4, 0] + 0.3 / w
     return g[None]
+
+
+def test_folded_cells_counts_cells_that_cross():
+    assert folded_cells(uniform_grid(5, 9)[None]) == 0
+    # the node pushed past its neighbour turns the two cells on its right over (and none elsewhere)
+    assert folded_cells(folded_grid()) == 2
+    assert folded_cells(torch.cat([folded_grid(), folded_grid()])) == 4  # summed over the batch
+    with pytest.raises(ValueError, match="grid must be"):
+        folded_cells(uniform_grid(3, 3))
+
+
+@FAST
+@given(seed=seeds, sigma=st.floats(0.5, 3.0), contrast=st.floats(0.0, 4.0))
+def test_folded_cells_only_where_cells_are_not_convex(seed, sigma, contrast):
+    g = random_grid(seed, 9, 11, sigma, contrast)
+    # a folded cell has a corner turning the wrong way; the stricter count above also counts flat corners
+    assert folded_cells(g) <= folds(g)
 
 
 @pytest.mark.parametrize("size", [(30, 35), (200, 180)])  # the larger one: Newton from a coarse raster

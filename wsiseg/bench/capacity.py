@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 #: Budgets: fractions of level-0 pixels sampled.
-BUDGETS = (0.001, 0.004, 0.016)
+BUDGETS = (0.00025, 0.0005, 0.001, 0.004, 0.016)
 
 
 def _load_labels(csv_path: Path, split: str | None = None):
@@ -59,6 +59,9 @@ class CapacityRow:
     uniform: float
     cost: float
     iterations: int = 1
+    #: Folded cells of its grids over the set (:func:`wsiseg.sampling.reverse.folded_cells`); None: not counted
+    #: (results stored before the count existed).
+    folded: int | None = None
 
     @property
     def gain(self) -> float:
@@ -125,7 +128,7 @@ def grid_capacity(
     from wsiseg.sampling.edges import edge_density
     from wsiseg.sampling.geometry import default_support
     from wsiseg.sampling.grid import density_to_grid
-    from wsiseg.sampling.reverse import reverse_sample
+    from wsiseg.sampling.reverse import folded_cells, reverse_sample
     from wsiseg.sampling.sample import downsample_labels, sample_labels
 
     say = log or (lambda _m: None)
@@ -142,9 +145,11 @@ def grid_capacity(
             labels.append((y, max(t, 1.0)))
         for budget in budgets:
             scores: dict[str, float] = {}
+            folds: dict[str, int] = {}
             costs = []
             for label, ratio, sig, rad, steps in (("uniform", 0, 0, 0, 1), *configs):
                 cm = ConfusionMatrix(2)
+                folds[label] = 0
                 for y, t in labels:
                     gh, gw = _budget_grid(tuple(y.shape), budget, t)
                     if label == "uniform":
@@ -156,13 +161,26 @@ def grid_capacity(
                         d = edge_density(downsample_labels(y[None], (hd, wd)), radius=rad * side)
                         sigma = sig * side
                         g = density_to_grid(d, sigma, default_support(sigma), out_size=(gh, gw), iterations=steps)
+                        folds[label] += folded_cells(g)
                     y_up = reverse_sample(sample_labels(y[None], g), g, tuple(y.shape))
                     cm.update(y_up, y[None])
                 scores[label] = float(cm.miou())
             cost = float(np.mean(costs))
             for label, ratio, sig, rad, steps in configs:
                 rows.append(
-                    CapacityRow(qs.key, budget, label, ratio, sig, rad, scores[label], scores["uniform"], cost, steps)
+                    CapacityRow(
+                        qs.key,
+                        budget,
+                        label,
+                        ratio,
+                        sig,
+                        rad,
+                        scores[label],
+                        scores["uniform"],
+                        cost,
+                        steps,
+                        folds[label],
+                    )
                 )
             best = max(configs, key=lambda c: scores[c[0]])[0]
             say(
@@ -172,7 +190,10 @@ def grid_capacity(
 
 
 def format_capacity(rows: Sequence[CapacityRow]) -> str:
-    """Markdown table: one line per set and budget, one column per grid construction (gain in points)."""
+    """Markdown table: one line per set and budget, one column per grid construction (gain in points).
+
+    A last line says which grids folded (or that none did), where the rows counted folds.
+    """
     labels = list(dict.fromkeys(r.label for r in rows))
     head = "| set | budget (% level-0 px) | uniform mIoU(Y', Y) | " + " | ".join(labels) + " |"
     lines = [head, "|" + "---|" * (3 + len(labels))]
@@ -182,5 +203,9 @@ def format_capacity(rows: Sequence[CapacityRow]) -> str:
         first = next(iter(sel.values()))
         best = max(sel.values(), key=lambda r: r.miou).label
         cells = [f"{'**' if k == best else ''}{sel[k].gain:+.1f}{'**' if k == best else ''}" for k in labels]
-        lines.append(f"| {s} | {100 * first.cost:.2f} | {first.uniform:.4f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {s} | {100 * first.cost:.3g} | {first.uniform:.4f} | " + " | ".join(cells) + " |")
+    counted = [r for r in rows if r.folded is not None]
+    if counted:
+        bad = [f"{r.label} on {r.set} at {100 * r.budget:g} % ({r.folded})" for r in counted if r.folded]
+        lines += ["", f"Folded cells: {'; '.join(bad) if bad else 'none, in any construction, set or budget'}."]
     return "\n".join(lines)

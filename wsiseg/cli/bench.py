@@ -580,7 +580,8 @@ def bench_sampling_command(
     default="capacity,balance,quality,full,densities,recipe",
     show_default=True,
     metavar="capacity,balance,quality,full,densities,recipe",
-    help="capacity: oracle grids vs uniform, no training (minutes); balance: edge-loss weights and "
+    help="capacity: oracle grids vs uniform at 0.025-1.6 % of the pixels, folded cells counted, no training "
+    "(minutes); balance: edge-loss weights and "
     "normalisations (6 short runs); quality: every method, budget, seed and encoder (hours on a CPU); "
     "full: the same net on every working pixel, trained on windows (the sliding-window ceiling); "
     "densities: how far apart the trained samplers' densities are; recipe: the shipped tumour model's "

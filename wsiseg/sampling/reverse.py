@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from wsiseg.sampling.coords import to_torch_grid
 
-__all__ = ["grid_at_index", "inverse_map", "lookup_linear", "lookup_nearest", "reverse_sample"]
+__all__ = ["folded_cells", "grid_at_index", "inverse_map", "lookup_linear", "lookup_nearest", "reverse_sample"]
 
 
 def _augment(grid: torch.Tensor) -> torch.Tensor:
@@ -251,6 +251,32 @@ def _folded(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         (ax, ay), (bx, by), (cx, cy) = ring[k], ring[(k + 1) % 4], ring[(k + 2) % 4]
         folded |= (bx - ax) * (cy - by) - (by - ay) * (cx - bx) < 0
     return folded
+
+
+def folded_cells(grid: torch.Tensor) -> int:
+    """Cells of a grid that fold: turn the wrong way at a corner, so the grid crosses itself there.
+
+    Parameters
+    ----------
+    grid : torch.Tensor
+        ``(B, h, w, 2)`` normalised ``(x, y)`` nodes.
+
+    Returns
+    -------
+    int
+        Folded cells over the batch (0 for a grid whose cells all stay
+        consistently oriented; collinear corners of nodes clamped together
+        at a border are not folds).
+
+    >>> from wsiseg.sampling.coords import uniform_grid
+    >>> g = uniform_grid(3, 3)[None]
+    >>> folded_cells(g), folded_cells(g.flip(2))
+    (0, 4)
+    """
+    if grid.ndim != 4 or grid.shape[-1] != 2:
+        raise ValueError(f"grid must be (B, h, w, 2), got {tuple(grid.shape)}")
+    g = grid.detach().to("cpu", torch.float64).numpy()
+    return int(_folded(g[..., 0], g[..., 1]).sum())
 
 
 #: Candidates scanned at once at most: a chunk's arrays stay small (measured on a 2048 x 2048 map of a
