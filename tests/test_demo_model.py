@@ -120,6 +120,7 @@ def test_segment_takes_a_shipped_model_by_name(slides_dir, tmp_path):
     # the learned density alone barely avoids glass (measured 0.513 against a uniform grid's 0.530):
     # what --glass-weight is for (test_glass_weight_moves_the_tumour_models_samples_onto_tissue)
     assert 0.45 < report["samples_on_glass"]["model"] < report["samples_on_glass"]["uniform"]
+    assert report["folded_cells"] == 0  # the learned grid never crosses itself here (docs/benchmarks.md)
     r = CliRunner().invoke(main, ["segment", str(slide), "--model", "nope", "--out", str(tmp_path / "p")])
     assert r.exit_code == 2
 

@@ -299,6 +299,8 @@ def test_folded_cells_counts_cells_that_cross():
     # the node pushed past its neighbour turns the two cells on its right over (and none elsewhere)
     assert folded_cells(folded_grid()) == 2
     assert folded_cells(torch.cat([folded_grid(), folded_grid()])) == 4  # summed over the batch
+    # level-0 points of a region (numpy, any positive scale and shift) fold where the normalised grid does
+    assert folded_cells(folded_grid().numpy() * [4000.0, 3000.0] + [123.0, 45.0]) == 2
     with pytest.raises(ValueError, match="grid must be"):
         folded_cells(uniform_grid(3, 3))
 

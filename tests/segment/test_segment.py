@@ -573,6 +573,7 @@ def test_sliding_window_mask_on_cmu(slides_dir, colour_model, tmp_path):
 
     report = json.loads((tmp_path / outputs["report"]).read_text())
     assert report["mode"] == "sliding-window" and report["config"]["options"]["mode"] == "sliding-window"
+    assert report["folded_cells"] is None  # no sampling grid
     boxes = report["regions"]
     assert boxes and report["gather"]["windows"] == sum(-(-w // 512) * -(-h // 512) for _, _, w, h in boxes)
     with tifffile.TiffFile(tmp_path / outputs["mask"]) as tif:

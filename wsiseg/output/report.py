@@ -258,6 +258,11 @@ class SlideReport:
         ``{"model": f, "uniform": u}``: fraction of the sampling points on
         glass by the tissue detector's mask, and the same for uniform grids
         of the same sizes over the same regions (None for sliding windows).
+    folded_cells : int or None
+        Cells of the sampling grids that fold (turn the wrong way at a
+        corner, so the grid crosses itself: :func:`wsiseg.sampling.reverse.folded_cells`),
+        summed over the regions; the reverse sampler gives the pixels such
+        a cell may cover a best-effort solution. None for sliding windows.
     scale : dict or None
         How the grids were sized: ``{"mode": "physical",
         "sample_spacing_um": s, "mpp": [x, y], "max_grid": [h, w],
@@ -300,6 +305,7 @@ class SlideReport:
     class_areas: list[dict] = field(default_factory=list)
     fraction_sampled: float | None = None
     samples_on_glass: dict[str, float] | None = None
+    folded_cells: int | None = None
     scale: dict | None = None
     detected_tissue_pixels: int | None = None
     gather: dict = field(default_factory=dict)

@@ -253,13 +253,15 @@ def _folded(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return folded
 
 
-def folded_cells(grid: torch.Tensor) -> int:
+def folded_cells(grid: torch.Tensor | np.ndarray) -> int:
     """Cells of a grid that fold: turn the wrong way at a corner, so the grid crosses itself there.
 
     Parameters
     ----------
-    grid : torch.Tensor
-        ``(B, h, w, 2)`` normalised ``(x, y)`` nodes.
+    grid : torch.Tensor or numpy.ndarray
+        ``(B, h, w, 2)`` ``(x, y)`` nodes: normalised, or in any pixel
+        frame with ``x`` to the right and ``y`` down (a positive scale and a
+        shift change no fold).
 
     Returns
     -------
@@ -275,7 +277,7 @@ def folded_cells(grid: torch.Tensor) -> int:
     """
     if grid.ndim != 4 or grid.shape[-1] != 2:
         raise ValueError(f"grid must be (B, h, w, 2), got {tuple(grid.shape)}")
-    g = grid.detach().to("cpu", torch.float64).numpy()
+    g = grid.detach().to("cpu", torch.float64).numpy() if isinstance(grid, torch.Tensor) else np.asarray(grid, float)
     return int(_folded(g[..., 0], g[..., 1]).sum())
 
 

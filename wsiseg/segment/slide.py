@@ -344,6 +344,7 @@ def _slide_report(
 ):
     """The slide's report (``report.json``)."""
     from wsiseg.output.report import SlideReport, class_areas
+    from wsiseg.sampling.reverse import folded_cells
 
     return SlideReport(
         slide=str(slide),
@@ -361,6 +362,7 @@ def _slide_report(
         class_areas=class_areas(counts, model.classes, ms.mpp),
         fraction_sampled=sample_fraction(1, seg.n_samples, ms.height, ms.width) if seg.n_samples else 0.0,
         samples_on_glass=samples_on_glass(tissue, seg.points, seg.boxes),
+        folded_cells=sum(folded_cells(p[None]) for p in seg.points) if seg.points else None,
         scale=seg.scale,
         detected_tissue_pixels=tissue_px,
         gather=gather,
