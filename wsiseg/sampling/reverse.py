@@ -267,8 +267,9 @@ def folded_cells(grid: torch.Tensor | np.ndarray) -> int:
     -------
     int
         Folded cells over the batch (0 for a grid whose cells all stay
-        consistently oriented; collinear corners of nodes clamped together
-        at a border are not folds).
+        consistently oriented). Exactly collinear corners, such as nodes
+        clamped together at a border, are not folds; a cell collapsed to
+        almost no area can still count, by its rounding.
 
     >>> from wsiseg.sampling.coords import uniform_grid
     >>> g = uniform_grid(3, 3)[None]
