@@ -136,6 +136,47 @@ def test_grid_iterations_round_trip_and_old_files_get_one(tmp_path):
         DeformSegNet.from_config({**old, "grid_iterations": 65})
 
 
+def test_grid_border_round_trip_and_old_files_keep_the_replicated_border(tmp_path):
+    """New nets mirror the density at the map's edges and say so in their file; a file from before reads as
+    the replicated border it was trained with, so its grids are as they were; a bad value is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from wsiseg.models.io import load_deformseg, save_deformseg
+    from wsiseg.sampling.grid import density_to_grid
+    from wsiseg.models.net import DeformSegNet
+    from wsiseg.output.classes import default_classes
+
+    torch.manual_seed(0)
+    seg = {"arch": "unet", "encoder": "resnet18", "num_classes": 2, "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+    net = DeformSegNet(seg, map_size=(16, 16), out_size=(16, 16), sigma=3.0).eval()
+    assert net.grid_border == "mirror" and net.config()["grid_border"] == "mirror"
+    path = tmp_path / "m.safetensors"
+    save_deformseg(path, net, default_classes(2))
+    assert load_deformseg(path).net.grid_border == "mirror"
+    # the same file without the key, as files were written before it existed
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    doc = json.loads(meta["wsiseg"])
+    del doc["net"]["grid_border"]
+    old_path = tmp_path / "old.safetensors"
+    save_file(tensors, str(old_path), metadata={**meta, "wsiseg": json.dumps(doc)})
+    old = load_deformseg(old_path).net.eval()
+    assert old.grid_border == "replicate"
+    d = torch.ones(1, 1, 16, 16)
+    d[..., 0, :] = 200.0  # a dense edge: the two rules differ there
+    assert torch.equal(old.grid(d), density_to_grid(d, old.sigma, old.support, border="replicate"))
+    assert not torch.allclose(old.grid(d), net.grid(d))
+    doc["net"]["grid_border"] = "wrap"
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**meta, "wsiseg": json.dumps(doc)})
+    with pytest.raises(Exception, match="net.grid_border must be one of mirror, replicate"):
+        load_deformseg(bad)
+    with pytest.raises(ModelConfigError, match="grid_border"):
+        DeformSegNet(seg, map_size=(16, 16), out_size=(16, 16), grid_border="wrap")
+
+
 def test_scale_metadata_round_trip_old_files_and_bad_entries(tmp_path):
     """A model records its physical scale; files without one load with ``scale`` None; bad entries are refused."""
     from wsiseg.models.io import load_deformseg, save_deformseg

@@ -143,6 +143,41 @@ def test_mirroring_density_mirrors_grid(seed, h, w, sigma):
     assert torch.allclose(gt, g.transpose(1, 2).flip(-1), atol=1e-12)
 
 
+@FAST
+@given(seed=seeds, h=sizes, w=sizes, sigma=sigmas, contrast=st.floats(0.0, 6.0), edge=st.floats(1.0, 1e4))
+def test_attraction_keeps_nodes_inside_without_the_clamp(seed, h, w, sigma, contrast, edge):
+    # the density is mirrored about the map's edges, so no node is pulled past one, however dense the edge is
+    from wsiseg.sampling.grid import _attract
+
+    d = random_density(seed, 2, h, w, contrast)
+    d[..., 0, :] *= edge
+    d[..., :, -1] *= edge
+    g = _attract(d, gaussian_kernel(sigma, dtype=F64))
+    assert g.min() >= -1e-12 and g.max() <= 1 + 1e-12
+
+
+def test_a_dense_edge_neither_collapses_nor_folds_the_grid():
+    from wsiseg.sampling.reverse import folded_cells
+
+    d = torch.ones(1, 1, 16, 16, dtype=F64)
+    d[..., 0, :] = 200.0  # a density spike along the top and right edges
+    d[..., :, -1] = 200.0
+    g = density_to_grid(d, 3.0)
+    u = uniform_grid(16, 16, dtype=F64)
+    assert g[0, 0, 5, 1] < u[0, 5, 1] and g[0, 5, -1, 0] > u[5, -1, 0]  # the edges attract their neighbours...
+    assert g[..., 1].min() > 0 and g[..., 0].max() < 1  # ...but nothing is pushed onto them
+    assert (g[:, 1:, :, 1] - g[:, :-1, :, 1]).min() > 0 and (g[:, :, 1:, 0] - g[:, :, :-1, 0]).min() > 0
+    assert folded_cells(g) == 0
+    # the replicated border of models trained before (kept for them) pulls a row onto the edge
+    old = density_to_grid(d, 3.0, border="replicate")
+    assert (old[..., 1] == 0).sum() >= 16 and not torch.allclose(old, g)
+    assert torch.allclose(DeformedGrid(3.0, border="replicate")(d), old, atol=1e-6)  # its kernel is float32
+    assert torch.allclose(DeformedGrid(3.0)(d), g, atol=1e-6)
+    assert torch.allclose(prior_grid(d, torch.ones_like(d), 3.0, border="replicate"), old, atol=1e-6)
+    with pytest.raises(ValueError, match="border must be one of mirror, replicate"):
+        density_to_grid(d, 3.0, border="reflect")
+
+
 def test_spike_attracts_nearby_nodes():
     h, w, sigma = 21, 21, 3.0
     d = torch.ones(1, 1, h, w, dtype=F64)

@@ -242,7 +242,7 @@ def test_inverse_map_handles_clamped_border_nodes():
     d = torch.ones(1, 1, 16, 16, dtype=F64)
     d[..., 0, :] = 200.0
     d[..., :, -1] = 200.0
-    grid = density_to_grid(d, 3.0)
+    grid = density_to_grid(d, 3.0, border="replicate")  # the rule of older models: nodes pulled past the edge
     assert (grid[..., 1] == 0).sum() >= 16  # nodes collapsed on the top edge
     idx = inverse_map(grid, (64, 64))
     back = grid_at_index(grid, idx)

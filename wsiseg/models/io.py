@@ -22,6 +22,7 @@ import torch
 from wsiseg.atomic import atomic_output
 from wsiseg.errors import WsisegError
 from wsiseg.hashing import file_hash
+from wsiseg.sampling.grid import BORDERS
 from wsiseg.limits import (
     MAX_CHANNELS,
     MAX_CLASSES,
@@ -345,6 +346,9 @@ def _net_problem(net, classes) -> str | None:
     v = net.get("grid_iterations")
     if v is not None and not (_is_int(v) and 1 <= v <= MAX_GRID_ITERATIONS):
         return f"net.grid_iterations must be an integer in 1..{MAX_GRID_ITERATIONS}, got {_short(v)}"
+    v = net.get("grid_border")
+    if v is not None and v not in BORDERS:
+        return f"net.grid_border must be one of {', '.join(BORDERS)}, got {_short(v)}"
     seg = net.get("segmenter")
     seg = seg if isinstance(seg, dict) else {}
     channels = (

@@ -49,7 +49,7 @@ from wsiseg.sampling.edges import (
     weight_glass,
 )
 from wsiseg.sampling.geometry import GeometryRule, PhysicalScale, SamplingGeometry, default_support, region_geometry
-from wsiseg.sampling.grid import DeformedGrid, check_iterations, density_to_grid, prior_grid
+from wsiseg.sampling.grid import DeformedGrid, check_border, check_iterations, density_to_grid, prior_grid
 from wsiseg.sampling.sample import downsample_labels, sample_image, sample_image_lod, sample_labels
 
 __all__ = [
@@ -239,6 +239,12 @@ class DeformSegNet(nn.Module):
         follow the density more closely (docs/benchmarks.md, grid capacity).
         At most :data:`wsiseg.limits.MAX_GRID_ITERATIONS`, the bound model
         files are read with.
+    grid_border : {"mirror", "replicate"}, default "mirror"
+        How the density continues past the map's edges in the attraction
+        (:func:`~wsiseg.sampling.grid.density_to_grid`): mirrored keeps every
+        node inside the region without collapsing any onto an edge;
+        ``"replicate"`` is the rule of models trained before 2026-12-07, which
+        :meth:`from_config` gives files that do not record one.
     image_mean, image_std : sequence of float
         Per-channel standardisation of ``[0, 1]`` images before both nets;
         default ImageNet statistics.
@@ -267,6 +273,7 @@ class DeformSegNet(nn.Module):
         image_std: Sequence[float] = IMAGENET_STD,
         image_sampling: str = "lod",
         grid_iterations: int = 1,
+        grid_border: str = "mirror",
     ):
         super().__init__()
         if image_sampling not in IMAGE_SAMPLING:
@@ -294,10 +301,12 @@ class DeformSegNet(nn.Module):
         self.segmenter = segmenter
         self.deform = DeformationNet(self.in_channels) if sampler == "learned" else None
         self.grid_iterations = grid_iterations
+        self.grid_border = grid_border
         try:
             # the bound a model file is read with: a net built here can always be saved and loaded again
             check_iterations(grid_iterations, "grid_iterations", most=MAX_GRID_ITERATIONS)
-            self.deformed_grid = DeformedGrid(self.sigma, self.support, grid_iterations)
+            check_border(grid_border, "grid_border")
+            self.deformed_grid = DeformedGrid(self.sigma, self.support, grid_iterations, grid_border)
         except ValueError as exc:
             raise ModelConfigError(str(exc)) from exc
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -324,6 +333,7 @@ class DeformSegNet(nn.Module):
             "image_std": [float(v) for v in self.image_std.flatten()],
             "image_sampling": self.image_sampling,
             "grid_iterations": self.grid_iterations,
+            "grid_border": self.grid_border,
             "segmenter": seg_cfg,
         }
 
@@ -340,6 +350,7 @@ class DeformSegNet(nn.Module):
         """
         cfg = dict(config)
         cfg.setdefault("image_sampling", "bilinear")  # model files from before the option: point samples
+        cfg.setdefault("grid_border", "replicate")  # and the attraction's border as they were trained with
         seg = segmenter if segmenter is not None else cfg.pop("segmenter", None)
         cfg.pop("segmenter", None)
         if seg is None:
@@ -455,10 +466,12 @@ class DeformSegNet(nn.Module):
             return uniform_grid(h, w, dtype=torch.float32, device=d.device).expand(d.shape[0], -1, -1, -1)
         g = geometry if geometry is not None else self.reference_geometry()
         if prior is not None:
-            return prior_grid(d, prior, g.sigma, g.support, out_size=g.grid, iterations=g.iterations)
+            return prior_grid(
+                d, prior, g.sigma, g.support, out_size=g.grid, iterations=g.iterations, border=self.grid_border
+            )
         if geometry is None:
             return self.deformed_grid(d, out_size=self.out_size)
-        return density_to_grid(d, g.sigma, g.support, out_size=g.grid, iterations=g.iterations)
+        return density_to_grid(d, g.sigma, g.support, out_size=g.grid, iterations=g.iterations, border=self.grid_border)
 
     def uses_glass(self, glass_weight: float) -> bool:
         """Whether a glass weight changes this model's grid (a learned sampler, a weight below 1): callers find

@@ -15,12 +15,22 @@ convolutions; since ``u_0(x') - u_0(x)`` is just the kernel offset, they are
 computed as ``u_0(x)`` plus ``conv(d, k * offset) / conv(d, k)``, which is
 the same quantity without cancellation error.
 
-Borders: ``d`` is replicated into the pad and ``u_0`` continued *linearly*
-(node centres ``(j + 0.5) / wd`` for ``j`` outside ``[0, wd)``), so a
-constant ``d`` gives exactly the uniform grid: no pull toward the centre.
-Because the Gaussian is an exponential tilt of its offset, each row's ``x``
-(and each column's ``y``) is non-decreasing for any non-negative ``d``,
-even with a truncated square kernel. The result is clamped to ``[0, 1]``.
+Borders: ``u_0`` is continued *linearly* (node centres ``(j + 0.5) / wd``
+for ``j`` outside ``[0, wd)``), which is ``u_0`` mirrored about the map's
+edges, and ``d`` is mirrored the same way into the pad (node ``-1 - k``
+takes node ``k``'s density; :func:`_pad_mirror`). A constant ``d`` gives
+exactly the uniform grid: no pull toward the centre. And no node leaves
+``[0, 1]``: each offset beyond an edge is outweighed by its mirror image,
+which carries the same density nearer the node. (Replicating the border
+node's density into the pad instead, as before 2026-12-07, pulled nodes
+past an edge wherever the density was high there; clamped back, neighbouring
+columns collapsed onto the edge and some cells folded: docs/benchmarks.md,
+grid capacity.) Because the Gaussian is an exponential tilt of its offset,
+each row's ``x`` (and each column's ``y``) is non-decreasing for any
+non-negative ``d``, even with a truncated square kernel. The result is
+clamped to ``[0, 1]`` against rounding. ``border="replicate"`` keeps the
+old rule: models record theirs (``grid_border``), and files from before it
+read as ``"replicate"``, so they sample as they were trained.
 
 The grid is then resized to the output size by bilinear interpolation of
 its *displacement* from the uniform grid (border replicated), added to the
@@ -61,8 +71,10 @@ import torch.nn.functional as F
 from wsiseg.sampling.coords import uniform_grid
 
 __all__ = [
+    "BORDERS",
     "PRIOR_ITERATIONS",
     "DeformedGrid",
+    "check_border",
     "check_iterations",
     "density_to_grid",
     "gaussian_kernel",
@@ -141,8 +153,33 @@ def resize_grid(grid: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
     return (u_out + disp.permute(0, 2, 3, 1)).clamp(0.0, 1.0)
 
 
-def _attract(d: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+#: How the density continues past the map's edges in the attraction: mirrored (the default), or the edge node's
+#: density replicated (models trained before 2026-12-07; module notes).
+BORDERS = ("mirror", "replicate")
+
+
+def check_border(border, name: str = "border") -> None:
+    """Raise ``ValueError`` (naming ``name``) unless ``border`` is one of :data:`BORDERS`."""
+    if border not in BORDERS:
+        raise ValueError(f"{name} must be one of {', '.join(BORDERS)}, got {border!r}")
+
+
+def _pad_mirror(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``x (B, C, h, w)`` padded by ``r`` on every side with its mirror image about the edges (edge nodes
+    repeated: index ``-1 - k`` takes ``k``), reflected again as often as a pad wider than the map needs."""
+
+    def index(n: int) -> torch.Tensor:
+        j = torch.arange(-r, n + r, device=x.device) % (2 * n)
+        return torch.where(j < n, j, 2 * n - 1 - j)
+
+    h, w = x.shape[-2:]
+    return x.index_select(-1, index(w)).index_select(-2, index(h))
+
+
+def _attract(d: torch.Tensor, kernel: torch.Tensor, border: str = "mirror") -> torch.Tensor:
     """One Gaussian attraction of ``d`` ``(B, 1, hd, wd)`` at the map's own size (eq. 3, unclamped).
+
+    ``border``: how ``d`` continues past the map's edges (:data:`BORDERS`).
 
     ``kernel`` is the 2-D Gaussian (an outer product of one 1-D Gaussian with
     itself), applied as two 1-D passes: the same sums as the 2-D convolution
@@ -155,7 +192,8 @@ def _attract(d: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     # Per-sample max-normalisation: exact scale invariance in practice and no
     # underflow for densities summing to 1 over large maps.
     scale = d.detach().amax(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)
-    dp = F.pad(d / scale, (r, r, r, r), mode="replicate")
+    # mirrored: replicated, a dense edge pulls nodes past it (module notes)
+    dp = _pad_mirror(d / scale, r) if border == "mirror" else F.pad(d / scale, (r, r, r, r), mode="replicate")
     # With the basis continued linearly, u0(x') - u0(x) is the kernel offset
     # over the map size wherever x' is, so eq. 3 is u0(x) plus a weighted
     # mean of offsets: convolve d with k*ox, k*oy and k. Same maths as
@@ -228,14 +266,14 @@ def _mass(d: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return m, torch.where(mean > 0, cv, torch.full_like(cv, math.inf))
 
 
-def _iterate(d: torch.Tensor, kernel: torch.Tensor, iterations: int) -> torch.Tensor:
+def _iterate(d: torch.Tensor, kernel: torch.Tensor, iterations: int, border: str = "mirror") -> torch.Tensor:
     """The map-size grid after ``iterations`` equidistribution steps (see the module notes)."""
-    g = _attract(d, kernel).clamp(0.0, 1.0)
+    g = _attract(d, kernel, border).clamp(0.0, 1.0)
     if iterations == 1:
         return g
     m, cv = _mass(d, g)
     for _ in range(iterations - 1):
-        step = _compose(g, _attract(m, kernel).clamp(0.0, 1.0)).clamp(0.0, 1.0)
+        step = _compose(g, _attract(m, kernel, border).clamp(0.0, 1.0)).clamp(0.0, 1.0)
         # Composition can shear a strongly compressed cell past its neighbour (random high-contrast
         # densities, not the labelled regions' edge densities): restore each row's x and each
         # column's y order, which one attraction guarantees (module notes).
@@ -271,15 +309,20 @@ def _at(d: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _grid_from_kernel(
-    d: torch.Tensor, kernel: torch.Tensor, out_size: tuple[int, int] | None, iterations: int = 1
+    d: torch.Tensor,
+    kernel: torch.Tensor,
+    out_size: tuple[int, int] | None,
+    iterations: int = 1,
+    border: str = "mirror",
 ) -> torch.Tensor:
     if d.dim() != 4 or d.shape[1] != 1:
         raise ValueError(f"density must have shape (B, 1, hd, wd), got {tuple(d.shape)}")
     check_iterations(iterations)
+    check_border(border)
     d = _working(d)
     kernel = kernel.to(dtype=d.dtype, device=d.device)
     with torch.autocast(device_type=d.device.type, enabled=False):
-        g = _iterate(d, kernel, iterations)
+        g = _iterate(d, kernel, iterations, border)
     if out_size is not None:
         g = resize_grid(g, out_size)
     return g
@@ -291,6 +334,7 @@ def density_to_grid(
     support: int | None = None,
     out_size: tuple[int, int] | None = None,
     iterations: int = 1,
+    border: str = "mirror",
 ) -> torch.Tensor:
     """Sampling grid from a density map (functional form of :class:`DeformedGrid`).
 
@@ -308,6 +352,10 @@ def density_to_grid(
     iterations : int
         Attraction steps (>= 1); more than one repeats it toward
         equidistribution (module notes). 1: the paper's single attraction.
+    border : {"mirror", "replicate"}
+        How ``d`` continues past the map's edges (module notes): mirrored
+        keeps every node inside without collapsing any onto an edge;
+        ``"replicate"`` is the rule of models trained before 2026-12-07.
 
     Returns
     -------
@@ -317,7 +365,8 @@ def density_to_grid(
         under autocast). Differentiable with respect to ``d``.
     """
     # Built in float64 on the CPU (tiny); cast to the working dtype and device later.
-    return _grid_from_kernel(d, gaussian_kernel(sigma, support, dtype=torch.float64), out_size, iterations)
+    kernel = gaussian_kernel(sigma, support, dtype=torch.float64)
+    return _grid_from_kernel(d, kernel, out_size, iterations, border)
 
 
 #: Attraction steps of the warp toward a prior (:func:`prior_grid`): enough to move samples across a slide's glass,
@@ -333,6 +382,7 @@ def prior_grid(
     out_size: tuple[int, int] | None = None,
     iterations: int = 1,
     prior_iterations: int = PRIOR_ITERATIONS,
+    border: str = "mirror",
 ) -> torch.Tensor:
     """A grid that follows ``d`` as :func:`density_to_grid` does, on top of a warp toward ``prior``.
 
@@ -349,8 +399,8 @@ def prior_grid(
     ----------
     d, prior : torch.Tensor
         ``(B, 1, hd, wd)`` non-negative densities on the same map.
-    sigma, support, out_size, iterations
-        As :func:`density_to_grid`.
+    sigma, support, out_size, iterations, border
+        As :func:`density_to_grid` (``border`` for both the warp and ``d``'s grid).
     prior_iterations : int
         Attraction steps of the base warp.
 
@@ -364,8 +414,8 @@ def prior_grid(
     kernel = gaussian_kernel(sigma, support, dtype=torch.float64)
     d = _working(d)
     with torch.autocast(device_type=d.device.type, enabled=False):  # reading and composing grids, as building them
-        base = _grid_from_kernel(prior, kernel, None, prior_iterations).to(d.dtype)
-        inner = _grid_from_kernel(_at(d, base), kernel, out_size, iterations)
+        base = _grid_from_kernel(prior, kernel, None, prior_iterations, border).to(d.dtype)
+        inner = _grid_from_kernel(_at(d, base), kernel, out_size, iterations, border)
         return _compose(base, inner).clamp(0.0, 1.0)
 
 
@@ -380,6 +430,8 @@ class DeformedGrid(torch.nn.Module):
         Kernel side, odd; default ``2 * round(sigma) + 1``.
     iterations : int
         Attraction steps; see :func:`density_to_grid`.
+    border : {"mirror", "replicate"}
+        See :func:`density_to_grid`.
 
     Notes
     -----
@@ -389,11 +441,13 @@ class DeformedGrid(torch.nn.Module):
 
     kernel: torch.Tensor  # buffer registered in __init__
 
-    def __init__(self, sigma: float, support: int | None = None, iterations: int = 1) -> None:
+    def __init__(self, sigma: float, support: int | None = None, iterations: int = 1, border: str = "mirror") -> None:
         super().__init__()
         check_iterations(iterations)
+        check_border(border)
         self.sigma = float(sigma)
         self.iterations = iterations
+        self.border = border
         self.register_buffer("kernel", gaussian_kernel(sigma, support))
 
     @property
@@ -402,7 +456,7 @@ class DeformedGrid(torch.nn.Module):
 
     def forward(self, d: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Grid ``(B, h, w, 2)`` from density ``d`` ``(B, 1, hd, wd)``; see :func:`density_to_grid`."""
-        return _grid_from_kernel(d, self.kernel, out_size, self.iterations)
+        return _grid_from_kernel(d, self.kernel, out_size, self.iterations, self.border)
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma}, support={self.support}, iterations={self.iterations}"
+        return f"sigma={self.sigma}, support={self.support}, iterations={self.iterations}, border={self.border}"
