@@ -53,6 +53,7 @@ __all__ = [
     "method_config",
     "recipe_grid",
     "stored_recipe_rows",
+    "train_run",
     "truth_miou",
 ]
 
@@ -253,31 +254,48 @@ def full_config(base: TrainConfig) -> dict:
     return {**method_config("uniform"), "sample_spacing_um": base.working_mpp, "crop_size": (side, side)}
 
 
-def _recipe_run(cfg, work: Path, name: str, enc: str, method: str, pairs, tests, class_map, data_hash, dev, say):
-    """One recipe run, trained (or reused) and scored on each set's test pairs (``tests``: set key -> pairs);
-    its stored rows if current."""
-    from wsiseg.evaluation.scoring import evaluate_model
-    from wsiseg.evaluation.sweep import ensure_trained, sweep_row
-    from wsiseg.models.io import load_deformseg
+def train_run(cfg, out: Path, method: str, pairs, class_map, data_hash: str, say) -> Path:
+    """Train ``cfg`` on the train (and val) pairs of ``pairs`` into ``out``, or reuse the run there.
+
+    :func:`wsiseg.evaluation.sweep.ensure_trained` on the regions ``wsiseg train``
+    reads for ``cfg``; ``data_hash`` fingerprints ``pairs`` as it does.
+
+    Returns
+    -------
+    pathlib.Path
+        The model file.
+    """
+    from wsiseg.evaluation.sweep import ensure_trained
     from wsiseg.training.dataset import config_dataset
     from wsiseg.training.pairs import split_pairs
 
-    def dataset(ps):
-        return config_dataset(ps, class_map, cfg)
-
-    stored = work / "rows" / f"{name}.json"
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
-    t0 = time.perf_counter()
-    path = ensure_trained(
+    return ensure_trained(
         cfg,
-        work / name,
-        dataset(train_pairs),
-        dataset(val_pairs) if val_pairs else None,
+        out,
+        config_dataset(train_pairs, class_map, cfg),
+        config_dataset(val_pairs, class_map, cfg) if val_pairs else None,
         class_map.to_classes(),
         data_hash,
         say,
         method,
     )
+
+
+def _recipe_run(cfg, work: Path, name: str, enc: str, method: str, pairs, tests, class_map, data_hash, dev, say):
+    """One recipe run, trained (or reused) and scored on each set's test pairs (``tests``: set key -> pairs);
+    its stored rows if current."""
+    from wsiseg.evaluation.scoring import evaluate_model
+    from wsiseg.evaluation.sweep import sweep_row
+    from wsiseg.models.io import load_deformseg
+    from wsiseg.training.dataset import config_dataset
+
+    def dataset(ps):
+        return config_dataset(ps, class_map, cfg)
+
+    stored = work / "rows" / f"{name}.json"
+    t0 = time.perf_counter()
+    path = train_run(cfg, work / name, method, pairs, class_map, data_hash, say)
     if stored.is_file() and stored.stat().st_mtime > path.stat().st_mtime:
         rows = json.loads(stored.read_text(encoding="utf-8"))
         if all("miou_full_tta" in r for r in rows):  # rows from before the test-time flips are scored again
