@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from wsiseg.bench import capacity
@@ -30,6 +32,17 @@ TINY = {
     "device": "cpu",
     "gamma_edge": 10.0,
     "image_sampling": "bilinear",
+}
+#: A recipe-part config (physical scale) of the tiny net: 64 px windows at 2 um per px, one sample per 16 um.
+TINY_RECIPE = {
+    **TINY,
+    "regions": "whole",
+    "epochs": 1,
+    "val_fraction": 0.0,
+    "patience": None,
+    "working_mpp": 2.0,
+    "crop_size": [64, 64],
+    "sample_spacing_um": 16,
 }
 
 
@@ -208,18 +221,8 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
 
     enc = find_encoder(build_segmenter("unet", "tu-resnet10t", 3, encoder_depth=3, decoder_channels=[16, 8, 8]))
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(tmp_path / "imagenet.safetensors"))
-    tiny = {
-        **TINY,
-        "regions": "whole",
-        "epochs": 1,
-        "val_fraction": 0.0,
-        "patience": None,
-        "working_mpp": 2.0,
-        "crop_size": [64, 64],
-        "sample_spacing_um": 16,
-    }
     config = tmp_path / "recipe.yaml"
-    config.write_text(yaml.safe_dump(tiny))
+    config.write_text(yaml.safe_dump(TINY_RECIPE))
     out, work, fig = tmp_path / "bench.md", tmp_path / "work", tmp_path / "quality.png"
     args = ["bench", "quality", "--parts", "recipe", "--sets", "ocdc", "--seeds", "0", "--recipe-config", str(config)]
     args += [
@@ -291,3 +294,125 @@ def test_bench_quality_recipe_refuses_a_config_without_physical_scale(few_ocdc, 
     r = CliRunner().invoke(main, args + ["--data", str(few_ocdc), "--workdir", str(tmp_path / "w")])
     assert r.exit_code == 2 and "crop_size, working_mpp and sample_spacing_um" in r.output
     assert not (tmp_path / "w" / "recipe").exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.text("abcdef0123", min_size=1, max_size=6), max_size=40), st.integers(2, 7), st.randoms())
+def test_deal_folds_holds_each_image_out_once_in_balanced_folds(stems, folds, rnd):
+    from wsiseg.bench.crossval import deal_folds
+
+    order = sorted(stems)
+    rnd.shuffle(order)
+    deal = deal_folds(order, folds)
+    assert deal == deal_folds(sorted(stems), folds)  # the order given does not matter
+    assert set(deal) == stems and set(deal.values()) <= set(range(folds))
+    sizes = [sum(f == k for f in deal.values()) for k in range(folds)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_deal_folds_refuses_one_fold():
+    from wsiseg.bench.crossval import deal_folds
+    from wsiseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        deal_folds(["a", "b"], 1)
+
+
+def test_fold_pairs_hold_out_every_real_labelled_image_once(shared_data, tmp_path):
+    from wsiseg.bench.crossval import fold_pairs
+    from wsiseg.demo.data import prepare_demo_data
+    from wsiseg.training.pairs import load_pairs
+
+    if not (shared_data / "labelled-regions").is_dir():
+        pytest.skip(f"labelled regions not found under {shared_data}")
+    sets = list(QUALITY_SETS.values())
+    pairs = load_pairs(prepare_demo_data(shared_data, tmp_path, sets=[q.key for q in sets]))
+    held: dict[str, int] = {}
+    for fold in range(5):
+        fp = fold_pairs(pairs, sets, 5, fold)
+        assert [p.image for p in fp] == [p.image for p in pairs]
+        for p in fp:
+            name = Path(p.annotation).stem
+            if not name.startswith(tuple(f"{q.key}-" for q in sets)):
+                assert p.split == "train"  # the glass textures always train
+            elif p.split == "test":
+                held[name] = held.get(name, 0) + 1
+            else:
+                assert p.split == "train"
+        tests = [Path(p.annotation).stem for p in fp if p.split == "test"]
+        assert 8 <= len(tests) <= 10  # 6-7 CAMELYON, 2 OCDC, 0-1 BCSS
+    images = {q.key: len(region_stems(shared_data / "labelled-regions" / q.folder)) for q in sets}
+    assert len(held) == sum(images.values()) == 45 and set(held.values()) == {1}
+
+
+def test_format_crossval_pools_each_seeds_folds_and_pairs_the_samplers():
+    from wsiseg.bench.crossval import format_crossval
+
+    def row(image, method, seed, matrix):
+        from wsiseg.bench.recipe import truth_miou
+        from wsiseg.metrics import ConfusionMatrix
+
+        cm = ConfusionMatrix(3)
+        cm.matrix = np.asarray(matrix)
+        return {
+            "set": "ocdc",
+            "image": image,
+            "method": method,
+            "seed": seed,
+            "matrix": matrix,
+            "miou": truth_miou(cm),
+            "folds": 2,
+            "spacing_um": 8.0,
+            "cost": 0.001,
+        }
+
+    perfect = [[0, 0, 0], [0, 50, 0], [0, 0, 50]]
+    half = [[0, 0, 0], [0, 50, 0], [0, 50, 0]]  # every tumour pixel called non-tumour
+    rows = [
+        row(im, m, s, perfect if (m == "learned" and im == "a") else half)
+        for im in "ab"
+        for m in ("learned", "uniform")
+        for s in (0, 1)
+    ]
+    rows += [row("a", "learned", 2, perfect)]  # seed 2 lacks images: not counted
+    (header, _, line) = format_crossval(rows)
+    assert "learned - uniform" in header
+    # pooled: learned 150 of 200 right -> IoU non-tumour 100/150, tumour 50/100; uniform 100/200, 0/100
+    learned, uniform = (100 / 150 + 50 / 100) / 2, (100 / 200 + 0) / 2
+    assert line.startswith(f"| ocdc | 2 | 2 | {learned:.3f} ± 0.000 | {uniform:.3f} ± 0.000 |")
+    assert f"+{100 * (learned - uniform):.1f} ± 0.0" in line and "| 2 of 4 |" in line and "under 6 images" in line
+    assert format_crossval([r for r in rows if r["method"] == "learned"]) == []
+
+
+def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(few_ocdc, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(TINY_RECIPE))
+    out, work = tmp_path / "bench.md", tmp_path / "work"
+    args = ["bench", "quality", "--parts", "crossval", "--sets", "ocdc", "--seeds", "0", "--folds", "2"]
+    args += ["--recipe-config", str(config), "--data", str(few_ocdc), "--workdir", str(work), "--out", str(out)]
+    args += ["--figure", str(tmp_path / "q.png")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    stems = sorted(region_stems(few_ocdc / "labelled-regions" / "ocdc_oral_scc"))
+    from wsiseg.models.io import read_metadata
+
+    hashes = set()
+    for method in ("learned", "uniform"):
+        seen = []
+        for fold in (0, 1):
+            rows = json.loads((work / "crossval" / "rows" / f"k2f{fold}-{method}-16um-s0.json").read_text())
+            assert [x["image"] for x in rows] == stems[fold::2]  # sorted, dealt round robin
+            for x in rows:
+                assert x["set"] == "ocdc" and x["method"] == method and x["fold"] == fold and x["folds"] == 2
+                assert np.asarray(x["matrix"]).sum() > 0 and 0.0 <= x["miou"] <= 1.0 and 0 < x["cost"] < 0.05
+            seen += [x["image"] for x in rows]
+            meta = read_metadata(work / "crossval" / f"k2f{fold}-{method}-16um-s0" / "model.safetensors")
+            assert meta["net"]["sampler"] == method
+            hashes.add((method, meta["training"]["data_hash"]))
+        assert sorted(seen) == stems
+    assert len({h for _, h in hashes}) == 2  # each fold trains on its own pairs
+    text = out.read_text()
+    assert "### Cross-validated: learned vs uniform" in text and "| ocdc | 5 | 1 |" in text
+    r2 = CliRunner().invoke(main, args)
+    assert r2.exit_code == 0, r2.output
+    assert not [line for line in r2.output.splitlines() if line.startswith(("training ", "crossval "))], r2.output

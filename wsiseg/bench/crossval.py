@@ -1,0 +1,274 @@
+"""k-fold cross-validation of the shipped recipe: the ``crossval`` part of ``wsiseg bench quality``.
+
+The ``recipe`` part (:mod:`wsiseg.bench.recipe`) scores each sampler on each
+set's few fixed test images (3 OCDC tiles, 1 BCSS ROI): a split that small
+let one machine's runs show learned sampling 8 points ahead on OCDC and
+another machine's the reverse (docs/benchmarks.md). This part tests every
+labelled image instead. Each set's images (sorted by name) are dealt round
+robin into ``folds`` folds; fold ``f``'s model trains on every other image of
+every set (and the glass textures, as the recipe does) and is scored on the
+images of fold ``f``, one image at a time. Every image is then held out
+exactly once per seed, and learned and uniform are compared on the same
+images, folds and seeds.
+
+Runs live in ``workdir/crossval/k<folds>f<fold>-<method>-<spacing>um-s<seed>/``;
+rows (one per held-out image, with its confusion matrix) go to
+``workdir/crossval/rows/<run>.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wsiseg.bench.quality import write_json
+from wsiseg.bench.recipe import method_config, recipe_grid, train_run, truth_miou
+from wsiseg.training.regions import QualitySet
+
+if TYPE_CHECKING:
+    from wsiseg.training.config import TrainConfig
+    from wsiseg.training.pairs import TrainingPair
+
+__all__ = [
+    "CV_FOLDS",
+    "CV_METHODS",
+    "bench_crossval",
+    "deal_folds",
+    "fold_pairs",
+    "format_crossval",
+    "stored_crossval_rows",
+]
+
+#: Folds of the cross-validation.
+CV_FOLDS = 5
+#: Samplers compared (:func:`wsiseg.bench.recipe.method_config`).
+CV_METHODS: tuple[str, ...] = ("learned", "uniform")
+
+
+def deal_folds(stems: Sequence[str], folds: int) -> dict[str, int]:
+    """Fold of each image: the sorted stems dealt round robin.
+
+    Neighbouring tiles (consecutive ids) land in different folds, as the
+    fixed splits hold out every fourth CAMELYON id. A set with fewer images
+    than folds leaves the last folds without a test image of it.
+
+    Examples
+    --------
+    >>> deal_folds(["c", "a", "b", "d"], 3)
+    {'a': 0, 'b': 1, 'c': 2, 'd': 0}
+    """
+    if folds < 2:
+        from wsiseg.errors import ConfigError
+
+        raise ConfigError(f"cross-validation needs at least 2 folds, got {folds}")
+    return {s: i % folds for i, s in enumerate(sorted(stems))}
+
+
+def _set_stem(pair: TrainingPair, sets: Sequence[QualitySet]) -> tuple[str, str] | None:
+    """(set key, image stem) of a prepared pair, None for pairs of no set (the glass textures)."""
+    name = Path(pair.annotation).stem
+    for qs in sets:
+        if name.startswith(f"{qs.key}-"):
+            return qs.key, name[len(qs.key) + 1 :]
+    return None
+
+
+def fold_pairs(pairs: Sequence[TrainingPair], sets: Sequence[QualitySet], folds: int, fold: int) -> list[TrainingPair]:
+    """The pairs with fold ``fold`` of every set as the test split and the sets' other images as train.
+
+    Pairs of no set (the glass textures) keep their split.
+    """
+    if not 0 <= fold < folds:
+        from wsiseg.errors import ConfigError
+
+        raise ConfigError(f"fold must be in [0, {folds}), got {fold}")
+    keyed = [(p, _set_stem(p, sets)) for p in pairs]
+    deal = {qs.key: deal_folds([k[1] for _, k in keyed if k is not None and k[0] == qs.key], folds) for qs in sets}
+    out = []
+    for p, k in keyed:
+        if k is not None:
+            p = dataclasses.replace(p, split="test" if deal[k[0]][k[1]] == fold else "train")
+        out.append(p)
+    return out
+
+
+def bench_crossval(
+    data_root: str | os.PathLike,
+    workdir: str | os.PathLike,
+    sets: Sequence[QualitySet],
+    base: TrainConfig,
+    *,
+    folds: int = CV_FOLDS,
+    seeds: Sequence[int] = (0, 1, 2),
+    methods: Sequence[str] = CV_METHODS,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Train ``base`` (the shipped recipe) per fold, sampler and seed; score each held-out image.
+
+    Parameters
+    ----------
+    data_root, workdir : path-like
+        Shared data; the prepared data, runs and rows go to ``workdir/crossval``.
+    sets : sequence of QualitySet
+        Sets trained on together; each one's images are dealt into the folds.
+    base : wsiseg.training.config.TrainConfig
+        The recipe, at its own sample spacing; each run changes its sampler and seed.
+    folds : int
+    seeds : sequence of int
+    methods : sequence of str
+        Samplers (:func:`wsiseg.bench.recipe.method_config`).
+    log : callable, optional
+
+    Returns
+    -------
+    list of dict
+        One row per run and held-out image: ``set``, ``image``, ``fold``, ``folds``, ``method``,
+        ``seed``, ``spacing_um``, ``matrix`` (confusion matrix, rows = targets), ``classes``,
+        ``miou`` (over the classes of the image's labels), ``cost`` (samples / level-0 pixels),
+        ``model`` and ``seconds``. Seeds go outermost, so an interrupted bench leaves whole seeds.
+    """
+    from wsiseg.demo.data import prepare_demo_data
+    from wsiseg.device import resolve_device
+    from wsiseg.training.classmap import load_class_map
+    from wsiseg.training.pairs import dataset_hash, load_pairs
+
+    say = log or (lambda _m: None)
+    recipe_grid(base)  # refuse a config without physical scale before any work
+    work = Path(workdir) / "crossval"
+    csv_path = prepare_demo_data(data_root, work / "data", sets=[qs.key for qs in sets])
+    class_map = load_class_map(csv_path.parent / "classes.yaml")
+    pairs = load_pairs(csv_path)
+    dev = resolve_device(base.device)
+    rows: list[dict] = []
+    for seed in seeds:
+        for fold in range(folds):
+            fp = fold_pairs(pairs, sets, folds, fold)
+            data_hash = dataset_hash(fp)  # as `wsiseg train` fingerprints its pairs file
+            for method in methods:
+                cfg = dataclasses.replace(base, seed=seed, **method_config(method))
+                name = f"k{folds}f{fold}-{method}-{cfg.sample_spacing_um:g}um-s{seed}"
+                rows += _crossval_run(cfg, work, name, method, fold, folds, fp, sets, class_map, data_hash, dev, say)
+    return rows
+
+
+def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class_map, data_hash, dev, say) -> list:
+    """One fold's run, trained (or reused) and scored image by image; its stored rows if current."""
+    from wsiseg.evaluation.scoring import evaluate_model
+    from wsiseg.models.io import load_deformseg
+    from wsiseg.training.dataset import config_dataset
+
+    stored = work / "rows" / f"{name}.json"
+    t0 = time.perf_counter()
+    path = train_run(cfg, work / name, method, pairs, class_map, data_hash, say)
+    if stored.is_file() and stored.stat().st_mtime > path.stat().st_mtime:
+        return json.loads(stored.read_text(encoding="utf-8"))
+    model = load_deformseg(path, device=dev)
+    rows = []
+    for p in pairs:
+        key = _set_stem(p, sets)
+        if p.split != "test" or key is None:
+            continue
+        r = evaluate_model(model, config_dataset([p], class_map, cfg), device=dev, name=method)
+        rows.append(
+            {
+                "set": key[0],
+                "image": key[1],
+                "fold": fold,
+                "folds": folds,
+                "method": method,
+                "seed": cfg.seed,
+                "spacing_um": cfg.sample_spacing_um,
+                "matrix": r.full.matrix.tolist(),
+                "classes": list(r.class_names),
+                "miou": truth_miou(r.full),
+                "cost": None if not math.isfinite(r.cost) else r.cost,
+                "model": os.fspath(path),
+            }
+        )
+    for row in rows:
+        row["seconds"] = time.perf_counter() - t0
+    write_json(stored, rows)
+    say(f"crossval {name}: " + ", ".join(f"{r['set']}/{r['image']} {r['miou']:.3f}" for r in rows))
+    return rows
+
+
+def stored_crossval_rows(workdir: str | os.PathLike) -> list[dict]:
+    """Every row :func:`bench_crossval` stored in ``workdir``."""
+    rows: list[dict] = []
+    for p in sorted((Path(workdir) / "crossval" / "rows").glob("*.json")):
+        rows += json.loads(p.read_text(encoding="utf-8"))
+    return rows
+
+
+def _ms(v: Sequence[float], scale: float = 1.0, fmt: str = ".3f") -> str:
+    """Mean ± sd (the value alone for one)."""
+    v = [scale * x for x in v]
+    if len(v) == 1:
+        return f"{v[0]:{fmt}}"
+    return f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt.lstrip('+')}}"
+
+
+def _pooled_miou(rows: Sequence[dict]) -> float | None:
+    """mIoU (over the classes of the targets) of the rows' confusion matrices summed."""
+    import numpy as np
+
+    from wsiseg.metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(len(rows[0]["matrix"]))
+    cm.matrix = np.sum([np.asarray(r["matrix"], dtype=np.int64) for r in rows], axis=0)
+    return truth_miou(cm)
+
+
+def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform") -> list[str]:
+    """Markdown table: cross-validated mIoU of samplers ``a`` and ``b`` per set, and their paired difference.
+
+    Per seed, the held-out images' confusion matrices are summed over the
+    folds (every image counted once); a seed counts only where both samplers
+    have every image of the set. The difference is taken per seed (mean ± sd
+    over seeds) and per image and seed (the share where ``a`` scores higher,
+    and a Wilcoxon signed-rank test of the per-image differences averaged
+    over the seeds).
+    """
+    from scipy.stats import wilcoxon
+
+    by: dict[tuple[str, str, int], dict[str, dict]] = {}
+    for r in rows:
+        by.setdefault((r["set"], r["method"], int(r["seed"])), {})[r["image"]] = r
+    sets = sorted({r["set"] for r in rows})
+    out = [
+        f"| set | images | seeds | {a} | {b} | {a} - {b} (points, per seed) | images where {a} is higher "
+        "| Wilcoxon p (per image) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in sets:
+        images = {r["image"] for r in rows if r["set"] == s}
+        seeds = sorted(
+            seed
+            for seed in {int(r["seed"]) for r in rows if r["set"] == s}
+            if all(set(by.get((s, m, seed), {})) == images for m in (a, b))
+        )
+        if not seeds:
+            continue
+        ma = [_pooled_miou(list(by[(s, a, seed)].values())) or math.nan for seed in seeds]
+        mb = [_pooled_miou(list(by[(s, b, seed)].values())) or math.nan for seed in seeds]
+        diffs = {
+            im: [by[(s, a, seed)][im]["miou"] - by[(s, b, seed)][im]["miou"] for seed in seeds] for im in sorted(images)
+        }
+        wins = sum(d > 0 for v in diffs.values() for d in v)
+        n = sum(len(v) for v in diffs.values())
+        per_image = [statistics.mean(v) for v in diffs.values()]
+        p = wilcoxon(per_image).pvalue if len(per_image) >= 6 and any(per_image) else math.nan
+        out.append(
+            f"| {s} | {len(images)} | {len(seeds)} | {_ms(ma)} | {_ms(mb)} | "
+            f"{_ms([x - y for x, y in zip(ma, mb)], 100, '+.1f')} | {wins} of {n} | "
+            + ("n/a (under 6 images)" if math.isnan(p) else f"{p:.2f}")
+            + " |"
+        )
+    return out if len(out) > 2 else []
