@@ -121,6 +121,9 @@ def test_segment_takes_a_shipped_model_by_name(slides_dir, tmp_path):
     # what --glass-weight is for (test_glass_weight_moves_the_tumour_models_samples_onto_tissue)
     assert 0.45 < report["samples_on_glass"]["model"] < report["samples_on_glass"]["uniform"]
     assert report["folded_cells"] == 0  # the learned grid never crosses itself here (docs/benchmarks.md)
+    # the file predates the grid_border field: the report states the rule it is sampled with all the same
+    assert report["config"]["model"]["grid_border"] == "replicate"
+    assert report["config"]["model"]["grid_iterations"] == 1
     r = CliRunner().invoke(main, ["segment", str(slide), "--model", "nope", "--out", str(tmp_path / "p")])
     assert r.exit_code == 2
 
