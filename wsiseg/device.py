@@ -7,6 +7,7 @@ import torch
 from wsiseg.errors import ConfigError
 
 __all__ = [
+    "cpu_model",
     "resolve_device",
     "usable_cpus",
 ]
@@ -44,3 +45,22 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else the platform's processor or machine type.
+
+    Trained weights differ between CPU models (their vector units round
+    differently), so model files and benchmark reports name it.
+    """
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

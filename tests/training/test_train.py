@@ -406,6 +406,11 @@ def test_cli_train_end_to_end(nucls, tmp_path):
     m = load_deformseg(out / "model.safetensors")
     assert [c.name for c in m.classes] == ["background", "non-tumour nucleus", "tumour nucleus"]
     assert len(m.metadata["training"]["data_hash"]) == 64 and m.metadata["training"]["config"]["rot90"] is True
+    # where it was trained: weights are reproducible on one CPU model, not across them
+    env = m.metadata["training"]["environment"]
+    assert env["device"] == "cpu" and env["gpu"] is None and env["torch_threads"] >= 1
+    assert env["torch"] == torch.__version__.split("+")[0]
+    assert env["cpu"] and env["wsiseg"]
 
     # Same folder again: refused before any work; --resume continues with the stored options.
     r = CliRunner().invoke(main, args)

@@ -97,7 +97,7 @@ def machine_info() -> dict:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         ram = float("nan")
-    from wsiseg.device import usable_cpus
+    from wsiseg.device import cpu_model, usable_cpus
 
     usable = usable_cpus()
     try:
@@ -114,7 +114,7 @@ def machine_info() -> dict:
         "load": load,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpus": f"{usable} usable of {os.cpu_count()}",
         "ram_gib": round(ram, 1),
         "versions": (

@@ -694,9 +694,31 @@ def _save_model(
             "seconds_per_iter": _median([r.get("sec_per_iter") for r in st.history]),
             "train_regions": n_train,
             "val_regions": n_val,
+            "environment": training_environment(net),
         },
     }
     save_deformseg(path, net, classes, extra=extra, overwrite=True)
+
+
+def training_environment(net) -> dict[str, Any]:
+    """Where a net was trained: package versions, CPU model, torch threads and device.
+
+    Training is bit-reproducible on one machine, not across CPU models or
+    devices (their arithmetic rounds differently), so a model file names them.
+    """
+    import torch
+
+    from wsiseg.device import cpu_model
+    from wsiseg.output.report import versions
+
+    dev = next(net.parameters()).device
+    return {
+        **versions(),
+        "cpu": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(dev),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+    }
 
 
 def _check_resumable(meta: dict, cfg: TrainConfig, classes, data_hash: str | None, path: Path) -> None:
