@@ -215,15 +215,16 @@ def _ms(v: Sequence[float], scale: float = 1.0, fmt: str = ".3f") -> str:
     return f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt.lstrip('+')}}"
 
 
-def _pooled_miou(rows: Sequence[dict]) -> float | None:
-    """mIoU (over the classes of the targets) of the rows' confusion matrices summed."""
+def _pooled_miou(rows: Sequence[dict]) -> float:
+    """mIoU (over the classes of the targets) of the rows' confusion matrices summed (NaN: no targets)."""
     import numpy as np
 
     from wsiseg.metrics import ConfusionMatrix
 
     cm = ConfusionMatrix(len(rows[0]["matrix"]))
     cm.matrix = np.sum([np.asarray(r["matrix"], dtype=np.int64) for r in rows], axis=0)
-    return truth_miou(cm)
+    miou = truth_miou(cm)
+    return math.nan if miou is None else miou
 
 
 def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform") -> list[str]:
@@ -256,8 +257,7 @@ def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform"
         )
         if not seeds:
             continue
-        ma = [_pooled_miou(list(by[(s, a, seed)].values())) or math.nan for seed in seeds]
-        mb = [_pooled_miou(list(by[(s, b, seed)].values())) or math.nan for seed in seeds]
+        ma, mb = ([_pooled_miou(list(by[(s, m, seed)].values())) for seed in seeds] for m in (a, b))
         diffs = {
             im: [by[(s, a, seed)][im]["miou"] - by[(s, b, seed)][im]["miou"] for seed in seeds] for im in sorted(images)
         }
