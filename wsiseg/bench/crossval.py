@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from wsiseg.bench.quality import write_json
 from wsiseg.bench.recipe import method_config, recipe_grid, train_run, truth_miou
-from wsiseg.training.regions import QualitySet
+from wsiseg.training.regions import QUALITY_SETS, QualitySet
 
 if TYPE_CHECKING:
     from wsiseg.training.config import TrainConfig
@@ -242,7 +242,8 @@ def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform"
     by: dict[tuple[str, str, int], dict[str, dict]] = {}
     for r in rows:
         by.setdefault((r["set"], r["method"], int(r["seed"])), {})[r["image"]] = r
-    sets = sorted({r["set"] for r in rows})
+    order = list(QUALITY_SETS)
+    sets = sorted({r["set"] for r in rows}, key=lambda k: (order.index(k) if k in order else len(order), k))
     out = [
         f"| set | images | seeds | {a} | {b} | {a} - {b} (points, per seed) | images where {a} is higher "
         "| Wilcoxon p (per image) |",

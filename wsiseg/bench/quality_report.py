@@ -571,14 +571,15 @@ def _crossval_lines(work: Path) -> list[str]:
         "",
         "### Cross-validated: learned vs uniform over every labelled image (part `crossval`)",
         "",
-        f"The recipe above at {', '.join(f'{x:g}' for x in spacing)} um, learned (joint loss) and uniform, "
+        "The shipped model's recipe (`--recipe-config`, default `pipelines/tumour-model.yaml`) at "
+        f"{', '.join(f'{x:g}' for x in spacing)} um, learned (joint loss) and uniform, "
         f"{', '.join(map(str, folds))}-fold: each set's images, sorted by name, dealt round robin into the folds; "
         "each fold's model trains on every other image of every set (and the glass textures) and is scored on "
         "the fold's images, one at a time. Per seed, each image is held out once; its confusion matrices are "
         "summed over the folds (mIoU over the classes of the labels). The difference is paired: per seed "
         "(mean ± sd over seeds), and per image and seed. The Wilcoxon test takes each image's difference averaged "
         "over the seeds (two-sided). Cost (samples / level-0 pixels, mean over images): "
-        + ", ".join(f"{s} {100 * statistics.mean(c):.3g} %" for s, c in sorted(cost.items()))
+        + ", ".join(f"{s} {100 * statistics.mean(c):.3g} %" for s, c in cost.items())
         + ".",
         "",
         *table,
