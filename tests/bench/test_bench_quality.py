@@ -349,18 +349,13 @@ def test_format_crossval_pools_each_seeds_folds_and_pairs_the_samplers():
     from wsiseg.bench.crossval import format_crossval
 
     def row(image, method, seed, matrix):
-        from wsiseg.bench.recipe import truth_miou
-        from wsiseg.metrics import ConfusionMatrix
-
-        cm = ConfusionMatrix(3)
-        cm.matrix = np.asarray(matrix)
         return {
             "set": "ocdc",
             "image": image,
             "method": method,
             "seed": seed,
             "matrix": matrix,
-            "miou": truth_miou(cm),
+            "classes": ["background", "non-tumour", "tumour"],
             "folds": 2,
             "spacing_um": 8.0,
             "cost": 0.001,
@@ -381,7 +376,14 @@ def test_format_crossval_pools_each_seeds_folds_and_pairs_the_samplers():
     learned, uniform = (100 / 150 + 50 / 100) / 2, (100 / 200 + 0) / 2
     assert line.startswith(f"| ocdc | 2 | 2 | {learned:.3f} ± 0.000 | {uniform:.3f} ± 0.000 |")
     assert f"+{100 * (learned - uniform):.1f} ± 0.0" in line and "| 2 of 4 |" in line and "under 6 images" in line
+    assert line.endswith("| n/a |")  # no glass in these labels
     assert format_crossval([r for r in rows if r["method"] == "learned"]) == []
+    # glass in the labels is scored apart: the tissue classes' mIoU is the same, glass gets its column
+    glassy = [{**r, "matrix": [[10, 0, 0] if r["method"] == "learned" else [0, 10, 0], *r["matrix"][1:]]} for r in rows]
+    (_, _, line) = format_crossval(glassy)
+    uniform_nt = 100 / 220  # the 20 glass pixels called non-tumour widen uniform's non-tumour union
+    assert line.startswith(f"| ocdc | 2 | 2 | {learned:.3f} ± 0.000 | {(uniform_nt + 0) / 2:.3f} ± 0.000 |")
+    assert line.endswith("| 1.00 / 0.00 |")
 
 
 def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(few_ocdc, tmp_path):

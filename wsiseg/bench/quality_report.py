@@ -25,7 +25,7 @@ from wsiseg.errors import ConfigError
 from wsiseg.training.regions import QUALITY_SETS, QualitySet
 from wsiseg.bench.recipe import bench_recipe, format_tta, recipe_grid, stored_recipe_rows
 from wsiseg.bench.capacity import CapacityRow, format_capacity, grid_capacity
-from wsiseg.bench.crossval import CV_FOLDS, bench_crossval, format_crossval, stored_crossval_rows
+from wsiseg.bench.crossval import CV_APART, CV_FOLDS, bench_crossval, format_crossval, stored_crossval_rows
 from wsiseg.bench.quality import (
     EPOCHS,
     FULL,
@@ -564,9 +564,15 @@ def _crossval_lines(work: Path) -> list[str]:
     folds = sorted({int(r["folds"]) for r in rows})
     spacing = sorted({float(r["spacing_um"]) for r in rows})
     cost: dict[str, list[float]] = {}
+    images: dict[str, set[str]] = {}
+    glass: dict[str, set[str]] = {}
     for r in rows:
         if r["cost"]:
             cost.setdefault(r["set"], []).append(float(r["cost"]))
+        images.setdefault(r["set"], set()).add(r["image"])
+        if any(sum(row) for c, row in zip(r["classes"], r["matrix"]) if c in CV_APART):
+            glass.setdefault(r["set"], set()).add(r["image"])
+    glass_text = ", ".join(f"{len(glass.get(k, ()))} of {len(v)} {k} images" for k, v in images.items())
     return [
         "",
         "### Cross-validated: learned vs uniform over every labelled image (part `crossval`)",
@@ -576,7 +582,9 @@ def _crossval_lines(work: Path) -> list[str]:
         f"{', '.join(map(str, folds))}-fold: each set's images, sorted by name, dealt round robin into the folds; "
         "each fold's model trains on every other image of every set (and the glass textures) and is scored on "
         "the fold's images, one at a time. Per seed, each image is held out once; its confusion matrices are "
-        "summed over the folds (mIoU over the classes of the labels). The difference is paired: per seed "
+        "summed over the folds. mIoU over the tissue classes of the labels (non-tumour, tumour), as in the "
+        "recipe table; glass (the tissue detector's pieces at an image's border; in the labels of "
+        f"{glass_text}) is scored apart, in the last column. The difference is paired: per seed "
         "(mean ± sd over seeds), and per image and seed. The Wilcoxon test takes each image's difference averaged "
         "over the seeds (two-sided). Cost (samples / level-0 pixels, mean over images): "
         + ", ".join(f"{s} {100 * statistics.mean(c):.3g} %" for s, c in cost.items())
