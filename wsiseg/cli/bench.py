@@ -701,8 +701,8 @@ def bench_quality_command(
 
     Uses ../shared/data/labelled-regions (CAMELYON lymph-node metastases,
     OCDC oral squamous cell carcinoma, BCSS breast-cancer ROIs) with fixed
-    train/test splits; budgets of about 0.1 %, 0.4 % and 1.6 % of level-0
-    pixels; mean +- sd over seeds. Each part stores its results in WORKDIR
+    train/test splits (the crossval part: k folds over every image); budgets
+    of about 0.1 %, 0.4 % and 1.6 % of level-0 pixels; mean +- sd over seeds. Each part stores its results in WORKDIR
     and the section of OUT is written from every stored result, so parts
     can run separately (or in parallel on other seeds/encoders). Run from
     the project root.
