@@ -384,6 +384,15 @@ def test_format_crossval_pools_each_seeds_folds_and_pairs_the_samplers():
     uniform_nt = 100 / 220  # the 20 glass pixels called non-tumour widen uniform's non-tumour union
     assert line.startswith(f"| ocdc | 2 | 2 | {learned:.3f} ± 0.000 | {(uniform_nt + 0) / 2:.3f} ± 0.000 |")
     assert line.endswith("| 1.00 / 0.00 |")
+    # test-time flips: each seed's pooled score without and with them, per sampler
+    from wsiseg.bench.crossval import format_crossval_tta
+
+    assert format_crossval_tta(rows) == []  # rows scored without flips
+    flipped = [{**r, "matrix_tta": perfect} for r in rows]
+    table = format_crossval_tta(flipped)
+    gain = f"+{100 * (1 - learned):.1f} ± 0.0"
+    assert table[2] == f"| ocdc | random | 8 um | learned | 2 | {learned:.3f} ± 0.000 | 1.000 ± 0.000 | {gain} |"
+    assert table[3].startswith(f"| ocdc | random | 8 um | uniform | 2 | {uniform:.3f} ± 0.000 | 1.000 ± 0.000 |")
 
 
 def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(few_ocdc, tmp_path):
@@ -407,6 +416,8 @@ def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(fe
             for x in rows:
                 assert x["set"] == "ocdc" and x["method"] == method and x["fold"] == fold and x["folds"] == 2
                 assert np.asarray(x["matrix"]).sum() > 0 and 0.0 <= x["miou"] <= 1.0 and 0 < x["cost"] < 0.05
+                # the same pixels scored again with test-time flips
+                assert np.asarray(x["matrix_tta"]).sum(1).tolist() == np.asarray(x["matrix"]).sum(1).tolist()
             seen += [x["image"] for x in rows]
             meta = read_metadata(work / "crossval" / f"k2f{fold}-{method}-16um-s0" / "model.safetensors")
             assert meta["net"]["sampler"] == method
@@ -415,6 +426,7 @@ def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(fe
     assert len({h for _, h in hashes}) == 2  # each fold trains on its own pairs
     text = out.read_text()
     assert "### Cross-validated: learned vs uniform" in text and "| ocdc | 5 | 1 |" in text
+    assert "#### Test-time flips (crossval)" in text and "| ocdc | random | 16 um | learned | 1 |" in text
     r2 = CliRunner().invoke(main, args)
     assert r2.exit_code == 0, r2.output
     assert not [line for line in r2.output.splitlines() if line.startswith(("training ", "crossval "))], r2.output

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsiseg.bench.quality import write_json
-from wsiseg.bench.recipe import method_config, recipe_grid, train_run, truth_miou
+from wsiseg.bench.recipe import format_tta, method_config, recipe_grid, train_run, truth_miou
 from wsiseg.training.regions import QUALITY_SETS, QualitySet
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ __all__ = [
     "deal_folds",
     "fold_pairs",
     "format_crossval",
+    "format_crossval_tta",
     "stored_crossval_rows",
 ]
 
@@ -132,8 +133,9 @@ def bench_crossval(
     list of dict
         One row per run and held-out image: ``set``, ``image``, ``fold``, ``folds``, ``method``,
         ``seed``, ``spacing_um``, ``matrix`` (confusion matrix, rows = targets), ``classes``,
-        ``miou`` (over the classes of the image's labels), ``cost`` (samples / level-0 pixels),
-        ``model`` and ``seconds``. Seeds go outermost, so an interrupted bench leaves whole seeds.
+        ``miou`` (over the classes of the image's labels), ``matrix_tta`` (the same model with
+        test-time flips, ``segment --tta``), ``cost`` (samples / level-0 pixels), ``model`` and
+        ``seconds``. Seeds go outermost, so an interrupted bench leaves whole seeds.
     """
     from wsiseg.demo.data import prepare_demo_data
     from wsiseg.device import resolve_device
@@ -168,15 +170,20 @@ def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class
     stored = work / "rows" / f"{name}.json"
     t0 = time.perf_counter()
     path = train_run(cfg, work / name, method, pairs, class_map, data_hash, say)
+    old = []
     if stored.is_file() and stored.stat().st_mtime > path.stat().st_mtime:
-        return json.loads(stored.read_text(encoding="utf-8"))
+        old = json.loads(stored.read_text(encoding="utf-8"))
+        if all("matrix_tta" in r for r in old):
+            return old  # else rows from before the test-time flips: scored again, the model kept
     model = load_deformseg(path, device=dev)
     rows = []
     for p in pairs:
         key = _set_stem(p, sets)
         if p.split != "test" or key is None:
             continue
-        r = evaluate_model(model, config_dataset([p], class_map, cfg), device=dev, name=method)
+        ds = config_dataset([p], class_map, cfg)  # read once, scored twice
+        r = evaluate_model(model, ds, device=dev, name=method)
+        flips = evaluate_model(model, ds, device=dev, name=method, tta=True)  # as segment --tta
         rows.append(
             {
                 "set": key[0],
@@ -187,14 +194,17 @@ def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class
                 "seed": cfg.seed,
                 "spacing_um": cfg.sample_spacing_um,
                 "matrix": r.full.matrix.tolist(),
+                "matrix_tta": flips.full.matrix.tolist(),
                 "classes": list(r.class_names),
                 "miou": truth_miou(r.full),
                 "cost": None if not math.isfinite(r.cost) else r.cost,
                 "model": os.fspath(path),
             }
         )
+    # training and scoring; a run only scored again keeps the time it was trained and scored in
+    seconds = old[0]["seconds"] if old else time.perf_counter() - t0
     for row in rows:
-        row["seconds"] = time.perf_counter() - t0
+        row["seconds"] = seconds
     write_json(stored, rows)
     say(f"crossval {name}: " + ", ".join(f"{r['set']}/{r['image']} {r['miou']:.3f}" for r in rows))
     return rows
@@ -239,6 +249,38 @@ def _scores(matrices: Sequence, classes: Sequence[str]) -> tuple[float, float]:
         float(iou[kept].mean()) if kept.any() else math.nan,
         float(iou[put].mean()) if put.any() else math.nan,
     )
+
+
+def format_crossval_tta(rows: Sequence[dict]) -> list[str]:
+    """Markdown table: each sampler's cross-validated mIoU without and with test-time flips, and the gain.
+
+    :func:`wsiseg.bench.recipe.format_tta` on the folds' pooled scores per set,
+    sampler and seed (the seeds where every image of the set has both).
+    """
+    by: dict[tuple[str, str, int, float], list[dict]] = {}
+    for r in rows:
+        if "matrix_tta" in r:
+            by.setdefault((r["set"], r["method"], int(r["seed"]), float(r["spacing_um"])), []).append(r)
+    images: dict[str, set[str]] = {}
+    for r in rows:
+        images.setdefault(r["set"], set()).add(r["image"])
+    pooled = []
+    for (s, method, seed, spacing), runs in by.items():
+        if {r["image"] for r in runs} != images[s]:
+            continue
+        classes = runs[0]["classes"]
+        pooled.append(
+            {
+                "set": s,
+                "encoder": "random",
+                "spacing_um": spacing,
+                "method": method,
+                "seed": seed,
+                "miou_full": _scores([r["matrix"] for r in runs], classes)[0],
+                "miou_full_tta": _scores([r["matrix_tta"] for r in runs], classes)[0],
+            }
+        )
+    return format_tta(pooled)
 
 
 def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform") -> list[str]:

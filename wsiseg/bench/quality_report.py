@@ -25,7 +25,14 @@ from wsiseg.errors import ConfigError
 from wsiseg.training.regions import QUALITY_SETS, QualitySet
 from wsiseg.bench.recipe import bench_recipe, format_tta, recipe_grid, stored_recipe_rows
 from wsiseg.bench.capacity import CapacityRow, format_capacity, grid_capacity
-from wsiseg.bench.crossval import CV_APART, CV_FOLDS, bench_crossval, format_crossval, stored_crossval_rows
+from wsiseg.bench.crossval import (
+    CV_APART,
+    CV_FOLDS,
+    bench_crossval,
+    format_crossval,
+    format_crossval_tta,
+    stored_crossval_rows,
+)
 from wsiseg.bench.quality import (
     EPOCHS,
     FULL,
@@ -589,6 +596,23 @@ def _crossval_lines(work: Path) -> list[str]:
         "over the seeds (two-sided). Cost (samples / level-0 pixels, mean over images): "
         + ", ".join(f"{s} {100 * statistics.mean(c):.3g} %" for s, c in cost.items())
         + ".",
+        "",
+        *table,
+        *_crossval_tta_lines(rows),
+    ]
+
+
+def _crossval_tta_lines(rows: Sequence[dict]) -> list[str]:
+    """The cross-validated models scored again with test-time flips."""
+    table = format_crossval_tta(rows)
+    if not table:
+        return []
+    return [
+        "",
+        "#### Test-time flips (crossval)",
+        "",
+        "Each cross-validated model scored again on its held-out images with `--tta` (as in the recipe's "
+        "table), pooled as above; gain: mean ± sd over seeds of each seed's own difference.",
         "",
         *table,
     ]
