@@ -602,22 +602,6 @@ def _crossval_lines(work: Path) -> list[str]:
     ]
 
 
-def _crossval_tta_lines(rows: Sequence[dict]) -> list[str]:
-    """The cross-validated models scored again with test-time flips."""
-    table = format_crossval_tta(rows)
-    if not table:
-        return []
-    return [
-        "",
-        "#### Test-time flips (crossval)",
-        "",
-        "Each cross-validated model scored again on its held-out images with `--tta` (as in the recipe's "
-        "table), pooled as above; gain: mean ± sd over seeds of each seed's own difference.",
-        "",
-        *table,
-    ]
-
-
 def _full_text(rows: Sequence[dict], mpp: float) -> str:
     """The recipe's sliding-window ceiling in words (empty without its runs)."""
     full = [r for r in rows if r["method"] == FULL]
@@ -632,20 +616,29 @@ def _full_text(rows: Sequence[dict], mpp: float) -> str:
 
 def _tta_lines(rows: Sequence[dict]) -> list[str]:
     """Each recipe model scored again with test-time flips (``segment --tta``)."""
-    table = format_tta(rows)
-    if not table:
-        return []
-    return [
-        "",
-        "#### Test-time flips (recipe)",
-        "",
+    return _subsection(
+        "Test-time flips (recipe)",
         "Each recipe model above scored again on the same test images with `--tta` (the segmentation net's "
         "class probabilities averaged over the deformed image and its three flips, each flipped back; 4x the "
         "segmentation net's time, the sampler unchanged). Gain: mean ± sd over seeds of each model's own "
         "difference.",
-        "",
-        *table,
-    ]
+        format_tta(rows),
+    )
+
+
+def _crossval_tta_lines(rows: Sequence[dict]) -> list[str]:
+    """The cross-validated models scored again with test-time flips."""
+    return _subsection(
+        "Test-time flips (crossval)",
+        "Each cross-validated model scored again on its held-out images with `--tta` (as in the recipe's "
+        "table), pooled as above; gain: mean ± sd over seeds of each seed's own difference.",
+        format_crossval_tta(rows),
+    )
+
+
+def _subsection(title: str, text: str, table: list[str]) -> list[str]:
+    """A level-4 subsection: title, text and table; nothing without a table."""
+    return ["", f"#### {title}", "", text, "", *table] if table else []
 
 
 def _sampling_aside(point_rows: Sequence[dict], rows: Sequence[dict]) -> list[str]:
