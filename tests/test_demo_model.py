@@ -124,6 +124,24 @@ def test_segment_takes_a_shipped_model_by_name(slides_dir, tmp_path):
     # the file predates the grid_border field: the report states the rule it is sampled with all the same
     assert report["config"]["model"]["grid_border"] == "replicate"
     assert report["config"]["model"]["grid_iterations"] == 1
+    assert report["scale"]["sample_spacing_um"] == 8.0 and "grid_scale" not in report["config"]["options"]
+    # --grid-scale 2: the model's 8 um spacing halved, about 4x the samples
+    dense = ["segment", str(slide), "--model", "tumour", "--out", str(tmp_path / "d"), "--no-qc", "--no-geojson"]
+    r = CliRunner().invoke(main, [*dense, "--progress", "none", "--grid-scale", "2"])
+    assert r.exit_code == 0, r.output
+    twice = json.loads((tmp_path / "d" / "CMU-1-Small-Region.report.json").read_text())
+    assert twice["scale"]["sample_spacing_um"] == 4.0 and twice["config"]["options"]["grid_scale"] == 2.0
+    assert 3.6 < twice["fraction_sampled"] / report["fraction_sampled"] < 4.4
+    r = CliRunner().invoke(main, [*dense, "--grid-scale", "0.05"])
+    assert r.exit_code == 2 and "--grid-scale" in r.output
+    # a model without a physical scale: the pixel rule's grid, its sides doubled
+    pixels = ["segment", str(slide), "--model", "mosaic", "--no-qc", "--no-geojson", "--progress", "none"]
+    for scale, out in (("1", "p1"), ("2", "p2")):
+        r = CliRunner().invoke(main, [*pixels, "--out", str(tmp_path / out), "--grid-scale", scale])
+        assert r.exit_code == 0, r.output
+    p1, p2 = (json.loads((tmp_path / o / "CMU-1-Small-Region.report.json").read_text()) for o in ("p1", "p2"))
+    assert p1["scale"]["mode"] == p2["scale"]["mode"] == "pixels"
+    assert 3.6 < p2["fraction_sampled"] / p1["fraction_sampled"] < 4.4
     r = CliRunner().invoke(main, ["segment", str(slide), "--model", "nope", "--out", str(tmp_path / "p")])
     assert r.exit_code == 2
 

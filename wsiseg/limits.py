@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 __all__ = [
+    "GRID_SCALES",
     "MAX_ANNOTATION_BYTES",
     "MAX_GRID_ITERATIONS",
     "MAX_CHANNELS",
@@ -82,6 +83,8 @@ MAX_SIGMA = 512.0
 MAX_SUPPORT = 2049
 #: Most attraction steps from density to grid (each is one convolution of the density map).
 MAX_GRID_ITERATIONS = 64
+#: Bounds of ``--grid-scale`` (segment, evaluate): how many times as densely per axis as the model's scale.
+GRID_SCALES = (0.1, 10.0)
 #: Most image channels a model may take.
 MAX_CHANNELS = 16
 #: Most classes (label values are 0..255).

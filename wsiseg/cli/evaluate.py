@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from wsiseg.cli.options import GLASS_WEIGHT, GRID_ITERATIONS, MPP, Size, hw
+from wsiseg.cli.options import GLASS_WEIGHT, GRID_ITERATIONS, GRID_SCALE, MPP, Size, hw
 
 __all__ = [
     "evaluate_command",
@@ -100,7 +100,7 @@ __all__ = [
 )
 @click.option(
     "--grid-scale",
-    type=click.FloatRange(0.1, 10.0),
+    type=GRID_SCALE,
     default=1.0,
     show_default=True,
     help="Sample every evaluated region this many times as densely per axis as segment would: how "

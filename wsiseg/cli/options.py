@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import click
 
-from wsiseg.limits import MAX_GRID_ITERATIONS, MPP_RANGE
+from wsiseg.limits import GRID_SCALES, MAX_GRID_ITERATIONS, MPP_RANGE
 from wsiseg.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 
 __all__ = [
     "GLASS_WEIGHT",
     "GRID_ITERATIONS",
+    "GRID_SCALE",
     "IMPLAUSIBLE_MPP_HELP",
     "MPP",
     "Formats",
@@ -24,6 +25,8 @@ MPP = click.FloatRange(*MPP_RANGE)
 
 # Attraction steps of the sampling grid (train, evaluate, segment): the bound a model file may hold.
 GRID_ITERATIONS = click.IntRange(1, MAX_GRID_ITERATIONS)
+# Sampling density relative to the model's scale (evaluate, segment).
+GRID_SCALE = click.FloatRange(*GRID_SCALES)
 # A learned density's factor on glass (evaluate, segment): (0, 1], 1 is off.
 GLASS_WEIGHT = click.FloatRange(0.0, 1.0, min_open=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from wsiseg.errors import ConfigError
-from wsiseg.limits import MAX_GRID_ITERATIONS, mpp_problem
+from wsiseg.limits import GRID_SCALES, MAX_GRID_ITERATIONS, mpp_problem
 from wsiseg.models.io import LoadedModel
 from wsiseg.output.ome import (
     FORMAT_SUFFIXES,
@@ -98,6 +98,14 @@ class SegmentOptions:
         Attraction steps of the grid (``iterations`` of
         :func:`wsiseg.sampling.grid.density_to_grid`, 1-64) instead of the
         model's own.
+    grid_scale : float
+        Sample every region this many times as densely per axis as the
+        model's scale says (within :data:`wsiseg.limits.GRID_SCALES`): physical mode at the
+        model's sample spacing divided by it, the pixel rule with its grid's
+        sides times it (``scale`` of
+        :func:`wsiseg.sampling.geometry.region_geometry`; ``evaluate
+        --grid-scale`` measures the same on labelled regions). Unused with
+        ``out_size``.
     device : str
         ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     amp : bool, optional
@@ -136,6 +144,7 @@ class SegmentOptions:
     tta: bool = False
     glass_weight: float = 1.0
     grid_iterations: int | None = None
+    grid_scale: float = 1.0
     device: str = "auto"
     amp: bool | None = None
     tile: int = 512
@@ -168,6 +177,9 @@ class SegmentOptions:
                 check_iterations(self.grid_iterations, "grid iterations", most=MAX_GRID_ITERATIONS)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        lo, hi = GRID_SCALES
+        if not lo <= self.grid_scale <= hi:
+            raise ConfigError(f"grid scale must be in [{lo:g}, {hi:g}], got {self.grid_scale}")
         if self.mpp is not None and (problem := mpp_problem(self.mpp)):
             raise ConfigError(f"--{problem}")
         try:
@@ -194,6 +206,8 @@ class SegmentOptions:
             d.pop("glass_weight")  # and for --glass-weight
         if d["grid_iterations"] is None:
             d.pop("grid_iterations")  # and for --grid-iterations
+        if d["grid_scale"] == 1.0:
+            d.pop("grid_scale")  # and for --grid-scale
         if "ome-zarr" not in self.formats:
             # only the OME-Zarr depends on it; with one, the key also sets apart the stores that
             # held labels alone (before the RGB image was added): a resume redoes them
@@ -266,4 +280,5 @@ def scale_plan(model: LoadedModel, mpp: tuple[float, float] | None, options: Seg
         return ScalePlan(None, NO_MODEL_SCALE, options.max_grid)
     if mpp is None:
         return ScalePlan(None, NO_SLIDE_MPP, options.max_grid)
-    return ScalePlan(PhysicalScale(mpp, scale.sample_spacing_um), None, options.max_grid)
+    # --grid-scale here rather than in each region's geometry, so the sub-boxes are cut for the grid sampled
+    return ScalePlan(PhysicalScale(mpp, scale.sample_spacing_um / options.grid_scale), None, options.max_grid)

@@ -141,7 +141,11 @@ def segment_regions(
     plan = plan if plan is not None else scale_plan(model, ms.mpp, options)
     geos = []
     for x, y, bw, bh in boxes:
-        geo = net.geometry(bh, bw, grid=options.out_size, long_side=options.long_side, physical=plan.physical)
+        # physical mode: the plan's spacing already has --grid-scale in it
+        scale = options.grid_scale if plan.physical is None else 1.0
+        geo = net.geometry(
+            bh, bw, grid=options.out_size, long_side=options.long_side, physical=plan.physical, scale=scale
+        )
         if plan.physical is not None and (geo.grid[0] > plan.max_grid[0] or geo.grid[1] > plan.max_grid[1]):
             raise ValueError(
                 f"region {(x, y, bw, bh)} needs a {geo.grid} grid, over the cap {plan.max_grid}: "
