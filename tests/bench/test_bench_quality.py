@@ -393,6 +393,14 @@ def test_format_crossval_pools_each_seeds_folds_and_pairs_the_samplers():
     gain = f"+{100 * (1 - learned):.1f} ± 0.0"
     assert table[2] == f"| ocdc | random | 8 um | learned | 2 | {learned:.3f} ± 0.000 | 1.000 ± 0.000 | {gain} |"
     assert table[3].startswith(f"| ocdc | random | 8 um | uniform | 2 | {uniform:.3f} ± 0.000 | 1.000 ± 0.000 |")
+    # sampling densities: the scales each seed's images were all scored at, pooled the same way
+    from wsiseg.bench.crossval import format_crossval_scales
+
+    assert format_crossval_scales(rows) == []  # scored at the trained density only
+    dense = [{**r, "matrix_scaled": {"2": perfect}, "cost_scaled": {"2": 0.004}} for r in rows if r["seed"] in (0, 1)]
+    table = format_crossval_scales(dense)
+    assert table[0] == "| set | method | x1 (as trained) | x2 |"
+    assert table[2] == f"| ocdc | learned | {learned:.3f} ± 0.000 (0.1 %) | 1.000 ± 0.000 (0.4 %) |"
 
 
 def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(few_ocdc, tmp_path):
@@ -416,8 +424,11 @@ def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(fe
             for x in rows:
                 assert x["set"] == "ocdc" and x["method"] == method and x["fold"] == fold and x["folds"] == 2
                 assert np.asarray(x["matrix"]).sum() > 0 and 0.0 <= x["miou"] <= 1.0 and 0 < x["cost"] < 0.05
-                # the same pixels scored again with test-time flips
+                # the same pixels scored again with test-time flips, and sampled at half and twice the density
                 assert np.asarray(x["matrix_tta"]).sum(1).tolist() == np.asarray(x["matrix"]).sum(1).tolist()
+                assert set(x["matrix_scaled"]) == {"0.5", "2"}
+                assert np.asarray(x["matrix_scaled"]["2"]).sum(1).tolist() == np.asarray(x["matrix"]).sum(1).tolist()
+                assert 3.0 < x["cost_scaled"]["2"] / x["cost"] < 5.0 and x["cost_scaled"]["0.5"] < x["cost"]
             seen += [x["image"] for x in rows]
             meta = read_metadata(work / "crossval" / f"k2f{fold}-{method}-16um-s0" / "model.safetensors")
             assert meta["net"]["sampler"] == method
@@ -427,6 +438,7 @@ def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(fe
     text = out.read_text()
     assert "### Cross-validated: learned vs uniform" in text and "| ocdc | 5 | 1 |" in text
     assert "#### Test-time flips (crossval)" in text and "| ocdc | random | 16 um | learned | 1 |" in text
+    assert "#### Sampling density (crossval)" in text and "| set | method | x0.5 | x1 (as trained) | x2 |" in text
     r2 = CliRunner().invoke(main, args)
     assert r2.exit_code == 0, r2.output
     assert not [line for line in r2.output.splitlines() if line.startswith(("training ", "crossval "))], r2.output
@@ -434,13 +446,19 @@ def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(fe
 
 def test_documented_crossval_table_is_the_one_its_stored_rows_make():
     """docs/benchmarks.md's cross-validation tables are rebuilt, line for line, from the rows kept in git."""
-    from wsiseg.bench.crossval import format_crossval, format_crossval_tta, stored_crossval_rows
+    from wsiseg.bench.crossval import (
+        format_crossval,
+        format_crossval_scales,
+        format_crossval_tta,
+        stored_crossval_rows,
+    )
 
     rows = stored_crossval_rows(REPO / "docs" / "results" / "quality")
     assert len(rows) == 2 * 3 * 45  # learned and uniform, 3 seeds, each of the 45 images held out once
     table = format_crossval(rows)
     flips = format_crossval_tta(rows)
-    assert len(table) == 5 and len(flips) == 8  # 3 sets; 3 sets x 2 samplers
+    scales = format_crossval_scales(rows)
+    assert len(table) == 5 and len(flips) == len(scales) == 8  # 3 sets; 3 sets x 2 samplers
     doc = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
-    for line in table + flips:
+    for line in table + flips + scales:
         assert line in doc

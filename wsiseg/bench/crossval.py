@@ -39,11 +39,13 @@ if TYPE_CHECKING:
 __all__ = [
     "CV_APART",
     "CV_FOLDS",
+    "CV_GRID_SCALES",
     "CV_METHODS",
     "bench_crossval",
     "deal_folds",
     "fold_pairs",
     "format_crossval",
+    "format_crossval_scales",
     "format_crossval_tta",
     "stored_crossval_rows",
 ]
@@ -52,6 +54,9 @@ __all__ = [
 CV_FOLDS = 5
 #: Samplers compared (:func:`wsiseg.bench.recipe.method_config`).
 CV_METHODS: tuple[str, ...] = ("learned", "uniform")
+#: Sampling densities each model is scored at besides its own (``grid_scale`` of
+#: :func:`wsiseg.evaluation.scoring.evaluate_model`, as ``segment --grid-scale``).
+CV_GRID_SCALES: tuple[float, ...] = (0.5, 2.0)
 
 
 def deal_folds(stems: Sequence[str], folds: int) -> dict[str, int]:
@@ -134,8 +139,9 @@ def bench_crossval(
         One row per run and held-out image: ``set``, ``image``, ``fold``, ``folds``, ``method``,
         ``seed``, ``spacing_um``, ``matrix`` (confusion matrix, rows = targets), ``classes``,
         ``miou`` (over the classes of the image's labels), ``matrix_tta`` (the same model with
-        test-time flips, ``segment --tta``), ``cost`` (samples / level-0 pixels), ``model`` and
-        ``seconds``. Seeds go outermost, so an interrupted bench leaves whole seeds.
+        test-time flips, ``segment --tta``), ``matrix_scaled`` and ``cost_scaled`` (at each of
+        :data:`CV_GRID_SCALES`, keyed ``"0.5"``, ``"2"``), ``cost`` (samples / level-0 pixels),
+        ``model`` and ``seconds``. Seeds go outermost, so an interrupted bench leaves whole seeds.
     """
     from wsiseg.demo.data import prepare_demo_data
     from wsiseg.device import resolve_device
@@ -173,8 +179,8 @@ def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class
     old = []
     if stored.is_file() and stored.stat().st_mtime > path.stat().st_mtime:
         old = json.loads(stored.read_text(encoding="utf-8"))
-        if all("matrix_tta" in r for r in old):
-            return old  # else rows from before the test-time flips: scored again, the model kept
+        if all("matrix_tta" in r and set(r.get("matrix_scaled", {})) == set(map(_key, CV_GRID_SCALES)) for r in old):
+            return old  # else rows from before the flips or these scales: scored again, the model kept
     model = load_deformseg(path, device=dev)
     rows = []
     for p in pairs:
@@ -184,6 +190,7 @@ def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class
         ds = config_dataset([p], class_map, cfg)  # read once, scored twice
         r = evaluate_model(model, ds, device=dev, name=method)
         flips = evaluate_model(model, ds, device=dev, name=method, tta=True)  # as segment --tta
+        scaled = {_key(g): evaluate_model(model, ds, device=dev, name=method, grid_scale=g) for g in CV_GRID_SCALES}
         rows.append(
             {
                 "set": key[0],
@@ -195,6 +202,8 @@ def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class
                 "spacing_um": cfg.sample_spacing_um,
                 "matrix": r.full.matrix.tolist(),
                 "matrix_tta": flips.full.matrix.tolist(),
+                "matrix_scaled": {g: e.full.matrix.tolist() for g, e in scaled.items()},
+                "cost_scaled": {g: None if not math.isfinite(e.cost) else e.cost for g, e in scaled.items()},
                 "classes": list(r.class_names),
                 "miou": truth_miou(r.full),
                 "cost": None if not math.isfinite(r.cost) else r.cost,
@@ -208,6 +217,11 @@ def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class
     write_json(stored, rows)
     say(f"crossval {name}: " + ", ".join(f"{r['set']}/{r['image']} {r['miou']:.3f}" for r in rows))
     return rows
+
+
+def _key(scale: float) -> str:
+    """A grid scale as a JSON key: ``"0.5"``, ``"2"``."""
+    return f"{scale:g}"
 
 
 def stored_crossval_rows(workdir: str | os.PathLike) -> list[dict]:
@@ -281,6 +295,46 @@ def format_crossval_tta(rows: Sequence[dict]) -> list[str]:
             }
         )
     return format_tta(pooled)
+
+
+def format_crossval_scales(rows: Sequence[dict]) -> list[str]:
+    """Markdown table: each sampler's cross-validated mIoU at each sampling density it was scored at.
+
+    Pooled as :func:`format_crossval` pools (the seeds where every image of
+    the set was scored at every scale); cost: samples / level-0 pixels, mean
+    over the images.
+    """
+    scales = sorted({float(g) for r in rows for g in r.get("matrix_scaled", {})} | {1.0})
+    if len(scales) < 2:
+        return []
+    images: dict[str, set[str]] = {}
+    for r in rows:
+        images.setdefault(r["set"], set()).add(r["image"])
+    by: dict[tuple[str, str, int], list[dict]] = {}
+    for r in rows:
+        if set(r.get("matrix_scaled", {})) == {_key(g) for g in scales if g != 1.0}:
+            by.setdefault((r["set"], r["method"], int(r["seed"])), []).append(r)
+    order = list(QUALITY_SETS)
+    cells: dict[tuple[str, str], dict[float, tuple[list[float], list[float]]]] = {}
+    for (s, method, _seed), runs in by.items():
+        if {r["image"] for r in runs} != images[s]:
+            continue
+        for g in scales:
+            key = None if g == 1.0 else _key(g)
+            mats = [r["matrix"] if key is None else r["matrix_scaled"][key] for r in runs]
+            costs = [r["cost"] if key is None else r["cost_scaled"][key] for r in runs]
+            miou, cost = cells.setdefault((s, method), {}).setdefault(g, ([], []))
+            miou.append(_scores(mats, runs[0]["classes"])[0])
+            cost += [c for c in costs if c is not None]
+    out = [
+        "| set | method | " + " | ".join(f"x{g:g}" + (" (as trained)" if g == 1.0 else "") for g in scales) + " |",
+        "|---|---|" + "---|" * len(scales),
+    ]
+    rank = lambda k: (order.index(k[0]) if k[0] in order else len(order), k)  # noqa: E731
+    for (s, method), per in sorted(cells.items(), key=lambda kv: rank(kv[0])):
+        vals = [f"{_ms(per[g][0])} ({100 * statistics.mean(per[g][1]):.3g} %)" for g in scales]
+        out.append(f"| {s} | {method} | " + " | ".join(vals) + " |")
+    return out if len(out) > 2 else []
 
 
 def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform") -> list[str]:

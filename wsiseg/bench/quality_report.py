@@ -30,6 +30,7 @@ from wsiseg.bench.crossval import (
     CV_FOLDS,
     bench_crossval,
     format_crossval,
+    format_crossval_scales,
     format_crossval_tta,
     stored_crossval_rows,
 )
@@ -599,6 +600,14 @@ def _crossval_lines(work: Path) -> list[str]:
         "",
         *table,
         *_crossval_tta_lines(rows),
+        *_subsection(
+            "Sampling density (crossval)",
+            "Each cross-validated model scored again on its held-out images sampled more sparsely and more "
+            "densely than it was trained (`evaluate --grid-scale`, as `segment --grid-scale` samples: x2 is "
+            "twice the samples per axis, half the spacing); tissue mIoU pooled as above, mean ± sd over seeds, "
+            "cost (samples / level-0 pixels, mean over the images) in brackets.",
+            format_crossval_scales(rows),
+        ),
     ]
 
 

@@ -589,8 +589,9 @@ def bench_sampling_command(
     "and oracle samplers with the iterated grid at 8 um, and the same net on every working pixel, trained on "
     "128 um windows: its sliding-window ceiling), one model over all --sets, scored per set "
     "(about 3 hours on 2 cores); crossval: the same config, learned against uniform at its own spacing, "
-    "cross-validated over every labelled image of --sets (--folds folds, each scored image by image; about "
-    "90 min for 5 folds x 3 seeds on 2 cores); report: only write the section.",
+    "cross-validated over every labelled image of --sets (--folds folds, each scored image by image, also "
+    "with test-time flips and at half and twice its sampling density; about 95 min for 5 folds x 3 seeds "
+    "on 2 cores); report: only write the section.",
 )
 @click.option(
     "--sets",
