@@ -367,20 +367,11 @@ def _slide_report(
         detected_tissue_pixels=tissue_px,
         gather=gather,
         timings=stages.timings,
-        # the net as loaded: a file may leave out a field its reader fills in (grid_border of older files)
-        config={"options": options.resolved(), "model": {**model.metadata.get("net", {}), **_net_rules(model)}},
+        # the file's net, and what its reader filled in where the file is silent (grid_border of older files)
+        config={"options": options.resolved(), "model": {**model.net.config(), **model.metadata.get("net", {})}},
         outputs={k: p.name for k, p in paths.items()},
         status="ok",
     )
-
-
-def _net_rules(model: LoadedModel) -> dict:
-    """The sampling rules the loaded net uses, whether or not its file states them."""
-    config = getattr(model.net, "config", None)
-    if config is None:
-        return {}
-    cfg = config()
-    return {k: cfg[k] for k in ("grid_border", "grid_iterations") if k in cfg}
 
 
 def _write_qc(path: Path, ms: Multiscale, mask_path: Path, seg: _Segmentation, model: LoadedModel, name: str):
