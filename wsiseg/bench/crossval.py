@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsiseg.bench.quality import write_json
-from wsiseg.bench.recipe import format_tta, method_config, recipe_grid, train_run, truth_miou
+from wsiseg.bench.recipe import format_tta, mean_sd, method_config, recipe_grid, set_stem, train_run, truth_miou
 from wsiseg.training.regions import QUALITY_SETS, QualitySet
 
 if TYPE_CHECKING:
@@ -78,15 +78,6 @@ def deal_folds(stems: Sequence[str], folds: int) -> dict[str, int]:
     return {s: i % folds for i, s in enumerate(sorted(stems))}
 
 
-def _set_stem(pair: TrainingPair, sets: Sequence[QualitySet]) -> tuple[str, str] | None:
-    """(set key, image stem) of a prepared pair, None for pairs of no set (the glass textures)."""
-    name = Path(pair.annotation).stem
-    for qs in sets:
-        if name.startswith(f"{qs.key}-"):
-            return qs.key, name[len(qs.key) + 1 :]
-    return None
-
-
 def fold_pairs(pairs: Sequence[TrainingPair], sets: Sequence[QualitySet], folds: int, fold: int) -> list[TrainingPair]:
     """The pairs with fold ``fold`` of every set as the test split and the sets' other images as train.
 
@@ -96,7 +87,7 @@ def fold_pairs(pairs: Sequence[TrainingPair], sets: Sequence[QualitySet], folds:
         from wsiseg.errors import ConfigError
 
         raise ConfigError(f"fold must be in [0, {folds}), got {fold}")
-    keyed = [(p, _set_stem(p, sets)) for p in pairs]
+    keyed = [(p, set_stem(p, sets)) for p in pairs]
     deal = {qs.key: deal_folds([k[1] for _, k in keyed if k is not None and k[0] == qs.key], folds) for qs in sets}
     out = []
     for p, k in keyed:
@@ -184,7 +175,7 @@ def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class
     model = load_deformseg(path, device=dev)
     rows = []
     for p in pairs:
-        key = _set_stem(p, sets)
+        key = set_stem(p, sets)
         if p.split != "test" or key is None:
             continue
         ds = config_dataset([p], class_map, cfg)  # read once, scored twice
@@ -230,14 +221,6 @@ def stored_crossval_rows(workdir: str | os.PathLike) -> list[dict]:
     for p in sorted((Path(workdir) / "crossval" / "rows").glob("*.json")):
         rows += json.loads(p.read_text(encoding="utf-8"))
     return rows
-
-
-def _ms(v: Sequence[float], scale: float = 1.0, fmt: str = ".3f") -> str:
-    """Mean ± sd (the value alone for one)."""
-    v = [scale * x for x in v]
-    if len(v) == 1:
-        return f"{v[0]:{fmt}}"
-    return f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt.lstrip('+')}}"
 
 
 #: Classes the cross-validated mIoU leaves out, scored apart: glass (the tissue detector's pieces touching
@@ -332,7 +315,7 @@ def format_crossval_scales(rows: Sequence[dict]) -> list[str]:
     ]
     rank = lambda k: (order.index(k[0]) if k[0] in order else len(order), k)  # noqa: E731
     for (s, method), per in sorted(cells.items(), key=lambda kv: rank(kv[0])):
-        vals = [f"{_ms(per[g][0])} ({100 * statistics.mean(per[g][1]):.3g} %)" for g in scales]
+        vals = [f"{mean_sd(per[g][0])} ({100 * statistics.mean(per[g][1]):.3g} %)" for g in scales]
         out.append(f"| {s} | {method} | " + " | ".join(vals) + " |")
     return out if len(out) > 2 else []
 
@@ -382,8 +365,8 @@ def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform"
         p = wilcoxon(per_image).pvalue if len(per_image) >= 6 and any(per_image) else math.nan
         glass = "n/a" if math.isnan(ga[0]) else f"{statistics.mean(ga):.2f} / {statistics.mean(gb):.2f}"
         out.append(
-            f"| {s} | {len(images)} | {len(seeds)} | {_ms(ma)} | {_ms(mb)} | "
-            f"{_ms([x - y for x, y in zip(ma, mb)], 100, '+.1f')} | {wins} of {n} | "
+            f"| {s} | {len(images)} | {len(seeds)} | {mean_sd(ma)} | {mean_sd(mb)} | "
+            f"{mean_sd([x - y for x, y in zip(ma, mb)], 100, '+.1f')} | {wins} of {n} | "
             + ("n/a (under 6 images)" if math.isnan(p) else f"{p:.2f}")
             + f" | {glass} |"
         )

@@ -38,6 +38,7 @@ from wsiseg.training.regions import QualitySet
 
 if TYPE_CHECKING:
     from wsiseg.training.config import TrainConfig
+    from wsiseg.training.pairs import TrainingPair
 
 __all__ = [
     "RECIPE_CONFIG",
@@ -50,8 +51,10 @@ __all__ = [
     "bench_recipe",
     "format_tta",
     "full_config",
+    "mean_sd",
     "method_config",
     "recipe_grid",
+    "set_stem",
     "stored_recipe_rows",
     "train_run",
     "truth_miou",
@@ -145,10 +148,26 @@ def _recipe(cfg: TrainConfig) -> dict:
     }
 
 
-def _set_of(annotation: str, sets: Sequence[QualitySet]) -> str | None:
-    """The set of a prepared label file (:func:`wsiseg.demo.data.prepare_demo_data` names them ``<set>-<stem>``)."""
-    name = Path(annotation).name
-    return next((qs.key for qs in sets if name.startswith(f"{qs.key}-")), None)
+def set_stem(pair: TrainingPair, sets: Sequence[QualitySet]) -> tuple[str, str] | None:
+    """(set key, image stem) of a prepared pair, None for pairs of no set (the glass textures).
+
+    :func:`wsiseg.demo.data.prepare_demo_data` names the label files ``<set>-<stem>``.
+    """
+    name = Path(pair.annotation).stem
+    for qs in sets:
+        if name.startswith(f"{qs.key}-"):
+            return qs.key, name[len(qs.key) + 1 :]
+    return None
+
+
+def mean_sd(v: Sequence[float], scale: float = 1.0, fmt: str = ".3f") -> str:
+    """Mean ± sd of ``scale`` times the values (the value alone for one), each in format ``fmt``."""
+    import statistics
+
+    v = [scale * x for x in v]
+    if len(v) == 1:
+        return f"{v[0]:{fmt}}"
+    return f"{statistics.mean(v):{fmt}} ± {statistics.stdev(v):{fmt.lstrip('+')}}"
 
 
 def bench_recipe(
@@ -215,7 +234,9 @@ def bench_recipe(
     class_map = load_class_map(csv_path.parent / "classes.yaml")
     pairs = load_pairs(csv_path)
     data_hash = dataset_hash(pairs)  # as `wsiseg train` fingerprints its pairs file
-    tests = {qs.key: [p for p in pairs if p.split == "test" and _set_of(p.annotation, sets) == qs.key] for qs in sets}
+    tests = {
+        qs.key: [p for p in pairs if p.split == "test" and (set_stem(p, sets) or ("",))[0] == qs.key] for qs in sets
+    }
     dev = resolve_device(base.device)
     rows: list[dict] = []
     for enc in encoders:
@@ -335,8 +356,6 @@ def format_tta(rows: Sequence[dict]) -> list[str]:
     The gain is the mean ± sd over seeds of each model's own difference (the
     same model scored twice), so the seeds' spread does not hide it.
     """
-    import statistics
-
     cells: dict[tuple[str, str, float, str], list[tuple[float, float]]] = {}
     for r in rows:
         if r.get("miou_full") is None or r.get("miou_full_tta") is None:
@@ -346,18 +365,16 @@ def format_tta(rows: Sequence[dict]) -> list[str]:
     if not cells:
         return []
 
-    def ms(v: list[float]) -> str:
-        return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-
     out = [
         "| set | encoder | spacing | method | seeds | mIoU | with test-time flips | gain (points) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (key, enc, sp, method), v in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2], kv[0][3])):
         plain, flips = [a for a, _ in v], [b for _, b in v]
-        gain = [100 * (b - a) for a, b in v]
-        g = f"{statistics.mean(gain):+.1f} ± {statistics.stdev(gain):.1f}" if len(gain) > 1 else f"{gain[0]:+.1f}"
-        out.append(f"| {key} | {enc} | {sp:g} um | {method} | {len(v)} | {ms(plain)} | {ms(flips)} | {g} |")
+        gain = mean_sd([b - a for a, b in v], 100, "+.1f")
+        out.append(
+            f"| {key} | {enc} | {sp:g} um | {method} | {len(v)} | {mean_sd(plain)} | {mean_sd(flips)} | {gain} |"
+        )
     return out
 
 
