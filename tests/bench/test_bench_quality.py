@@ -198,6 +198,20 @@ def test_bench_quality_refuses_bad_options():
     assert r.exit_code == 2 and "--parts" in r.output
 
 
+def _small_imagenet_encoder(path: Path, monkeypatch) -> None:
+    """Stand in for the offline EfficientNet-Lite0: a small timm encoder's own weights at ``path``, and the
+    recipe's pretrained variants built on that encoder."""
+    from safetensors.torch import save_file
+
+    from wsiseg.bench import recipe
+    from wsiseg.models.pretrained import find_encoder
+    from wsiseg.models.segmenter import build_segmenter
+
+    monkeypatch.setattr(recipe, "RECIPE_IMAGENET_ENCODER", "tu-resnet10t")
+    enc = find_encoder(build_segmenter("unet", "tu-resnet10t", 3, encoder_depth=3, decoder_channels=[16, 8, 8]))
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path))
+
+
 def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_scores_each_set(
     few_ocdc, tmp_path, monkeypatch
 ):
@@ -212,15 +226,8 @@ def test_bench_quality_recipe_trains_one_model_over_the_sets_per_sampler_and_sco
             "imagenet-frozen": {16.0: ("uniform",)},
         },
     )
-    monkeypatch.setattr(recipe, "RECIPE_IMAGENET_ENCODER", "tu-resnet10t")
     monkeypatch.setattr(recipe, "RECIPE_FULL_WINDOW_UM", 64.0)  # half the sampled runs' 128 um windows
-    from safetensors.torch import save_file
-
-    from wsiseg.models.pretrained import find_encoder
-    from wsiseg.models.segmenter import build_segmenter
-
-    enc = find_encoder(build_segmenter("unet", "tu-resnet10t", 3, encoder_depth=3, decoder_channels=[16, 8, 8]))
-    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(tmp_path / "imagenet.safetensors"))
+    _small_imagenet_encoder(tmp_path / "imagenet.safetensors", monkeypatch)
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(TINY_RECIPE))
     out, work, fig = tmp_path / "bench.md", tmp_path / "work", tmp_path / "quality.png"
@@ -442,6 +449,59 @@ def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(fe
     r2 = CliRunner().invoke(main, args)
     assert r2.exit_code == 0, r2.output
     assert not [line for line in r2.output.splitlines() if line.startswith(("training ", "crossval "))], r2.output
+
+
+def test_bench_quality_crossval_runs_a_pretrained_encoder_variant_on_the_same_folds(few_ocdc, tmp_path, monkeypatch):
+    _small_imagenet_encoder(tmp_path / "imagenet.safetensors", monkeypatch)
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(TINY_RECIPE))
+    out, work = tmp_path / "bench.md", tmp_path / "work"
+    args = ["bench", "quality", "--parts", "crossval", "--sets", "ocdc", "--seeds", "0", "--folds", "2"]
+    args += ["--recipe-config", str(config), "--data", str(few_ocdc), "--workdir", str(work), "--out", str(out)]
+    args += ["--figure", str(tmp_path / "q.png"), "--imagenet-weights", str(tmp_path / "imagenet.safetensors")]
+    r = CliRunner().invoke(main, [*args, "--crossval-encoders", "random,imagenet-frozen"])
+    assert r.exit_code == 0, r.output
+    from wsiseg.models.io import read_metadata
+
+    for method in ("learned", "uniform"):
+        for fold in (0, 1):
+            plain, frozen = (
+                json.loads((work / "crossval" / "rows" / f"k2f{fold}-{pre}{method}-16um-s0.json").read_text())
+                for pre in ("", "imagenet-frozen-")
+            )
+            assert [x["image"] for x in frozen] == [x["image"] for x in plain]  # the same held-out images
+            assert {x["encoder"] for x in frozen} == {"imagenet-frozen"} and {x["encoder"] for x in plain} == {"random"}
+            meta = read_metadata(
+                work / "crossval" / f"k2f{fold}-imagenet-frozen-{method}-16um-s0" / "model.safetensors"
+            )
+            seg = meta["net"]["segmenter"]
+            assert seg["encoder"] == "tu-resnet10t" and seg["norm"] == "frozen"
+            assert meta["encoder_init"]["file"] == "imagenet.safetensors"
+    text = out.read_text()
+    section = text[text.index("#### imagenet-frozen encoder (crossval)") :]
+    assert "| set | images | seeds | imagenet-frozen-learned | imagenet-frozen-uniform |" in section
+    assert "| set | images | seeds | imagenet-frozen-learned | learned |" in section
+    assert "| set | images | seeds | imagenet-frozen-uniform | uniform |" in section
+    assert "| ocdc | 5 | 1 |" in section
+    assert "| ocdc | imagenet-frozen | 16 um | learned | 1 |" in text  # the flips table names the variant
+    r = CliRunner().invoke(main, [*args, "--crossval-encoders", "imagenet-frozen,nope"])
+    assert r.exit_code == 2 and "--crossval-encoders" in r.output
+
+
+def test_encoder_config_swaps_the_encoder_only_for_the_pretrained_variants():
+    from wsiseg.bench.recipe import RECIPE_IMAGENET_ENCODER, encoder_config
+    from wsiseg.errors import ConfigError
+    from wsiseg.training.config import TrainConfig
+
+    base = TrainConfig(**TINY_RECIPE)
+    assert encoder_config(base, "random") is base
+    frozen = encoder_config(base, "imagenet-frozen", "w.pth")
+    assert (frozen.encoder, frozen.encoder_weights, frozen.norm) == (RECIPE_IMAGENET_ENCODER, "w.pth", "frozen")
+    assert encoder_config(base, "imagenet", "w.pth").norm == base.norm
+    with pytest.raises(ConfigError, match="imagenet-weights"):
+        encoder_config(base, "imagenet-frozen")
+    with pytest.raises(ConfigError, match="encoder variant"):
+        encoder_config(base, "imagenet-warm", "w.pth")
 
 
 def test_documented_crossval_table_is_the_one_its_stored_rows_make():

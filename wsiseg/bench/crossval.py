@@ -11,7 +11,9 @@ images of fold ``f``, one image at a time. Every image is then held out
 exactly once per seed, and learned and uniform are compared on the same
 images, folds and seeds.
 
-Runs live in ``workdir/crossval/k<folds>f<fold>-<method>-<spacing>um-s<seed>/``;
+Runs live in ``workdir/crossval/k<folds>f<fold>-<arm>-<spacing>um-s<seed>/``, where the arm is the
+sampler, prefixed by the encoder variant unless it is the recipe's own (``learned``,
+``imagenet-frozen-uniform``: :func:`arm`);
 rows (one per held-out image, with its confusion matrix) go to
 ``workdir/crossval/rows/<run>.json``.
 """
@@ -29,7 +31,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsiseg.bench.quality import write_json
-from wsiseg.bench.recipe import format_tta, mean_sd, method_config, recipe_grid, set_stem, train_run, truth_miou
+from wsiseg.bench.recipe import (
+    encoder_config,
+    encoder_prefix,
+    format_tta,
+    mean_sd,
+    method_config,
+    recipe_grid,
+    set_stem,
+    train_run,
+    truth_miou,
+)
 from wsiseg.training.regions import QUALITY_SETS, QualitySet
 
 if TYPE_CHECKING:
@@ -41,6 +53,7 @@ __all__ = [
     "CV_FOLDS",
     "CV_GRID_SCALES",
     "CV_METHODS",
+    "arm",
     "bench_crossval",
     "deal_folds",
     "fold_pairs",
@@ -106,6 +119,8 @@ def bench_crossval(
     folds: int = CV_FOLDS,
     seeds: Sequence[int] = (0, 1, 2),
     methods: Sequence[str] = CV_METHODS,
+    encoders: Sequence[str] = ("random",),
+    imagenet_weights: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Train ``base`` (the shipped recipe) per fold, sampler and seed; score each held-out image.
@@ -122,13 +137,17 @@ def bench_crossval(
     seeds : sequence of int
     methods : sequence of str
         Samplers (:func:`wsiseg.bench.recipe.method_config`).
+    encoders : sequence of {"random", "imagenet", "imagenet-frozen"}
+        Encoder variants (:func:`wsiseg.bench.recipe.encoder_config`); ``"random"``: the recipe's own.
+    imagenet_weights : str, optional
+        Required with the imagenet variants: a local weights file.
     log : callable, optional
 
     Returns
     -------
     list of dict
         One row per run and held-out image: ``set``, ``image``, ``fold``, ``folds``, ``method``,
-        ``seed``, ``spacing_um``, ``matrix`` (confusion matrix, rows = targets), ``classes``,
+        ``encoder``, ``seed``, ``spacing_um``, ``matrix`` (confusion matrix, rows = targets), ``classes``,
         ``miou`` (over the classes of the image's labels), ``matrix_tta`` (the same model with
         test-time flips, ``segment --tta``), ``matrix_scaled`` and ``cost_scaled`` (at each of
         :data:`CV_GRID_SCALES`, keyed ``"0.5"``, ``"2"``), ``cost`` (samples / level-0 pixels),
@@ -141,6 +160,7 @@ def bench_crossval(
 
     say = log or (lambda _m: None)
     recipe_grid(base)  # refuse a config without physical scale before any work
+    starts = {enc: encoder_config(base, enc, imagenet_weights) for enc in encoders}
     work = Path(workdir) / "crossval"
     csv_path = prepare_demo_data(data_root, work / "data", sets=[qs.key for qs in sets])
     class_map = load_class_map(csv_path.parent / "classes.yaml")
@@ -151,19 +171,24 @@ def bench_crossval(
         for fold in range(folds):
             fp = fold_pairs(pairs, sets, folds, fold)
             data_hash = dataset_hash(fp)  # as `wsiseg train` fingerprints its pairs file
-            for method in methods:
-                cfg = dataclasses.replace(base, seed=seed, **method_config(method))
-                name = f"k{folds}f{fold}-{method}-{cfg.sample_spacing_um:g}um-s{seed}"
-                rows += _crossval_run(cfg, work, name, method, fold, folds, fp, sets, class_map, data_hash, dev, say)
+            for enc, start in starts.items():
+                for method in methods:
+                    cfg = dataclasses.replace(start, seed=seed, **method_config(method))
+                    name = f"k{folds}f{fold}-{encoder_prefix(enc)}{method}-{cfg.sample_spacing_um:g}um-s{seed}"
+                    rows += _crossval_run(
+                        cfg, work, name, (enc, method), fold, folds, fp, sets, class_map, data_hash, dev, say
+                    )
     return rows
 
 
-def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class_map, data_hash, dev, say) -> list:
-    """One fold's run, trained (or reused) and scored image by image; its stored rows if current."""
+def _crossval_run(cfg, work: Path, name, variant, fold, folds, pairs, sets, class_map, data_hash, dev, say) -> list:
+    """One fold's run (``variant``: encoder, sampler), trained (or reused) and scored image by image;
+    its stored rows if current."""
     from wsiseg.evaluation.scoring import evaluate_model
     from wsiseg.models.io import load_deformseg
     from wsiseg.training.dataset import config_dataset
 
+    enc, method = variant
     stored = work / "rows" / f"{name}.json"
     t0 = time.perf_counter()
     path = train_run(cfg, work / name, method, pairs, class_map, data_hash, say)
@@ -189,6 +214,7 @@ def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class
                 "fold": fold,
                 "folds": folds,
                 "method": method,
+                "encoder": enc,
                 "seed": cfg.seed,
                 "spacing_um": cfg.sample_spacing_um,
                 "matrix": r.full.matrix.tolist(),
@@ -213,6 +239,19 @@ def _crossval_run(cfg, work: Path, name, method, fold, folds, pairs, sets, class
 def _key(scale: float) -> str:
     """A grid scale as a JSON key: ``"0.5"``, ``"2"``."""
     return f"{scale:g}"
+
+
+def arm(row: dict) -> str:
+    """A row's encoder variant and sampler as one name: the sampler alone for the recipe's own encoder.
+
+    Rows stored before encoder variants were cross-validated have no ``encoder``: the recipe's own.
+
+    Examples
+    --------
+    >>> arm({"method": "learned"}), arm({"method": "uniform", "encoder": "imagenet-frozen"})
+    ('learned', 'imagenet-frozen-uniform')
+    """
+    return encoder_prefix(row.get("encoder", "random")) + row["method"]
 
 
 def stored_crossval_rows(workdir: str | os.PathLike) -> list[dict]:
@@ -254,22 +293,23 @@ def format_crossval_tta(rows: Sequence[dict]) -> list[str]:
     :func:`wsiseg.bench.recipe.format_tta` on the folds' pooled scores per set,
     sampler and seed (the seeds where every image of the set has both).
     """
-    by: dict[tuple[str, str, int, float], list[dict]] = {}
+    by: dict[tuple[str, str, str, int, float], list[dict]] = {}
     for r in rows:
         if "matrix_tta" in r:
-            by.setdefault((r["set"], r["method"], int(r["seed"]), float(r["spacing_um"])), []).append(r)
+            key = (r["set"], r.get("encoder", "random"), r["method"], int(r["seed"]), float(r["spacing_um"]))
+            by.setdefault(key, []).append(r)
     images: dict[str, set[str]] = {}
     for r in rows:
         images.setdefault(r["set"], set()).add(r["image"])
     pooled = []
-    for (s, method, seed, spacing), runs in by.items():
+    for (s, enc, method, seed, spacing), runs in by.items():
         if {r["image"] for r in runs} != images[s]:
             continue
         classes = runs[0]["classes"]
         pooled.append(
             {
                 "set": s,
-                "encoder": "random",
+                "encoder": enc,
                 "spacing_um": spacing,
                 "method": method,
                 "seed": seed,
@@ -296,7 +336,7 @@ def format_crossval_scales(rows: Sequence[dict]) -> list[str]:
     by: dict[tuple[str, str, int], list[dict]] = {}
     for r in rows:
         if set(r.get("matrix_scaled", {})) == {_key(g) for g in scales if g != 1.0}:
-            by.setdefault((r["set"], r["method"], int(r["seed"])), []).append(r)
+            by.setdefault((r["set"], arm(r), int(r["seed"])), []).append(r)
     order = list(QUALITY_SETS)
     cells: dict[tuple[str, str], dict[float, tuple[list[float], list[float]]]] = {}
     for (s, method, _seed), runs in by.items():
@@ -321,7 +361,10 @@ def format_crossval_scales(rows: Sequence[dict]) -> list[str]:
 
 
 def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform") -> list[str]:
-    """Markdown table: cross-validated mIoU of samplers ``a`` and ``b`` per set, and their paired difference.
+    """Markdown table: cross-validated mIoU of arms ``a`` and ``b`` per set, and their paired difference.
+
+    An arm is a sampler, prefixed by its encoder variant unless that is the
+    recipe's own (:func:`arm`): ``"learned"``, ``"imagenet-frozen-learned"``.
 
     mIoU over the tissue classes present in the labels (glass, :data:`CV_APART`,
     in a column of its own). Per seed, the held-out images' confusion matrices
@@ -335,7 +378,7 @@ def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform"
 
     by: dict[tuple[str, str, int], dict[str, dict]] = {}
     for r in rows:
-        by.setdefault((r["set"], r["method"], int(r["seed"])), {})[r["image"]] = r
+        by.setdefault((r["set"], arm(r), int(r["seed"])), {})[r["image"]] = r
     order = list(QUALITY_SETS)
     sets = sorted({r["set"] for r in rows}, key=lambda k: (order.index(k) if k in order else len(order), k))
     out = [

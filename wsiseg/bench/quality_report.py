@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING
 
 from wsiseg.errors import ConfigError
 from wsiseg.training.regions import QUALITY_SETS, QualitySet
-from wsiseg.bench.recipe import bench_recipe, format_tta, recipe_grid, stored_recipe_rows
+from wsiseg.bench.recipe import (
+    RECIPE_IMAGENET_ENCODER,
+    RECIPE_NORMS,
+    bench_recipe,
+    encoder_prefix,
+    format_tta,
+    recipe_grid,
+    stored_recipe_rows,
+)
 from wsiseg.bench.capacity import CapacityRow, format_capacity, grid_capacity
 from wsiseg.bench.crossval import (
     CV_APART,
@@ -331,6 +339,7 @@ def run_parts(
     imagenet_weights: str | None = None,
     recipe: TrainConfig | None = None,
     folds: int = CV_FOLDS,
+    crossval_encoders: Sequence[str] = ("random",),
     threads: int = 1,
     figure: str | os.PathLike = "docs/quality.png",
     command: str = "wsiseg bench quality",
@@ -357,8 +366,9 @@ def run_parts(
         if recipe is None:
             raise ConfigError("the recipe and crossval parts need their training config (--recipe-config)")
         recipe_grid(recipe)
-    pretrained = [e for e in encoders if e.startswith("imagenet")]
-    if pretrained and imagenet_weights is None and {"quality", "full", "recipe"} & set(parts):
+    pretrained = bool({"quality", "full", "recipe"} & set(parts)) and any(e.startswith("imagenet") for e in encoders)
+    pretrained |= "crossval" in parts and any(e.startswith("imagenet") for e in crossval_encoders)
+    if pretrained and imagenet_weights is None:
         from wsiseg.models.pretrained import offline_imagenet_weights
 
         imagenet_weights = str(offline_imagenet_weights("efficientnet_lite0"))
@@ -409,7 +419,17 @@ def run_parts(
                 log=say,
             )
         if "crossval" in parts and recipe is not None:
-            bench_crossval(data_root, work, sets, recipe, folds=folds, seeds=seeds, log=say)
+            bench_crossval(
+                data_root,
+                work,
+                sets,
+                recipe,
+                folds=folds,
+                seeds=seeds,
+                encoders=crossval_encoders,
+                imagenet_weights=imagenet_weights,
+                log=say,
+            )
         if "densities" in parts:
             dens = [r for qs in sets for r in density_differences(data_root, work, qs, base)]
             write_json(work / "densities.json", dens)
@@ -599,6 +619,7 @@ def _crossval_lines(work: Path) -> list[str]:
         + ".",
         "",
         *table,
+        *_crossval_encoder_lines(rows),
         *_crossval_tta_lines(rows),
         *_subsection(
             "Sampling density (crossval)",
@@ -633,6 +654,28 @@ def _tta_lines(rows: Sequence[dict]) -> list[str]:
         "difference.",
         format_tta(rows),
     )
+
+
+def _crossval_encoder_lines(rows: Sequence[dict]) -> list[str]:
+    """Each pretrained encoder variant cross-validated: its samplers compared, and each against the recipe's own."""
+    out: list[str] = []
+    for enc in sorted({r.get("encoder", "random") for r in rows} - {"random"}):
+        pre = encoder_prefix(enc)
+        tables = [
+            format_crossval(rows, f"{pre}learned", f"{pre}uniform"),
+            format_crossval(rows, f"{pre}learned", "learned"),
+            format_crossval(rows, f"{pre}uniform", "uniform"),
+        ]
+        out += _subsection(
+            f"{enc} encoder (crossval)",
+            f"The same folds, seeds and scoring with the recipe's encoder replaced (`{enc}`: "
+            f"{RECIPE_IMAGENET_ENCODER} from the offline ImageNet weights"
+            + (", on its frozen BatchNorm statistics" if RECIPE_NORMS.get(enc) == "frozen" else "")
+            + "): its samplers against each other, then each against the same sampler with the recipe's own "
+            "encoder (random weights), paired by image and seed.",
+            [line for t in tables if t for line in (*t, "")][:-1],
+        )
+    return out
 
 
 def _crossval_tta_lines(rows: Sequence[dict]) -> list[str]:

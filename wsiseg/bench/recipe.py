@@ -49,6 +49,8 @@ __all__ = [
     "RECIPE_NORMS",
     "RECIPE_RUNS",
     "bench_recipe",
+    "encoder_config",
+    "encoder_prefix",
     "format_tta",
     "full_config",
     "mean_sd",
@@ -223,12 +225,10 @@ def bench_recipe(
     from wsiseg.training.classmap import load_class_map
     from wsiseg.training.pairs import dataset_hash, load_pairs
 
-    from wsiseg.errors import ConfigError
-
     say = log or (lambda _m: None)
     recipe_grid(base)  # refuse a config without physical scale before any work
-    if any(e in RECIPE_NORMS for e in encoders) and not imagenet_weights:
-        raise ConfigError("the imagenet recipe runs need --imagenet-weights PATH (e.g. the offline EfficientNet-Lite0)")
+    for enc in encoders:
+        encoder_config(base, enc, imagenet_weights)  # a missing weights file is named before any work
     work = Path(workdir) / "recipe"
     csv_path = prepare_demo_data(data_root, work / "data", sets=[qs.key for qs in sets])
     class_map = load_class_map(csv_path.parent / "classes.yaml")
@@ -240,28 +240,60 @@ def bench_recipe(
     dev = resolve_device(base.device)
     rows: list[dict] = []
     for enc in encoders:
-        start = base
-        if enc in RECIPE_NORMS:
-            start = dataclasses.replace(
-                base,
-                encoder=RECIPE_IMAGENET_ENCODER,
-                encoder_weights=imagenet_weights,
-                norm=RECIPE_NORMS[enc] or base.norm,
-            )
+        start = encoder_config(base, enc, imagenet_weights)
         for spacing, methods in (runs or RECIPE_RUNS)[enc].items():
             for method in methods:
                 for seed in seeds:
                     cfg = dataclasses.replace(
                         start, sample_spacing_um=float(spacing), seed=seed, **method_config(method)
                     )
-                    name = f"{'' if enc == 'random' else enc + '-'}{method}-{spacing:g}um-s{seed}"
+                    name = f"{encoder_prefix(enc)}{method}-{spacing:g}um-s{seed}"
                     rows += _recipe_run(cfg, work, name, enc, method, pairs, tests, class_map, data_hash, dev, say)
         if enc in (RECIPE_FULL if full is None else full):
             for seed in seeds:
                 cfg = dataclasses.replace(start, seed=seed, **full_config(start))
-                name = f"{'' if enc == 'random' else enc + '-'}{FULL}-s{seed}"
+                name = f"{encoder_prefix(enc)}{FULL}-s{seed}"
                 rows += _recipe_run(cfg, work, name, enc, FULL, pairs, tests, class_map, data_hash, dev, say)
     return rows
+
+
+def encoder_config(base: TrainConfig, encoder: str, imagenet_weights: str | None = None) -> TrainConfig:
+    """The recipe with encoder initialisation ``encoder``: as it is for ``"random"``, else its
+    encoder replaced by :data:`RECIPE_IMAGENET_ENCODER` with ``imagenet_weights`` (and, for
+    ``"imagenet-frozen"``, ``norm: frozen``).
+
+    Raises
+    ------
+    wsiseg.errors.ConfigError
+        An unknown variant, or a pretrained one without ``imagenet_weights``.
+    """
+    import dataclasses
+
+    from wsiseg.errors import ConfigError
+
+    if encoder == "random":
+        return base
+    if encoder not in RECIPE_NORMS:
+        raise ConfigError(f"encoder variant must be random, {' or '.join(RECIPE_NORMS)}, got {encoder!r}")
+    if not imagenet_weights:
+        raise ConfigError("the imagenet recipe runs need --imagenet-weights PATH (e.g. the offline EfficientNet-Lite0)")
+    return dataclasses.replace(
+        base,
+        encoder=RECIPE_IMAGENET_ENCODER,
+        encoder_weights=imagenet_weights,
+        norm=RECIPE_NORMS[encoder] or base.norm,
+    )
+
+
+def encoder_prefix(encoder: str) -> str:
+    """Prefix of a run's name for its encoder variant: none for the recipe's own (``"random"``).
+
+    Examples
+    --------
+    >>> encoder_prefix("random"), encoder_prefix("imagenet-frozen")
+    ('', 'imagenet-frozen-')
+    """
+    return "" if encoder == "random" else f"{encoder}-"
 
 
 def full_config(base: TrainConfig) -> dict:

@@ -623,6 +623,15 @@ def bench_sampling_command(
     "the same encoder on its frozen BatchNorm statistics, norm: frozen).",
 )
 @click.option(
+    "--crossval-encoders",
+    default="random",
+    show_default=True,
+    metavar="random,imagenet,imagenet-frozen",
+    help="Encoder variants of the crossval part, as the recipe part's --encoders: random, the recipe's own; "
+    "imagenet-frozen, EfficientNet-Lite0 from the ImageNet weights on its frozen BatchNorm statistics "
+    "(each variant is learned and uniform over every fold and seed again).",
+)
+@click.option(
     "--imagenet-weights",
     default=None,
     type=click.Path(dir_okay=False, path_type=str),
@@ -689,6 +698,7 @@ def bench_quality_command(
     seeds,
     folds,
     encoders,
+    crossval_encoders,
     imagenet_weights,
     config_path,
     recipe_path,
@@ -725,9 +735,10 @@ def bench_quality_command(
         raise ConfigError(
             f"--parts expects capacity, balance, quality, full, densities, recipe, crossval (or report), got {parts!r}"
         )
-    enc = [k.strip() for k in encoders.split(",") if k.strip()]
-    if not enc or set(enc) - {"random", "imagenet", "imagenet-frozen"}:
-        raise ConfigError(f"--encoders expects random, imagenet and/or imagenet-frozen, got {encoders!r}")
+    enc, cv_enc = ([k.strip() for k in v.split(",") if k.strip()] for v in (encoders, crossval_encoders))
+    for flag, value, got in (("--encoders", enc, encoders), ("--crossval-encoders", cv_enc, crossval_encoders)):
+        if not value or set(value) - {"random", "imagenet", "imagenet-frozen"}:
+            raise ConfigError(f"{flag} expects random, imagenet and/or imagenet-frozen, got {got!r}")
     try:
         seed_list = [int(v) for v in seeds.split(",") if v.strip()]
     except ValueError:
@@ -745,6 +756,7 @@ def bench_quality_command(
         imagenet_weights=imagenet_weights,
         recipe=bench_config(recipe_path) if {"recipe", "crossval"} & set(part_list) else None,
         folds=folds,
+        crossval_encoders=cv_enc,
         threads=threads,
         figure=figure,
         command=command_line(),
