@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -410,6 +412,35 @@ def test_format_crossval_pools_each_seeds_folds_and_pairs_the_samplers():
     assert table[2] == f"| ocdc | learned | {learned:.3f} ± 0.000 (0.1 %) | 1.000 ± 0.000 (0.4 %) |"
 
 
+def test_area_error_is_the_misassigned_share_of_the_labelled_tissue():
+    from wsiseg.bench.crossval import area_error, format_crossval_area
+
+    classes = ["background", "non-tumour", "tumour"]
+    # 100 tissue pixels, 30 tumour: 10 tumour called non-tumour and 10 non-tumour called tumour cancel out
+    assert area_error([[5, 0, 0], [0, 60, 10], [0, 10, 20]], classes) == pytest.approx(0.0)
+    # all of it called non-tumour: the tumour share (0.3) is lost; glass pixels do not count
+    assert area_error([[50, 50, 0], [0, 70, 0], [0, 30, 0]], classes) == pytest.approx(0.3)
+    # tissue called glass is off by that share too
+    assert area_error([[0, 0, 0], [20, 50, 0], [0, 0, 30]], classes) == pytest.approx(0.2)
+    assert math.isnan(area_error([[9, 0, 0], [0, 0, 0], [0, 0, 0]], classes))
+
+    def row(image, method, seed, matrix, encoder=None):
+        r = {"set": "ocdc", "image": image, "method": method, "seed": seed, "matrix": matrix, "classes": classes}
+        return r if encoder is None else {**r, "encoder": encoder}
+
+    wrong, right = [[0, 0, 0], [0, 70, 0], [0, 30, 0]], [[0, 0, 0], [0, 70, 0], [0, 0, 30]]
+    rows = [row(im, "learned", s, wrong if im == "a" else right) for im in "ab" for s in (0, 1)]
+    rows += [row(im, "learned", 0, right, "imagenet-frozen") for im in "ab"]
+    rows += [row("a", "uniform", 0, right)]  # uniform lacks image b: not counted
+    table = format_crossval_area(rows)
+    assert table[0].endswith("| off by more than 20 points |")
+    assert table[2:] == [
+        "| ocdc | imagenet-frozen-learned | 2 | 0.0 ± 0.0 | 0 of 2 |",
+        f"| ocdc | learned | 4 | 15.0 ± {100 * statistics.stdev([0.3, 0.3, 0, 0]):.1f} | 2 of 4 |",
+    ]
+    assert format_crossval_area(rows[-1:]) != [] and format_crossval_area([]) == []
+
+
 def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(few_ocdc, tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(TINY_RECIPE))
@@ -446,6 +477,7 @@ def test_bench_quality_crossval_holds_each_image_out_once_and_reuses_its_runs(fe
     assert "### Cross-validated: learned vs uniform" in text and "| ocdc | 5 | 1 |" in text
     assert "#### Test-time flips (crossval)" in text and "| ocdc | random | 16 um | learned | 1 |" in text
     assert "#### Sampling density (crossval)" in text and "| set | method | x0.5 | x1 (as trained) | x2 |" in text
+    assert "#### Tissue-class area (crossval)" in text and "| ocdc | learned | 5 |" in text
     r2 = CliRunner().invoke(main, args)
     assert r2.exit_code == 0, r2.output
     assert not [line for line in r2.output.splitlines() if line.startswith(("training ", "crossval "))], r2.output

@@ -38,6 +38,7 @@ from wsiseg.bench.crossval import (
     CV_FOLDS,
     bench_crossval,
     format_crossval,
+    format_crossval_area,
     format_crossval_scales,
     format_crossval_tta,
     stored_crossval_rows,
@@ -619,6 +620,15 @@ def _crossval_lines(work: Path) -> list[str]:
         + ".",
         "",
         *table,
+        *_subsection(
+            "Tissue-class area (crossval)",
+            "How far each held-out image's predicted tissue-class shares are from its labels', over its labelled "
+            "tissue (the total variation distance: with two tissue classes, the predicted tumour share minus the "
+            "true one, in absolute value, whatever the boundaries), in points of the image's tissue; mean ± sd "
+            "over the image-seeds. A segmenter that calls whole regions by the wrong tissue class scores high here "
+            "however its samples are placed.",
+            format_crossval_area(rows),
+        ),
         *_crossval_encoder_lines(rows),
         *_crossval_tta_lines(rows),
         *_subsection(
