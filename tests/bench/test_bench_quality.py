@@ -554,3 +554,15 @@ def test_documented_crossval_table_is_the_one_its_stored_rows_make():
     doc = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
     for line in table + flips + scales:
         assert line in doc
+
+
+def test_imagenet_frozen_overlay_is_the_variant_the_bench_measures():
+    """pipelines/imagenet-frozen.yaml layered on the recipe trains what the crossval part calls imagenet-frozen."""
+    from wsiseg.bench.recipe import encoder_config
+    from wsiseg.training.config import TrainConfig, load_train_config
+
+    recipe = load_train_config(REPO / "pipelines" / "tumour-model.yaml")
+    overlay = load_train_config(REPO / "pipelines" / "imagenet-frozen.yaml")
+    layered = TrainConfig.from_dict({**recipe, **overlay, "encoder_weights": "w.pth"})
+    assert layered == encoder_config(TrainConfig.from_dict(recipe), "imagenet-frozen", "w.pth")
+    assert layered.encoder != TrainConfig.from_dict(recipe).encoder

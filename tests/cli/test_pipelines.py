@@ -114,6 +114,15 @@ def test_train_pipeline_checks_its_training_config(tmp_path):
     path.write_text(f"version: 1\njob: train\ndata: d\nclasses: c\nout: o\nconfig: {cfg}\n")
     with pytest.raises(ConfigError, match="config: .*epochs"):
         load_pipeline(path)
+    # a list is layered in order, as repeated --config options: the later file fixes the earlier one's value
+    fix = tmp_path / "fix.yaml"
+    fix.write_text("epochs: 3\n")
+    path.write_text(f"version: 1\njob: train\ndata: d\nclasses: c\nout: o\nconfig: [{cfg}, {fix}]\n")
+    argv = load_pipeline(path).argv()
+    assert [argv[i + 1] for i, w in enumerate(argv) if w == "--config"] == [str(cfg), str(fix)]
+    path.write_text(f"version: 1\njob: train\ndata: d\nclasses: c\nout: o\nconfig: [{fix}, {cfg}]\n")
+    with pytest.raises(ConfigError, match="config: .*epochs"):
+        load_pipeline(path)
 
 
 def test_overrides_and_environment(tmp_path, monkeypatch):

@@ -378,7 +378,9 @@ def test_cli_train_end_to_end(nucls, tmp_path):
     classes = tmp_path / "classes.yaml"
     classes.write_text("classes:\n  - {value: 1, name: non-tumour nucleus}\n  - {value: 2, name: tumour nucleus}\n")
     config = tmp_path / "train.yaml"
-    config.write_text("encoder: tu-resnet10t\nencoder_depth: 3\ndecoder_channels: [32, 16, 8]\nrot90: true\n")
+    config.write_text("encoder: tu-resnet10t\nencoder_depth: 3\ndecoder_channels: [32, 16, 8]\nrot90: false\n")
+    overlay = tmp_path / "overlay.yaml"  # a second --config overrides the first
+    overlay.write_text("rot90: true\ncolor_jitter: 0.05\n")
     out = tmp_path / "run"
     args = [
         "train",
@@ -389,6 +391,8 @@ def test_cli_train_end_to_end(nucls, tmp_path):
         str(out),
         "--config",
         str(config),
+        "--config",
+        str(overlay),
         "--epochs",
         "1",
         "--out-size",
@@ -405,7 +409,9 @@ def test_cli_train_end_to_end(nucls, tmp_path):
     assert "8 training pairs" in r.output and "model: " in r.output and "val mIoU full-res" in r.output
     m = load_deformseg(out / "model.safetensors")
     assert [c.name for c in m.classes] == ["background", "non-tumour nucleus", "tumour nucleus"]
-    assert len(m.metadata["training"]["data_hash"]) == 64 and m.metadata["training"]["config"]["rot90"] is True
+    trained = m.metadata["training"]["config"]
+    assert len(m.metadata["training"]["data_hash"]) == 64 and trained["rot90"] is True
+    assert trained["color_jitter"] == 0.05 and trained["encoder"] == "tu-resnet10t"  # both files, in order
     # where it was trained: weights are reproducible on one CPU model, not across them
     env = m.metadata["training"]["environment"]
     assert env["device"] == "cpu" and env["gpu"] is None and env["torch_threads"] >= 1

@@ -14,8 +14,8 @@ arguments by their name: ``slides``, ``data``, ``model``)::
 
 ``job: bench`` also needs ``benchmark:`` (``gather``, ``convert``,
 ``cluster``). A ``train`` job's ``config:`` is a training-options YAML
-(:class:`wsiseg.training.config.TrainConfig`, e.g. ``pipelines/demo-model.yaml``), as
-for ``wsiseg train --config``; it is validated too.
+(:class:`wsiseg.training.config.TrainConfig`, e.g. ``pipelines/demo-model.yaml``), or a list
+of them layered in order, as for ``wsiseg train --config``; it is validated too.
 
 Values: flags are ``true``/``false``; lists become repeated options
 (``baseline: [uniform=a.safetensors]``) or, for options that take a
@@ -213,14 +213,18 @@ def _check_values(pipe: Pipeline, cmd) -> None:
 
 def _check_train_config(pipe: Pipeline) -> None:
     ref = pipe.options.get("config")
-    if not isinstance(ref, str) or not Path(ref).is_file():
+    refs = ref if isinstance(ref, list) else [ref]
+    if not refs or not all(isinstance(r, str) and Path(r).is_file() for r in refs):
         return  # a missing file is reported by `wsiseg train` when it runs
     from wsiseg.training.config import TrainConfig, load_train_config
 
+    options: dict = {}
     try:
-        TrainConfig.from_dict(load_train_config(ref))
+        for r in refs:  # layered as `wsiseg train` layers repeated --config files
+            options.update(load_train_config(r))
+        TrainConfig.from_dict(options)
     except ConfigError as exc:
-        raise _err(pipe.path, "config", f"{ref}: {exc.message if exc.path is None else exc}") from None
+        raise _err(pipe.path, "config", f"{', '.join(refs)}: {exc.message if exc.path is None else exc}") from None
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -32,8 +32,9 @@ __all__ = [
     "--config",
     "config_path",
     type=click.Path(exists=True, dir_okay=False, path_type=str),
-    default=None,
-    help="Training options YAML; the options below override it.",
+    multiple=True,
+    help="Training options YAML; the options below override it. Repeat to layer files, each overriding the "
+    "ones before (e.g. pipelines/tumour-model.yaml, then pipelines/imagenet-frozen.yaml).",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Number of epochs [default: 50].")
 @click.option(
@@ -178,7 +179,7 @@ def train_command(
 
     Deformation and segmentation nets are trained jointly (Jin et al.,
     ICLR 2022). Options come from the defaults, then the --resume
-    checkpoint, then --config, then the options given here. The best model
+    checkpoint, then each --config in turn, then the options given here. The best model
     by validation mIoU (full resolution) is OUT/model.safetensors, ready for
     `wsiseg segment --model`; it records its physical scale (micrometres per
     working pixel and sample spacing) when the images' MPP is known.
@@ -192,8 +193,8 @@ def train_command(
 
     check_output_dir(out_dir, resume=resume, overwrite=overwrite)  # fail before reading any data
     options: dict = dict(read_checkpoint_config(out_dir) or {}) if resume else {}
-    if config_path:
-        options.update(load_train_config(config_path))
+    for path in config_path:  # later files override earlier ones
+        options.update(load_train_config(path))
     given = {
         "epochs": epochs,
         "out_size": hw(out_size),
