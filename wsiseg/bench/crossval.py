@@ -470,7 +470,7 @@ def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform"
         out.append(
             f"| {s} | {len(images)} | {len(seeds)} | {mean_sd(ma)} | {mean_sd(mb)} | "
             f"{mean_sd([x - y for x, y in zip(ma, mb)], 100, '+.1f')} | {wins} of {n} | "
-            + ("n/a (under 6 images)" if math.isnan(p) else f"{p:.2f}")
+            + ("n/a (under 6 images)" if math.isnan(p) else f"{p:.2f}" if p >= 0.01 else f"{p:.1g}")
             + f" | {glass} |"
         )
     return out if len(out) > 2 else []
