@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["ConfusionMatrix", "boundary_map", "trimap_accuracy", "trimap_counts", "upsampling_error"]
+__all__ = [
+    "ConfusionMatrix",
+    "boundary_map",
+    "class_share_error",
+    "trimap_accuracy",
+    "trimap_counts",
+    "upsampling_error",
+]
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -105,6 +112,44 @@ class ConfusionMatrix:
         """Fraction of counted pixels predicted correctly (``nan`` if none)."""
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else float("nan")
+
+
+def class_share_error(matrix, targets: Sequence[bool] | None = None) -> float:
+    """How far the predicted class shares are from the targets', over the pixels of some target classes.
+
+    Over the pixels whose target is one of ``targets`` (a mask over the
+    classes; default all), the total variation distance between the targets'
+    class shares and the predictions' (half the sum of the absolute
+    differences): the share of those pixels given to the wrong class on
+    balance, whatever the boundaries. With two classes, the predicted share
+    of one minus its true share, in absolute value.
+
+    Parameters
+    ----------
+    matrix : array-like
+        ``(K, K)`` confusion matrix, ``[target, prediction]``.
+    targets : sequence of bool, optional
+        Length ``K``: the target classes whose pixels count.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``; ``nan`` when no pixel counts.
+
+    Examples
+    --------
+    >>> round(class_share_error([[0, 0, 0], [0, 60, 20], [0, 0, 20]], [False, True, True]), 6)
+    0.2
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    keep = np.ones(len(m), dtype=bool) if targets is None else np.asarray(targets, dtype=bool)
+    m = m[keep]
+    n = m.sum()
+    if n == 0:
+        return float("nan")
+    truth = np.zeros(len(keep))
+    truth[keep] = m.sum(1) / n
+    return float(0.5 * np.abs(m.sum(0) / n - truth).sum())
 
 
 def boundary_map(labels: np.ndarray) -> np.ndarray:

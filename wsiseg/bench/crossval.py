@@ -365,29 +365,19 @@ def format_crossval_scales(rows: Sequence[dict]) -> list[str]:
 def area_error(matrix: Sequence, classes: Sequence[str]) -> float:
     """How far an image's predicted class shares are from its labels' over the labelled tissue.
 
-    Over the pixels whose label is a tissue class (not :data:`CV_APART`), the
-    total variation distance between the labels' class shares and the
-    predictions' (half the sum of the absolute differences): with two tissue
-    classes, how much of the tissue is called the wrong one on balance
-    (tumour area against the true tumour area), whatever the boundaries. NaN
-    without labelled tissue.
+    :func:`wsiseg.metrics.class_share_error` over the pixels whose label is a
+    tissue class (not :data:`CV_APART`): with two tissue classes, how much of
+    the tissue is called the wrong one on balance (tumour area against the
+    true tumour area), whatever the boundaries. NaN without labelled tissue.
 
     Examples
     --------
     >>> round(area_error([[0, 0, 0], [0, 60, 20], [0, 0, 20]], ["background", "non-tumour", "tumour"]), 6)
     0.2
     """
-    import numpy as np
+    from wsiseg.metrics import class_share_error
 
-    m = np.asarray(matrix, dtype=np.float64)
-    tissue = np.array([c not in CV_APART for c in classes])
-    m = m[tissue]
-    n = m.sum()
-    if n == 0:
-        return math.nan
-    truth = np.zeros(len(classes))
-    truth[tissue] = m.sum(1) / n
-    return float(0.5 * np.abs(m.sum(0) / n - truth).sum())
+    return class_share_error(matrix, [c not in CV_APART for c in classes])
 
 
 def format_crossval_area(rows: Sequence[dict], over: float = 0.2) -> list[str]:
