@@ -130,7 +130,23 @@ def test_evaluate_reproduces_metrics_of_a_model_with_known_predictions():
     fo, fs = r.class_frequency()
     assert fo.sum() == pytest.approx(1) and fs.sum() == pytest.approx(1)
 
+    # Class shares per region: half the L1 distance between its labelled and predicted class shares.
+    def share_error(lab, pred):
+        keep = lab != IGNORE
+        t, p = (np.bincount(x[keep], minlength=3) / keep.sum() for x in (lab, pred))
+        return 0.5 * np.abs(t - p).sum()
+
+    expected = [
+        (name, share_error(np.repeat(np.repeat(lab, fh, 0), fw, 1), np.repeat(np.repeat(red, fh, 0), fw, 1)))
+        for name, (_, red, lab, (fh, fw)) in zip("abc", parts)
+    ]
+    assert [n for n, _ in r.region_shares] == [n for n, _ in expected]
+    np.testing.assert_allclose([e for _, e in r.region_shares], [e for _, e in expected], rtol=1e-12)
+    assert max(e for _, e in expected) > 0 and r.class_share_error == pytest.approx(np.mean([e for _, e in expected]))
+
     d = r.to_dict()
+    assert d["class_shares"]["regions"] == [{"name": n, "error": pytest.approx(e)} for n, e in expected]
+    assert d["class_shares"]["max"] == pytest.approx(max(e for _, e in expected))
     assert d["deformed"]["resolution"] == "deformed"
     assert d["full"]["resolution"] == "full (working resolution, downsample 2)"
     assert d["upsampling"]["miou"] == 1.0 and d["cost"]["fraction_level0"] == r.cost
@@ -141,6 +157,7 @@ def test_evaluate_reproduces_metrics_of_a_model_with_known_predictions():
     table = r.format_table()
     assert "uniform" in table and "mIoU(Y', Y)" in table and "downsample 2" in table and "trimap" in table
     assert "cost (% of level-0 px)" in table and "cost (% of working px)" in table
+    assert "class-share error (mean)" in table
 
 
 def test_cost_counts_level0_pixels_of_the_region_box():

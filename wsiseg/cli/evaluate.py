@@ -159,7 +159,10 @@ def evaluate_command(
     alone loses), trimap accuracy, cost (fraction of level-0 pixels sampled,
     and of working-resolution pixels where that differs), the fraction of
     samples on glass (tissue detector's threshold) next to a uniform grid's,
-    and the class frequencies before and after sampling. A model that
+    the class frequencies before and after sampling, and per region the
+    class-share error (the share of its labelled pixels given to the wrong
+    class on balance: a wrong tumour area, whatever the boundaries; eval.json:
+    class_shares). A model that
     records its physical scale samples regions whose MPP is known at its
     sample spacing in um (eval.json: scale). Writes OUT/eval.json and
     OUT/class_frequency.png and prints a table (one column per method).

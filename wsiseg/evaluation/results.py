@@ -152,6 +152,7 @@ class EvalResult:
     glass_weight: float = 1.0
     grid_iterations: int | None = None
     regions_physical: int = 0
+    region_shares: list[tuple[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     model_path: str | None = None
     model_hash: str | None = None
@@ -177,6 +178,13 @@ class EvalResult:
         return {
             k: v / n if n else float("nan") for k, v in (("model", self.glass_model), ("uniform", self.glass_uniform))
         }
+
+    @property
+    def class_share_error(self) -> float:
+        """Mean over the regions of :func:`wsiseg.metrics.class_share_error` at full resolution
+        (``nan`` without a region with labelled pixels)."""
+        errs = [e for _, e in self.region_shares if math.isfinite(e)]
+        return float(np.mean(errs)) if errs else float("nan")
 
     @property
     def miou_full(self) -> float:
@@ -286,6 +294,15 @@ class EvalResult:
                 "iou": self._iou_dict(self.full.iou()),
                 "confusion": self.full.matrix.tolist(),
             },
+            "class_shares": {
+                "resolution": full_res,
+                "what": "per region, the share of its labelled pixels given to the wrong class on balance (half the "
+                "L1 distance between the labels' and the prediction's class shares; with two classes, the "
+                "predicted tumour share minus the true one, in absolute value): wrong areas, whatever the boundaries",
+                "mean": nan_to_none(self.class_share_error),
+                "max": nan_to_none(max((e for _, e in self.region_shares if math.isfinite(e)), default=math.nan)),
+                "regions": [{"name": name, "error": nan_to_none(e)} for name, e in self.region_shares],
+            },
             "upsampling": {
                 "resolution": full_res,
                 "what": "mIoU(Y', Y), Y' = reverse(sample(Y)) on the same grid: the sampler's loss, 1 = lossless",
@@ -364,6 +381,7 @@ def format_table(results: Sequence[EvalResult]) -> str:
     for k, n in enumerate(first.class_names):
         add(f"  IoU {n}", [r.full.iou()[k] for r in results])
     add("pixel accuracy", [r.full.pixel_accuracy() for r in results])
+    add("class-share error (mean)", [r.class_share_error for r in results])
     add("mIoU(Y', Y) upsampling", [r.upsampling_miou for r in results])
     for n, w in enumerate(first.trimap_widths):
         add(f"trimap accuracy {w:g} px", [r.trimap_accuracy()[n] for r in results])

@@ -62,7 +62,7 @@ import torch
 from wsiseg.device import resolve_device
 from wsiseg.errors import WsisegError
 from wsiseg.evaluation.results import DEFAULT_TRIMAP_WIDTHS, EvalResult
-from wsiseg.metrics import ConfusionMatrix, trimap_counts
+from wsiseg.metrics import ConfusionMatrix, class_share_error, trimap_counts
 from wsiseg.slide.tissue import GLASS_SCORE, tissue_score
 
 __all__ = [
@@ -336,6 +336,10 @@ def _score_batch(
 
     res.deformed.update(pred.labels, y_lr)
     res.full.update(full, labels)
+    for name, f, lab in zip(item_names, full, labels):  # how much of each region is called which class
+        one = ConfusionMatrix(k, ignore_index)
+        one.update(f, lab)
+        res.region_shares.append((name, class_share_error(one.matrix)))
     res.upsampling.update(torch.where(y_up == ignore_index, k, y_up), labels)
     c, t = trimap_counts(full.cpu().numpy(), labels.cpu().numpy(), widths, ignore_index)
     res.trimap_correct += c
