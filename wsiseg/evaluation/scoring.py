@@ -335,10 +335,10 @@ def _score_batch(
     y_up = lookup_nearest(y_lr, index)
 
     res.deformed.update(pred.labels, y_lr)
-    res.full.update(full, labels)
-    for name, f, lab in zip(item_names, full, labels):  # how much of each region is called which class
+    for name, f, lab in zip(item_names, full, labels):  # counted per region, for how much of it is called which class
         one = ConfusionMatrix(k, ignore_index)
         one.update(f, lab)
+        res.full += one
         res.region_shares.append((name, class_share_error(one.matrix)))
     res.upsampling.update(torch.where(y_up == ignore_index, k, y_up), labels)
     c, t = trimap_counts(full.cpu().numpy(), labels.cpu().numpy(), widths, ignore_index)
