@@ -289,6 +289,31 @@ def _scores(matrices: Sequence, classes: Sequence[str]) -> tuple[float, float]:
     )
 
 
+def _set_images(rows: Sequence[dict]) -> dict[str, set[str]]:
+    """The images of each set that the rows hold."""
+    images: dict[str, set[str]] = {}
+    for r in rows:
+        images.setdefault(r["set"], set()).add(r["image"])
+    return images
+
+
+def _whole_seeds(rows: Sequence[dict], keep: Callable[[dict], bool] | None = None) -> dict[tuple, dict[str, dict]]:
+    """Rows by (set, :func:`arm`, seed) and image, for the seeds where an arm has every image of the set
+    (of those ``keep`` accepts; every image the rows hold counts)."""
+    images = _set_images(rows)
+    by: dict[tuple[str, str, int], dict[str, dict]] = {}
+    for r in rows:
+        if keep is None or keep(r):
+            by.setdefault((r["set"], arm(r), int(r["seed"])), {})[r["image"]] = r
+    return {k: per for k, per in by.items() if set(per) == images[k[0]]}
+
+
+def _set_rank(key: str) -> tuple[int, str]:
+    """Sort key of a set: the order of :data:`QUALITY_SETS`, others after them by name."""
+    order = list(QUALITY_SETS)
+    return (order.index(key) if key in order else len(order), key)
+
+
 def format_crossval_tta(rows: Sequence[dict]) -> list[str]:
     """Markdown table: each sampler's cross-validated mIoU without and with test-time flips, and the gain.
 
@@ -300,9 +325,7 @@ def format_crossval_tta(rows: Sequence[dict]) -> list[str]:
         if "matrix_tta" in r:
             key = (r["set"], r.get("encoder", "random"), r["method"], int(r["seed"]), float(r["spacing_um"]))
             by.setdefault(key, []).append(r)
-    images: dict[str, set[str]] = {}
-    for r in rows:
-        images.setdefault(r["set"], set()).add(r["image"])
+    images = _set_images(rows)
     pooled = []
     for (s, enc, method, seed, spacing), runs in by.items():
         if {r["image"] for r in runs} != images[s]:
@@ -332,18 +355,10 @@ def format_crossval_scales(rows: Sequence[dict]) -> list[str]:
     scales = sorted({float(g) for r in rows for g in r.get("matrix_scaled", {})} | {1.0})
     if len(scales) < 2:
         return []
-    images: dict[str, set[str]] = {}
-    for r in rows:
-        images.setdefault(r["set"], set()).add(r["image"])
-    by: dict[tuple[str, str, int], list[dict]] = {}
-    for r in rows:
-        if set(r.get("matrix_scaled", {})) == {_key(g) for g in scales if g != 1.0}:
-            by.setdefault((r["set"], arm(r), int(r["seed"])), []).append(r)
-    order = list(QUALITY_SETS)
+    keys = {_key(g) for g in scales if g != 1.0}
     cells: dict[tuple[str, str], dict[float, tuple[list[float], list[float]]]] = {}
-    for (s, method, _seed), runs in by.items():
-        if {r["image"] for r in runs} != images[s]:
-            continue
+    for (s, method, _seed), per in _whole_seeds(rows, lambda r: set(r.get("matrix_scaled", {})) == keys).items():
+        runs = list(per.values())
         for g in scales:
             key = None if g == 1.0 else _key(g)
             mats = [r["matrix"] if key is None else r["matrix_scaled"][key] for r in runs]
@@ -355,8 +370,7 @@ def format_crossval_scales(rows: Sequence[dict]) -> list[str]:
         "| set | method | " + " | ".join(f"x{g:g}" + (" (as trained)" if g == 1.0 else "") for g in scales) + " |",
         "|---|---|" + "---|" * len(scales),
     ]
-    rank = lambda k: (order.index(k[0]) if k[0] in order else len(order), k)  # noqa: E731
-    for (s, method), per in sorted(cells.items(), key=lambda kv: rank(kv[0])):
+    for (s, method), per in sorted(cells.items(), key=lambda kv: (_set_rank(kv[0][0]), kv[0][1])):
         vals = [f"{mean_sd(per[g][0])} ({100 * statistics.mean(per[g][1]):.3g} %)" for g in scales]
         out.append(f"| {s} | {method} | " + " | ".join(vals) + " |")
     return out if len(out) > 2 else []
@@ -387,24 +401,15 @@ def format_crossval_area(rows: Sequence[dict], over: float = 0.2) -> list[str]:
 
     The seeds where the arm has every image of the set, as :func:`format_crossval` counts them.
     """
-    by: dict[tuple[str, str, int], dict[str, dict]] = {}
-    for r in rows:
-        by.setdefault((r["set"], arm(r), int(r["seed"])), {})[r["image"]] = r
-    images: dict[str, set[str]] = {}
-    for r in rows:
-        images.setdefault(r["set"], set()).add(r["image"])
     cells: dict[tuple[str, str], list[float]] = {}
-    for (s, name, _seed), per in by.items():
-        if set(per) == images[s]:
-            errs = [area_error(r["matrix"], r["classes"]) for r in per.values()]
-            cells.setdefault((s, name), []).extend(e for e in errs if not math.isnan(e))
-    order = list(QUALITY_SETS)
+    for (s, name, _seed), per in _whole_seeds(rows).items():
+        errs = [area_error(r["matrix"], r["classes"]) for r in per.values()]
+        cells.setdefault((s, name), []).extend(e for e in errs if not math.isnan(e))
     out = [
         f"| set | method | image-seeds | tissue-class area error (points) | off by more than {100 * over:g} points |",
         "|---|---|---|---|---|",
     ]
-    rank = lambda k: (order.index(k[0]) if k[0] in order else len(order), k)  # noqa: E731
-    for (s, name), errs in sorted(cells.items(), key=lambda kv: rank(kv[0])):
+    for (s, name), errs in sorted(cells.items(), key=lambda kv: (_set_rank(kv[0][0]), kv[0][1])):
         n = len(errs)
         out.append(f"| {s} | {name} | {n} | {mean_sd(errs, 100, '.1f')} | {sum(e > over for e in errs)} of {n} |")
     return out if len(out) > 2 else []
@@ -426,23 +431,16 @@ def format_crossval(rows: Sequence[dict], a: str = "learned", b: str = "uniform"
     """
     from scipy.stats import wilcoxon
 
-    by: dict[tuple[str, str, int], dict[str, dict]] = {}
-    for r in rows:
-        by.setdefault((r["set"], arm(r), int(r["seed"])), {})[r["image"]] = r
-    order = list(QUALITY_SETS)
-    sets = sorted({r["set"] for r in rows}, key=lambda k: (order.index(k) if k in order else len(order), k))
+    by = _whole_seeds(rows)
+    set_images = _set_images(rows)
     out = [
         f"| set | images | seeds | {a} | {b} | {a} - {b} (points, per seed) | images where {a} is higher "
         f"| Wilcoxon p (per image) | glass IoU, {a} / {b} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in sets:
-        images = sorted({r["image"] for r in rows if r["set"] == s})
-        seeds = sorted(
-            seed
-            for seed in {int(r["seed"]) for r in rows if r["set"] == s}
-            if all(set(by.get((s, m, seed), {})) == set(images) for m in (a, b))
-        )
+    for s in sorted(set_images, key=_set_rank):
+        images = sorted(set_images[s])
+        seeds = sorted(seed for (k, m, seed) in by if k == s and m == a and (s, b, seed) in by)
         if not seeds:
             continue
 
